@@ -1,0 +1,7 @@
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace vattn {
+void bind_memory(pybind11::module_& m);     // bindings/memory.cpp
+void bind_attention(pybind11::module_& m);  // bindings/attention.cpp
+}  // namespace vattn

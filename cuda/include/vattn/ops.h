@@ -1,0 +1,25 @@
+#pragma once
+// The op families and their backends (bitsandbytes style: one op, a cpu and a cuda version).
+// Every function throws std::invalid_argument / std::runtime_error on bad parameters or a
+// failed launch; the bindings turn those into Python ValueError / RuntimeError.
+#include <cstdint>
+
+#include "vattn/params.h"
+
+namespace vattn {
+
+void append_kv_cpu(const AppendParams& p);
+void decode_attention_cpu(const AttentionParams& p);
+void prefill_attention_cpu(const AttentionParams& p);
+void merge_states_cpu(const MergeParams& p);
+
+#if defined(VATTN_WITH_CUDA)
+void append_kv_cuda(const AppendParams& p);
+// Bytes of scratch decode_attention_cuda needs for these parameters (split-KV partials).
+int64_t decode_workspace_bytes(const AttentionParams& p);
+void decode_attention_cuda(const AttentionParams& p);
+void prefill_attention_cuda(const AttentionParams& p);
+void merge_states_cuda(const MergeParams& p);
+#endif
+
+}  // namespace vattn

@@ -1,0 +1,85 @@
+#pragma once
+// Parameter structs of the op families, one per family (FlashAttention style). They hold raw
+// pointers, sizes and element strides only, so the native module never sees a torch type.
+// The Python layer (python/vattn/ops.py) validates tensors and fills these.
+#include <cstdint>
+
+namespace vattn {
+
+// A strided cache [rows, seq, kv_heads, head_dim] for K and one for V; the last dimension is
+// contiguous. Strides are in elements of the storage type. Both vattn.KVCache layouts and
+// ordinary user tensors are described by this.
+struct KVCacheView {
+  void* k = nullptr;
+  void* v = nullptr;
+  int64_t k_stride_row = 0, k_stride_tok = 0, k_stride_head = 0;
+  int64_t v_stride_row = 0, v_stride_tok = 0, v_stride_head = 0;
+  int32_t num_rows = 0;   // cache rows (slots)
+  int32_t max_seq = 0;    // capacity in tokens per row
+  int32_t kv_dtype = 0;   // storage format code (dtypes.h DType; quantized formats come later)
+};
+
+// append_kv: write num_tokens new tokens into the cache at (row_ids[i], positions[i]).
+struct AppendParams {
+  KVCacheView cache;
+  const void* k = nullptr;  // [num_tokens, num_kv_heads, head_dim]
+  const void* v = nullptr;
+  int64_t k_stride_tok = 0, k_stride_head = 0;
+  int64_t v_stride_tok = 0, v_stride_head = 0;
+  const int32_t* row_ids = nullptr;    // [num_tokens] cache row of each token
+  const int32_t* positions = nullptr;  // [num_tokens] position inside the row
+  int32_t num_tokens = 0, num_kv_heads = 0, head_dim = 0;
+  int32_t dtype = 0;                   // dtype of k and v
+  void* stream = nullptr;              // cudaStream_t on CUDA
+};
+
+// Attention over the cache, for decode (one query per batch row, cu_seqlens_q == nullptr) and
+// prefill / chunked prefill (ragged queries given by cu_seqlens_q).
+//
+// Semantics (python/vattn/reference.py is the definition): batch row b reads cache row
+// row_ids[b] (b when row_ids is null). Its kv length is L = seqlens_k[b], or
+// head_seqlens_k[b * num_kv_heads + h] per kv head when that is given; the L tokens already
+// include this step's new tokens. Row b has n_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] queries
+// (1 for decode); query i sits at position L - n_b + i and sees keys j with
+// pos - window_left <= j <= pos (window_left < 0: no left bound). A query that sees no key
+// gets a zero output and lse = -inf.
+// Logits are scale * q.k, then softcap * tanh(logit / softcap) when softcap > 0.
+struct AttentionParams {
+  const void* q = nullptr;   // [total_q, num_q_heads, head_dim]
+  int64_t q_stride_tok = 0, q_stride_head = 0;
+  void* out = nullptr;       // [total_q, num_q_heads, head_dim], dtype of q
+  int64_t o_stride_tok = 0, o_stride_head = 0;
+  float* lse = nullptr;      // [total_q, num_q_heads] contiguous, natural log; optional
+  KVCacheView kv;
+  const int32_t* cu_seqlens_q = nullptr;     // [batch + 1]; null for decode
+  const int32_t* seqlens_k = nullptr;        // [batch]
+  const int32_t* head_seqlens_k = nullptr;   // [batch, num_kv_heads] or null
+  const int32_t* row_ids = nullptr;          // [batch] or null
+  int32_t batch = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int32_t total_q = 0;         // rows of q
+  int32_t max_seqlen_q = 0;    // host bound on n_b (prefill grid size)
+  int32_t max_seqlen_k = 0;    // host bound on L (decode split choice; kernels stay correct if L exceeds it)
+  float scale = 1.f;
+  float softcap = 0.f;         // <= 0: off
+  int32_t window_left = -1;    // < 0: off
+  int32_t dtype = 0;           // q / out dtype
+  int32_t impl = 0;            // 0: optimized kernel, 1: plain reference kernel (CUDA)
+  // Split-KV scratch for CUDA decode, sized by decode_workspace_bytes(); may be null on CPU.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  void* stream = nullptr;
+};
+
+// Merge of two attention states over disjoint key sets: (o_a, lse_a) + (o_b, lse_b).
+// All contiguous: o [n, num_heads, head_dim] in dtype, lse [n, num_heads] float32 natural log.
+struct MergeParams {
+  const void* o_a = nullptr; const float* lse_a = nullptr;
+  const void* o_b = nullptr; const float* lse_b = nullptr;
+  void* out = nullptr; float* lse_out = nullptr;
+  int64_t n = 0;
+  int32_t num_heads = 0, head_dim = 0;
+  int32_t dtype = 0;
+  void* stream = nullptr;
+};
+
+}  // namespace vattn

@@ -1,0 +1,23 @@
+"""vattn: a KV-cache in contiguous virtual memory, mapped on demand, and attention / KV kernels
+that work on it directly.
+
+    cache = vattn.KVCache(num_layers=..., num_kv_heads=..., head_dim=..., max_batch=..., max_seq_len=...)
+    step = cache.begin_step(slots=[slot], new_tokens=[n])
+    vattn.append_kv(cache, layer, step, k, v)
+    out = vattn.attention(q, cache, layer, step)
+    cache.end_step(step)
+"""
+from . import _C
+from ._info import info
+
+__version__ = _C.__version__
+
+from . import ops  # noqa: E402  registers torch.ops.vattn.*
+from .ops import append_kv_raw, decode_attention, prefill_attention, merge_states  # noqa: E402
+from .cache import KVCache, Step  # noqa: E402
+from .api import append_kv, attention  # noqa: E402
+
+__all__ = [
+    "KVCache", "Step", "append_kv", "attention", "info",
+    "append_kv_raw", "decode_attention", "prefill_attention", "merge_states",
+]
