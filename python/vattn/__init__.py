@@ -7,7 +7,13 @@ that work on it directly.
     out = vattn.attention(q, cache, layer, step)
     cache.end_step(step)
 """
-from . import _C
+import os as _os
+
+# Development hook (tools/dev_build.sh): look for the native module in a separate build folder.
+if _os.environ.get("VATTN_DEV_NATIVE"):
+    __path__.insert(0, _os.environ["VATTN_DEV_NATIVE"])
+
+from . import _C  # noqa: E402
 from ._info import info
 
 __version__ = _C.__version__
