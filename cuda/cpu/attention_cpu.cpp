@@ -1,0 +1,352 @@
+// CPU decode and prefill attention (semantics: cuda/include/vattn/params.h, python/vattn/reference.py).
+//
+// One engine serves both: a work item is (batch row, kv head, a block of query positions, a key
+// range). Its query tile holds all q heads of the GQA group for those positions, so every K/V row
+// read from memory feeds the whole group. Keys are walked in blocks of kKeyBlock with an online
+// softmax in the exp2 domain (SoftmaxState). Decode has one query position per row and splits long
+// rows into several key ranges (flash-decoding on CPU) whose partial states are merged with
+// merge_weights; prefill blocks the queries instead and skips key blocks no query of the tile sees.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "attention_kernels.h"
+#include "cpu_util.h"
+#include "vattn/ops.h"
+#include "vattn/softmax_state.h"
+
+namespace vattn {
+namespace {
+
+using cpu::fail;
+using cpu::require;
+
+constexpr int kKeyBlock = 64;         // keys per online-softmax step (K and V blocks stay in L1/L2)
+constexpr int kQueryRows = 64;        // target rows (positions x group heads) of a prefill tile
+constexpr int kMinSplitKeys = 512;    // decode: never split a row into ranges shorter than this
+
+// Reads nk rows of one KV head as fp32: a pointer into the cache itself for fp32 storage, else a
+// converted copy in buf. The format is a template parameter so quantized formats slot in here.
+template <class Format>
+struct RowReader {
+  using S = typename Format::storage_t;
+  static const float* rows(const S* head, int64_t stride_tok, int j0, int nk, int dim, float* buf, int64_t* stride) {
+    for (int j = 0; j < nk; ++j) {
+      const S* r = head + (int64_t)(j0 + j) * stride_tok;
+      for (int d = 0; d < dim; ++d) buf[(int64_t)j * dim + d] = Format::load(r, d);
+    }
+    *stride = dim;
+    return buf;
+  }
+};
+template <>
+struct RowReader<PlainFormat<float>> {
+  static const float* rows(const float* head, int64_t stride_tok, int j0, int, int, float*, int64_t* stride) {
+    *stride = stride_tok;
+    return head + (int64_t)j0 * stride_tok;
+  }
+};
+template <>
+struct RowReader<PlainFormat<bf16_t>> {
+  static const float* rows(const bf16_t* head, int64_t stride_tok, int j0, int nk, int dim, float* buf, int64_t* stride) {
+    cpu::bf16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, dim, buf);
+    *stride = dim;
+    return buf;
+  }
+};
+template <>
+struct RowReader<PlainFormat<f16_t>> {
+  static const float* rows(const f16_t* head, int64_t stride_tok, int j0, int nk, int dim, float* buf, int64_t* stride) {
+    cpu::f16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, dim, buf);
+    *stride = dim;
+    return buf;
+  }
+};
+
+// One unit of parallel work.
+struct Item {
+  int b, h;        // batch row, kv head
+  int q0, nq;      // query positions [q0, q0 + nq) within the row (decode: 0, 1)
+  int k0, k1;      // key range walked
+  int part;        // -1: write the output; else index of a decode partial slot
+};
+
+// Per-thread scratch.
+struct Scratch {
+  std::vector<float> q, acc, s, kbuf, vbuf;
+  std::vector<SoftmaxState> st;
+  std::vector<int> lo, hi;
+  void reserve(int rows, int dim) {
+    q.resize((size_t)rows * dim);
+    acc.resize((size_t)rows * dim);
+    s.resize((size_t)rows * kKeyBlock);
+    kbuf.resize((size_t)kKeyBlock * dim);
+    vbuf.resize((size_t)kKeyBlock * dim);
+    st.resize(rows);
+    lo.resize(rows);
+    hi.resize(rows);
+  }
+};
+
+int row_length(const AttentionParams& p, int b, int h) {
+  return p.head_seqlens_k ? p.head_seqlens_k[(int64_t)b * p.num_kv_heads + h] : p.seqlens_k[b];
+}
+int first_query(const AttentionParams& p, int b) { return p.cu_seqlens_q ? p.cu_seqlens_q[b] : b; }
+int queries_of(const AttentionParams& p, int b) {
+  return p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : 1;
+}
+// Visible keys [lo, hi) of the query at position pos in a row of length len.
+void visible_range(const AttentionParams& p, int pos, int len, int* lo, int* hi) {
+  *hi = std::min(pos + 1, len);
+  if (*hi < 0) *hi = 0;
+  *lo = p.window_left >= 0 ? std::max(0, pos - p.window_left) : 0;
+  if (*lo > *hi) *lo = *hi;
+}
+
+// Checks everything the Python layer cannot check without reading the index tensors.
+void validate(const AttentionParams& p, bool decode) {
+  require(p.q && p.out && p.kv.k && p.kv.v && p.seqlens_k, "attention: null pointer in the parameters");
+  require(p.batch >= 0 && p.total_q >= 0, "attention: negative batch or total_q");
+  require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.head_dim > 0, "attention: head counts and head_dim must be positive");
+  require(p.num_q_heads % p.num_kv_heads == 0, "attention: num_q_heads must be a multiple of num_kv_heads");
+  require(p.kv.num_rows >= 0 && p.kv.max_seq >= 0, "attention: negative cache shape");
+  if (decode) {
+    require(p.cu_seqlens_q == nullptr, "decode_attention: cu_seqlens_q must be null");
+    require(p.total_q == p.batch, "decode_attention: total_q must equal batch (one query per row)");
+  } else {
+    require(p.cu_seqlens_q != nullptr, "prefill_attention: cu_seqlens_q is required");
+    require(p.batch == 0 ? true : p.cu_seqlens_q[0] == 0, "prefill_attention: cu_seqlens_q[0] must be 0");
+    for (int b = 0; b < p.batch; ++b)
+      if (p.cu_seqlens_q[b + 1] < p.cu_seqlens_q[b]) fail("prefill_attention: cu_seqlens_q must be non-decreasing");
+    if (p.cu_seqlens_q[p.batch] != p.total_q) fail("prefill_attention: cu_seqlens_q[batch] must equal the number of queries");
+  }
+  for (int b = 0; b < p.batch; ++b) {
+    const int row = p.row_ids ? p.row_ids[b] : b;
+    if (row < 0 || row >= p.kv.num_rows)
+      fail("attention: row id " + std::to_string(row) + " of batch row " + std::to_string(b) + " is outside [0, " +
+           std::to_string(p.kv.num_rows) + ")");
+    const int len = p.seqlens_k[b];
+    if (len < 0 || len > p.kv.max_seq)
+      fail("attention: seqlens_k[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside [0, " +
+           std::to_string(p.kv.max_seq) + "]");
+    if (p.head_seqlens_k) {
+      for (int h = 0; h < p.num_kv_heads; ++h) {
+        const int hl = p.head_seqlens_k[(int64_t)b * p.num_kv_heads + h];
+        if (hl < 0 || hl > p.kv.max_seq)
+          fail("attention: head_seqlens_k[" + std::to_string(b) + ", " + std::to_string(h) + "] = " + std::to_string(hl) +
+               " is outside [0, " + std::to_string(p.kv.max_seq) + "]");
+      }
+    }
+  }
+}
+
+template <class Format, typename T>
+void run_items(const AttentionParams& p, const std::vector<Item>& items, int max_rows, float* part_o, float* part_lse) {
+  using S = typename Format::storage_t;
+  const int dim = p.head_dim;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const bool capped = p.softcap > 0.f;
+  // Without soft-cap the exp2-domain factor folds into q; with it, tanh needs the plain logit.
+  const float qscale = capped ? p.scale : p.scale * kLog2e;
+  const int64_t n_items = (int64_t)items.size();
+
+#pragma omp parallel
+  {
+    Scratch sc;
+    sc.reserve(max_rows, dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const Item& w = items[it];
+      const int rows = w.nq * group;
+      const int len = row_length(p, w.b, w.h);
+      const int nq_row = queries_of(p, w.b);
+      const int t0 = first_query(p, w.b) + w.q0;
+      // Load and pre-scale the query tile: row r = position i * group + head g.
+      for (int i = 0; i < w.nq; ++i) {
+        int lo, hi;
+        visible_range(p, len - nq_row + w.q0 + i, len, &lo, &hi);
+        for (int g = 0; g < group; ++g) {
+          const int r = i * group + g;
+          const T* qr = static_cast<const T*>(p.q) + (int64_t)(t0 + i) * p.q_stride_tok +
+                        (int64_t)(w.h * group + g) * p.q_stride_head;
+          float* dst = &sc.q[(size_t)r * dim];
+          for (int d = 0; d < dim; ++d) dst[d] = to_float(qr[d]) * qscale;
+          sc.lo[r] = lo;
+          sc.hi[r] = hi;
+          sc.st[r] = SoftmaxState{};
+        }
+      }
+      std::fill(sc.acc.begin(), sc.acc.begin() + (size_t)rows * dim, 0.f);
+
+      const int row = p.row_ids ? p.row_ids[w.b] : w.b;
+      const S* kh = static_cast<const S*>(p.kv.k) + (int64_t)row * p.kv.k_stride_row + (int64_t)w.h * p.kv.k_stride_head;
+      const S* vh = static_cast<const S*>(p.kv.v) + (int64_t)row * p.kv.v_stride_row + (int64_t)w.h * p.kv.v_stride_head;
+      for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
+        const int nk = std::min(kKeyBlock, w.k1 - jb);
+        int64_t ks, vs;
+        const float* kp = RowReader<Format>::rows(kh, p.kv.k_stride_tok, jb, nk, dim, sc.kbuf.data(), &ks);
+        cpu::qk_block(sc.q.data(), rows, kp, ks, nk, dim, sc.s.data(), kKeyBlock);
+        for (int r = 0; r < rows; ++r) {
+          float* s = &sc.s[(size_t)r * kKeyBlock];
+          const int a = std::max(sc.lo[r] - jb, 0), e = std::min(sc.hi[r] - jb, nk);
+          if (a >= e) { std::fill(s, s + nk, 0.f); continue; }
+          if (capped)
+            for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
+          float bm = -INFINITY;
+          for (int j = a; j < e; ++j) bm = std::max(bm, s[j]);
+          const float f = sc.st[r].rescale_to(bm);
+          if (f != 1.f) {
+            float* ar = &sc.acc[(size_t)r * dim];
+            for (int d = 0; d < dim; ++d) ar[d] *= f;
+          }
+          float sum = 0.f;
+          for (int j = 0; j < a; ++j) s[j] = 0.f;
+          for (int j = a; j < e; ++j) { s[j] = sc.st[r].weight(s[j]); sum += s[j]; }
+          for (int j = e; j < nk; ++j) s[j] = 0.f;
+          sc.st[r].add(sum);
+        }
+        const float* vp = RowReader<Format>::rows(vh, p.kv.v_stride_tok, jb, nk, dim, sc.vbuf.data(), &vs);
+        cpu::pv_block(sc.s.data(), kKeyBlock, rows, vp, vs, nk, dim, sc.acc.data());
+      }
+
+      for (int r = 0; r < rows; ++r) {
+        const float inv = sc.st[r].inv_sum();
+        const float* ar = &sc.acc[(size_t)r * dim];
+        const float lse = sc.st[r].lse();
+        if (w.part >= 0) {
+          float* o = part_o + ((size_t)w.part * max_rows + r) * dim;
+          for (int d = 0; d < dim; ++d) o[d] = ar[d] * inv;
+          part_lse[(size_t)w.part * max_rows + r] = lse;
+        } else {
+          const int i = r / group, g = r % group;
+          const int hq = w.h * group + g;
+          T* o = static_cast<T*>(p.out) + (int64_t)(t0 + i) * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
+          for (int d = 0; d < dim; ++d) o[d] = from_float<T>(ar[d] * inv);
+          if (p.lse) p.lse[(int64_t)(t0 + i) * p.num_q_heads + hq] = lse;
+        }
+      }
+    }
+  }
+}
+
+// Combines the split partials of decode (b, h) groups: items [first, first + n) hold them in order.
+template <typename T>
+void merge_splits(const AttentionParams& p, const std::vector<Item>& items, const std::vector<std::pair<int, int>>& groups,
+                  int max_rows, const float* part_o, const float* part_lse) {
+  const int dim = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int64_t ng = (int64_t)groups.size();
+#pragma omp parallel
+  {
+    std::vector<float> o(dim);
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      const int first = groups[gi].first, n = groups[gi].second;
+      const Item& w0 = items[first];
+      for (int g = 0; g < group; ++g) {
+        float lse = -INFINITY;
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int s = 0; s < n; ++s) {
+          const int slot = items[first + s].part;
+          const float* po = part_o + ((size_t)slot * max_rows + g) * dim;
+          float wa, wb;
+          const float merged = merge_weights(lse, part_lse[(size_t)slot * max_rows + g], &wa, &wb);
+          for (int d = 0; d < dim; ++d) o[d] = (wa > 0.f ? wa * o[d] : 0.f) + (wb > 0.f ? wb * po[d] : 0.f);
+          lse = merged;
+        }
+        const int hq = w0.h * group + g;
+        T* out = static_cast<T*>(p.out) + (int64_t)w0.b * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
+        for (int d = 0; d < dim; ++d) out[d] = from_float<T>(o[d]);
+        if (p.lse) p.lse[(int64_t)w0.b * p.num_q_heads + hq] = lse;
+      }
+    }
+  }
+}
+
+template <class Format, typename T>
+void decode_impl(const AttentionParams& p) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int threads = cpu::max_threads();
+  const int64_t pairs = (int64_t)p.batch * p.num_kv_heads;
+  // Enough items to keep every thread busy even when a few rows are much longer than the rest.
+  const int64_t want_items = 4LL * threads;
+  std::vector<Item> items;
+  std::vector<std::pair<int, int>> split_groups;
+  int parts = 0;
+  items.reserve(pairs);
+  for (int b = 0; b < p.batch; ++b) {
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int len = row_length(p, b, h);
+      int lo, hi;
+      visible_range(p, len - 1, len, &lo, &hi);
+      const int vis = hi - lo;
+      int splits = 1;
+      if (pairs < want_items && vis > kMinSplitKeys) {
+        const int64_t by_threads = (want_items + pairs - 1) / pairs;
+        const int64_t by_length = (vis + kMinSplitKeys - 1) / kMinSplitKeys;
+        splits = (int)std::max<int64_t>(1, std::min(by_threads, by_length));
+      }
+      if (splits == 1) {
+        items.push_back(Item{b, h, 0, 1, lo, hi, -1});
+        continue;
+      }
+      // Split boundaries on key-block multiples so every range but the last walks whole blocks.
+      const int blocks = (vis + kKeyBlock - 1) / kKeyBlock;
+      split_groups.emplace_back((int)items.size(), splits);
+      for (int s = 0; s < splits; ++s) {
+        const int k0 = lo + (int)((int64_t)blocks * s / splits) * kKeyBlock;
+        const int k1 = std::min(hi, lo + (int)((int64_t)blocks * (s + 1) / splits) * kKeyBlock);
+        items.push_back(Item{b, h, 0, 1, k0, k1, parts++});
+      }
+    }
+  }
+  std::vector<float> part_o((size_t)parts * group * p.head_dim), part_lse((size_t)parts * group);
+  run_items<Format, T>(p, items, group, part_o.data(), part_lse.data());
+  if (!split_groups.empty()) merge_splits<T>(p, items, split_groups, group, part_o.data(), part_lse.data());
+}
+
+template <class Format, typename T>
+void prefill_impl(const AttentionParams& p) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int block_q = std::max(1, kQueryRows / group);
+  std::vector<Item> items;
+  for (int b = 0; b < p.batch; ++b) {
+    const int n = queries_of(p, b);
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int len = row_length(p, b, h);
+      for (int q0 = 0; q0 < n; q0 += block_q) {
+        const int nq = std::min(block_q, n - q0);
+        // Keys any query of the tile sees: from the first one's left edge to the last one's position.
+        int lo_first, hi_first, lo_last, hi_last;
+        visible_range(p, len - n + q0, len, &lo_first, &hi_first);
+        visible_range(p, len - n + q0 + nq - 1, len, &lo_last, &hi_last);
+        items.push_back(Item{b, h, q0, nq, lo_first, std::max(hi_last, lo_first), -1});
+      }
+    }
+  }
+  // Longest key ranges first so the dynamic schedule ends with short items.
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.k1 - x.k0 > y.k1 - y.k0; });
+  run_items<Format, T>(p, items, block_q * group, nullptr, nullptr);
+}
+
+template <bool kDecode>
+void attention_cpu(const AttentionParams& p) {
+  validate(p, kDecode);
+  if (p.batch == 0 || p.total_q == 0) return;
+  cpu::dispatch_kv_format(p.kv.kv_dtype, [&](auto fmt) {
+    using Format = decltype(fmt);
+    cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
+      using T = decltype(t);
+      if (kDecode) decode_impl<Format, T>(p);
+      else prefill_impl<Format, T>(p);
+    });
+  });
+}
+
+}  // namespace
+
+void decode_attention_cpu(const AttentionParams& p) { attention_cpu<true>(p); }
+void prefill_attention_cpu(const AttentionParams& p) { attention_cpu<false>(p); }
+
+}  // namespace vattn

@@ -1,0 +1,52 @@
+#pragma once
+// Private helpers of the CPU ops: dtype dispatch, thread count, and argument checks that throw
+// std::invalid_argument (the bindings turn it into ValueError).
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "vattn/dtypes.h"
+#include "vattn/kv_format.h"
+
+namespace vattn {
+namespace cpu {
+
+[[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument("vattn: " + what); }
+inline void require(bool ok, const char* what) { if (!ok) fail(what); }
+
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Calls f(T{}) with the storage type of a dtype code.
+template <typename F>
+decltype(auto) dispatch_dtype(int32_t code, const char* what, F&& f) {
+  switch (code) {
+    case kFloat32: return f(float{});
+    case kFloat16: return f(f16_t{});
+    case kBFloat16: return f(bf16_t{});
+    default: fail(std::string(what) + ": unknown dtype code " + std::to_string(code));
+  }
+}
+
+// Calls f(Format{}) with the KV storage format of a kv_dtype code (quantized formats join here).
+template <typename F>
+decltype(auto) dispatch_kv_format(int32_t code, F&& f) {
+  switch (code) {
+    case kFloat32: return f(PlainFormat<float>{});
+    case kFloat16: return f(PlainFormat<f16_t>{});
+    case kBFloat16: return f(PlainFormat<bf16_t>{});
+    default: fail("unknown kv_dtype code " + std::to_string(code));
+  }
+}
+
+}  // namespace cpu
+}  // namespace vattn

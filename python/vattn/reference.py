@@ -1,0 +1,117 @@
+"""The one semantic definition of every vattn op, as small pure-PyTorch functions.
+
+The CPU (cuda/cpu/) and CUDA (cuda/kernels/) implementations are tested against these. They are
+written for clarity, not speed: loops over batch rows and KV heads, dense math per head.
+`compute_dtype` selects the arithmetic precision (float64 in tests; a low precision gives the
+"what would PyTorch itself get wrong" baseline of FlashAttention-style tolerances).
+
+Conventions (cuda/include/vattn/params.h):
+  caches    k_cache, v_cache: [rows, seq, kv_heads, head_dim], any strides
+  row_ids   batch row b reads cache row row_ids[b] (b when None)
+  seqlens_k kv length L of batch row b, already including this step's new tokens;
+            head_seqlens_k [batch, kv_heads] overrides it per KV head
+  queries   decode: one query per row (cu_seqlens_q None); prefill: row b owns
+            q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]; query i of n_b sits at position L - n_b + i
+  mask      query at position p sees key j iff p - window_left <= j <= p (window_left < 0: no
+            left bound); a query that sees no key outputs zeros with lse = -inf
+  logits    scale * q.k (scale defaults to 1/sqrt(head_dim)), then softcap * tanh(x / softcap)
+            when softcap > 0; LSE is in natural log
+  GQA       q head h uses kv head h // (num_q_heads // num_kv_heads)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["append_kv", "attention", "merge_states"]
+
+
+def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              row_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """Writes token i of k, v ([n, kv_heads, dim]) at cache[row_ids[i], positions[i]] (in place)."""
+    rows = row_ids.long()
+    pos = positions.long()
+    k_cache[rows, pos] = k.to(k_cache.dtype)
+    v_cache[rows, pos] = v.to(v_cache.dtype)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+              cu_seqlens_q: Optional[torch.Tensor] = None, row_ids: Optional[torch.Tensor] = None,
+              head_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              window_left: int = -1, softcap: float = 0.0,
+              compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q ([total_q, q_heads, dim]) over the cache; decode when cu_seqlens_q is None.
+
+    Returns (out [total_q, q_heads, dim] in compute_dtype, lse [total_q, q_heads] float32).
+    """
+    total_q, hq, dim = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    batch = seqlens_k.shape[0]
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    if cu_seqlens_q is None:
+        cu = list(range(batch + 1))
+    else:
+        cu = [int(x) for x in cu_seqlens_q.tolist()]
+    seq = [int(x) for x in seqlens_k.tolist()]
+    rows = list(range(batch)) if row_ids is None else [int(x) for x in row_ids.tolist()]
+    head_lens = None if head_seqlens_k is None else head_seqlens_k.tolist()
+
+    out = torch.zeros(total_q, hq, dim, dtype=compute_dtype, device=q.device)
+    lse = torch.full((total_q, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        q0, q1 = cu[b], cu[b + 1]
+        n = q1 - q0
+        if n == 0:
+            continue
+        for h in range(hkv):
+            length = seq[b] if head_lens is None else int(head_lens[b][h])
+            # Only the first `length` keys exist; slicing first keeps the NaN filler out of the math.
+            k = k_cache[rows[b], :length, h].to(compute_dtype)
+            v = v_cache[rows[b], :length, h].to(compute_dtype)
+            qh = q[q0:q1, h * group:(h + 1) * group].to(compute_dtype)  # [n, group, dim]
+            logits = torch.einsum("ngd,kd->ngk", qh, k) * scale
+            if softcap > 0:
+                logits = softcap * torch.tanh(logits / softcap)
+            qpos = torch.arange(n, device=q.device) + (length - n)
+            kpos = torch.arange(length, device=q.device)
+            visible = kpos[None, :] <= qpos[:, None]
+            if window_left >= 0:
+                visible &= kpos[None, :] >= qpos[:, None] - window_left
+            logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+            row_lse = torch.logsumexp(logits, dim=-1)  # -inf where nothing is visible
+            seen = torch.isfinite(row_lse)
+            probs = torch.exp(logits - torch.where(seen, row_lse, 0)[..., None])
+            o = torch.einsum("ngk,kd->ngd", probs, v)
+            o = torch.where(seen[..., None], o, torch.zeros((), dtype=compute_dtype, device=q.device))
+            out[q0:q1, h * group:(h + 1) * group] = o
+            lse[q0:q1, h * group:(h + 1) * group] = row_lse.float()
+    return out, lse
+
+
+def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor,
+                 compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Combines two attention states over disjoint key sets.
+
+    o: [n, heads, dim], lse: [n, heads] natural log. Returns (out in compute_dtype, lse float32).
+    A state with lse = -inf contributes nothing; two empty states give zeros and -inf.
+    """
+    la = lse_a.to(torch.float64)
+    lb = lse_b.to(torch.float64)
+    m = torch.maximum(la, lb)
+    empty = torch.isinf(m) & (m < 0)
+    m_safe = torch.where(empty, 0.0, m)
+    wa = torch.exp(la - m_safe)
+    wb = torch.exp(lb - m_safe)
+    s = wa + wb
+    lse = torch.where(empty, float("-inf"), m_safe + torch.log(torch.where(empty, 1.0, s)))
+    s_safe = torch.where(empty, 1.0, s)
+    wa = (wa / s_safe).to(compute_dtype)[..., None]
+    wb = (wb / s_safe).to(compute_dtype)[..., None]
+    zero = torch.zeros((), dtype=compute_dtype, device=o_a.device)
+    # A zero weight must also silence whatever the empty state's output holds.
+    out = torch.where(wa > 0, wa * o_a.to(compute_dtype), zero) + torch.where(wb > 0, wb * o_b.to(compute_dtype), zero)
+    return out, lse.float()
