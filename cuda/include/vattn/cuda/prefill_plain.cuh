@@ -1,0 +1,93 @@
+#pragma once
+// Plain prefill kernel (impl == 1, and the fallback for cases the tensor-core kernel does not
+// cover: other head dims, unaligned tensors, huge grids). One CTA per (query token, q head):
+// fp32 throughout, straightforward loops, meant to be obviously right rather than fast.
+//
+// Keys of one query form one contiguous range [lo, hi], so no per-key mask is needed: the
+// loop only ever touches keys inside the range (never a slot >= the row's length).
+#include <cmath>
+
+#include "vattn/cuda/prefill_common.cuh"
+#include "vattn/softmax_state.h"
+
+namespace vattn {
+namespace prefill {
+
+constexpr int kPlainThreads = 128;   // 4 warps
+constexpr int kPlainTile = 64;       // keys scored per pass (16 per warp)
+constexpr int kPlainMaxDim = 256;    // 2 output dims per thread
+
+template <typename T, typename KVFormat>
+__global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const AttentionParams p) {
+  using KV = typename KVFormat::storage_t;
+  __shared__ float q_s[kPlainMaxDim];
+  __shared__ float s_s[kPlainTile];
+
+  const int t = blockIdx.x;        // query token (row of q / out)
+  const int h = blockIdx.y;        // q head
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int D = p.head_dim;
+
+  const int b = find_batch_row(p.cu_seqlens_q, p.batch, t);
+  if (b < 0) return;               // token belongs to no batch row: nothing defines its output
+  const int n_b = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+  const int i = t - p.cu_seqlens_q[b];
+  const int kvh = h / (p.num_q_heads / p.num_kv_heads);
+  const RowKV rk = row_kv(p, b, kvh);
+
+  // Visible keys: [lo, hi] with hi = pos (pos <= L - 1 always), capped to what may be read.
+  const int pos = rk.len - n_b + i;
+  const int lo = p.window_left >= 0 ? max(0, pos - p.window_left) : 0;
+  const int hi = min(pos, rk.len_eff - 1);
+
+  const T* q = static_cast<const T*>(p.q) + int64_t(t) * p.q_stride_tok + int64_t(h) * p.q_stride_head;
+  for (int d = tid; d < D; d += kPlainThreads) q_s[d] = Elem<T>::to_float(q[d].bits);
+
+  const KV* kbase = static_cast<const KV*>(p.kv.k) + rk.row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
+  const KV* vbase = static_cast<const KV*>(p.kv.v) + rk.row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool capped = p.softcap > 0.f;
+
+  SoftmaxState st;                 // every thread keeps an identical copy
+  float acc0 = 0.f, acc1 = 0.f;    // output dims tid and tid + 128
+  __syncthreads();                 // q_s ready
+
+  for (int j0 = lo; j0 <= hi; j0 += kPlainTile) {
+    const int cnt = min(kPlainTile, hi - j0 + 1);
+    // Scores: warp w handles keys w, w+4, ...; lanes split the head dim, then reduce.
+    for (int jj = warp; jj < cnt; jj += kPlainThreads / 32) {
+      const KV* krow = kbase + int64_t(j0 + jj) * p.kv.k_stride_tok;
+      float dot = 0.f;
+      for (int d = lane; d < D; d += 32) dot += q_s[d] * DeviceLoad<KVFormat>::load(krow, d);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (lane == 0) {
+        const float x = capped ? p.softcap * tanhf(dot * p.scale / p.softcap) * kLog2e : dot * scale_log2;
+        s_s[jj] = x;
+      }
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int jj = 0; jj < cnt; ++jj) mx = fmaxf(mx, s_s[jj]);
+    const float f = st.rescale_to(mx);
+    acc0 *= f;
+    acc1 *= f;
+    for (int jj = 0; jj < cnt; ++jj) {
+      const float w = st.weight(s_s[jj]);
+      st.add(w);
+      const KV* vrow = vbase + int64_t(j0 + jj) * p.kv.v_stride_tok;
+      if (tid < D) acc0 += w * DeviceLoad<KVFormat>::load(vrow, tid);
+      if (tid + kPlainThreads < D) acc1 += w * DeviceLoad<KVFormat>::load(vrow, tid + kPlainThreads);
+    }
+    __syncthreads();               // s_s is rewritten by the next pass
+  }
+
+  const float inv = st.inv_sum();  // 0 when nothing was visible: zero output
+  T* o = static_cast<T*>(p.out) + int64_t(t) * p.o_stride_tok + int64_t(h) * p.o_stride_head;
+  if (tid < D) o[tid].bits = Elem<T>::from_float(acc0 * inv);
+  if (tid + kPlainThreads < D) o[tid + kPlainThreads].bits = Elem<T>::from_float(acc1 * inv);
+  if (p.lse != nullptr && tid == 0) p.lse[int64_t(t) * p.num_q_heads + h] = st.lse();
+}
+
+}  // namespace prefill
+}  // namespace vattn
