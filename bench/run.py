@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Runs every vattn microbenchmark on one device and prints one table.
+
+    python bench/run.py --device cpu [--quick] [--json PATH] [--markdown PATH]
+    python bench/run.py --device cuda --json out.json
+
+Columns: op, shape, vattn time, anchor, anchor time, ratio (anchor / vattn: > 1 means vattn is
+faster), achieved GB/s (decode, append, merge: bytes actually moved) or TFLOP/s (prefill: 4 * d *
+visible causal pairs * q heads), and the percent of the ceiling measured in the same run
+(CPU: torch.sum read bandwidth, fp32 matmul; CUDA: device-to-device copy, bf16 matmul).
+On CUDA decode is also timed as a CUDA-graph replay (column graph).
+Nothing here asserts speed; correctness against each anchor is checked (column err) and a
+mismatch is flagged in the table and the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import bench_utils as bu  # noqa: E402
+
+
+class Runner:
+    def __init__(self, device: str, quick: bool, time_budget_s: float, with_flex: bool):
+        self.device = device
+        self.quick = quick
+        self.deadline = time.perf_counter() + time_budget_s
+        self.with_flex = with_flex
+        self.rows: List[Dict] = []
+        self.flusher = bu.L2Flusher() if device == "cuda" else None
+        self.ceilings: Dict[str, Dict] = {}
+
+    # -- timing dispatch
+    def time(self, fn) -> Dict[str, float]:
+        if self.device == "cpu":
+            return bu.time_cpu(fn, budget_s=0.12 if self.quick else 0.35, min_reps=3 if self.quick else 5)
+        return bu.time_cuda(fn, reps=20 if self.quick else 60, flusher=self.flusher)
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    def measure_ceilings(self) -> None:
+        if self.device == "cpu":
+            self.ceilings["bandwidth"] = bu.cpu_read_bandwidth(256 * 2**20 if self.quick else 512 * 2**20,
+                                                               budget_s=0.3 if self.quick else 1.0)
+            self.ceilings["compute"] = bu.cpu_matmul_flops(768 if self.quick else 1024,
+                                                           budget_s=0.3 if self.quick else 1.0)
+        else:
+            self.ceilings["bandwidth"] = bu.gpu_copy_bandwidth()
+            self.ceilings["compute"] = bu.gpu_matmul_flops()
+
+    # -- rows
+    def add(self, op: str, shape: str, vt: Optional[Dict], anchor: Optional[bu.Anchor], at: Optional[Dict],
+            metric: str, work: float, err: Optional[float] = None, ok: Optional[bool] = None,
+            note: str = "", graph: Optional[Dict] = None) -> None:
+        vms = vt["median_ms"] if vt else None
+        ams = at["median_ms"] if at else None
+        value = pct = None
+        if vms:
+            if metric == "GB/s":
+                value = work / (vms * 1e-3) / 1e9
+                pct = 100 * value / self.ceilings["bandwidth"]["GBps"]
+            else:
+                value = work / (vms * 1e-3) / 1e12
+                pct = 100 * value / self.ceilings["compute"]["TFLOPs"]
+        self.rows.append({
+            "op": op, "shape": shape,
+            "vattn_ms": vms, "anchor": anchor.name if anchor else None, "anchor_ms": ams,
+            "ratio": (ams / vms) if (vms and ams) else None,
+            "metric": metric, "value": value, "pct_ceiling": pct,
+            "graph_ms": graph["median_ms"] if graph else None,
+            "max_err": err, "ok": ok, "note": "; ".join(x for x in (note, anchor.note if anchor else "") if x),
+            "vattn_timing": vt, "anchor_timing": at, "graph_timing": graph,
+        })
+
+    def failed(self, op: str, shape: str, metric: str, e: BaseException) -> None:
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        self.rows.append({"op": op, "shape": shape, "vattn_ms": None, "anchor": None, "anchor_ms": None,
+                          "ratio": None, "metric": metric, "value": None, "pct_ceiling": None,
+                          "graph_ms": None, "max_err": None, "ok": False, "note": "FAILED " + msg})
+        if os.environ.get("VATTN_BENCH_TRACEBACK"):
+            traceback.print_exc()
+
+    def skipped(self, op: str, shape: str, metric: str, why: str) -> None:
+        self.rows.append({"op": op, "shape": shape, "vattn_ms": None, "anchor": None, "anchor_ms": None,
+                          "ratio": None, "metric": metric, "value": None, "pct_ceiling": None,
+                          "graph_ms": None, "max_err": None, "ok": None, "note": "skipped: " + why})
+
+    def compare_and_add(self, op, shape, metric, work, vfn, vt, anchors, vout, graph=None):
+        tol = None
+        added = False
+        for a in anchors:
+            if isinstance(a, str):
+                self.add(op, shape, vt, None, None, metric, work, note="anchor unavailable: " + a, graph=graph)
+                added = True
+                continue
+            ref = a.to_vattn(a.fn())
+            err = bu.max_abs_err(vout, ref)
+            tol = bu.tolerance(vout.dtype)
+            at = self.time(a.fn)
+            self.add(op, shape, vt, a, at, metric, work, err=err, ok=err <= tol, graph=graph)
+            added = True
+        if not added:
+            self.add(op, shape, vt, None, None, metric, work, graph=graph)
+
+    # -- benchmarks
+    def decode(self, case: bu.DecodeCase) -> None:
+        import vattn
+        hq, hkv, d = case.heads
+        data = bu.make_decode(case, self.device)
+        maxlen = max(data.lens)
+
+        def vfn():
+            return vattn.decode_attention(data.q, data.k_cache, data.v_cache, data.seqlens, max_seqlen_k=maxlen)
+
+        vout = vfn()
+        vt = self.time(vfn)
+        graph = None
+        if self.device == "cuda":
+            try:
+                graph = bu.time_cuda_graph(vfn, reps=20 if self.quick else 60, flusher=self.flusher)
+            except Exception as e:  # noqa: BLE001 - reported, the eager number stands
+                print(f"  graph capture failed for {case.name}: {e}", file=sys.stderr)
+        work = bu.decode_bytes(data.lens, hq, hkv, d, bu.elem_size(case.dtype), bu.elem_size(case.dtype))
+        anchors = bu.decode_anchors(data, self.device, with_flex=self.with_flex)
+        self.compare_and_add("decode", case.name, "GB/s", work, vfn, vt, anchors, vout, graph)
+
+    def prefill(self, case: bu.PrefillCase) -> None:
+        import vattn
+        hq, hkv, d = case.heads
+        data = bu.make_prefill(case, self.device)
+
+        def vfn():
+            return vattn.prefill_attention(data.q, data.k_cache, data.v_cache, data.cu_seqlens_q, data.seqlens_k,
+                                           max_seqlen_q=max(case.qlens), max_seqlen_k=max(case.klens))
+
+        vout = vfn()
+        vt = self.time(vfn)
+        work = bu.prefill_flops(case.qlens, case.klens, hq, d)
+        anchors = bu.prefill_anchors(data, self.device, with_flex=self.with_flex)
+        self.compare_and_add("prefill", case.name, "TFLOP/s", work, vfn, vt, anchors, vout)
+
+    def append(self, model: str, rows: int, tokens_per_row: int, dtype: torch.dtype) -> None:
+        """append_kv: decode-style (one token per row) or prefill-style (many tokens, one row).
+        Anchor: torch advanced-index assignment (what reference.append_kv does)."""
+        import vattn
+        hq, hkv, d = bu.MODELS[model]
+        dev = self.device
+        cap = max(2 * tokens_per_row, 1024)
+        g = bu.seeded(3, dev)
+        kc = torch.randn(rows, cap, hkv, d, generator=g, device=dev, dtype=dtype)
+        vc = torch.randn_like(kc)
+        n = rows * tokens_per_row
+        k = torch.randn(n, hkv, d, generator=g, device=dev, dtype=dtype)
+        v = torch.randn_like(k)
+        row_ids = torch.arange(rows, device=dev, dtype=torch.int32).repeat_interleave(tokens_per_row)
+        pos = (torch.arange(tokens_per_row, device=dev, dtype=torch.int32) + 7).repeat(rows)
+        rl, pl = row_ids.long(), pos.long()
+        kc2, vc2 = kc.clone(), vc.clone()
+
+        def vfn():
+            vattn.append_kv_raw(kc, vc, k, v, row_ids, pos)
+
+        def afn():
+            kc2[rl, pl] = k
+            vc2[rl, pl] = v
+
+        vfn()
+        afn()
+        err = max(bu.max_abs_err(kc, kc2), bu.max_abs_err(vc, vc2))
+        vt, at = self.time(vfn), self.time(afn)
+        work = 2 * 2 * n * hkv * d * bu.elem_size(dtype)  # read new K/V + write them
+        shape = f"{model} rows={rows} tokens/row={tokens_per_row} {bu._dt(dtype)}"
+        self.add("append_kv", shape, vt, bu.Anchor("torch index_put", afn, lambda x: x), at, "GB/s", work,
+                 err=err, ok=err == 0.0)
+
+    def merge(self, n: int, heads: int, d: int, dtype: torch.dtype) -> None:
+        """merge_states against the same formula written in torch eager ops (fp32 math)."""
+        import vattn
+        dev = self.device
+        g = bu.seeded(5, dev)
+        oa = torch.randn(n, heads, d, generator=g, device=dev, dtype=dtype)
+        ob = torch.randn(n, heads, d, generator=g, device=dev, dtype=dtype)
+        la = torch.randn(n, heads, generator=g, device=dev) * 3
+        lb = torch.randn(n, heads, generator=g, device=dev) * 3
+
+        def vfn():
+            return vattn.merge_states(oa, la, ob, lb)
+
+        def afn():
+            m = torch.maximum(la, lb)
+            wa, wb = torch.exp(la - m), torch.exp(lb - m)
+            s = wa + wb
+            return ((oa.float() * (wa / s)[..., None] + ob.float() * (wb / s)[..., None]).to(dtype), m + torch.log(s))
+
+        vo = vfn()
+        vo = vo[0] if isinstance(vo, (tuple, list)) else vo
+        ao = afn()[0]
+        err = bu.max_abs_err(vo, ao)
+        vt, at = self.time(vfn), self.time(afn)
+        es = bu.elem_size(dtype)
+        work = 3 * n * heads * d * es + 3 * n * heads * 4
+        self.add("merge_states", f"n={n} heads={heads} d={d} {bu._dt(dtype)}", vt,
+                 bu.Anchor("torch eager", afn, lambda x: x), at, "GB/s", work, err=err,
+                 ok=err <= bu.tolerance(dtype))
+
+    def run_all(self) -> None:
+        dt = torch.float32 if self.device == "cpu" else torch.bfloat16
+        jobs = []
+        for c in bu.decode_cases(self.device, self.quick):
+            jobs.append(("decode", c.name, "GB/s", lambda c=c: self.decode(c)))
+        for c in bu.prefill_cases(self.device, self.quick):
+            jobs.append(("prefill", c.name, "TFLOP/s", lambda c=c: self.prefill(c)))
+        if self.device == "cpu":
+            extra = [("llama3-8b", 64, 1), ("llama3-8b", 1, 1024)] if not self.quick else [("llama3-8b", 16, 1)]
+            merges = [(4096, 32, 128)] if not self.quick else [(1024, 32, 128)]
+        else:
+            extra = [("llama3-8b", 64, 1), ("llama3-8b", 1, 8192)]
+            merges = [(16384, 32, 128)]
+        for m, r, t in extra:
+            jobs.append(("append_kv", f"{m} rows={r} tokens/row={t}", "GB/s", lambda m=m, r=r, t=t: self.append(m, r, t, dt)))
+        for n, h, d in merges:
+            jobs.append(("merge_states", f"n={n} heads={h} d={d}", "GB/s", lambda n=n, h=h, d=d: self.merge(n, h, d, dt)))
+        for op, shape, metric, job in jobs:
+            if self.out_of_time():
+                self.skipped(op, shape, metric, "time budget spent")
+                continue
+            t0 = time.perf_counter()
+            try:
+                job()
+            except Exception as e:  # noqa: BLE001 - one failing op must not hide the others
+                self.failed(op, shape, metric, e)
+            finally:
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"  [{time.perf_counter() - t0:5.1f}s] {op} {shape}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- output
+
+def _f(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _time(ms):
+    if ms is None:
+        return "-"
+    return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:.2f} ms"
+
+
+def table_rows(rows: List[Dict], with_graph: bool) -> List[List[str]]:
+    out = []
+    for r in rows:
+        ok = {True: "ok", False: "MISMATCH", None: ""}[r["ok"]]
+        line = [r["op"], r["shape"], _time(r["vattn_ms"])]
+        if with_graph:
+            line.append(_time(r.get("graph_ms")))
+        line += [r["anchor"] or "-", _time(r["anchor_ms"]), _f(r["ratio"], ".2f"),
+                 (_f(r["value"], ".1f" if r["metric"] == "GB/s" else ".3f") + " " + r["metric"]) if r["value"] else "-",
+                 _f(r["pct_ceiling"], ".0f") + ("%" if r["pct_ceiling"] is not None else ""),
+                 (_f(r["max_err"], ".1e") + " " + ok).strip() if r["max_err"] is not None else ok,
+                 r["note"]]
+        out.append(line)
+    return out
+
+
+def headers(with_graph: bool) -> List[str]:
+    h = ["op", "shape", "vattn"]
+    if with_graph:
+        h.append("vattn graph")
+    return h + ["anchor", "anchor time", "ratio", "achieved", "% ceiling", "err", "note"]
+
+
+def format_text(rows, with_graph) -> str:
+    hs = headers(with_graph)
+    body = table_rows(rows, with_graph)
+    widths = [max(len(hs[i]), *(len(b[i]) for b in body)) if body else len(hs[i]) for i in range(len(hs))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(hs), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def format_markdown(rows, with_graph) -> str:
+    hs = headers(with_graph)
+    lines = ["| " + " | ".join(hs) + " |", "|" + "---|" * len(hs)]
+    for b in table_rows(rows, with_graph):
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in b) + " |")
+    return "\n".join(lines)
+
+
+def machine_info(device: str) -> Dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": _cpu_name(), "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads())}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = p.name
+        info["gpu_cc"] = f"{p.major}.{p.minor}"
+        info["cuda"] = str(torch.version.cuda)
+    try:
+        import vattn
+        info["vattn"] = getattr(vattn, "__version__", "?")
+        info["vattn_built_with_cuda"] = str(getattr(vattn._C, "built_with_cuda", "?"))
+    except Exception as e:  # noqa: BLE001
+        info["vattn"] = f"import failed: {e}"
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="few small shapes, few repetitions")
+    ap.add_argument("--json", help="write rows, ceilings and machine info here")
+    ap.add_argument("--markdown", help="write the table (markdown) here")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds after which remaining cases are skipped (default 170 cpu, 240 cuda; quick 25 / 120)")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention anchors (each shape compiles)")
+    ap.add_argument("--impl", choices=["fast", "simple"], default="fast", help="vattn attention kernel variant")
+    args = ap.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("run.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    try:
+        import vattn
+        if hasattr(vattn, "ops") and hasattr(vattn.ops, "set_attention_impl"):
+            vattn.ops.set_attention_impl(args.impl)
+    except Exception as e:  # noqa: BLE001
+        print(f"run.py: cannot import vattn: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+    budget = args.time_budget
+    if budget is None:
+        budget = {("cpu", False): 170, ("cpu", True): 25, ("cuda", False): 240, ("cuda", True): 120}[(args.device, args.quick)]
+    t0 = time.perf_counter()
+    runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex)
+    runner.measure_ceilings()
+    runner.run_all()
+    elapsed = time.perf_counter() - t0
+
+    with_graph = args.device == "cuda"
+    bw, fl = runner.ceilings["bandwidth"], runner.ceilings["compute"]
+    ceil_line = (f"ceilings: bandwidth {bw['GBps']:.1f} GB/s ({bw['op']}), compute {fl['TFLOPs']:.3f} TFLOP/s ({fl['op']}, "
+                 f"n={fl['n']})")
+    cmd = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_text(runner.rows, with_graph))
+    print(ceil_line)
+    print(f"ratio = anchor time / vattn time (> 1: vattn faster); run took {elapsed:.0f} s")
+    info = machine_info(args.device)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "quick": args.quick, "impl": args.impl, "command": cmd, "date": stamp,
+                       "elapsed_s": elapsed, "machine": info, "ceilings": runner.ceilings, "rows": runner.rows},
+                      f, indent=1, default=str)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Command: `{cmd}` ({stamp}, {elapsed:.0f} s)\n\n")
+            f.write("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n\n")
+            f.write(format_markdown(runner.rows, with_graph) + "\n\n")
+            f.write(ceil_line + "\n")
+    mismatches = [r for r in runner.rows if r["ok"] is False]
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
