@@ -1,3 +1,180 @@
-// Placeholder: the memory-manager bindings land here.
+// Bindings of the KV-cache memory manager (cuda/memory/). Thin: the Python KVCache
+// (python/vattn/cache.py) validates arguments for clear messages and builds the tensor views.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+
 #include "bindings.h"
-namespace vattn { void bind_memory(pybind11::module_&) {} }
+#include "memory/cache_manager.h"
+#include "memory/host_backend.h"
+#if defined(VATTN_WITH_CUDA)
+#include "memory/cuda_backend.h"
+#endif
+
+namespace py = pybind11;
+using vattn::memory::CacheManager;
+
+namespace {
+
+// A writable buffer over one reserved region of a host-backend cache, for torch.frombuffer.
+// It keeps the manager alive, so views outlive neither the mapping nor the reservation.
+// Only the mapped part may be touched: the rest of the range is PROT_NONE.
+struct RegionBuffer {
+  std::shared_ptr<CacheManager> manager;
+  size_t region;
+};
+
+std::unique_ptr<vattn::memory::PhysicalBackend> make_backend(const std::string& kind, int device, size_t page_bytes,
+                                                             bool host_commit) {
+  if (kind == "host") return std::make_unique<vattn::memory::HostBackend>(page_bytes, host_commit);
+  if (kind == "cuda") {
+#if defined(VATTN_WITH_CUDA)
+    return std::make_unique<vattn::memory::CudaBackend>(device, page_bytes);
+#else
+    (void)device;
+    throw std::runtime_error("vattn: this build has no CUDA support (built with VATTN_CUDA=OFF or without nvcc)");
+#endif
+  }
+  throw std::invalid_argument("vattn: backend must be 'host' or 'cuda', got '" + kind + "'");
+}
+
+vattn::memory::Layout parse_layout(const std::string& s) {
+  if (s == "token_major") return vattn::memory::Layout::kTokenMajor;
+  if (s == "layer_major") return vattn::memory::Layout::kLayerMajor;
+  throw std::invalid_argument("vattn: layout must be 'token_major' or 'layer_major', got '" + s + "'");
+}
+
+py::object page_granularity(int device) {
+#if defined(VATTN_WITH_CUDA)
+  try {
+    return py::int_(vattn::memory::CudaBackend::query_granularity(device));
+  } catch (const std::exception&) {
+    return py::none();
+  }
+#else
+  (void)device;
+  return py::none();
+#endif
+}
+
+}  // namespace
+
+namespace vattn {
+
+void bind_memory(py::module_& m) {
+  using memory::Stats;
+  using release = py::call_guard<py::gil_scoped_release>;
+
+  // Raised when physical memory (max_physical_bytes or the device) is exhausted.
+  py::register_exception<memory::OutOfMemory>(m, "OutOfMemoryError", PyExc_MemoryError);
+
+  m.def("page_granularity", &page_granularity, py::arg("device") = 0,
+        "CUDA VMM allocation granularity of a device in bytes (None without a CUDA device)");
+  m.def("host_page_bytes", &memory::HostBackend::os_page_bytes, "The OS page size (host backend granularity)");
+
+  py::class_<RegionBuffer>(m, "RegionBuffer", py::buffer_protocol())
+      .def_buffer([](RegionBuffer& b) -> py::buffer_info {
+        const uintptr_t base = b.manager->region_base(b.region);
+        const size_t bytes = b.manager->region_bytes(b.region);
+        return py::buffer_info(reinterpret_cast<void*>(base), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(bytes)}, {static_cast<py::ssize_t>(1)}, /*readonly=*/false);
+      });
+
+  py::class_<CacheManager, std::shared_ptr<CacheManager>>(m, "CacheManager",
+      "One KV-cache in contiguous virtual memory; see python/vattn/cache.py for the user API")
+      .def(py::init([](const std::string& backend, int device, int64_t num_layers, int64_t num_kv_heads,
+                       int64_t head_dim, int64_t elem_bytes, int64_t max_batch, int64_t max_seq_len,
+                       const std::string& layout, size_t page_bytes, size_t max_physical_bytes, size_t prealloc_bytes,
+                       size_t reclaim_watermark_bytes, bool background, int64_t lookahead_tokens, bool host_commit) {
+             memory::Geometry g;
+             g.num_layers = num_layers;
+             g.num_kv_heads = num_kv_heads;
+             g.head_dim = head_dim;
+             g.elem_bytes = elem_bytes;
+             g.max_batch = max_batch;
+             g.max_seq_len = max_seq_len;
+             memory::ManagerOptions o;
+             o.max_physical_bytes = max_physical_bytes;
+             o.prealloc_bytes = prealloc_bytes;
+             o.reclaim_watermark_bytes = reclaim_watermark_bytes;
+             o.background = background;
+             o.lookahead_tokens = lookahead_tokens;
+             const memory::Layout l = parse_layout(layout);
+             return std::make_shared<CacheManager>(make_backend(backend, device, page_bytes, host_commit), g, l, o);
+           }),
+           py::arg("backend"), py::arg("device"), py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"),
+           py::arg("elem_bytes"), py::arg("max_batch"), py::arg("max_seq_len"), py::arg("layout") = "token_major",
+           py::arg("page_bytes") = 0, py::arg("max_physical_bytes") = 0, py::arg("prealloc_bytes") = 0,
+           py::arg("reclaim_watermark_bytes") = 0, py::arg("background") = false, py::arg("lookahead_tokens") = 0,
+           py::arg("host_commit") = true)
+      .def("alloc", &CacheManager::alloc, release())
+      .def("free", &CacheManager::free, py::arg("slot"), release())
+      .def("is_live", &CacheManager::is_live, py::arg("slot"), release())
+      .def("live_slots", &CacheManager::live_slots, release())
+      .def("reserve", &CacheManager::reserve, py::arg("slots"), py::arg("tokens"), release())
+      .def("commit", &CacheManager::commit, py::arg("slots"), py::arg("new_tokens"), release())
+      .def("shrink", &CacheManager::shrink, py::arg("slot"), py::arg("n"), release())
+      .def("length", &CacheManager::length, py::arg("slot"), release())
+      .def("lengths", &CacheManager::lengths, release())
+      .def("mapped_tokens", &CacheManager::mapped_tokens, py::arg("slot"), release())
+      .def("wait_background_idle", &CacheManager::wait_background_idle, release())
+      .def("synchronize", &CacheManager::synchronize, release())
+      .def("_inject_failure", &CacheManager::inject_failure, py::arg("kind"), py::arg("n"), release(),
+           "Test hook: the n-th next page creation ('create') or map ('map') fails ('none' clears)")
+      .def("stats", [](CacheManager& self) {
+        Stats s;
+        {
+          py::gil_scoped_release r;
+          s = self.stats();
+        }
+        py::dict d;
+        d["reserved_bytes"] = s.reserved_bytes;
+        d["mapped_bytes"] = s.mapped_bytes;
+        d["used_bytes"] = s.used_bytes;
+        d["page_bytes"] = s.page_bytes;
+        d["pages_mapped"] = s.pages_mapped;
+        d["pages_pooled"] = s.pages_pooled;
+        d["pages_created"] = s.pages_created;
+        d["physical_bytes"] = s.physical_bytes;
+        d["live_mapped_bytes"] = s.live_mapped_bytes;
+        d["idle_bytes"] = s.idle_bytes;
+        d["resident_bytes"] = s.resident_bytes;
+        d["peak_mapped_bytes"] = s.peak_mapped_bytes;
+        d["live_slots"] = s.live_slots;
+        d["map_calls"] = s.map_calls;
+        d["unmap_calls"] = s.unmap_calls;
+        d["create_calls"] = s.create_calls;
+        d["destroy_calls"] = s.destroy_calls;
+        return d;
+      })
+      .def_property_readonly("page_bytes", &CacheManager::page_bytes)
+      .def_property_readonly("num_regions", &CacheManager::num_regions)
+      .def_property_readonly("slot_stride_bytes", &CacheManager::slot_stride_bytes)
+      .def_property_readonly("is_device", &CacheManager::is_device)
+      .def_property_readonly("backend_name", &CacheManager::backend_name)
+      .def("region_base", &CacheManager::region_base, py::arg("region"))
+      .def("region_bytes", &CacheManager::region_bytes, py::arg("region"))
+      .def("layer_view", [](const CacheManager& self, int64_t layer) {
+        const memory::LayerView v = self.layer_view(layer);
+        py::dict d;
+        d["k_region"] = v.k_region;
+        d["v_region"] = v.v_region;
+        d["k_offset_bytes"] = v.k_offset_bytes;
+        d["v_offset_bytes"] = v.v_offset_bytes;
+        d["stride_row"] = v.stride_row;
+        d["stride_tok"] = v.stride_tok;
+        d["stride_head"] = v.stride_head;
+        d["elem_bytes"] = self.geometry().elem_bytes;
+        return d;
+      }, py::arg("layer"))
+      .def("region_buffer", [](std::shared_ptr<CacheManager> self, size_t region) {
+        if (self->is_device()) throw std::invalid_argument("vattn: region_buffer is for host-backend caches");
+        self->region_base(region);  // range check
+        return RegionBuffer{std::move(self), region};
+      }, py::arg("region"));
+}
+
+}  // namespace vattn

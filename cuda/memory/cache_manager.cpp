@@ -1,0 +1,640 @@
+#include "memory/cache_manager.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace vattn {
+namespace memory {
+
+namespace {
+
+size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+void require_positive(int64_t v, const char* name) {
+  if (v <= 0) throw std::invalid_argument(std::string("vattn: ") + name + " must be positive, got " + std::to_string(v));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- construction / teardown
+
+CacheManager::CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geometry& g, Layout layout,
+                           const ManagerOptions& opt)
+    : backend_(std::move(backend)), geom_(g), layout_(layout), opt_(opt) {
+  if (!backend_) throw std::invalid_argument("vattn: no backend");
+  require_positive(g.num_layers, "num_layers");
+  require_positive(g.num_kv_heads, "num_kv_heads");
+  require_positive(g.head_dim, "head_dim");
+  require_positive(g.elem_bytes, "element size");
+  require_positive(g.max_batch, "max_batch");
+  require_positive(g.max_seq_len, "max_seq_len");
+  if (g.max_batch > std::numeric_limits<int32_t>::max() || g.max_seq_len > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("vattn: max_batch and max_seq_len must fit in int32");
+  }
+  if (opt.lookahead_tokens < 0) throw std::invalid_argument("vattn: lookahead_tokens must be >= 0");
+  page_ = backend_->page_bytes();
+  if (page_ % static_cast<size_t>(g.elem_bytes) != 0) {
+    throw std::invalid_argument("vattn: the page size must be a multiple of the element size");
+  }
+  region_token_bytes_ = layout == Layout::kTokenMajor ? g.token_bytes() : g.kv_vector_bytes();
+  const long double slot_bytes = static_cast<long double>(g.max_seq_len) * region_token_bytes_;
+  const size_t nregions = layout == Layout::kTokenMajor ? 1 : static_cast<size_t>(2 * g.num_layers);
+  if (slot_bytes * g.max_batch * nregions > static_cast<long double>(size_t(1) << 62)) {
+    throw std::invalid_argument("vattn: the cache geometry needs more virtual address space than exists");
+  }
+  slot_stride_ = round_up(static_cast<size_t>(g.max_seq_len) * region_token_bytes_, page_);
+
+  const size_t cap_pages = opt.max_physical_bytes / page_;
+  if (opt.max_physical_bytes > 0 && cap_pages < nregions) {
+    throw std::invalid_argument("vattn: max_physical_bytes=" + std::to_string(opt.max_physical_bytes) +
+                                " is smaller than one page group (" + std::to_string(nregions) + " x " +
+                                std::to_string(page_) + " bytes)");
+  }
+  const size_t prealloc_pages = (opt.prealloc_bytes + page_ - 1) / page_;
+  if (opt.max_physical_bytes > 0 && prealloc_pages > cap_pages) {
+    throw std::invalid_argument("vattn: prealloc_bytes exceeds max_physical_bytes");
+  }
+
+  for (size_t r = 0; r < nregions; ++r) {
+    regions_.push_back(std::make_unique<VirtualBuffer>(*backend_, static_cast<size_t>(g.max_batch) * slot_stride_));
+  }
+  pool_ = std::make_unique<PagePool>(*backend_, cap_pages);
+  if (!pool_->fill(prealloc_pages)) throw OutOfMemory("vattn: cannot pre-create prealloc_bytes of pages");
+  slots_.resize(static_cast<size_t>(g.max_batch));
+  for (Slot& s : slots_) s.pages.resize(nregions);
+  if (opt.background) worker_ = std::thread([this] { worker_main(); });
+}
+
+CacheManager::~CacheManager() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  idle_cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  // Unmap everything (after one synchronize), then destroy the pages, then the reservations.
+  std::vector<PhysicalBackend::Range> ranges;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].groups == 0) continue;
+    for (size_t r = 0; r < regions_.size(); ++r) {
+      ranges.push_back({page_addr(r, static_cast<int64_t>(i), 0), slots_[i].groups * page_});
+    }
+  }
+  try {
+    backend_->unmap(ranges.data(), ranges.size());
+  } catch (...) {  // nothing to report to from a destructor; the pages are destroyed regardless
+  }
+  for (Slot& s : slots_) {
+    for (auto& region_pages : s.pages) {
+      for (PageHandle h : region_pages) pool_->destroy(h);
+    }
+  }
+  pool_.reset();
+  regions_.clear();
+}
+
+// ---------------------------------------------------------------- helpers
+
+void CacheManager::check_slot(int64_t slot) const {
+  if (slot < 0 || slot >= geom_.max_batch) {
+    throw std::out_of_range("vattn: slot " + std::to_string(slot) + " out of range [0, " +
+                            std::to_string(geom_.max_batch) + ")");
+  }
+}
+
+CacheManager::Slot& CacheManager::live_slot(int64_t slot) {
+  check_slot(slot);
+  Slot& s = slots_[static_cast<size_t>(slot)];
+  if (!s.live) {
+    throw std::invalid_argument("vattn: slot " + std::to_string(slot) + " is not allocated (never allocated or already freed)");
+  }
+  return s;
+}
+
+size_t CacheManager::groups_for(int64_t tokens) const {
+  const size_t bytes = static_cast<size_t>(tokens) * static_cast<size_t>(region_token_bytes_);
+  return (bytes + page_ - 1) / page_;
+}
+
+uintptr_t CacheManager::page_addr(size_t region, int64_t slot, size_t group) const {
+  return regions_[region]->base() + static_cast<size_t>(slot) * slot_stride_ + group * page_;
+}
+
+size_t CacheManager::surplus_groups(const Slot& s) const {
+  if (!s.live) return s.groups;
+  const size_t need = need_groups(s);
+  return s.groups > need ? s.groups - need : 0;
+}
+
+size_t CacheManager::idle_pages() const {
+  size_t groups = 0;
+  for (const Slot& s : slots_) {
+    if (!s.live) groups += s.groups;
+  }
+  return pool_->pooled() + groups * regions_.size();
+}
+
+void CacheManager::note_change() {
+  ++epoch_;
+  if (worker_.joinable()) work_cv_.notify_one();
+}
+
+void CacheManager::update_peak() {
+  peak_mapped_bytes_ = std::max<uint64_t>(peak_mapped_bytes_, mapped_groups_ * regions_.size() * page_);
+}
+
+void CacheManager::unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* out, std::vector<Taken>* stolen) {
+  Slot& s = slots_[static_cast<size_t>(slot)];
+  if (k == 0) return;
+  const size_t first = s.groups - k;
+  std::vector<PhysicalBackend::Range> ranges;
+  for (size_t r = 0; r < regions_.size(); ++r) ranges.push_back({page_addr(r, slot, first), k * page_});
+  backend_->unmap(ranges.data(), ranges.size());
+  for (size_t r = 0; r < regions_.size(); ++r) {
+    for (size_t g = first; g < s.groups; ++g) {
+      if (out) out->push_back(s.pages[r][g]);
+      if (stolen) stolen->push_back(Taken{s.pages[r][g], 2, slot, r, g});
+    }
+    s.pages[r].resize(first);
+  }
+  s.groups = first;
+  mapped_groups_ -= k;
+}
+
+// Collects `count` unmapped pages: pool first, then new pages under the cap, then (when allowed)
+// pages of free slots and the mapped-ahead surplus of live slots not in `protect`. On failure the
+// caller undoes `taken`.
+void CacheManager::take_pages(size_t count, std::vector<Taken>& taken, bool allow_steal,
+                              const std::vector<int64_t>& protect) {
+  while (count > 0 && pool_->pooled() > 0) {
+    taken.push_back(Taken{pool_->acquire(), 0});
+    --count;
+  }
+  while (count > 0 && pool_->creatable() > 0) {
+    PageHandle h;
+    try {
+      h = pool_->create();
+    } catch (const OutOfMemory&) {
+      if (!allow_steal) throw;
+      break;  // the device is full: try the pages idle in free slots below
+    }
+    taken.push_back(Taken{h, 1});
+    --count;
+  }
+  if (count > 0 && allow_steal) {
+    const size_t R = regions_.size();
+    std::vector<std::pair<size_t, int64_t>> victims;  // free slots (fewest pages first), then live surplus
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      const Slot& s = slots_[i];
+      const bool is_protected = std::find(protect.begin(), protect.end(), static_cast<int64_t>(i)) != protect.end();
+      if (is_protected || surplus_groups(s) == 0) continue;
+      victims.push_back({(s.live ? (size_t(1) << 60) : 0) + s.groups, static_cast<int64_t>(i)});
+    }
+    std::sort(victims.begin(), victims.end());
+    for (const auto& v : victims) {
+      if (count == 0) break;
+      const size_t k = std::min(surplus_groups(slots_[static_cast<size_t>(v.second)]), (count + R - 1) / R);
+      unmap_tail(v.second, k, nullptr, &taken);
+      count -= std::min(count, k * R);
+    }
+  }
+  if (count > 0) {
+    throw OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(count) + " more pages of " +
+                      std::to_string(page_) + " bytes needed" +
+                      (pool_->max_pages() ? " (max_physical_bytes=" + std::to_string(pool_->max_pages() * page_) + ")"
+                                          : std::string()));
+  }
+}
+
+// Gives back what take_pages collected: pooled pages to the pool, new pages destroyed, stolen
+// pages mapped back where they were (so the call leaves no trace).
+void CacheManager::undo(std::vector<Taken>& taken) noexcept {
+  std::vector<Taken> stolen;
+  for (const Taken& t : taken) {
+    if (t.source == 0) pool_->release(t.page);
+    else if (t.source == 1) pool_->destroy(t.page);
+    else stolen.push_back(t);
+  }
+  taken.clear();
+  std::sort(stolen.begin(), stolen.end(), [](const Taken& a, const Taken& b) {
+    return std::make_tuple(a.victim, a.group, a.region) < std::make_tuple(b.victim, b.group, b.region);
+  });
+  int64_t broken = -1;  // a victim whose restore failed: the rest of its pages go to the pool
+  for (const Taken& t : stolen) {
+    Slot& s = slots_[static_cast<size_t>(t.victim)];
+    if (t.victim == broken || t.group != s.groups || s.pages[t.region].size() != t.group) {
+      pool_->release(t.page);
+      continue;
+    }
+    try {
+      backend_->map(page_addr(t.region, t.victim, t.group), t.page);
+    } catch (...) {
+      broken = t.victim;
+      pool_->release(t.page);
+      continue;
+    }
+    s.pages[t.region].push_back(t.page);
+    if (t.region + 1 == regions_.size()) {
+      ++s.groups;
+      ++mapped_groups_;
+    }
+  }
+}
+
+void CacheManager::enforce_watermark() {
+  const size_t limit = std::max(opt_.reclaim_watermark_bytes, opt_.prealloc_bytes) / page_;
+  size_t idle = idle_pages();
+  if (idle <= limit) return;
+  size_t excess = idle - limit;
+  const size_t from_pool = std::min(excess, pool_->pooled());
+  pool_->trim(pool_->pooled() - from_pool);
+  excess -= from_pool;
+  if (excess == 0) return;
+  const size_t R = regions_.size();
+  std::vector<std::pair<size_t, int64_t>> victims;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (!slots_[i].live && slots_[i].groups > 0) victims.push_back({slots_[i].groups, static_cast<int64_t>(i)});
+  }
+  std::sort(victims.begin(), victims.end());
+  for (const auto& v : victims) {
+    if (excess == 0) break;
+    const size_t k = std::min(v.first, (excess + R - 1) / R);
+    std::vector<PageHandle> pages;
+    unmap_tail(v.second, k, &pages, nullptr);
+    for (PageHandle h : pages) pool_->destroy(h);
+    excess -= std::min(excess, k * R);
+  }
+}
+
+// ---------------------------------------------------------------- slots
+
+int64_t CacheManager::alloc() {
+  std::lock_guard<std::mutex> lk(mu_);
+  int64_t best = -1;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].live) continue;
+    // The free slot holding the most pages: its mapping is reused as is.
+    if (best < 0 || slots_[i].groups > slots_[static_cast<size_t>(best)].groups) best = static_cast<int64_t>(i);
+  }
+  if (best < 0) {
+    throw std::runtime_error("vattn: all " + std::to_string(geom_.max_batch) +
+                             " slots are in use (max_batch); free a slot first");
+  }
+  Slot& s = slots_[static_cast<size_t>(best)];
+  s.live = true;
+  s.length = 0;
+  s.target = 0;
+  note_change();
+  return best;
+}
+
+void CacheManager::free(int64_t slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Slot& s = live_slot(slot);
+  s.live = false;
+  s.length = 0;
+  s.target = 0;
+  // The pages stay mapped for the next alloc while idle pages stay under the watermark.
+  try {
+    enforce_watermark();
+  } catch (...) {  // the slot is free either way; the pages are reclaimed on a later call
+  }
+  note_change();
+}
+
+bool CacheManager::is_live(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  return slots_[static_cast<size_t>(slot)].live;
+}
+
+std::vector<int64_t> CacheManager::live_slots() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].live) out.push_back(static_cast<int64_t>(i));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- growth / shrink
+
+void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (slots.size() != tokens.size()) {
+    throw std::invalid_argument("vattn: reserve got " + std::to_string(slots.size()) + " slots and " +
+                                std::to_string(tokens.size()) + " token counts");
+  }
+  // Validate everything before touching anything; a slot given twice keeps its largest request.
+  std::vector<std::pair<int64_t, int64_t>> req;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    live_slot(slots[i]);
+    if (tokens[i] < 0 || tokens[i] > geom_.max_seq_len) {
+      throw std::invalid_argument("vattn: cannot reserve " + std::to_string(tokens[i]) + " tokens for slot " +
+                                  std::to_string(slots[i]) + ": must be in [0, max_seq_len=" +
+                                  std::to_string(geom_.max_seq_len) + "]");
+    }
+    auto it = std::find_if(req.begin(), req.end(), [&](const auto& p) { return p.first == slots[i]; });
+    if (it == req.end()) req.push_back({slots[i], tokens[i]});
+    else it->second = std::max(it->second, tokens[i]);
+  }
+  const size_t R = regions_.size();
+  size_t total = 0;
+  std::vector<int64_t> protect;
+  for (const auto& p : req) {
+    const size_t want = groups_for(p.second);
+    const size_t have = slots_[static_cast<size_t>(p.first)].groups;
+    if (want > have) total += (want - have) * R;
+    protect.push_back(p.first);
+  }
+
+  if (total > 0) {
+    // Fail early, with nothing touched, when even the idle pages of other slots cannot cover it.
+    size_t available = pool_->pooled() + std::min(pool_->creatable(), total);
+    for (size_t i = 0; i < slots_.size() && available < total; ++i) {
+      if (std::find(protect.begin(), protect.end(), static_cast<int64_t>(i)) == protect.end()) {
+        available += surplus_groups(slots_[i]) * R;
+      }
+    }
+    if (available < total) {
+      throw OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(total) + " pages of " +
+                        std::to_string(page_) + " bytes needed, " + std::to_string(available) + " available" +
+                        (pool_->max_pages() ? " (max_physical_bytes=" + std::to_string(pool_->max_pages() * page_) + ")"
+                                            : std::string()));
+    }
+  }
+
+  std::vector<Taken> taken;
+  std::vector<size_t> before(req.size());
+  for (size_t i = 0; i < req.size(); ++i) before[i] = slots_[static_cast<size_t>(req[i].first)].groups;
+  size_t next = 0;
+  try {
+    if (total > 0) take_pages(total, taken, /*allow_steal=*/true, protect);
+    for (const auto& p : req) {
+      Slot& s = slots_[static_cast<size_t>(p.first)];
+      const size_t want = groups_for(p.second);
+      while (s.groups < want) {
+        for (size_t r = 0; r < R; ++r) {
+          const PageHandle h = taken[next].page;
+          backend_->map(page_addr(r, p.first, s.groups), h);
+          s.pages[r].push_back(h);
+          ++next;
+        }
+        ++s.groups;
+        ++mapped_groups_;
+      }
+    }
+  } catch (...) {
+    // Undo: unmap what this call mapped (whole groups and a partly mapped last group), then
+    // give back every page taken.
+    std::vector<PhysicalBackend::Range> ranges;
+    for (size_t i = 0; i < req.size(); ++i) {
+      Slot& s = slots_[static_cast<size_t>(req[i].first)];
+      for (size_t r = 0; r < R; ++r) {
+        const size_t extra = s.pages[r].size() - before[i];
+        if (extra > 0) ranges.push_back({page_addr(r, req[i].first, before[i]), extra * page_});
+        s.pages[r].resize(before[i]);
+      }
+      mapped_groups_ -= s.groups - before[i];
+      s.groups = before[i];
+    }
+    try {
+      backend_->unmap(ranges.data(), ranges.size());
+    } catch (...) {
+    }
+    undo(taken);
+    throw;
+  }
+  // Pages stolen in whole groups may exceed what was needed: the rest goes to the pool.
+  for (; next < taken.size(); ++next) pool_->release(taken[next].page);
+  for (const auto& p : req) {
+    Slot& s = slots_[static_cast<size_t>(p.first)];
+    s.target = std::max(s.target, p.second);
+  }
+  update_peak();
+  note_change();
+}
+
+void CacheManager::commit(const std::vector<int64_t>& slots, const std::vector<int64_t>& new_tokens) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (slots.size() != new_tokens.size()) throw std::invalid_argument("vattn: commit: slots and new_tokens differ in length");
+  for (size_t i = 0; i < slots.size(); ++i) {
+    Slot& s = live_slot(slots[i]);
+    if (std::count(slots.begin(), slots.end(), slots[i]) > 1) {
+      throw std::invalid_argument("vattn: slot " + std::to_string(slots[i]) + " given twice");
+    }
+    const int64_t n = s.length + new_tokens[i];
+    const int64_t cap = std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
+    if (new_tokens[i] < 0 || n > cap) {
+      throw std::invalid_argument("vattn: cannot commit " + std::to_string(new_tokens[i]) + " tokens to slot " +
+                                  std::to_string(slots[i]) + " (length " + std::to_string(s.length) + ", " +
+                                  std::to_string(cap) + " tokens mapped)");
+    }
+  }
+  for (size_t i = 0; i < slots.size(); ++i) {
+    Slot& s = slots_[static_cast<size_t>(slots[i])];
+    s.length += new_tokens[i];
+    s.target = std::max(s.target, s.length);
+  }
+  note_change();
+}
+
+void CacheManager::shrink(int64_t slot, int64_t n) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Slot& s = live_slot(slot);
+  if (n < 0 || n > s.length) {
+    throw std::invalid_argument("vattn: cannot shrink slot " + std::to_string(slot) + " to " + std::to_string(n) +
+                                " tokens: must be in [0, length=" + std::to_string(s.length) + "]");
+  }
+  const size_t want = groups_for(n);
+  if (s.groups > want) {
+    std::vector<PageHandle> pages;
+    unmap_tail(slot, s.groups - want, &pages, nullptr);
+    for (PageHandle h : pages) pool_->release(h);
+  }
+  s.length = n;
+  s.target = n;
+  try {
+    enforce_watermark();
+  } catch (...) {
+  }
+  note_change();
+}
+
+int64_t CacheManager::length(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  return slots_[static_cast<size_t>(slot)].length;
+}
+
+std::vector<int64_t> CacheManager::lengths() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::vector<int64_t> out(slots_.size());
+  for (size_t i = 0; i < slots_.size(); ++i) out[i] = slots_[i].live ? slots_[i].length : 0;
+  return out;
+}
+
+int64_t CacheManager::mapped_tokens(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  const Slot& s = slots_[static_cast<size_t>(slot)];
+  return std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
+}
+
+// ---------------------------------------------------------------- introspection
+
+Stats CacheManager::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  Stats st;
+  const uint64_t R = regions_.size();
+  for (const auto& r : regions_) st.reserved_bytes += r->bytes();
+  st.page_bytes = page_;
+  st.pages_mapped = mapped_groups_ * R;
+  st.mapped_bytes = st.pages_mapped * page_;
+  st.pages_pooled = pool_->pooled();
+  st.pages_created = pool_->created();
+  st.physical_bytes = st.pages_created * page_;
+  uint64_t tokens = 0, live_groups = 0;
+  for (const Slot& s : slots_) {
+    if (!s.live) continue;
+    tokens += static_cast<uint64_t>(s.length);
+    live_groups += s.groups;
+    ++st.live_slots;
+  }
+  st.used_bytes = tokens * static_cast<uint64_t>(geom_.token_bytes());
+  st.live_mapped_bytes = live_groups * R * page_;
+  st.idle_bytes = idle_pages() * page_;
+  st.resident_bytes = backend_->resident_bytes();
+  st.peak_mapped_bytes = peak_mapped_bytes_;
+  const BackendCounters& c = backend_->counters();
+  st.map_calls = c.maps;
+  st.unmap_calls = c.unmaps;
+  st.create_calls = c.creates;
+  st.destroy_calls = c.destroys;
+  return st;
+}
+
+uintptr_t CacheManager::region_base(size_t r) const {
+  if (r >= regions_.size()) throw std::out_of_range("vattn: region index out of range");
+  return regions_[r]->base();
+}
+
+size_t CacheManager::region_bytes(size_t r) const {
+  if (r >= regions_.size()) throw std::out_of_range("vattn: region index out of range");
+  return regions_[r]->bytes();
+}
+
+LayerView CacheManager::layer_view(int64_t layer) const {
+  if (layer < 0 || layer >= geom_.num_layers) {
+    throw std::out_of_range("vattn: layer " + std::to_string(layer) + " out of range [0, " +
+                            std::to_string(geom_.num_layers) + ")");
+  }
+  LayerView v;
+  const int64_t e = geom_.elem_bytes;
+  v.stride_row = static_cast<int64_t>(slot_stride_) / e;
+  v.stride_head = geom_.head_dim;
+  if (layout_ == Layout::kTokenMajor) {
+    v.k_region = v.v_region = 0;
+    v.k_offset_bytes = layer * 2 * geom_.kv_vector_bytes();
+    v.v_offset_bytes = v.k_offset_bytes + geom_.kv_vector_bytes();
+    v.stride_tok = geom_.token_bytes() / e;
+  } else {
+    v.k_region = static_cast<int32_t>(2 * layer);
+    v.v_region = static_cast<int32_t>(2 * layer + 1);
+    v.stride_tok = geom_.num_kv_heads * geom_.head_dim;
+  }
+  return v;
+}
+
+void CacheManager::inject_failure(const std::string& kind, int64_t n) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (kind == "create") backend_->inject_failure(FaultKind::kCreate, n);
+  else if (kind == "map") backend_->inject_failure(FaultKind::kMap, n);
+  else if (kind == "none") backend_->inject_failure(FaultKind::kNone, 0);
+  else throw std::invalid_argument("vattn: failure kind must be 'create', 'map' or 'none', got '" + kind + "'");
+}
+
+void CacheManager::synchronize() {
+  std::lock_guard<std::mutex> lk(mu_);
+  backend_->synchronize();
+}
+
+// ---------------------------------------------------------------- background mapping
+
+void CacheManager::wait_background_idle() {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (!worker_.joinable()) return;
+  idle_cv_.wait(lk, [&] { return stop_ || (worker_idle_ && worker_seen_epoch_ == epoch_); });
+}
+
+// One unit of background work under the mutex: top the pool up to prealloc, or map one page
+// group ahead for a live slot. Never steals pages and never throws; false when there is
+// nothing it can do until the state changes.
+bool CacheManager::worker_step() {
+  const size_t prealloc_pages = (opt_.prealloc_bytes + page_ - 1) / page_;
+  const size_t limit = std::max(opt_.reclaim_watermark_bytes, opt_.prealloc_bytes) / page_;
+  if (pool_->pooled() < prealloc_pages && pool_->creatable() > 0 && idle_pages() < limit) {
+    try {
+      pool_->release(pool_->create());
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }
+  if (opt_.lookahead_tokens <= 0) return false;
+  const size_t R = regions_.size();
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = slots_[i];
+    if (!s.live) continue;
+    const int64_t ahead = std::min<int64_t>(geom_.max_seq_len, std::max(s.length, s.target) + opt_.lookahead_tokens);
+    if (s.groups >= groups_for(ahead)) continue;
+    std::vector<Taken> taken;
+    try {
+      take_pages(R, taken, /*allow_steal=*/false, {});
+      size_t r = 0;
+      try {
+        for (; r < R; ++r) backend_->map(page_addr(r, static_cast<int64_t>(i), s.groups), taken[r].page);
+      } catch (...) {
+        std::vector<PhysicalBackend::Range> ranges;
+        for (size_t j = 0; j < r; ++j) ranges.push_back({page_addr(j, static_cast<int64_t>(i), s.groups), page_});
+        backend_->unmap(ranges.data(), ranges.size());
+        throw;
+      }
+    } catch (...) {
+      undo(taken);
+      return false;
+    }
+    for (size_t r = 0; r < R; ++r) s.pages[r].push_back(taken[r].page);
+    ++s.groups;
+    ++mapped_groups_;
+    update_peak();
+    return true;
+  }
+  return false;
+}
+
+void CacheManager::worker_main() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!stop_) {
+    if (worker_step()) {
+      // Let foreground calls in between units of work.
+      lk.unlock();
+      std::this_thread::yield();
+      lk.lock();
+      continue;
+    }
+    worker_seen_epoch_ = epoch_;
+    worker_idle_ = true;
+    idle_cv_.notify_all();
+    work_cv_.wait(lk, [&] { return stop_ || epoch_ != worker_seen_epoch_; });
+    worker_idle_ = false;
+  }
+}
+
+}  // namespace memory
+}  // namespace vattn

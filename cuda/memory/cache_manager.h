@@ -1,0 +1,177 @@
+#pragma once
+// CacheManager: one KV-cache in contiguous virtual memory (one object per vattn.KVCache, no
+// global state). It owns the backend, the reservations (regions), the page pool and the slots,
+// and maps / unmaps physical pages as slots grow and shrink.
+//
+// Pages are mapped in "groups": one page in every region at the same offset of a slot. Both
+// layouts store the same bytes per token in every region, so a slot holding n tokens needs
+// pages_for(n) pages in each region.
+//   token_major: 1 region  [slot, token, layer, K|V, head, dim]
+//   layer_major: 2L regions, K and V of each layer: [slot, token, head, dim]
+// Each slot's part of a region is padded to whole pages, so slots never share a page.
+//
+// Thread safety: every public method takes the manager's mutex; the optional background
+// thread maps ahead for live slots one page group at a time under the same mutex and sleeps on
+// a condition variable when there is nothing to do.
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "memory/backend.h"
+#include "memory/page_pool.h"
+#include "memory/virtual_buffer.h"
+
+namespace vattn {
+namespace memory {
+
+enum class Layout { kTokenMajor = 0, kLayerMajor = 1 };
+
+struct Geometry {
+  int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
+  int64_t elem_bytes = 2;  // bytes of one stored element (a property of the storage format)
+  int64_t max_batch = 0, max_seq_len = 0;
+  // Bytes of one token's K (or V) for one layer: all heads.
+  int64_t kv_vector_bytes() const { return num_kv_heads * head_dim * elem_bytes; }
+  // Bytes of one token over all layers, K and V.
+  int64_t token_bytes() const { return 2 * num_layers * kv_vector_bytes(); }
+};
+
+struct ManagerOptions {
+  size_t max_physical_bytes = 0;       // cap on pages created (mapped + pooled); 0: none
+  size_t prealloc_bytes = 0;           // pages created into the pool up front
+  size_t reclaim_watermark_bytes = 0;  // idle pages (free slots + pool) kept beyond this go back
+  bool background = false;             // background thread mapping ahead
+  int64_t lookahead_tokens = 0;        // tokens mapped ahead of each live slot by that thread
+};
+
+// Where layer l's K and V live: region index, byte offset of element (slot 0, token 0, head 0,
+// dim 0) inside it, and element strides (shared by K and V).
+struct LayerView {
+  int32_t k_region = 0, v_region = 0;
+  int64_t k_offset_bytes = 0, v_offset_bytes = 0;
+  int64_t stride_row = 0, stride_tok = 0, stride_head = 0;
+};
+
+struct Stats {
+  uint64_t reserved_bytes = 0;   // virtual ranges
+  uint64_t mapped_bytes = 0;     // pages mapped into any slot (live or free)
+  uint64_t used_bytes = 0;       // tokens stored in live slots, all layers, K and V
+  uint64_t page_bytes = 0;
+  uint64_t pages_mapped = 0, pages_pooled = 0;
+  uint64_t pages_created = 0;    // mapped + pooled: what counts against max_physical_bytes
+  uint64_t physical_bytes = 0;   // pages_created * page_bytes
+  uint64_t live_mapped_bytes = 0;  // mapped into live slots
+  uint64_t idle_bytes = 0;         // mapped into free slots + pooled (subject to the watermark)
+  uint64_t resident_bytes = 0;     // measured by the backend
+  uint64_t peak_mapped_bytes = 0;
+  uint64_t live_slots = 0;
+  uint64_t map_calls = 0, unmap_calls = 0, create_calls = 0, destroy_calls = 0;  // pages
+};
+
+class CacheManager {
+ public:
+  CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geometry& g, Layout layout, const ManagerOptions& opt);
+  ~CacheManager();
+  CacheManager(const CacheManager&) = delete;
+  CacheManager& operator=(const CacheManager&) = delete;
+
+  // Slots. alloc throws std::runtime_error when all max_batch slots are live.
+  int64_t alloc();
+  void free(int64_t slot);
+  bool is_live(int64_t slot) const;
+  std::vector<int64_t> live_slots() const;
+
+  // Maps pages so that slot i holds >= tokens[i] tokens in every region. All or nothing.
+  void reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens);
+  // Commits new tokens (length += n) after a step; they must already be mapped.
+  void commit(const std::vector<int64_t>& slots, const std::vector<int64_t>& new_tokens);
+  // Drops tokens beyond n (n <= length) and unmaps the pages no longer needed.
+  void shrink(int64_t slot, int64_t n);
+  int64_t length(int64_t slot) const;
+  std::vector<int64_t> lengths() const;  // [max_batch], 0 for free slots
+  // Tokens slot can hold without mapping more (capacity of its mapped pages).
+  int64_t mapped_tokens(int64_t slot) const;
+
+  Stats stats() const;
+  const Geometry& geometry() const { return geom_; }
+  Layout layout() const { return layout_; }
+  size_t page_bytes() const { return page_; }
+  size_t num_regions() const { return regions_.size(); }
+  uintptr_t region_base(size_t r) const;
+  size_t region_bytes(size_t r) const;
+  size_t slot_stride_bytes() const { return slot_stride_; }
+  LayerView layer_view(int64_t layer) const;
+  bool is_device() const { return backend_->is_device(); }
+  std::string backend_name() const { return backend_->name(); }
+
+  // Waits until the background thread has nothing left to do (returns at once without it).
+  void wait_background_idle();
+  // Test hook: the n-th next page creation ("create") or map ("map") fails.
+  void inject_failure(const std::string& kind, int64_t n);
+  void synchronize();
+
+ private:
+  struct Slot {
+    bool live = false;
+    int64_t length = 0;
+    int64_t target = 0;  // tokens the user asked to keep mapped (>= length)
+    size_t groups = 0;   // page groups mapped (pages per region)
+    std::vector<std::vector<PageHandle>> pages;  // [region][group]
+  };
+  // Where a page of this call came from, to undo the call exactly.
+  struct Taken {
+    PageHandle page;
+    int source;          // 0: pool, 1: created, 2: stolen
+    int64_t victim = -1; // stolen from slot...
+    size_t region = 0, group = 0;
+  };
+
+  void check_slot(int64_t slot) const;          // index in range
+  Slot& live_slot(int64_t slot);                // in range and live
+  size_t groups_for(int64_t tokens) const;      // page groups needed for tokens
+  size_t need_groups(const Slot& s) const { return groups_for(s.target); }
+  uintptr_t page_addr(size_t region, int64_t slot, size_t group) const;
+  size_t surplus_groups(const Slot& s) const;   // mapped groups nobody asked for
+  size_t idle_pages() const;
+  void map_groups(int64_t slot, size_t want, std::vector<Taken>& taken, bool allow_steal,
+                  const std::vector<int64_t>& protect);
+  void take_pages(size_t count, std::vector<Taken>& taken, bool allow_steal, const std::vector<int64_t>& protect);
+  void undo(std::vector<Taken>& taken) noexcept;
+  // Unmaps the last k groups of a slot; the pages are returned in `out` (region-major order).
+  void unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* out, std::vector<Taken>* stolen);
+  void enforce_watermark();
+  void note_change();
+  void update_peak();
+  void worker_main();
+  bool worker_step();
+
+  std::unique_ptr<PhysicalBackend> backend_;
+  Geometry geom_;
+  Layout layout_;
+  ManagerOptions opt_;
+  size_t page_ = 0;
+  size_t slot_stride_ = 0;
+  int64_t region_token_bytes_ = 0;
+  std::vector<std::unique_ptr<VirtualBuffer>> regions_;
+  std::unique_ptr<PagePool> pool_;
+  std::vector<Slot> slots_;
+  size_t mapped_groups_ = 0;
+  uint64_t peak_mapped_bytes_ = 0;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;   // wakes the worker: state changed or stop
+  std::condition_variable idle_cv_;   // wakes wait_background_idle
+  uint64_t epoch_ = 0;                // bumped on every change the worker may act on
+  uint64_t worker_seen_epoch_ = ~uint64_t(0);
+  bool worker_idle_ = false;
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+}  // namespace memory
+}  // namespace vattn
