@@ -561,3 +561,9 @@ def flex_prefill_anchor(data: PrefillData) -> Anchor:
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+def devices():
+    """Devices each pytest benchmark runs on: cpu always, cuda marked gpu."""
+    import pytest
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
