@@ -1,0 +1,527 @@
+"""transformers integration: a `Cache` backed by `vattn.KVCache`, and the attention function that reads it.
+
+    cache = vattn.hf.VAttnCache.for_model(model, max_batch=4, max_seq_len=4096)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=128)
+    cache.release()          # or let it go out of scope
+
+How it plugs in (supported extension points only, no model code is patched):
+- `AttentionInterface.register("vattn", ...)` adds an attention function and
+  `AttentionMaskInterface.register("vattn", ...)` a mask function that hands it the 2D padding mask;
+  `for_model` switches the model to it with `model.set_attn_implementation("vattn")`. The registry
+  entries are new keys: nothing that other models use is replaced.
+- transformers calls `cache.update(k, v, layer)` right before the attention function of the same
+  layer. Which new tokens are real (not left padding) is only known from the attention mask, which
+  `update` does not receive, so `update` only parks (cache, layer, k) in a thread-local slot and the
+  attention function, which gets the mask, does the work: on the first layer of a forward it opens
+  a `vattn` step with each row's real new tokens, then per layer `vattn.append_kv` + `vattn.attention`;
+  after the last layer it commits the step. Padding tokens are never stored and never attended
+  (FlashAttention's cache_leftpad idea); outputs at pad positions are zeros.
+- Positions as transformers sees them ("columns", padding included) are tracked separately from the
+  tokens each slot really holds, so `get_seq_length()` and continuing `generate` on the same cache
+  behave exactly like `DynamicCache`.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Optional
+
+import torch
+
+try:
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError as exc:  # vattn itself never needs transformers; only this module does
+    raise ImportError(
+        "vattn.hf needs transformers (pip install 'vattn[hf]', or pip install transformers)"
+    ) from exc
+
+import vattn
+
+__all__ = ["VAttnCache", "ATTN_IMPLEMENTATION", "register", "enable", "disable"]
+
+ATTN_IMPLEMENTATION = "vattn"
+
+# Set by VAttnCache.update, taken by the attention function of the same layer (same thread).
+_pending = threading.local()
+
+
+# --------------------------------------------------------------------------------------------
+# registration and switching
+
+
+def register() -> None:
+    """Registers the "vattn" attention and mask functions with transformers (idempotent).
+
+    Only new keys are added to the global registries; no existing implementation is replaced.
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
+
+
+def enable(model) -> None:
+    """Switches `model` (and its sub-models) to vattn's attention; remembers the previous choice."""
+    register()
+    current = model.config._attn_implementation
+    if current == ATTN_IMPLEMENTATION:
+        return
+    if not model._can_set_attn_implementation():
+        raise TypeError(
+            f"vattn: {type(model).__name__} cannot switch its attention implementation (it does not use "
+            "transformers' AttentionInterface), so VAttnCache cannot drive it"
+        )
+    model._vattn_previous_attn_implementation = current
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def disable(model) -> None:
+    """Restores the attention implementation `model` had before `enable` (sdpa if unknown)."""
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        return
+    previous = getattr(model, "_vattn_previous_attn_implementation", None) or "sdpa"
+    model.set_attn_implementation(previous)
+
+
+def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                  mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """Mask function for "vattn": the attention function needs only the 2D padding mask.
+
+    Causality (and sliding windows) are applied by the kernels from the lengths, so the dense 4D mask
+    that sdpa/eager build is never materialized. `attention_mask` is already bool here.
+    """
+    return attention_mask
+
+
+# --------------------------------------------------------------------------------------------
+# the attention function
+
+
+def _attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
+    """AttentionInterface function. query [B, Hq, Q, D], key/value [B, Hkv, Q|K, D].
+
+    Returns (out [B, Q, Hq, D], None) like transformers' sdpa/flash functions.
+    """
+    entry = getattr(_pending, "entry", None)
+    _pending.entry = None
+    if entry is None:
+        # Not fed by a VAttnCache (no cache, or another Cache class): plain masked attention.
+        return _dense_attention(module, query, key, value, attention_mask, scaling, kwargs)
+    cache_ref, layer, parked_key = entry
+    cache = cache_ref()
+    if parked_key is not key or cache is None:
+        raise RuntimeError(
+            "vattn: the keys reaching the attention function are not the ones VAttnCache.update returned; "
+            "this model transforms K/V between the cache update and attention, which VAttnCache does not support"
+        )
+    if dropout and module.training:
+        raise RuntimeError("vattn: VAttnCache is for inference; call model.eval() (attention dropout is active)")
+    return cache._attend(module, layer, query, key, value, attention_mask, scaling, kwargs)
+
+
+def _sliding_window(module, kwargs) -> int:
+    """window_left for vattn.attention: transformers' window W lets a query see W keys (itself included)."""
+    window = kwargs.get("sliding_window", None)
+    if window is None:
+        window = getattr(module, "sliding_window", None)
+    return int(window) - 1 if window else -1
+
+
+def _dense_attention(module, query, key, value, attention_mask, scaling, kwargs):
+    """Reference path used when the model runs with attn_implementation="vattn" but without a VAttnCache
+    (e.g. `use_cache=False`, or a DynamicCache): causal + padding mask, computed densely with torch SDPA.
+    """
+    batch, hq, q_len, dim = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else dim ** -0.5
+    qpos = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    kpos = torch.arange(kv_len, device=query.device)[None, :]
+    allowed = kpos <= qpos
+    window_left = _sliding_window(module, kwargs)
+    if window_left >= 0:
+        allowed = allowed & (kpos >= qpos - window_left)
+    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        pad = attention_mask.to(device=query.device, dtype=torch.bool)[:, -kv_len:]
+        if pad.shape[1] < kv_len:  # a mask covering only the newest tokens: the rest are real
+            pad = torch.cat([pad.new_ones(batch, kv_len - pad.shape[1]), pad], dim=1)
+        allowed = allowed & pad[:, None, None, :]
+    elif attention_mask is not None:
+        raise TypeError("vattn: expected a 2D padding mask (or None) for attn_implementation='vattn'")
+    softcap = kwargs.get("softcap", None)
+    if hq != hkv:
+        key = key.repeat_interleave(hq // hkv, dim=1)
+        value = value.repeat_interleave(hq // hkv, dim=1)
+    if softcap:
+        logits = torch.matmul(query.float(), key.float().transpose(2, 3)) * scale
+        logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out = torch.matmul(probs, value.float()).to(query.dtype)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale)
+    # A query that sees no key (a padding position) gets zeros, as in the vattn kernels.
+    out = torch.where(allowed.any(-1, keepdim=True), out, out.new_zeros(()))
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------
+# the Cache
+
+
+class _Forward:
+    """Bookkeeping of one model forward: the vattn step and how batch rows map to packed rows."""
+
+    __slots__ = ("batch", "q_len", "real", "new_tokens", "step", "flat_idx", "all_real", "done")
+
+    def __init__(self, batch, q_len, real, new_tokens, step, flat_idx, all_real):
+        self.batch, self.q_len = batch, q_len
+        self.real = real              # host bool [batch, q_len]: which new positions are real tokens
+        self.new_tokens = new_tokens  # host list: real new tokens per batch row
+        self.step = step              # vattn.Step, or None when no row has a real new token
+        self.flat_idx = flat_idx      # device int64 [total_new]: packed row -> b * q_len + j
+        self.all_real = all_real
+        self.done = set()             # layers already processed
+
+
+class VAttnLayer(CacheLayerMixin):
+    """One model layer's view of a VAttnCache (transformers' Cache is a list of layers)."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, parent: "VAttnCache", layer_idx: int):
+        super().__init__()
+        self._parent = weakref.proxy(parent)
+        self.layer_idx = layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # storage lives in vattn.KVCache
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._parent.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._parent.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._parent.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self._parent.max_seq_len
+
+    def reset(self) -> None:  # the parent resets all layers at once
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:  # the parent crops all layers at once
+        return None
+
+    def reorder_cache(self, beam_idx) -> None:
+        return None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        return None
+
+    def batch_select_indices(self, indices) -> None:
+        return None
+
+    def offload(self):
+        return None
+
+    def prefetch(self):
+        return None
+
+
+class VAttnCache(Cache):
+    """A transformers `Cache` whose K/V live in a `vattn.KVCache` (contiguous virtual memory, pages
+    mapped as tokens arrive). Pass it as `past_key_values=` to `model.generate` or a forward loop.
+
+    Use `VAttnCache.for_model(model, ...)`: it sizes the cache from the model and switches the model's
+    attention to vattn's kernels. One batch row of transformers is one vattn slot.
+    """
+
+    def __init__(self, config, *, max_batch: int, max_seq_len: int, dtype: torch.dtype,
+                 device: Any = "cpu", layout: str = "token_major", max_physical_bytes: Optional[int] = None,
+                 **cache_options):
+        text_config = config.get_text_config(decoder=True)
+        layer_types = getattr(text_config, "layer_types", None) or []
+        unsupported = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+        if unsupported:
+            raise NotImplementedError(f"vattn: VAttnCache supports attention layers only, not {unsupported}")
+        self.config = text_config
+        self.num_layers = int(text_config.num_hidden_layers)
+        self.num_heads = int(text_config.num_attention_heads)
+        self.num_kv_heads = int(getattr(text_config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // self.num_heads)
+        self.max_batch = int(max_batch)
+        self.max_seq_len = int(max_seq_len)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.layout = layout
+        self.max_physical_bytes = max_physical_bytes
+        self.kv = vattn.KVCache(
+            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            max_batch=self.max_batch, max_seq_len=self.max_seq_len, dtype=dtype, layout=layout,
+            device=str(self.device), max_physical_bytes=max_physical_bytes, **cache_options)
+        super().__init__(layers=[VAttnLayer(self, i) for i in range(self.num_layers)])
+        self._slots: Optional[list[int]] = None   # vattn slot of each batch row
+        self._lengths: list[int] = []              # real tokens stored per batch row (host mirror)
+        self._real: Optional[torch.Tensor] = None  # host bool [batch, max_seq_len]: which columns are real
+        self._columns = 0                          # positions seen by transformers, padding included
+        self._forward: Optional[_Forward] = None
+
+    # ---- construction
+
+    @classmethod
+    def for_model(cls, model, max_batch: int = 8, max_seq_len: Optional[int] = None, *,
+                  layout: str = "token_major", max_physical_bytes: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None, device: Any = None, **cache_options) -> "VAttnCache":
+        """A cache for `model` (geometry from model.config, dtype and device from the model), and
+        the model switched to vattn attention (`vattn.hf.disable(model)` switches it back).
+
+        max_seq_len: positions per row including left padding (default: config.max_position_embeddings);
+        it only reserves virtual memory. max_physical_bytes caps the physical memory mapped.
+        Other keyword options (page_bytes, prealloc_bytes, ...) go to `vattn.KVCache`.
+        """
+        config = model.config.get_text_config(decoder=True)
+        if max_seq_len is None:
+            max_seq_len = getattr(config, "max_position_embeddings", None)
+            if not max_seq_len:
+                raise ValueError("vattn: pass max_seq_len= (the model config has no max_position_embeddings)")
+        if dtype is None:
+            dtype = model.dtype
+        if device is None:
+            device = model.device
+        cache = cls(model.config, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, device=device,
+                    layout=layout, max_physical_bytes=max_physical_bytes, **cache_options)
+        enable(model)
+        cache._model_config = model.config
+        return cache
+
+    # ---- what transformers calls
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Parks the new K/V for the attention function of this layer (see the module docstring)."""
+        if self.kv is None:
+            raise RuntimeError("vattn: this VAttnCache was released")
+        impl = getattr(getattr(self, "_model_config", self.config), "_attn_implementation", None)
+        if impl != ATTN_IMPLEMENTATION:
+            raise RuntimeError(
+                f"vattn: the model uses attn_implementation={impl!r}; VAttnCache needs 'vattn' "
+                "(VAttnCache.for_model switches it; or call vattn.hf.enable(model))")
+        b, h, _, d = key_states.shape
+        if h != self.num_kv_heads or d != self.head_dim:
+            raise ValueError(f"vattn: K/V with {h} heads of dim {d}, the cache was made for "
+                             f"{self.num_kv_heads} heads of dim {self.head_dim}")
+        if key_states.dtype != self.dtype:
+            raise TypeError(f"vattn: K/V dtype {key_states.dtype}, the cache was made for {self.dtype} "
+                            "(create the cache after moving the model, or pass dtype=)")
+        _pending.entry = (weakref.ref(self), layer_idx, key_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._columns
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._columns + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._columns
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        return self.max_seq_len
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._slots) if self._slots is not None else -1
+
+    def reset(self) -> None:
+        """Forgets all tokens (the slots are freed; their pages go back to vattn's pool)."""
+        self._forward = None
+        if self._slots is not None and self.kv is not None:
+            for slot in self._slots:
+                self.kv.free(slot)
+        self._slots, self._lengths, self._real, self._columns = None, [], None, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last positions (negative argument = how many; a non-negative one is the new length)."""
+        new_columns = self._columns + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, self._columns)
+        new_columns = max(new_columns, 0)
+        if new_columns == self._columns or self._slots is None:
+            self._columns = new_columns if self._slots is not None else 0
+            return
+        for b, slot in enumerate(self._slots):
+            keep = int(self._real[b, :new_columns].sum())
+            if keep != self._lengths[b]:
+                self.kv.shrink(slot, keep)
+                self._lengths[b] = keep
+        self._real[:, new_columns:self._columns] = False
+        self._columns = new_columns
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps only the given batch rows (their slots are kept as they are, the others freed)."""
+        if self._slots is None:
+            return
+        keep = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
+        if len(set(keep)) != len(keep):
+            raise NotImplementedError("vattn: selecting a batch row twice would need a slot copy")
+        for b, slot in enumerate(self._slots):
+            if b not in keep:
+                self.kv.free(slot)
+        self._slots = [self._slots[i] for i in keep]
+        self._lengths = [self._lengths[i] for i in keep]
+        self._real = self._real[keep].clone()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        order = [int(i) for i in beam_idx.flatten().tolist()]
+        if self._slots is None:
+            return
+        if sorted(order) != list(range(len(self._slots))):
+            raise NotImplementedError("vattn: beam search (rows copied between beams) is not supported by "
+                                      "VAttnCache; use greedy or sampled generation")
+        self.batch_select_indices(torch.tensor(order))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._slots is not None and repeats != 1:
+            raise NotImplementedError("vattn: expanding a filled VAttnCache (contrastive search, ...) is not supported")
+
+    # ---- memory
+
+    def stats(self) -> dict:
+        """vattn.KVCache.stats() plus what a static max-length cache of the same batch would take."""
+        out = dict(self.kv.stats())
+        out["columns"] = self._columns
+        out["tokens"] = sum(self._lengths)
+        return out
+
+    def static_bytes(self, batch: int, seq_len: int) -> int:
+        """Bytes of a preallocated [batch, seq_len] K/V cache for every layer (transformers' StaticCache)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return batch * seq_len * self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem
+
+    def release(self) -> None:
+        """Frees the slots and releases the physical memory now (the cache is unusable afterwards)."""
+        kv = getattr(self, "kv", None)
+        if kv is None:
+            return
+        try:
+            self.reset()
+        finally:
+            self.kv = None
+            for name in ("release", "close"):
+                fn = getattr(kv, name, None)
+                if callable(fn):
+                    fn()
+                    break
+
+    close = release
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # never raise from a finalizer
+            pass
+
+    def __repr__(self):
+        return (f"VAttnCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"max_batch={self.max_batch}, max_seq_len={self.max_seq_len}, layout={self.layout!r}, "
+                f"seq_length={self._columns})")
+
+    # ---- the work, called by the attention function
+
+    def _begin_forward(self, batch: int, q_len: int, mask2d, device) -> _Forward:
+        if self._slots is None:
+            if batch > self.max_batch:
+                raise ValueError(f"vattn: batch of {batch} rows, the cache has max_batch={self.max_batch}; "
+                                 "pass a larger max_batch to VAttnCache.for_model")
+            self._slots = [self.kv.alloc() for _ in range(batch)]
+            self._lengths = [0] * batch
+            self._real = torch.zeros(batch, self.max_seq_len, dtype=torch.bool)
+            self._columns = 0
+        elif batch != len(self._slots):
+            raise ValueError(f"vattn: this cache holds a batch of {len(self._slots)} rows, the input has {batch}; "
+                             "call cache.reset() (or make a new cache) for a new batch")
+        end = self._columns + q_len
+        if end > self.max_seq_len:
+            raise ValueError(f"vattn: {end} positions (padding included) exceed max_seq_len={self.max_seq_len}; "
+                             "pass a larger max_seq_len to VAttnCache.for_model")
+
+        if mask2d is None:
+            real = torch.ones(batch, q_len, dtype=torch.bool)
+        else:
+            if not isinstance(mask2d, torch.Tensor) or mask2d.ndim != 2 or mask2d.shape[0] != batch:
+                raise ValueError("vattn: expected a 2D attention mask [batch, positions]")
+            if mask2d.shape[1] < q_len:
+                raise ValueError(f"vattn: attention mask has {mask2d.shape[1]} positions for {q_len} new tokens")
+            if q_len > 1 and mask2d.shape[1] == end and self._columns > 0:
+                # A prefill on top of cached tokens: the mask must describe what the cache holds.
+                past = mask2d[:, : self._columns].to("cpu", torch.bool)
+                if not torch.equal(past, self._real[:, : self._columns]):
+                    raise ValueError("vattn: the attention mask of earlier positions disagrees with the tokens "
+                                     "in the cache (padding can only be given when the positions first arrive)")
+            real = mask2d[:, -q_len:].to("cpu", torch.bool)
+        new_tokens = real.sum(dim=1).tolist()
+        all_real = all(n == q_len for n in new_tokens)
+        rows = [b for b in range(batch) if new_tokens[b] > 0]
+        step = None
+        if rows:
+            try:
+                step = self.kv.begin_step(slots=[self._slots[b] for b in rows],
+                                          new_tokens=[new_tokens[b] for b in rows])
+            except MemoryError as exc:
+                limit = self.max_physical_bytes
+                raise MemoryError(
+                    f"vattn: the KV-cache needs more physical memory than max_physical_bytes="
+                    f"{limit if limit is not None else 'None'} allows ({exc}). Pass a larger max_physical_bytes "
+                    "(or None) to VAttnCache.for_model, or generate fewer tokens / use a smaller batch") from exc
+        flat_idx = None
+        if not all_real:
+            flat_idx = torch.nonzero(real.reshape(-1)).squeeze(1).to(device, non_blocking=True)
+        fw = _Forward(batch, q_len, real, new_tokens, step, flat_idx, all_real)
+        self._forward = fw
+        return fw
+
+    def _end_forward(self, fw: _Forward) -> None:
+        if fw.step is not None:
+            self.kv.end_step(fw.step)
+        self._real[:, self._columns:self._columns + fw.q_len] = fw.real
+        for b, n in enumerate(fw.new_tokens):
+            self._lengths[b] += n
+        self._columns += fw.q_len
+        self._forward = None
+
+    def _pack(self, x: torch.Tensor, fw: _Forward) -> torch.Tensor:
+        """[B, H, Q, D] -> [total_new, H, D], real tokens only, rows in slot order, oldest first."""
+        b, h, q, d = x.shape
+        x = x.transpose(1, 2).reshape(b * q, h, d)
+        if fw.all_real:
+            return x if x.stride(-1) == 1 else x.contiguous()
+        return x.index_select(0, fw.flat_idx)
+
+    def _attend(self, module, layer: int, query, key, value, mask2d, scaling, kwargs):
+        batch, hq, q_len, dim = query.shape
+        fw = self._forward
+        if fw is None or layer in fw.done or fw.batch != batch or fw.q_len != q_len:
+            # A new forward (a previous one that raised half-way is dropped uncommitted).
+            self._forward = None
+            fw = self._begin_forward(batch, q_len, mask2d, query.device)
+        fw.done.add(layer)
+        if fw.step is None:
+            out = query.new_zeros(batch, q_len, hq, dim)
+        else:
+            vattn.append_kv(self.kv, layer, fw.step, self._pack(key, fw), self._pack(value, fw))
+            packed = vattn.attention(self._pack(query, fw), self.kv, layer, fw.step, scale=scaling,
+                                     window_left=_sliding_window(module, kwargs),
+                                     softcap=float(kwargs.get("softcap") or 0.0))
+            if fw.all_real:
+                out = packed.view(batch, q_len, hq, dim)
+            else:
+                out = packed.new_zeros(batch * q_len, hq, dim).index_copy_(0, fw.flat_idx, packed)
+                out = out.view(batch, q_len, hq, dim)
+        if len(fw.done) == self.num_layers:
+            self._end_forward(fw)
+        return out, None
