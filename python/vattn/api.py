@@ -1,0 +1,73 @@
+"""The high-level calls of DESIGN.md: `vattn.append_kv(cache, layer, step, k, v)` and
+`vattn.attention(q, cache, layer, step)`, on a vattn.KVCache and a Step from cache.begin_step().
+
+They only pick the cache views of one layer and the step's index tensors and call the torch ops
+(python/vattn/ops.py). Everything they pass is already on the device, and the length bounds come
+from the step's host values, so neither call synchronizes with the GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.vattn.*)
+
+__all__ = ["append_kv", "attention"]
+
+
+def _check_layer(cache, layer) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    if not 0 <= layer < cache.num_layers:
+        raise ValueError(f"layer {layer} is outside [0, {cache.num_layers})")
+
+
+def _check_tokens(t, name: str, step, heads: Optional[int], cache, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != cache.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the cache works in {cache.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the cache is on {device}")
+    if t.dim() != 3 or t.shape[0] != step.total_new or t.shape[2] != cache.head_dim or (heads is not None and t.shape[1] != heads):
+        want = f"[{step.total_new}, {heads if heads is not None else 'q_heads'}, {cache.head_dim}]"
+        raise ValueError(f"{name} must have shape {want} (step.total_new, heads, head_dim), got {list(t.shape)}")
+
+
+def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Stores the step's new K and V ([step.total_new, kv_heads, head_dim]) of one layer.
+
+    Row i is the i-th new token of the step (slots in the order of step.slots, oldest first).
+    """
+    _check_layer(cache, layer)
+    k_view, v_view = cache.kv(layer)
+    _check_tokens(k, "k", step, cache.num_kv_heads, cache, k_view.device)
+    _check_tokens(v, "v", step, cache.num_kv_heads, cache, k_view.device)
+    if step.total_new == 0:
+        return
+    torch.ops.vattn.append_kv(k_view, v_view, k, v, step.token_slots, step.positions)
+
+
+def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float] = None, window_left: int = -1,
+              softcap: float = 0.0, return_lse: bool = False):
+    """Causal attention of the step's queries ([step.total_new, q_heads, head_dim]) over one layer.
+
+    Each query sees everything its slot holds up to and including itself (append_kv of this step
+    must come first). Returns out like q, or (out, lse [total_new, q_heads] float32).
+    """
+    _check_layer(cache, layer)
+    k_view, v_view = cache.kv(layer)
+    _check_tokens(q, "q", step, None, cache, k_view.device)
+    if q.shape[1] % cache.num_kv_heads != 0:
+        raise ValueError(f"q has {q.shape[1]} heads, not a multiple of the cache's {cache.num_kv_heads} kv heads")
+    scale = None if scale is None else float(scale)
+    if step.is_decode:
+        out, lse = torch.ops.vattn.decode_attention(
+            q, k_view, v_view, step.seqlens, step.slot_ids, None, scale, int(window_left), float(softcap),
+            int(step.max_seqlen_k))
+    else:
+        out, lse = torch.ops.vattn.prefill_attention(
+            q, k_view, v_view, step.cu_seqlens_q, step.seqlens, step.slot_ids, None, scale, int(window_left),
+            float(softcap), int(step.max_seqlen_q), int(step.max_seqlen_k))
+    return (out, lse) if return_lse else out

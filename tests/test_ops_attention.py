@@ -1,0 +1,117 @@
+"""decode_attention / prefill_attention against reference.py over a matrix of shapes (cpu; cuda marked gpu)."""
+import pytest
+import torch
+
+import vattn
+from helpers import Case, LAYOUTS, assert_attention_close, build, device_impls, random_cases, skip_unsupported
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DECODE_CASES = random_cases("decode", 12, seed=1)
+PREFILL_CASES = random_cases("prefill", 12, seed=2)
+
+
+def _run(op, q, k_cache, v_cache, kw):
+    if op == "decode":
+        kw = {k: v for k, v in kw.items() if k != "cu_seqlens_q"}
+        return vattn.decode_attention(q, k_cache, v_cache, kw.pop("seqlens_k"), return_lse=True, **kw)
+    kw = dict(kw)
+    return vattn.prefill_attention(q, k_cache, v_cache, kw.pop("cu_seqlens_q"), kw.pop("seqlens_k"), return_lse=True, **kw)
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("idx", range(len(DECODE_CASES)))
+def test_decode_matrix(device, impl, dtype, idx):
+    case = DECODE_CASES[idx]
+    skip_unsupported(device, dtype, case.dim)
+    layout = LAYOUTS[idx % len(LAYOUTS)]
+    with vattn.ops.attention_impl(impl):
+        for seed in (idx, 100 + idx):
+            q, kc, vc, kw = build(case, dtype, layout, device, seed)
+            out, lse = _run("decode", q, kc, vc, kw)
+            assert out.dtype == dtype and out.shape == q.shape
+            assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}-s{seed}")
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("idx", range(len(PREFILL_CASES)))
+def test_prefill_matrix(device, impl, dtype, idx):
+    case = PREFILL_CASES[idx]
+    skip_unsupported(device, dtype, case.dim)
+    layout = LAYOUTS[(idx + 1) % len(LAYOUTS)]
+    with vattn.ops.attention_impl(impl):
+        for seed in (idx, 200 + idx):
+            q, kc, vc, kw = build(case, dtype, layout, device, seed)
+            out, lse = _run("prefill", q, kc, vc, kw)
+            assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}-s{seed}")
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_decode_is_prefill_with_one_query(device, impl, dtype, dim, group):
+    """Decode and a one-query-per-row prefill are the same computation."""
+    case = Case(lens=[1, 64, 65, 777, 130], hkv=2, group=group, dim=dim, window_left=-1)
+    skip_unsupported(device, dtype, dim)
+    with vattn.ops.attention_impl(impl):
+        q, kc, vc, kw = build(case, dtype, "token_major", device, seed=group * dim)
+        out_d, lse_d = _run("decode", q, kc, vc, kw)
+        kw["cu_seqlens_q"] = torch.arange(len(case.lens) + 1, dtype=torch.int32, device=device)
+        out_p, lse_p = _run("prefill", q, kc, vc, kw)
+        assert_attention_close(out_d, lse_d, q, kc, vc, kw, "decode")
+        assert_attention_close(out_p, lse_p, q, kc, vc, kw, "prefill")
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_prefill_equals_full_prefill(device, impl, dtype):
+    """A prompt prefilled in chunks on top of its own prefix gives the outputs of one full prefill."""
+    skip_unsupported(device, dtype, 64)
+    L = 300
+    case = Case(lens=[L, L], hkv=2, group=4, dim=64, q_lens=[L, L])
+    with vattn.ops.attention_impl(impl):
+        q, kc, vc, kw = build(case, dtype, "plain", device, seed=5)
+        full, full_lse = _run("prefill", q, kc, vc, kw)
+        for chunks in ([1, 99, 200], [128, 128, 44], [299, 1]):
+            start = 0
+            for n in chunks:
+                end = start + n
+                qs = torch.cat([q[start:end], q[L + start:L + end]])
+                kw_c = dict(kw, seqlens_k=torch.tensor([end, end], dtype=torch.int32, device=device),
+                            cu_seqlens_q=torch.tensor([0, n, 2 * n], dtype=torch.int32, device=device))
+                out, lse = _run("prefill", qs, kc, vc, kw_c)
+                want = torch.cat([full[start:end], full[L + start:L + end]])
+                want_lse = torch.cat([full_lse[start:end], full_lse[L + start:L + end]])
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+                torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
+                start = end
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+def test_default_scale_and_int64_indices(device, impl):
+    """scale=None is 1/sqrt(head_dim); int64 and list indices are accepted by the wrappers."""
+    case = Case(lens=[5, 70, 33], hkv=1, group=3, dim=64)
+    with vattn.ops.attention_impl(impl):
+        q, kc, vc, kw = build(case, torch.float16, "plain", device, seed=3)
+        a = vattn.decode_attention(q, kc, vc, kw["seqlens_k"], row_ids=kw["row_ids"])
+        b = vattn.decode_attention(q, kc, vc, kw["seqlens_k"].long(), row_ids=kw["row_ids"].tolist(), scale=64 ** -0.5)
+        assert torch.equal(a, b)
+        c = vattn.decode_attention(q, kc, vc, kw["seqlens_k"], row_ids=kw["row_ids"], scale=0.01)
+        assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+def test_strided_q(device, impl):
+    """q with non-contiguous token / head strides (a slice of a fused qkv projection)."""
+    case = Case(lens=[10, 200], hkv=2, group=4, dim=64)
+    with vattn.ops.attention_impl(impl):
+        q, kc, vc, kw = build(case, torch.bfloat16, "layer_major", device, seed=9)
+        fused = torch.randn(2, 3 * 8, 64, dtype=torch.bfloat16, device=device)
+        fused[:, 8:16] = q
+        qs = fused[:, 8:16]
+        assert not qs.is_contiguous()
+        out, lse = _run("decode", qs, kc, vc, kw)
+        assert_attention_close(out, lse, q, kc, vc, kw, "strided q")
