@@ -17,8 +17,8 @@ using prefill::Fa2Config;
 
 // Tensor-core instantiations: D = 64 with two m tiles per warp (BM = 128), D = 128 with one
 // (BM = 64) so O, S and the Q fragments fit in registers without spills.
-using Cfg64 = Fa2Config<64, 2, 64>;
-using Cfg128 = Fa2Config<128, 1, 64>;
+using Cfg64 = Fa2Config<64, 2, 64, 2>;
+using Cfg128 = Fa2Config<128, 1, 64, 2>;
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("vattn.prefill_attention: " + msg); }
 

@@ -22,7 +22,7 @@
 namespace vattn {
 namespace prefill {
 
-template <int D_, int MT_, int BN_>
+template <int D_, int MT_, int BN_, int MinBlocks_>
 struct Fa2Config {
   static constexpr int D = D_;
   static constexpr int MT = MT_;        // m16 tiles per warp
@@ -31,11 +31,12 @@ struct Fa2Config {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int BM = 16 * MT * kWarps;
   static constexpr int kSmemBytes = (BM + 2 * BN) * D * 2;  // Q, K, V tiles
+  static constexpr int kMinBlocks = MinBlocks_;  // CTAs per SM the register budget is sized for
   static_assert(BN % 16 == 0 && D % 64 == 0, "tile shapes");
 };
 
 template <typename T, typename KVFormat, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) prefill_fa2_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_kernel(const AttentionParams p) {
   constexpr int D = Cfg::D, MT = Cfg::MT, BN = Cfg::BN, BM = Cfg::BM, NT = Cfg::kThreads;
   using Layout = TileLayout<D>;
   using Loader = KVTileLoader<KVFormat>;
@@ -119,6 +120,18 @@ __global__ void __launch_bounds__(Cfg::kThreads) prefill_fa2_kernel(const Attent
     row_d[mt][0] = row_d[mt][1] = 0.f;
   }
 
+  // Per-lane ldmatrix offsets for K and V. The rows a lane addresses differ by multiples of 8,
+  // so the swizzle term (c ^ (r & 7)) depends only on lane & 7 and the low 3 bits of the chunk:
+  // offset(r + 8i, 8j + c3) = offset(r, c3) + 8i * row_bytes + 128j. Four offsets per operand
+  // (c3 = 2 * (step & 3) + lane's chunk bit) plus compile-time immediates cover every access.
+  constexpr int kRowBytes = D * 2;
+  uint32_t koff[4], voff[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    koff[j] = sK + Layout::offset((lane & 7) + ((lane >> 4) << 3), 2 * j + ((lane >> 3) & 1));
+    voff[j] = sV + Layout::offset((lane & 7) + (((lane >> 3) & 1) << 3), 2 * j + (lane >> 4));
+  }
+
   const bool capped = p.softcap > 0.f;
   const float scale_log2 = p.scale * kLog2e;
   const float cap_in = capped ? p.scale / p.softcap : 0.f;
@@ -148,9 +161,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) prefill_fa2_kernel(const Attent
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
-        uint32_t kb[4];
-        const int r = np * 16 + (lane & 7) + ((lane >> 4) << 3);
-        mma::ldmatrix_x4(kb, sK + Layout::offset(r, kk * 2 + ((lane >> 3) & 1)));
+        uint32_t kb[4];  // rows np*16 + (lane & 7) + 8*(lane >> 4), chunk 2kk + ((lane >> 3) & 1)
+        mma::ldmatrix_x4(kb, koff[kk & 3] + (kk >> 2) * 128 + np * 16 * kRowBytes);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           Mma::run(s[mt][2 * np], qf[mt][kk], kb[0], kb[1]);
@@ -242,9 +254,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) prefill_fa2_kernel(const Attent
       }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t vb[4];
-        const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-        mma::ldmatrix_x4_trans(vb, sV + Layout::offset(r, dp * 2 + (lane >> 4)));
+        uint32_t vb[4];  // rows kk*16 + (lane & 7) + 8*((lane >> 3) & 1), chunk 2dp + (lane >> 4)
+        mma::ldmatrix_x4_trans(vb, voff[dp & 3] + (dp >> 2) * 128 + kk * 16 * kRowBytes);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           Mma::run(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
