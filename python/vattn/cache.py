@@ -1,0 +1,403 @@
+"""`vattn.KVCache`: a KV-cache in contiguous virtual memory, mapped on demand.
+
+Each slot (cache row) owns a fixed virtual range for `max_seq_len` tokens; physical pages are
+mapped into it only as the slot grows (`reserve`, `begin_step`) and unmapped when it shrinks or
+is freed. The C++ manager (`vattn._C.CacheManager`, cuda/memory/) does the mapping; this module
+validates arguments, builds zero-copy tensor views over the reserved memory and the per-step
+index tensors the attention ops consume.
+
+    cache = vattn.KVCache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=8, max_seq_len=8192,
+                          dtype=torch.bfloat16, device="cuda")
+    slot = cache.alloc()
+    step = cache.begin_step(slots=[slot], new_tokens=[prompt_len])   # maps what the step needs
+    ...  vattn.append_kv(cache, layer, step, k, v); vattn.attention(q, cache, layer, step)
+    cache.end_step(step)                                             # commits the lengths
+
+Views (`kv(layer)`) cover the whole reserved range, but only the first `cache.length(slot)` tokens
+of a slot are data, and only the mapped part of a slot may be touched at all: on the host backend
+reading an unmapped address is a segmentation fault, on CUDA an illegal address. The attention
+ops never read beyond a row's length.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _C
+
+__all__ = ["KVCache", "Step"]
+
+_LAYOUTS = ("token_major", "layer_major")
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HOST_DEFAULT_PAGE = 2 << 20  # mirrors CUDA's usual granularity
+_DEFAULT_WATERMARK_PAGES = 64  # idle pages kept for reuse by the next request
+
+
+@dataclass
+class Step:
+    """What one forward step of a batch needs from the cache (from `KVCache.begin_step`).
+
+    Rows of q / k / v / out in the step are the new tokens of each slot in the order of `slots`,
+    oldest first. Host lists and ints are for the host (grid sizes, no sync); tensors live on the
+    cache's device and are read by the kernels.
+    """
+    slots: List[int]
+    new_tokens: List[int]
+    start: List[int]              # slot length before the step
+    slot_ids: torch.Tensor        # int32 [batch]: cache row of each batch row
+    seqlens: torch.Tensor         # int32 [batch]: start + new (the lengths attention sees)
+    cu_seqlens_q: torch.Tensor    # int32 [batch + 1]
+    token_slots: torch.Tensor     # int32 [total_new]: slot of each new token
+    positions: torch.Tensor       # int32 [total_new]: position of each new token in its slot
+    max_seqlen_q: int
+    max_seqlen_k: int
+    total_new: int
+    is_decode: bool               # every new_tokens == 1
+
+
+def _int(x, name: str) -> int:
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
+
+
+def _positive(x, name: str) -> int:
+    v = _int(x, name)
+    if v <= 0:
+        raise ValueError(f"{name} must be positive, got {v}")
+    return v
+
+
+def _int_list(xs, name: str) -> List[int]:
+    if isinstance(xs, torch.Tensor):
+        xs = xs.tolist()
+    if isinstance(xs, (str, bytes)) or not isinstance(xs, Sequence) and not hasattr(xs, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints")
+    return [_int(x, f"{name}[{i}]") for i, x in enumerate(xs)]
+
+
+class _CudaRange:
+    """`__cuda_array_interface__` (v3) over raw device memory; holds the manager so the memory
+    outlives every tensor / CuPy array made from it."""
+
+    def __init__(self, owner, ptr: int, shape, strides, typestr: str):
+        self._owner = owner
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape), "strides": tuple(strides) if strides is not None else None,
+            "typestr": typestr, "data": (int(ptr), False), "version": 3, "stream": None,
+        }
+
+
+class KVCache:
+    """A KV-cache of `max_batch` slots x `max_seq_len` tokens x `num_layers` layers, in contiguous
+    virtual memory backed by physical pages only where tokens are (see the module docstring).
+
+    Keyword-only tuning options:
+      page_bytes               page size (host: default 2 MiB, any multiple of the OS page; CUDA:
+                               default the device's granularity, or a multiple of it)
+      prealloc_bytes           pages created up front into the pool (growth then only maps)
+      reclaim_watermark_bytes  idle pages (of freed slots + pool) kept for reuse; beyond it pages
+                               are unmapped and destroyed (default 64 pages)
+      background               a thread maps pages ahead of each live slot and refills the pool
+      lookahead_tokens         how far ahead that thread maps (default one page of tokens)
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.bfloat16, kv_format: str = "auto", layout: str = "token_major",
+                 device="cuda", max_physical_bytes: Optional[int] = None, *, page_bytes: Optional[int] = None,
+                 prealloc_bytes: int = 0, reclaim_watermark_bytes: Optional[int] = None, background: bool = False,
+                 lookahead_tokens: Optional[int] = None, _host_commit: bool = True):
+        self.num_layers = _positive(num_layers, "num_layers")
+        self.num_kv_heads = _positive(num_kv_heads, "num_kv_heads")
+        self.head_dim = _positive(head_dim, "head_dim")
+        self.max_batch = _positive(max_batch, "max_batch")
+        self.max_seq_len = _positive(max_seq_len, "max_seq_len")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+        if not isinstance(kv_format, str) or kv_format != "auto":
+            raise ValueError(f"kv_format {kv_format!r} is not supported yet; use 'auto' (K/V stored in dtype)")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"invalid device {device!r}: {e}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {dev}")
+        allowed = _CPU_DTYPES if dev.type == "cpu" else _CUDA_DTYPES
+        if dtype not in allowed:
+            raise TypeError(f"dtype {dtype} is not supported on {dev.type}; use one of {list(allowed)}")
+        if dev.type == "cuda":
+            if not _C.built_with_cuda:
+                raise RuntimeError("device='cuda' needs a CUDA build of vattn (this one was built without CUDA); "
+                                   "use device='cpu'")
+            if not torch.cuda.is_available() or _C.cuda_device_count() == 0:
+                raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
+            dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        self.dtype = dtype
+        self.kv_format = kv_format
+        self.layout = layout
+        self.device = dev
+
+        cap = 0 if max_physical_bytes is None else _positive(max_physical_bytes, "max_physical_bytes")
+        page = 0 if page_bytes is None else _positive(page_bytes, "page_bytes")
+        prealloc = _int(prealloc_bytes, "prealloc_bytes")
+        if prealloc < 0:
+            raise ValueError(f"prealloc_bytes must be >= 0, got {prealloc}")
+        if page:
+            effective_page = page
+        elif dev.type == "cuda":
+            effective_page = _C.page_granularity(dev.index) or _HOST_DEFAULT_PAGE
+        else:
+            effective_page = _HOST_DEFAULT_PAGE
+        if reclaim_watermark_bytes is None:
+            watermark = _DEFAULT_WATERMARK_PAGES * effective_page
+        else:
+            watermark = _int(reclaim_watermark_bytes, "reclaim_watermark_bytes")
+            if watermark < 0:
+                raise ValueError(f"reclaim_watermark_bytes must be >= 0, got {watermark}")
+        self._elem = torch.empty((), dtype=dtype).element_size()
+        vec = self.num_kv_heads * self.head_dim * self._elem
+        region_token_bytes = 2 * self.num_layers * vec if layout == "token_major" else vec
+        if lookahead_tokens is None:
+            lookahead = max(1, effective_page // region_token_bytes)
+        else:
+            lookahead = _int(lookahead_tokens, "lookahead_tokens")
+            if lookahead < 0:
+                raise ValueError(f"lookahead_tokens must be >= 0, got {lookahead}")
+
+        self._m = _C.CacheManager(
+            "cuda" if dev.type == "cuda" else "host", dev.index or 0, self.num_layers, self.num_kv_heads,
+            self.head_dim, self._elem, self.max_batch, self.max_seq_len, layout, page_bytes=page,
+            max_physical_bytes=cap, prealloc_bytes=prealloc, reclaim_watermark_bytes=watermark,
+            background=bool(background), lookahead_tokens=lookahead, host_commit=bool(_host_commit))
+        self.page_bytes = int(self._m.page_bytes)
+        self.background = bool(background)
+        self._lengths_host = [0] * self.max_batch
+        self._lengths = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
+        self._open: Dict[int, Step] = {}        # slot -> its open step
+        self._open_steps: Dict[int, Step] = {}  # id(step) -> step
+        self._views: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * self.num_layers
+        self._regions: Dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ slots
+
+    def alloc(self) -> int:
+        """A free slot (length 0). RuntimeError when all `max_batch` slots are live."""
+        return int(self._m.alloc())
+
+    def free(self, slot: int) -> None:
+        """Frees a live slot; its pages are kept for the next alloc up to the reclaim watermark."""
+        slot = self._live(slot)
+        self._no_open_step(slot, "free")
+        self._m.free(slot)
+        self._set_lengths({slot: 0})
+
+    def reserve(self, slot: int, n: int) -> None:
+        """Maps pages so that slot holds >= n tokens in every layer (lengths do not change)."""
+        slot = self._live(slot)
+        n = _int(n, "n")
+        if not 0 <= n <= self.max_seq_len:
+            raise ValueError(f"cannot reserve {n} tokens: must be in [0, max_seq_len={self.max_seq_len}]")
+        self._m.reserve([slot], [n])
+
+    def shrink(self, slot: int, n: int) -> None:
+        """Keeps the first n tokens of slot and unmaps the pages no longer needed."""
+        slot = self._live(slot)
+        n = _int(n, "n")
+        self._no_open_step(slot, "shrink")
+        length = self._lengths_host[slot]
+        if not 0 <= n <= length:
+            raise ValueError(f"cannot shrink slot {slot} to {n} tokens: must be in [0, length={length}]")
+        self._m.shrink(slot, n)
+        self._set_lengths({slot: n})
+
+    def length(self, slot: int) -> int:
+        """Tokens stored in slot (host int; 0 for a free slot)."""
+        return self._lengths_host[self._index(slot)]
+
+    def live_slots(self) -> List[int]:
+        return list(self._m.live_slots())
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """int32 [max_batch] on the cache's device (0 for free slots); updated in place at
+        end_step / shrink / free, so the same tensor can be captured in a CUDA graph."""
+        return self._lengths
+
+    # ------------------------------------------------------------------ steps
+
+    def begin_step(self, slots, new_tokens) -> Step:
+        """Maps what a step of `new_tokens[i]` new tokens for `slots[i]` needs and returns the Step
+        the ops consume. Lengths change only at `end_step`. All or nothing."""
+        slots = _int_list(slots, "slots")
+        new_tokens = _int_list(new_tokens, "new_tokens")
+        if len(slots) != len(new_tokens):
+            raise ValueError(f"begin_step got {len(slots)} slots and {len(new_tokens)} new_tokens")
+        if not slots:
+            raise ValueError("begin_step needs at least one slot")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"begin_step got a slot twice: {slots}")
+        start = []
+        for s, n in zip(slots, new_tokens):
+            self._live(s)
+            if s in self._open:
+                raise RuntimeError(f"slot {s} already has an open step; end it with end_step first")
+            if n < 0:
+                raise ValueError(f"new_tokens must be >= 0, got {n} for slot {s}")
+            length = self._lengths_host[s]
+            if length + n > self.max_seq_len:
+                raise ValueError(f"slot {s} holds {length} tokens; {n} more exceed max_seq_len={self.max_seq_len}")
+            start.append(length)
+        self._m.reserve(slots, [a + n for a, n in zip(start, new_tokens)])
+
+        b = len(slots)
+        total = sum(new_tokens)
+        slots_t = torch.tensor(slots, dtype=torch.int32)
+        new_t = torch.tensor(new_tokens, dtype=torch.int32)
+        start_t = torch.tensor(start, dtype=torch.int32)
+        cu = torch.zeros(b + 1, dtype=torch.int32)
+        torch.cumsum(new_t, 0, out=cu[1:])
+        token_slots = torch.repeat_interleave(slots_t, new_t)
+        positions = torch.arange(total, dtype=torch.int32) - torch.repeat_interleave(cu[:-1] - start_t, new_t)
+        packed = torch.cat([slots_t, start_t + new_t, cu, token_slots, positions])
+        dev = self._to_device(packed)
+        o = [0, b, 2 * b, 3 * b + 1, 3 * b + 1 + total, 3 * b + 1 + 2 * total]
+        step = Step(
+            slots=slots, new_tokens=new_tokens, start=start,
+            slot_ids=dev[o[0]:o[1]], seqlens=dev[o[1]:o[2]], cu_seqlens_q=dev[o[2]:o[3]],
+            token_slots=dev[o[3]:o[4]], positions=dev[o[4]:o[5]],
+            max_seqlen_q=max(new_tokens), max_seqlen_k=max(a + n for a, n in zip(start, new_tokens)),
+            total_new=total, is_decode=all(n == 1 for n in new_tokens))
+        for s in slots:
+            self._open[s] = step
+        self._open_steps[id(step)] = step
+        return step
+
+    def end_step(self, step: Step) -> None:
+        """Commits a step: each slot's length grows by its new tokens. Once per step."""
+        if not isinstance(step, Step):
+            raise TypeError(f"end_step expects a vattn.Step, got {type(step).__name__}")
+        if self._open_steps.get(id(step)) is not step:
+            raise ValueError("this step is not open in this cache (already ended, or begun on another cache)")
+        self._m.commit(step.slots, step.new_tokens)
+        del self._open_steps[id(step)]
+        for s in step.slots:
+            del self._open[s]
+        self._set_lengths({s: a + n for s, a, n in zip(step.slots, step.start, step.new_tokens)})
+
+    # ------------------------------------------------------------------ views
+
+    def kv(self, layer: int, like: str = "torch"):
+        """Zero-copy (K, V) views of one layer, [max_batch, max_seq_len, num_kv_heads, head_dim] in
+        the storage dtype. like="cupy" gives CuPy arrays over the same memory (CUDA only; bfloat16
+        is exposed as uint16 bit patterns since CuPy has no bfloat16). Only the first length tokens
+        of a slot hold data, and only the mapped part of a slot may be touched."""
+        layer = _int(layer, "layer")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        if like == "torch":
+            views = self._views[layer]
+            if views is None:
+                views = self._views[layer] = self._make_views(layer)
+            return views
+        if like == "cupy":
+            return self._cupy_views(layer)
+        raise ValueError(f"like must be 'torch' or 'cupy', got {like!r}")
+
+    def stats(self) -> Dict[str, int]:
+        """reserved_bytes, mapped_bytes, used_bytes, page_bytes, pages_mapped, pages_pooled, and
+        more: pages_created / physical_bytes (mapped + pooled), live_mapped_bytes, idle_bytes,
+        resident_bytes (measured by the backend), peak_mapped_bytes, live_slots and call counts."""
+        return dict(self._m.stats())
+
+    def wait_background(self) -> None:
+        """Waits until the background mapping thread (if any) has nothing left to do."""
+        self._m.wait_background_idle()
+
+    def __repr__(self) -> str:
+        return (f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"max_batch={self.max_batch}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
+                f"layout={self.layout!r}, device={str(self.device)!r}, page_bytes={self.page_bytes})")
+
+    # ------------------------------------------------------------------ internals
+
+    def _index(self, slot) -> int:
+        slot = _int(slot, "slot")
+        if not 0 <= slot < self.max_batch:
+            raise IndexError(f"slot {slot} out of range [0, {self.max_batch})")
+        return slot
+
+    def _live(self, slot) -> int:
+        slot = self._index(slot)
+        if not self._m.is_live(slot):
+            raise ValueError(f"slot {slot} is not allocated (never allocated or already freed)")
+        return slot
+
+    def _no_open_step(self, slot: int, what: str) -> None:
+        if slot in self._open:
+            raise RuntimeError(f"cannot {what} slot {slot} while it has an open step; call end_step first")
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host
+        # Pinned + non_blocking: no host sync; the caching host allocator keeps the pinned block
+        # alive until the copy has run, and `host` is never written again.
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _set_lengths(self, changes: Dict[int, int]) -> None:
+        for s, n in changes.items():
+            self._lengths_host[s] = n
+        if self.device.type == "cpu":
+            for s, n in changes.items():
+                self._lengths[s] = n
+        else:
+            self._lengths.copy_(self._to_device(torch.tensor(self._lengths_host, dtype=torch.int32)))
+
+    def _region(self, r: int) -> torch.Tensor:
+        """The whole reserved region r as a 1-D tensor of the storage dtype (not a copy)."""
+        t = self._regions.get(r)
+        if t is None:
+            if self.device.type == "cpu":
+                raw = torch.frombuffer(self._m.region_buffer(r), dtype=torch.uint8)
+            else:
+                rng = _CudaRange(self._m, self._m.region_base(r), (self._m.region_bytes(r),), None, "|u1")
+                raw = torch.as_tensor(rng, device=self.device)
+            t = self._regions[r] = raw.view(self.dtype)
+        return t
+
+    def _geometry(self, layer: int):
+        lv = self._m.layer_view(layer)
+        shape = (self.max_batch, self.max_seq_len, self.num_kv_heads, self.head_dim)
+        strides = (lv["stride_row"], lv["stride_tok"], lv["stride_head"], 1)
+        return lv, shape, strides
+
+    def _make_views(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        lv, shape, strides = self._geometry(layer)
+        k = self._region(lv["k_region"]).as_strided(shape, strides, lv["k_offset_bytes"] // self._elem)
+        v = self._region(lv["v_region"]).as_strided(shape, strides, lv["v_offset_bytes"] // self._elem)
+        return k, v
+
+    def _cupy_views(self, layer: int):
+        if self.device.type != "cuda":
+            raise ValueError("kv(like='cupy') needs a CUDA cache (device='cuda')")
+        try:
+            import cupy
+        except ImportError:
+            raise ImportError("kv(like='cupy') needs CuPy: pip install cupy-cuda12x (or the build for your CUDA)") from None
+        typestr = {torch.float16: "<f2", torch.float32: "<f4", torch.bfloat16: "<u2"}[self.dtype]
+        lv, shape, strides = self._geometry(layer)
+        byte_strides = tuple(s * self._elem for s in strides)
+        out = []
+        for reg, off in ((lv["k_region"], lv["k_offset_bytes"]), (lv["v_region"], lv["v_offset_bytes"])):
+            rng = _CudaRange(self._m, self._m.region_base(reg) + off, shape, byte_strides, typestr)
+            with cupy.cuda.Device(self.device.index):
+                out.append(cupy.asarray(rng))
+        return tuple(out)
