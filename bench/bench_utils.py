@@ -243,9 +243,10 @@ def decode_cases(device: str, quick: bool) -> List[DecodeCase]:
     if device == "cpu":
         # Modest on purpose (2 cores): fp32 is the CPU's native attention precision; one bf16 case.
         f32, bf = torch.float32, torch.bfloat16
-        cases = [
-            DecodeCase("llama3-8b", 1, 512, f32), DecodeCase("llama3-8b", 1, 4096, f32),
-            DecodeCase("llama3-8b", 1, 32768, f32), DecodeCase("llama3-8b", 8, 2048, f32),
+        # Batch-1 context sweep (the GB/s-vs-context plot), then batches, ragged, SmolLM2 heads, bf16.
+        cases = [DecodeCase("llama3-8b", 1, c, f32) for c in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
+        cases += [
+            DecodeCase("llama3-8b", 8, 2048, f32),
             DecodeCase("llama3-8b", 16, 1024, f32), DecodeCase("llama3-8b", 64, 512, f32),
             DecodeCase("llama3-8b", 4, 4096, f32, ragged=True),
             DecodeCase("smollm2", 1, 8192, f32), DecodeCase("smollm2", 16, 2048, f32),
@@ -256,7 +257,7 @@ def decode_cases(device: str, quick: bool) -> List[DecodeCase]:
                      DecodeCase("llama3-8b", 4, 2048, f32, ragged=True), DecodeCase("smollm2", 8, 1024, f32)]
         return cases
     bf = torch.bfloat16
-    cases = [DecodeCase("llama3-8b", 1, c, bf) for c in (512, 2048, 8192, 32768)]
+    cases = [DecodeCase("llama3-8b", 1, c, bf) for c in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
     cases += [DecodeCase("llama3-8b", 8, 8192, bf), DecodeCase("llama3-8b", 32, 4096, bf),
               DecodeCase("llama3-8b", 64, 2048, bf), DecodeCase("llama3-8b", 16, 32768, bf),
               DecodeCase("smollm2", 1, 32768, bf), DecodeCase("smollm2", 64, 4096, bf),

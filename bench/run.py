@@ -63,22 +63,22 @@ class Runner:
     # -- rows
     def add(self, op: str, shape: str, vt: Optional[Dict], anchor: Optional[bu.Anchor], at: Optional[Dict],
             metric: str, work: float, err: Optional[float] = None, ok: Optional[bool] = None,
-            note: str = "", graph: Optional[Dict] = None) -> None:
+            note: str = "", graph: Optional[Dict] = None, params: Optional[Dict] = None) -> None:
         vms = vt["median_ms"] if vt else None
         ams = at["median_ms"] if at else None
-        value = pct = None
-        if vms:
-            if metric == "GB/s":
-                value = work / (vms * 1e-3) / 1e9
-                pct = 100 * value / self.ceilings["bandwidth"]["GBps"]
-            else:
-                value = work / (vms * 1e-3) / 1e12
-                pct = 100 * value / self.ceilings["compute"]["TFLOPs"]
+        scale = 1e9 if metric == "GB/s" else 1e12
+        value = (work / (vms * 1e-3) / scale) if vms else None
+        anchor_value = (work / (ams * 1e-3) / scale) if ams else None
+        pct = None
+        if value is not None:
+            ceiling = self.ceilings["bandwidth"]["GBps"] if metric == "GB/s" else self.ceilings["compute"]["TFLOPs"]
+            pct = 100 * value / ceiling
         self.rows.append({
             "op": op, "shape": shape,
             "vattn_ms": vms, "anchor": anchor.name if anchor else None, "anchor_ms": ams,
             "ratio": (ams / vms) if (vms and ams) else None,
-            "metric": metric, "value": value, "pct_ceiling": pct,
+            "metric": metric, "value": value, "pct_ceiling": pct, "anchor_value": anchor_value, "work": work,
+            "params": params or {},
             "graph_ms": graph["median_ms"] if graph else None,
             "max_err": err, "ok": ok, "note": "; ".join(x for x in (note, anchor.note if anchor else "") if x),
             "vattn_timing": vt, "anchor_timing": at, "graph_timing": graph,
@@ -97,22 +97,23 @@ class Runner:
                           "ratio": None, "metric": metric, "value": None, "pct_ceiling": None,
                           "graph_ms": None, "max_err": None, "ok": None, "note": "skipped: " + why})
 
-    def compare_and_add(self, op, shape, metric, work, vfn, vt, anchors, vout, graph=None):
+    def compare_and_add(self, op, shape, metric, work, vfn, vt, anchors, vout, graph=None, params=None):
         tol = None
         added = False
         for a in anchors:
             if isinstance(a, str):
-                self.add(op, shape, vt, None, None, metric, work, note="anchor unavailable: " + a, graph=graph)
+                self.add(op, shape, vt, None, None, metric, work, note="anchor unavailable: " + a, graph=graph,
+                         params=params)
                 added = True
                 continue
             ref = a.to_vattn(a.fn())
             err = bu.max_abs_err(vout, ref)
             tol = bu.tolerance(vout.dtype)
             at = self.time(a.fn)
-            self.add(op, shape, vt, a, at, metric, work, err=err, ok=err <= tol, graph=graph)
+            self.add(op, shape, vt, a, at, metric, work, err=err, ok=err <= tol, graph=graph, params=params)
             added = True
         if not added:
-            self.add(op, shape, vt, None, None, metric, work, graph=graph)
+            self.add(op, shape, vt, None, None, metric, work, graph=graph, params=params)
 
     # -- benchmarks
     def decode(self, case: bu.DecodeCase) -> None:
@@ -134,7 +135,9 @@ class Runner:
                 print(f"  graph capture failed for {case.name}: {e}", file=sys.stderr)
         work = bu.decode_bytes(data.lens, hq, hkv, d, bu.elem_size(case.dtype), bu.elem_size(case.dtype))
         anchors = bu.decode_anchors(data, self.device, with_flex=self.with_flex)
-        self.compare_and_add("decode", case.name, "GB/s", work, vfn, vt, anchors, vout, graph)
+        params = {"model": case.model, "batch": case.batch, "ctx": case.ctx, "ragged": case.ragged,
+                  "dtype": bu._dt(case.dtype), "lens": data.lens}
+        self.compare_and_add("decode", case.name, "GB/s", work, vfn, vt, anchors, vout, graph, params)
 
     def prefill(self, case: bu.PrefillCase) -> None:
         import vattn
@@ -149,7 +152,8 @@ class Runner:
         vt = self.time(vfn)
         work = bu.prefill_flops(case.qlens, case.klens, hq, d)
         anchors = bu.prefill_anchors(data, self.device, with_flex=self.with_flex)
-        self.compare_and_add("prefill", case.name, "TFLOP/s", work, vfn, vt, anchors, vout)
+        params = {"model": case.model, "qlens": case.qlens, "prefixes": case.prefixes, "dtype": bu._dt(case.dtype)}
+        self.compare_and_add("prefill", case.name, "TFLOP/s", work, vfn, vt, anchors, vout, params=params)
 
     def append(self, model: str, rows: int, tokens_per_row: int, dtype: torch.dtype) -> None:
         """append_kv: decode-style (one token per row) or prefill-style (many tokens, one row).
