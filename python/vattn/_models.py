@@ -99,9 +99,8 @@ class ByteTokenizer:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        data = bytes(int(i) - 3 for i in ids if int(i) >= 3)
-        text = data.decode("utf-8", errors="replace")
-        return "".join(c if c.isprintable() or c in "\n\t" else "\N{MIDDLE DOT}" for c in text)
+        # Printable ASCII bytes as themselves, any other byte as "." (random ids are rarely valid UTF-8).
+        return "".join(chr(int(i) - 3) if 32 <= int(i) - 3 < 127 else "." for i in ids if int(i) >= 3)
 
     def batch_decode(self, seqs, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(s, skip_special_tokens) for s in seqs]

@@ -341,7 +341,7 @@ class VAttnCache(Cache):
 
     def reset(self) -> None:
         """Forgets all tokens (the slots are freed; their pages go back to vattn's pool)."""
-        self._forward = None
+        self._abort_forward()
         if self._slots is not None and self.kv is not None:
             for slot in self._slots:
                 self.kv.free(slot)
@@ -349,6 +349,7 @@ class VAttnCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drops the last positions (negative argument = how many; a non-negative one is the new length)."""
+        self._abort_forward()
         new_columns = self._columns + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, self._columns)
         new_columns = max(new_columns, 0)
         if new_columns == self._columns or self._slots is None:
@@ -366,6 +367,7 @@ class VAttnCache(Cache):
         """Keeps only the given batch rows (their slots are kept as they are, the others freed)."""
         if self._slots is None:
             return
+        self._abort_forward()
         keep = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
         if len(set(keep)) != len(keep):
             raise NotImplementedError("vattn: selecting a batch row twice would need a slot copy")
@@ -411,12 +413,14 @@ class VAttnCache(Cache):
         try:
             self.reset()
         finally:
+            # The last reference to the vattn.KVCache: its manager unmaps and destroys every page.
             self.kv = None
             for name in ("release", "close"):
                 fn = getattr(kv, name, None)
                 if callable(fn):
                     fn()
                     break
+            del kv
 
     close = release
 
@@ -485,6 +489,16 @@ class VAttnCache(Cache):
         self._forward = fw
         return fw
 
+    def _abort_forward(self) -> None:
+        """Drops a forward that raised half-way: its step is closed and the slots cut back to their
+        previous lengths, so nothing of it stays (vattn.KVCache has no cancel for a step)."""
+        fw, self._forward = self._forward, None
+        if fw is None or fw.step is None or self.kv is None:
+            return
+        self.kv.end_step(fw.step)
+        for slot, start in zip(fw.step.slots, fw.step.start):
+            self.kv.shrink(slot, start)
+
     def _end_forward(self, fw: _Forward) -> None:
         if fw.step is not None:
             self.kv.end_step(fw.step)
@@ -507,7 +521,7 @@ class VAttnCache(Cache):
         fw = self._forward
         if fw is None or layer in fw.done or fw.batch != batch or fw.q_len != q_len:
             # A new forward (a previous one that raised half-way is dropped uncommitted).
-            self._forward = None
+            self._abort_forward()
             fw = self._begin_forward(batch, q_len, mask2d, query.device)
         fw.done.add(layer)
         if fw.step is None:
