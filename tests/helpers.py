@@ -174,7 +174,7 @@ def random_cases(kind: str, n: int, seed: int, long_len: int = 3000) -> List[Cas
             if sum(case.q_lens) == 0:
                 case.q_lens[0] = lens[0]
             # Keep the CPU reference cheap: long rows prefill at most a few hundred queries.
-            case.q_lens = [min(n, 400) for n in case.q_lens]
+            case.q_lens = [min(n, 256) for n in case.q_lens]
         if i % 6 == 5:
             case.head_lens = [[rng.choice([0, 1, rng.randint(1, length)]) for _ in range(hkv)] for length in lens]
         cases.append(case)

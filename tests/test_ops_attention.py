@@ -10,6 +10,11 @@ DECODE_CASES = random_cases("decode", 12, seed=1)
 PREFILL_CASES = random_cases("prefill", 12, seed=2)
 
 
+def _seeds(dtype, idx):
+    """Two seeds in bf16 (the least precise), one (different) seed in the other dtypes: keeps CI fast."""
+    return {torch.float32: (idx,), torch.float16: (1000 + idx,), torch.bfloat16: (2000 + idx, 3000 + idx)}[dtype]
+
+
 def _run(op, q, k_cache, v_cache, kw):
     if op == "decode":
         kw = {k: v for k, v in kw.items() if k != "cu_seqlens_q"}
@@ -26,7 +31,7 @@ def test_decode_matrix(device, impl, dtype, idx):
     skip_unsupported(device, dtype, case.dim)
     layout = LAYOUTS[idx % len(LAYOUTS)]
     with vattn.ops.attention_impl(impl):
-        for seed in (idx, 100 + idx):
+        for seed in _seeds(dtype, idx):
             q, kc, vc, kw = build(case, dtype, layout, device, seed)
             out, lse = _run("decode", q, kc, vc, kw)
             assert out.dtype == dtype and out.shape == q.shape
@@ -41,7 +46,7 @@ def test_prefill_matrix(device, impl, dtype, idx):
     skip_unsupported(device, dtype, case.dim)
     layout = LAYOUTS[(idx + 1) % len(LAYOUTS)]
     with vattn.ops.attention_impl(impl):
-        for seed in (idx, 200 + idx):
+        for seed in _seeds(dtype, 50 + idx):
             q, kc, vc, kw = build(case, dtype, layout, device, seed)
             out, lse = _run("prefill", q, kc, vc, kw)
             assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}-s{seed}")

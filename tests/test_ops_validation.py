@@ -1,0 +1,84 @@
+"""Bad inputs to the attention ops raise clear Python exceptions and never reach the kernels."""
+import pytest
+import torch
+
+import vattn
+from helpers import Case, build
+
+
+@pytest.fixture
+def problem():
+    return build(Case(lens=[5, 9], hkv=2, group=2, dim=64), torch.float32, "plain", "cpu", seed=0)
+
+
+def _decode(q, kc, vc, kw, **over):
+    args = {"row_ids": kw["row_ids"], **over}
+    seqlens = args.pop("seqlens_k", kw["seqlens_k"])
+    return vattn.decode_attention(q, kc, vc, seqlens, **args)
+
+
+def test_dtype_errors(problem):
+    q, kc, vc, kw = problem
+    with pytest.raises(TypeError, match="dtype"):
+        _decode(q.double(), kc, vc, kw)
+    with pytest.raises(TypeError, match="cache dtype"):
+        _decode(q.half(), kc, vc, kw)
+    with pytest.raises(TypeError, match="seqlens_k"):
+        _decode(q, kc, vc, kw, seqlens_k=kw["seqlens_k"].float())
+    with pytest.raises(TypeError, match="int32"):
+        torch.ops.vattn.decode_attention(q, kc, vc, kw["seqlens_k"].long())
+
+
+def test_shape_and_stride_errors(problem):
+    q, kc, vc, kw = problem
+    with pytest.raises(ValueError, match="head_dim"):
+        _decode(q[..., :32], kc, vc, kw)
+    with pytest.raises(ValueError, match="multiple"):
+        _decode(q[:, :3], kc, vc, kw)
+    with pytest.raises(ValueError, match="one query per row"):
+        _decode(q[:1], kc, vc, kw)
+    with pytest.raises(ValueError, match="last dimension contiguous"):
+        _decode(q, kc.transpose(1, 3).contiguous().transpose(1, 3), vc, kw)
+    with pytest.raises(ValueError, match="shapes differ"):
+        _decode(q, kc, vc[:, :3], kw)
+    with pytest.raises(ValueError, match="row_ids"):
+        _decode(q, kc, vc, kw, row_ids=kw["row_ids"][:1])
+    with pytest.raises(ValueError, match="head_seqlens_k"):
+        _decode(q, kc, vc, kw, head_seqlens_k=torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        vattn.prefill_attention(q, kc, vc, torch.tensor([0, 2]), kw["seqlens_k"])
+    with pytest.raises(ValueError, match="softcap"):
+        _decode(q, kc, vc, kw, softcap=-1.0)
+
+
+def test_value_errors_from_native(problem):
+    q, kc, vc, kw = problem
+    rows, seq = kc.shape[:2]
+    with pytest.raises(ValueError, match="row id"):
+        _decode(q, kc, vc, kw, row_ids=torch.tensor([0, rows]))
+    with pytest.raises(ValueError, match="seqlens_k"):
+        _decode(q, kc, vc, kw, seqlens_k=torch.tensor([1, seq + 1]))
+    with pytest.raises(ValueError, match="seqlens_k"):
+        _decode(q, kc, vc, kw, seqlens_k=torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match="head_seqlens_k"):
+        _decode(q, kc, vc, kw, head_seqlens_k=torch.tensor([[1, 2], [seq + 1, 0]]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        vattn.prefill_attention(q, kc, vc, torch.tensor([0, 2, 1]), kw["seqlens_k"])
+    with pytest.raises(ValueError, match="number of queries"):
+        vattn.prefill_attention(q, kc, vc, torch.tensor([0, 1, 1]), kw["seqlens_k"])
+
+
+def test_device_mismatch(problem):
+    q, kc, vc, kw = problem
+    with pytest.raises(ValueError, match="meta|device|on"):
+        _decode(q, kc, vc, kw, seqlens_k=kw["seqlens_k"].to("meta"))
+
+
+def test_impl_selection():
+    assert vattn.ops.get_attention_impl() in ("fast", "simple")
+    before = vattn.ops.get_attention_impl()
+    with vattn.ops.attention_impl("simple"):
+        assert vattn.ops.get_attention_impl() == "simple"
+    assert vattn.ops.get_attention_impl() == before
+    with pytest.raises(ValueError):
+        vattn.ops.set_attention_impl("fastest")
