@@ -32,9 +32,6 @@ void validate(const AttentionParams& p) {
   if (p.num_q_heads > 65535) bad("at most 65535 query heads");
   if (p.head_dim <= 0 || p.head_dim > prefill::kPlainMaxDim || p.head_dim % 8 != 0)
     bad("head_dim must be a multiple of 8 in [8, 256], got " + std::to_string(p.head_dim));
-  if (p.window_left < -1) {
-    // any negative value means "no window"; accepted as documented in params.h
-  }
   if (p.batch == 0 || p.total_q == 0) return;
   if (!p.q || !p.out) bad("q and out must not be null");
   if (!p.kv.k || !p.kv.v) bad("K/V cache pointers must not be null");
