@@ -16,9 +16,16 @@ namespace {
 using prefill::Fa2Config;
 
 // Tensor-core instantiations: D = 64 with two m tiles per warp (BM = 128), D = 128 with one
-// (BM = 64) so O, S and the Q fragments fit in registers without spills.
+// (BM = 64) so O, S and the Q fragments fit in registers without spills. Short query chunks
+// (chunked prefill, one-token rows) at D = 64 use BM = 64 so less of each block is padding.
 using Cfg64 = Fa2Config<64, 2, 64, 2>;
+using Cfg64Short = Fa2Config<64, 1, 64, 3>;
 using Cfg128 = Fa2Config<128, 1, 64, 2>;
+
+// Host bound on n_b: max_seqlen_q when given, never more than total_q (no row holds more).
+int query_bound(const AttentionParams& p) {
+  return p.max_seqlen_q > 0 ? (p.max_seqlen_q < p.total_q ? p.max_seqlen_q : p.total_q) : p.total_q;
+}
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("vattn.prefill_attention: " + msg); }
 
@@ -65,8 +72,7 @@ void launch_fa2(const AttentionParams& p) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "cudaFuncSetAttribute(prefill)");
   }
-  // max_seqlen_q bounds every n_b; total_q always does (a row cannot hold more queries).
-  const int bound = p.max_seqlen_q > 0 ? (p.max_seqlen_q < p.total_q ? p.max_seqlen_q : p.total_q) : p.total_q;
+  const int bound = query_bound(p);
   const dim3 grid((bound + Cfg::BM - 1) / Cfg::BM, p.num_q_heads, p.batch);
   kernel<<<grid, Cfg::kThreads, smem, as_stream(p.stream)>>>(p);
   cuda_check_launch("prefill_fa2_kernel");
@@ -82,7 +88,10 @@ void launch_plain(const AttentionParams& p) {
 template <typename T>
 void dispatch(const AttentionParams& p) {
   if (p.impl == 0 && fast_path_ok(p)) {
-    if (p.head_dim == 64) return launch_fa2<T, Cfg64>(p);
+    if (p.head_dim == 64) {
+      if (query_bound(p) <= Cfg64Short::BM) return launch_fa2<T, Cfg64Short>(p);
+      return launch_fa2<T, Cfg64>(p);
+    }
     if (p.head_dim == 128) return launch_fa2<T, Cfg128>(p);
   }
   launch_plain<T>(p);
