@@ -438,7 +438,7 @@ def decode_anchors(data: DecodeData, device: str, with_flex: bool = True) -> Lis
         k4, v4 = _bhsd(data.k_cache), _bhsd(data.v_cache)
         call = lambda q, k, v, **kw: _sdpa(q, k, v, backend="FLASH_ATTENTION", **kw)  # noqa: E731
         out.append(_try(lambda: first_working("sdpa-flash", _gqa_variants(q4, k4, v4, call), squeeze)))
-    if with_flex and (data.case.ragged or data.case.batch >= 8):
+    if with_flex and data.case.ragged:
         out.append(_try(lambda: flex_decode_anchor(data, q4, squeeze)))
     return out
 
@@ -456,7 +456,13 @@ _FLEX = None
 def _flex():
     global _FLEX
     if _FLEX is None:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
+        # One compiled kernel per benchmark shape: lift the recompile limit (default 8) so later
+        # shapes do not silently fall back to the slow eager flex_attention.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 

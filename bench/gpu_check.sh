@@ -129,7 +129,7 @@ if ((BUILD_OK)); then
 
   # ---------------------------------------------------------------- sanitizers
   if ((DRY)); then
-    run_step sanitizer-cases-cpu 120 100 TERM "$OUT/memcheck.log" "$PY" bench/sanitizer_cases.py --device cpu
+    run_step sanitizer-cases-cpu 120 100 TERM "$OUT/sanitizer_cpu.log" "$PY" bench/sanitizer_cases.py --device cpu
     skip memcheck "dry run"
     skip racecheck "dry run"
   elif ! command -v compute-sanitizer >/dev/null; then
@@ -208,8 +208,8 @@ for tool in ("memcheck", "racecheck"):
     m = re.findall(r"(ERROR SUMMARY: .*|RACECHECK SUMMARY: .*)", text)
     cases = re.findall(r"sanitizer_cases: .*", text)
     notes[tool] = "; ".join(m[-1:] + cases[-1:])
-if read("memcheck.log") and dry:
-    notes["sanitizer-cases-cpu"] = "; ".join(re.findall(r"sanitizer_cases: .*", read("memcheck.log")))
+if read("sanitizer_cpu.log"):
+    notes["sanitizer-cases-cpu"] = "; ".join(re.findall(r"sanitizer_cases: .*", read("sanitizer_cpu.log")))
 bench = None
 if os.path.exists(os.path.join(out, "bench.json")):
     with open(os.path.join(out, "bench.json")) as f:
@@ -244,10 +244,10 @@ if read("import.log") is not None and any(s[0] == "import" and s[1] != "ok" for 
     lines += ["", "## Import log", "", "```", read("import.log", tail=40), "```"]
 if read("tests.log") is not None:
     lines += ["", "## Tests", "", notes.get("tests", ""), "", "```", read("tests.log", tail=60), "```"]
-for tool in ("memcheck", "racecheck"):
+for tool in ("memcheck", "racecheck", "sanitizer_cpu"):
     if read(f"{tool}.log") is not None:
-        lines += ["", f"## compute-sanitizer {tool}" if not dry else "## sanitizer_cases.py on CPU", "", "```",
-                  read(f"{tool}.log", tail=40), "```"]
+        title = "sanitizer_cases.py on CPU (dry run)" if tool == "sanitizer_cpu" else f"compute-sanitizer {tool}"
+        lines += ["", f"## {title}", "", "```", read(f"{tool}.log", tail=40), "```"]
 if read("bench.md") is not None:
     lines += ["", "## Microbenchmarks (bench/run.py)", "", read("bench.md")]
 elif read("bench.log") is not None:

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -32,7 +33,8 @@ import bench_utils as bu  # noqa: E402
 
 
 class Runner:
-    def __init__(self, device: str, quick: bool, time_budget_s: float, with_flex: bool):
+    def __init__(self, device: str, quick: bool, time_budget_s: float, with_flex: bool, only: Optional[str] = None):
+        self.only = only
         self.device = device
         self.quick = quick
         self.deadline = time.perf_counter() + time_budget_s
@@ -236,6 +238,12 @@ class Runner:
             jobs.append(("append_kv", f"{m} rows={r} tokens/row={t}", "GB/s", lambda m=m, r=r, t=t: self.append(m, r, t, dt)))
         for n, h, d in merges:
             jobs.append(("merge_states", f"n={n} heads={h} d={d}", "GB/s", lambda n=n, h=h, d=d: self.merge(n, h, d, dt)))
+        if self.only:
+            pat = re.compile(self.only)
+            jobs = [j for j in jobs if pat.search(f"{j[0]} {j[1]}")]
+        # Cases with a FlexAttention anchor compile it per shape (seconds each): run them last so a
+        # time budget spent on compiling never costs the plain cases.
+        jobs.sort(key=lambda j: self.with_flex and self.device == "cuda" and _wants_flex(j[1]))
         for op, shape, metric, job in jobs:
             if self.out_of_time():
                 self.skipped(op, shape, metric, "time budget spent")
@@ -249,6 +257,10 @@ class Runner:
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
             print(f"  [{time.perf_counter() - t0:5.1f}s] {op} {shape}", file=sys.stderr, flush=True)
+
+
+def _wants_flex(shape: str) -> bool:
+    return "ragged" in shape or "prefix=" in shape or "/" in shape.split("(")[0]
 
 
 # --------------------------------------------------------------------------- output
@@ -304,7 +316,8 @@ def format_markdown(rows, with_graph) -> str:
 
 def machine_info(device: str) -> Dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": _cpu_name(), "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads())}
+            "cpu": _cpu_name(), "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+            "loadavg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"}
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = p.name
@@ -339,6 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds after which remaining cases are skipped (default 170 cpu, 240 cuda; quick 25 / 120)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention anchors (each shape compiles)")
+    ap.add_argument("--only", help="regex on 'op shape': run only the matching cases")
     ap.add_argument("--impl", choices=["fast", "simple"], default="fast", help="vattn attention kernel variant")
     args = ap.parse_args(argv)
 
@@ -357,7 +371,7 @@ def main(argv=None) -> int:
     if budget is None:
         budget = {("cpu", False): 170, ("cpu", True): 25, ("cuda", False): 240, ("cuda", True): 120}[(args.device, args.quick)]
     t0 = time.perf_counter()
-    runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex)
+    runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex, only=args.only)
     runner.measure_ceilings()
     runner.run_all()
     elapsed = time.perf_counter() - t0
