@@ -161,7 +161,7 @@ if ((BUILD_OK)); then
   run_step manager-latency 60 20 TERM "$OUT/manager.log" "$PY" bench/manager_latency.py --device $DEV $QUICK \
     --json "$OUT/manager.json" --markdown "$OUT/manager.md"
   if [[ -f bench/ptxas_report.sh ]] && ! ((DRY)); then
-    VATTN_CUDA_ARCH=$ARCH run_step ptxas-report 60 0 TERM "$OUT/ptxas.txt" bash bench/ptxas_report.sh
+    VATTN_PTXAS_JOBS=$(nproc) run_step ptxas-report 60 0 TERM "$OUT/ptxas.txt" bash bench/ptxas_report.sh "$ARCH"
   elif ((DRY)); then
     skip ptxas-report "dry run"
   else
