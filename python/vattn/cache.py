@@ -24,6 +24,7 @@ import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from . import _C
@@ -260,14 +261,16 @@ class KVCache:
 
         b = len(slots)
         total = sum(new_tokens)
-        slots_t = torch.tensor(slots, dtype=torch.int32)
-        new_t = torch.tensor(new_tokens, dtype=torch.int32)
-        start_t = torch.tensor(start, dtype=torch.int32)
-        cu = torch.zeros(b + 1, dtype=torch.int32)
-        torch.cumsum(new_t, 0, out=cu[1:])
-        token_slots = torch.repeat_interleave(slots_t, new_t)
-        positions = torch.arange(total, dtype=torch.int32) - torch.repeat_interleave(cu[:-1] - start_t, new_t)
-        packed = torch.cat([slots_t, start_t + new_t, cu, token_slots, positions])
+        # Built with numpy (small host arrays; torch's parallel ops cost more than they save here),
+        # packed into one int32 buffer so the device gets a single copy.
+        slots_a = np.asarray(slots, dtype=np.int32)
+        new_a = np.asarray(new_tokens, dtype=np.int32)
+        start_a = np.asarray(start, dtype=np.int32)
+        cu = np.zeros(b + 1, dtype=np.int32)
+        np.cumsum(new_a, out=cu[1:])
+        token_slots = np.repeat(slots_a, new_a)
+        positions = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1] - start_a, new_a)
+        packed = torch.from_numpy(np.concatenate([slots_a, start_a + new_a, cu, token_slots, positions]).astype(np.int32))
         dev = self._to_device(packed)
         o = [0, b, 2 * b, 3 * b + 1, 3 * b + 1 + total, 3 * b + 1 + 2 * total]
         step = Step(
@@ -356,8 +359,7 @@ class KVCache:
         for s, n in changes.items():
             self._lengths_host[s] = n
         if self.device.type == "cpu":
-            for s, n in changes.items():
-                self._lengths[s] = n
+            self._lengths[list(changes)] = torch.tensor(list(changes.values()), dtype=torch.int32)
         else:
             self._lengths.copy_(self._to_device(torch.tensor(self._lengths_host, dtype=torch.int32)))
 
