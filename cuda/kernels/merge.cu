@@ -88,9 +88,13 @@ void launch(const MergeParams& p) {
   const T* a = static_cast<const T*>(p.o_a);
   const T* b = static_cast<const T*>(p.o_b);
   T* o = static_cast<T*>(p.out);
-  if (vec8) {
-    merge_states_kernel<T, 8><<<blocks, threads, 0, s>>>(a, p.lse_a, b, p.lse_b, o, p.lse_out, num_vecs, p.head_dim);
-  } else {
+  if constexpr (sizeof(T) == 2) {
+    if (vec8) {
+      merge_states_kernel<T, 8><<<blocks, threads, 0, s>>>(a, p.lse_a, b, p.lse_b, o, p.lse_out, num_vecs, p.head_dim);
+      return cuda_check_launch("merge_states_kernel");
+    }
+  }
+  {
     merge_states_kernel<T, 1><<<blocks, threads, 0, s>>>(a, p.lse_a, b, p.lse_b, o, p.lse_out, num_vecs, p.head_dim);
   }
   cuda_check_launch("merge_states_kernel");
