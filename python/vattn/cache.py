@@ -325,6 +325,11 @@ class KVCache:
         """Waits until the background mapping thread (if any) has nothing left to do."""
         self._m.wait_background_idle()
 
+    def _inject_failure(self, kind: str, n: int) -> None:
+        """Test hook: the n-th next page creation (kind="create") or page map ("map") fails with a
+        RuntimeError; "none" clears it. Used to check that failed calls roll back."""
+        self._m._inject_failure(kind, _int(n, "n"))
+
     def __repr__(self) -> str:
         return (f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"max_batch={self.max_batch}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
