@@ -41,10 +41,13 @@ struct DecodeKernelArgs {
 // clamped to "nothing / capacity", so no kernel ever reads outside the cache.
 __device__ __forceinline__ void decode_key_range(const DecodeKernelArgs& a, int b, int kvh, int64_t* row,
                                                  int* lo, int* len) {
-  const int64_t r = a.row_ids != nullptr ? int64_t(a.row_ids[b]) : int64_t(b);
+  int64_t r = a.row_ids != nullptr ? int64_t(a.row_ids[b]) : int64_t(b);
   int64_t L = a.head_seqlens_k != nullptr ? int64_t(a.head_seqlens_k[int64_t(b) * a.num_kv_heads + kvh])
                                           : int64_t(a.seqlens_k[b]);
-  if (r < 0 || r >= a.num_rows) L = 0;
+  if (r < 0 || r >= a.num_rows) {  // bad slot id: no keys, and a harmless base pointer
+    r = 0;
+    L = 0;
+  }
   L = L < 0 ? 0 : (L > a.max_seq ? int64_t(a.max_seq) : L);
   int64_t first = 0;
   if (a.window_left >= 0) first = L - 1 - int64_t(a.window_left);
