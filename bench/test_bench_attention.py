@@ -46,6 +46,15 @@ def _pick(anchors, who):
     return "; ".join(reasons) or f"no {who} anchor for this case"
 
 
+def _skip_flex(bench, device, who):
+    if who != "flex":
+        return
+    if device == "cpu":
+        pytest.skip("FlexAttention is a GPU anchor here")
+    if getattr(bench.benchmark, "disabled", False):
+        pytest.skip("FlexAttention compiles per shape (slow for a correctness run); bench/run.py checks it")
+
+
 def _run(bench, device, who, vfn, anchors, group):
     bench.benchmark.group = group
     vout = vfn()
@@ -72,8 +81,7 @@ def _run(bench, device, who, vfn, anchors, group):
 @pytest.mark.parametrize("device,case", _params(DECODE))
 def test_bench_decode(bench, device, case, who):
     import vattn
-    if who == "flex" and device == "cpu":
-        pytest.skip("FlexAttention is a GPU anchor here")
+    _skip_flex(bench, device, who)
     if who == "sdpa" and device == "cuda" and case.ragged:
         pytest.skip("SDPA flash takes uniform lengths only; the ragged anchor is FlexAttention")
     data = bu.make_decode(case, device)
@@ -90,8 +98,7 @@ def test_bench_decode(bench, device, case, who):
 @pytest.mark.parametrize("device,case", _params(PREFILL))
 def test_bench_prefill(bench, device, case, who):
     import vattn
-    if who == "flex" and device == "cpu":
-        pytest.skip("FlexAttention is a GPU anchor here")
+    _skip_flex(bench, device, who)
     if who == "sdpa" and device == "cuda" and not case.uniform:
         pytest.skip("SDPA takes uniform lengths only; the ragged anchor is FlexAttention")
     if who == "flex" and case.uniform and case.prefixes[0] == 0:
