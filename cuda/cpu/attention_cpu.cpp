@@ -151,8 +151,13 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
   // Without soft-cap the exp2-domain factor folds into q; with it, tanh needs the plain logit.
   const float qscale = capped ? p.scale : p.scale * kLog2e;
   const int64_t n_items = (int64_t)items.size();
+  // Small problems run on the calling thread: waking a team costs more than they take, and on a
+  // busy machine a sleeping worker can take a whole scheduler tick to start.
+  int64_t work = 0;
+  for (const Item& w : items) work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nq * group * dim;
+  const bool parallel = n_items > 1 && work > (1 << 18);
 
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     Scratch sc;
     sc.reserve(max_rows, dim);
@@ -237,7 +242,7 @@ void merge_splits(const AttentionParams& p, const std::vector<Item>& items, cons
                   int max_rows, const float* part_o, const float* part_lse) {
   const int dim = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
   const int64_t ng = (int64_t)groups.size();
-#pragma omp parallel
+#pragma omp parallel if (ng * group * dim > (1 << 14))
   {
     std::vector<float> o(dim);
 #pragma omp for schedule(static)
