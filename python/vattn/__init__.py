@@ -21,9 +21,10 @@ __version__ = _C.__version__
 from . import ops  # noqa: E402  registers torch.ops.vattn.*
 from .ops import append_kv_raw, decode_attention, prefill_attention, merge_states  # noqa: E402
 from .cache import KVCache, Step  # noqa: E402
+from ._C import OutOfMemoryError  # noqa: E402  (a MemoryError)
 from .api import append_kv, attention  # noqa: E402
 
 __all__ = [
-    "KVCache", "Step", "append_kv", "attention", "info",
+    "KVCache", "Step", "OutOfMemoryError", "append_kv", "attention", "info",
     "append_kv_raw", "decode_attention", "prefill_attention", "merge_states",
 ]
