@@ -150,7 +150,7 @@ def cache_kwarg(model) -> str:
     """Name of generate's cache argument: `cache` in transformers >= 5.2x, `past_key_values` before."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.generate).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool):

@@ -26,6 +26,7 @@ import threading
 import weakref
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 try:
@@ -270,7 +271,9 @@ class VAttnCache(Cache):
         super().__init__(layers=[VAttnLayer(self, i) for i in range(self.num_layers)])
         self._slots: Optional[list[int]] = None   # vattn slot of each batch row
         self._lengths: list[int] = []              # real tokens stored per batch row (host mirror)
-        self._real: Optional[torch.Tensor] = None  # host bool [batch, max_seq_len]: which columns are real
+        # host bool [batch, max_seq_len]: which columns are real tokens (numpy: host bookkeeping only,
+        # free of torch's inference-mode rules)
+        self._real: Optional[np.ndarray] = None
         self._columns = 0                          # positions seen by transformers, padding included
         self._forward: Optional[_Forward] = None
 
@@ -376,7 +379,7 @@ class VAttnCache(Cache):
                 self.kv.free(slot)
         self._slots = [self._slots[i] for i in keep]
         self._lengths = [self._lengths[i] for i in keep]
-        self._real = self._real[keep].clone()
+        self._real = self._real[keep].copy()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         order = [int(i) for i in beam_idx.flatten().tolist()]
@@ -444,7 +447,7 @@ class VAttnCache(Cache):
                                  "pass a larger max_batch to VAttnCache.for_model")
             self._slots = [self.kv.alloc() for _ in range(batch)]
             self._lengths = [0] * batch
-            self._real = torch.zeros(batch, self.max_seq_len, dtype=torch.bool)
+            self._real = np.zeros((batch, self.max_seq_len), dtype=bool)
             self._columns = 0
         elif batch != len(self._slots):
             raise ValueError(f"vattn: this cache holds a batch of {len(self._slots)} rows, the input has {batch}; "
@@ -463,8 +466,8 @@ class VAttnCache(Cache):
                 raise ValueError(f"vattn: attention mask has {mask2d.shape[1]} positions for {q_len} new tokens")
             if q_len > 1 and mask2d.shape[1] == end and self._columns > 0:
                 # A prefill on top of cached tokens: the mask must describe what the cache holds.
-                past = mask2d[:, : self._columns].to("cpu", torch.bool)
-                if not torch.equal(past, self._real[:, : self._columns]):
+                past = mask2d[:, : self._columns].to("cpu", torch.bool).numpy()
+                if not np.array_equal(past, self._real[:, : self._columns]):
                     raise ValueError("vattn: the attention mask of earlier positions disagrees with the tokens "
                                      "in the cache (padding can only be given when the positions first arrive)")
             real = mask2d[:, -q_len:].to("cpu", torch.bool)
@@ -502,7 +505,7 @@ class VAttnCache(Cache):
     def _end_forward(self, fw: _Forward) -> None:
         if fw.step is not None:
             self.kv.end_step(fw.step)
-        self._real[:, self._columns:self._columns + fw.q_len] = fw.real
+        self._real[:, self._columns:self._columns + fw.q_len] = fw.real.numpy()
         for b, n in enumerate(fw.new_tokens):
             self._lengths[b] += n
         self._columns += fw.q_len
