@@ -22,7 +22,10 @@ def info() -> dict[str, Any]:
         out["torch_cuda_available"] = bool(torch.cuda.is_available())
     except ImportError:  # torch is needed for the ops, not for the build information
         out["torch"] = None
-    granularity = getattr(_C, "page_granularity", None)
-    if granularity is not None:
-        out["page_granularity"] = granularity()
+    # Page granularity per backend: the host backend maps OS pages of a memfd; the CUDA backend
+    # the driver's VMM allocation granularity (None without a usable device).
+    out["page_granularity"] = {
+        "host": int(_C.host_page_bytes()),
+        "cuda": [_C.page_granularity(d["index"]) for d in out["cuda_devices"]],
+    }
     return out
