@@ -44,7 +44,7 @@ def test_granularity_is_queried():
     assert g and g > 0
     cache = make()
     assert cache.stats()["page_bytes"] % g == 0
-    assert vattn.info().get("page_granularity") == vattn._C.page_granularity(0)
+    assert vattn.info()["page_granularity"]["cuda"][0] == vattn._C.page_granularity(0)
 
 
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
