@@ -72,7 +72,11 @@ skip() { record "$1" "SKIPPED" 0 "$2"; log "$1: skipped ($2)"; }
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
   echo "host: $(hostname) cpus: $(nproc)"
-  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>&1 | head -4 | sed 's/^/gpu: /'
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>&1 | head -4 | sed 's/^/gpu: /'
+  else
+    echo "gpu: none (no nvidia-smi)"
+  fi
   command -v nvcc >/dev/null && nvcc --version | tail -2 | head -1 | sed 's/^/nvcc: /'
   timeout 60 "$PY" -c 'import torch, sys; print("python:", sys.version.split()[0]); print("torch:", torch.__version__, "cuda", torch.version.cuda)' 2>&1
   command -v compute-sanitizer >/dev/null && echo "compute-sanitizer: $(compute-sanitizer --version 2>&1 | tail -1)"
