@@ -29,10 +29,12 @@ constexpr int kMinSplitKeys = 512;    // decode: never split a row into ranges s
 
 // Reads nk rows of one KV head as fp32: a pointer into the cache itself for fp32 storage, else a
 // converted copy in buf. The format is a template parameter so quantized formats slot in here.
+// kDirect: the rows point into the cache (prefetching ahead of the block pays off), else into buf.
 template <class Format>
 struct RowReader {
   using S = typename Format::storage_t;
-  static const float* rows(const S* head, int64_t stride_tok, int j0, int nk, int dim, float* buf, int64_t* stride) {
+  static constexpr bool kDirect = false;
+  static const float* rows(const S* head, int64_t stride_tok, int j0, int nk, int, int dim, float* buf, int64_t* stride) {
     for (int j = 0; j < nk; ++j) {
       const S* r = head + (int64_t)(j0 + j) * stride_tok;
       for (int d = 0; d < dim; ++d) buf[(int64_t)j * dim + d] = Format::load(r, d);
@@ -43,23 +45,28 @@ struct RowReader {
 };
 template <>
 struct RowReader<PlainFormat<float>> {
-  static const float* rows(const float* head, int64_t stride_tok, int j0, int, int, float*, int64_t* stride) {
+  static constexpr bool kDirect = true;
+  static const float* rows(const float* head, int64_t stride_tok, int j0, int, int, int, float*, int64_t* stride) {
     *stride = stride_tok;
     return head + (int64_t)j0 * stride_tok;
   }
 };
 template <>
 struct RowReader<PlainFormat<bf16_t>> {
-  static const float* rows(const bf16_t* head, int64_t stride_tok, int j0, int nk, int dim, float* buf, int64_t* stride) {
-    cpu::bf16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, dim, buf);
+  static constexpr bool kDirect = false;
+  static const float* rows(const bf16_t* head, int64_t stride_tok, int j0, int nk, int avail, int dim, float* buf,
+                           int64_t* stride) {
+    cpu::bf16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, avail, dim, buf);
     *stride = dim;
     return buf;
   }
 };
 template <>
 struct RowReader<PlainFormat<f16_t>> {
-  static const float* rows(const f16_t* head, int64_t stride_tok, int j0, int nk, int dim, float* buf, int64_t* stride) {
-    cpu::f16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, dim, buf);
+  static constexpr bool kDirect = false;
+  static const float* rows(const f16_t* head, int64_t stride_tok, int j0, int nk, int avail, int dim, float* buf,
+                           int64_t* stride) {
+    cpu::f16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, avail, dim, buf);
     *stride = dim;
     return buf;
   }
@@ -191,8 +198,9 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
       for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
         const int nk = std::min(kKeyBlock, w.k1 - jb);
         int64_t ks, vs;
-        const float* kp = RowReader<Format>::rows(kh, p.kv.k_stride_tok, jb, nk, dim, sc.kbuf.data(), &ks);
-        cpu::qk_block(sc.q.data(), rows, kp, ks, nk, dim, sc.s.data(), kKeyBlock);
+        const int avail = w.k1 - jb;  // rows of this walk from jb on: the loops prefetch within them
+        const float* kp = RowReader<Format>::rows(kh, p.kv.k_stride_tok, jb, nk, avail, dim, sc.kbuf.data(), &ks);
+        cpu::qk_block(sc.q.data(), rows, kp, ks, nk, RowReader<Format>::kDirect ? avail : nk, dim, sc.s.data(), kKeyBlock);
         for (int r = 0; r < rows; ++r) {
           float* s = &sc.s[(size_t)r * kKeyBlock];
           const int a = std::max(sc.lo[r] - jb, 0), e = std::min(sc.hi[r] - jb, nk);
@@ -212,8 +220,8 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
           for (int j = e; j < nk; ++j) s[j] = 0.f;
           sc.st[r].add(sum);
         }
-        const float* vp = RowReader<Format>::rows(vh, p.kv.v_stride_tok, jb, nk, dim, sc.vbuf.data(), &vs);
-        cpu::pv_block(sc.s.data(), kKeyBlock, rows, vp, vs, nk, dim, sc.acc.data());
+        const float* vp = RowReader<Format>::rows(vh, p.kv.v_stride_tok, jb, nk, avail, dim, sc.vbuf.data(), &vs);
+        cpu::pv_block(sc.s.data(), kKeyBlock, rows, vp, vs, nk, RowReader<Format>::kDirect ? avail : nk, dim, sc.acc.data());
       }
 
       for (int r = 0; r < rows; ++r) {

@@ -8,16 +8,21 @@ namespace cpu {
 
 // s[i * lds + j] = dot(q[i], k[j]) for i < nq, j < nk; q rows are contiguous [nq][dim],
 // k row j starts at k + j * k_stride.
-void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int dim, float* s, int lds);
+// nk_avail >= nk: rows readable from k (the walk goes on past this block), for prefetching.
+void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s, int lds);
 
 // acc[i][:] += sum_j p[i * ldp + j] * v[j][:]; zero weights are skipped (masked keys may hold NaN
 // in a converted buffer only if the cache does, and never past a length: those are not read).
-void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride, int nk, int dim, float* acc);
+void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride, int nk, int nk_avail, int dim,
+              float* acc);
 
 // dst[j][:] = fp32 of n rows of dim 16-bit values (IEEE half or bfloat16) starting every
 // `stride` elements; dst rows are contiguous.
-void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int dim, float* dst);
-void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int dim, float* dst);
+void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
+void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
+
+// How far ahead (in rows) the loops prefetch.
+constexpr int kPrefetchRows = 6;
 
 }  // namespace cpu
 }  // namespace vattn

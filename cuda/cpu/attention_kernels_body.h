@@ -1,0 +1,119 @@
+// Body of the CPU attention inner loops, included twice by attention_kernels.cpp: once for plain
+// x86-64 and once under `#pragma GCC target("avx2,fma,f16c")`, so one wheel runs everywhere and
+// uses AVX2+FMA where the CPU has them. No include guard on purpose; no headers inside.
+
+// Software prefetch of the row `kPrefetchRows` ahead: cache rows of one head are usually a page or
+// more apart (other heads and layers sit in between), which the hardware prefetcher does not follow.
+static inline void prefetch_row(const float* row, int dim) {
+  for (int o = 0; o < dim; o += 16) __builtin_prefetch(row + o, 0, 3);
+}
+
+void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s,
+              int lds) {
+  for (int j = 0; j < nk; ++j) {
+    const float* kj = k + j * k_stride;
+    if (j + kPrefetchRows < nk_avail) prefetch_row(kj + kPrefetchRows * k_stride, dim);
+    int i = 0;
+    // Four queries per key row: each loaded K element feeds four FMAs.
+    for (; i + 4 <= nq; i += 4) {
+      const float* q0 = q + (int64_t)i * dim;
+      const float* q1 = q0 + dim;
+      const float* q2 = q1 + dim;
+      const float* q3 = q2 + dim;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int d = 0; d < dim; ++d) {
+        const float kv = kj[d];
+        a0 += q0[d] * kv;
+        a1 += q1[d] * kv;
+        a2 += q2[d] * kv;
+        a3 += q3[d] * kv;
+      }
+      s[(int64_t)i * lds + j] = a0;
+      s[(int64_t)(i + 1) * lds + j] = a1;
+      s[(int64_t)(i + 2) * lds + j] = a2;
+      s[(int64_t)(i + 3) * lds + j] = a3;
+    }
+    for (; i < nq; ++i) {
+      const float* qi = q + (int64_t)i * dim;
+      float a = 0.f;
+#pragma omp simd reduction(+ : a)
+      for (int d = 0; d < dim; ++d) a += qi[d] * kj[d];
+      s[(int64_t)i * lds + j] = a;
+    }
+  }
+}
+
+void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride, int nk, int nk_avail, int dim,
+              float* acc) {
+  // Keys outer, query rows inner: each V row is read from memory once and used by every row (the
+  // accumulators, nq x dim floats, stay in L1/L2). Two keys per pass halve the accumulator traffic.
+  int j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    const float* v0 = v + j * v_stride;
+    const float* v1 = v0 + v_stride;
+    if (j + kPrefetchRows < nk_avail) prefetch_row(v0 + kPrefetchRows * v_stride, dim);
+    if (j + 1 + kPrefetchRows < nk_avail) prefetch_row(v1 + kPrefetchRows * v_stride, dim);
+    for (int i = 0; i < nq; ++i) {
+      const float w0 = p[(int64_t)i * ldp + j], w1 = p[(int64_t)i * ldp + j + 1];
+      if (w0 == 0.f && w1 == 0.f) continue;
+      float* ai = acc + (int64_t)i * dim;
+      if (w0 != 0.f && w1 != 0.f) {
+#pragma omp simd
+        for (int d = 0; d < dim; ++d) ai[d] += w0 * v0[d] + w1 * v1[d];
+      } else {
+        const float w = w0 != 0.f ? w0 : w1;
+        const float* vv = w0 != 0.f ? v0 : v1;
+#pragma omp simd
+        for (int d = 0; d < dim; ++d) ai[d] += w * vv[d];
+      }
+    }
+  }
+  for (; j < nk; ++j) {
+    const float* vj = v + j * v_stride;
+    for (int i = 0; i < nq; ++i) {
+      const float w = p[(int64_t)i * ldp + j];
+      if (w == 0.f) continue;
+      float* ai = acc + (int64_t)i * dim;
+#pragma omp simd
+      for (int d = 0; d < dim; ++d) ai[d] += w * vj[d];
+    }
+  }
+}
+
+static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// Branch-free IEEE half -> float (exact, subnormals included): move exponent and mantissa into
+// float position and rescale by 2^112; infinities and NaNs get the all-ones float exponent.
+static inline float half_to_float(uint16_t h) {
+  const uint32_t em = uint32_t(h & 0x7fffu) << 13;
+  uint32_t u = float_to_bits(bits_to_float(em) * 0x1p112f);
+  u = ((h & 0x7c00u) == 0x7c00u) ? (em | 0x7f800000u) : u;
+  return bits_to_float(u | (uint32_t(h & 0x8000u) << 16));
+}
+
+static inline void prefetch_row16(const uint16_t* row, int dim) {
+  for (int o = 0; o < dim; o += 32) __builtin_prefetch(row + o, 0, 3);
+}
+
+void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint16_t* r = src + j * stride;
+    if (j + kPrefetchRows < n_avail) prefetch_row16(r + kPrefetchRows * stride, dim);
+    float* o = dst + (int64_t)j * dim;
+#pragma omp simd
+    for (int d = 0; d < dim; ++d) o[d] = half_to_float(r[d]);
+  }
+}
+
+void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint16_t* r = src + j * stride;
+    if (j + kPrefetchRows < n_avail) prefetch_row16(r + kPrefetchRows * stride, dim);
+    float* o = dst + (int64_t)j * dim;
+#pragma omp simd
+    for (int d = 0; d < dim; ++d) o[d] = bits_to_float(uint32_t(r[d]) << 16);
+  }
+}
+
