@@ -227,7 +227,7 @@ if os.path.exists(os.path.join(out, "bench.json")):
 if os.path.exists(os.path.join(out, "manager.json")):
     with open(os.path.join(out, "manager.json")) as f:
         man = json.load(f)
-    one = [r for r in man["steps"] if r["mode"] == "step" and not r["background"]]
+    one = [r for r in man["steps"] if r["mode"] == "step" and not r["background"] and not r.get("pooled")]
     if one:
         notes["manager-latency"] = "step (sync): " + ", ".join(f"{r['n_live']} req {r['mean_us']:.0f} us" for r in one)
 

@@ -55,10 +55,18 @@ def make_cache(device: str, model: str, max_batch: int, max_seq_len: int, **opts
 
 
 def step_latency(device: str, model: str, n_live: int, steps: int, prompt: int, background: bool,
-                 mode: str = "step") -> Dict:
+                 mode: str = "step", gap_s: float = 0.0, pooled: bool = False) -> Dict:
     """Per-decode-step host latency for n_live requests. mode "step": begin_step + end_step;
-    mode "reserve": reserve(slot, length + 1) for every slot (then end the step as usual, untimed)."""
-    cache = make_cache(device, model, max(n_live, 1), prompt + steps + 64, background=background)
+    mode "reserve": reserve(slot, length + 1) for every slot (then end the step as usual, untimed).
+    gap_s: untimed pause between steps standing in for the model's forward pass: the time in which
+    the background thread maps ahead in a real server (without it, it only competes for the lock)."""
+    opts = {"background": background}
+    if pooled:  # every page the run will need is created up front: growth is map + set-access only
+        page = _page_bytes(device, model)
+        tpp = max(1, page // _token_bytes(model))
+        opts["prealloc_bytes"] = n_live * (-(-(prompt + steps) // tpp) + 1) * page
+        opts["reclaim_watermark_bytes"] = opts["prealloc_bytes"]
+    cache = make_cache(device, model, max(n_live, 1), prompt + steps + 64, **opts)
     try:
         slots = [cache.alloc() for _ in range(n_live)]
         st = cache.begin_step(slots=slots, new_tokens=[prompt] * n_live)
@@ -66,6 +74,8 @@ def step_latency(device: str, model: str, n_live: int, steps: int, prompt: int, 
         s0 = cache.stats()
         samples = []
         for i in range(steps):
+            if gap_s > 0:
+                time.sleep(gap_s)
             if mode == "step":
                 t0 = time.perf_counter()
                 st = cache.begin_step(slots=slots, new_tokens=[1] * n_live)
@@ -84,12 +94,26 @@ def step_latency(device: str, model: str, n_live: int, steps: int, prompt: int, 
             raise AssertionError(f"length {int(lengths[slots[0]])} after {steps} steps, expected {prompt + steps}")
         out = _summ(samples)
         pm0, pm1 = _stat(s0, "pages_mapped"), _stat(s1, "pages_mapped")
-        out.update({"n_live": n_live, "steps": steps, "mode": mode, "background": background,
+        out.update({"n_live": n_live, "steps": steps, "mode": mode, "background": background, "pooled": pooled,
                     "pages_mapped_during": int(pm1 - pm0), "page_bytes": int(_stat(s1, "page_bytes")),
                     "per_request_us": out["mean_us"] / max(n_live, 1)})
         return out
     finally:
         del cache  # releases its reservation before the next configuration
+
+
+_PAGE: Dict[str, int] = {}
+
+
+def _page_bytes(device: str, model: str) -> int:
+    if device not in _PAGE:
+        _PAGE[device] = int(make_cache(device, model, 1, 64).page_bytes)
+    return _PAGE[device]
+
+
+def _token_bytes(model: str) -> int:
+    _, hkv, d = bu.MODELS[model]
+    return MODEL_LAYERS[model] * 2 * hkv * d * 2
 
 
 def page_map_unmap(device: str, model: str, reps: int, pooled: bool) -> Dict:
@@ -151,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", choices=sorted(MODEL_LAYERS), default="llama3-8b")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gap-us", type=float, default=1000.0,
+                    help="untimed pause between decode steps (the model's forward pass), default 1000")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args(argv)
@@ -167,12 +193,15 @@ def main(argv=None) -> int:
     prompt = 32
     rows: List[Dict] = []
     errors: List[str] = []
-    for mode, background in (("step", False), ("step", True), ("reserve", False)):
+    configs = [("step", False, False), ("step", True, False), ("step", False, True), ("step", True, True),
+               ("reserve", False, False)]
+    for mode, background, pooled in configs:
         for n in lives:
             try:
-                rows.append(step_latency(args.device, args.model, n, steps, prompt, background, mode))
+                rows.append(step_latency(args.device, args.model, n, steps, prompt, background, mode,
+                                         args.gap_us * 1e-6, pooled))
             except Exception as e:  # noqa: BLE001
-                errors.append(f"{mode} bg={background} n={n}: {type(e).__name__}: {e}")
+                errors.append(f"{mode} bg={background} pool={pooled} n={n}: {type(e).__name__}: {e}")
     pages = []
     for pooled in (True, False):
         try:
@@ -184,7 +213,7 @@ def main(argv=None) -> int:
         try:
             bw = bu.gpu_copy_bandwidth()["GBps"]
             for r in rows:
-                if r["mode"] == "step" and not r["background"]:
+                if r["mode"] == "step" and not r["background"] and not r["pooled"]:
                     s = decode_step_share(args.model, r["n_live"], 4096, r["mean_us"], bw)
                     shares.append(s)
         except Exception as e:  # noqa: BLE001
@@ -192,12 +221,14 @@ def main(argv=None) -> int:
 
     lines = [f"cache geometry: {args.model} ({MODEL_LAYERS[args.model]} layers, kv heads/dim "
              f"{bu.MODELS[args.model][1]}x{bu.MODELS[args.model][2]}, bf16, token_major), device {args.device}; "
-             f"prompt {prompt} tokens then {steps} decode steps",
+             f"prompt {prompt} tokens then {steps} decode steps, {args.gap_us:.0f} us untimed pause between steps "
+             "(stands in for the forward pass; the background thread maps during it); host time, no device sync",
              "", "| path | live requests | median / step | mean / step | p99 / step | mean / request | pages mapped in loop |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         path = "begin_step+end_step" if r["mode"] == "step" else "reserve (per slot)"
-        path += " (background)" if r["background"] else " (sync)"
+        path += " (background" if r["background"] else " (sync"
+        path += ", pages pre-created)" if r["pooled"] else ")"
         lines.append(f"| {path} | {r['n_live']} | {r['median_us']:.1f} us | {r['mean_us']:.1f} us | {r['p99_us']:.1f} us | "
                      f"{r['per_request_us']:.2f} us | {r['pages_mapped_during']} |")
     if pages:
@@ -209,7 +240,8 @@ def main(argv=None) -> int:
     if shares:
         lines += ["", "| live requests | manager / step (mean) | vattn decode attention, all layers (ctx 4096) | share of attention | "
                   "est. whole step (weights+KV at copy bw) | share of step |", "|---|---|---|---|---|---|"]
-        step_mean = {r["n_live"]: r["mean_us"] for r in rows if r["mode"] == "step" and not r["background"]}
+        step_mean = {r["n_live"]: r["mean_us"] for r in rows
+                     if r["mode"] == "step" and not r["background"] and not r["pooled"]}
         for s in shares:
             lines.append(f"| {s['n_live']} | {step_mean[s['n_live']]:.1f} us | {s['attention_all_layers_us']:.1f} us | "
                          f"{100 * s['share_of_attention']:.2f}% | {s['step_estimate_us']:.0f} us | {100 * s['share_of_step_estimate']:.2f}% |")
