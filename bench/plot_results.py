@@ -115,7 +115,7 @@ def write_results(conditions: str) -> int:
         parts += ["## CPU microbenchmarks", "",
                   f"Command: `{data['command']}`, {data['date']}, {data['elapsed_s']:.0f} s.", "",
                   f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, torch {m.get('torch_threads')} threads), "
-                  f"torch {m.get('torch')}, Python {m.get('python')}, vattn {m.get('vattn')}; "
+                  f"torch {m.get('torch')}, Python {m.get('python')}, vattn {m.get('vattn')} at commit {m.get('commit', '?')}; "
                   f"1-minute load average at the start: {m.get('loadavg_1m', '?')}.", ""]
         if conditions:
             parts += [f"Conditions: {conditions}", ""]

@@ -318,6 +318,13 @@ def machine_info(device: str) -> Dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": _cpu_name(), "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "loadavg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"}
+    try:
+        import subprocess
+        here = os.path.dirname(os.path.abspath(__file__))
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        info["commit"] = rev.stdout.strip() or "?"
+    except Exception:  # noqa: BLE001 - not a git checkout
+        info["commit"] = "?"
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = p.name
@@ -325,7 +332,7 @@ def machine_info(device: str) -> Dict[str, str]:
         info["cuda"] = str(torch.version.cuda)
     try:
         import vattn
-        info["vattn"] = getattr(vattn, "__version__", "?")
+        info["vattn"] = getattr(vattn, "__version__", "") or "?"
         info["vattn_built_with_cuda"] = str(getattr(vattn._C, "built_with_cuda", "?"))
     except Exception as e:  # noqa: BLE001
         info["vattn"] = f"import failed: {e}"
