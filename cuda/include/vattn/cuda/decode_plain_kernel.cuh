@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kPlainDecodeThreads) decode_plain_kernel(const
     for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], Fmt::load(kp, d), dot);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    const float s = a.cap2 > 0.f ? a.cap2 * tanhf(dot) : dot;  // log2 units
+    const float s = a.cap2 > 0.f ? a.cap2 * softcap_tanh(dot) : dot;  // log2 units
     const float f = st.rescale_to(s);
     const float w = st.weight(s);
     st.add(w);

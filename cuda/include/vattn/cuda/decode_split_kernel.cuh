@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
 #pragma unroll
       for (int g = 0; g < GB; ++g) {
         float x = dot[g] * ks;
-        if (a.cap2 > 0.f) x = a.cap2 * tanhf(x);
+        if (a.cap2 > 0.f) x = a.cap2 * softcap_tanh(x);
         s[kk][g] = valid ? x : -INFINITY;
       }
     }
