@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "vattn/params.h"
+#include "vattn/softmax_state.h"
 
 namespace vattn {
 namespace cuda {
@@ -57,15 +58,7 @@ __device__ __forceinline__ void decode_key_range(const DecodeKernelArgs& a, int 
   *len = int(L);
 }
 
-// tanh for the logit soft-cap. Not tanhf: under --use_fast_math that becomes tanh.approx
-// (about 2^-11 relative error, i.e. ~0.025 on a logit capped at 50). This form has an
-// absolute error of a few 1e-7; |x| >= 10 saturates (tanh(10) rounds to 1 in fp32), which
-// also keeps exp() finite.
-__device__ __forceinline__ float softcap_tanh(float x) {
-  const float c = fminf(fmaxf(x, -10.f), 10.f);
-  const float e = __expf(2.f * c);
-  return 1.f - 2.f / (e + 1.f);
-}
+// softcap_tanh (accurate under --use_fast_math) comes from vattn/softmax_state.h.
 #endif
 
 constexpr int ceil_div_i(int a, int b) { return (a + b - 1) / b; }

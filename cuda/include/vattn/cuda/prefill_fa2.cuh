@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
       for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          float x = capped ? cap_out * tanhf(s[mt][nt][c] * cap_in) : s[mt][nt][c] * scale_log2;
+          float x = capped ? cap_out * softcap_tanh(s[mt][nt][c] * cap_in) : s[mt][nt][c] * scale_log2;
           if (!full) {
             const int pos = shift + m0 + (warp * MT + mt) * 16 + g + 8 * (c >> 1);
             const int key = n0 + 8 * nt + 2 * tg + (c & 1);

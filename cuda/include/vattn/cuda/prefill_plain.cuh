@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (lane == 0) {
-        const float x = capped ? p.softcap * tanhf(dot * p.scale / p.softcap) * kLog2e : dot * scale_log2;
+        const float x = capped ? p.softcap * softcap_tanh(dot * p.scale / p.softcap) * kLog2e : dot * scale_log2;
         s_s[jj] = x;
       }
     }
