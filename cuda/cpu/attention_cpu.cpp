@@ -1,12 +1,16 @@
 // CPU decode and prefill attention (semantics: cuda/include/vattn/params.h, python/vattn/reference.py).
 //
-// One engine serves both: a work item is (batch row, kv head, a block of query positions, a key
-// range). Its query tile holds all q heads of the GQA group for those positions, so every K/V row
-// read from memory feeds the whole group. Keys are walked in blocks of kKeyBlock with an online
-// softmax in the exp2 domain (SoftmaxState). Decode has one query position per row and splits long
+// One engine serves both: a work item is (batch row, a run of kv heads, a block of query positions,
+// a key range). Its query tile holds all q heads of those GQA groups for those positions, so every
+// K/V row read from memory feeds the whole group. Keys are walked in blocks of kKeyBlock with an
+// online softmax in the exp2 domain (SoftmaxState). Decode has one query position per row, takes all
+// kv heads of the row in one item (in the usual layouts the heads of a token are adjacent, so a key
+// block is one contiguous stretch of memory instead of one row per page per head) and splits long
 // rows into several key ranges (flash-decoding on CPU) whose partial states are merged with
-// merge_weights; prefill blocks the queries instead and skips key blocks no query of the tile sees.
+// merge_weights; prefill takes one head per item, blocks the queries, and skips key blocks no query
+// of the tile sees.
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -74,9 +78,10 @@ struct RowReader<PlainFormat<f16_t>> {
 
 // One unit of parallel work.
 struct Item {
-  int b, h;        // batch row, kv head
+  int b;           // batch row
+  int h0, nh;      // kv heads [h0, h0 + nh)
   int q0, nq;      // query positions [q0, q0 + nq) within the row (decode: 0, 1)
-  int k0, k1;      // key range walked
+  int k0, k1;      // key range walked (each head reads only the part its queries see)
   int part;        // -1: write the output; else index of a decode partial slot
 };
 
@@ -85,7 +90,10 @@ struct Scratch {
   std::vector<float> q, acc, s, kbuf, vbuf;
   std::vector<SoftmaxState> st;
   std::vector<int> lo, hi;
-  void reserve(int rows, int dim) {
+  std::vector<int> head_lo, head_hi;  // per head of the item: union of its rows' visible keys
+  void reserve(int rows, int heads, int dim) {
+    head_lo.resize(heads);
+    head_hi.resize(heads);
     q.resize((size_t)rows * dim);
     acc.resize((size_t)rows * dim);
     s.resize((size_t)rows * kKeyBlock);
@@ -150,7 +158,8 @@ void validate(const AttentionParams& p, bool decode) {
 }
 
 template <class Format, typename T>
-void run_items(const AttentionParams& p, const std::vector<Item>& items, int max_rows, float* part_o, float* part_lse) {
+void run_items(const AttentionParams& p, const std::vector<Item>& items, int max_rows, int max_heads, float* part_o,
+               float* part_lse) {
   using S = typename Format::storage_t;
   const int dim = p.head_dim;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -161,67 +170,89 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
   // Small problems run on the calling thread: waking a team costs more than they take, and on a
   // busy machine a sleeping worker can take a whole scheduler tick to start.
   int64_t work = 0;
-  for (const Item& w : items) work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nq * group * dim;
+  for (const Item& w : items) work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nh * w.nq * group * dim;
   const bool parallel = n_items > 1 && work > (1 << 18);
 
 #pragma omp parallel if (parallel)
   {
     Scratch sc;
-    sc.reserve(max_rows, dim);
+    sc.reserve(max_rows, max_heads, dim);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item& w = items[it];
-      const int rows = w.nq * group;
-      const int len = row_length(p, w.b, w.h);
+      const int head_rows = w.nq * group;  // rows of one kv head: position i, q head g -> i * group + g
+      const int rows = w.nh * head_rows;
       const int nq_row = queries_of(p, w.b);
       const int t0 = first_query(p, w.b) + w.q0;
-      // Load and pre-scale the query tile: row r = position i * group + head g.
-      for (int i = 0; i < w.nq; ++i) {
-        int lo, hi;
-        visible_range(p, len - nq_row + w.q0 + i, len, &lo, &hi);
-        for (int g = 0; g < group; ++g) {
-          const int r = i * group + g;
-          const T* qr = static_cast<const T*>(p.q) + (int64_t)(t0 + i) * p.q_stride_tok +
-                        (int64_t)(w.h * group + g) * p.q_stride_head;
-          float* dst = &sc.q[(size_t)r * dim];
-          for (int d = 0; d < dim; ++d) dst[d] = to_float(qr[d]) * qscale;
-          sc.lo[r] = lo;
-          sc.hi[r] = hi;
-          sc.st[r] = SoftmaxState{};
+      // Load and pre-scale the query tile.
+      for (int hh = 0; hh < w.nh; ++hh) {
+        const int h = w.h0 + hh;
+        const int len = row_length(p, w.b, h);
+        sc.head_lo[hh] = INT32_MAX;
+        sc.head_hi[hh] = 0;
+        for (int i = 0; i < w.nq; ++i) {
+          int lo, hi;
+          visible_range(p, len - nq_row + w.q0 + i, len, &lo, &hi);
+          if (lo < hi) {
+            sc.head_lo[hh] = std::min(sc.head_lo[hh], lo);
+            sc.head_hi[hh] = std::max(sc.head_hi[hh], hi);
+          }
+          for (int g = 0; g < group; ++g) {
+            const int r = hh * head_rows + i * group + g;
+            const T* qr = static_cast<const T*>(p.q) + (int64_t)(t0 + i) * p.q_stride_tok +
+                          (int64_t)(h * group + g) * p.q_stride_head;
+            float* dst = &sc.q[(size_t)r * dim];
+            for (int d = 0; d < dim; ++d) dst[d] = to_float(qr[d]) * qscale;
+            sc.lo[r] = lo;
+            sc.hi[r] = hi;
+            sc.st[r] = SoftmaxState{};
+          }
         }
+        // Keys this head reads: what its queries see, within the item's range.
+        sc.head_lo[hh] = std::max(sc.head_lo[hh], w.k0);
+        sc.head_hi[hh] = std::min(sc.head_hi[hh], w.k1);
       }
       std::fill(sc.acc.begin(), sc.acc.begin() + (size_t)rows * dim, 0.f);
 
       const int row = p.row_ids ? p.row_ids[w.b] : w.b;
-      const S* kh = static_cast<const S*>(p.kv.k) + (int64_t)row * p.kv.k_stride_row + (int64_t)w.h * p.kv.k_stride_head;
-      const S* vh = static_cast<const S*>(p.kv.v) + (int64_t)row * p.kv.v_stride_row + (int64_t)w.h * p.kv.v_stride_head;
       for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
         const int nk = std::min(kKeyBlock, w.k1 - jb);
-        int64_t ks, vs;
-        const int avail = w.k1 - jb;  // rows of this walk from jb on: the loops prefetch within them
-        const float* kp = RowReader<Format>::rows(kh, p.kv.k_stride_tok, jb, nk, avail, dim, sc.kbuf.data(), &ks);
-        cpu::qk_block(sc.q.data(), rows, kp, ks, nk, RowReader<Format>::kDirect ? avail : nk, dim, sc.s.data(), kKeyBlock);
-        for (int r = 0; r < rows; ++r) {
-          float* s = &sc.s[(size_t)r * kKeyBlock];
-          const int a = std::max(sc.lo[r] - jb, 0), e = std::min(sc.hi[r] - jb, nk);
-          if (a >= e) { std::fill(s, s + nk, 0.f); continue; }
-          if (capped)
-            for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
-          float bm = -INFINITY;
-          for (int j = a; j < e; ++j) bm = std::max(bm, s[j]);
-          const float f = sc.st[r].rescale_to(bm);
-          if (f != 1.f) {
-            float* ar = &sc.acc[(size_t)r * dim];
-            for (int d = 0; d < dim; ++d) ar[d] *= f;
+        for (int hh = 0; hh < w.nh; ++hh) {
+          // This head's part of the block; its rows' other columns stay masked (weight 0).
+          const int ja = std::max(jb, sc.head_lo[hh]), je = std::min(jb + nk, sc.head_hi[hh]);
+          float* s_head = &sc.s[(size_t)hh * head_rows * kKeyBlock];
+          if (ja >= je) {
+            std::fill(s_head, s_head + (size_t)head_rows * kKeyBlock, 0.f);
+            continue;
           }
-          float sum = 0.f;
-          for (int j = 0; j < a; ++j) s[j] = 0.f;
-          for (int j = a; j < e; ++j) { s[j] = sc.st[r].weight(s[j]); sum += s[j]; }
-          for (int j = e; j < nk; ++j) s[j] = 0.f;
-          sc.st[r].add(sum);
+          const int h = w.h0 + hh;
+          const S* kh = static_cast<const S*>(p.kv.k) + (int64_t)row * p.kv.k_stride_row + (int64_t)h * p.kv.k_stride_head;
+          const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
+          int64_t ks;
+          const float* kp = RowReader<Format>::rows(kh, p.kv.k_stride_tok, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
+          cpu::qk_block(&sc.q[(size_t)hh * head_rows * dim], head_rows, kp, ks, je - ja,
+                        RowReader<Format>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
+          for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
+            float* s = &sc.s[(size_t)r * kKeyBlock];
+            const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
+            if (a >= e) { std::fill(s, s + nk, 0.f); continue; }
+            if (capped)
+              for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
+            const float bm = cpu::max_of(s, a, e);
+            const float f = sc.st[r].rescale_to(bm);
+            if (f != 1.f) {
+              float* ar = &sc.acc[(size_t)r * dim];
+              for (int d = 0; d < dim; ++d) ar[d] *= f;
+            }
+            if (sc.st[r].m == -INFINITY) { std::fill(s, s + nk, 0.f); continue; }  // only -inf logits so far
+            sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
+          }
+          const S* vh = static_cast<const S*>(p.kv.v) + (int64_t)row * p.kv.v_stride_row + (int64_t)h * p.kv.v_stride_head;
+          int64_t vs;
+          const float* vp = RowReader<Format>::rows(vh, p.kv.v_stride_tok, ja, je - ja, avail, dim, sc.vbuf.data(), &vs);
+          cpu::pv_block(s_head + (ja - jb), kKeyBlock, head_rows, vp, vs, je - ja,
+                        RowReader<Format>::kDirect ? avail : je - ja, dim, &sc.acc[(size_t)hh * head_rows * dim]);
         }
-        const float* vp = RowReader<Format>::rows(vh, p.kv.v_stride_tok, jb, nk, avail, dim, sc.vbuf.data(), &vs);
-        cpu::pv_block(sc.s.data(), kKeyBlock, rows, vp, vs, nk, RowReader<Format>::kDirect ? avail : nk, dim, sc.acc.data());
       }
 
       for (int r = 0; r < rows; ++r) {
@@ -233,8 +264,8 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
           for (int d = 0; d < dim; ++d) o[d] = ar[d] * inv;
           part_lse[(size_t)w.part * max_rows + r] = lse;
         } else {
-          const int i = r / group, g = r % group;
-          const int hq = w.h * group + g;
+          const int hh = r / head_rows, i = (r % head_rows) / group, g = r % group;
+          const int hq = (w.h0 + hh) * group + g;
           T* o = static_cast<T*>(p.out) + (int64_t)(t0 + i) * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
           for (int d = 0; d < dim; ++d) o[d] = from_float<T>(ar[d] * inv);
           if (p.lse) p.lse[(int64_t)(t0 + i) * p.num_q_heads + hq] = lse;
@@ -244,34 +275,34 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
   }
 }
 
-// Combines the split partials of decode (b, h) groups: items [first, first + n) hold them in order.
+// Combines the split partials of decode rows: items [first, first + n) hold one row's splits, all
+// heads (partial row r is q head r).
 template <typename T>
 void merge_splits(const AttentionParams& p, const std::vector<Item>& items, const std::vector<std::pair<int, int>>& groups,
                   int max_rows, const float* part_o, const float* part_lse) {
-  const int dim = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int dim = p.head_dim;
   const int64_t ng = (int64_t)groups.size();
-#pragma omp parallel if (ng * group * dim > (1 << 14))
+#pragma omp parallel if (ng * p.num_q_heads * dim > (1 << 14))
   {
     std::vector<float> o(dim);
 #pragma omp for schedule(static)
     for (int64_t gi = 0; gi < ng; ++gi) {
       const int first = groups[gi].first, n = groups[gi].second;
-      const Item& w0 = items[first];
-      for (int g = 0; g < group; ++g) {
+      const int b = items[first].b;
+      for (int hq = 0; hq < p.num_q_heads; ++hq) {
         float lse = -INFINITY;
         std::fill(o.begin(), o.end(), 0.f);
         for (int s = 0; s < n; ++s) {
           const int slot = items[first + s].part;
-          const float* po = part_o + ((size_t)slot * max_rows + g) * dim;
+          const float* po = part_o + ((size_t)slot * max_rows + hq) * dim;
           float wa, wb;
-          const float merged = merge_weights(lse, part_lse[(size_t)slot * max_rows + g], &wa, &wb);
+          const float merged = merge_weights(lse, part_lse[(size_t)slot * max_rows + hq], &wa, &wb);
           for (int d = 0; d < dim; ++d) o[d] = (wa > 0.f ? wa * o[d] : 0.f) + (wb > 0.f ? wb * po[d] : 0.f);
           lse = merged;
         }
-        const int hq = w0.h * group + g;
-        T* out = static_cast<T*>(p.out) + (int64_t)w0.b * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
+        T* out = static_cast<T*>(p.out) + (int64_t)b * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
         for (int d = 0; d < dim; ++d) out[d] = from_float<T>(o[d]);
-        if (p.lse) p.lse[(int64_t)w0.b * p.num_q_heads + hq] = lse;
+        if (p.lse) p.lse[(int64_t)b * p.num_q_heads + hq] = lse;
       }
     }
   }
@@ -279,44 +310,47 @@ void merge_splits(const AttentionParams& p, const std::vector<Item>& items, cons
 
 template <class Format, typename T>
 void decode_impl(const AttentionParams& p) {
-  const int group = p.num_q_heads / p.num_kv_heads;
+  const int rows = p.num_q_heads;  // one item covers every head of its batch row
   const int threads = cpu::max_threads();
-  const int64_t pairs = (int64_t)p.batch * p.num_kv_heads;
   // Enough items to keep every thread busy even when a few rows are much longer than the rest.
   const int64_t want_items = 4LL * threads;
   std::vector<Item> items;
   std::vector<std::pair<int, int>> split_groups;
   int parts = 0;
-  items.reserve(pairs);
+  items.reserve(p.batch);
   for (int b = 0; b < p.batch; ++b) {
+    // Keys any head of the row sees (heads differ only with per-head lengths).
+    int lo = INT32_MAX, hi = 0;
     for (int h = 0; h < p.num_kv_heads; ++h) {
       const int len = row_length(p, b, h);
-      int lo, hi;
-      visible_range(p, len - 1, len, &lo, &hi);
-      const int vis = hi - lo;
-      int splits = 1;
-      if (pairs < want_items && vis > kMinSplitKeys) {
-        const int64_t by_threads = (want_items + pairs - 1) / pairs;
-        const int64_t by_length = (vis + kMinSplitKeys - 1) / kMinSplitKeys;
-        splits = (int)std::max<int64_t>(1, std::min(by_threads, by_length));
-      }
-      if (splits == 1) {
-        items.push_back(Item{b, h, 0, 1, lo, hi, -1});
-        continue;
-      }
-      // Split boundaries on key-block multiples so every range but the last walks whole blocks.
-      const int blocks = (vis + kKeyBlock - 1) / kKeyBlock;
-      split_groups.emplace_back((int)items.size(), splits);
-      for (int s = 0; s < splits; ++s) {
-        const int k0 = lo + (int)((int64_t)blocks * s / splits) * kKeyBlock;
-        const int k1 = std::min(hi, lo + (int)((int64_t)blocks * (s + 1) / splits) * kKeyBlock);
-        items.push_back(Item{b, h, 0, 1, k0, k1, parts++});
-      }
+      int l, e;
+      visible_range(p, len - 1, len, &l, &e);
+      if (l < e) { lo = std::min(lo, l); hi = std::max(hi, e); }
+    }
+    if (lo >= hi) lo = hi = 0;
+    const int vis = hi - lo;
+    int splits = 1;
+    if (p.batch < want_items && vis > kMinSplitKeys) {
+      const int64_t by_threads = (want_items + p.batch - 1) / p.batch;
+      const int64_t by_length = (vis + kMinSplitKeys - 1) / kMinSplitKeys;
+      splits = (int)std::max<int64_t>(1, std::min(by_threads, by_length));
+    }
+    if (splits == 1) {
+      items.push_back(Item{b, 0, p.num_kv_heads, 0, 1, lo, hi, -1});
+      continue;
+    }
+    // Split boundaries on key-block multiples so every range but the last walks whole blocks.
+    const int blocks = (vis + kKeyBlock - 1) / kKeyBlock;
+    split_groups.emplace_back((int)items.size(), splits);
+    for (int s = 0; s < splits; ++s) {
+      const int k0 = lo + (int)((int64_t)blocks * s / splits) * kKeyBlock;
+      const int k1 = std::min(hi, lo + (int)((int64_t)blocks * (s + 1) / splits) * kKeyBlock);
+      items.push_back(Item{b, 0, p.num_kv_heads, 0, 1, k0, k1, parts++});
     }
   }
-  std::vector<float> part_o((size_t)parts * group * p.head_dim), part_lse((size_t)parts * group);
-  run_items<Format, T>(p, items, group, part_o.data(), part_lse.data());
-  if (!split_groups.empty()) merge_splits<T>(p, items, split_groups, group, part_o.data(), part_lse.data());
+  std::vector<float> part_o((size_t)parts * rows * p.head_dim), part_lse((size_t)parts * rows);
+  run_items<Format, T>(p, items, rows, p.num_kv_heads, part_o.data(), part_lse.data());
+  if (!split_groups.empty()) merge_splits<T>(p, items, split_groups, rows, part_o.data(), part_lse.data());
 }
 
 template <class Format, typename T>
@@ -334,13 +368,13 @@ void prefill_impl(const AttentionParams& p) {
         int lo_first, hi_first, lo_last, hi_last;
         visible_range(p, len - n + q0, len, &lo_first, &hi_first);
         visible_range(p, len - n + q0 + nq - 1, len, &lo_last, &hi_last);
-        items.push_back(Item{b, h, q0, nq, lo_first, std::max(hi_last, lo_first), -1});
+        items.push_back(Item{b, h, 1, q0, nq, lo_first, std::max(hi_last, lo_first), -1});
       }
     }
   }
   // Longest key ranges first so the dynamic schedule ends with short items.
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.k1 - x.k0 > y.k1 - y.k0; });
-  run_items<Format, T>(p, items, block_q * group, nullptr, nullptr);
+  run_items<Format, T>(p, items, block_q * group, 1, nullptr, nullptr);
 }
 
 template <bool kDecode>

@@ -4,6 +4,7 @@
 // FMA copy is picked at run time from the CPU's features (not its model name, so AMD CPUs get it).
 #include "attention_kernels.h"
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -55,6 +56,9 @@ void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, 
 void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
   VATTN_DISPATCH(bf16_rows_to_float, src, stride, n, n_avail, dim, dst);
 }
+
+float max_of(const float* s, int a, int e) { return VATTN_DISPATCH(max_of, s, a, e); }
+float exp2_weights(float* s, int n, int a, int e, float m) { return VATTN_DISPATCH(exp2_weights, s, n, a, e, m); }
 
 }  // namespace cpu
 }  // namespace vattn

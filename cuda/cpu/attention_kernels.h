@@ -21,6 +21,12 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
 void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
 
+// Max of s[a:e).
+float max_of(const float* s, int a, int e);
+// Softmax weights of one row of a block in the exp2 domain: s[j] = 2^(s[j] - m) for j in [a, e),
+// 0 for the other j < n (masked keys); returns the sum of the weights. Requires s[j] <= m.
+float exp2_weights(float* s, int n, int a, int e, float m);
+
 // How far ahead (in rows) the loops prefetch.
 constexpr int kPrefetchRows = 6;
 

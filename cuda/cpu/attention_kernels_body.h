@@ -2,6 +2,9 @@
 // x86-64 and once under `#pragma GCC target("avx2,fma,f16c")`, so one wheel runs everywhere and
 // uses AVX2+FMA where the CPU has them. No include guard on purpose; no headers inside.
 
+static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
 // Software prefetch of the row `kPrefetchRows` ahead: cache rows of one head are usually a page or
 // more apart (other heads and layers sit in between), which the hardware prefetcher does not follow.
 static inline void prefetch_row(const float* row, int dim) {
@@ -81,8 +84,6 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
   }
 }
 
-static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
 // Branch-free IEEE half -> float (exact, subnormals included): move exponent and mantissa into
 // float position and rescale by 2^112; infinities and NaNs get the all-ones float exponent.
@@ -117,3 +118,40 @@ void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail,
   }
 }
 
+
+float max_of(const float* s, int a, int e) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int j = a; j < e; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+// 2^x for x <= 0 (x >= -126 after clamping), vectorizable: 2^round(x) from the exponent bits times
+// a degree-7 polynomial of 2^f, |f| <= 0.5 (relative error ~1e-8, below fp32 rounding).
+static inline float exp2_nonpositive(float x) {
+  x = x < -126.f ? -126.f : x;
+  const float r = std::floor(x + 0.5f);
+  const float f = (x - r) * 0.6931471805599453f;  // e^(f ln 2)
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  return p * bits_to_float(uint32_t((int32_t)r + 127) << 23);
+}
+
+float exp2_weights(float* s, int n, int a, int e, float m) {
+  float sum = 0.f;
+  for (int j = 0; j < a; ++j) s[j] = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = a; j < e; ++j) {
+    const float w = exp2_nonpositive(s[j] - m);
+    s[j] = w;
+    sum += w;
+  }
+  for (int j = e; j < n; ++j) s[j] = 0.f;
+  return sum;
+}
