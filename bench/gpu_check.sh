@@ -44,7 +44,7 @@ run_step() {
   local t=$cap
   ((left < t)) && t=$left
   if ((t < 5)); then
-    record "$name" "SKIPPED" 0 "no time left in the ${BUDGET}s budget"
+    record "$name" "NO TIME" 0 "no time left in the ${BUDGET}s budget"
     log "$name: skipped (no time left)"
     return 99
   fi
