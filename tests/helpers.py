@@ -181,7 +181,12 @@ def random_cases(kind: str, n: int, seed: int, long_len: int = 3000) -> List[Cas
     return cases
 
 
-def skip_unsupported(device: str, dtype: torch.dtype, dim: int) -> None:
-    """CUDA kernels cover fp16/bf16 and the common head dims; the CPU path covers everything."""
-    if device == "cuda" and (dtype == torch.float32 or dim not in (64, 128)):
-        pytest.skip("CUDA kernels: fp16/bf16, head_dim 64/128")
+def skip_unsupported(device: str, dtype: torch.dtype, dim: int, prefill: bool = True) -> None:
+    """CUDA kernels cover head_dim multiples of 8 up to 256, fp16/bf16 (decode also fp32); the CPU
+    path covers everything."""
+    if device != "cuda":
+        return
+    if dim % 8 != 0 or dim > 256:
+        pytest.skip("CUDA kernels: head_dim a multiple of 8 up to 256")
+    if prefill and dtype == torch.float32:
+        pytest.skip("CUDA prefill: fp16/bf16")

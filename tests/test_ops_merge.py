@@ -11,8 +11,6 @@ from helpers import Case, build, device_impls, randn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dim", [64, 128, 33])
 def test_merge_matches_reference(device, impl, dtype, dim):
-    if device == "cuda" and dtype == torch.float32:
-        pytest.skip("CUDA: fp16/bf16")
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         n, heads = 37, 5

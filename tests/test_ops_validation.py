@@ -82,3 +82,16 @@ def test_impl_selection():
     assert vattn.ops.get_attention_impl() == before
     with pytest.raises(ValueError):
         vattn.ops.set_attention_impl("fastest")
+
+
+@pytest.mark.gpu
+def test_cuda_limits_are_python_errors():
+    case = Case(lens=[5, 9], hkv=1, group=2, dim=36)
+    q, kc, vc, kw = build(case, torch.float16, "plain", "cuda", seed=0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _decode(q, kc, vc, kw)
+    q, kc, vc, kw = build(Case(lens=[5], hkv=1, group=1, dim=64), torch.float32, "plain", "cuda", seed=0)
+    with pytest.raises(TypeError, match="float16"):
+        vattn.prefill_attention(q, kc, vc, torch.tensor([0, 1], device="cuda"), kw["seqlens_k"])
+    with pytest.raises(ValueError, match="device|on"):
+        _decode(q, kc, vc, kw, seqlens_k=kw["seqlens_k"].cpu())

@@ -165,6 +165,12 @@ def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Ten
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
+    if device.type == "cuda":
+        # What the CUDA kernels cover (cuda/kernels/decode.cu, prefill.cu); the CPU path takes any head_dim.
+        if dim % 8 != 0 or dim > 256:
+            raise ValueError(f"CUDA attention needs head_dim a multiple of 8 up to 256, got {dim}")
+        if cu_seqlens_q is not None and q.dtype == torch.float32:
+            raise TypeError("CUDA prefill_attention supports float16 and bfloat16 (float32 runs on CPU)")
 
 
 # ----------------------------------------------------------------------------- parameter structs
