@@ -120,3 +120,23 @@ def test_strided_q(device, impl):
         assert not qs.is_contiguous()
         out, lse = _run("decode", qs, kc, vc, kw)
         assert_attention_close(out, lse, q, kc, vc, kw, "strided q")
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+def test_edge_cases(device, impl):
+    """Empty rows (length 0), more queries than keys (early queries see nothing), window 0, batch 0."""
+    dtype = torch.float16
+    with vattn.ops.attention_impl(impl):
+        case = Case(lens=[0, 1, 40], hkv=2, group=2, dim=64, window_left=0)
+        q, kc, vc, kw = build(case, dtype, "plain", device, seed=1)
+        out, lse = _run("decode", q, kc, vc, kw)
+        assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+        assert_attention_close(out, lse, q, kc, vc, kw, "decode edge")
+        case = Case(lens=[3, 50], hkv=1, group=4, dim=64, q_lens=[5, 2])
+        q, kc, vc, kw = build(case, dtype, "plain", device, seed=2)
+        out, lse = _run("prefill", q, kc, vc, kw)
+        assert (out[:2] == 0).all() and torch.isneginf(lse[:2]).all() and torch.isfinite(lse[2:]).all()
+        assert_attention_close(out, lse, q, kc, vc, kw, "prefill edge")
+        empty_q = q[:0]
+        out = vattn.decode_attention(empty_q, kc, vc, torch.zeros(0, dtype=torch.int32, device=device))
+        assert out.shape == (0, 4, 64)
