@@ -1,6 +1,8 @@
 """The `vattn` command: info, demo on the tiny model, generate, and its one-line errors."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -15,8 +17,22 @@ def run(*argv, timeout=600):
     """`python -m vattn ...` in a subprocess (what the console script runs)."""
     env = dict(os.environ)
     env.pop("VATTN_DEBUG", None)
+    env["OMP_NUM_THREADS"] = "1"  # tiny models; extra threads only spin against other processes
     return subprocess.run([sys.executable, "-m", "vattn", *argv], capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_inproc(*argv):
+    """cli.main(argv) in this process (fast: no interpreter start, torch already imported)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return _Result(code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(proc, code, *needles):
@@ -62,6 +78,8 @@ def test_demo_tiny(layout):
 def test_demo_tiny_in_process_memory_numbers(capsys, monkeypatch):
     """The memory table's numbers are consistent: live <= mapped <= reserved, static > live."""
     pytest.importorskip("transformers")
+    import torch
+
     captured = {}
     original = cli.print_report
 
@@ -70,8 +88,13 @@ def test_demo_tiny_in_process_memory_numbers(capsys, monkeypatch):
         original(prompts, r)
 
     monkeypatch.setattr(cli, "print_report", spy)
-    assert cli.main(["demo", "--tiny", "--device", "cpu", "--max-new-tokens", "8", "--prompt", "one",
-                     "--prompt", "a longer second prompt"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only spin against other processes
+    try:
+        assert cli.main(["demo", "--tiny", "--device", "cpu", "--max-new-tokens", "8", "--prompt", "one",
+                         "--prompt", "a longer second prompt"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     s = captured["stats"]
     assert 0 < s["used_bytes"] <= s["mapped_bytes"] <= s["reserved_bytes"]
     assert captured["static_max_bytes"] > s["used_bytes"]
@@ -107,17 +130,17 @@ def test_generate_with_a_saved_model(tmp_path):
 
 
 def test_error_missing_model(tmp_path):
-    proc = run("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    proc = run_inproc("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
     one_line_error(proc, 1, "does not exist")
 
 
 def test_error_missing_gguf(tmp_path):
-    proc = run("generate", "--model", str(tmp_path), "--gguf-file", "missing.gguf", "--prompt", "hi")
+    proc = run_inproc("generate", "--model", str(tmp_path), "--gguf-file", "missing.gguf", "--prompt", "hi")
     one_line_error(proc, 1, "missing.gguf")
 
 
 def test_error_empty_model_dir(tmp_path):
-    proc = run("generate", "--model", str(tmp_path), "--prompt", "hi")
+    proc = run_inproc("generate", "--model", str(tmp_path), "--prompt", "hi")
     one_line_error(proc, 1, "config.json")
 
 
@@ -131,16 +154,21 @@ def test_error_empty_model_dir(tmp_path):
     (["frobnicate"], "frobnicate"),
 ])
 def test_error_bad_option(argv, needle):
-    one_line_error(run(*argv), 2, needle)
+    one_line_error(run_inproc(*argv), 2, needle)
+
+
+def test_error_bad_option_console():
+    """The same through the interpreter entry point (python -m vattn): exit status and one line."""
+    one_line_error(run("demo", "--layout", "diagonal"), 2, "--layout")
 
 
 def test_error_absent_device():
     import torch
 
     if torch.cuda.is_available() and vattn._C.built_with_cuda:
-        proc = run("demo", "--tiny", "--device", f"cuda:{torch.cuda.device_count()}")
+        proc = run_inproc("demo", "--tiny", "--device", f"cuda:{torch.cuda.device_count()}")
     else:
-        proc = run("demo", "--tiny", "--device", "cuda")
+        proc = run_inproc("demo", "--tiny", "--device", "cuda")
     one_line_error(proc, 1, "cuda")
 
 

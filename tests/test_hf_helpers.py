@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+pytest.importorskip("transformers")
 
 import vattn.hf as vhf  # noqa: E402
 
@@ -39,3 +40,13 @@ def token_bytes(cache) -> int:
     """Bytes one stored token takes over all layers (K and V)."""
     elem = torch.empty((), dtype=cache.dtype).element_size()
     return cache.num_layers * 2 * cache.num_kv_heads * cache.head_dim * elem
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: these models are too small to gain from more, and on a shared machine extra
+    OpenMP threads spinning against other processes make generate 10-30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

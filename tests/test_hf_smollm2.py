@@ -13,7 +13,7 @@ pytest.importorskip("gguf")
 from vattn import _models  # noqa: E402
 import vattn.hf as vhf  # noqa: E402
 
-from test_hf_helpers import generate, max_logit_diff, token_bytes  # noqa: E402
+from test_hf_helpers import _one_thread, generate, max_logit_diff, token_bytes  # noqa: E402,F401
 
 pytestmark = [
     pytest.mark.slow,

@@ -206,8 +206,8 @@ class VAttnLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         return self._parent.update(key_states, value_states, self.layer_idx)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._parent.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        return self._parent.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self._parent.get_seq_length()
@@ -329,8 +329,10 @@ class VAttnCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._columns
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._columns + query_length, 0
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers 4.5x passed cache_position here
+            query_length = query_length.shape[-1]
+        return self._columns + int(query_length), 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self._columns
@@ -449,6 +451,9 @@ class VAttnCache(Cache):
             self._lengths = [0] * batch
             self._real = np.zeros((batch, self.max_seq_len), dtype=bool)
             self._columns = 0
+        elif batch != len(self._slots) and self._columns == 0:
+            self.reset()  # nothing stored yet (e.g. a first step that failed): start over with this batch
+            return self._begin_forward(batch, q_len, mask2d, device)
         elif batch != len(self._slots):
             raise ValueError(f"vattn: this cache holds a batch of {len(self._slots)} rows, the input has {batch}; "
                              "call cache.reset() (or make a new cache) for a new batch")
