@@ -50,3 +50,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def teacher_forced_logits(model, enc, sequences, cache):
+    """Next-token logits of every generated position of `sequences`, fed through `cache` one token at a
+    time (prefill of the prompt, then decode steps on the reference tokens). A single flipped greedy
+    token then cannot derail the rest of the comparison. Returns [steps, batch, vocab]."""
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    mask = enc["attention_mask"]
+    width = enc["input_ids"].shape[1]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    steps = []
+    with torch.inference_mode():
+        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, **kw)
+        steps.append(out.logits[:, -1].float())
+        for t in range(width, sequences.shape[1] - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(input_ids=sequences[:, t:t + 1], attention_mask=mask, position_ids=pos, **kw)
+            steps.append(out.logits[:, -1].float())
+    return torch.stack(steps)

@@ -13,7 +13,8 @@ pytest.importorskip("gguf")
 from vattn import _models  # noqa: E402
 import vattn.hf as vhf  # noqa: E402
 
-from test_hf_helpers import _one_thread, generate, max_logit_diff, token_bytes  # noqa: E402,F401
+from test_hf_helpers import (  # noqa: E402,F401
+    _one_thread, generate, max_logit_diff, teacher_forced_logits, token_bytes)
 
 pytestmark = [
     pytest.mark.slow,
@@ -83,21 +84,19 @@ def test_smollm2_greedy_matches_default_cache(smollm2, references, batch, layout
 
 
 @pytest.mark.gpu
-def test_smollm2_bf16_cuda(smollm2):
-    """bf16 on CUDA: logits close to transformers' sdpa, and a high rate of identical greedy tokens."""
-    model_cpu, tok = smollm2
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_smollm2_bf16_cuda(layout):
+    """bf16 on CUDA against transformers' sdpa + default cache: logits within bf16 rounding and next-token
+    argmax identical at a high rate (teacher-forced on the reference tokens, so one flip does not derail)."""
     found = _models.find_smollm2()
-    model, _ = _models.load_pretrained(found[0], found[1], dtype=torch.bfloat16, device="cuda")
+    model, tok = _models.load_pretrained(found[0], found[1], dtype=torch.bfloat16, device="cuda")
     enc = {k: v.cuda() for k, v in _encode(tok, PROMPTS).items()}
     ref = generate(model, enc, NEW_TOKENS)
-    cache = vhf.VAttnCache.for_model(model, max_batch=4, max_seq_len=1024)
-    out = generate(model, enc, NEW_TOKENS, cache)
-    diff = max_logit_diff(ref, out, LOGIT_STEPS)
-    print(f"SmolLM2 bf16 cuda: max |logits diff| over {LOGIT_STEPS} steps = {diff:.3g}")
-    assert diff < 0.5  # bf16 logits of magnitude ~30 carry ~0.1 of rounding
-    # identical greedy tokens up to where the first near-tie flips a row
-    width = enc["input_ids"].shape[1]
-    same = (out.sequences[:, width:] == ref.sequences[:, width:]).float().mean().item()
-    print(f"SmolLM2 bf16 cuda: identical greedy tokens {same:.3f}")
-    assert same > 0.8
-    del model_cpu
+    ref_logits = torch.stack([x.float() for x in ref.logits])
+    cache = vhf.VAttnCache.for_model(model, max_batch=4, max_seq_len=1024, layout=layout)
+    got = teacher_forced_logits(model, enc, ref.sequences, cache)
+    diff = (got - ref_logits).abs().max().item()
+    same = (got.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    print(f"SmolLM2 bf16 cuda layout={layout}: max |logits diff| {diff:.3g}, identical next tokens {same:.3f}")
+    assert diff < 1.0  # bf16 logits of magnitude ~30 carry ~0.1-0.25 of rounding
+    assert same > 0.95
