@@ -159,6 +159,21 @@ def test_continue_generation_on_same_cache(tiny, layout):
     assert [vcache.kv.length(s) for s in vcache._slots] == real.tolist()
 
 
+def test_prompt_lookup_decoding_crops_correctly(tiny):
+    """Assisted (prompt-lookup) generation verifies several candidate tokens per step and crops the
+    rejected ones: the result must equal plain greedy decoding."""
+    model, tok = tiny
+    enc = _enc(tok, ["abcabcabc abc abc abcabc the the the the cat the cat"])
+    ref = generate(model, enc, 40, logits=False)
+    cache = _cache(model, 1, "token_major")
+    out = generate(model, enc, 40, cache, logits=False, prompt_lookup_num_tokens=4)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert cache.get_seq_length() == out.sequences.shape[1] - 1
+    assert cache.kv.length(cache._slots[0]) == out.sequences.shape[1] - 1
+    with pytest.raises(ValueError):
+        cache.crop(3)  # transformers' convention: a negative count
+
+
 def test_plain_forward_loop(tiny):
     """A hand-written prefill + decode loop (no generate, no position_ids) matches DynamicCache."""
     from transformers import DynamicCache

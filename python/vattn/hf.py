@@ -353,13 +353,15 @@ class VAttnCache(Cache):
         self._slots, self._lengths, self._real, self._columns = None, [], None, 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drops the last positions (negative argument = how many; a non-negative one is the new length)."""
-        self._abort_forward()
-        new_columns = self._columns + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, self._columns)
-        new_columns = max(new_columns, 0)
-        if new_columns == self._columns or self._slots is None:
-            self._columns = new_columns if self._slots is not None else 0
+        """Drops the last -tokens_to_remove positions (transformers' convention: a negative count;
+        0 is a no-op that generate calls every step)."""
+        tokens_to_remove = int(tokens_to_remove)
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of positions to remove")
+        if tokens_to_remove == 0 or self._slots is None:
             return
+        self._abort_forward()
+        new_columns = max(self._columns + tokens_to_remove, 0)
         for b, slot in enumerate(self._slots):
             keep = int(self._real[b, :new_columns].sum())
             if keep != self._lengths[b]:
