@@ -51,6 +51,7 @@ def test_info():
     assert f"vattn {vattn.__version__}" in proc.stdout
     assert "build:" in proc.stdout and "torch:" in proc.stdout
     assert ("CUDA" in proc.stdout) or ("CPU only" in proc.stdout)
+    assert "page granularity [host]" in proc.stdout
 
 
 def test_help_and_no_command(capsys):

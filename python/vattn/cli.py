@@ -259,7 +259,13 @@ def cmd_info(args) -> int:
     gran = info.get("page_granularity")
     if isinstance(gran, dict):
         for backend, value in gran.items():
-            print(f"page granularity [{backend}]: {_fmt_bytes(value) if isinstance(value, int) else value}")
+            if isinstance(value, (list, tuple)):
+                shown = ", ".join(f"cuda:{i} {_fmt_bytes(v) if isinstance(v, int) else v}"
+                                  for i, v in enumerate(value)) or "no CUDA device"
+            else:
+                shown = _fmt_bytes(value) if isinstance(value, int) else str(value)
+            note = " (KVCache pages default to 2 MiB)" if backend == "host" else ""
+            print(f"page granularity [{backend}]: {shown}{note}")
     elif gran is not None:
         print(f"page granularity: {gran}")
     return 0
