@@ -4,6 +4,9 @@
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=128)
     cache.release()          # or let it go out of scope
 
+(transformers >= 5.2x names generate's argument `cache=`; `past_key_values=` still works there, with a
+deprecation warning. Tested with transformers 5.24; needs the per-layer Cache API of 4.56+.)
+
 How it plugs in (supported extension points only, no model code is patched):
 - `AttentionInterface.register("vattn", ...)` adds an attention function and
   `AttentionMaskInterface.register("vattn", ...)` a mask function that hands it the 2D padding mask;
