@@ -18,47 +18,54 @@ def make(background, layout="token_major", **kw):
 
 
 def run_trace(cache, seed, steps=60):
-    """Random prefill / decode / shrink / free on a cache, writing through the views. Returns the
-    data of every live slot at the end, and the final lengths."""
+    """Random prefill / decode / shrink / free on a cache, writing through the views. Requests are
+    named by arrival order, not by slot: which free slot alloc() hands out depends on the pages
+    each free slot still holds, which background mapping changes. Returns {request: (slot, data)}
+    for the live requests at the end, and their lengths."""
     g = torch.Generator().manual_seed(seed)
-    data = {}
+    data = {}   # request id -> list of 2L tensors
+    slot_of = {}
+    next_id = 0
     for i in range(steps):
         live = sorted(data)
         r = float(torch.rand(1, generator=g))
         if (r < 0.2 or not live) and len(live) < cache.max_batch:
-            data[cache.alloc()] = [torch.empty(0, H, D, dtype=cache.dtype) for _ in range(2 * L)]
+            slot_of[next_id] = cache.alloc()
+            data[next_id] = [torch.empty(0, H, D, dtype=cache.dtype) for _ in range(2 * L)]
+            next_id += 1
             continue
         if r < 0.3 and live:
-            s = live[int(torch.randint(0, len(live), (1,), generator=g))]
-            n = cache.length(s) // 2
-            cache.shrink(s, n)
-            data[s] = [t[:n] for t in data[s]]
+            q = live[int(torch.randint(0, len(live), (1,), generator=g))]
+            n = cache.length(slot_of[q]) // 2
+            cache.shrink(slot_of[q], n)
+            data[q] = [t[:n] for t in data[q]]
             continue
         if r < 0.35 and live:
-            s = live[0]
-            cache.free(s)
-            del data[s]
+            q = live[0]
+            cache.free(slot_of.pop(q))
+            del data[q]
             continue
-        slots = live
+        slots = [slot_of[q] for q in live]
         new = [int(torch.randint(1, 4, (1,), generator=g)) if i % 3 else int(torch.randint(1, 120, (1,), generator=g))
                for _ in slots]
         new = [min(n, cache.max_seq_len - cache.length(s)) for s, n in zip(slots, new)]
         step = cache.begin_step(slots, new)
-        for s, a, n in zip(slots, step.start, new):
+        for q, s, a, n in zip(live, slots, step.start, new):
             for layer in range(L):
                 k, v = cache.kv(layer)
                 kd = torch.randn(n, H, D, generator=g).to(cache.dtype)
                 vd = torch.randn(n, H, D, generator=g).to(cache.dtype)
                 k[s, a:a + n] = kd
                 v[s, a:a + n] = vd
-                data[s][2 * layer] = torch.cat([data[s][2 * layer], kd])
-                data[s][2 * layer + 1] = torch.cat([data[s][2 * layer + 1], vd])
+                data[q][2 * layer] = torch.cat([data[q][2 * layer], kd])
+                data[q][2 * layer + 1] = torch.cat([data[q][2 * layer + 1], vd])
         cache.end_step(step)
-    return data, cache.lengths.tolist()
+    lengths = {q: cache.length(slot_of[q]) for q in data}
+    return {q: (slot_of[q], ts) for q, ts in data.items()}, lengths
 
 
 def check(cache, data):
-    for s, ts in data.items():
+    for s, ts in data.values():
         for layer in range(L):
             k, v = cache.kv(layer)
             n = cache.length(s)
@@ -74,7 +81,7 @@ def test_two_caches_background_same_results(layout):
         data, lengths = run_trace(cache, seed)
         check(cache, data)
         cache.wait_background()
-        results[name] = (lengths, {s: [t.clone() for t in ts] for s, ts in data.items()}, cache.stats(), cache)
+        results[name] = (lengths, {q: [t.clone() for t in ts] for q, (_, ts) in data.items()}, cache.stats(), cache)
 
     threads = [threading.Thread(target=worker, args=(f"bg{i}", True, i)) for i in range(2)]
     for t in threads:
