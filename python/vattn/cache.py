@@ -174,7 +174,7 @@ class KVCache:
             if lookahead < 0:
                 raise ValueError(f"lookahead_tokens must be >= 0, got {lookahead}")
 
-        self._m = _C.CacheManager(
+        self._manager = _C.CacheManager(
             "cuda" if dev.type == "cuda" else "host", dev.index or 0, self.num_layers, self.num_kv_heads,
             self.head_dim, self._elem, self.max_batch, self.max_seq_len, layout, page_bytes=page,
             max_physical_bytes=cap, prealloc_bytes=prealloc, reclaim_watermark_bytes=watermark,
@@ -284,6 +284,18 @@ class KVCache:
         self._open_steps[id(step)] = step
         return step
 
+    def abort_step(self, step: Step) -> None:
+        """Closes an open step without committing it: lengths stay as they were before
+        begin_step (pages it mapped stay mapped for the slots' next steps). For a forward pass that
+        failed half-way."""
+        if not isinstance(step, Step):
+            raise TypeError(f"abort_step expects a vattn.Step, got {type(step).__name__}")
+        if self._open_steps.get(id(step)) is not step:
+            raise ValueError("this step is not open in this cache (already ended, or begun on another cache)")
+        del self._open_steps[id(step)]
+        for s in step.slots:
+            del self._open[s]
+
     def end_step(self, step: Step) -> None:
         """Commits a step: each slot's length grows by its new tokens. Once per step."""
         if not isinstance(step, Step):
@@ -324,6 +336,25 @@ class KVCache:
     def wait_background(self) -> None:
         """Waits until the background mapping thread (if any) has nothing left to do."""
         self._m.wait_background_idle()
+
+    def close(self) -> None:
+        """Drops the cache's native state: its virtual range and physical pages are released as
+        soon as no view returned by kv() is alive any more. Any later call raises RuntimeError."""
+        self._manager = None
+        self._views = [None] * self.num_layers
+        self._regions = {}
+        self._open = {}
+        self._open_steps = {}
+
+    @property
+    def closed(self) -> bool:
+        return self._manager is None
+
+    @property
+    def _m(self):
+        if self._manager is None:
+            raise RuntimeError("this KVCache is closed")
+        return self._manager
 
     def _inject_failure(self, kind: str, n: int) -> None:
         """Test hook: the n-th next page creation (kind="create") or page map ("map") fails with a
