@@ -503,14 +503,12 @@ class VAttnCache(Cache):
         return fw
 
     def _abort_forward(self) -> None:
-        """Drops a forward that raised half-way: its step is closed and the slots cut back to their
-        previous lengths, so nothing of it stays (vattn.KVCache has no cancel for a step)."""
+        """Drops a forward that raised half-way: its step is aborted, so the slots keep their
+        previous lengths and nothing of it stays."""
         fw, self._forward = self._forward, None
         if fw is None or fw.step is None or self.kv is None:
             return
-        self.kv.end_step(fw.step)
-        for slot, start in zip(fw.step.slots, fw.step.start):
-            self.kv.shrink(slot, start)
+        self.kv.abort_step(fw.step)
 
     def _end_forward(self, fw: _Forward) -> None:
         if fw.step is not None:
