@@ -81,7 +81,7 @@ def _read(path):
 
 def _strip_command(md: str) -> str:
     """Drops the 'Command:' header line of a --markdown file (RESULTS.md states it once)."""
-    return "\n".join(line for line in md.splitlines() if not line.startswith("Command:")).strip()
+    return "\n".join(line for line in md.splitlines() if not line.startswith(("Command:", "Machine:"))).strip()
 
 
 def cpu_targets(data) -> list:
@@ -116,7 +116,7 @@ def write_results(conditions: str) -> int:
                   f"Command: `{data['command']}`, {data['date']}, {data['elapsed_s']:.0f} s.", "",
                   f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, torch {m.get('torch_threads')} threads), "
                   f"torch {m.get('torch')}, Python {m.get('python')}, vattn {m.get('vattn')} at commit {m.get('commit', '?')}; "
-                  f"1-minute load average at the start: {m.get('loadavg_1m', '?')}.", ""]
+                  f"1-minute load average at the start of the run: {m.get('loadavg_1m_start', '?')}, at its end: {m.get('loadavg_1m', '?')}.", ""]
         if conditions:
             parts += [f"Conditions: {conditions}", ""]
         parts += [_strip_command(_read(os.path.join(RESULTS, "cpu.md")) or "(cpu.md missing)"), ""]
@@ -124,6 +124,9 @@ def write_results(conditions: str) -> int:
         png = os.path.join(HERE, "decode_bandwidth_cpu.png")
         if plot(data, png):
             parts += ["![decode GB/s vs context, CPU](decode_bandwidth_cpu.png)", ""]
+    notes = _read(os.path.join(RESULTS, "notes.md"))
+    if notes:  # hand-written reading of the numbers above (bench/results/notes.md)
+        parts += [notes, ""]
     man = _read(os.path.join(RESULTS, "manager_cpu.md"))
     if man:
         parts += ["## Memory manager latency (CPU, host memfd backend)", "", man, ""]

@@ -377,6 +377,7 @@ def main(argv=None) -> int:
     budget = args.time_budget
     if budget is None:
         budget = {("cpu", False): 170, ("cpu", True): 25, ("cuda", False): 240, ("cuda", True): 120}[(args.device, args.quick)]
+    load_start = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
     t0 = time.perf_counter()
     runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex, only=args.only)
     runner.measure_ceilings()
@@ -392,6 +393,7 @@ def main(argv=None) -> int:
     print(ceil_line)
     print(f"ratio = anchor time / vattn time (> 1: vattn faster); run took {elapsed:.0f} s")
     info = machine_info(args.device)
+    info["loadavg_1m_start"] = load_start
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
