@@ -13,6 +13,9 @@
 # log tail.
 # --dry-run (or VATTN_GPU_CHECK_DRY=1): no GPU needed; skips the build, sanitizer and GPU steps
 # and runs the CPU variants (bench tests, run.py --device cpu --quick, ...) to test this script.
+# OUTDIR ends with report.md, summary.json, bench.json, manager.json, junit.xml, logs.tar.gz and
+# logs/ (VATTN_GPU_CHECK_PACK_LOGS=1 drops logs/ after packing: 6 files in all, for runners that
+# bring back a bounded number of files, e.g. OUTDIR=$OUT on a lent device machine).
 # Environment: PYTHON (default python), VATTN_GPU_ARCH (override the detected arch),
 # VATTN_SANITIZER_FILTER (default "--kernel-name kns=vattn": check vattn's kernels only).
 set -uo pipefail
@@ -27,7 +30,9 @@ cd "$ROOT" || exit 2
 PY=${PYTHON:-python}
 START=$(date +%s)
 BUDGET=${VATTN_GPU_CHECK_BUDGET:-560}
-STEPS="$OUT/steps.tsv"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS" || exit 2
+STEPS="$LOGS/steps.tsv"
 : >"$STEPS"
 
 log() { echo "[gpu_check $(($(date +%s) - START))s] $*" >&2; }
@@ -80,7 +85,7 @@ skip() { record "$1" "SKIPPED" 0 "$2"; log "$1: skipped ($2)"; }
   command -v nvcc >/dev/null && nvcc --version | tail -2 | head -1 | sed 's/^/nvcc: /'
   timeout 60 "$PY" -c 'import torch, sys; print("python:", sys.version.split()[0]); print("torch:", torch.__version__, "cuda", torch.version.cuda)' 2>&1
   command -v compute-sanitizer >/dev/null && echo "compute-sanitizer: $(compute-sanitizer --version 2>&1 | tail -1)"
-} >"$OUT/environment.txt" 2>&1
+} >"$LOGS/environment.txt" 2>&1
 if [[ -n "${VATTN_GPU_ARCH:-}" ]]; then
   ARCH=$VATTN_GPU_ARCH
 else
@@ -92,10 +97,10 @@ else
   esac
 fi
 if [[ -z "$ARCH" ]]; then
-  if ((DRY)); then ARCH="90a"; echo "arch: 90a (assumed: dry run, no GPU)" >>"$OUT/environment.txt"
-  else echo "arch: none (nvidia-smi found no GPU)" >>"$OUT/environment.txt"; fi
+  if ((DRY)); then ARCH="90a"; echo "arch: 90a (assumed: dry run, no GPU)" >>"$LOGS/environment.txt"
+  else echo "arch: none (nvidia-smi found no GPU)" >>"$LOGS/environment.txt"; fi
 else
-  echo "arch: $ARCH" >>"$OUT/environment.txt"
+  echo "arch: $ARCH" >>"$LOGS/environment.txt"
 fi
 log "arch=${ARCH:-none} dry=$DRY out=$OUT"
 
@@ -103,7 +108,7 @@ log "arch=${ARCH:-none} dry=$DRY out=$OUT"
 BUILD_OK=1
 if ((DRY)); then
   skip build "dry run"
-  run_step import 60 300 TERM "$OUT/import.log" "$PY" -c 'import vattn; print(vattn.__version__, "cuda:", vattn._C.built_with_cuda)'
+  run_step import 60 300 TERM "$LOGS/import.log" "$PY" -c 'import vattn; print(vattn.__version__, "cuda:", vattn._C.built_with_cuda)'
 elif [[ -z "$ARCH" ]]; then
   record build "FAILED" 0 "no GPU found by nvidia-smi"
   BUILD_OK=0
@@ -111,11 +116,11 @@ else
   # Tests + sanitizers + bench + manager need at least ~200 s after the build.
   if ! CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCH ${CMAKE_ARGS:-}" VATTN_CUDA=ON \
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    run_step build 330 200 TERM "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v .; then
+    run_step build 330 200 TERM "$LOGS/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v .; then
     BUILD_OK=0
   else
     # Import from outside the repository so the installed wheel is what runs.
-    (cd /tmp && run_step import 60 190 TERM "$OUT/import.log" "$PY" -c \
+    (cd /tmp && run_step import 60 190 TERM "$LOGS/import.log" "$PY" -c \
       'import vattn; assert vattn._C.built_with_cuda, "built without CUDA"; print(vattn.__version__, vattn._C.cuda_architectures if hasattr(vattn._C, "cuda_architectures") else "")') || BUILD_OK=0
   fi
 fi
@@ -124,16 +129,16 @@ if ((BUILD_OK)); then
   # ---------------------------------------------------------------- tests
   if ((DRY)); then
     # shellcheck disable=SC2086  # a list of paths
-    run_step tests 150 150 INT "$OUT/tests.log" "$PY" -m pytest ${VATTN_DRY_TEST_PATHS:-bench} -q -rfE \
+    run_step tests 150 150 INT "$LOGS/tests.log" "$PY" -m pytest ${VATTN_DRY_TEST_PATHS:-bench} -q -rfE \
       -p no:cacheprovider --benchmark-disable --junitxml="$OUT/junit.xml"
   else
-    VATTN_REQUIRE_GPU=1 run_step tests 180 150 INT "$OUT/tests.log" "$PY" -m pytest tests bench -q -rfE \
+    VATTN_REQUIRE_GPU=1 run_step tests 180 150 INT "$LOGS/tests.log" "$PY" -m pytest tests bench -q -rfE \
       -p no:cacheprovider --benchmark-disable --durations=15 --junitxml="$OUT/junit.xml"
   fi
 
   # ---------------------------------------------------------------- sanitizers
   if ((DRY)); then
-    run_step sanitizer-cases-cpu 120 100 TERM "$OUT/sanitizer_cpu.log" "$PY" bench/sanitizer_cases.py --device cpu
+    run_step sanitizer-cases-cpu 120 100 TERM "$LOGS/sanitizer_cpu.log" "$PY" bench/sanitizer_cases.py --device cpu
     skip memcheck "dry run"
     skip racecheck "dry run"
   elif ! command -v compute-sanitizer >/dev/null; then
@@ -143,10 +148,10 @@ if ((BUILD_OK)); then
     FILTER=${VATTN_SANITIZER_FILTER---kernel-name kns=vattn}
     compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" || FILTER=""
     # shellcheck disable=SC2086  # FILTER is a list of options
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 90 120 TERM "$OUT/memcheck.log" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 90 120 TERM "$LOGS/memcheck.log" \
       compute-sanitizer --tool memcheck --error-exitcode 3 $FILTER "$PY" bench/sanitizer_cases.py
     # shellcheck disable=SC2086
-    run_step racecheck 90 90 TERM "$OUT/racecheck.log" \
+    run_step racecheck 90 90 TERM "$LOGS/racecheck.log" \
       compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 $FILTER \
       "$PY" bench/sanitizer_cases.py --only attention --only kv
   fi
@@ -160,12 +165,12 @@ if ((BUILD_OK)); then
   cap=200
   ((left < cap)) && cap=$left
   # run.py skips its remaining cases once its own budget is spent, so it ends before the timeout.
-  run_step bench $((cap > 0 ? cap : 0)) 60 TERM "$OUT/bench.log" "$PY" bench/run.py --device $DEV $QUICK \
-    --time-budget $((cap > 60 ? cap - 40 : 20)) --json "$OUT/bench.json" --markdown "$OUT/bench.md"
-  run_step manager-latency 60 20 TERM "$OUT/manager.log" "$PY" bench/manager_latency.py --device $DEV $QUICK \
-    --json "$OUT/manager.json" --markdown "$OUT/manager.md"
+  run_step bench $((cap > 0 ? cap : 0)) 60 TERM "$LOGS/bench.log" "$PY" bench/run.py --device $DEV $QUICK \
+    --time-budget $((cap > 60 ? cap - 40 : 20)) --json "$OUT/bench.json" --markdown "$LOGS/bench.md"
+  run_step manager-latency 60 20 TERM "$LOGS/manager.log" "$PY" bench/manager_latency.py --device $DEV $QUICK \
+    --json "$OUT/manager.json" --markdown "$LOGS/manager.md"
   if [[ -f bench/ptxas_report.sh ]] && ! ((DRY)); then
-    VATTN_PTXAS_JOBS=$(nproc) run_step ptxas-report 60 0 TERM "$OUT/ptxas.txt" bash bench/ptxas_report.sh "$ARCH"
+    VATTN_PTXAS_JOBS=$(nproc) run_step ptxas-report 60 0 TERM "$LOGS/ptxas.txt" bash bench/ptxas_report.sh "$ARCH"
   elif ((DRY)); then
     skip ptxas-report "dry run"
   else
@@ -176,6 +181,9 @@ else
 fi
 
 # ---------------------------------------------------------------- report
+# OUTDIR keeps report.md, summary.json, bench.json, manager.json, junit.xml and logs.tar.gz (few
+# files, so a tool that fetches a bounded number of files gets everything); the logs stay unpacked
+# in OUTDIR/logs too unless VATTN_GPU_CHECK_PACK_LOGS=1 removes them after packing.
 "$PY" - "$OUT" "$DRY" "$BUDGET" "$START" <<'PYEOF'
 import json, os, re, sys, time
 import xml.etree.ElementTree as ET
@@ -183,8 +191,11 @@ import xml.etree.ElementTree as ET
 out, dry, budget, start = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 
 
+logs = os.path.join(out, "logs")
+
+
 def read(name, tail=None):
-    p = os.path.join(out, name)
+    p = os.path.join(logs, name)
     if not os.path.exists(p):
         return None
     with open(p, errors="replace") as f:
@@ -272,3 +283,7 @@ print(f"vattn GPU check: {overall}")
 print("\n".join(summary))
 sys.exit(0 if overall == "PASS" else 1)
 PYEOF
+status=$?
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null
+[[ "${VATTN_GPU_CHECK_PACK_LOGS:-0}" == 1 ]] && rm -rf "$LOGS"
+exit $status
