@@ -106,7 +106,8 @@ def write_results(conditions: str) -> int:
     gpu_report = _read(os.path.join(RESULTS, "gpu", "report.md"))
     if gpu_report is None:
         parts += ["## GPU", "", "**GPU numbers are pending**: no GPU was available in the session that produced this file.",
-                  "They come from `bench/gpu_check.sh OUTDIR` on a GPU machine (copy OUTDIR to `bench/results/gpu/`).", ""]
+                  "They come from `bench/gpu_check.sh OUTDIR` on a GPU machine (copy OUTDIR to `bench/results/gpu/`);",
+                  "on a lent device machine: `VATTN_GPU_CHECK_PACK_LOGS=1 bench/gpu_check.sh \"$OUT\"` (6 files, under 10 minutes).", ""]
     cpu_json = os.path.join(RESULTS, "cpu.json")
     if os.path.exists(cpu_json):
         with open(cpu_json) as f:
