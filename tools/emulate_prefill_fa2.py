@@ -8,7 +8,10 @@ NEG = -np.inf
 def offset(r, c, kch): return (r * kch + (c ^ (r & 7))) * 16
 
 class Smem:
-    def __init__(s, nbytes): s.m = np.full(nbytes // 2, np.nan, np.float32)
+    def __init__(s, nbytes): s.m = np.full(nbytes // 2, np.nan, np.float32); s.pending = []
+    def land(s):  # cp_async_wait_all + __syncthreads
+        for dst, val in s.pending: s.m[dst:dst+8] = val
+        s.pending = []
     def ldm(s, addrs, trans=False):
         regs = [[None]*4 for _ in range(32)]
         for l in range(32):
@@ -38,6 +41,8 @@ def mma(c, a, b0, b1):  # c: [32][4] lists; a: [32][4] pairs; b0,b1: [32] pairs
 def r16(x): return float(np.float16(x))
 
 def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=128):
+    # cp.async model: the destination reads as NaN from the issue until cp_async_wait_all lands
+    # it (sm.land), so a read of a tile still in flight poisons the output.
     kch = D // 8
     assert (rows * kch) % NT == 0
     for it in range(rows * kch // NT):
@@ -47,9 +52,11 @@ def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=128):
             if lo <= r < hi:
                 g = row0 + r
                 assert 0 <= g < src.shape[0] and not np.isnan(src[g, c*8:c*8+8]).any(), "read invalid row %d" % g
-                sm.m[dst:dst+8] = src[g, c*8:c*8+8]
+                val = src[g, c*8:c*8+8].copy()
             else:
-                sm.m[dst:dst+8] = 0
+                val = np.zeros(8, np.float32)
+            sm.m[dst:dst+8] = np.nan
+            sm.pending.append((dst, val))
 
 def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, lse):
     BM = 64 * MT; kch = D // 8
@@ -65,6 +72,7 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
     tf, tl = k_lo // BN, k_hi // BN
     load_tile(sm, sQ, BM, D, q, m0, 0, m_valid)
     load_tile(sm, sK, BN, D, K, tf*BN, k_lo - tf*BN, k_hi + 1 - tf*BN)
+    sm.land()
     warps = []
     for w in range(4):
         qf = [[None]*(D//16) for _ in range(MT)]
@@ -84,6 +92,7 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
     rowB = D * 2
     for t in range(tf, tl + 1):
         n0 = t * BN
+        if t != tf: sm.land()  # K(t) landed; every warp done with P*V of tile t-1
         load_tile(sm, sV, BN, D, V, n0, k_lo - n0, k_hi + 1 - n0)
         full = (n0 + BN - 1 <= min(pos_first, k_hi)) and (wl < 0 or n0 >= pos_row_last - wl)
         S_all = []
@@ -128,8 +137,10 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
                         for dt in range(D//8):
                             W['o'][mt][dt][l][2*rh] *= f; W['o'][mt][dt][l][2*rh+1] *= f
             S_all.append(s)
-        if t < tl:
-            pass  # K(t+1) loaded after all warps finished QK (emulated below, after PV would read V only)
+        sm.land()  # V(t) landed; every warp done reading K(t)
+        if t < tl:  # K(t+1) is in flight during P*V (which must read only V)
+            n1 = n0 + BN
+            load_tile(sm, sK, BN, D, K, n1, k_lo - n1, k_hi + 1 - n1)
         for w in range(4):
             W = warps[w]; s = S_all[w]
             for kk in range(BN//16):
@@ -142,9 +153,6 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
                     for mt in range(MT):
                         mma(W['o'][mt][2*dp], pa[mt], [vb[l][0] for l in range(32)], [vb[l][1] for l in range(32)])
                         mma(W['o'][mt][2*dp+1], pa[mt], [vb[l][2] for l in range(32)], [vb[l][3] for l in range(32)])
-        if t < tl:
-            n1 = n0 + BN
-            load_tile(sm, sK, BN, D, K, n1, k_lo - n1, k_hi + 1 - n1)
     for w in range(4):
         W = warps[w]
         for mt in range(MT):
@@ -197,7 +205,8 @@ def run(D, MT, BN, n_b, L, wl, softcap, seed, max_seq=None):
 if __name__ == "__main__":
     cases = [(64, 2, 64, 5, 5, -1, 0, 1), (128, 1, 64, 70, 70, -1, 0, 2), (64, 2, 64, 130, 200, -1, 30.0, 3),
              (128, 1, 64, 20, 150, 17, 0, 4), (64, 2, 64, 40, 30, -1, 0, 5), (128, 1, 64, 65, 300, 100, 5.0, 6),
-             (64, 2, 64, 3, 1, -1, 0, 7), (128, 1, 64, 1, 129, 0, 0, 8)]
+             (64, 2, 64, 3, 1, -1, 0, 7), (128, 1, 64, 1, 129, 0, 0, 8),
+             (64, 1, 64, 64, 64, -1, 0, 9), (64, 1, 64, 50, 400, 150, 0, 10)]
     sel = cases if len(sys.argv) < 2 else [cases[int(a)] for a in sys.argv[1:]]
     allok = all([run(*c) for c in sel])
     print("ALL OK" if allok else "SOME FAILED")
