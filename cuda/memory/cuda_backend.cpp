@@ -188,7 +188,11 @@ void CudaBackend::synchronize() {
 uintptr_t CudaBackend::do_reserve(size_t bytes) {
   CtxScope scope(api_, ctx_);
   CUdeviceptr ptr = 0;
-  check(api_, api_.mem_address_reserve(&ptr, bytes, page_bytes(), 0, 0), "cuMemAddressReserve");
+  // cuMemAddressReserve takes only a power-of-two alignment (cuda.h), but page_bytes may be any
+  // multiple of the granularity (e.g. 3 x 2 MiB). Its lowest set bit is a power of two that the
+  // granularity (itself a power of two) divides, so every page start stays map-aligned.
+  const size_t align = page_bytes() & (~page_bytes() + 1);
+  check(api_, api_.mem_address_reserve(&ptr, bytes, align, 0, 0), "cuMemAddressReserve");
   return static_cast<uintptr_t>(ptr);
 }
 
