@@ -298,6 +298,8 @@ CASES = [
     dict(name="per-head lengths", HD=64, B=2, HQ=4, HKV=2, lens=[0, 0], head_lens=[[530, 0], [3, 260]], max_seq=600, sms=8),
     dict(name="empty rows, bad slot, L>capacity", HD=128, B=3, HQ=2, HKV=1, lens=[0, 90, 200], max_seq=100,
          row_ids=[0, 7, 2], sms=16),
+    dict(name="HD 256, GQA 8, splits", HD=256, B=1, HQ=8, HKV=1, lens=[520], max_seq=530, sms=2),
+    dict(name="HD 96, GQA 5 -> 8", HD=96, B=2, HQ=10, HKV=2, lens=[257, 31], max_seq=300, window=200, softcap=30.0, sms=4),
 ]
 
 if __name__ == "__main__":
