@@ -163,3 +163,23 @@ def test_ops_on_the_cache():
     cache.end_step(step)
     assert torch.equal(cache.kv(0)[0][a, :64], k)
     assert cache.lengths.is_cuda and cache.lengths[a].item() == 64
+
+
+def test_page_size_not_a_power_of_two():
+    # cuMemAddressReserve wants a power-of-two alignment; a page of 3 x granularity must still work.
+    g = vattn._C.page_granularity(torch.cuda.current_device())
+    cache = make(page_bytes=3 * g)
+    s = cache.alloc()
+    d = grow(cache, s, 700, seed=5)
+    assert same(cache, s, d, 700)
+    q = torch.randn(1, 2 * H, D, device="cuda", dtype=cache.dtype)
+    step = cache.begin_step([s], [1])
+    k = torch.randn(1, H, D, device="cuda", dtype=cache.dtype)
+    vattn.append_kv(cache, 0, step, k, k)
+    out = vattn.attention(q, cache, 0, step)
+    cache.end_step(step)
+    kc, vc = cache.kv(0)
+    from vattn import reference
+    ref, _ = reference.attention(q.double().cpu(), kc[s:s + 1, :701].double().cpu(), vc[s:s + 1, :701].double().cpu(),
+                                 torch.tensor([701], dtype=torch.int32))
+    assert torch.allclose(out.double().cpu(), ref, atol=2e-2, rtol=0)
