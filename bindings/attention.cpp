@@ -23,6 +23,68 @@ namespace {
 // The compute functions run without the GIL so other Python threads can go on.
 using nogil = py::call_guard<py::gil_scoped_release>;
 
+template <class T>
+T* as_ptr(uintptr_t v) { return reinterpret_cast<T*>(v); }
+
+// One-call constructors of the parameter structs, for the per-layer per-token hot path: filling a
+// struct attribute by attribute from Python costs one pybind11 call per field (~30 for attention).
+KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t k_stride_tok,
+                         int64_t k_stride_head, int64_t v_stride_row, int64_t v_stride_tok,
+                         int64_t v_stride_head, int32_t num_rows, int32_t max_seq, int32_t kv_dtype) {
+  KVCacheView view;
+  view.k = as_ptr<void>(k);
+  view.v = as_ptr<void>(v);
+  view.k_stride_row = k_stride_row; view.k_stride_tok = k_stride_tok; view.k_stride_head = k_stride_head;
+  view.v_stride_row = v_stride_row; view.v_stride_tok = v_stride_tok; view.v_stride_head = v_stride_head;
+  view.num_rows = num_rows;
+  view.max_seq = max_seq;
+  view.kv_dtype = kv_dtype;
+  return view;
+}
+
+AppendParams make_append_params(const KVCacheView& cache, uintptr_t k, uintptr_t v, int64_t k_stride_tok,
+                                int64_t k_stride_head, int64_t v_stride_tok, int64_t v_stride_head,
+                                uintptr_t row_ids, uintptr_t positions, int32_t num_tokens,
+                                int32_t num_kv_heads, int32_t head_dim, int32_t dtype) {
+  AppendParams p;
+  p.cache = cache;
+  p.k = as_ptr<const void>(k);
+  p.v = as_ptr<const void>(v);
+  p.k_stride_tok = k_stride_tok; p.k_stride_head = k_stride_head;
+  p.v_stride_tok = v_stride_tok; p.v_stride_head = v_stride_head;
+  p.row_ids = as_ptr<const int32_t>(row_ids);
+  p.positions = as_ptr<const int32_t>(positions);
+  p.num_tokens = num_tokens; p.num_kv_heads = num_kv_heads; p.head_dim = head_dim;
+  p.dtype = dtype;
+  return p;
+}
+
+AttentionParams make_attention_params(uintptr_t q, int64_t q_stride_tok, int64_t q_stride_head, uintptr_t out,
+                                      int64_t o_stride_tok, int64_t o_stride_head, uintptr_t lse,
+                                      const KVCacheView& kv, uintptr_t cu_seqlens_q, uintptr_t seqlens_k,
+                                      uintptr_t head_seqlens_k, uintptr_t row_ids, int32_t batch,
+                                      int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t total_q,
+                                      int32_t max_seqlen_q, int32_t max_seqlen_k, float scale, float softcap,
+                                      int32_t window_left, int32_t dtype, int32_t impl) {
+  AttentionParams p;
+  p.q = as_ptr<const void>(q);
+  p.q_stride_tok = q_stride_tok; p.q_stride_head = q_stride_head;
+  p.out = as_ptr<void>(out);
+  p.o_stride_tok = o_stride_tok; p.o_stride_head = o_stride_head;
+  p.lse = as_ptr<float>(lse);
+  p.kv = kv;
+  p.cu_seqlens_q = as_ptr<const int32_t>(cu_seqlens_q);
+  p.seqlens_k = as_ptr<const int32_t>(seqlens_k);
+  p.head_seqlens_k = as_ptr<const int32_t>(head_seqlens_k);
+  p.row_ids = as_ptr<const int32_t>(row_ids);
+  p.batch = batch; p.num_q_heads = num_q_heads; p.num_kv_heads = num_kv_heads; p.head_dim = head_dim;
+  p.total_q = total_q;
+  p.max_seqlen_q = max_seqlen_q; p.max_seqlen_k = max_seqlen_k;
+  p.scale = scale; p.softcap = softcap; p.window_left = window_left;
+  p.dtype = dtype; p.impl = impl;
+  return p;
+}
+
 }  // namespace
 
 void bind_attention(py::module_& m) {
@@ -76,6 +138,18 @@ void bind_attention(py::module_& m) {
       .VATTN_RW(MergeParams, n).VATTN_RW(MergeParams, num_heads).VATTN_RW(MergeParams, head_dim)
       .VATTN_RW(MergeParams, dtype)
       .VATTN_PTR(MergeParams, stream);
+
+  // Positional only: these run per layer per token, keyword matching would cost more than the call.
+  m.def("make_kv_view", &make_kv_view,
+        "KVCacheView(k, v, k_stride_row, k_stride_tok, k_stride_head, v_stride_row, v_stride_tok, v_stride_head, "
+        "num_rows, max_seq, kv_dtype) in one call");
+  m.def("make_append_params", &make_append_params,
+        "AppendParams(cache, k, v, k_stride_tok, k_stride_head, v_stride_tok, v_stride_head, row_ids, positions, "
+        "num_tokens, num_kv_heads, head_dim, dtype) in one call (stream left null)");
+  m.def("make_attention_params", &make_attention_params,
+        "AttentionParams(q, q_stride_tok, q_stride_head, out, o_stride_tok, o_stride_head, lse, kv, cu_seqlens_q, "
+        "seqlens_k, head_seqlens_k, row_ids, batch, num_q_heads, num_kv_heads, head_dim, total_q, max_seqlen_q, "
+        "max_seqlen_k, scale, softcap, window_left, dtype, impl) in one call (workspace and stream left null)");
 
   m.def("append_kv_cpu", &append_kv_cpu, py::arg("params"), nogil(), "Write new K/V tokens into a CPU cache");
   m.def("decode_attention_cpu", &decode_attention_cpu, py::arg("params"), nogil(), "Decode attention on CPU");

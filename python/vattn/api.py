@@ -4,6 +4,10 @@
 They only pick the cache views of one layer and the step's index tensors and call the torch ops
 (python/vattn/ops.py). Everything they pass is already on the device, and the length bounds come
 from the step's host values, so neither call synchronizes with the GPU.
+
+They run once per layer per token, so their host cost matters: in plain eager mode they call the
+ops' implementations directly (ops._direct_ok), and on a vattn.KVCache they reuse the layer's
+views as checked once (KVCache._ops_layer) instead of checking them on every call.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.vattn.*)
+from . import ops  # registers torch.ops.vattn.*
 
 __all__ = ["append_kv", "attention"]
 
@@ -21,6 +25,16 @@ def _check_layer(cache, layer) -> None:
         raise TypeError(f"layer must be an int, got {type(layer).__name__}")
     if not 0 <= layer < cache.num_layers:
         raise ValueError(f"layer {layer} is outside [0, {cache.num_layers})")
+
+
+def _layer_views(cache, layer: int):
+    """(k_view, v_view, checked geometry or None) of one layer. KVCache memoizes the geometry; any
+    other object with kv(layer) (the call contract) gets its views checked by the op on each call."""
+    fast = getattr(cache, "_ops_layer", None)
+    if fast is not None:
+        return fast(layer)
+    k_view, v_view = cache.kv(layer)
+    return k_view, v_view, None
 
 
 def _check_tokens(t, name: str, step, heads: Optional[int], cache, device: torch.device) -> None:
@@ -41,12 +55,15 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
     Row i is the i-th new token of the step (slots in the order of step.slots, oldest first).
     """
     _check_layer(cache, layer)
-    k_view, v_view = cache.kv(layer)
+    k_view, v_view, geom = _layer_views(cache, layer)
     _check_tokens(k, "k", step, cache.num_kv_heads, cache, k_view.device)
     _check_tokens(v, "v", step, cache.num_kv_heads, cache, k_view.device)
     if step.total_new == 0:
         return
-    torch.ops.vattn.append_kv(k_view, v_view, k, v, step.token_slots, step.positions)
+    if ops._direct_ok(k_view, v_view, k, v):
+        ops._append_direct(k_view, v_view, k, v, step.token_slots, step.positions, geom)
+    else:
+        torch.ops.vattn.append_kv(k_view, v_view, k, v, step.token_slots, step.positions)
 
 
 def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float] = None, window_left: int = -1,
@@ -57,17 +74,24 @@ def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float
     must come first). Returns out like q, or (out, lse [total_new, q_heads] float32).
     """
     _check_layer(cache, layer)
-    k_view, v_view = cache.kv(layer)
+    k_view, v_view, geom = _layer_views(cache, layer)
     _check_tokens(q, "q", step, None, cache, k_view.device)
     if q.shape[1] % cache.num_kv_heads != 0:
         raise ValueError(f"q has {q.shape[1]} heads, not a multiple of the cache's {cache.num_kv_heads} kv heads")
     scale = None if scale is None else float(scale)
+    direct = ops._direct_ok(q, k_view, v_view)
     if step.is_decode:
-        out, lse = torch.ops.vattn.decode_attention(
-            q, k_view, v_view, step.seqlens, step.slot_ids, None, scale, int(window_left), float(softcap),
-            int(step.max_seqlen_k))
+        args = (q, k_view, v_view, step.seqlens, step.slot_ids, None, scale, int(window_left), float(softcap),
+                int(step.max_seqlen_k))
+        if direct:
+            out, lse = ops._decode_impl(*args, need_lse=return_lse, geom=geom)
+        else:
+            out, lse = torch.ops.vattn.decode_attention(*args)
     else:
-        out, lse = torch.ops.vattn.prefill_attention(
-            q, k_view, v_view, step.cu_seqlens_q, step.seqlens, step.slot_ids, None, scale, int(window_left),
-            float(softcap), int(step.max_seqlen_q), int(step.max_seqlen_k))
+        args = (q, k_view, v_view, step.cu_seqlens_q, step.seqlens, step.slot_ids, None, scale, int(window_left),
+                float(softcap), int(step.max_seqlen_q), int(step.max_seqlen_k))
+        if direct:
+            out, lse = ops._prefill_impl(*args, need_lse=return_lse, geom=geom)
+        else:
+            out, lse = torch.ops.vattn.prefill_attention(*args)
     return (out, lse) if return_lse else out

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import _C
+from . import _C, ops
 
 __all__ = ["KVCache", "Step"]
 
@@ -186,6 +186,7 @@ class KVCache:
         self._open: Dict[int, Step] = {}        # slot -> its open step
         self._open_steps: Dict[int, Step] = {}  # id(step) -> step
         self._views: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * self.num_layers
+        self._ops_layers: List[Optional[tuple]] = [None] * self.num_layers  # see _ops_layer
         self._regions: Dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ slots
@@ -342,6 +343,7 @@ class KVCache:
         soon as no view returned by kv() is alive any more. Any later call raises RuntimeError."""
         self._manager = None
         self._views = [None] * self.num_layers
+        self._ops_layers = [None] * self.num_layers
         self._regions = {}
         self._open = {}
         self._open_steps = {}
@@ -422,6 +424,16 @@ class KVCache:
         k = self._region(lv["k_region"]).as_strided(shape, strides, lv["k_offset_bytes"] // self._elem)
         v = self._region(lv["v_region"]).as_strided(shape, strides, lv["v_offset_bytes"] // self._elem)
         return k, v
+
+    def _ops_layer(self, layer: int):
+        """(k, v, geometry) of one layer for vattn.append_kv / vattn.attention: the kv() views and
+        their checked geometry (ops._KVGeom), made once. The views' shape, strides and addresses
+        never change (the virtual range is fixed), so checking them once per layer is enough."""
+        entry = self._ops_layers[layer]
+        if entry is None:
+            k, v = self.kv(layer)
+            entry = self._ops_layers[layer] = (k, v, ops._check_cache(k, v, self.device))
+        return entry
 
     def _cupy_views(self, layer: int):
         if self.device.type != "cuda":

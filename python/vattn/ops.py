@@ -11,6 +11,10 @@ are computed from the index tensors, which synchronizes the host with the device
 captured. (The kernels stay correct if a real length exceeds max_seqlen_k; it only steers how
 decode splits long rows.)
 
+Eager fast path: the public wrappers here and in api.py call an op's implementation directly
+(skipping the torch.ops dispatch, ~50 us a call) when nothing could tell the difference: see
+_direct_ok. The registered ops run the very same implementation functions, checks included.
+
 Semantics of every op: python/vattn/reference.py.
 """
 from __future__ import annotations
@@ -85,17 +89,22 @@ def _check_float(t: Tensor, name: str) -> None:
 def _check_device(t: Tensor, name: str, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the op runs on {device}; move it first")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"vattn ops run on cpu or cuda tensors, got {device}")
-    if device.type == "cuda" and not _C.built_with_cuda:
-        raise RuntimeError("this vattn build has no CUDA support (built without nvcc); use CPU tensors or rebuild")
+    if device.type != "cpu":
+        if device.type != "cuda":
+            raise ValueError(f"vattn ops run on cpu or cuda tensors, got {device}")
+        if not _C.built_with_cuda:
+            raise RuntimeError("this vattn build has no CUDA support (built without nvcc); use CPU tensors or rebuild")
 
 
-def _check_last_contiguous(t: Tensor, name: str) -> None:
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have its last dimension contiguous (stride {t.stride(-1)})")
-    if any(s < 0 for s in t.stride()):
-        raise ValueError(f"{name} has a negative stride")
+def _check_last_contiguous(t: Tensor, name: str) -> Tuple[int, ...]:
+    """Returns t.stride() (the callers need it too; one call instead of several)."""
+    strides = t.stride()
+    if t.shape[-1] > 1 and strides[-1] != 1:
+        raise ValueError(f"{name} must have its last dimension contiguous (stride {strides[-1]})")
+    for s in strides:
+        if s < 0:
+            raise ValueError(f"{name} has a negative stride")
+    return strides
 
 
 def _check_index(t: Optional[Tensor], name: str, shape: Tuple[int, ...], device: torch.device) -> None:
@@ -105,20 +114,36 @@ def _check_index(t: Optional[Tensor], name: str, shape: Tuple[int, ...], device:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be int32 (the public wrappers convert int64), got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:  # torch.Size compares as a tuple
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     _check_device(t, name, device)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 
 
-def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device) -> None:
+class _KVGeom:
+    """The checked facts about a (k_cache, v_cache) pair that the ops use (from _check_cache).
+
+    The op path makes one per call; vattn.KVCache keeps one per layer for its own views (their
+    shape, strides and addresses never change), so vattn.attention / append_kv check a layer's
+    views once, not per call. `view` is the native KVCacheView, built on first launch."""
+
+    __slots__ = ("device", "dtype", "shape", "k_strides", "v_strides", "view")
+
+    def __init__(self, device, dtype, shape, k_strides, v_strides):
+        self.device, self.dtype, self.shape = device, dtype, shape
+        self.k_strides, self.v_strides = k_strides, v_strides
+        self.view = None
+
+
+def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device) -> _KVGeom:
+    strides = []
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_float(c, name)
         if c.dim() != 4:
             raise ValueError(f"{name} must be 4-D [rows, seq, kv_heads, head_dim], got shape {list(c.shape)}")
         _check_device(c, name, device)
-        _check_last_contiguous(c, name)
+        strides.append(_check_last_contiguous(c, name))
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache shapes differ: {list(k_cache.shape)} vs {list(v_cache.shape)}")
     if k_cache.dtype != v_cache.dtype:
@@ -126,22 +151,33 @@ def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device) -> None
     rows, seq, heads, dim = k_cache.shape
     if max(rows, seq) > _INT32_MAX or heads == 0 or dim == 0:
         raise ValueError(f"cache shape {list(k_cache.shape)} is empty or too large")
+    return _KVGeom(device, k_cache.dtype, k_cache.shape, strides[0], strides[1])
+
+
+def _checked_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, geom: Optional[_KVGeom]) -> _KVGeom:
+    """_check_cache, or for a geometry checked before (KVCache views) only the device match."""
+    if geom is None:
+        return _check_cache(k_cache, v_cache, device)
+    if geom.device != device:
+        raise ValueError(f"k_cache is on {geom.device} but the op runs on {device}; move it first")
+    return geom
 
 
 def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, cu_seqlens_q: Optional[Tensor],
                      row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], window_left: int, softcap: float,
-                     scale: Optional[float]) -> None:
+                     scale: Optional[float], geom: Optional[_KVGeom] = None) -> Tuple[_KVGeom, Tuple[int, ...]]:
+    """Checks an attention call; returns the cache geometry and q's strides."""
     _check_float(q, "q")
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [tokens, q_heads, head_dim], got shape {list(q.shape)}")
     device = q.device
     _check_device(q, "q", device)
-    _check_last_contiguous(q, "q")
-    _check_cache(k_cache, v_cache, device)
-    if k_cache.dtype != q.dtype:
-        raise TypeError(f"the cache dtype {k_cache.dtype} must match the q dtype {q.dtype}")
+    q_strides = _check_last_contiguous(q, "q")
+    geom = _checked_cache(k_cache, v_cache, device, geom)
+    if geom.dtype != q.dtype:
+        raise TypeError(f"the cache dtype {geom.dtype} must match the q dtype {q.dtype}")
     total_q, hq, dim = q.shape
-    hkv, kdim = k_cache.shape[2], k_cache.shape[3]
+    hkv, kdim = geom.shape[2], geom.shape[3]
     if dim != kdim:
         raise ValueError(f"q head_dim {dim} differs from the cache head_dim {kdim}")
     if hq == 0 or hq % hkv != 0:
@@ -171,22 +207,31 @@ def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Ten
             raise ValueError(f"CUDA attention needs head_dim a multiple of 8 up to 256, got {dim}")
         if cu_seqlens_q is not None and q.dtype == torch.float32:
             raise TypeError("CUDA prefill_attention supports float16 and bfloat16 (float32 runs on CPU)")
+    return geom, q_strides
 
 
 # ----------------------------------------------------------------------------- parameter structs
 
+# torch's own accessor of the current raw stream (what torch.cuda.current_stream(d).cuda_stream
+# returns, without building a Stream object); only in CUDA builds of torch.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_of(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    if _raw_stream is not None:
+        return int(_raw_stream(device.index))
+    return torch.cuda.current_stream(device).cuda_stream
 
 
-def _cache_view(k_cache: Tensor, v_cache: Tensor) -> "_C.KVCacheView":
-    view = _C.KVCacheView()
-    view.k = k_cache.data_ptr()
-    view.v = v_cache.data_ptr()
-    view.k_stride_row, view.k_stride_tok, view.k_stride_head = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
-    view.v_stride_row, view.v_stride_tok, view.v_stride_head = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)
-    view.num_rows, view.max_seq = k_cache.shape[0], k_cache.shape[1]
-    view.kv_dtype = code_of(k_cache.dtype)
+def _cache_view(k_cache: Tensor, v_cache: Tensor, geom: _KVGeom) -> "_C.KVCacheView":
+    """The native view of a checked cache pair, made once per geometry."""
+    view = geom.view
+    if view is None:
+        ks, vs = geom.k_strides, geom.v_strides
+        view = geom.view = _C.make_kv_view(k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1],
+                                           vs[2], geom.shape[0], geom.shape[1], code_of(geom.dtype))
     return view
 
 
@@ -195,7 +240,10 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 
 def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    # Switching devices costs a few microseconds each way; usually the tensors are on the current one.
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _max_of(t: Tensor) -> int:
@@ -205,45 +253,64 @@ def _max_of(t: Tensor) -> int:
 
 # ----------------------------------------------------------------------------- append_kv
 
-@torch.library.custom_op("vattn::append_kv", mutates_args=("k_cache", "v_cache"))
-def _append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor) -> None:
-    _check_append(k_cache, v_cache, k, v, row_ids, positions)
-    if k.shape[0] == 0:
+def _append_impl(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+                 geom: Optional[_KVGeom] = None) -> None:
+    """The op's implementation (torch.ops.vattn.append_kv and the eager fast path)."""
+    geom, k_strides, v_strides = _check_append(k_cache, v_cache, k, v, row_ids, positions, geom)
+    n, heads, dim = k.shape
+    if n == 0:
         return
-    p = _C.AppendParams()
-    p.cache = _cache_view(k_cache, v_cache)
-    p.k, p.v = k.data_ptr(), v.data_ptr()
-    p.k_stride_tok, p.k_stride_head = k.stride(0), k.stride(1)
-    p.v_stride_tok, p.v_stride_head = v.stride(0), v.stride(1)
-    p.row_ids, p.positions = row_ids.data_ptr(), positions.data_ptr()
-    p.num_tokens, p.num_kv_heads, p.head_dim = k.shape
-    p.dtype = code_of(k.dtype)
-    if k.device.type == "cuda":
-        with _device_guard(k.device):
-            p.stream = _stream_of(k.device)
+    p = _C.make_append_params(_cache_view(k_cache, v_cache, geom), k.data_ptr(), v.data_ptr(), k_strides[0],
+                              k_strides[1], v_strides[0], v_strides[1], row_ids.data_ptr(), positions.data_ptr(), n,
+                              heads, dim, code_of(k.dtype))
+    if geom.device.type == "cuda":
+        with _device_guard(geom.device):
+            p.stream = _stream_of(geom.device)
             _C.append_kv_cuda(p)
     else:
         _C.append_kv_cpu(p)
 
 
-def _check_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor) -> None:
-    device = k_cache.device if isinstance(k_cache, torch.Tensor) else None
-    _check_cache(k_cache, v_cache, device)
+@torch.library.custom_op("vattn::append_kv", mutates_args=("k_cache", "v_cache"))
+def _append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor) -> None:
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions)
+
+
+def _append_direct(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+                   geom: Optional[_KVGeom] = None) -> None:
+    """The eager fast path of append_kv (the caller checked _direct_ok): also bumps the caches'
+    version counters as the registered op does (its ADInplaceOrView kernel), so autograd still
+    notices the mutation."""
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions, geom)
+    if not torch.is_inference_mode_enabled():
+        torch.autograd.graph.increment_version((k_cache, v_cache))
+
+
+def _check_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+                  geom: Optional[_KVGeom] = None) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
+    """Checks an append_kv call; returns the cache geometry and the strides of k and v."""
+    if geom is None:
+        device = k_cache.device if isinstance(k_cache, torch.Tensor) else None
+        geom = _check_cache(k_cache, v_cache, device)
+    device = geom.device
+    _, _, heads, dim = geom.shape
+    strides = []
     for name, t in (("k", k), ("v", v)):
         _check_float(t, name)
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D [tokens, kv_heads, head_dim], got shape {list(t.shape)}")
         _check_device(t, name, device)
-        _check_last_contiguous(t, name)
-        if t.dtype != k_cache.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the cache holds {k_cache.dtype}")
-        if tuple(t.shape[1:]) != tuple(k_cache.shape[2:]):
-            raise ValueError(f"{name} has shape {list(t.shape)}; expected [tokens, {k_cache.shape[2]}, {k_cache.shape[3]}]")
+        strides.append(_check_last_contiguous(t, name))
+        if t.dtype != geom.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the cache holds {geom.dtype}")
+        if t.shape[1] != heads or t.shape[2] != dim:
+            raise ValueError(f"{name} has shape {list(t.shape)}; expected [tokens, {heads}, {dim}]")
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {list(k.shape)} vs {list(v.shape)}")
     n = k.shape[0]
     _check_index(row_ids, "row_ids", (n,), device)
     _check_index(positions, "positions", (n,), device)
+    return geom, strides[0], strides[1]
 
 
 @_append_kv.register_fake
@@ -254,53 +321,44 @@ def _(k_cache, v_cache, k, v, row_ids, positions):
 
 # ----------------------------------------------------------------------------- attention
 
-def _attention_params(q: Tensor, k_cache: Tensor, v_cache: Tensor, out: Tensor, lse: Tensor, seqlens_k: Tensor,
-                      cu_seqlens_q: Optional[Tensor], row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor],
-                      scale: Optional[float], window_left: int, softcap: float, max_seqlen_q: int,
-                      max_seqlen_k: int) -> "_C.AttentionParams":
-    p = _C.AttentionParams()
-    p.q = q.data_ptr()
-    p.q_stride_tok, p.q_stride_head = q.stride(0), q.stride(1)
-    p.out = out.data_ptr()
-    p.o_stride_tok, p.o_stride_head = out.stride(0), out.stride(1)
-    p.lse = lse.data_ptr()
-    p.kv = _cache_view(k_cache, v_cache)
-    p.cu_seqlens_q = _ptr(cu_seqlens_q)
-    p.seqlens_k = seqlens_k.data_ptr()
-    p.head_seqlens_k = _ptr(head_seqlens_k)
-    p.row_ids = _ptr(row_ids)
-    p.total_q, p.num_q_heads, p.head_dim = q.shape
-    p.batch = seqlens_k.shape[0]
-    p.num_kv_heads = k_cache.shape[2]
+def _attention_params(q: Tensor, q_strides: Tuple[int, ...], k_cache: Tensor, v_cache: Tensor, geom: _KVGeom,
+                      out: Tensor, lse: Optional[Tensor], seqlens_k: Tensor, cu_seqlens_q: Optional[Tensor],
+                      row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
+                      window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int) -> "_C.AttentionParams":
+    total_q, hq, dim = q.shape
     if max_seqlen_k < 0:
         max_seqlen_k = _max_of(head_seqlens_k if head_seqlens_k is not None else seqlens_k)
     if max_seqlen_q < 0:
         max_seqlen_q = 1 if cu_seqlens_q is None else _max_of(cu_seqlens_q[1:] - cu_seqlens_q[:-1])
-    p.max_seqlen_q, p.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-    p.scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[2])
-    p.softcap = float(softcap)
-    p.window_left = int(window_left) if window_left >= 0 else -1
-    p.dtype = code_of(q.dtype)
-    p.impl = _IMPLS[_impl]
-    return p
+    o_strides = out.stride()
+    return _C.make_attention_params(
+        q.data_ptr(), q_strides[0], q_strides[1], out.data_ptr(), o_strides[0], o_strides[1], _ptr(lse),
+        _cache_view(k_cache, v_cache, geom), _ptr(cu_seqlens_q), seqlens_k.data_ptr(), _ptr(head_seqlens_k),
+        _ptr(row_ids), seqlens_k.shape[0], hq, geom.shape[2], dim, total_q, int(max_seqlen_q), int(max_seqlen_k),
+        float(scale) if scale is not None else 1.0 / math.sqrt(dim), float(softcap),
+        int(window_left) if window_left >= 0 else -1, code_of(q.dtype), _IMPLS[_impl])
 
 
-def _empty_outputs(q: Tensor) -> Tuple[Tensor, Tensor]:
+def _empty_outputs(q: Tensor, need_lse: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """out like q (contiguous) and lse [tokens, heads] float32; lse None when not needed (the
+    kernels skip it; only the eager fast path leaves it out, the ops always return it)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device) if need_lse else None
     return out, lse
 
 
-@torch.library.custom_op("vattn::decode_attention", mutates_args=())
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor] = None,
-                      head_seqlens_k: Optional[Tensor] = None, scale: Optional[float] = None, window_left: int = -1,
-                      softcap: float = 0.0, max_seqlen_k: int = -1) -> Tuple[Tensor, Tensor]:
-    _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left, softcap, scale)
-    out, lse = _empty_outputs(q)
+def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
+                 head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
+                 max_seqlen_k: int, need_lse: bool = True,
+                 geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The implementation of torch.ops.vattn.decode_attention (and of the eager fast path)."""
+    geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left,
+                                       softcap, scale, geom)
+    out, lse = _empty_outputs(q, need_lse)
     if q.shape[0] == 0:
         return out, lse
-    p = _attention_params(q, k_cache, v_cache, out, lse, seqlens_k, None, row_ids, head_seqlens_k, scale, window_left,
-                          softcap, 1, max_seqlen_k)
+    p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, None, row_ids, head_seqlens_k,
+                          scale, window_left, softcap, 1, max_seqlen_k)
     if q.device.type == "cuda":
         with _device_guard(q.device):
             p.stream = _stream_of(q.device)
@@ -312,6 +370,14 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Te
     return out, lse
 
 
+@torch.library.custom_op("vattn::decode_attention", mutates_args=())
+def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor] = None,
+                      head_seqlens_k: Optional[Tensor] = None, scale: Optional[float] = None, window_left: int = -1,
+                      softcap: float = 0.0, max_seqlen_k: int = -1) -> Tuple[Tensor, Tensor]:
+    return _decode_impl(q, k_cache, v_cache, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap,
+                        max_seqlen_k)
+
+
 @_decode_attention.register_fake
 def _(q, k_cache, v_cache, seqlens_k, row_ids=None, head_seqlens_k=None, scale=None, window_left=-1, softcap=0.0,
       max_seqlen_k=-1):
@@ -319,17 +385,18 @@ def _(q, k_cache, v_cache, seqlens_k, row_ids=None, head_seqlens_k=None, scale=N
     return _empty_outputs(q)
 
 
-@torch.library.custom_op("vattn::prefill_attention", mutates_args=())
-def _prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
-                       row_ids: Optional[Tensor] = None, head_seqlens_k: Optional[Tensor] = None,
-                       scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
-                       max_seqlen_q: int = -1, max_seqlen_k: int = -1) -> Tuple[Tensor, Tensor]:
-    _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k, window_left, softcap, scale)
-    out, lse = _empty_outputs(q)
+def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
+                  row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
+                  window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int, need_lse: bool = True,
+                  geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The implementation of torch.ops.vattn.prefill_attention (and of the eager fast path)."""
+    geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
+                                       window_left, softcap, scale, geom)
+    out, lse = _empty_outputs(q, need_lse)
     if q.shape[0] == 0:
         return out, lse
-    p = _attention_params(q, k_cache, v_cache, out, lse, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k, scale,
-                          window_left, softcap, max_seqlen_q, max_seqlen_k)
+    p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, cu_seqlens_q, row_ids,
+                          head_seqlens_k, scale, window_left, softcap, max_seqlen_q, max_seqlen_k)
     if q.device.type == "cuda":
         with _device_guard(q.device):
             p.stream = _stream_of(q.device)
@@ -337,6 +404,15 @@ def _prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q
     else:
         _C.prefill_attention_cpu(p)
     return out, lse
+
+
+@torch.library.custom_op("vattn::prefill_attention", mutates_args=())
+def _prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
+                       row_ids: Optional[Tensor] = None, head_seqlens_k: Optional[Tensor] = None,
+                       scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
+                       max_seqlen_q: int = -1, max_seqlen_k: int = -1) -> Tuple[Tensor, Tensor]:
+    return _prefill_impl(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k, scale, window_left,
+                         softcap, max_seqlen_q, max_seqlen_k)
 
 
 @_prefill_attention.register_fake
@@ -372,8 +448,8 @@ def _check_merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> None
             raise ValueError(f"{name} must be contiguous")
 
 
-@torch.library.custom_op("vattn::merge_states", mutates_args=())
-def _merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+def _merge_impl(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """The implementation of torch.ops.vattn.merge_states (and of the eager fast path)."""
     _check_merge(o_a, lse_a, o_b, lse_b)
     out = torch.empty(o_a.shape, dtype=o_a.dtype, device=o_a.device)
     lse = torch.empty(lse_a.shape, dtype=torch.float32, device=o_a.device)
@@ -393,10 +469,41 @@ def _merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tup
     return out, lse
 
 
+@torch.library.custom_op("vattn::merge_states", mutates_args=())
+def _merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    return _merge_impl(o_a, lse_a, o_b, lse_b)
+
+
 @_merge_states.register_fake
 def _(o_a, lse_a, o_b, lse_b):
     _check_merge(o_a, lse_a, o_b, lse_b)
     return torch.empty_like(o_a, memory_format=torch.contiguous_format), torch.empty_like(lse_a)
+
+
+# ----------------------------------------------------------------------------- eager fast path
+
+_TC = torch._C
+
+
+def _direct_ok(*tensors: Optional[Tensor]) -> bool:
+    """Whether a public wrapper may call an op's implementation (_decode_impl, ...) directly
+    instead of torch.ops.vattn.* (whose Python dispatch costs more than a small CPU decode).
+
+    Only in plain eager mode, where the two cannot be told apart: not traced (torch.compile,
+    torch.jit.trace), no torch-function or dispatch mode (FakeTensorMode, make_fx, export,
+    `with torch.device(...)`), no functorch transform (vmap, grad), no profiler running (its
+    traces keep the op names), plain torch.Tensor inputs (no subclasses), and nothing autograd
+    would record (grad mode off or no input requiring grad). Everything else takes the op.
+    is_compiling() comes first so that dynamo, tracing a wrapper, stops there."""
+    if (torch.compiler.is_compiling() or _TC._get_tracing_state() is not None or _TC._len_torch_dispatch_stack()
+            or _TC._is_torch_function_mode_enabled() or _TC._are_functorch_transforms_active()
+            or _TC._autograd._profiler_enabled()):
+        return False
+    grad = _TC.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------- public wrappers
@@ -440,8 +547,11 @@ def append_kv_raw(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_id
     """Writes token i of k, v ([n, kv_heads, dim]) into k_cache / v_cache [rows, seq, kv_heads, dim]
     at (row_ids[i], positions[i]). Any cache strides with the last dimension contiguous."""
     device = _device_of(k_cache, "k_cache")
-    torch.ops.vattn.append_kv(k_cache, v_cache, k, v, _index(row_ids, "row_ids", device),
-                              _index(positions, "positions", device))
+    row_ids, positions = _index(row_ids, "row_ids", device), _index(positions, "positions", device)
+    if _direct_ok(k_cache, v_cache, k, v, row_ids, positions):
+        _append_direct(k_cache, v_cache, k, v, row_ids, positions)
+    else:
+        torch.ops.vattn.append_kv(k_cache, v_cache, k, v, row_ids, positions)
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: IndexLike, *,
@@ -454,10 +564,13 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Ind
     Give max_seqlen_k (host bound on the lengths) to avoid a host sync on CUDA (CUDA graphs).
     """
     device = _device_of(q, "q")
-    out, lse = torch.ops.vattn.decode_attention(
-        q, k_cache, v_cache, _index(seqlens_k, "seqlens_k", device), _index(row_ids, "row_ids", device),
-        _index(head_seqlens_k, "head_seqlens_k", device), None if scale is None else float(scale), int(window_left),
-        float(softcap), _max_hint(max_seqlen_k, "max_seqlen_k"))
+    args = (q, k_cache, v_cache, _index(seqlens_k, "seqlens_k", device), _index(row_ids, "row_ids", device),
+            _index(head_seqlens_k, "head_seqlens_k", device), None if scale is None else float(scale),
+            int(window_left), float(softcap), _max_hint(max_seqlen_k, "max_seqlen_k"))
+    if _direct_ok(*args[:6]):
+        out, lse = _decode_impl(*args, need_lse=return_lse)
+    else:
+        out, lse = torch.ops.vattn.decode_attention(*args)
     return (out, lse) if return_lse else out
 
 
@@ -473,14 +586,19 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q:
     avoid host syncs on CUDA.
     """
     device = _device_of(q, "q")
-    out, lse = torch.ops.vattn.prefill_attention(
-        q, k_cache, v_cache, _index(cu_seqlens_q, "cu_seqlens_q", device), _index(seqlens_k, "seqlens_k", device),
-        _index(row_ids, "row_ids", device), _index(head_seqlens_k, "head_seqlens_k", device),
-        None if scale is None else float(scale), int(window_left), float(softcap),
-        _max_hint(max_seqlen_q, "max_seqlen_q"), _max_hint(max_seqlen_k, "max_seqlen_k"))
+    args = (q, k_cache, v_cache, _index(cu_seqlens_q, "cu_seqlens_q", device), _index(seqlens_k, "seqlens_k", device),
+            _index(row_ids, "row_ids", device), _index(head_seqlens_k, "head_seqlens_k", device),
+            None if scale is None else float(scale), int(window_left), float(softcap),
+            _max_hint(max_seqlen_q, "max_seqlen_q"), _max_hint(max_seqlen_k, "max_seqlen_k"))
+    if _direct_ok(*args[:7]):
+        out, lse = _prefill_impl(*args, need_lse=return_lse)
+    else:
+        out, lse = torch.ops.vattn.prefill_attention(*args)
     return (out, lse) if return_lse else out
 
 
 def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
     """Merges two attention states over disjoint key sets: returns (out, lse)."""
+    if _direct_ok(o_a, lse_a, o_b, lse_b):
+        return _merge_impl(o_a, lse_a, o_b, lse_b)
     return torch.ops.vattn.merge_states(o_a, lse_a, o_b, lse_b)
