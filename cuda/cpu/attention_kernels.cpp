@@ -6,7 +6,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>  // the intrinsics are used only inside the AVX2 copy below
+#endif
 
 namespace vattn {
 namespace cpu {
@@ -19,16 +24,20 @@ namespace generic {
 #define VATTN_HAVE_AVX2_COPY 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define VATTN_BODY_AVX2 1
 namespace avx2 {
 #include "attention_kernels_body.h"
 }  // namespace avx2
+#undef VATTN_BODY_AVX2
 #pragma GCC pop_options
 #endif
 
 namespace {
 bool cpu_has_avx2() {
 #if defined(VATTN_HAVE_AVX2_COPY)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // VATTN_CPU_GENERIC=1 forces the portable copy (to test it on a machine with AVX2).
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c") && !std::getenv("VATTN_CPU_GENERIC");
   return yes;
 #else
   return false;

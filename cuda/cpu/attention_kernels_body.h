@@ -1,6 +1,7 @@
 // Body of the CPU attention inner loops, included twice by attention_kernels.cpp: once for plain
 // x86-64 and once under `#pragma GCC target("avx2,fma,f16c")`, so one wheel runs everywhere and
-// uses AVX2+FMA where the CPU has them. No include guard on purpose; no headers inside.
+// uses AVX2+FMA where the CPU has them. No include guard on purpose; no system headers inside (the
+// AVX2 copy adds its intrinsics tiles from attention_kernels_avx2.h).
 
 static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -11,6 +12,9 @@ static inline void prefetch_row(const float* row, int dim) {
   for (int o = 0; o < dim; o += 16) __builtin_prefetch(row + o, 0, 3);
 }
 
+#if defined(VATTN_BODY_AVX2)
+#include "attention_kernels_avx2.h"
+#else
 void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s,
               int lds) {
   for (int j = 0; j < nk; ++j) {
@@ -83,7 +87,7 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
     }
   }
 }
-
+#endif  // VATTN_BODY_AVX2
 
 // Branch-free IEEE half -> float (exact, subnormals included): move exponent and mantissa into
 // float position and rescale by 2^112; infinities and NaNs get the all-ones float exponent.
@@ -119,6 +123,7 @@ void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail,
 }
 
 
+#if !defined(VATTN_BODY_AVX2)  // the AVX2 copy has intrinsics versions of these two
 float max_of(const float* s, int a, int e) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -155,3 +160,4 @@ float exp2_weights(float* s, int n, int a, int e, float m) {
   for (int j = e; j < n; ++j) s[j] = 0.f;
   return sum;
 }
+#endif
