@@ -145,17 +145,26 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
   // Rows in tiles of 4 (two vectors of head_dim each) or 3 (four vectors): at most 16 live
   // registers. Masked keys have weight 0 and finite values (they lie inside the head's visible
   // range), so they are multiplied through instead of branched around.
-  int i = 0;
+  // Keys go in runs of kRun: a tile makes one pass per slice of head_dim, and a run's V rows stay
+  // in L1 (and its pages in the TLB: rows can be a page apart) across those passes; the
+  // accumulators are loaded and stored once per run.
+  constexpr int kRun = 16;
   const bool threes = nq % 3 == 0 && nq % 4 != 0;
-  while (i < nq) {
-    const int left = nq - i;
-    const float* pi = p + (int64_t)i * ldp;
-    float* ai = acc + (int64_t)i * dim;
-    const bool pf = i == 0;
-    if (!threes && left >= 4) { pv_rows<4, 2>(pi, ldp, v, v_stride, nk, nk_avail, pf, dim, ai); i += 4; }
-    else if (left >= 3) { pv_rows<3, 4>(pi, ldp, v, v_stride, nk, nk_avail, pf, dim, ai); i += 3; }
-    else if (left == 2) { pv_rows<2, 4>(pi, ldp, v, v_stride, nk, nk_avail, pf, dim, ai); i += 2; }
-    else { pv_rows<1, 4>(pi, ldp, v, v_stride, nk, nk_avail, pf, dim, ai); i += 1; }
+  for (int j0 = 0; j0 < nk; j0 += kRun) {
+    const int n = nk - j0 < kRun ? nk - j0 : kRun;
+    const float* vr = v + j0 * v_stride;
+    const int avail = nk_avail - j0;
+    int i = 0;
+    while (i < nq) {
+      const int left = nq - i;
+      const float* pi = p + (int64_t)i * ldp + j0;
+      float* ai = acc + (int64_t)i * dim;
+      const bool pf = i == 0;
+      if (!threes && left >= 4) { pv_rows<4, 2>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 4; }
+      else if (left >= 3) { pv_rows<3, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 3; }
+      else if (left == 2) { pv_rows<2, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 2; }
+      else { pv_rows<1, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 1; }
+    }
   }
 }
 
