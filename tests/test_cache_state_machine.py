@@ -2,11 +2,14 @@
 Python model of the expected state; stats and stored data are checked after every step."""
 import math
 
+import pytest
 import torch
-from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import vattn
+pytest.importorskip("hypothesis")  # in the [test] extra; a bare GPU machine may lack it
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+import vattn  # noqa: E402
 
 L, H, D, B, S = 2, 2, 8, 3, 200
 PAGE = 4096  # the OS page: many page boundaries in few tokens
