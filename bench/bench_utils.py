@@ -574,3 +574,14 @@ def devices():
     """Devices each pytest benchmark runs on: cpu always, cuda marked gpu."""
     import pytest
     return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def merge_states_eager(oa, la, ob, lb):
+    """The merge_states anchor: the plain formula in torch eager ops (fp32 weights, output in oa's
+    dtype). Lean on purpose (no -inf handling) so it times what a user would write."""
+    import torch
+    m = torch.maximum(la, lb)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    s = wa + wb
+    return (oa.float() * (wa / s)[..., None] + ob.float() * (wb / s)[..., None]).to(oa.dtype), m + torch.log(s)
+

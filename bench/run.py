@@ -205,10 +205,7 @@ class Runner:
             return vattn.merge_states(oa, la, ob, lb)
 
         def afn():
-            m = torch.maximum(la, lb)
-            wa, wb = torch.exp(la - m), torch.exp(lb - m)
-            s = wa + wb
-            return ((oa.float() * (wa / s)[..., None] + ob.float() * (wb / s)[..., None]).to(dtype), m + torch.log(s))
+            return bu.merge_states_eager(oa, la, ob, lb)
 
         vo = vfn()
         vo = vo[0] if isinstance(vo, (tuple, list)) else vo
