@@ -30,7 +30,10 @@ T* as_ptr(uintptr_t v) { return reinterpret_cast<T*>(v); }
 // struct attribute by attribute from Python costs one pybind11 call per field (~30 for attention).
 KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t k_stride_tok,
                          int64_t k_stride_head, int64_t v_stride_row, int64_t v_stride_tok,
-                         int64_t v_stride_head, int32_t num_rows, int32_t max_seq, int32_t kv_dtype) {
+                         int64_t v_stride_head, int32_t num_rows, int32_t max_seq, int32_t k_format,
+                         int32_t v_format, uintptr_t k_scale, int64_t ks_stride_row, int64_t ks_stride_tok,
+                         int64_t ks_stride_head, uintptr_t v_scale, int64_t vs_stride_row, int64_t vs_stride_tok,
+                         int64_t vs_stride_head) {
   KVCacheView view;
   view.k = as_ptr<void>(k);
   view.v = as_ptr<void>(v);
@@ -38,7 +41,12 @@ KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t
   view.v_stride_row = v_stride_row; view.v_stride_tok = v_stride_tok; view.v_stride_head = v_stride_head;
   view.num_rows = num_rows;
   view.max_seq = max_seq;
-  view.kv_dtype = kv_dtype;
+  view.k_format = k_format;
+  view.v_format = v_format;
+  view.k_scale = as_ptr<const float>(k_scale);
+  view.v_scale = as_ptr<const float>(v_scale);
+  view.ks_stride_row = ks_stride_row; view.ks_stride_tok = ks_stride_tok; view.ks_stride_head = ks_stride_head;
+  view.vs_stride_row = vs_stride_row; view.vs_stride_tok = vs_stride_tok; view.vs_stride_head = vs_stride_head;
   return view;
 }
 
@@ -94,7 +102,8 @@ void bind_attention(py::module_& m) {
       .VATTN_PTR(KVCacheView, v)
       .VATTN_RW(KVCacheView, k_stride_row).VATTN_RW(KVCacheView, k_stride_tok).VATTN_RW(KVCacheView, k_stride_head)
       .VATTN_RW(KVCacheView, v_stride_row).VATTN_RW(KVCacheView, v_stride_tok).VATTN_RW(KVCacheView, v_stride_head)
-      .VATTN_RW(KVCacheView, num_rows).VATTN_RW(KVCacheView, max_seq).VATTN_RW(KVCacheView, kv_dtype);
+      .VATTN_RW(KVCacheView, num_rows).VATTN_RW(KVCacheView, max_seq).VATTN_RW(KVCacheView, k_format).VATTN_RW(KVCacheView, v_format)
+      .VATTN_PTR(KVCacheView, k_scale).VATTN_PTR(KVCacheView, v_scale);
 
   py::class_<AppendParams>(m, "AppendParams", "Parameters of append_kv (see cuda/include/vattn/params.h)")
       .def(py::init<>())
@@ -142,7 +151,8 @@ void bind_attention(py::module_& m) {
   // Positional only: these run per layer per token, keyword matching would cost more than the call.
   m.def("make_kv_view", &make_kv_view,
         "KVCacheView(k, v, k_stride_row, k_stride_tok, k_stride_head, v_stride_row, v_stride_tok, v_stride_head, "
-        "num_rows, max_seq, kv_dtype) in one call");
+        "num_rows, max_seq, k_format, v_format, k_scale, ks_stride_row, ks_stride_tok, ks_stride_head, v_scale, "
+        "vs_stride_row, vs_stride_tok, vs_stride_head) in one call (scale pointers 0 for plain formats)");
   m.def("make_append_params", &make_append_params,
         "AppendParams(cache, k, v, k_stride_tok, k_stride_head, v_stride_tok, v_stride_head, row_ids, positions, "
         "num_tokens, num_kv_heads, head_dim, dtype) in one call (stream left null)");

@@ -41,6 +41,7 @@ void append_kv_cpu(const AppendParams& p) {
   if (p.num_tokens == 0) return;
   cpu::require(p.cache.k && p.cache.v && p.k && p.v && p.row_ids && p.positions, "append_kv: null pointer in the parameters");
   cpu::require(p.num_kv_heads > 0 && p.head_dim > 0, "append_kv: num_kv_heads and head_dim must be positive");
+  cpu::require(p.cache.k_format == p.cache.v_format, "append_kv: K and V in different storage formats are not supported yet");
   for (int i = 0; i < p.num_tokens; ++i) {
     if (p.row_ids[i] < 0 || p.row_ids[i] >= p.cache.num_rows)
       fail("append_kv: row id " + std::to_string(p.row_ids[i]) + " of token " + std::to_string(i) + " is outside [0, " +
@@ -49,7 +50,7 @@ void append_kv_cpu(const AppendParams& p) {
       fail("append_kv: position " + std::to_string(p.positions[i]) + " of token " + std::to_string(i) + " is outside [0, " +
            std::to_string(p.cache.max_seq) + ")");
   }
-  cpu::dispatch_kv_format(p.cache.kv_dtype, [&](auto fmt) {
+  dispatch_kv_format(p.cache.k_format, "append_kv", [&](auto fmt) {
     using Format = decltype(fmt);
     cpu::dispatch_dtype(p.dtype, "append_kv k/v", [&](auto t) { append_impl<Format, decltype(t)>(p); });
   });

@@ -127,6 +127,7 @@ void validate(const AttentionParams& p, bool decode) {
   require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.head_dim > 0, "attention: head counts and head_dim must be positive");
   require(p.num_q_heads % p.num_kv_heads == 0, "attention: num_q_heads must be a multiple of num_kv_heads");
   require(p.kv.num_rows >= 0 && p.kv.max_seq >= 0, "attention: negative cache shape");
+  require(p.kv.k_format == p.kv.v_format, "attention: K and V in different storage formats are not supported yet");
   if (decode) {
     require(p.cu_seqlens_q == nullptr, "decode_attention: cu_seqlens_q must be null");
     require(p.total_q == p.batch, "decode_attention: total_q must equal batch (one query per row)");
@@ -381,7 +382,7 @@ template <bool kDecode>
 void attention_cpu(const AttentionParams& p) {
   validate(p, kDecode);
   if (p.batch == 0 || p.total_q == 0) return;
-  cpu::dispatch_kv_format(p.kv.kv_dtype, [&](auto fmt) {
+  dispatch_kv_format(p.kv.k_format, "attention", [&](auto fmt) {
     using Format = decltype(fmt);
     cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
       using T = decltype(t);

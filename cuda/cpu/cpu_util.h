@@ -37,16 +37,5 @@ decltype(auto) dispatch_dtype(int32_t code, const char* what, F&& f) {
   }
 }
 
-// Calls f(Format{}) with the KV storage format of a kv_dtype code (quantized formats join here).
-template <typename F>
-decltype(auto) dispatch_kv_format(int32_t code, F&& f) {
-  switch (code) {
-    case kFloat32: return f(PlainFormat<float>{});
-    case kFloat16: return f(PlainFormat<f16_t>{});
-    case kBFloat16: return f(PlainFormat<bf16_t>{});
-    default: fail("unknown kv_dtype code " + std::to_string(code));
-  }
-}
-
 }  // namespace cpu
 }  // namespace vattn

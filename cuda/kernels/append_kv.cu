@@ -79,7 +79,7 @@ void append_kv_cuda(const AppendParams& p) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     throw std::invalid_argument("append_kv: dtype must be float16, bfloat16 or float32 (code " +
                                 std::to_string(p.dtype) + ")");
-  if (p.cache.kv_dtype != p.dtype)
+  if (p.cache.k_format != p.dtype || p.cache.v_format != p.dtype)
     throw std::invalid_argument("append_kv: k/v dtype must equal the cache dtype (quantized formats come later)");
   if (p.num_tokens == 0) return;
   if (!p.cache.k || !p.cache.v || !p.k || !p.v || !p.row_ids || !p.positions)

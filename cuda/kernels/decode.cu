@@ -94,7 +94,7 @@ void validate(const AttentionParams& p) {
     bad("head_dim must be a multiple of 8 in [8, 256], got " + std::to_string(p.head_dim));
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     bad("dtype must be float16, bfloat16 or float32 (code " + std::to_string(p.dtype) + ")");
-  if (p.kv.kv_dtype != p.dtype) bad("the K/V cache dtype must equal the q dtype (quantized formats come later)");
+  if (p.kv.k_format != p.dtype || p.kv.v_format != p.dtype) bad("the K/V cache dtype must equal the q dtype (quantized formats come later)");
   if (p.kv.num_rows < 0 || p.kv.max_seq < 0) bad("cache num_rows and max_seq must be >= 0");
   if (!std::isfinite(p.scale)) bad("scale must be finite");
   if (!std::isfinite(p.softcap)) bad("softcap must be finite");

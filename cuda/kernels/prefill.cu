@@ -31,7 +31,7 @@ int query_bound(const AttentionParams& p) {
 
 void validate(const AttentionParams& p) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16) bad("CUDA supports float16 and bfloat16 only (dtype code " + std::to_string(p.dtype) + ")");
-  if (p.kv.kv_dtype != p.dtype) bad("K/V storage format must match the query dtype (quantized formats are not supported yet)");
+  if (p.kv.k_format != p.dtype || p.kv.v_format != p.dtype) bad("K/V storage format must match the query dtype (quantized formats are not supported yet)");
   if (p.impl != 0 && p.impl != 1) bad("impl must be 0 (fast) or 1 (plain), got " + std::to_string(p.impl));
   if (p.batch < 0 || p.total_q < 0) bad("batch and total_q must be >= 0");
   if (p.num_q_heads <= 0 || p.num_kv_heads <= 0) bad("head counts must be positive");

@@ -230,8 +230,9 @@ def _cache_view(k_cache: Tensor, v_cache: Tensor, geom: _KVGeom) -> "_C.KVCacheV
     view = geom.view
     if view is None:
         ks, vs = geom.k_strides, geom.v_strides
+        code = code_of(geom.dtype)
         view = geom.view = _C.make_kv_view(k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1],
-                                           vs[2], geom.shape[0], geom.shape[1], code_of(geom.dtype))
+                                           vs[2], geom.shape[0], geom.shape[1], code, code, 0, 0, 0, 0, 0, 0, 0, 0)
     return view
 
 

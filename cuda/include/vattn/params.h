@@ -7,16 +7,23 @@
 namespace vattn {
 
 // A strided cache [rows, seq, kv_heads, head_dim] for K and one for V; the last dimension is
-// contiguous. Strides are in elements of the storage type. Both vattn.KVCache layouts and
-// ordinary user tensors are described by this.
+// contiguous. Strides are in elements of each side's storage type (kv_format.h: a packed int4
+// byte holds two head_dim elements). Quantized formats also carry per-vector scale words (fp32)
+// with their own strides, in floats; plain formats leave them null. Both vattn.KVCache layouts
+// and ordinary user tensors are described by this.
 struct KVCacheView {
   void* k = nullptr;
   void* v = nullptr;
   int64_t k_stride_row = 0, k_stride_tok = 0, k_stride_head = 0;
   int64_t v_stride_row = 0, v_stride_tok = 0, v_stride_head = 0;
+  const float* k_scale = nullptr;  // [rows, seq, kv_heads, KvFormat::scale_words] or null
+  const float* v_scale = nullptr;
+  int64_t ks_stride_row = 0, ks_stride_tok = 0, ks_stride_head = 0;
+  int64_t vs_stride_row = 0, vs_stride_tok = 0, vs_stride_head = 0;
   int32_t num_rows = 0;   // cache rows (slots)
   int32_t max_seq = 0;    // capacity in tokens per row
-  int32_t kv_dtype = 0;   // storage format code (dtypes.h DType; quantized formats come later)
+  int32_t k_format = 0;   // storage format codes (kv_format.h KvFormatCode), K and V apart
+  int32_t v_format = 0;
 };
 
 // append_kv: write num_tokens new tokens into the cache at (row_ids[i], positions[i]).
