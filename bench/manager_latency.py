@@ -112,8 +112,10 @@ def _page_bytes(device: str, model: str) -> int:
 
 
 def _token_bytes(model: str) -> int:
+    import vattn
+
     _, hkv, d = bu.MODELS[model]
-    return MODEL_LAYERS[model] * 2 * hkv * d * 2
+    return vattn.formats.token_bytes(MODEL_LAYERS[model], hkv, d, torch.bfloat16)
 
 
 def page_map_unmap(device: str, model: str, reps: int, pooled: bool) -> Dict:

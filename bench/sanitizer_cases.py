@@ -131,7 +131,7 @@ def cache_growth(dev: str) -> None:
     g = torch.Generator(device=dev).manual_seed(2)
     slots = [cache.alloc(), cache.alloc()]
     page = int(cache.stats()["page_bytes"])
-    tok_bytes = layers * 2 * hkv * d * torch.empty((), dtype=dtype).element_size()
+    tok_bytes = cache.token_bytes
     prompt = [max(1, page // tok_bytes - 2), 5]  # the first slot crosses a page boundary while decoding
     hist_k = {s: [[] for _ in range(layers)] for s in slots}
     hist_v = {s: [[] for _ in range(layers)] for s in slots}

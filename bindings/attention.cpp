@@ -7,6 +7,7 @@
 #include "bindings.h"
 #include "vattn/ops.h"
 #include "vattn/params.h"
+#include "vattn/support.h"
 
 namespace py = pybind11;
 
@@ -95,7 +96,36 @@ AttentionParams make_attention_params(uintptr_t q, int64_t q_stride_tok, int64_t
 
 }  // namespace
 
+// {"cpu": {"append_kv": {"dtypes": [codes], "kv_formats": [codes], "head_dim_multiple": n,
+// "max_head_dim": n}, "decode": ..., "prefill": ..., "merge_states": ...}, "cuda": {...}}
+py::dict support_table() {
+  const char* ops[] = {"append_kv", "decode", "prefill", "merge_states"};
+  const char* devices[] = {"cpu", "cuda"};
+  auto codes = [](uint32_t mask) {
+    py::list l;
+    for (int32_t c = 0; c < 32; ++c)
+      if (mask & (1u << c)) l.append(c);
+    return l;
+  };
+  py::dict table;
+  for (int d = 0; d < 2; ++d) {
+    py::dict per_op;
+    for (int o = 0; o < 4; ++o) {
+      const support::Entry e = support::entry(support::Device(d), support::Op(o));
+      py::dict x;
+      x["dtypes"] = codes(e.dtypes);
+      x["kv_formats"] = codes(e.kv_formats);
+      x["head_dim_multiple"] = e.head_dim_multiple;
+      x["max_head_dim"] = e.max_head_dim;
+      per_op[ops[o]] = x;
+    }
+    table[devices[d]] = per_op;
+  }
+  return table;
+}
+
 void bind_attention(py::module_& m) {
+  m.def("support_table", &support_table, "dtypes, KV formats and head dims each op runs per device (vattn/support.h)");
   py::class_<KVCacheView>(m, "KVCacheView", "Strided K and V caches [rows, seq, kv_heads, head_dim] (element strides)")
       .def(py::init<>())
       .VATTN_PTR(KVCacheView, k)

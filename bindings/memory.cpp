@@ -85,15 +85,14 @@ void bind_memory(py::module_& m) {
 
   py::class_<CacheManager, std::shared_ptr<CacheManager>>(m, "CacheManager",
       "One KV-cache in contiguous virtual memory; see python/vattn/cache.py for the user API")
-      .def(py::init([](const std::string& backend, int device, int64_t num_layers, int64_t num_kv_heads,
-                       int64_t head_dim, int64_t elem_bytes, int64_t max_batch, int64_t max_seq_len,
+      .def(py::init([](const std::string& backend, int device, int64_t num_layers, int64_t k_record_bytes,
+                       int64_t v_record_bytes, int64_t max_batch, int64_t max_seq_len,
                        const std::string& layout, size_t page_bytes, size_t max_physical_bytes, size_t prealloc_bytes,
                        size_t reclaim_watermark_bytes, bool background, int64_t lookahead_tokens, bool host_commit) {
              memory::Geometry g;
              g.num_layers = num_layers;
-             g.num_kv_heads = num_kv_heads;
-             g.head_dim = head_dim;
-             g.elem_bytes = elem_bytes;
+             g.k_record_bytes = k_record_bytes;
+             g.v_record_bytes = v_record_bytes;
              g.max_batch = max_batch;
              g.max_seq_len = max_seq_len;
              memory::ManagerOptions o;
@@ -105,8 +104,8 @@ void bind_memory(py::module_& m) {
              const memory::Layout l = parse_layout(layout);
              return std::make_shared<CacheManager>(make_backend(backend, device, page_bytes, host_commit), g, l, o);
            }),
-           py::arg("backend"), py::arg("device"), py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"),
-           py::arg("elem_bytes"), py::arg("max_batch"), py::arg("max_seq_len"), py::arg("layout") = "token_major",
+           py::arg("backend"), py::arg("device"), py::arg("num_layers"), py::arg("k_record_bytes"),
+           py::arg("v_record_bytes"), py::arg("max_batch"), py::arg("max_seq_len"), py::arg("layout") = "token_major",
            py::arg("page_bytes") = 0, py::arg("max_physical_bytes") = 0, py::arg("prealloc_bytes") = 0,
            py::arg("reclaim_watermark_bytes") = 0, py::arg("background") = false, py::arg("lookahead_tokens") = 0,
            py::arg("host_commit") = true)
@@ -153,6 +152,10 @@ void bind_memory(py::module_& m) {
       .def_property_readonly("page_bytes", &CacheManager::page_bytes)
       .def_property_readonly("num_regions", &CacheManager::num_regions)
       .def_property_readonly("slot_stride_bytes", &CacheManager::slot_stride_bytes)
+      .def_property_readonly("token_bytes", [](const CacheManager& self) { return self.geometry().token_bytes(); },
+                             "Bytes of one stored token over all layers, K and V (data and scales)")
+      .def_property_readonly("region_token_bytes", &CacheManager::region_token_bytes,
+                             "Bytes of one token in one region (token_major: token_bytes; layer_major: one record)")
       .def_property_readonly("is_device", &CacheManager::is_device)
       .def_property_readonly("backend_name", &CacheManager::backend_name)
       .def("region_base", &CacheManager::region_base, py::arg("region"))
@@ -164,10 +167,8 @@ void bind_memory(py::module_& m) {
         d["v_region"] = v.v_region;
         d["k_offset_bytes"] = v.k_offset_bytes;
         d["v_offset_bytes"] = v.v_offset_bytes;
-        d["stride_row"] = v.stride_row;
-        d["stride_tok"] = v.stride_tok;
-        d["stride_head"] = v.stride_head;
-        d["elem_bytes"] = self.geometry().elem_bytes;
+        d["stride_row_bytes"] = v.stride_row_bytes;
+        d["stride_tok_bytes"] = v.stride_tok_bytes;
         return d;
       }, py::arg("layer"))
       .def("region_buffer", [](std::shared_ptr<CacheManager> self, size_t region) {

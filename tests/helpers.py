@@ -181,12 +181,11 @@ def random_cases(kind: str, n: int, seed: int, long_len: int = 3000) -> List[Cas
     return cases
 
 
-def skip_unsupported(device: str, dtype: torch.dtype, dim: int, prefill: bool = True) -> None:
-    """CUDA kernels cover head_dim multiples of 8 up to 256, fp16/bf16 (decode also fp32); the CPU
-    path covers everything."""
-    if device != "cuda":
-        return
-    if dim % 8 != 0 or dim > 256:
-        pytest.skip("CUDA kernels: head_dim a multiple of 8 up to 256")
-    if prefill and dtype == torch.float32:
-        pytest.skip("CUDA prefill: fp16/bf16")
+def skip_unsupported(device: str, dtype: torch.dtype, dim: int, prefill: bool = True, kv_format=None) -> None:
+    """Skips a case the device does not run, as the support table (vattn/_support.py) says."""
+    from vattn import _support
+
+    op = "prefill" if prefill else "decode"
+    if not _support.supported(op, device, dtype, dim, kv_format):
+        e = _support.table()[device][op]
+        pytest.skip(f"{device} {op}: {', '.join(str(d) for d in e.dtypes)}, {e.head_dim_rule()}, formats {e.kv_formats}")

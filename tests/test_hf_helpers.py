@@ -38,8 +38,7 @@ def max_logit_diff(ref, out, steps):
 
 def token_bytes(cache) -> int:
     """Bytes one stored token takes over all layers (K and V)."""
-    elem = torch.empty((), dtype=cache.dtype).element_size()
-    return cache.num_layers * 2 * cache.num_kv_heads * cache.head_dim * elem
+    return vhf.formats.token_bytes(cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -27,9 +27,8 @@ CacheManager::CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geome
     : backend_(std::move(backend)), geom_(g), layout_(layout), opt_(opt) {
   if (!backend_) throw std::invalid_argument("vattn: no backend");
   require_positive(g.num_layers, "num_layers");
-  require_positive(g.num_kv_heads, "num_kv_heads");
-  require_positive(g.head_dim, "head_dim");
-  require_positive(g.elem_bytes, "element size");
+  require_positive(g.k_record_bytes, "K record bytes");
+  require_positive(g.v_record_bytes, "V record bytes");
   require_positive(g.max_batch, "max_batch");
   require_positive(g.max_seq_len, "max_seq_len");
   if (g.max_batch > std::numeric_limits<int32_t>::max() || g.max_seq_len > std::numeric_limits<int32_t>::max()) {
@@ -37,10 +36,7 @@ CacheManager::CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geome
   }
   if (opt.lookahead_tokens < 0) throw std::invalid_argument("vattn: lookahead_tokens must be >= 0");
   page_ = backend_->page_bytes();
-  if (page_ % static_cast<size_t>(g.elem_bytes) != 0) {
-    throw std::invalid_argument("vattn: the page size must be a multiple of the element size");
-  }
-  region_token_bytes_ = layout == Layout::kTokenMajor ? g.token_bytes() : g.kv_vector_bytes();
+  region_token_bytes_ = g.region_token_bytes(layout == Layout::kTokenMajor);
   const long double slot_bytes = static_cast<long double>(g.max_seq_len) * region_token_bytes_;
   const size_t nregions = layout == Layout::kTokenMajor ? 1 : static_cast<size_t>(2 * g.num_layers);
   if (slot_bytes * g.max_batch * nregions > static_cast<long double>(size_t(1) << 62)) {
@@ -535,18 +531,15 @@ LayerView CacheManager::layer_view(int64_t layer) const {
                             std::to_string(geom_.num_layers) + ")");
   }
   LayerView v;
-  const int64_t e = geom_.elem_bytes;
-  v.stride_row = static_cast<int64_t>(slot_stride_) / e;
-  v.stride_head = geom_.head_dim;
+  v.stride_row_bytes = static_cast<int64_t>(slot_stride_);
+  v.stride_tok_bytes = region_token_bytes_;
   if (layout_ == Layout::kTokenMajor) {
     v.k_region = v.v_region = 0;
-    v.k_offset_bytes = layer * 2 * geom_.kv_vector_bytes();
-    v.v_offset_bytes = v.k_offset_bytes + geom_.kv_vector_bytes();
-    v.stride_tok = geom_.token_bytes() / e;
+    v.k_offset_bytes = layer * (geom_.k_record_bytes + geom_.v_record_bytes);
+    v.v_offset_bytes = v.k_offset_bytes + geom_.k_record_bytes;
   } else {
     v.k_region = static_cast<int32_t>(2 * layer);
     v.v_region = static_cast<int32_t>(2 * layer + 1);
-    v.stride_tok = geom_.num_kv_heads * geom_.head_dim;
   }
   return v;
 }

@@ -3,11 +3,17 @@
 // global state). It owns the backend, the reservations (regions), the page pool and the slots,
 // and maps / unmaps physical pages as slots grow and shrink.
 //
-// Pages are mapped in "groups": one page in every region at the same offset of a slot. Both
-// layouts store the same bytes per token in every region, so a slot holding n tokens needs
-// pages_for(n) pages in each region.
-//   token_major: 1 region  [slot, token, layer, K|V, head, dim]
-//   layer_major: 2L regions, K and V of each layer: [slot, token, head, dim]
+// The manager knows bytes, not formats: a token of one layer is a K record and a V record of
+// a given number of bytes (all kv heads, data and any scales; python/vattn/formats.py lays out
+// what is inside a record). Pages are mapped in "groups": one page in every region at the same
+// offset of a slot. Every region stores the same bytes per token, so a slot holding n tokens
+// needs pages_for(n) pages in each region.
+//   token_major: 1 region  [slot, token, layer, K record | V record]
+//   layer_major: 2L regions, K and V of each layer: [slot, token, record]; both regions of a
+//                layer use the larger of the two record sizes (K and V in different formats
+//                waste the difference there; token_major wastes nothing).
+// Other areas (per-block metadata, per-head lengths) are planned as regions of their own with
+// their own bytes per token, beside these.
 // Each slot's part of a region is padded to whole pages, so slots never share a page.
 //
 // Thread safety: every public method takes the manager's mutex; the optional background
@@ -32,13 +38,16 @@ namespace memory {
 enum class Layout { kTokenMajor = 0, kLayerMajor = 1 };
 
 struct Geometry {
-  int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
-  int64_t elem_bytes = 2;  // bytes of one stored element (a property of the storage format)
+  int64_t num_layers = 0;
+  int64_t k_record_bytes = 0;  // one token's K of one layer: all kv heads, data + scales
+  int64_t v_record_bytes = 0;  // the same for V
   int64_t max_batch = 0, max_seq_len = 0;
-  // Bytes of one token's K (or V) for one layer: all heads.
-  int64_t kv_vector_bytes() const { return num_kv_heads * head_dim * elem_bytes; }
-  // Bytes of one token over all layers, K and V.
-  int64_t token_bytes() const { return 2 * num_layers * kv_vector_bytes(); }
+  // Bytes of one token over all layers, K and V (what used_bytes counts per stored token).
+  int64_t token_bytes() const { return num_layers * (k_record_bytes + v_record_bytes); }
+  // Bytes of one token in one region of a layout.
+  int64_t region_token_bytes(bool token_major) const {
+    return token_major ? token_bytes() : (k_record_bytes > v_record_bytes ? k_record_bytes : v_record_bytes);
+  }
 };
 
 struct ManagerOptions {
@@ -49,12 +58,12 @@ struct ManagerOptions {
   int64_t lookahead_tokens = 0;        // tokens mapped ahead of each live slot by that thread
 };
 
-// Where layer l's K and V live: region index, byte offset of element (slot 0, token 0, head 0,
-// dim 0) inside it, and element strides (shared by K and V).
+// Where layer l's K and V records live: region index, byte offset of the record of (slot 0,
+// token 0) inside it, and byte strides between slots and tokens (shared by K and V).
 struct LayerView {
   int32_t k_region = 0, v_region = 0;
   int64_t k_offset_bytes = 0, v_offset_bytes = 0;
-  int64_t stride_row = 0, stride_tok = 0, stride_head = 0;
+  int64_t stride_row_bytes = 0, stride_tok_bytes = 0;
 };
 
 struct Stats {
@@ -105,6 +114,7 @@ class CacheManager {
   uintptr_t region_base(size_t r) const;
   size_t region_bytes(size_t r) const;
   size_t slot_stride_bytes() const { return slot_stride_; }
+  int64_t region_token_bytes() const { return region_token_bytes_; }
   LayerView layer_view(int64_t layer) const;
   bool is_device() const { return backend_->is_device(); }
   std::string backend_name() const { return backend_->name(); }

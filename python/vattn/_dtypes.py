@@ -1,9 +1,12 @@
-"""dtype codes shared with cuda/include/vattn/dtypes.h (never renumber)."""
+"""dtype codes of q / out shared with cuda/include/vattn/dtypes.h, derived from the format registry
+(the plain KV formats' codes are the dtype codes)."""
 import torch
 
-FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2
+from .formats import PLAIN
 
-TORCH_TO_CODE = {torch.float32: FLOAT32, torch.float16: FLOAT16, torch.bfloat16: BFLOAT16}
+FLOAT32, FLOAT16, BFLOAT16 = (PLAIN[d].code for d in (torch.float32, torch.float16, torch.bfloat16))
+
+TORCH_TO_CODE = {dtype: fmt.code for dtype, fmt in PLAIN.items()}
 CODE_TO_TORCH = {v: k for k, v in TORCH_TO_CODE.items()}
 
 

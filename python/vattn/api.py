@@ -6,7 +6,7 @@ They only pick the cache views of one layer and the step's index tensors and cal
 from the step's host values, so neither call synchronizes with the GPU.
 
 They run once per layer per token, so their host cost matters: in plain eager mode they call the
-ops' implementations directly (ops._direct_ok), and on a vattn.KVCache they reuse the layer's
+ops' implementations directly (ops.run_append / run_decode / run_prefill), and on a vattn.KVCache they reuse the layer's
 views as checked once (KVCache._ops_layer) instead of checking them on every call.
 """
 from __future__ import annotations
@@ -60,10 +60,7 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
     _check_tokens(v, "v", step, cache.num_kv_heads, cache, k_view.device)
     if step.total_new == 0:
         return
-    if ops._direct_ok(k_view, v_view, k, v):
-        ops._append_direct(k_view, v_view, k, v, step.token_slots, step.positions, geom)
-    else:
-        torch.ops.vattn.append_kv(k_view, v_view, k, v, step.token_slots, step.positions)
+    ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, geom)
 
 
 def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float] = None, window_left: int = -1,
@@ -79,19 +76,11 @@ def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float
     if q.shape[1] % cache.num_kv_heads != 0:
         raise ValueError(f"q has {q.shape[1]} heads, not a multiple of the cache's {cache.num_kv_heads} kv heads")
     scale = None if scale is None else float(scale)
-    direct = ops._direct_ok(q, k_view, v_view)
     if step.is_decode:
-        args = (q, k_view, v_view, step.seqlens, step.slot_ids, None, scale, int(window_left), float(softcap),
-                int(step.max_seqlen_k))
-        if direct:
-            out, lse = ops._decode_impl(*args, need_lse=return_lse, geom=geom)
-        else:
-            out, lse = torch.ops.vattn.decode_attention(*args)
+        out, lse = ops.run_decode(q, k_view, v_view, step.seqlens, step.slot_ids, None, scale, int(window_left),
+                                  float(softcap), int(step.max_seqlen_k), return_lse, geom)
     else:
-        args = (q, k_view, v_view, step.cu_seqlens_q, step.seqlens, step.slot_ids, None, scale, int(window_left),
-                float(softcap), int(step.max_seqlen_q), int(step.max_seqlen_k))
-        if direct:
-            out, lse = ops._prefill_impl(*args, need_lse=return_lse, geom=geom)
-        else:
-            out, lse = torch.ops.vattn.prefill_attention(*args)
+        out, lse = ops.run_prefill(q, k_view, v_view, step.cu_seqlens_q, step.seqlens, step.slot_ids, None, scale,
+                                   int(window_left), float(softcap), int(step.max_seqlen_q), int(step.max_seqlen_k),
+                                   return_lse, geom)
     return (out, lse) if return_lse else out

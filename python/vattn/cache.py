@@ -28,13 +28,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import _C, ops
+from . import _C, formats
+from ._checks import _check_cache
+from ._support import check_cache_supported
 
 __all__ = ["KVCache", "Step"]
 
 _LAYOUTS = ("token_major", "layer_major")
-_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HOST_DEFAULT_PAGE = 2 << 20  # mirrors CUDA's usual granularity
 _DEFAULT_WATERMARK_PAGES = 64  # idle pages kept for reuse by the next request
 
@@ -122,6 +122,10 @@ def _pack_step(slots: List[int], new_tokens: List[int], start: List[int], ends: 
     return torch.from_numpy(np.concatenate([slots_a, start_a + new_a, cu, token_slots, positions]).astype(np.int32))
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class _CudaRange:
     """`__cuda_array_interface__` (v3) over raw device memory; holds the manager so the memory
     outlives every tensor / CuPy array made from it."""
@@ -160,8 +164,6 @@ class KVCache:
         self.max_seq_len = _positive(max_seq_len, "max_seq_len")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
-        if not isinstance(kv_format, str) or kv_format != "auto":
-            raise ValueError(f"kv_format {kv_format!r} is not supported yet; use 'auto' (K/V stored in dtype)")
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         try:
@@ -170,9 +172,8 @@ class KVCache:
             raise ValueError(f"invalid device {device!r}: {e}") from None
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {dev}")
-        allowed = _CPU_DTYPES if dev.type == "cpu" else _CUDA_DTYPES
-        if dtype not in allowed:
-            raise TypeError(f"dtype {dtype} is not supported on {dev.type}; use one of {list(allowed)}")
+        self.k_format, self.v_format = formats.resolve(kv_format, dtype)
+        check_cache_supported(dev.type, dtype, self.k_format, self.v_format, self.head_dim)
         if dev.type == "cuda":
             if not _C.built_with_cuda:
                 raise RuntimeError("device='cuda' needs a CUDA build of vattn (this one was built without CUDA); "
@@ -202,9 +203,10 @@ class KVCache:
             watermark = _int(reclaim_watermark_bytes, "reclaim_watermark_bytes")
             if watermark < 0:
                 raise ValueError(f"reclaim_watermark_bytes must be >= 0, got {watermark}")
-        self._elem = torch.empty((), dtype=dtype).element_size()
-        vec = self.num_kv_heads * self.head_dim * self._elem
-        region_token_bytes = 2 * self.num_layers * vec if layout == "token_major" else vec
+        k_record = self.k_format.record_bytes(self.num_kv_heads, self.head_dim)
+        v_record = self.v_format.record_bytes(self.num_kv_heads, self.head_dim)
+        region_token_bytes = (self.num_layers * (k_record + v_record) if layout == "token_major"
+                              else max(k_record, v_record))
         if lookahead_tokens is None:
             lookahead = max(1, effective_page // region_token_bytes)
         else:
@@ -213,11 +215,12 @@ class KVCache:
                 raise ValueError(f"lookahead_tokens must be >= 0, got {lookahead}")
 
         self._manager = _C.CacheManager(
-            "cuda" if dev.type == "cuda" else "host", dev.index or 0, self.num_layers, self.num_kv_heads,
-            self.head_dim, self._elem, self.max_batch, self.max_seq_len, layout, page_bytes=page,
+            "cuda" if dev.type == "cuda" else "host", dev.index or 0, self.num_layers, k_record, v_record,
+            self.max_batch, self.max_seq_len, layout, page_bytes=page,
             max_physical_bytes=cap, prealloc_bytes=prealloc, reclaim_watermark_bytes=watermark,
             background=bool(background), lookahead_tokens=lookahead, host_commit=bool(_host_commit))
         self.page_bytes = int(self._m.page_bytes)
+        self.token_bytes = int(self._m.token_bytes)  # one stored token, all layers, K and V, scales included
         self.background = bool(background)
         self._lengths_host = [0] * self.max_batch
         self._lengths = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
@@ -444,37 +447,54 @@ class KVCache:
             self._lengths.copy_(torch.tensor(host, dtype=torch.int32).pin_memory(), non_blocking=True)
 
     def _region(self, r: int) -> torch.Tensor:
-        """The whole reserved region r as a 1-D tensor of the storage dtype (not a copy)."""
+        """The whole reserved region r as a 1-D uint8 tensor (not a copy)."""
         t = self._regions.get(r)
         if t is None:
             if self.device.type == "cpu":
-                raw = torch.frombuffer(self._m.region_buffer(r), dtype=torch.uint8)
+                t = torch.frombuffer(self._m.region_buffer(r), dtype=torch.uint8)
             else:
                 rng = _CudaRange(self._m, self._m.region_base(r), (self._m.region_bytes(r),), None, "|u1")
-                raw = torch.as_tensor(rng, device=self.device)
-            t = self._regions[r] = raw.view(self.dtype)
+                t = torch.as_tensor(rng, device=self.device)
+            self._regions[r] = t
         return t
 
-    def _geometry(self, layer: int):
+    def _geometry(self, layer: int, fmt: "formats.KVFormat", which: str):
+        """(region, byte offset, shape, element strides, element size) of one layer's K or V data,
+        and the same for its scale words (None for plain formats): record layout of formats.py
+        over the manager's byte strides."""
         lv = self._m.layer_view(layer)
-        shape = (self.max_batch, self.max_seq_len, self.num_kv_heads, self.head_dim)
-        strides = (lv["stride_row"], lv["stride_tok"], lv["stride_head"], 1)
-        return lv, shape, strides
+        region, offset = lv[which + "_region"], lv[which + "_offset_bytes"]
+        row, tok = lv["stride_row_bytes"], lv["stride_tok_bytes"]
+        heads, dim = self.num_kv_heads, self.head_dim
+        isz = _itemsize(fmt.storage_dtype)
+        data = (region, offset, (self.max_batch, self.max_seq_len, heads, fmt.storage_elems(dim)),
+                (row // isz, tok // isz, fmt.data_bytes(dim) // isz, 1), isz)
+        scales = None
+        if fmt.quantized:
+            scales = (region, offset + fmt.scale_offset(heads, dim),
+                      (self.max_batch, self.max_seq_len, heads, fmt.scale_words),
+                      (row // 4, tok // 4, fmt.scale_words, 1), 4)
+        return data, scales
+
+    def _strided(self, geo, dtype: torch.dtype) -> torch.Tensor:
+        region, offset, shape, strides, isz = geo
+        return self._region(region).view(dtype).as_strided(shape, strides, offset // isz)
 
     def _make_views(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        lv, shape, strides = self._geometry(layer)
-        k = self._region(lv["k_region"]).as_strided(shape, strides, lv["k_offset_bytes"] // self._elem)
-        v = self._region(lv["v_region"]).as_strided(shape, strides, lv["v_offset_bytes"] // self._elem)
-        return k, v
+        out = []
+        for which, fmt in (("k", self.k_format), ("v", self.v_format)):
+            data, _ = self._geometry(layer, fmt, which)
+            out.append(self._strided(data, fmt.storage_dtype))
+        return out[0], out[1]
 
     def _ops_layer(self, layer: int):
         """(k, v, geometry) of one layer for vattn.append_kv / vattn.attention: the kv() views and
-        their checked geometry (ops._KVGeom), made once. The views' shape, strides and addresses
+        their checked geometry (_checks._KVGeom), made once. The views' shape, strides and addresses
         never change (the virtual range is fixed), so checking them once per layer is enough."""
         entry = self._ops_layers[layer]
         if entry is None:
             k, v = self.kv(layer)
-            entry = self._ops_layers[layer] = (k, v, ops._check_cache(k, v, self.device))
+            entry = self._ops_layers[layer] = (k, v, _check_cache(k, v, self.device))
         return entry
 
     def _cupy_views(self, layer: int):
@@ -484,12 +504,11 @@ class KVCache:
             import cupy
         except ImportError:
             raise ImportError("kv(like='cupy') needs CuPy: pip install cupy-cuda12x (or the build for your CUDA)") from None
-        typestr = {torch.float16: "<f2", torch.float32: "<f4", torch.bfloat16: "<u2"}[self.dtype]
-        lv, shape, strides = self._geometry(layer)
-        byte_strides = tuple(s * self._elem for s in strides)
         out = []
-        for reg, off in ((lv["k_region"], lv["k_offset_bytes"]), (lv["v_region"], lv["v_offset_bytes"])):
-            rng = _CudaRange(self._m, self._m.region_base(reg) + off, shape, byte_strides, typestr)
+        for which, fmt in (("k", self.k_format), ("v", self.v_format)):
+            (region, offset, shape, strides, isz), _ = self._geometry(layer, fmt, which)
+            byte_strides = tuple(st * isz for st in strides)
+            rng = _CudaRange(self._m, self._m.region_base(region) + offset, shape, byte_strides, fmt.cupy_typestr)
             with cupy.cuda.Device(self.device.index):
                 out.append(cupy.asarray(rng))
         return tuple(out)

@@ -42,6 +42,7 @@ except ImportError as exc:  # vattn itself never needs transformers; only this m
     ) from exc
 
 import vattn
+from vattn import formats
 
 __all__ = ["VAttnCache", "ATTN_IMPLEMENTATION", "register", "enable", "disable"]
 
@@ -412,8 +413,7 @@ class VAttnCache(Cache):
 
     def static_bytes(self, batch: int, seq_len: int) -> int:
         """Bytes of a preallocated [batch, seq_len] K/V cache for every layer (transformers' StaticCache)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return batch * seq_len * self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem
+        return batch * seq_len * formats.token_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     def release(self) -> None:
         """Frees the slots and releases the physical memory now (the cache is unusable afterwards)."""

@@ -1,0 +1,43 @@
+#pragma once
+// The support matrix of the ops: which q / out dtypes, head dims and KV storage formats each op
+// runs on each device. The CUDA launchers check against it, the bindings export it
+// (vattn._C.support_table) and the Python layer (python/vattn/_support.py) reads it for its
+// argument checks, the test helpers' skips and the docs, so there is one source.
+#include <cstdint>
+
+#include "vattn/dtypes.h"
+#include "vattn/kv_format.h"
+
+namespace vattn {
+namespace support {
+
+enum Op : int32_t { kAppendKv = 0, kDecode = 1, kPrefill = 2, kMerge = 3 };
+enum Device : int32_t { kCpu = 0, kCuda = 1 };
+
+constexpr uint32_t bit(int32_t code) { return 1u << code; }
+constexpr uint32_t kAllDtypes = bit(kFloat32) | bit(kFloat16) | bit(kBFloat16);
+constexpr uint32_t kHalfDtypes = bit(kFloat16) | bit(kBFloat16);
+constexpr uint32_t kPlainFormats = bit(kKvFloat32) | bit(kKvFloat16) | bit(kKvBFloat16);
+
+struct Entry {
+  uint32_t dtypes;             // bit set of DType codes (q / out; k / v for append_kv)
+  uint32_t kv_formats;         // bit set of KvFormatCode
+  int32_t head_dim_multiple;   // head_dim must be a multiple of this
+  int32_t max_head_dim;        // 0: no limit
+};
+
+constexpr Entry entry(Device d, Op op) {
+  return d == kCpu ? Entry{kAllDtypes, kPlainFormats, 1, 0}
+         : op == kPrefill ? Entry{kHalfDtypes, kPlainFormats, 8, 256}
+         : op == kMerge   ? Entry{kAllDtypes, kPlainFormats, 1, 0}
+                          : Entry{kAllDtypes, kPlainFormats, 8, 256};
+}
+
+constexpr bool supported(Device d, Op op, int32_t dtype, int32_t kv_format, int32_t head_dim) {
+  return (entry(d, op).dtypes & bit(dtype)) != 0 && (entry(d, op).kv_formats & bit(kv_format)) != 0 &&
+         head_dim > 0 && head_dim % entry(d, op).head_dim_multiple == 0 &&
+         (entry(d, op).max_head_dim == 0 || head_dim <= entry(d, op).max_head_dim);
+}
+
+}  // namespace support
+}  // namespace vattn

@@ -1,0 +1,195 @@
+"""Argument checks of the torch ops (python/vattn/ops.py): tensors, shapes, devices, index
+tensors. What each device supports comes from the one support table (_support.py); the native code
+checks what needs the data (index values, lengths) and throws."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+from ._dtypes import TORCH_TO_CODE
+from ._support import check_supported
+
+Tensor = torch.Tensor
+
+_INT32_MAX = 2**31 - 1
+
+
+def _check_float(t: Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in TORCH_TO_CODE:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+
+
+def _check_device(t: Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the op runs on {device}; move it first")
+    if device.type != "cpu":
+        if device.type != "cuda":
+            raise ValueError(f"vattn ops run on cpu or cuda tensors, got {device}")
+        if not _C.built_with_cuda:
+            raise RuntimeError("this vattn build has no CUDA support (built without nvcc); use CPU tensors or rebuild")
+
+
+def _check_last_contiguous(t: Tensor, name: str) -> Tuple[int, ...]:
+    """Returns t.stride() (the callers need it too; one call instead of several)."""
+    strides = t.stride()
+    if t.shape[-1] > 1 and strides[-1] != 1:
+        raise ValueError(f"{name} must have its last dimension contiguous (stride {strides[-1]})")
+    for s in strides:
+        if s < 0:
+            raise ValueError(f"{name} has a negative stride")
+    return strides
+
+
+def _check_index(t: Optional[Tensor], name: str, shape: Tuple[int, ...], device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (the public wrappers convert int64), got {t.dtype}")
+    if t.shape != shape:  # torch.Size compares as a tuple
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    _check_device(t, name, device)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+class _KVGeom:
+    """The checked facts about a (k_cache, v_cache) pair that the ops use (from _check_cache).
+
+    The op path makes one per call; vattn.KVCache keeps one per layer for its own views (their
+    shape, strides and addresses never change), so vattn.attention / append_kv check a layer's
+    views once, not per call. `view` is the native KVCacheView, built on first launch."""
+
+    __slots__ = ("device", "dtype", "shape", "k_strides", "v_strides", "view")
+
+    def __init__(self, device, dtype, shape, k_strides, v_strides):
+        self.device, self.dtype, self.shape = device, dtype, shape
+        self.k_strides, self.v_strides = k_strides, v_strides
+        self.view = None
+
+
+def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device) -> _KVGeom:
+    strides = []
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_float(c, name)
+        if c.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [rows, seq, kv_heads, head_dim], got shape {list(c.shape)}")
+        _check_device(c, name, device)
+        strides.append(_check_last_contiguous(c, name))
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache shapes differ: {list(k_cache.shape)} vs {list(v_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
+    rows, seq, heads, dim = k_cache.shape
+    if max(rows, seq) > _INT32_MAX or heads == 0 or dim == 0:
+        raise ValueError(f"cache shape {list(k_cache.shape)} is empty or too large")
+    return _KVGeom(device, k_cache.dtype, k_cache.shape, strides[0], strides[1])
+
+
+def _checked_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, geom: Optional[_KVGeom]) -> _KVGeom:
+    """_check_cache, or for a geometry checked before (KVCache views) only the device match."""
+    if geom is None:
+        return _check_cache(k_cache, v_cache, device)
+    if geom.device != device:
+        raise ValueError(f"k_cache is on {geom.device} but the op runs on {device}; move it first")
+    return geom
+
+
+def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, cu_seqlens_q: Optional[Tensor],
+                     row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], window_left: int, softcap: float,
+                     scale: Optional[float], geom: Optional[_KVGeom] = None) -> Tuple[_KVGeom, Tuple[int, ...]]:
+    """Checks an attention call; returns the cache geometry and q's strides."""
+    _check_float(q, "q")
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [tokens, q_heads, head_dim], got shape {list(q.shape)}")
+    device = q.device
+    _check_device(q, "q", device)
+    q_strides = _check_last_contiguous(q, "q")
+    geom = _checked_cache(k_cache, v_cache, device, geom)
+    if geom.dtype != q.dtype:
+        raise TypeError(f"the cache dtype {geom.dtype} must match the q dtype {q.dtype}")
+    total_q, hq, dim = q.shape
+    hkv, kdim = geom.shape[2], geom.shape[3]
+    if dim != kdim:
+        raise ValueError(f"q head_dim {dim} differs from the cache head_dim {kdim}")
+    if hq == 0 or hq % hkv != 0:
+        raise ValueError(f"num_q_heads ({hq}) must be a positive multiple of num_kv_heads ({hkv})")
+    if not isinstance(seqlens_k, torch.Tensor) or seqlens_k.dim() != 1:
+        raise ValueError("seqlens_k must be a 1-D tensor [batch]")
+    batch = seqlens_k.shape[0]
+    _check_index(seqlens_k, "seqlens_k", (batch,), device)
+    if cu_seqlens_q is None:
+        if total_q != batch:
+            raise ValueError(f"decode takes one query per row: q has {total_q} rows but seqlens_k has {batch}")
+    else:
+        _check_index(cu_seqlens_q, "cu_seqlens_q", (batch + 1,), device)
+    _check_index(row_ids, "row_ids", (batch,), device)
+    _check_index(head_seqlens_k, "head_seqlens_k", (batch, hkv), device)
+    if total_q > _INT32_MAX:
+        raise ValueError("too many query tokens")
+    if not isinstance(window_left, int):
+        raise TypeError("window_left must be an int")
+    if not math.isfinite(float(softcap)) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    check_supported("decode" if cu_seqlens_q is None else "prefill", device.type, q.dtype, dim)
+    return geom, q_strides
+
+
+
+def _check_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+                  geom: Optional[_KVGeom] = None) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
+    """Checks an append_kv call; returns the cache geometry and the strides of k and v."""
+    if geom is None:
+        device = k_cache.device if isinstance(k_cache, torch.Tensor) else None
+        geom = _check_cache(k_cache, v_cache, device)
+    device = geom.device
+    _, _, heads, dim = geom.shape
+    strides = []
+    for name, t in (("k", k), ("v", v)):
+        _check_float(t, name)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [tokens, kv_heads, head_dim], got shape {list(t.shape)}")
+        _check_device(t, name, device)
+        strides.append(_check_last_contiguous(t, name))
+        if t.dtype != geom.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the cache holds {geom.dtype}")
+        if t.shape[1] != heads or t.shape[2] != dim:
+            raise ValueError(f"{name} has shape {list(t.shape)}; expected [tokens, {heads}, {dim}]")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {list(k.shape)} vs {list(v.shape)}")
+    n = k.shape[0]
+    _check_index(row_ids, "row_ids", (n,), device)
+    _check_index(positions, "positions", (n,), device)
+    return geom, strides[0], strides[1]
+
+
+def _check_merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> None:
+    _check_float(o_a, "o_a")
+    _check_float(o_b, "o_b")
+    if o_a.dim() != 3:
+        raise ValueError(f"o_a must be 3-D [tokens, heads, head_dim], got shape {list(o_a.shape)}")
+    if o_b.shape != o_a.shape:
+        raise ValueError(f"o_b has shape {list(o_b.shape)}; expected {list(o_a.shape)} like o_a")
+    if o_b.dtype != o_a.dtype:
+        raise TypeError(f"o_a and o_b dtypes differ: {o_a.dtype} vs {o_b.dtype}")
+    device = o_a.device
+    for name, t in (("o_a", o_a), ("o_b", o_b)):
+        _check_device(t, name, device)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor")
+        if tuple(t.shape) != tuple(o_a.shape[:2]):
+            raise ValueError(f"{name} must have shape {list(o_a.shape[:2])}, got {list(t.shape)}")
+        _check_device(t, name, device)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")

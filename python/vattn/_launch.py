@@ -1,0 +1,209 @@
+"""The native launch of the torch ops: parameter structs (cuda/include/vattn/params.h) from checked
+tensors, and one way onto a device (`_run`: device guard, current stream, cpu or cuda entry point).
+The ops' implementation functions (`*_impl`) are what torch.ops.vattn.* and the eager fast path
+(ops.py) both run."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+
+from . import _C
+from ._checks import _check_append, _check_attention, _check_merge, _KVGeom
+from ._dtypes import code_of
+
+Tensor = torch.Tensor
+
+_IMPLS = {"fast": 0, "simple": 1}
+
+
+def _impl_from_env() -> str:
+    name = os.environ.get("VATTN_ATTENTION_IMPL", "fast").strip().lower() or "fast"
+    if name not in _IMPLS:
+        raise ValueError(f"VATTN_ATTENTION_IMPL must be one of {sorted(_IMPLS)}, got {name!r}")
+    return name
+
+
+_impl = _impl_from_env()
+
+
+def set_attention_impl(name: str) -> None:
+    """Selects the CUDA attention kernels: "fast" (default) or "simple" (the plain reference kernel)."""
+    global _impl
+    if name not in _IMPLS:
+        raise ValueError(f"attention impl must be one of {sorted(_IMPLS)}, got {name!r}")
+    _impl = name
+
+
+def get_attention_impl() -> str:
+    return _impl
+
+
+@contextlib.contextmanager
+def attention_impl(name: str) -> Iterator[None]:
+    """Context manager: `with vattn.ops.attention_impl("simple"): ...`."""
+    previous = get_attention_impl()
+    set_attention_impl(name)
+    try:
+        yield
+    finally:
+        set_attention_impl(previous)
+
+
+# ----------------------------------------------------------------------------- parameter structs
+
+# torch's own accessor of the current raw stream (what torch.cuda.current_stream(d).cuda_stream
+# returns, without building a Stream object); only in CUDA builds of torch.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream_of(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    if _raw_stream is not None:
+        return int(_raw_stream(device.index))
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _cache_view(k_cache: Tensor, v_cache: Tensor, geom: _KVGeom) -> "_C.KVCacheView":
+    """The native view of a checked cache pair, made once per geometry."""
+    view = geom.view
+    if view is None:
+        ks, vs = geom.k_strides, geom.v_strides
+        code = code_of(geom.dtype)
+        view = geom.view = _C.make_kv_view(k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1],
+                                           vs[2], geom.shape[0], geom.shape[1], code, code, 0, 0, 0, 0, 0, 0, 0, 0)
+    return view
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _device_guard(device: torch.device):
+    # Switching devices costs a few microseconds each way; usually the tensors are on the current one.
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _max_of(t: Tensor) -> int:
+    # Synchronizes on CUDA: only used when the caller gave no host bound.
+    return int(t.max().item()) if t.numel() > 0 else 0
+
+
+
+
+def _run(device: torch.device, cpu_fn: Callable, cuda_fn: Callable, p,
+         before_cuda: Optional[Callable] = None) -> None:
+    """Launches a native entry point with params p: on CUDA under the device guard, on the current
+    stream (before_cuda(p) may add device scratch first); on CPU directly."""
+    if device.type == "cuda":
+        with _device_guard(device):
+            p.stream = _stream_of(device)
+            if before_cuda is not None:
+                before_cuda(p)
+            cuda_fn(p)
+    else:
+        cpu_fn(p)
+
+
+# ----------------------------------------------------------------------------- implementations
+
+def _attention_params(q: Tensor, q_strides: Tuple[int, ...], k_cache: Tensor, v_cache: Tensor, geom: _KVGeom,
+                      out: Tensor, lse: Optional[Tensor], seqlens_k: Tensor, cu_seqlens_q: Optional[Tensor],
+                      row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
+                      window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int) -> "_C.AttentionParams":
+    total_q, hq, dim = q.shape
+    if max_seqlen_k < 0:
+        # Only decode plans with this hint (its split-KV grid); prefill never reads it, so it is not
+        # worth a host sync there (0: unknown).
+        max_seqlen_k = 0 if cu_seqlens_q is not None else _max_of(head_seqlens_k if head_seqlens_k is not None
+                                                                    else seqlens_k)
+    if max_seqlen_q < 0:
+        max_seqlen_q = 1 if cu_seqlens_q is None else _max_of(cu_seqlens_q[1:] - cu_seqlens_q[:-1])
+    o_strides = out.stride()
+    return _C.make_attention_params(
+        q.data_ptr(), q_strides[0], q_strides[1], out.data_ptr(), o_strides[0], o_strides[1], _ptr(lse),
+        _cache_view(k_cache, v_cache, geom), _ptr(cu_seqlens_q), seqlens_k.data_ptr(), _ptr(head_seqlens_k),
+        _ptr(row_ids), seqlens_k.shape[0], hq, geom.shape[2], dim, total_q, int(max_seqlen_q), int(max_seqlen_k),
+        float(scale) if scale is not None else 1.0 / math.sqrt(dim), float(softcap),
+        int(window_left) if window_left >= 0 else -1, code_of(q.dtype), _IMPLS[_impl])
+
+
+def _empty_outputs(q: Tensor, need_lse: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """out like q (contiguous) and lse [tokens, heads] float32; lse None when not needed (the
+    kernels skip it; only the eager fast path leaves it out, the ops always return it)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device) if need_lse else None
+    return out, lse
+
+
+def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
+                 head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
+                 max_seqlen_k: int, need_lse: bool = True,
+                 geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The implementation of torch.ops.vattn.decode_attention (and of the eager fast path)."""
+    geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left,
+                                       softcap, scale, geom)
+    out, lse = _empty_outputs(q, need_lse)
+    if q.shape[0] == 0:
+        return out, lse
+    p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, None, row_ids, head_seqlens_k,
+                          scale, window_left, softcap, 1, max_seqlen_k)
+    workspace = []  # keeps the split-KV scratch alive until the launch is queued
+
+    def add_workspace(p):
+        workspace.append(torch.empty(int(_C.decode_workspace_bytes(p)), dtype=torch.uint8, device=q.device))
+        p.workspace, p.workspace_bytes = _ptr(workspace[0]), workspace[0].numel()
+
+    _run(q.device, _C.decode_attention_cpu, getattr(_C, "decode_attention_cuda", None), p, add_workspace)
+    return out, lse
+
+
+def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
+                  row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
+                  window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int, need_lse: bool = True,
+                  geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The implementation of torch.ops.vattn.prefill_attention (and of the eager fast path)."""
+    geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
+                                       window_left, softcap, scale, geom)
+    out, lse = _empty_outputs(q, need_lse)
+    if q.shape[0] == 0:
+        return out, lse
+    p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, cu_seqlens_q, row_ids,
+                          head_seqlens_k, scale, window_left, softcap, max_seqlen_q, max_seqlen_k)
+    _run(q.device, _C.prefill_attention_cpu, getattr(_C, "prefill_attention_cuda", None), p)
+    return out, lse
+
+
+def _append_impl(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+                 geom: Optional[_KVGeom] = None) -> None:
+    """The op's implementation (torch.ops.vattn.append_kv and the eager fast path)."""
+    geom, k_strides, v_strides = _check_append(k_cache, v_cache, k, v, row_ids, positions, geom)
+    n, heads, dim = k.shape
+    if n == 0:
+        return
+    p = _C.make_append_params(_cache_view(k_cache, v_cache, geom), k.data_ptr(), v.data_ptr(), k_strides[0],
+                              k_strides[1], v_strides[0], v_strides[1], row_ids.data_ptr(), positions.data_ptr(), n,
+                              heads, dim, code_of(k.dtype))
+    _run(geom.device, _C.append_kv_cpu, getattr(_C, "append_kv_cuda", None), p)
+
+
+def _merge_impl(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """The implementation of torch.ops.vattn.merge_states (and of the eager fast path)."""
+    _check_merge(o_a, lse_a, o_b, lse_b)
+    out = torch.empty(o_a.shape, dtype=o_a.dtype, device=o_a.device)
+    lse = torch.empty(lse_a.shape, dtype=torch.float32, device=o_a.device)
+    if out.numel() == 0:
+        return out, lse
+    p = _C.MergeParams()
+    p.o_a, p.lse_a, p.o_b, p.lse_b = o_a.data_ptr(), lse_a.data_ptr(), o_b.data_ptr(), lse_b.data_ptr()
+    p.out, p.lse_out = out.data_ptr(), lse.data_ptr()
+    p.n, p.num_heads, p.head_dim = o_a.shape
+    p.dtype = code_of(o_a.dtype)
+    _run(o_a.device, _C.merge_states_cpu, getattr(_C, "merge_states_cuda", None), p)
+    return out, lse
