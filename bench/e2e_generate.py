@@ -20,7 +20,7 @@ import torch
 import vattn
 import vattn.hf as vhf
 from vattn import _models
-from vattn.cli import DEMO_PROMPTS, cache_kwarg, encode_prompts, resolve_device, resolve_dtype
+from vattn.generation import DEMO_PROMPTS, DTYPES, LAYOUTS, cache_kwarg, encode_prompts, resolve_device, resolve_dtype
 
 PROMPTS = list(DEMO_PROMPTS) * 4
 
@@ -48,8 +48,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    p.add_argument("--layout", default="token_major", choices=("token_major", "layer_major"))
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--layout", default="token_major", choices=LAYOUTS)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cache (median reported)")
@@ -100,11 +100,10 @@ def main(argv=None):
         tps = {k: new / statistics.median(v) for k, v in times.items()}
         same = torch.equal(outs["default"], outs["vattn"])
         positions = width + args.max_new_tokens - 1
-        elem = torch.empty((), dtype=dtype).element_size()
         cfg = model.config
         kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        mem["default"] = batch * positions * cfg.num_hidden_layers * 2 * kvh * hd * elem
+        mem["default"] = batch * positions * vattn.formats.token_bytes(cfg.num_hidden_layers, kvh, hd, dtype)
         rows.append((batch, width, tps["default"], tps["vattn"], same, mem["default"], mem["vattn"]))
 
     info = vattn.info()

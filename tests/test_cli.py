@@ -191,3 +191,24 @@ def test_demo_tiny_cuda():
     proc = run("demo", "--tiny", "--device", "cuda", "--max-new-tokens", "16")
     assert proc.returncode == 0, proc.stderr
     assert "bfloat16" in proc.stdout
+
+
+def test_e2e_generate_bench_tiny(capsys):
+    """bench/e2e_generate.py runs on the generation helpers it shares with the CLI (vattn.generation)."""
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    import torch
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "e2e_generate.py")
+    spec = importlib.util.spec_from_file_location("e2e_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--tiny", "--device", "cpu", "--max-new-tokens", "4", "--batches", "2", "--repeats", "1",
+                           "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out
+    assert "| 2 |" in table and "| yes |" in table, table

