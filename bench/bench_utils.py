@@ -1,6 +1,6 @@
 """Timing helpers, ceilings and benchmark cases shared by bench/run.py and bench/test_bench_*.py.
 
-Everything here measures; nothing asserts performance. The rules (issue 3 / 5):
+Everything here measures; nothing asserts performance. The rules:
   CPU  time.perf_counter, warm-up, median over repetitions (bounded by a time budget).
   CUDA CUDA events around the op alone, median of many runs, L2 flushed before each run by
        writing a buffer of >= 2x the L2 size (flush is outside the events); decode steps are

@@ -160,7 +160,7 @@ def table(result: Dict) -> str:
 
 
 def check(result: Dict) -> List[str]:
-    """The expectation of issue 2: token_major wastes < 1 page per live request and keeps
+    """The memory-efficiency expectation: token_major wastes < 1 page per live request and keeps
     used/mapped >= 0.95 when the mean request length is >= 1K tokens."""
     tm = result["rows"][0]
     problems = []

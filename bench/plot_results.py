@@ -85,7 +85,7 @@ def _strip_command(md: str) -> str:
 
 
 def cpu_targets(data) -> list:
-    """The issue's CPU decode targets (reported, not asserted): >= 2x SDPA, and >= half the measured
+    """The CPU decode targets (reported, not asserted): >= 2x SDPA, and >= half the measured
     read bandwidth at long context (here: rows with >= 8K tokens per row)."""
     rows = [r for r in data["rows"] if r["op"] == "decode" and r.get("ratio") and (r.get("params") or {}).get("ctx", 0) >= 8192]
     if not rows:

@@ -327,7 +327,7 @@ def test_crop_and_reset(tiny):
 
 
 def test_past_key_values_keyword_is_accepted(tiny):
-    """DESIGN.md's spelling `past_key_values=` works (transformers 5.x maps it to `cache`)."""
+    """The README's spelling `past_key_values=` works (transformers 5.x maps it to `cache`)."""
     model, tok = tiny
     enc = _enc(tok, PROMPTS[:2])
     ref = generate(model, enc, 8, logits=False)
