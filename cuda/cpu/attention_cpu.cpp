@@ -18,6 +18,7 @@
 
 #include "attention_kernels.h"
 #include "cpu_util.h"
+#include "vattn/key_range.h"
 #include "vattn/ops.h"
 #include "vattn/softmax_state.h"
 
@@ -105,19 +106,17 @@ struct Scratch {
   }
 };
 
-int row_length(const AttentionParams& p, int b, int h) {
-  return p.head_seqlens_k ? p.head_seqlens_k[(int64_t)b * p.num_kv_heads + h] : p.seqlens_k[b];
-}
 int first_query(const AttentionParams& p, int b) { return p.cu_seqlens_q ? p.cu_seqlens_q[b] : b; }
 int queries_of(const AttentionParams& p, int b) {
   return p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : 1;
 }
-// Visible keys [lo, hi) of the query at position pos in a row of length len.
+// Visible keys [lo, hi) of the query at position pos in a row of length len (key_range.h;
+// validate() has checked 0 <= len <= max_seq and the row ids, so every key below len is
+// readable), as a half-open range with lo <= hi.
 void visible_range(const AttentionParams& p, int pos, int len, int* lo, int* hi) {
-  *hi = std::min(pos + 1, len);
-  if (*hi < 0) *hi = 0;
-  *lo = p.window_left >= 0 ? std::max(0, pos - p.window_left) : 0;
-  if (*lo > *hi) *lo = *hi;
+  const KeySpan keys = visible_keys(pos, len, p.window_left);
+  *hi = std::max(keys.end(), 0);
+  *lo = std::min(keys.first, *hi);
 }
 
 // Checks everything the Python layer cannot check without reading the index tensors.
@@ -139,7 +138,7 @@ void validate(const AttentionParams& p, bool decode) {
     if (p.cu_seqlens_q[p.batch] != p.total_q) fail("prefill_attention: cu_seqlens_q[batch] must equal the number of queries");
   }
   for (int b = 0; b < p.batch; ++b) {
-    const int row = p.row_ids ? p.row_ids[b] : b;
+    const int row = cache_row(p, b);
     if (row < 0 || row >= p.kv.num_rows)
       fail("attention: row id " + std::to_string(row) + " of batch row " + std::to_string(b) + " is outside [0, " +
            std::to_string(p.kv.num_rows) + ")");
@@ -188,7 +187,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
       // Load and pre-scale the query tile.
       for (int hh = 0; hh < w.nh; ++hh) {
         const int h = w.h0 + hh;
-        const int len = row_length(p, w.b, h);
+        const int len = kv_length(p, w.b, h);
         sc.head_lo[hh] = INT32_MAX;
         sc.head_hi[hh] = 0;
         for (int i = 0; i < w.nq; ++i) {
@@ -215,7 +214,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
       }
       std::fill(sc.acc.begin(), sc.acc.begin() + (size_t)rows * dim, 0.f);
 
-      const int row = p.row_ids ? p.row_ids[w.b] : w.b;
+      const int row = cache_row(p, w.b);
       for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
         const int nk = std::min(kKeyBlock, w.k1 - jb);
         for (int hh = 0; hh < w.nh; ++hh) {
@@ -298,7 +297,7 @@ void merge_splits(const AttentionParams& p, const std::vector<Item>& items, cons
           const float* po = part_o + ((size_t)slot * max_rows + hq) * dim;
           float wa, wb;
           const float merged = merge_weights(lse, part_lse[(size_t)slot * max_rows + hq], &wa, &wb);
-          for (int d = 0; d < dim; ++d) o[d] = (wa > 0.f ? wa * o[d] : 0.f) + (wb > 0.f ? wb * po[d] : 0.f);
+          merge_vectors(wa, o.data(), wb, po, o.data(), dim);
           lse = merged;
         }
         T* out = static_cast<T*>(p.out) + (int64_t)b * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
@@ -323,7 +322,7 @@ void decode_impl(const AttentionParams& p) {
     // Keys any head of the row sees (heads differ only with per-head lengths).
     int lo = INT32_MAX, hi = 0;
     for (int h = 0; h < p.num_kv_heads; ++h) {
-      const int len = row_length(p, b, h);
+      const int len = kv_length(p, b, h);
       int l, e;
       visible_range(p, len - 1, len, &l, &e);
       if (l < e) { lo = std::min(lo, l); hi = std::max(hi, e); }
@@ -362,7 +361,7 @@ void prefill_impl(const AttentionParams& p) {
   for (int b = 0; b < p.batch; ++b) {
     const int n = queries_of(p, b);
     for (int h = 0; h < p.num_kv_heads; ++h) {
-      const int len = row_length(p, b, h);
+      const int len = kv_length(p, b, h);
       for (int q0 = 0; q0 < n; q0 += block_q) {
         const int nq = std::min(block_q, n - q0);
         // Keys any query of the tile sees: from the first one's left edge to the last one's position.

@@ -1,4 +1,5 @@
-// CPU merge of two attention states (o, lse) over disjoint key sets, via merge_weights.
+// CPU merge of two attention states (o, lse) over disjoint key sets, via merge_weights and
+// merge_vectors (softmax_state.h).
 #include <cmath>
 
 #include "cpu_util.h"
@@ -19,12 +20,8 @@ void merge_impl(const MergeParams& p) {
   for (int64_t r = 0; r < rows; ++r) {
     float wa, wb;
     const float lse = merge_weights(p.lse_a[r], p.lse_b[r], &wa, &wb);
-    const T* a = oa + r * dim;
-    const T* b = ob + r * dim;
-    T* o = out + r * dim;
     // A zero weight also silences whatever an empty state's output holds (even NaN).
-    for (int d = 0; d < dim; ++d)
-      o[d] = from_float<T>((wa > 0.f ? wa * to_float(a[d]) : 0.f) + (wb > 0.f ? wb * to_float(b[d]) : 0.f));
+    merge_vectors(wa, oa + r * dim, wb, ob + r * dim, out + r * dim, dim);
     if (p.lse_out) p.lse_out[r] = lse;
   }
 }
