@@ -13,7 +13,7 @@ pytest.importorskip("gguf")
 from vattn import _models  # noqa: E402
 import vattn.hf as vhf  # noqa: E402
 
-from test_hf_helpers import (  # noqa: E402,F401
+from hf_helpers import (  # noqa: E402,F401
     _one_thread, generate, max_logit_diff, teacher_forced_logits, token_bytes)
 
 pytestmark = [

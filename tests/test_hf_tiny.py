@@ -17,7 +17,7 @@ import vattn  # noqa: E402
 import vattn.hf as vhf  # noqa: E402
 from vattn._models import tiny_llama  # noqa: E402
 
-from test_hf_helpers import (  # noqa: E402,F401
+from hf_helpers import (  # noqa: E402,F401
     _one_thread, cache_kwarg, generate, max_logit_diff, teacher_forced_logits, token_bytes)
 
 LAYOUTS = ["token_major", "layer_major"]

@@ -1,8 +1,6 @@
-"""Helpers (no tests) shared by the transformers end-to-end tests: run generate with transformers' default cache and with
-a VAttnCache on the same inputs, and compare."""
+"""Helpers shared by the transformers end-to-end tests (test_hf_tiny.py, test_hf_smollm2.py): run
+generate with transformers' default cache and with a VAttnCache on the same inputs, and compare."""
 from __future__ import annotations
-
-import inspect
 
 import pytest
 import torch
@@ -10,11 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 import vattn.hf as vhf  # noqa: E402
-
-
-def cache_kwarg(model) -> str:
-    """`cache` where the model's forward takes it (transformers >= 5.2x deprecates `past_key_values`)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+from vattn.generation import cache_kwarg  # noqa: E402
 
 
 def generate(model, enc, max_new_tokens, cache=None, *, sample=False, seed=0, logits=True, **kw):
