@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C
+from . import _C, formats
 from ._dtypes import TORCH_TO_CODE
 from ._support import check_supported
 
@@ -64,38 +64,91 @@ class _KVGeom:
 
     The op path makes one per call; vattn.KVCache keeps one per layer for its own views (their
     shape, strides and addresses never change), so vattn.attention / append_kv check a layer's
-    views once, not per call. `view` is the native KVCacheView, built on first launch."""
+    views once, not per call. `view` is the native KVCacheView, built on first launch.
+    `shape` is [rows, seq, kv_heads, head_dim] with the logical head_dim (a packed int4 cache holds
+    head_dim / 2 bytes per vector); `dtype` is the dtype a plain cache stores (None when both sides
+    are quantized: q, k and v may then be any float dtype the device supports)."""
 
-    __slots__ = ("device", "dtype", "shape", "k_strides", "v_strides", "view")
+    __slots__ = ("device", "dtype", "shape", "k_format", "v_format", "k_strides", "v_strides", "k_scale", "v_scale",
+                 "ks_strides", "vs_strides", "view")
 
-    def __init__(self, device, dtype, shape, k_strides, v_strides):
+    def __init__(self, device, dtype, shape, k_format, v_format, k_strides, v_strides, k_scale=None, v_scale=None):
         self.device, self.dtype, self.shape = device, dtype, shape
+        self.k_format, self.v_format = k_format, v_format
         self.k_strides, self.v_strides = k_strides, v_strides
+        self.k_scale, self.v_scale = k_scale, v_scale
+        self.ks_strides = k_scale.stride() if k_scale is not None else (0, 0, 0, 0)
+        self.vs_strides = v_scale.stride() if v_scale is not None else (0, 0, 0, 0)
         self.view = None
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_format.quantized or self.v_format.quantized
 
-def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device) -> _KVGeom:
-    strides = []
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_float(c, name)
+
+def _cache_format(c: Tensor, scale: Optional[Tensor], name: str) -> formats.KVFormat:
+    """The storage format of one cache tensor: a plain float dtype without scales, or a quantized
+    storage dtype with its scale tensor."""
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(c).__name__}")
+    if scale is None:
+        fmt = formats.PLAIN.get(c.dtype)
+        if fmt is None:
+            if c.dtype in formats.QUANTIZED_BY_STORAGE:
+                raise ValueError(f"{name} has dtype {c.dtype} (a quantized format): pass its {name[0]}_scale tensor")
+            raise TypeError(f"{name} has dtype {c.dtype}; expected float32, float16 or bfloat16, or a quantized "
+                            f"storage dtype ({', '.join(str(d) for d in formats.QUANTIZED_BY_STORAGE)}) with scales")
+        return fmt
+    fmt = formats.QUANTIZED_BY_STORAGE.get(c.dtype)
+    if fmt is None:
+        raise TypeError(f"{name} has dtype {c.dtype} but a {name[0]}_scale was given; quantized caches are stored as "
+                        f"{', '.join(f'{d} ({f.name})' for d, f in formats.QUANTIZED_BY_STORAGE.items())}")
+    return fmt
+
+
+def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, k_scale: Optional[Tensor] = None,
+                 v_scale: Optional[Tensor] = None) -> _KVGeom:
+    strides, fmts, dims = [], [], []
+    for name, c, sc in (("k_cache", k_cache, k_scale), ("v_cache", v_cache, v_scale)):
+        fmt = _cache_format(c, sc, name)
         if c.dim() != 4:
             raise ValueError(f"{name} must be 4-D [rows, seq, kv_heads, head_dim], got shape {list(c.shape)}")
         _check_device(c, name, device)
         strides.append(_check_last_contiguous(c, name))
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache shapes differ: {list(k_cache.shape)} vs {list(v_cache.shape)}")
-    if k_cache.dtype != v_cache.dtype:
+        fmts.append(fmt)
+        dims.append(c.shape[3] * fmt.elems_per_storage)
+    if k_cache.shape[:3] != v_cache.shape[:3] or dims[0] != dims[1]:
+        raise ValueError(f"k_cache and v_cache shapes differ: {list(k_cache.shape)} vs {list(v_cache.shape)}"
+                         + ("" if fmts[0] == fmts[1] else f" (formats {fmts[0].name} / {fmts[1].name})"))
+    plain = [f for f in fmts if not f.quantized]
+    if len(plain) == 1:
+        raise TypeError("k_cache and v_cache must be both plain or both quantized")
+    if len(plain) == 2 and fmts[0] != fmts[1]:
         raise TypeError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
-    rows, seq, heads, dim = k_cache.shape
+    rows, seq, heads, _ = k_cache.shape
+    dim = dims[0]
     if max(rows, seq) > _INT32_MAX or heads == 0 or dim == 0:
         raise ValueError(f"cache shape {list(k_cache.shape)} is empty or too large")
-    return _KVGeom(device, k_cache.dtype, k_cache.shape, strides[0], strides[1])
+    shape = (rows, seq, heads, dim)
+    for name, sc, fmt in (("k_scale", k_scale, fmts[0]), ("v_scale", v_scale, fmts[1])):
+        if sc is None:
+            continue
+        if sc.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {sc.dtype}")
+        want = (rows, seq, heads, fmt.scale_words)
+        if tuple(sc.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)} for kv_format {fmt.name!r}, got {list(sc.shape)}")
+        _check_device(sc, name, device)
+        _check_last_contiguous(sc, name)
+    return _KVGeom(device, plain[0].storage_dtype if plain else None, shape, fmts[0], fmts[1], strides[0], strides[1],
+                   k_scale, v_scale)
 
 
-def _checked_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, geom: Optional[_KVGeom]) -> _KVGeom:
+def _checked_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, geom: Optional[_KVGeom],
+                   k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> _KVGeom:
     """_check_cache, or for a geometry checked before (KVCache views) only the device match."""
     if geom is None:
-        return _check_cache(k_cache, v_cache, device)
+        return _check_cache(k_cache, v_cache, device, k_scale, v_scale)
     if geom.device != device:
         raise ValueError(f"k_cache is on {geom.device} but the op runs on {device}; move it first")
     return geom
@@ -103,7 +156,8 @@ def _checked_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, geom:
 
 def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, cu_seqlens_q: Optional[Tensor],
                      row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], window_left: int, softcap: float,
-                     scale: Optional[float], geom: Optional[_KVGeom] = None) -> Tuple[_KVGeom, Tuple[int, ...]]:
+                     scale: Optional[float], geom: Optional[_KVGeom] = None, k_scale: Optional[Tensor] = None,
+                     v_scale: Optional[Tensor] = None) -> Tuple[_KVGeom, Tuple[int, ...]]:
     """Checks an attention call; returns the cache geometry and q's strides."""
     _check_float(q, "q")
     if q.dim() != 3:
@@ -111,8 +165,8 @@ def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Ten
     device = q.device
     _check_device(q, "q", device)
     q_strides = _check_last_contiguous(q, "q")
-    geom = _checked_cache(k_cache, v_cache, device, geom)
-    if geom.dtype != q.dtype:
+    geom = _checked_cache(k_cache, v_cache, device, geom, k_scale, v_scale)
+    if geom.dtype is not None and geom.dtype != q.dtype:
         raise TypeError(f"the cache dtype {geom.dtype} must match the q dtype {q.dtype}")
     total_q, hq, dim = q.shape
     hkv, kdim = geom.shape[2], geom.shape[3]
@@ -139,17 +193,19 @@ def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Ten
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
-    check_supported("decode" if cu_seqlens_q is None else "prefill", device.type, q.dtype, dim)
+    check_supported("decode" if cu_seqlens_q is None else "prefill", device.type, q.dtype, dim,
+                    (geom.k_format.name, geom.v_format.name))
     return geom, q_strides
 
 
 
 def _check_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
-                  geom: Optional[_KVGeom] = None) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
+                  geom: Optional[_KVGeom] = None, k_scale: Optional[Tensor] = None,
+                  v_scale: Optional[Tensor] = None) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
     """Checks an append_kv call; returns the cache geometry and the strides of k and v."""
     if geom is None:
         device = k_cache.device if isinstance(k_cache, torch.Tensor) else None
-        geom = _check_cache(k_cache, v_cache, device)
+        geom = _check_cache(k_cache, v_cache, device, k_scale, v_scale)
     device = geom.device
     _, _, heads, dim = geom.shape
     strides = []
@@ -159,15 +215,18 @@ def _check_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_id
             raise ValueError(f"{name} must be 3-D [tokens, kv_heads, head_dim], got shape {list(t.shape)}")
         _check_device(t, name, device)
         strides.append(_check_last_contiguous(t, name))
-        if t.dtype != geom.dtype:
+        if geom.dtype is not None and t.dtype != geom.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the cache holds {geom.dtype}")
         if t.shape[1] != heads or t.shape[2] != dim:
             raise ValueError(f"{name} has shape {list(t.shape)}; expected [tokens, {heads}, {dim}]")
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {list(k.shape)} vs {list(v.shape)}")
+    if k.dtype != v.dtype:
+        raise TypeError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")
     n = k.shape[0]
     _check_index(row_ids, "row_ids", (n,), device)
     _check_index(positions, "positions", (n,), device)
+    check_supported("append_kv", device.type, k.dtype, dim, (geom.k_format.name, geom.v_format.name))
     return geom, strides[0], strides[1]
 
 

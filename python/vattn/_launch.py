@@ -72,10 +72,11 @@ def _cache_view(k_cache: Tensor, v_cache: Tensor, geom: _KVGeom) -> "_C.KVCacheV
     """The native view of a checked cache pair, made once per geometry."""
     view = geom.view
     if view is None:
-        ks, vs = geom.k_strides, geom.v_strides
-        code = code_of(geom.dtype)
-        view = geom.view = _C.make_kv_view(k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1],
-                                           vs[2], geom.shape[0], geom.shape[1], code, code, 0, 0, 0, 0, 0, 0, 0, 0)
+        ks, vs, kss, vss = geom.k_strides, geom.v_strides, geom.ks_strides, geom.vs_strides
+        view = geom.view = _C.make_kv_view(
+            k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], geom.shape[0],
+            geom.shape[1], geom.k_format.code, geom.v_format.code, _ptr(geom.k_scale), kss[0], kss[1], kss[2],
+            _ptr(geom.v_scale), vss[0], vss[1], vss[2])
     return view
 
 
@@ -144,11 +145,11 @@ def _empty_outputs(q: Tensor, need_lse: bool = True) -> Tuple[Tensor, Optional[T
 
 def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
                  head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
-                 max_seqlen_k: int, need_lse: bool = True,
-                 geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                 max_seqlen_k: int, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+                 need_lse: bool = True, geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """The implementation of torch.ops.vattn.decode_attention (and of the eager fast path)."""
     geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left,
-                                       softcap, scale, geom)
+                                       softcap, scale, geom, k_scale, v_scale)
     out, lse = _empty_outputs(q, need_lse)
     if q.shape[0] == 0:
         return out, lse
@@ -166,11 +167,12 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor,
 
 def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
                   row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
-                  window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int, need_lse: bool = True,
+                  window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int,
+                  k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, need_lse: bool = True,
                   geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """The implementation of torch.ops.vattn.prefill_attention (and of the eager fast path)."""
     geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
-                                       window_left, softcap, scale, geom)
+                                       window_left, softcap, scale, geom, k_scale, v_scale)
     out, lse = _empty_outputs(q, need_lse)
     if q.shape[0] == 0:
         return out, lse
@@ -181,9 +183,10 @@ def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Ten
 
 
 def _append_impl(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+                 k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
                  geom: Optional[_KVGeom] = None) -> None:
     """The op's implementation (torch.ops.vattn.append_kv and the eager fast path)."""
-    geom, k_strides, v_strides = _check_append(k_cache, v_cache, k, v, row_ids, positions, geom)
+    geom, k_strides, v_strides = _check_append(k_cache, v_cache, k, v, row_ids, positions, geom, k_scale, v_scale)
     n, heads, dim = k.shape
     if n == 0:
         return

@@ -1,4 +1,4 @@
-"""The high-level calls of DESIGN.md: `vattn.append_kv(cache, layer, step, k, v)` and
+"""The high-level calls of the Python API: `vattn.append_kv(cache, layer, step, k, v)` and
 `vattn.attention(q, cache, layer, step)`, on a vattn.KVCache and a Step from cache.begin_step().
 
 They only pick the cache views of one layer and the step's index tensors and call the torch ops
@@ -28,13 +28,16 @@ def _check_layer(cache, layer) -> None:
 
 
 def _layer_views(cache, layer: int):
-    """(k_view, v_view, checked geometry or None) of one layer. KVCache memoizes the geometry; any
-    other object with kv(layer) (the call contract) gets its views checked by the op on each call."""
+    """(k_view, v_view, k_scale, v_scale, checked geometry or None) of one layer. KVCache memoizes
+    the geometry; any other object with kv(layer) (the call contract; kv_scales(layer) too when it
+    is quantized) gets its views checked by the op on each call."""
     fast = getattr(cache, "_ops_layer", None)
     if fast is not None:
         return fast(layer)
     k_view, v_view = cache.kv(layer)
-    return k_view, v_view, None
+    scales = getattr(cache, "kv_scales", None)
+    k_scale, v_scale = scales(layer) if scales is not None else (None, None)
+    return k_view, v_view, k_scale, v_scale, None
 
 
 def _check_tokens(t, name: str, step, heads: Optional[int], cache, device: torch.device) -> None:
@@ -55,12 +58,12 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
     Row i is the i-th new token of the step (slots in the order of step.slots, oldest first).
     """
     _check_layer(cache, layer)
-    k_view, v_view, geom = _layer_views(cache, layer)
+    k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)
     _check_tokens(k, "k", step, cache.num_kv_heads, cache, k_view.device)
     _check_tokens(v, "v", step, cache.num_kv_heads, cache, k_view.device)
     if step.total_new == 0:
         return
-    ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, geom)
+    ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom)
 
 
 def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float] = None, window_left: int = -1,
@@ -71,16 +74,16 @@ def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float
     must come first). Returns out like q, or (out, lse [total_new, q_heads] float32).
     """
     _check_layer(cache, layer)
-    k_view, v_view, geom = _layer_views(cache, layer)
+    k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)
     _check_tokens(q, "q", step, None, cache, k_view.device)
     if q.shape[1] % cache.num_kv_heads != 0:
         raise ValueError(f"q has {q.shape[1]} heads, not a multiple of the cache's {cache.num_kv_heads} kv heads")
     scale = None if scale is None else float(scale)
     if step.is_decode:
         out, lse = ops.run_decode(q, k_view, v_view, step.seqlens, step.slot_ids, None, scale, int(window_left),
-                                  float(softcap), int(step.max_seqlen_k), return_lse, geom)
+                                  float(softcap), int(step.max_seqlen_k), k_scale, v_scale, return_lse, geom)
     else:
         out, lse = ops.run_prefill(q, k_view, v_view, step.cu_seqlens_q, step.seqlens, step.slot_ids, None, scale,
                                    int(window_left), float(softcap), int(step.max_seqlen_q), int(step.max_seqlen_k),
-                                   return_lse, geom)
+                                   k_scale, v_scale, return_lse, geom)
     return (out, lse) if return_lse else out

@@ -349,14 +349,22 @@ class KVCache:
 
     # ------------------------------------------------------------------ views
 
-    def kv(self, layer: int, like: str = "torch"):
+    def kv(self, layer: int, like: str = "torch", dequantize: bool = False):
         """Zero-copy (K, V) views of one layer, [max_batch, max_seq_len, num_kv_heads, head_dim] in
-        the storage dtype. like="cupy" gives CuPy arrays over the same memory (CUDA only; bfloat16
-        is exposed as uint16 bit patterns since CuPy has no bfloat16). Only the first length tokens
-        of a slot hold data, and only the mapped part of a slot may be touched."""
+        the storage dtype (a quantized format: its codes, e.g. uint8 [..., head_dim / 2] for int4;
+        the scales are kv_scales(layer)). like="cupy" gives CuPy arrays over the same memory (CUDA
+        only; bfloat16 and fp8 are exposed as unsigned bit patterns). Only the first length tokens of
+        a slot hold data, and only the mapped part of a slot may be touched.
+
+        dequantize=True returns a dequantized copy instead, [max_batch, max_seq_len, num_kv_heads,
+        head_dim] in the cache dtype, holding each live slot's first length tokens (zeros elsewhere)."""
         layer = _int(layer, "layer")
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        if dequantize:
+            if like != "torch":
+                raise ValueError("kv(dequantize=True) returns torch tensors; drop like=")
+            return self._dequantized(layer)
         if like == "torch":
             views = self._views[layer]
             if views is None:
@@ -366,11 +374,46 @@ class KVCache:
             return self._cupy_views(layer)
         raise ValueError(f"like must be 'torch' or 'cupy', got {like!r}")
 
+    def kv_scales(self, layer: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Zero-copy views of the fp32 scale words of one layer's K and V, [max_batch, max_seq_len,
+        num_kv_heads, scale_words] (vattn.formats says what the words are); None for a plain side."""
+        layer = _int(layer, "layer")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        return self._ops_layer(layer)[2:4]
+
+    def _dequantized(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        from .reference import dequantize
+
+        k, v = self.kv(layer)
+        ks, vs = self.kv_scales(layer)
+        shape = (self.max_batch, self.max_seq_len, self.num_kv_heads, self.head_dim)
+        out = []
+        for codes, scales, fmt in ((k, ks, self.k_format), (v, vs, self.v_format)):
+            dense = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for s in self.live_slots():
+                n = self._lengths_host[s]
+                if n == 0:
+                    continue
+                if fmt.quantized:
+                    dense[s, :n] = dequantize(codes[s, :n], scales[s, :n], fmt.name, self.head_dim, self.dtype)
+                else:
+                    dense[s, :n] = codes[s, :n]
+            out.append(dense)
+        return out[0], out[1]
+
     def stats(self) -> Dict[str, int]:
         """reserved_bytes, mapped_bytes, used_bytes, page_bytes, pages_mapped, pages_pooled, and
         more: pages_created / physical_bytes (mapped + pooled), live_mapped_bytes, idle_bytes,
-        resident_bytes (measured by the backend), peak_mapped_bytes, live_slots and call counts."""
-        return dict(self._m.stats())
+        resident_bytes (measured by the backend), peak_mapped_bytes, live_slots and call counts;
+        token_bytes and the K / V storage formats with their effective bits per element (scales
+        included)."""
+        out = dict(self._m.stats())
+        out["token_bytes"] = self.token_bytes
+        out["k_format"], out["v_format"] = self.k_format.name, self.v_format.name
+        out["k_bits_per_element"] = self.k_format.bits_per_element(self.head_dim)
+        out["v_bits_per_element"] = self.v_format.bits_per_element(self.head_dim)
+        return out
 
     def wait_background(self) -> None:
         """Waits until the background mapping thread (if any) has nothing left to do."""
@@ -487,14 +530,23 @@ class KVCache:
             out.append(self._strided(data, fmt.storage_dtype))
         return out[0], out[1]
 
+    def _make_scale_views(self, layer: int):
+        out = []
+        for which, fmt in (("k", self.k_format), ("v", self.v_format)):
+            _, scales = self._geometry(layer, fmt, which)
+            out.append(None if scales is None else self._strided(scales, torch.float32))
+        return out[0], out[1]
+
     def _ops_layer(self, layer: int):
-        """(k, v, geometry) of one layer for vattn.append_kv / vattn.attention: the kv() views and
-        their checked geometry (_checks._KVGeom), made once. The views' shape, strides and addresses
-        never change (the virtual range is fixed), so checking them once per layer is enough."""
+        """(k, v, k_scale, v_scale, geometry) of one layer for vattn.append_kv / vattn.attention:
+        the kv() views, the scale views and their checked geometry (_checks._KVGeom), made once. The
+        views' shape, strides and addresses never change (the virtual range is fixed), so checking
+        them once per layer is enough."""
         entry = self._ops_layers[layer]
         if entry is None:
             k, v = self.kv(layer)
-            entry = self._ops_layers[layer] = (k, v, _check_cache(k, v, self.device))
+            ks, vs = self._make_scale_views(layer)
+            entry = self._ops_layers[layer] = (k, v, ks, vs, _check_cache(k, v, self.device, ks, vs))
         return entry
 
     def _cupy_views(self, layer: int):

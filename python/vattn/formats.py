@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["KVFormat", "FORMATS", "PLAIN", "get", "plain_for", "resolve", "of_tensor", "token_bytes"]
+__all__ = ["KVFormat", "FORMATS", "PLAIN", "QUANTIZED_BY_STORAGE", "get", "plain_for", "resolve", "of_tensor", "token_bytes"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,17 @@ _TABLE = (
     KVFormat("float16", 1, torch.float16, 1, 16, 0, "none", "<f2"),
     # CuPy has no bfloat16: its views expose the bit patterns as uint16.
     KVFormat("bfloat16", 2, torch.bfloat16, 1, 16, 0, "none", "<u2"),
+    # Quantized on append, dequantized inside the attention kernels (definitions: reference.py).
+    KVFormat("fp8_e4m3", 3, torch.float8_e4m3fn, 1, 8, 1, "one fp32 scale per (token, kv_head): amax / 448", "|u1"),
+    KVFormat("int8", 4, torch.int8, 1, 8, 1, "one fp32 scale per (token, kv_head): amax / 127 (symmetric)", "|i1"),
 )
 
 FORMATS: Dict[str, KVFormat] = {f.name: f for f in _TABLE}
 BY_CODE: Dict[int, KVFormat] = {f.code: f for f in _TABLE}
 # The plain (unquantized) format of each q / out dtype.
 PLAIN: Dict[torch.dtype, KVFormat] = {f.storage_dtype: f for f in _TABLE if not f.quantized}
+# The quantized format a user's cache tensor of this dtype (with a scale tensor) holds.
+QUANTIZED_BY_STORAGE: Dict[torch.dtype, KVFormat] = {f.storage_dtype: f for f in _TABLE if f.quantized}
 
 FormatSpec = Union[str, Tuple[str, str]]
 

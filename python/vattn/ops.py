@@ -37,24 +37,28 @@ Tensor = torch.Tensor
 
 # ----------------------------------------------------------------------------- torch.library registrations
 
-@torch.library.custom_op("vattn::append_kv", mutates_args=("k_cache", "v_cache"))
-def _append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor) -> None:
-    _append_impl(k_cache, v_cache, k, v, row_ids, positions)
+# A quantized cache is a storage tensor (float8_e4m3fn / int8 / uint8) plus its fp32 scale tensor
+# per side; append_kv writes both (vattn/formats.py says what each format stores).
+@torch.library.custom_op("vattn::append_kv", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def _append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+               k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> None:
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
 
 
 def _append_direct(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+                   k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
                    geom: Optional[_KVGeom] = None) -> None:
     """The eager fast path of append_kv (the caller checked _direct_ok): also bumps the caches'
     version counters as the registered op does (its ADInplaceOrView kernel), so autograd still
     notices the mutation."""
-    _append_impl(k_cache, v_cache, k, v, row_ids, positions, geom)
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom)
     if not torch.is_inference_mode_enabled():
-        torch.autograd.graph.increment_version((k_cache, v_cache))
+        torch.autograd.graph.increment_version(tuple(t for t in (k_cache, v_cache, k_scale, v_scale) if t is not None))
 
 
 @_append_kv.register_fake
-def _(k_cache, v_cache, k, v, row_ids, positions):
-    _check_append(k_cache, v_cache, k, v, row_ids, positions)
+def _(k_cache, v_cache, k, v, row_ids, positions, k_scale=None, v_scale=None):
+    _check_append(k_cache, v_cache, k, v, row_ids, positions, None, k_scale, v_scale)
     return None
 
 
@@ -62,15 +66,17 @@ def _(k_cache, v_cache, k, v, row_ids, positions):
 @torch.library.custom_op("vattn::decode_attention", mutates_args=())
 def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor] = None,
                       head_seqlens_k: Optional[Tensor] = None, scale: Optional[float] = None, window_left: int = -1,
-                      softcap: float = 0.0, max_seqlen_k: int = -1) -> Tuple[Tensor, Tensor]:
+                      softcap: float = 0.0, max_seqlen_k: int = -1, k_scale: Optional[Tensor] = None,
+                      v_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     return _decode_impl(q, k_cache, v_cache, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap,
-                        max_seqlen_k)
+                        max_seqlen_k, k_scale, v_scale)
 
 
 @_decode_attention.register_fake
 def _(q, k_cache, v_cache, seqlens_k, row_ids=None, head_seqlens_k=None, scale=None, window_left=-1, softcap=0.0,
-      max_seqlen_k=-1):
-    _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left, softcap, scale)
+      max_seqlen_k=-1, k_scale=None, v_scale=None):
+    _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left, softcap, scale,
+                     None, k_scale, v_scale)
     return _empty_outputs(q)
 
 
@@ -78,15 +84,17 @@ def _(q, k_cache, v_cache, seqlens_k, row_ids=None, head_seqlens_k=None, scale=N
 def _prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
                        row_ids: Optional[Tensor] = None, head_seqlens_k: Optional[Tensor] = None,
                        scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
-                       max_seqlen_q: int = -1, max_seqlen_k: int = -1) -> Tuple[Tensor, Tensor]:
+                       max_seqlen_q: int = -1, max_seqlen_k: int = -1, k_scale: Optional[Tensor] = None,
+                       v_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     return _prefill_impl(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k, scale, window_left,
-                         softcap, max_seqlen_q, max_seqlen_k)
+                         softcap, max_seqlen_q, max_seqlen_k, k_scale, v_scale)
 
 
 @_prefill_attention.register_fake
 def _(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids=None, head_seqlens_k=None, scale=None, window_left=-1,
-      softcap=0.0, max_seqlen_q=-1, max_seqlen_k=-1):
-    _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k, window_left, softcap, scale)
+      softcap=0.0, max_seqlen_q=-1, max_seqlen_k=-1, k_scale=None, v_scale=None):
+    _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k, window_left, softcap, scale,
+                     None, k_scale, v_scale)
     return _empty_outputs(q)
 
 
@@ -132,28 +140,32 @@ def _direct_ok(*tensors: Optional[Tensor]) -> bool:
 # op's implementation directly when _direct_ok, else through torch.ops.vattn.*.
 
 def run_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
+               k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
                geom: Optional[_KVGeom] = None) -> None:
-    if _direct_ok(k_cache, v_cache, k, v, row_ids, positions):
-        _append_direct(k_cache, v_cache, k, v, row_ids, positions, geom)
+    if _direct_ok(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale):
+        _append_direct(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom)
     else:
-        torch.ops.vattn.append_kv(k_cache, v_cache, k, v, row_ids, positions)
+        torch.ops.vattn.append_kv(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
 
 
 def run_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
                head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
-               max_seqlen_k: int, need_lse: bool, geom: Optional[_KVGeom] = None):
-    args = (q, k_cache, v_cache, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap, max_seqlen_k)
-    if _direct_ok(*args[:6]):
+               max_seqlen_k: int, k_scale: Optional[Tensor], v_scale: Optional[Tensor], need_lse: bool,
+               geom: Optional[_KVGeom] = None):
+    args = (q, k_cache, v_cache, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap, max_seqlen_k,
+            k_scale, v_scale)
+    if _direct_ok(*args[:6], k_scale, v_scale):
         return _decode_impl(*args, need_lse=need_lse, geom=geom)
     return torch.ops.vattn.decode_attention(*args)
 
 
 def run_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
                 row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int,
-                softcap: float, max_seqlen_q: int, max_seqlen_k: int, need_lse: bool, geom: Optional[_KVGeom] = None):
+                softcap: float, max_seqlen_q: int, max_seqlen_k: int, k_scale: Optional[Tensor],
+                v_scale: Optional[Tensor], need_lse: bool, geom: Optional[_KVGeom] = None):
     args = (q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap,
-            max_seqlen_q, max_seqlen_k)
-    if _direct_ok(*args[:7]):
+            max_seqlen_q, max_seqlen_k, k_scale, v_scale)
+    if _direct_ok(*args[:7], k_scale, v_scale):
         return _prefill_impl(*args, need_lse=need_lse, geom=geom)
     return torch.ops.vattn.prefill_attention(*args)
 
@@ -195,27 +207,31 @@ def _max_hint(value: Optional[int], name: str) -> int:
 
 
 def append_kv_raw(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: IndexLike,
-                  positions: IndexLike) -> None:
+                  positions: IndexLike, *, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> None:
     """Writes token i of k, v ([n, kv_heads, dim]) into k_cache / v_cache [rows, seq, kv_heads, dim]
-    at (row_ids[i], positions[i]). Any cache strides with the last dimension contiguous."""
+    at (row_ids[i], positions[i]). Any cache strides with the last dimension contiguous. A quantized
+    cache (float8_e4m3fn / int8 / uint8 storage, see vattn.formats) is quantized into, with its fp32
+    scales [rows, seq, kv_heads, scale_words] in k_scale / v_scale."""
     device = _device_of(k_cache, "k_cache")
     row_ids, positions = _index(row_ids, "row_ids", device), _index(positions, "positions", device)
-    run_append(k_cache, v_cache, k, v, row_ids, positions)
+    run_append(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: IndexLike, *,
                      row_ids: Optional[IndexLike] = None, head_seqlens_k: Optional[IndexLike] = None,
                      scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
-                     max_seqlen_k: Optional[int] = None, return_lse: bool = False):
+                     max_seqlen_k: Optional[int] = None, return_lse: bool = False,
+                     k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None):
     """Attention of one query per batch row (q: [batch, q_heads, dim]) over its cache row.
 
     Returns out (like q), or (out, lse [batch, q_heads] float32) with return_lse=True.
     Give max_seqlen_k (host bound on the lengths) to avoid a host sync on CUDA (CUDA graphs).
+    A quantized cache is read with its scale tensors (k_scale / v_scale), dequantized in the kernel.
     """
     device = _device_of(q, "q")
     args = (q, k_cache, v_cache, _index(seqlens_k, "seqlens_k", device), _index(row_ids, "row_ids", device),
             _index(head_seqlens_k, "head_seqlens_k", device), None if scale is None else float(scale),
-            int(window_left), float(softcap), _max_hint(max_seqlen_k, "max_seqlen_k"))
+            int(window_left), float(softcap), _max_hint(max_seqlen_k, "max_seqlen_k"), k_scale, v_scale)
     out, lse = run_decode(*args, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
@@ -224,7 +240,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q:
                       row_ids: Optional[IndexLike] = None, head_seqlens_k: Optional[IndexLike] = None,
                       scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
                       max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                      return_lse: bool = False):
+                      return_lse: bool = False, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None):
     """Causal attention of ragged queries (q: [total_q, q_heads, dim], row b owns
     q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]) over cache rows that may already hold a prefix.
 
@@ -235,7 +251,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q:
     args = (q, k_cache, v_cache, _index(cu_seqlens_q, "cu_seqlens_q", device), _index(seqlens_k, "seqlens_k", device),
             _index(row_ids, "row_ids", device), _index(head_seqlens_k, "head_seqlens_k", device),
             None if scale is None else float(scale), int(window_left), float(softcap),
-            _max_hint(max_seqlen_q, "max_seqlen_q"), _max_hint(max_seqlen_k, "max_seqlen_k"))
+            _max_hint(max_seqlen_q, "max_seqlen_q"), _max_hint(max_seqlen_k, "max_seqlen_k"), k_scale, v_scale)
     out, lse = run_prefill(*args, need_lse=return_lse)
     return (out, lse) if return_lse else out
 

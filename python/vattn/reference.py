@@ -25,16 +25,80 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["append_kv", "attention", "merge_states"]
+__all__ = ["append_kv", "attention", "merge_states", "quantize", "dequantize"]
+
+# ----------------------------------------------------------------------------- KV formats
+# The exact definition of the quantized KV formats (cuda/include/vattn/quant.h computes the same
+# bits). Every format stores one (token, kv_head) vector of head_dim values as codes plus fp32
+# scale words. Common rules, all in float32 arithmetic:
+#   - inputs are converted to float32; fp32 subnormals count as (signed) zero, NaN as 0;
+#     +-inf saturate to the largest code of their sign and do not enter the scale;
+#   - a vector (int4: a group) whose largest finite magnitude (int4: range) is below _TINY is
+#     stored as zeros with scale 0 (int4: codes 0, so it decodes to its min);
+#   - rounding is to nearest, ties to even.
+# fp8_e4m3: scale = amax / 448; code = e4m3fn(x * (448 / amax)) (saturating); x ~ e4m3 * scale.
+# int8:     scale = amax / 127; code = round(x * (127 / amax)) in [-127, 127]; x ~ code * scale.
+
+_TINY = 1.0e-18
+_F32_MIN_NORMAL = 2.0 ** -126
+
+
+def _clean(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float32)
+    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    return torch.where(x.abs() < _F32_MIN_NORMAL, x * 0.0, x)  # x * 0 keeps the sign of a subnormal
+
+
+def _finite_amax(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax(dim=-1, keepdim=True)
+
+
+def _sym(x: torch.Tensor, qmax: float):
+    """(scaled values before rounding/conversion, scale [..., 1]) of the symmetric formats."""
+    x = _clean(x)
+    amax = _finite_amax(x)
+    ok = amax >= _TINY
+    inv = torch.where(ok, torch.tensor(qmax, dtype=torch.float32) / torch.where(ok, amax, 1.0), 0.0)
+    scaled = torch.where(torch.isfinite(x), x * inv, torch.sign(x) * qmax)
+    scaled = torch.where(ok, scaled, torch.zeros_like(scaled))
+    scale = torch.where(ok, amax / torch.tensor(qmax, dtype=torch.float32), 0.0)
+    return scaled, scale
+
+
+def quantize(x: torch.Tensor, kv_format: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes vectors x [..., head_dim] into (codes [..., storage elems], scales [..., words])."""
+    if kv_format == "fp8_e4m3":
+        scaled, scale = _sym(x, 448.0)
+        return scaled.to(torch.float8_e4m3fn), scale
+    if kv_format == "int8":
+        scaled, scale = _sym(x, 127.0)
+        return torch.round(scaled).clamp(-127, 127).to(torch.int8), scale
+    raise ValueError(f"quantize: {kv_format!r} is not a quantized format")
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, kv_format: str, head_dim: Optional[int] = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values a quantized vector stands for: [..., head_dim] in dtype."""
+    if kv_format in ("fp8_e4m3", "int8"):
+        return (codes.to(torch.float32) * scales[..., :1]).to(dtype)
+    raise ValueError(f"dequantize: {kv_format!r} is not a quantized format")
 
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              row_ids: torch.Tensor, positions: torch.Tensor) -> None:
-    """Writes token i of k, v ([n, kv_heads, dim]) at cache[row_ids[i], positions[i]] (in place)."""
+              row_ids: torch.Tensor, positions: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
+              v_scale: Optional[torch.Tensor] = None, k_format: Optional[str] = None,
+              v_format: Optional[str] = None) -> None:
+    """Writes token i of k, v ([n, kv_heads, dim]) at cache[row_ids[i], positions[i]] (in place).
+    A quantized side (k_format / v_format given) stores quantize(x) into the cache and its scales."""
     rows = row_ids.long()
     pos = positions.long()
-    k_cache[rows, pos] = k.to(k_cache.dtype)
-    v_cache[rows, pos] = v.to(v_cache.dtype)
+    for cache, scales, x, fmt in ((k_cache, k_scale, k, k_format), (v_cache, v_scale, v, v_format)):
+        if fmt is None:
+            cache[rows, pos] = x.to(cache.dtype)
+        else:
+            codes, sc = quantize(x, fmt)
+            cache[rows, pos] = codes.view(cache.dtype) if codes.dtype.itemsize == cache.dtype.itemsize else codes
+            scales[rows, pos] = sc
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
