@@ -4,10 +4,6 @@
 
 namespace vattn {
 namespace cuda {
-
-void launch_decode_split_hd256(const DecodeKernelArgs& a, int group_block, int num_splits, int dtype, void* stream) {
-  launch_decode_split<256>(a, group_block, num_splits, dtype, stream);
-}
-
+VATTN_DECODE_SPLIT_LAUNCHER(256)
 }  // namespace cuda
 }  // namespace vattn

@@ -109,8 +109,8 @@ void merge_states_cuda(const MergeParams& p) {
   if (!p.o_a || !p.lse_a || !p.o_b || !p.lse_b || !p.out)
     throw std::invalid_argument("merge_states: null pointer (o_a, lse_a, o_b, lse_b and out are required)");
   switch (p.dtype) {
-    case kFloat16: return launch<half>(p);
-    case kBFloat16: return launch<__nv_bfloat16>(p);
+    case kFloat16: return launch<f16_t>(p);
+    case kBFloat16: return launch<bf16_t>(p);
     case kFloat32: return launch<float>(p);
     default:
       throw std::invalid_argument("merge_states: dtype must be float16, bfloat16 or float32 (code " +

@@ -1,5 +1,8 @@
 #pragma once
-// cp.async (sm_80+) global -> shared copies of 16 bytes, for multi-stage pipelines.
+// cp.async (sm_80+) global -> shared copies of 16 bytes, for multi-stage pipelines; the one
+// cp.async wrapper of vattn (split decode and the tensor-core prefill both use it). Shared
+// memory is named either by a generic pointer or by its 32-bit shared-window address (what
+// smem_addr returns; the form ldmatrix and the swizzled prefill tiles compute with).
 // Usage: issue copies, cp_async_commit() once per stage (also when a stage issues nothing,
 // so group counting stays uniform), cp_async_wait<N>() leaves at most N newest groups in
 // flight, then __syncthreads() before other threads read the data.
@@ -26,6 +29,24 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #else
   *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
 #endif
+}
+
+// Same, with the destination as a shared-window address (smem_addr).
+__device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
+#else
+  const uint4 v = *reinterpret_cast<const uint4*>(gmem);
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#endif
+}
+
+// Plain (synchronous) store of 16 zero bytes at a shared-window address: fills the tile slots
+// a loader must not read from global memory. Ordered with the copies by the same wait +
+// __syncthreads that publishes them.
+__device__ __forceinline__ void st_shared_zero_16(uint32_t smem) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(smem), "r"(0) : "memory");
 }
 
 // 16-byte copy when valid, else writes 16 zero bytes to smem and reads nothing from gmem

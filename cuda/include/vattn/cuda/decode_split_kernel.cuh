@@ -10,26 +10,33 @@
 // GB heads in registers (pre-scaled into the log2 domain), reduce the partial dot products
 // with xor shuffles (all lanes end with bitwise the same logit), and keep an online-softmax
 // state and an fp32 partial output per key group; the key groups are merged in shared memory
-// at the end. The CTA writes out / lse directly when there is one split, else an fp32
-// normalised partial and its LSE into the workspace for decode_split_merge_kernel.
+// at the end (merge_partials). The CTA writes out / lse directly when there is one split,
+// else an fp32 normalised partial and its LSE into the workspace for decode_split_merge_kernel.
+// T: q/out element type (f16_t or bf16_t); Format: the kv_format.h storage format of K/V, read
+// through its device trait (kv_device_format.cuh).
 #include <cstdint>
 #include <type_traits>
 
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/cp_async.cuh"
 #include "vattn/cuda/decode_args.cuh"
-#include "vattn/cuda/kv_chunk_format.cuh"
+#include "vattn/cuda/kv_device_format.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
+#include "vattn/key_range.h"
+#include "vattn/kv_format.h"
+#include "vattn/params.h"
 #include "vattn/softmax_state.h"
 
 namespace vattn {
 namespace cuda {
 
-template <int HD, typename T, typename Fmt, int GB>
-__global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kThreads)
-    decode_split_kernel(const DecodeKernelArgs a, const typename Fmt::Args fa) {
-  using Cfg = DecodeSplitConfig<HD, Fmt::kElemsPerChunk>;
+template <int HD, typename T, typename Format, int GB>
+__global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
+    decode_split_kernel(const AttentionParams p, const DecodePlanArgs a,
+                        const typename DeviceKvFormat<Format>::Args fa) {
+  using Fmt = DeviceKvFormat<Format>;
+  using Cfg = DecodeSplitConfigFor<HD, Format>;
   using S = typename Fmt::storage_t;
   constexpr int EPC = Fmt::kElemsPerChunk;  // head_dim elements per lane
   constexpr int CH = Cfg::kChunks;
@@ -52,10 +59,11 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
 
   const int split = blockIdx.x;
   const int b = blockIdx.y;
+  const int group = p.num_q_heads / p.num_kv_heads;
   const int kvh = int(blockIdx.z) / a.head_chunks;
   const int g0 = (int(blockIdx.z) % a.head_chunks) * GB;  // first group member handled here
-  const int gcount = min(GB, a.group - g0);
-  const int qh0 = kvh * a.group + g0;
+  const int gcount = min(GB, group - g0);
+  const int qh0 = kvh * group + g0;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -64,9 +72,10 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
   const int grp = warp * KPW + lane / TD;  // key group of this lane
   const bool dim_active = dl < CH;
 
-  int64_t row;
-  int lo, L;
-  decode_key_range(a, b, kvh, &row, &lo, &L);
+  const RowKeys rk = row_keys(p, b, kvh);
+  const KeySpan keys = decode_keys(rk, p.window_left);
+  const int64_t row = rk.row;
+  const int lo = keys.first, L = keys.end();
   // This split's keys, from the real length: the chunk grows when L exceeds the host hint.
   const int n = L - lo;
   const int ns = int(gridDim.x);
@@ -84,7 +93,7 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
 #pragma unroll
     for (int i = 0; i < EPC; ++i) q[g][i] = 0.f;
     if (g < gcount && dim_active) {
-      const T* qp = static_cast<const T*>(a.q) + int64_t(b) * a.q_stride_tok + int64_t(qh0 + g) * a.q_stride_head +
+      const T* qp = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_tok + int64_t(qh0 + g) * p.q_stride_head +
                     dl * EPC;
 #pragma unroll
       for (int c = 0; c < EPC / 8; ++c) {
@@ -96,8 +105,8 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
     }
   }
 
-  const S* kbase = static_cast<const S*>(a.k) + row * a.k_stride_row + int64_t(kvh) * a.k_stride_head;
-  const S* vbase = static_cast<const S*>(a.v) + row * a.v_stride_row + int64_t(kvh) * a.v_stride_head;
+  const S* kbase = static_cast<const S*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
+  const S* vbase = static_cast<const S*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
 
   // Issues the cp.async copies of tile t into pipeline stage st (keys past end: zero fill).
   auto load_tile = [&](int t, int st) {
@@ -110,10 +119,10 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
       const int cc = c - r * CH;
       const int j = tstart + r;
       const bool valid = j < end;
-      const char* ks = valid ? reinterpret_cast<const char*>(kbase + int64_t(j) * a.k_stride_tok) + cc * 16
-                             : static_cast<const char*>(a.k);
-      const char* vs = valid ? reinterpret_cast<const char*>(vbase + int64_t(j) * a.v_stride_tok) + cc * 16
-                             : static_cast<const char*>(a.v);
+      const char* ks = valid ? reinterpret_cast<const char*>(kbase + int64_t(j) * p.kv.k_stride_tok) + cc * 16
+                             : static_cast<const char*>(p.kv.k);
+      const char* vs = valid ? reinterpret_cast<const char*>(vbase + int64_t(j) * p.kv.v_stride_tok) + cc * 16
+                             : static_cast<const char*>(p.kv.v);
       cp_async_16_zfill(sk + c * 16, ks, valid);
       cp_async_16_zfill(sv + c * 16, vs, valid);
     }
@@ -234,29 +243,19 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
     const int g = idx / HD;
     const int d = idx - g * HD;
     if (g >= gcount) break;  // idx grows, so g only grows
-    float M = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < NGRP; ++k) M = fmaxf(M, red_md[(k * GB + g) * 2]);
-    float D = 0.f, acc = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int k = 0; k < NGRP; ++k) {
-        const float mk = red_md[(k * GB + g) * 2];
-        if (mk == -INFINITY) continue;  // an empty group: nothing accumulated
-        const float w = exp2f(mk - M);
-        D = fmaf(red_md[(k * GB + g) * 2 + 1], w, D);
-        acc = fmaf(red_o[(k * GB + g) * TD * EPC + d], w, acc);
-      }
-    }
-    const float inv = D > 0.f ? 1.f / D : 0.f;
-    const float lse = D > 0.f ? (M + log2f(D)) * kLn2 : -INFINITY;
+    // Group k's state of head g: red_md[(k * GB + g) * 2 + {0, 1}], output red_o[(k * GB + g) * TD * EPC + d].
+    float w[NGRP];
+    const SoftmaxState merged = merge_partials(red_md + g * 2, red_md + g * 2 + 1, GB * 2, w);
+    const float acc = merge_output(w, red_o + g * TD * EPC + d, GB * TD * EPC);
+    const float inv = merged.inv_sum();
+    const float lse = merged.lse();
     const int qh = qh0 + g;
     if (ns == 1) {
-      T* op = static_cast<T*>(a.out) + int64_t(b) * a.o_stride_tok + int64_t(qh) * a.o_stride_head;
+      T* op = static_cast<T*>(p.out) + int64_t(b) * p.o_stride_tok + int64_t(qh) * p.o_stride_head;
       op[d] = float_to_elem<T>(acc * inv);
-      if (a.lse != nullptr && d == 0) a.lse[int64_t(b) * a.num_q_heads + qh] = lse;
+      if (p.lse != nullptr && d == 0) p.lse[int64_t(b) * p.num_q_heads + qh] = lse;
     } else {
-      const int64_t slot = (int64_t(split) * a.batch + b) * a.num_q_heads + qh;
+      const int64_t slot = (int64_t(split) * p.batch + b) * p.num_q_heads + qh;
       a.o_part[slot * HD + d] = acc * inv;
       if (d == 0) a.lse_part[slot] = lse;
     }
@@ -264,16 +263,18 @@ __global__ void __launch_bounds__(DecodeSplitConfig<HD, Fmt::kElemsPerChunk>::kT
 }
 
 // Launches decode_split_kernel for one head dim: picks the element type and group block.
+// K/V are stored in the plain format of the q dtype (validated by the caller); a quantized
+// format adds its case here.
 template <int HD>
-void launch_decode_split(const DecodeKernelArgs& a, int group_block, int num_splits, int dtype, void* stream) {
-  const dim3 grid(unsigned(num_splits), unsigned(a.batch), unsigned(a.num_kv_heads * a.head_chunks));
-  const int threads = DecodeSplitConfig<HD, 8>::kThreads;
-  cudaStream_t s = as_stream(stream);
+void launch_decode_split(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits) {
+  const dim3 grid(unsigned(num_splits), unsigned(p.batch), unsigned(p.num_kv_heads * a.head_chunks));
+  cudaStream_t s = as_stream(p.stream);
   auto go = [&](auto tag, auto gb) {
     using T = decltype(tag);
+    using Format = PlainFormat<T>;
     constexpr int GB = decltype(gb)::value;
-    using Fmt = PlainChunkFormat<T>;
-    decode_split_kernel<HD, T, Fmt, GB><<<grid, threads, 0, s>>>(a, typename Fmt::Args{});
+    decode_split_kernel<HD, T, Format, GB><<<grid, DecodeSplitConfigFor<HD, Format>::kThreads, 0, s>>>(
+        p, a, typename DeviceKvFormat<Format>::Args{});
   };
   auto by_gb = [&](auto tag) {
     switch (group_block) {
@@ -283,13 +284,20 @@ void launch_decode_split(const DecodeKernelArgs& a, int group_block, int num_spl
       default: go(tag, std::integral_constant<int, 8>{}); break;
     }
   };
-  if (dtype == kBFloat16) {
-    by_gb(__nv_bfloat16{});
+  if (p.dtype == kBFloat16) {
+    by_gb(bf16_t{});
   } else {
-    by_gb(half{});
+    by_gb(f16_t{});
   }
   cuda_check_launch("decode_split_kernel");
 }
+
+// Body of one decode_hd<HD>.cu file: the launcher declared in decode_args.cuh.
+#define VATTN_DECODE_SPLIT_LAUNCHER(HD)                                                                   \
+  void launch_decode_split_hd##HD(const AttentionParams& p, const DecodePlanArgs& a, int group_block, \
+                                  int num_splits) {                                                   \
+    launch_decode_split<HD>(p, a, group_block, num_splits);                                           \
+  }
 
 }  // namespace cuda
 }  // namespace vattn

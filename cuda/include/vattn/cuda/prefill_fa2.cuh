@@ -55,20 +55,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
   const int m_valid = min(BM, n_b - m0);  // real query rows in this block
 
   const int kvh = h / (p.num_q_heads / p.num_kv_heads);
-  const RowKV rk = row_kv(p, b, kvh);
+  const RowKeys rk = row_keys(p, b, kvh);
   const int shift = rk.len - n_b;         // pos(block row r) = shift + m0 + r
   const int pos_first = shift + m0;
   const int pos_last = shift + m0 + m_valid - 1;
   const int wl = p.window_left;
-  const int k_hi = min(pos_last, rk.len_eff - 1);
-  const int k_lo = wl >= 0 ? max(0, pos_first - wl) : 0;
+  const KeySpan keys = visible_keys(pos_first, pos_last, rk.readable, wl);  // union over the rows
+  const int k_lo = keys.first, k_hi = keys.last;
 
   T* out_blk = static_cast<T*>(p.out) + int64_t(q_start + m0) * p.o_stride_tok + int64_t(h) * p.o_stride_head;
   float* lse_blk = p.lse ? p.lse + int64_t(q_start + m0) * p.num_q_heads + h : nullptr;
 
   if (k_hi < k_lo) {  // no row of the block sees any key: zero output, lse = -inf
     for (int idx = tid; idx < m_valid * D; idx += NT) {
-      out_blk[int64_t(idx / D) * p.o_stride_tok + idx % D].bits = 0;
+      out_blk[int64_t(idx / D) * p.o_stride_tok + idx % D] = T{0};
     }
     if (lse_blk) for (int r = tid; r < m_valid; r += NT) lse_blk[int64_t(r) * p.num_q_heads] = -INFINITY;
     return;
@@ -92,8 +92,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
   load_tile_16bit<D, BM, NT>(sQ, q_blk, p.q_stride_tok, 0, 0, m_valid, tid);
   Loader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, t_first * BN, k_lo - t_first * BN,
                                    k_hi + 1 - t_first * BN, tid);
-  cp_async_commit();
-  cp_async_wait_all();
+  cuda::cp_async_commit();
+  cuda::cp_async_wait<0>();
   __syncthreads();
 
   // Q fragments, kept for the whole key loop. For m tile mt and k step kk (dims 16kk..16kk+15):
@@ -142,11 +142,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
   for (int t = t_first; t <= t_last; ++t) {
     const int n0 = t * BN;
     if (t != t_first) {   // K(t) landed, and every warp finished P*V of tile t-1 (V buffer free)
-      cp_async_wait_all();
+      cuda::cp_async_wait<0>();
       __syncthreads();
     }
     Loader::template load<D, BN, NT>(sV, v_head, p.kv.v_stride_tok, n0, k_lo - n0, k_hi + 1 - n0, tid);
-    cp_async_commit();
+    cuda::cp_async_commit();
 
     // S = Q K^T. K tile rows are keys. For key pair-tile np (keys 16np..16np+15) and k step kk:
     // matrix 0 = keys +0..7 / dims lo (b0 of n tile 2np), 1 = keys +0..7 / dims hi (b1 of 2np),
@@ -228,12 +228,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
       }
     }
 
-    cp_async_wait_all();  // V(t) landed
+    cuda::cp_async_wait<0>();  // V(t) landed
     __syncthreads();      // ... for every thread, and every warp is done reading K(t)
     if (t < t_last) {
       const int n1 = n0 + BN;
       Loader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, n1, k_lo - n1, k_hi + 1 - n1, tid);
-      cp_async_commit();
+      cuda::cp_async_commit();
     }
 
     // O += P V. P for key step kk (keys 16kk..16kk+15) is S n tiles 2kk and 2kk+1 repacked:
@@ -247,10 +247,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
       uint32_t pa[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        pa[mt][0] = Elem<T>::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pa[mt][1] = Elem<T>::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pa[mt][2] = Elem<T>::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pa[mt][3] = Elem<T>::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        pa[mt][0] = cuda::pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = cuda::pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = cuda::pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = cuda::pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
         uint32_t* orow = reinterpret_cast<uint32_t*>(out_blk + int64_t(r) * p.o_stride_tok);
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
-          orow[(dt * 8 + 2 * tg) >> 1] = Elem<T>::pack2(o[mt][dt][2 * rh] * inv, o[mt][dt][2 * rh + 1] * inv);
+          orow[(dt * 8 + 2 * tg) >> 1] = cuda::pack2<T>(o[mt][dt][2 * rh] * inv, o[mt][dt][2 * rh + 1] * inv);
         }
         if (lse_blk && tg == 0) {
           lse_blk[int64_t(r) * p.num_q_heads] = d > 0.f ? (row_m[mt][rh] + log2f(d)) * kLn2 : -INFINITY;

@@ -20,6 +20,7 @@ constexpr int kPlainMaxDim = 256;    // 2 output dims per thread
 template <typename T, typename KVFormat>
 __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const AttentionParams p) {
   using KV = typename KVFormat::storage_t;
+  using KVLoad = cuda::DeviceKvFormat<KVFormat>;  // element loads of the storage format
   __shared__ float q_s[kPlainMaxDim];
   __shared__ float s_s[kPlainTile];
 
@@ -33,15 +34,14 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
   const int n_b = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
   const int i = t - p.cu_seqlens_q[b];
   const int kvh = h / (p.num_q_heads / p.num_kv_heads);
-  const RowKV rk = row_kv(p, b, kvh);
+  const RowKeys rk = row_keys(p, b, kvh);
 
   // Visible keys: [lo, hi] with hi = pos (pos <= L - 1 always), capped to what may be read.
-  const int pos = rk.len - n_b + i;
-  const int lo = p.window_left >= 0 ? max(0, pos - p.window_left) : 0;
-  const int hi = min(pos, rk.len_eff - 1);
+  const KeySpan keys = visible_keys(rk.len - n_b + i, rk.readable, p.window_left);
+  const int lo = keys.first, hi = keys.last;
 
   const T* q = static_cast<const T*>(p.q) + int64_t(t) * p.q_stride_tok + int64_t(h) * p.q_stride_head;
-  for (int d = tid; d < D; d += kPlainThreads) q_s[d] = Elem<T>::to_float(q[d].bits);
+  for (int d = tid; d < D; d += kPlainThreads) q_s[d] = cuda::elem_to_float(q[d]);
 
   const KV* kbase = static_cast<const KV*>(p.kv.k) + rk.row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
   const KV* vbase = static_cast<const KV*>(p.kv.v) + rk.row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
     for (int jj = warp; jj < cnt; jj += kPlainThreads / 32) {
       const KV* krow = kbase + int64_t(j0 + jj) * p.kv.k_stride_tok;
       float dot = 0.f;
-      for (int d = lane; d < D; d += 32) dot += q_s[d] * DeviceLoad<KVFormat>::load(krow, d);
+      for (int d = lane; d < D; d += 32) dot += q_s[d] * KVLoad::load(krow, d);
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (lane == 0) {
@@ -76,16 +76,16 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
       const float w = st.weight(s_s[jj]);
       st.add(w);
       const KV* vrow = vbase + int64_t(j0 + jj) * p.kv.v_stride_tok;
-      if (tid < D) acc0 += w * DeviceLoad<KVFormat>::load(vrow, tid);
-      if (tid + kPlainThreads < D) acc1 += w * DeviceLoad<KVFormat>::load(vrow, tid + kPlainThreads);
+      if (tid < D) acc0 += w * KVLoad::load(vrow, tid);
+      if (tid + kPlainThreads < D) acc1 += w * KVLoad::load(vrow, tid + kPlainThreads);
     }
     __syncthreads();               // s_s is rewritten by the next pass
   }
 
   const float inv = st.inv_sum();  // 0 when nothing was visible: zero output
   T* o = static_cast<T*>(p.out) + int64_t(t) * p.o_stride_tok + int64_t(h) * p.o_stride_head;
-  if (tid < D) o[tid].bits = Elem<T>::from_float(acc0 * inv);
-  if (tid + kPlainThreads < D) o[tid + kPlainThreads].bits = Elem<T>::from_float(acc1 * inv);
+  if (tid < D) o[tid] = cuda::float_to_elem<T>(acc0 * inv);
+  if (tid + kPlainThreads < D) o[tid + kPlainThreads] = cuda::float_to_elem<T>(acc1 * inv);
   if (p.lse != nullptr && tid == 0) p.lse[int64_t(t) * p.num_q_heads + h] = st.lse();
 }
 

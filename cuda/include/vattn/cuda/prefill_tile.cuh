@@ -11,20 +11,11 @@
 // ordinary shared stores, and the kernel's wait + __syncthreads covers both.
 #include <cstdint>
 
+#include "vattn/cuda/cp_async.cuh"
 #include "vattn/kv_format.h"
 
 namespace vattn {
 namespace prefill {
-
-// Private cp.async wrappers (16-byte, L2-only .cg: tiles are read once per CTA).
-__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ void st_shared_zero16(uint32_t smem) {
-  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(smem), "r"(0) : "memory");
-}
 
 template <int D>
 struct TileLayout {
@@ -50,9 +41,9 @@ __device__ __forceinline__ void load_tile_16bit(uint32_t smem, const uint16_t* b
     const int r = idx / L::kChunks, c = idx % L::kChunks;
     const uint32_t dst = smem + L::offset(r, c);
     if (r >= lo && r < hi) {
-      cp_async16(dst, base + int64_t(row0 + r) * stride + c * 8);
+      cuda::cp_async_16(dst, base + int64_t(row0 + r) * stride + c * 8);
     } else {
-      st_shared_zero16(dst);
+      cuda::st_shared_zero_16(dst);
     }
   }
 }
