@@ -7,26 +7,31 @@
 # padded GQA heads never write; the cp.async pipeline: a stage being refilled reads as NaN
 # from the copy's issue until a wait_group lands it, so a read of a stage in flight (a missing
 # wait or __syncthreads, a wrong stage index) poisons the output.
-import math, sys
+import math, pathlib, sys
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from emulate_headers import decode_split  # noqa: E402  (the constants, read from the sources)
+
+H = decode_split()
 
 NEG = -np.inf
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MIN_SPLIT_KEYS, CTAS_PER_SM, MAX_SPLITS = 256, 4, 256
+MIN_SPLIT_KEYS, CTAS_PER_SM, MAX_SPLITS = H['min_split_keys'], H['ctas_per_sm'], H['max_splits']
 
 
 def next_pow2(x):
     return 1 if x <= 1 else 2 * next_pow2((x + 1) // 2)
 
 
-def cfg(HD, EPC=8):
+def cfg(HD, EPC=H['elems_per_chunk']):
     CH = HD // EPC
     TD = next_pow2(CH)
     KPW = 32 // TD
-    KPI = 4 * KPW
-    NK = 2
-    return dict(EPC=EPC, CH=CH, TD=TD, KPW=KPW, KPI=KPI, NK=NK, TILE=KPI * NK, STAGES=4)
+    KPI = H['warps'] * KPW
+    NK = H['iters_per_tile']
+    return dict(EPC=EPC, CH=CH, TD=TD, KPW=KPW, KPI=KPI, NK=NK, TILE=KPI * NK, STAGES=H['stages'])
 
 
 def cdiv(a, b):

@@ -2,8 +2,13 @@
 # It mirrors the kernel by hand, so keep it in step when the kernel changes.
 # Line-by-line numpy port of prefill_fa2_kernel (addresses, ldmatrix, mma fragments, masks,
 # online softmax, epilogue), run per CTA, compared with a float64 reference.
-import numpy as np, math, itertools, sys
+import numpy as np, math, itertools, pathlib, sys
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from emulate_headers import prefill_fa2  # noqa: E402  (the constants, read from the sources)
 NEG = -np.inf
+H = prefill_fa2()
+NT_CTA = H['threads']          # Fa2Config::kThreads
+ROWS_PER_MT = 16 * H['warps']  # BM = 16 * MT * kWarps
 
 def offset(r, c, kch): return (r * kch + (c ^ (r & 7))) * 16
 
@@ -40,7 +45,7 @@ def mma(c, a, b0, b1):  # c: [32][4] lists; a: [32][4] pairs; b0,b1: [32] pairs
 
 def r16(x): return float(np.float16(x))
 
-def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=128):
+def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=NT_CTA):
     # cp.async model: the destination reads as NaN from the issue until cp_async_wait_all lands
     # it (sm.land), so a read of a tile still in flight poisons the output.
     kch = D // 8
@@ -59,7 +64,7 @@ def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=128):
             sm.pending.append((dst, val))
 
 def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, lse):
-    BM = 64 * MT; kch = D // 8
+    BM = ROWS_PER_MT * MT; kch = D // 8
     m0 = m_block * BM
     if m0 >= n_b: return
     m_valid = min(BM, n_b - m0)
@@ -74,7 +79,7 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
     load_tile(sm, sK, BN, D, K, tf*BN, k_lo - tf*BN, k_hi + 1 - tf*BN)
     sm.land()
     warps = []
-    for w in range(4):
+    for w in range(H['warps']):
         qf = [[None]*(D//16) for _ in range(MT)]
         for mt in range(MT):
             for kk in range(D//16):
@@ -191,7 +196,7 @@ def run(D, MT, BN, n_b, L, wl, softcap, seed, max_seq=None):
     K[:L] = rng.standard_normal((L, D)).astype(np.float16); V[:L] = rng.standard_normal((L, D)).astype(np.float16)
     scale = 1 / math.sqrt(D)
     out = np.full((n_b, D), np.nan); lse = np.full(n_b, np.nan)
-    BM = 64 * MT
+    BM = ROWS_PER_MT * MT
     for mb in range((n_b + BM - 1) // BM + 1):  # one extra block: must exit
         cta(q, K, V, n_b, L, max_seq, mb, D, MT, BN, scale, softcap, wl, out, lse)
     ro, rl = reference(q, K[:L], V[:L], n_b, L, scale, softcap, wl)
@@ -207,6 +212,8 @@ if __name__ == "__main__":
              (128, 1, 64, 20, 150, 17, 0, 4), (64, 2, 64, 40, 30, -1, 0, 5), (128, 1, 64, 65, 300, 100, 5.0, 6),
              (64, 2, 64, 3, 1, -1, 0, 7), (128, 1, 64, 1, 129, 0, 0, 8),
              (64, 1, 64, 64, 64, -1, 0, 9), (64, 1, 64, 50, 400, 150, 0, 10)]
+    # The cases run exactly the (D, MT, BN) configurations prefill.cu instantiates.
+    assert sorted({c[:3] for c in cases}) == H['configs'], (sorted({c[:3] for c in cases}), H['configs'])
     sel = cases if len(sys.argv) < 2 else [cases[int(a)] for a in sys.argv[1:]]
     allok = all([run(*c) for c in sel])
     print("ALL OK" if allok else "SOME FAILED")
