@@ -56,26 +56,21 @@ struct RowReader<PlainFormat<float>> {
     return head + (int64_t)j0 * stride_tok;
   }
 };
-template <>
-struct RowReader<PlainFormat<bf16_t>> {
+// Plain 16-bit storage: a converted copy through the instruction-set-dispatched row converter.
+template <typename S, void (*Convert)(const uint16_t*, int64_t, int, int, int, float*)>
+struct RowReader16 {
   static constexpr bool kDirect = false;
-  static const float* rows(const bf16_t* head, int64_t stride_tok, int j0, int nk, int avail, int dim, float* buf,
+  static const float* rows(const S* head, int64_t stride_tok, int j0, int nk, int avail, int dim, float* buf,
                            int64_t* stride) {
-    cpu::bf16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, avail, dim, buf);
+    Convert(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, avail, dim, buf);
     *stride = dim;
     return buf;
   }
 };
 template <>
-struct RowReader<PlainFormat<f16_t>> {
-  static constexpr bool kDirect = false;
-  static const float* rows(const f16_t* head, int64_t stride_tok, int j0, int nk, int avail, int dim, float* buf,
-                           int64_t* stride) {
-    cpu::f16_rows_to_float(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, avail, dim, buf);
-    *stride = dim;
-    return buf;
-  }
-};
+struct RowReader<PlainFormat<bf16_t>> : RowReader16<bf16_t, cpu::bf16_rows_to_float> {};
+template <>
+struct RowReader<PlainFormat<f16_t>> : RowReader16<f16_t, cpu::f16_rows_to_float> {};
 
 // One unit of parallel work.
 struct Item {

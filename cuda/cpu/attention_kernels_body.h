@@ -102,24 +102,25 @@ static inline void prefetch_row16(const uint16_t* row, int dim) {
   for (int o = 0; o < dim; o += 32) __builtin_prefetch(row + o, 0, 3);
 }
 
-void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+// Rows of 16-bit values through an element conversion (inlined, so the inner loop vectorizes).
+template <typename Convert>
+static inline void rows16_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst,
+                                   Convert convert) {
   for (int j = 0; j < n; ++j) {
     const uint16_t* r = src + j * stride;
     if (j + kPrefetchRows < n_avail) prefetch_row16(r + kPrefetchRows * stride, dim);
     float* o = dst + (int64_t)j * dim;
 #pragma omp simd
-    for (int d = 0; d < dim; ++d) o[d] = half_to_float(r[d]);
+    for (int d = 0; d < dim; ++d) o[d] = convert(r[d]);
   }
 }
 
+void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+  rows16_to_float(src, stride, n, n_avail, dim, dst, [](uint16_t h) { return half_to_float(h); });
+}
+
 void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
-  for (int j = 0; j < n; ++j) {
-    const uint16_t* r = src + j * stride;
-    if (j + kPrefetchRows < n_avail) prefetch_row16(r + kPrefetchRows * stride, dim);
-    float* o = dst + (int64_t)j * dim;
-#pragma omp simd
-    for (int d = 0; d < dim; ++d) o[d] = bits_to_float(uint32_t(r[d]) << 16);
-  }
+  rows16_to_float(src, stride, n, n_avail, dim, dst, [](uint16_t b) { return bits_to_float(uint32_t(b) << 16); });
 }
 
 
