@@ -68,9 +68,9 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
     m0 = m_block * BM
     if m0 >= n_b: return
     m_valid = min(BM, n_b - m0)
-    len_eff = min(L, max_seq)
+    readable = min(L, max_seq)  # RowKeys::readable (key_range.h)
     shift = L - n_b; pos_first = shift + m0; pos_last = shift + m0 + m_valid - 1
-    k_hi = min(pos_last, len_eff - 1); k_lo = max(0, pos_first - wl) if wl >= 0 else 0
+    k_hi = min(pos_last, readable - 1); k_lo = max(0, pos_first - wl) if wl >= 0 else 0
     if k_hi < k_lo:
         out[m0:m0+m_valid] = 0; lse[m0:m0+m_valid] = NEG; return
     sm = Smem((BM + 2*BN) * D * 2); sQ = 0; sK = BM * D * 2; sV = sK + BN * D * 2
