@@ -44,8 +44,8 @@ KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t
   view.max_seq = max_seq;
   view.k_format = k_format;
   view.v_format = v_format;
-  view.k_scale = as_ptr<const float>(k_scale);
-  view.v_scale = as_ptr<const float>(v_scale);
+  view.k_scale = as_ptr<float>(k_scale);
+  view.v_scale = as_ptr<float>(v_scale);
   view.ks_stride_row = ks_stride_row; view.ks_stride_tok = ks_stride_tok; view.ks_stride_head = ks_stride_head;
   view.vs_stride_row = vs_stride_row; view.vs_stride_tok = vs_stride_tok; view.vs_stride_head = vs_stride_head;
   return view;

@@ -32,17 +32,28 @@ constexpr int kKeyBlock = 64;         // keys per online-softmax step (K and V b
 constexpr int kQueryRows = 64;        // target rows (positions x group heads) of a prefill tile
 constexpr int kMinSplitKeys = 512;    // decode: never split a row into ranges shorter than this
 
+// One KV head of one cache row as a reader sees it: data and (quantized formats) scale words.
+template <class Format>
+struct HeadRows {
+  const typename Format::storage_t* data;
+  int64_t stride_tok;      // storage elements
+  const float* scale;      // null for plain formats
+  int64_t scale_stride_tok;
+};
+
 // Reads nk rows of one KV head as fp32: a pointer into the cache itself for fp32 storage, else a
-// converted copy in buf. The format is a template parameter so quantized formats slot in here.
+// converted (dequantized) copy in buf. Specialized per format (kv_format.h) where a faster loop
+// exists; the generic one dequantizes element by element through the format trait.
 // kDirect: the rows point into the cache (prefetching ahead of the block pays off), else into buf.
 template <class Format>
 struct RowReader {
   using S = typename Format::storage_t;
   static constexpr bool kDirect = false;
-  static const float* rows(const S* head, int64_t stride_tok, int j0, int nk, int, int dim, float* buf, int64_t* stride) {
+  static const float* rows(const HeadRows<Format>& h, int j0, int nk, int, int dim, float* buf, int64_t* stride) {
     for (int j = 0; j < nk; ++j) {
-      const S* r = head + (int64_t)(j0 + j) * stride_tok;
-      for (int d = 0; d < dim; ++d) buf[(int64_t)j * dim + d] = Format::load(r, d);
+      const S* r = h.data + (int64_t)(j0 + j) * h.stride_tok;
+      const float* w = h.scale ? h.scale + (int64_t)(j0 + j) * h.scale_stride_tok : nullptr;
+      for (int d = 0; d < dim; ++d) buf[(int64_t)j * dim + d] = Format::dequant(r, w, d);
     }
     *stride = dim;
     return buf;
@@ -51,18 +62,56 @@ struct RowReader {
 template <>
 struct RowReader<PlainFormat<float>> {
   static constexpr bool kDirect = true;
-  static const float* rows(const float* head, int64_t stride_tok, int j0, int, int, int, float*, int64_t* stride) {
-    *stride = stride_tok;
-    return head + (int64_t)j0 * stride_tok;
+  static const float* rows(const HeadRows<PlainFormat<float>>& h, int j0, int, int, int, float*, int64_t* stride) {
+    *stride = h.stride_tok;
+    return h.data + (int64_t)j0 * h.stride_tok;
+  }
+};
+// int8: code * scale, a loop the compiler vectorizes.
+template <>
+struct RowReader<Int8Format> {
+  static constexpr bool kDirect = false;
+  static const float* rows(const HeadRows<Int8Format>& h, int j0, int nk, int, int dim, float* buf, int64_t* stride) {
+    for (int j = 0; j < nk; ++j) {
+      const int8_t* r = h.data + (int64_t)(j0 + j) * h.stride_tok;
+      const float s = h.scale[(int64_t)(j0 + j) * h.scale_stride_tok];
+      float* o = buf + (int64_t)j * dim;
+      for (int d = 0; d < dim; ++d) o[d] = float(r[d]) * s;
+    }
+    *stride = dim;
+    return buf;
+  }
+};
+// fp8: a 256-entry table of the code values (exact, built once from quant.h), times the scale.
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) v[b] = quant::fp8_e4m3_to_float(uint8_t(b));
+  }
+};
+template <>
+struct RowReader<Fp8E4M3Format> {
+  static constexpr bool kDirect = false;
+  static const float* rows(const HeadRows<Fp8E4M3Format>& h, int j0, int nk, int, int dim, float* buf,
+                           int64_t* stride) {
+    static const Fp8Table table;
+    for (int j = 0; j < nk; ++j) {
+      const uint8_t* r = h.data + (int64_t)(j0 + j) * h.stride_tok;
+      const float s = h.scale[(int64_t)(j0 + j) * h.scale_stride_tok];
+      float* o = buf + (int64_t)j * dim;
+      for (int d = 0; d < dim; ++d) o[d] = table.v[r[d]] * s;
+    }
+    *stride = dim;
+    return buf;
   }
 };
 // Plain 16-bit storage: a converted copy through the instruction-set-dispatched row converter.
 template <typename S, void (*Convert)(const uint16_t*, int64_t, int, int, int, float*)>
 struct RowReader16 {
   static constexpr bool kDirect = false;
-  static const float* rows(const S* head, int64_t stride_tok, int j0, int nk, int avail, int dim, float* buf,
+  static const float* rows(const HeadRows<PlainFormat<S>>& h, int j0, int nk, int avail, int dim, float* buf,
                            int64_t* stride) {
-    Convert(reinterpret_cast<const uint16_t*>(head + (int64_t)j0 * stride_tok), stride_tok, nk, avail, dim, buf);
+    Convert(reinterpret_cast<const uint16_t*>(h.data + (int64_t)j0 * h.stride_tok), h.stride_tok, nk, avail, dim, buf);
     *stride = dim;
     return buf;
   }
@@ -71,6 +120,17 @@ template <>
 struct RowReader<PlainFormat<bf16_t>> : RowReader16<bf16_t, cpu::bf16_rows_to_float> {};
 template <>
 struct RowReader<PlainFormat<f16_t>> : RowReader16<f16_t, cpu::f16_rows_to_float> {};
+
+template <class Format>
+HeadRows<Format> head_rows_of(const void* base, int64_t s_row, int64_t s_tok, int64_t s_head, const float* scale,
+                              int64_t ss_row, int64_t ss_tok, int64_t ss_head, int64_t row, int64_t h) {
+  HeadRows<Format> r;
+  r.data = static_cast<const typename Format::storage_t*>(base) + row * s_row + h * s_head;
+  r.stride_tok = s_tok;
+  r.scale = Format::kScaleWords > 0 ? scale + row * ss_row + h * ss_head : nullptr;
+  r.scale_stride_tok = ss_tok;
+  return r;
+}
 
 // One unit of parallel work.
 struct Item {
@@ -121,7 +181,12 @@ void validate(const AttentionParams& p, bool decode) {
   require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.head_dim > 0, "attention: head counts and head_dim must be positive");
   require(p.num_q_heads % p.num_kv_heads == 0, "attention: num_q_heads must be a multiple of num_kv_heads");
   require(p.kv.num_rows >= 0 && p.kv.max_seq >= 0, "attention: negative cache shape");
-  require(p.kv.k_format == p.kv.v_format, "attention: K and V in different storage formats are not supported yet");
+  require(kv_format_is_quantized(p.kv.k_format) == kv_format_is_quantized(p.kv.v_format),
+          "attention: K and V must be both plain or both quantized");
+  if (!kv_format_is_quantized(p.kv.k_format))
+    require(p.kv.k_format == p.dtype && p.kv.v_format == p.dtype, "attention: a plain cache must store the q dtype");
+  else
+    require(p.kv.k_scale && p.kv.v_scale, "attention: a quantized cache needs its scales");
   if (decode) {
     require(p.cu_seqlens_q == nullptr, "decode_attention: cu_seqlens_q must be null");
     require(p.total_q == p.batch, "decode_attention: total_q must equal batch (one query per row)");
@@ -152,10 +217,9 @@ void validate(const AttentionParams& p, bool decode) {
   }
 }
 
-template <class Format, typename T>
+template <class KF, class VF, typename T>
 void run_items(const AttentionParams& p, const std::vector<Item>& items, int max_rows, int max_heads, float* part_o,
                float* part_lse) {
-  using S = typename Format::storage_t;
   const int dim = p.head_dim;
   const int group = p.num_q_heads / p.num_kv_heads;
   const bool capped = p.softcap > 0.f;
@@ -221,12 +285,14 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             continue;
           }
           const int h = w.h0 + hh;
-          const S* kh = static_cast<const S*>(p.kv.k) + (int64_t)row * p.kv.k_stride_row + (int64_t)h * p.kv.k_stride_head;
+          const HeadRows<KF> kh = head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head,
+                                                   p.kv.k_scale, p.kv.ks_stride_row, p.kv.ks_stride_tok,
+                                                   p.kv.ks_stride_head, row, h);
           const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
           int64_t ks;
-          const float* kp = RowReader<Format>::rows(kh, p.kv.k_stride_tok, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
+          const float* kp = RowReader<KF>::rows(kh, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
           cpu::qk_block(&sc.q[(size_t)hh * head_rows * dim], head_rows, kp, ks, je - ja,
-                        RowReader<Format>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
+                        RowReader<KF>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
           for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
             float* s = &sc.s[(size_t)r * kKeyBlock];
             const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
@@ -242,11 +308,13 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             if (sc.st[r].m == -INFINITY) { std::fill(s, s + nk, 0.f); continue; }  // only -inf logits so far
             sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
           }
-          const S* vh = static_cast<const S*>(p.kv.v) + (int64_t)row * p.kv.v_stride_row + (int64_t)h * p.kv.v_stride_head;
+          const HeadRows<VF> vh = head_rows_of<VF>(p.kv.v, p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head,
+                                                   p.kv.v_scale, p.kv.vs_stride_row, p.kv.vs_stride_tok,
+                                                   p.kv.vs_stride_head, row, h);
           int64_t vs;
-          const float* vp = RowReader<Format>::rows(vh, p.kv.v_stride_tok, ja, je - ja, avail, dim, sc.vbuf.data(), &vs);
+          const float* vp = RowReader<VF>::rows(vh, ja, je - ja, avail, dim, sc.vbuf.data(), &vs);
           cpu::pv_block(s_head + (ja - jb), kKeyBlock, head_rows, vp, vs, je - ja,
-                        RowReader<Format>::kDirect ? avail : je - ja, dim, &sc.acc[(size_t)hh * head_rows * dim]);
+                        RowReader<VF>::kDirect ? avail : je - ja, dim, &sc.acc[(size_t)hh * head_rows * dim]);
         }
       }
 
@@ -303,7 +371,7 @@ void merge_splits(const AttentionParams& p, const std::vector<Item>& items, cons
   }
 }
 
-template <class Format, typename T>
+template <class KF, class VF, typename T>
 void decode_impl(const AttentionParams& p) {
   const int rows = p.num_q_heads;  // one item covers every head of its batch row
   const int threads = cpu::max_threads();
@@ -344,11 +412,11 @@ void decode_impl(const AttentionParams& p) {
     }
   }
   std::vector<float> part_o((size_t)parts * rows * p.head_dim), part_lse((size_t)parts * rows);
-  run_items<Format, T>(p, items, rows, p.num_kv_heads, part_o.data(), part_lse.data());
+  run_items<KF, VF, T>(p, items, rows, p.num_kv_heads, part_o.data(), part_lse.data());
   if (!split_groups.empty()) merge_splits<T>(p, items, split_groups, rows, part_o.data(), part_lse.data());
 }
 
-template <class Format, typename T>
+template <class KF, class VF, typename T>
 void prefill_impl(const AttentionParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int block_q = std::max(1, kQueryRows / group);
@@ -369,19 +437,19 @@ void prefill_impl(const AttentionParams& p) {
   }
   // Longest key ranges first so the dynamic schedule ends with short items.
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.k1 - x.k0 > y.k1 - y.k0; });
-  run_items<Format, T>(p, items, block_q * group, 1, nullptr, nullptr);
+  run_items<KF, VF, T>(p, items, block_q * group, 1, nullptr, nullptr);
 }
 
 template <bool kDecode>
 void attention_cpu(const AttentionParams& p) {
   validate(p, kDecode);
   if (p.batch == 0 || p.total_q == 0) return;
-  dispatch_kv_format(p.kv.k_format, "attention", [&](auto fmt) {
-    using Format = decltype(fmt);
-    cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
-      using T = decltype(t);
-      if (kDecode) decode_impl<Format, T>(p);
-      else prefill_impl<Format, T>(p);
+  // Plain caches store the q dtype on both sides; quantized ones any pair of quantized formats.
+  cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
+    using T = decltype(t);
+    dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "attention", [&](auto kf, auto vf) {
+      if (kDecode) decode_impl<decltype(kf), decltype(vf), T>(p);
+      else prefill_impl<decltype(kf), decltype(vf), T>(p);
     });
   });
 }

@@ -9,14 +9,17 @@
 //   storage_t                      the element type the cache strides count
 //   kElemsPerStorage               head_dim elements held in one storage_t (2 for packed int4)
 //   kScaleWords                    fp32 scale words per (token, kv_head) vector (0: none)
-//   load(const storage_t*, i)      element i of one [head_dim] vector, as float (scales aside)
-//   store(storage_t*, i, x)        write element i from float (plain formats only)
+//   dequant(const storage_t* v, const float* w, i)
+//                                  element i of one [head_dim] vector v with its scale words w
+//   encode(const float* x, n, storage_t* v, float* w)
+//                                  stores one vector of n values (quantized formats: quant.h)
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
 #include "vattn/dtypes.h"
+#include "vattn/quant.h"
 
 namespace vattn {
 
@@ -26,6 +29,8 @@ enum KvFormatCode : int32_t {
   kKvFloat32 = kFloat32,
   kKvFloat16 = kFloat16,
   kKvBFloat16 = kBFloat16,
+  kKvFp8E4M3 = 3,
+  kKvInt8 = 4,
 };
 
 template <typename Storage>
@@ -38,13 +43,74 @@ struct PlainFormat {
   static constexpr int kScaleWords = 0;
   VATTN_HD static float load(const storage_t* p, int i) { return to_float(p[i]); }
   VATTN_HD static void store(storage_t* p, int i, float x) { p[i] = from_float<storage_t>(x); }
+  VATTN_HD static float dequant(const storage_t* p, const float*, int i) { return load(p, i); }
+  VATTN_HD static void encode(const float* x, int n, storage_t* p, float*) {
+    for (int i = 0; i < n; ++i) store(p, i, x[i]);
+  }
 };
+
+// fp8 e4m3 codes with one fp32 scale per (token, kv_head): x = e4m3(code) * w[0].
+struct Fp8E4M3Format {
+  using storage_t = uint8_t;
+  static constexpr int32_t kCode = kKvFp8E4M3;
+  static constexpr int kElemsPerStorage = 1;
+  static constexpr int kScaleWords = 1;
+  VATTN_HD static float dequant(const storage_t* p, const float* w, int i) {
+    return quant::fp8_e4m3_to_float(p[i]) * w[0];
+  }
+  VATTN_HD static void encode(const float* x, int n, storage_t* p, float* w) { w[0] = quant::encode_fp8(x, n, p); }
+};
+
+// Symmetric int8 codes with one fp32 scale per (token, kv_head): x = code * w[0].
+struct Int8Format {
+  using storage_t = int8_t;
+  static constexpr int32_t kCode = kKvInt8;
+  static constexpr int kElemsPerStorage = 1;
+  static constexpr int kScaleWords = 1;
+  VATTN_HD static float dequant(const storage_t* p, const float* w, int i) { return float(p[i]) * w[0]; }
+  VATTN_HD static void encode(const float* x, int n, storage_t* p, float* w) { w[0] = quant::encode_int8(x, n, p); }
+};
+
+constexpr bool kv_format_is_quantized(int32_t code) { return code == kKvFp8E4M3 || code == kKvInt8; }
+
+// Calls f(Format{}) for a quantized KvFormatCode only (throws for any other).
+template <typename F>
+decltype(auto) dispatch_quantized_format(int32_t code, const char* what, F&& f) {
+  switch (code) {
+    case kKvFp8E4M3: return f(Fp8E4M3Format{});
+    case kKvInt8: return f(Int8Format{});
+    default: throw std::invalid_argument(std::string("vattn: ") + what + ": not a quantized KV format code " + std::to_string(code));
+  }
+}
+
+// The (K, V) format pairs an attention kernel is instantiated for, given the q dtype T: the
+// plain format of T on both sides, or any pair of quantized formats. Calls f(KF{}, VF{}).
+template <typename T, typename F>
+void dispatch_kv_pair(int32_t k_code, int32_t v_code, const char* what, F&& f) {
+  if (!kv_format_is_quantized(k_code) && !kv_format_is_quantized(v_code)) {
+    if (k_code != PlainFormat<T>::kCode || v_code != PlainFormat<T>::kCode)
+      throw std::invalid_argument(std::string("vattn: ") + what + ": a plain K/V cache must store the q dtype");
+    f(PlainFormat<T>{}, PlainFormat<T>{});
+    return;
+  }
+  dispatch_quantized_format(k_code, what, [&](auto kf) {
+    dispatch_quantized_format(v_code, what, [&](auto vf) { f(kf, vf); });
+  });
+}
+
+// Whether head_dim elements make whole storage elements of the format.
+template <typename Format>
+constexpr bool dim_ok(int head_dim) {
+  return head_dim > 0 && head_dim % Format::kElemsPerStorage == 0;
+}
 
 inline const char* kv_format_name(int32_t code) {
   switch (code) {
     case kKvFloat32: return "float32";
     case kKvFloat16: return "float16";
     case kKvBFloat16: return "bfloat16";
+    case kKvFp8E4M3: return "fp8_e4m3";
+    case kKvInt8: return "int8";
     default: return "unknown";
   }
 }
@@ -57,6 +123,8 @@ decltype(auto) dispatch_kv_format(int32_t code, const char* what, F&& f) {
     case kKvFloat32: return f(PlainFormat<float>{});
     case kKvFloat16: return f(PlainFormat<f16_t>{});
     case kKvBFloat16: return f(PlainFormat<bf16_t>{});
+    case kKvFp8E4M3: return f(Fp8E4M3Format{});
+    case kKvInt8: return f(Int8Format{});
     default: throw std::invalid_argument(std::string("vattn: ") + what + ": unknown KV format code " + std::to_string(code));
   }
 }

@@ -16,8 +16,8 @@ struct KVCacheView {
   void* v = nullptr;
   int64_t k_stride_row = 0, k_stride_tok = 0, k_stride_head = 0;
   int64_t v_stride_row = 0, v_stride_tok = 0, v_stride_head = 0;
-  const float* k_scale = nullptr;  // [rows, seq, kv_heads, KvFormat::scale_words] or null
-  const float* v_scale = nullptr;
+  float* k_scale = nullptr;  // [rows, seq, kv_heads, scale words of the format] or null
+  float* v_scale = nullptr;  // (written by append_kv, read by attention)
   int64_t ks_stride_row = 0, ks_stride_tok = 0, ks_stride_head = 0;
   int64_t vs_stride_row = 0, vs_stride_tok = 0, vs_stride_head = 0;
   int32_t num_rows = 0;   // cache rows (slots)

@@ -18,6 +18,7 @@ constexpr uint32_t bit(int32_t code) { return 1u << code; }
 constexpr uint32_t kAllDtypes = bit(kFloat32) | bit(kFloat16) | bit(kBFloat16);
 constexpr uint32_t kHalfDtypes = bit(kFloat16) | bit(kBFloat16);
 constexpr uint32_t kPlainFormats = bit(kKvFloat32) | bit(kKvFloat16) | bit(kKvBFloat16);
+constexpr uint32_t kQuantFormats = bit(kKvFp8E4M3) | bit(kKvInt8);
 
 struct Entry {
   uint32_t dtypes;             // bit set of DType codes (q / out; k / v for append_kv)
@@ -27,7 +28,7 @@ struct Entry {
 };
 
 constexpr Entry entry(Device d, Op op) {
-  return d == kCpu ? Entry{kAllDtypes, kPlainFormats, 1, 0}
+  return d == kCpu ? Entry{kAllDtypes, op == kMerge ? kPlainFormats : kPlainFormats | kQuantFormats, 1, 0}
          : op == kPrefill ? Entry{kHalfDtypes, kPlainFormats, 8, 256}
          : op == kMerge   ? Entry{kAllDtypes, kPlainFormats, 1, 0}
                           : Entry{kAllDtypes, kPlainFormats, 8, 256};

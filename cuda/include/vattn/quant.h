@@ -1,0 +1,202 @@
+#pragma once
+// KV quantization arithmetic shared by the CPU and CUDA code (__host__ __device__): fp8 e4m3
+// conversion, and the encoders that turn one (token, kv_head) vector into codes and fp32 scale
+// words. python/vattn/reference.py defines the same formats in PyTorch; the CPU and CUDA
+// append_kv both call these functions, so they store bit-identical bytes.
+//
+// Exactness: every rounding step of an encoder is an explicit IEEE op (__fmul_rn and friends on
+// the device, where the build uses --use_fast_math), so neither contraction into FMA nor
+// approximate division changes a bit. Two rules make the result independent of flush-to-zero:
+// fp32 subnormal inputs are read as zero, and a vector whose largest magnitude (or range, for
+// int4) is below kQuantTiny is stored as all zeros (int4: as its constant value).
+// Non-finite inputs never poison the cache: NaN is stored as 0, +-inf as the largest code of
+// its sign, and the scale comes from the finite elements.
+#include <cmath>
+#include <cstdint>
+
+#include "vattn/dtypes.h"
+#include "vattn/macros.h"
+
+namespace vattn {
+namespace quant {
+
+constexpr float kFp8Max = 448.f;         // OCP e4m3fn largest finite value
+constexpr float kInt8Max = 127.f;        // symmetric int8: codes -127..127
+constexpr float kInt4Levels = 15.f;      // asymmetric int4: codes 0..15
+constexpr float kQuantTiny = 1.0e-18f;   // ~2^-60: below this a vector is stored as zeros
+
+VATTN_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+VATTN_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+VATTN_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+VATTN_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// Round to nearest, ties to even, of a finite float with |x| < 2^22 (exact integer arithmetic
+// on the bits, independent of the rounding mode and of any flags).
+VATTN_HD float round_even(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t a = u & 0x7fffffffu;
+  const int e = int(a >> 23) - 127;          // unbiased exponent
+  if (e >= 23) return x;                     // already an integer
+  if (e < -1) return bits_float(u & 0x80000000u);  // |x| < 0.5 -> +-0
+  const uint32_t m = (a & 0x7fffffu) | 0x800000u;  // value = m * 2^(e - 23)
+  const int shift = 23 - e;                  // 1..24
+  uint32_t r = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rem > half || (rem == half && (r & 1u))) ++r;
+  const float f = float(r);
+  return (u & 0x80000000u) ? -f : f;
+}
+
+// Input element as the encoders see it: subnormals and NaN -> 0 (sign kept for subnormals),
+// infinities kept (the encoders saturate them).
+VATTN_HD float clean(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return 0.f;                            // NaN
+  if (a < 0x00800000u) return bits_float(u & 0x80000000u);    // subnormal -> signed zero
+  return x;
+}
+VATTN_HD bool finite_bits(float x) { return (float_bits(x) & 0x7f800000u) != 0x7f800000u; }
+
+// ---- fp8 e4m3 (OCP e4m3fn: bias 7, no infinities, 0x7f / 0xff NaN, max 448) ----------------
+
+// Round to nearest even, saturating to +-448. NaN input gives 0x7f (encoders never pass NaN).
+VATTN_HD uint8_t fp8_e4m3_from_float(float x) {
+  const uint32_t u = float_bits(x);
+  const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint8_t(sign | 0x7fu);
+  if (a >= 0x43e00000u) return uint8_t(sign | 0x7eu);        // >= 448 (incl. inf): saturate
+  if (a < 0x3c800000u) {                                       // < 2^-6: e4m3 subnormal, step 2^-9
+    const int e = int(a >> 23) - 127;
+    if (e < -11) return sign;                                  // < 2^-11 (also fp32 subnormals): 0
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u;            // |x| = m * 2^(e - 23)
+    const int shift = 14 - e;                                  // code = |x| * 2^9 = m * 2^(e - 14)
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;          // r == 8 is the smallest normal: fine
+    return uint8_t(sign | r);
+  }
+  // Normal: rebias the exponent (127 -> 7) and keep 3 mantissa bits, rounding the other 20.
+  uint32_t r = (a - (120u << 23)) >> 20;
+  const uint32_t rem = a & 0xfffffu;
+  if (rem > 0x80000u || (rem == 0x80000u && (r & 1u))) ++r;
+  if (r > 0x7eu) r = 0x7eu;                                    // rounded up past 448
+  return uint8_t(sign | r);
+}
+
+// e4m3 bits -> the fp16 bits of value * 2^-8 (same mantissa, exponent rebiased by shifting;
+// subnormals line up too). The kernels fold the 2^8 into the scale.
+VATTN_HD uint16_t fp8_e4m3_to_half_bits(uint8_t b) {
+  return uint16_t(((b & 0x80u) << 8) | ((b & 0x7fu) << 7));
+}
+constexpr float kFp8HalfScale = 256.f;  // value = half(fp8_e4m3_to_half_bits(b)) * 256
+VATTN_HD float fp8_e4m3_to_float(uint8_t b) { return to_float(f16_t{fp8_e4m3_to_half_bits(b)}) * kFp8HalfScale; }
+
+// ---- encoders: one vector of n floats -> codes + scale words -----------------------------------
+
+// Largest finite magnitude of the cleaned elements.
+VATTN_HD float finite_amax(const float* x, int n) {
+  float m = 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float c = clean(x[i]);
+    if (finite_bits(c)) m = fmaxf(m, fabsf(c));
+  }
+  return m;
+}
+
+// Symmetric code of one element: round_even(x * inv) clamped to [-qmax, qmax]; inf saturates.
+VATTN_HD float sym_code(float x, float inv, float qmax) {
+  const float c = clean(x);
+  if (!finite_bits(c)) return c > 0.f ? qmax : -qmax;
+  const float r = round_even(mul_rn(c, inv));
+  return fminf(fmaxf(r, -qmax), qmax);
+}
+
+// fp8: scale = amax / 448, code = e4m3(x * (448 / amax)). Writes n codes, returns the scale.
+VATTN_HD float encode_fp8(const float* x, int n, uint8_t* q) {
+  const float amax = finite_amax(x, n);
+  if (!(amax >= kQuantTiny)) {
+    for (int i = 0; i < n; ++i) q[i] = 0;
+    return 0.f;
+  }
+  const float inv = div_rn(kFp8Max, amax);
+  for (int i = 0; i < n; ++i) {
+    const float c = clean(x[i]);
+    q[i] = finite_bits(c) ? fp8_e4m3_from_float(mul_rn(c, inv)) : uint8_t(c > 0.f ? 0x7eu : 0xfeu);
+  }
+  return div_rn(amax, kFp8Max);
+}
+
+// int8: scale = amax / 127, code = round_even(x * (127 / amax)) in [-127, 127].
+VATTN_HD float encode_int8(const float* x, int n, int8_t* q) {
+  const float amax = finite_amax(x, n);
+  if (!(amax >= kQuantTiny)) {
+    for (int i = 0; i < n; ++i) q[i] = 0;
+    return 0.f;
+  }
+  const float inv = div_rn(kInt8Max, amax);
+  for (int i = 0; i < n; ++i) q[i] = int8_t(int(sym_code(x[i], inv, kInt8Max)));
+  return div_rn(amax, kInt8Max);
+}
+
+// int4, asymmetric over one group of n elements: scale = (max - min) / 15, zero = min,
+// code = round_even((x - min) * (15 / (max - min))) in [0, 15]; a group whose range is below
+// kQuantTiny stores codes 0 with scale 0 (its value is min). Codes are returned one per byte
+// (the caller packs two per byte, low nibble first). Returns the scale; *zero gets min.
+VATTN_HD float encode_int4_group(const float* x, int n, uint8_t* q, float* zero) {
+  float lo = INFINITY, hi = -INFINITY;
+  for (int i = 0; i < n; ++i) {
+    const float c = clean(x[i]);
+    if (finite_bits(c)) {
+      lo = fminf(lo, c);
+      hi = fmaxf(hi, c);
+    }
+  }
+  if (lo > hi) lo = hi = 0.f;  // no finite element at all
+  const float range = sub_rn(hi, lo);
+  *zero = lo;
+  if (!(range >= kQuantTiny)) {
+    for (int i = 0; i < n; ++i) {
+      const float c = clean(x[i]);
+      q[i] = (!finite_bits(c) && c > 0.f) ? 15 : 0;  // +inf saturates up; everything else is lo
+    }
+    return 0.f;
+  }
+  const float inv = div_rn(kInt4Levels, range);
+  for (int i = 0; i < n; ++i) {
+    const float c = clean(x[i]);
+    float r;
+    if (!finite_bits(c)) r = c > 0.f ? kInt4Levels : 0.f;
+    else r = fminf(fmaxf(round_even(mul_rn(sub_rn(c, lo), inv)), 0.f), kInt4Levels);
+    q[i] = uint8_t(int(r));
+  }
+  return div_rn(range, kInt4Levels);
+}
+
+}  // namespace quant
+}  // namespace vattn
