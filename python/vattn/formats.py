@@ -81,6 +81,8 @@ _TABLE = (
     # Quantized on append, dequantized inside the attention kernels (definitions: reference.py).
     KVFormat("fp8_e4m3", 3, torch.float8_e4m3fn, 1, 8, 1, "one fp32 scale per (token, kv_head): amax / 448", "|u1"),
     KVFormat("int8", 4, torch.int8, 1, 8, 1, "one fp32 scale per (token, kv_head): amax / 127 (symmetric)", "|i1"),
+    KVFormat("int4", 5, torch.uint8, 2, 4, 2,
+             "two codes per byte; fp32 (scale, zero) per (token, kv_head): (max - min) / 15, min", "|u1"),
 )
 
 FORMATS: Dict[str, KVFormat] = {f.name: f for f in _TABLE}

@@ -38,6 +38,9 @@ __all__ = ["append_kv", "attention", "merge_states", "quantize", "dequantize"]
 #   - rounding is to nearest, ties to even.
 # fp8_e4m3: scale = amax / 448; code = e4m3fn(x * (448 / amax)) (saturating); x ~ e4m3 * scale.
 # int8:     scale = amax / 127; code = round(x * (127 / amax)) in [-127, 127]; x ~ code * scale.
+# int4:     asymmetric over the whole vector: scale = (max - min) / 15, zero = min,
+#           code = round((x - min) * (15 / (max - min))) in [0, 15]; x ~ code * scale + zero; two codes
+#           per byte, element 2i in the low nibble; +inf -> 15, -inf -> 0; words = (scale, zero).
 
 _TINY = 1.0e-18
 _F32_MIN_NORMAL = 2.0 ** -126
@@ -73,7 +76,29 @@ def quantize(x: torch.Tensor, kv_format: str) -> Tuple[torch.Tensor, torch.Tenso
     if kv_format == "int8":
         scaled, scale = _sym(x, 127.0)
         return torch.round(scaled).clamp(-127, 127).to(torch.int8), scale
+    if kv_format == "int4":
+        return _int4(x)
     raise ValueError(f"quantize: {kv_format!r} is not a quantized format")
+
+
+def _int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = _clean(x)
+    fin = torch.isfinite(x)
+    lo = torch.where(fin, x, torch.full_like(x, float("inf"))).amin(dim=-1, keepdim=True)
+    hi = torch.where(fin, x, torch.full_like(x, float("-inf"))).amax(dim=-1, keepdim=True)
+    none = lo > hi  # no finite element
+    lo = torch.where(none, 0.0, lo)
+    hi = torch.where(none, 0.0, hi)
+    rng = hi - lo
+    flat = ~(rng >= _TINY)
+    inv = torch.where(flat, 0.0, torch.tensor(15.0, dtype=torch.float32) / torch.where(flat, 1.0, rng))
+    codes = torch.round((x - lo) * inv).clamp(0, 15)
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
+    codes = torch.where(fin, codes, torch.where(x > 0, 15.0, 0.0))
+    c = codes.to(torch.uint8)
+    packed = c[..., 0::2] | (c[..., 1::2] << 4)
+    scale = torch.where(flat, 0.0, rng / torch.tensor(15.0, dtype=torch.float32))
+    return packed, torch.cat([scale, lo], dim=-1)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, kv_format: str, head_dim: Optional[int] = None,
@@ -81,6 +106,10 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, kv_format: str, head_d
     """The values a quantized vector stands for: [..., head_dim] in dtype."""
     if kv_format in ("fp8_e4m3", "int8"):
         return (codes.to(torch.float32) * scales[..., :1]).to(dtype)
+    if kv_format == "int4":
+        lo, hi = (codes & 0xF).to(torch.float32), (codes >> 4).to(torch.float32)
+        c = torch.stack([lo, hi], dim=-1).flatten(-2)
+        return (c * scales[..., :1] + scales[..., 1:2]).to(dtype)
     raise ValueError(f"dequantize: {kv_format!r} is not a quantized format")
 
 

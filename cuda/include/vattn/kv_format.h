@@ -31,6 +31,7 @@ enum KvFormatCode : int32_t {
   kKvBFloat16 = kBFloat16,
   kKvFp8E4M3 = 3,
   kKvInt8 = 4,
+  kKvInt4 = 5,
 };
 
 template <typename Storage>
@@ -71,7 +72,22 @@ struct Int8Format {
   VATTN_HD static void encode(const float* x, int n, storage_t* p, float* w) { w[0] = quant::encode_int8(x, n, p); }
 };
 
-constexpr bool kv_format_is_quantized(int32_t code) { return code == kKvFp8E4M3 || code == kKvInt8; }
+// Asymmetric int4, two codes per byte, with an fp32 (scale, zero) pair per (token, kv_head):
+// x = code * w[0] + w[1].
+struct Int4Format {
+  using storage_t = uint8_t;
+  static constexpr int32_t kCode = kKvInt4;
+  static constexpr int kElemsPerStorage = 2;
+  static constexpr int kScaleWords = 2;
+  VATTN_HD static float dequant(const storage_t* p, const float* w, int i) {
+    return float(quant::int4_code(p, i)) * w[0] + w[1];
+  }
+  VATTN_HD static void encode(const float* x, int n, storage_t* p, float* w) { quant::encode_int4(x, n, p, w); }
+};
+
+constexpr bool kv_format_is_quantized(int32_t code) {
+  return code == kKvFp8E4M3 || code == kKvInt8 || code == kKvInt4;
+}
 
 // Calls f(Format{}) for a quantized KvFormatCode only (throws for any other).
 template <typename F>
@@ -79,6 +95,7 @@ decltype(auto) dispatch_quantized_format(int32_t code, const char* what, F&& f) 
   switch (code) {
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
+    case kKvInt4: return f(Int4Format{});
     default: throw std::invalid_argument(std::string("vattn: ") + what + ": not a quantized KV format code " + std::to_string(code));
   }
 }
@@ -111,6 +128,7 @@ inline const char* kv_format_name(int32_t code) {
     case kKvBFloat16: return "bfloat16";
     case kKvFp8E4M3: return "fp8_e4m3";
     case kKvInt8: return "int8";
+    case kKvInt4: return "int4";
     default: return "unknown";
   }
 }
@@ -125,6 +143,7 @@ decltype(auto) dispatch_kv_format(int32_t code, const char* what, F&& f) {
     case kKvBFloat16: return f(PlainFormat<bf16_t>{});
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
+    case kKvInt4: return f(Int4Format{});
     default: throw std::invalid_argument(std::string("vattn: ") + what + ": unknown KV format code " + std::to_string(code));
   }
 }

@@ -117,86 +117,97 @@ VATTN_HD uint16_t fp8_e4m3_to_half_bits(uint8_t b) {
 constexpr float kFp8HalfScale = 256.f;  // value = half(fp8_e4m3_to_half_bits(b)) * 256
 VATTN_HD float fp8_e4m3_to_float(uint8_t b) { return to_float(f16_t{fp8_e4m3_to_half_bits(b)}) * kFp8HalfScale; }
 
-// ---- encoders: one vector of n floats -> codes + scale words -----------------------------------
+// ---- encoders -------------------------------------------------------------------------------
+// Each format is split into (1) a reduction over the vector's cleaned elements (max |x|, or min
+// and max; exact, so any order -- one thread's loop or a warp's shuffles -- gives the same
+// value), (2) parameters from the reduction, (3) the code of one element. The array encoders
+// below run the three steps in one thread (CPU); a CUDA warp runs (1) with shuffles and (3) per
+// lane, on the same functions, so both store the same bytes.
 
-// Largest finite magnitude of the cleaned elements.
-VATTN_HD float finite_amax(const float* x, int n) {
-  float m = 0.f;
-  for (int i = 0; i < n; ++i) {
-    const float c = clean(x[i]);
-    if (finite_bits(c)) m = fmaxf(m, fabsf(c));
-  }
-  return m;
-}
-
-// Symmetric code of one element: round_even(x * inv) clamped to [-qmax, qmax]; inf saturates.
-VATTN_HD float sym_code(float x, float inv, float qmax) {
+// Step 1 contributions of one element (fold with fmaxf / fminf from 0 / +inf / -inf).
+VATTN_HD float amax_term(float x) {
   const float c = clean(x);
-  if (!finite_bits(c)) return c > 0.f ? qmax : -qmax;
-  const float r = round_even(mul_rn(c, inv));
-  return fminf(fmaxf(r, -qmax), qmax);
+  return finite_bits(c) ? fabsf(c) : 0.f;
+}
+VATTN_HD float min_term(float x) {
+  const float c = clean(x);
+  return finite_bits(c) ? c : INFINITY;
+}
+VATTN_HD float max_term(float x) {
+  const float c = clean(x);
+  return finite_bits(c) ? c : -INFINITY;
 }
 
-// fp8: scale = amax / 448, code = e4m3(x * (448 / amax)). Writes n codes, returns the scale.
+// Step 2: symmetric formats (fp8: qmax 448, int8: 127). inv = 0 marks a vector stored as zeros.
+struct SymParams {
+  float inv, scale;
+};
+VATTN_HD SymParams sym_params(float amax, float qmax) {
+  if (!(amax >= kQuantTiny)) return SymParams{0.f, 0.f};
+  return SymParams{div_rn(qmax, amax), div_rn(amax, qmax)};
+}
+// Step 2: asymmetric int4 from the finite min / max (lo > hi: no finite element).
+struct AsymParams {
+  float inv, scale, zero;
+};
+VATTN_HD AsymParams int4_params(float lo, float hi) {
+  if (lo > hi) lo = hi = 0.f;
+  const float range = sub_rn(hi, lo);
+  if (!(range >= kQuantTiny)) return AsymParams{0.f, 0.f, lo};
+  return AsymParams{div_rn(kInt4Levels, range), div_rn(range, kInt4Levels), lo};
+}
+
+// Step 3: the code of one element.
+VATTN_HD uint8_t fp8_code(float x, const SymParams& q) {
+  const float c = clean(x);
+  if (q.inv == 0.f) return 0;
+  if (!finite_bits(c)) return uint8_t(c > 0.f ? 0x7eu : 0xfeu);
+  return fp8_e4m3_from_float(mul_rn(c, q.inv));
+}
+VATTN_HD int8_t int8_code(float x, const SymParams& q) {
+  const float c = clean(x);
+  if (q.inv == 0.f) return 0;
+  if (!finite_bits(c)) return int8_t(c > 0.f ? 127 : -127);
+  return int8_t(int(fminf(fmaxf(round_even(mul_rn(c, q.inv)), -kInt8Max), kInt8Max)));
+}
+VATTN_HD uint8_t int4_code_of(float x, const AsymParams& q) {
+  const float c = clean(x);
+  if (!finite_bits(c)) return c > 0.f ? 15 : 0;
+  if (q.inv == 0.f) return 0;
+  return uint8_t(int(fminf(fmaxf(round_even(mul_rn(sub_rn(c, q.zero), q.inv)), 0.f), kInt4Levels)));
+}
+
+// Array encoders (one thread): n codes and the scale words.
 VATTN_HD float encode_fp8(const float* x, int n, uint8_t* q) {
-  const float amax = finite_amax(x, n);
-  if (!(amax >= kQuantTiny)) {
-    for (int i = 0; i < n; ++i) q[i] = 0;
-    return 0.f;
-  }
-  const float inv = div_rn(kFp8Max, amax);
-  for (int i = 0; i < n; ++i) {
-    const float c = clean(x[i]);
-    q[i] = finite_bits(c) ? fp8_e4m3_from_float(mul_rn(c, inv)) : uint8_t(c > 0.f ? 0x7eu : 0xfeu);
-  }
-  return div_rn(amax, kFp8Max);
+  float amax = 0.f;
+  for (int i = 0; i < n; ++i) amax = fmaxf(amax, amax_term(x[i]));
+  const SymParams sp = sym_params(amax, kFp8Max);
+  for (int i = 0; i < n; ++i) q[i] = fp8_code(x[i], sp);
+  return sp.scale;
 }
-
-// int8: scale = amax / 127, code = round_even(x * (127 / amax)) in [-127, 127].
 VATTN_HD float encode_int8(const float* x, int n, int8_t* q) {
-  const float amax = finite_amax(x, n);
-  if (!(amax >= kQuantTiny)) {
-    for (int i = 0; i < n; ++i) q[i] = 0;
-    return 0.f;
-  }
-  const float inv = div_rn(kInt8Max, amax);
-  for (int i = 0; i < n; ++i) q[i] = int8_t(int(sym_code(x[i], inv, kInt8Max)));
-  return div_rn(amax, kInt8Max);
+  float amax = 0.f;
+  for (int i = 0; i < n; ++i) amax = fmaxf(amax, amax_term(x[i]));
+  const SymParams sp = sym_params(amax, kInt8Max);
+  for (int i = 0; i < n; ++i) q[i] = int8_code(x[i], sp);
+  return sp.scale;
 }
-
-// int4, asymmetric over one group of n elements: scale = (max - min) / 15, zero = min,
-// code = round_even((x - min) * (15 / (max - min))) in [0, 15]; a group whose range is below
-// kQuantTiny stores codes 0 with scale 0 (its value is min). Codes are returned one per byte
-// (the caller packs two per byte, low nibble first). Returns the scale; *zero gets min.
-VATTN_HD float encode_int4_group(const float* x, int n, uint8_t* q, float* zero) {
+// int4 of one whole (token, kv_head) vector: codes packed two per byte (element 2i in the low
+// nibble of byte i, 2i + 1 in the high one); w[0] = scale, w[1] = zero (= min). n even.
+VATTN_HD void encode_int4(const float* x, int n, uint8_t* packed, float* w) {
   float lo = INFINITY, hi = -INFINITY;
   for (int i = 0; i < n; ++i) {
-    const float c = clean(x[i]);
-    if (finite_bits(c)) {
-      lo = fminf(lo, c);
-      hi = fmaxf(hi, c);
-    }
+    lo = fminf(lo, min_term(x[i]));
+    hi = fmaxf(hi, max_term(x[i]));
   }
-  if (lo > hi) lo = hi = 0.f;  // no finite element at all
-  const float range = sub_rn(hi, lo);
-  *zero = lo;
-  if (!(range >= kQuantTiny)) {
-    for (int i = 0; i < n; ++i) {
-      const float c = clean(x[i]);
-      q[i] = (!finite_bits(c) && c > 0.f) ? 15 : 0;  // +inf saturates up; everything else is lo
-    }
-    return 0.f;
-  }
-  const float inv = div_rn(kInt4Levels, range);
-  for (int i = 0; i < n; ++i) {
-    const float c = clean(x[i]);
-    float r;
-    if (!finite_bits(c)) r = c > 0.f ? kInt4Levels : 0.f;
-    else r = fminf(fmaxf(round_even(mul_rn(sub_rn(c, lo), inv)), 0.f), kInt4Levels);
-    q[i] = uint8_t(int(r));
-  }
-  return div_rn(range, kInt4Levels);
+  const AsymParams ap = int4_params(lo, hi);
+  for (int i = 0; i < n; i += 2) packed[i >> 1] = uint8_t(int4_code_of(x[i], ap) | (int4_code_of(x[i + 1], ap) << 4));
+  w[0] = ap.scale;
+  w[1] = ap.zero;
 }
+
+// Code of element i of a packed int4 vector.
+VATTN_HD int int4_code(const uint8_t* packed, int i) { return (packed[i >> 1] >> ((i & 1) * 4)) & 0xf; }
 
 }  // namespace quant
 }  // namespace vattn

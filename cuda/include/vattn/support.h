@@ -18,7 +18,7 @@ constexpr uint32_t bit(int32_t code) { return 1u << code; }
 constexpr uint32_t kAllDtypes = bit(kFloat32) | bit(kFloat16) | bit(kBFloat16);
 constexpr uint32_t kHalfDtypes = bit(kFloat16) | bit(kBFloat16);
 constexpr uint32_t kPlainFormats = bit(kKvFloat32) | bit(kKvFloat16) | bit(kKvBFloat16);
-constexpr uint32_t kQuantFormats = bit(kKvFp8E4M3) | bit(kKvInt8);
+constexpr uint32_t kQuantFormats = bit(kKvFp8E4M3) | bit(kKvInt8) | bit(kKvInt4);
 
 struct Entry {
   uint32_t dtypes;             // bit set of DType codes (q / out; k / v for append_kv)
