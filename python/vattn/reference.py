@@ -87,8 +87,8 @@ def _int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     lo = torch.where(fin, x, torch.full_like(x, float("inf"))).amin(dim=-1, keepdim=True)
     hi = torch.where(fin, x, torch.full_like(x, float("-inf"))).amax(dim=-1, keepdim=True)
     none = lo > hi  # no finite element
-    lo = torch.where(none, 0.0, lo)
-    hi = torch.where(none, 0.0, hi)
+    lo = torch.where(none, 0.0, lo) + 0.0  # + 0.0 turns -0 into +0 (a min of signed zeros may be either)
+    hi = torch.where(none, 0.0, hi) + 0.0
     rng = hi - lo
     flat = ~(rng >= _TINY)
     inv = torch.where(flat, 0.0, torch.tensor(15.0, dtype=torch.float32) / torch.where(flat, 1.0, rng))

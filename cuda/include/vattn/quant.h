@@ -152,6 +152,8 @@ struct AsymParams {
 };
 VATTN_HD AsymParams int4_params(float lo, float hi) {
   if (lo > hi) lo = hi = 0.f;
+  lo = add_rn(lo, 0.f);  // -0 -> +0: min / max of signed zeros may return either
+  hi = add_rn(hi, 0.f);
   const float range = sub_rn(hi, lo);
   if (!(range >= kQuantTiny)) return AsymParams{0.f, 0.f, lo};
   return AsymParams{div_rn(kInt4Levels, range), div_rn(range, kInt4Levels), lo};

@@ -1,0 +1,432 @@
+"""Quantized KV formats (fp8_e4m3, int8, int4, and K/V pairs): bytes bit for bit against
+reference.quantize, attention on quantized caches against the float64 reference over the dequantized
+values, a derived bound against unquantized attention, the physical memory each format maps, and the
+torch ops (opcheck, torch.compile) on quantized caches a user allocates. cpu; cuda marked gpu."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import vattn
+from vattn import formats, reference
+from helpers import Case, assert_attention_close, device_impls, random_cases, randn, skip_unsupported
+
+FORMAT_SPECS = ["fp8_e4m3", "int8", "int4", ("int8", "int4"), ("fp8_e4m3", "int8")]
+QLAYOUTS = ("plain", "record", "head_major")
+
+
+def _pair(spec):
+    return (spec, spec) if isinstance(spec, str) else tuple(spec)
+
+
+def _spec_id(spec):
+    return spec if isinstance(spec, str) else "-".join(spec)
+
+
+# ----------------------------------------------------------------------------- quantized cache views
+
+def quant_side_views(rows, seq, heads, dim, fmt: formats.KVFormat, layout, device, other_bytes=0):
+    """Data [rows, seq, heads, storage elems] and scales [rows, seq, heads, words] of one side, over
+    storage whose bytes past anything written are garbage: 0xff codes (fp8 NaN, int8 -1, int4 15) and
+    NaN scales, so a kernel that reads past a length produces NaN."""
+    elems = fmt.storage_elems(dim)
+    if layout == "plain":
+        data = torch.full((rows, seq, heads, elems), 0xFF, dtype=torch.uint8, device=device).view(fmt.storage_dtype)
+        scales = torch.full((rows, seq, heads, fmt.scale_words), float("nan"), device=device)
+        return data, scales
+    if layout == "head_major":
+        data = torch.full((rows, heads, seq, elems), 0xFF, dtype=torch.uint8, device=device).view(fmt.storage_dtype)
+        scales = torch.full((rows, heads, seq, fmt.scale_words), float("nan"), device=device)
+        return data.transpose(1, 2), scales.transpose(1, 2)
+    # "record": KVCache's token_major records, [row, token, record of 3 layers x (K | V)], layer 1.
+    rec = fmt.record_bytes(heads, dim)
+    tok = 3 * (rec + other_bytes)
+    raw = torch.full((rows * seq * tok,), 0xFF, dtype=torch.uint8, device=device)
+    nan = torch.tensor([float("nan")], dtype=torch.float32).view(torch.uint8).to(device)
+    raw.view(-1, 4)[:] = nan  # every aligned word NaN; codes read as 0xff-like garbage too
+    off = 1 * (rec + other_bytes)
+    isz = fmt.storage_dtype.itemsize
+    data = raw.view(fmt.storage_dtype).as_strided((rows, seq, heads, elems), (seq * tok // isz, tok // isz, elems, 1),
+                                                  off // isz)
+    soff = off + fmt.scale_offset(heads, dim)
+    scales = raw.view(torch.float32).as_strided((rows, seq, heads, fmt.scale_words), (seq * tok // 4, tok // 4,
+                                                fmt.scale_words, 1), soff // 4)
+    return data, scales
+
+
+def build_quantized(case: Case, spec, dtype, layout, device, seed):
+    """(q, (kc, vc, ks, vs), (kd, vd) dequantized fp32 dense with NaN past lengths, (k_raw, v_raw)
+    the unquantized values (NaN past lengths), kwargs)."""
+    kf, vf = (formats.get(n) for n in _pair(spec))
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    batch = len(case.lens)
+    rows = batch + case.extra_rows
+    row_ids = list(range(rows))
+    rng.shuffle(row_ids)
+    row_ids = row_ids[:batch]
+    cap = case.lens if case.head_lens is None else [max(max(h), n) for h, n in zip(case.head_lens, case.lens)]
+    seq = max(cap) + rng.randint(1, 9)
+    heads, dim = case.hkv, case.dim
+    kc, ks = quant_side_views(rows, seq, heads, dim, kf, layout, device)
+    vc, vs = quant_side_views(rows, seq, heads, dim, vf, layout, device)
+    k_raw = torch.full((rows, seq, heads, dim), float("nan"))
+    v_raw = torch.full((rows, seq, heads, dim), float("nan"))
+    lens = case.head_lens if case.head_lens is not None else case.lens
+    for b, row in enumerate(row_ids):
+        per_head = lens[b] if isinstance(lens[b], (list, tuple)) else [lens[b]] * heads
+        for h, n in enumerate(per_head):
+            if not n:
+                continue
+            for raw, cache, scales, fmt in ((k_raw, kc, ks, kf), (v_raw, vc, vs, vf)):
+                x = randn((n, dim), gen).to(dtype).float()
+                raw[row, :n, h] = x
+                codes, sc = reference.quantize(x, fmt.name)
+                cache[row, :n, h] = codes.to(device)
+                scales[row, :n, h] = sc.to(device)
+    kd = reference.dequantize(kc.cpu(), ks.cpu(), kf.name, dim)
+    vd = reference.dequantize(vc.cpu(), vs.cpu(), vf.name, dim)
+    total_q = batch if case.q_lens is None else sum(case.q_lens)
+    q = randn((total_q, heads * case.group, dim), gen, dtype).to(device)
+    kw = dict(seqlens_k=torch.tensor(case.lens, dtype=torch.int32, device=device),
+              row_ids=torch.tensor(row_ids, dtype=torch.int32, device=device),
+              scale=case.scale, window_left=case.window_left, softcap=case.softcap)
+    if case.head_lens is not None:
+        kw["head_seqlens_k"] = torch.tensor(case.head_lens, dtype=torch.int32, device=device)
+    if case.q_lens is not None:
+        cu = [0]
+        for n in case.q_lens:
+            cu.append(cu[-1] + n)
+        kw["cu_seqlens_q"] = torch.tensor(cu, dtype=torch.int32, device=device)
+    return q, (kc, vc, ks, vs), (kd, vd), (k_raw, v_raw), kw
+
+
+def _run(q, caches, kw):
+    kc, vc, ks, vs = caches
+    kw = dict(kw)
+    if "cu_seqlens_q" not in kw:
+        return vattn.decode_attention(q, kc, vc, kw.pop("seqlens_k"), return_lse=True, k_scale=ks, v_scale=vs, **kw)
+    return vattn.prefill_attention(q, kc, vc, kw.pop("cu_seqlens_q"), kw.pop("seqlens_k"), return_lse=True,
+                                   k_scale=ks, v_scale=vs, **kw)
+
+
+def _quant_ok(device, dtype, dim, spec, prefill):
+    for name in _pair(spec):
+        if not formats.get(name).storage_elems(dim) or dim % formats.get(name).elems_per_storage:
+            pytest.skip(f"{name} needs an even head_dim")
+        skip_unsupported(device, dtype, dim, prefill=prefill, kv_format=name)
+
+
+DECODE_CASES = [c for c in random_cases("decode", 12, seed=11, long_len=1500) if c.dim % 2 == 0]
+PREFILL_CASES = [c for c in random_cases("prefill", 12, seed=12, long_len=700) if c.dim % 2 == 0]
+
+
+# ----------------------------------------------------------------------------- attention on quantized caches
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("idx", range(len(DECODE_CASES)))
+def test_decode_quantized_matrix(device, impl, spec, idx):
+    case = DECODE_CASES[idx]
+    dtype = [torch.float32, torch.float16, torch.bfloat16][idx % 3]
+    _quant_ok(device, dtype, case.dim, spec, prefill=False)
+    layout = QLAYOUTS[idx % len(QLAYOUTS)]
+    with vattn.ops.attention_impl(impl):
+        q, caches, (kd, vd), _, kw = build_quantized(case, spec, dtype, layout, device, seed=idx)
+        out, lse = _run(q, caches, kw)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert_attention_close(out, lse, q, kd, vd, kw, f"{_spec_id(spec)}-{case.describe()}-{layout}")
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("idx", range(len(PREFILL_CASES)))
+def test_prefill_quantized_matrix(device, impl, spec, idx):
+    case = PREFILL_CASES[idx]
+    dtype = [torch.float32, torch.float16, torch.bfloat16][(idx + 1) % 3]
+    _quant_ok(device, dtype, case.dim, spec, prefill=True)
+    layout = QLAYOUTS[(idx + 1) % len(QLAYOUTS)]
+    with vattn.ops.attention_impl(impl):
+        q, caches, (kd, vd), _, kw = build_quantized(case, spec, dtype, layout, device, seed=100 + idx)
+        out, lse = _run(q, caches, kw)
+        assert_attention_close(out, lse, q, kd, vd, kw, f"{_spec_id(spec)}-{case.describe()}-{layout}")
+
+
+def _quant_error_bound(q, kd, vd, k_raw, v_raw, kw):
+    """A bound on |attention over dequantized K/V - attention over the exact values|, from the data:
+    with dv = max |v - deq(v)| and ds = max |logit error| = max scale * |q . (k - deq(k))| over the keys
+    each query sees, the softmax weights move by at most a factor exp(+-2 ds) in total variation
+    (|p' - p|_1 <= exp(2 ds) - 1), so |o' - o| <= dv + (exp(2 ds) - 1) * max |v|. The soft-cap is
+    1-Lipschitz, so it keeps the bound."""
+    rows = kw["row_ids"].tolist()
+    lens = kw["seqlens_k"].tolist()
+    hq, dim = q.shape[1], q.shape[2]
+    hkv = kd.shape[2]
+    scale = kw.get("scale") or 1.0 / math.sqrt(dim)
+    dv, ds, vmax = 0.0, 0.0, 0.0
+    qf = q.double().cpu()
+    cu = kw["cu_seqlens_q"].tolist() if "cu_seqlens_q" in kw else list(range(len(lens) + 1))
+    head_lens = kw["head_seqlens_k"].tolist() if "head_seqlens_k" in kw else None
+    for b, (row, n) in enumerate(zip(rows, lens)):
+        for h in range(hkv):
+            length = n if head_lens is None else head_lens[b][h]
+            if length == 0:
+                continue
+            dk = (k_raw[row, :length, h] - kd[row, :length, h]).double()
+            dv = max(dv, (v_raw[row, :length, h] - vd[row, :length, h]).abs().max().item())
+            vmax = max(vmax, v_raw[row, :length, h].abs().max().item())
+            group = hq // hkv
+            qs = qf[cu[b]:cu[b + 1], h * group:(h + 1) * group].reshape(-1, dim)
+            if qs.numel():
+                ds = max(ds, (scale * (qs @ dk.T)).abs().max().item())
+    return dv + (math.exp(2 * ds) - 1) * vmax
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_quantized_within_derived_bound_of_exact(device, impl, spec, prefill):
+    """Quantized attention stays within the bound derived in _quant_error_bound of attention over the
+    exact (unquantized) values. The bound is a worst case (every logit error at its maximum, all in
+    one direction); the typical error is far smaller, which the second check states per format."""
+    dtype = torch.float16
+    case = Case(lens=[1, 200, 777], hkv=2, group=4, dim=64, q_lens=[1, 50, 7] if prefill else None)
+    _quant_ok(device, dtype, 64, spec, prefill)
+    with vattn.ops.attention_impl(impl):
+        q, caches, (kd, vd), (k_raw, v_raw), kw = build_quantized(case, spec, dtype, "plain", device, seed=7)
+        out, _ = _run(q, caches, kw)
+    exact, _ = reference.attention(q.cpu(), k_raw, v_raw, compute_dtype=torch.float64,
+                                   **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    bound = _quant_error_bound(q, kd, vd, k_raw, v_raw, kw)
+    err = (out.cpu().double() - exact).abs().max().item()
+    assert err <= bound + 2e-3, f"{_spec_id(spec)}: error {err:.4g} exceeds the derived bound {bound:.4g}"
+    # One-key rows show the element error itself: int8 amax/254, fp8 2^-4 relative, int4 range/30.
+    typical = {"int8": 0.03, "fp8_e4m3": 0.2, "int4": 0.35}
+    assert err <= max(typical[n] for n in _pair(spec)), f"{_spec_id(spec)}: error {err:.4g}"
+
+
+# ----------------------------------------------------------------------------- append: bytes bit for bit
+
+def _edge_vectors(dim: int) -> torch.Tensor:
+    """Random vectors and the edge cases every format must handle: all zeros, one huge outlier,
+    fp32 subnormals, values past the fp8 range, a constant vector, tiny values, NaN and +-inf."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(dim, generator=g) for _ in range(6)]
+    rows.append(torch.zeros(dim))
+    outlier = torch.randn(dim, generator=g) * 0.01
+    outlier[dim // 3] = 3.0e4
+    rows.append(outlier)
+    rows.append(torch.full((dim,), 1.0e-40) * torch.sign(torch.randn(dim, generator=g)))  # subnormal fp32
+    rows.append(torch.randn(dim, generator=g) * 1.0e6)  # past fp8's 448 before scaling
+    rows.append(torch.full((dim,), 0.75))  # constant (int4 range 0)
+    rows.append(torch.randn(dim, generator=g) * 1.0e-20)  # below the tiny threshold
+    special = torch.randn(dim, generator=g)
+    special[0], special[1], special[2] = float("nan"), float("inf"), float("-inf")
+    rows.append(special)
+    mixed = torch.randn(dim, generator=g)
+    mixed[5] = 1.0e-40
+    rows.append(mixed)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_append_bytes_equal_reference(device, impl, spec, dtype):
+    """append_kv writes exactly reference.quantize's codes and scale words (NaN / inf included: a
+    documented behaviour, never a NaN in the cache)."""
+    dim, heads = 64, 2
+    kf, vf = (formats.get(n) for n in _pair(spec))
+    skip_unsupported(device, dtype, dim, prefill=False, kv_format=kf.name)
+    skip_unsupported(device, dtype, dim, prefill=False, kv_format=vf.name)
+    vecs = _edge_vectors(dim)
+    if dtype != torch.float32:  # keep the edge rows meaningful in 16-bit inputs
+        vecs = torch.nan_to_num(vecs, nan=float("nan"), posinf=float("inf"), neginf=float("-inf"))
+    x = vecs.to(dtype)
+    n = x.shape[0] // heads * heads
+    k = x[:n].reshape(-1, heads, dim).to(device)
+    v = torch.flip(x[:n], dims=[0]).reshape(-1, heads, dim).to(device)
+    tokens = k.shape[0]
+    rows, seq = 3, tokens + 4
+    kc, ks = quant_side_views(rows, seq, heads, dim, kf, "record", device)
+    vc, vs = quant_side_views(rows, seq, heads, dim, vf, "record", device)
+    row_ids = torch.tensor([i % rows for i in range(tokens)], dtype=torch.int32, device=device)
+    pos = torch.tensor([i // rows + 2 for i in range(tokens)], dtype=torch.int32, device=device)
+    vattn.append_kv_raw(kc, vc, k, v, row_ids, pos, k_scale=ks, v_scale=vs)
+    for name, cache, scales, src, fmt in (("K", kc, ks, k, kf), ("V", vc, vs, v, vf)):
+        codes, sc = reference.quantize(src.cpu(), fmt.name)
+        got = cache[row_ids.long(), pos.long()].cpu()
+        got_s = scales[row_ids.long(), pos.long()].cpu()
+        assert torch.equal(got.view(torch.uint8), codes.view(torch.uint8)), f"{name} codes differ ({fmt.name})"
+        assert torch.equal(got_s.view(torch.int32), sc.view(torch.int32)), f"{name} scales differ ({fmt.name})"
+        assert torch.isfinite(got_s).all()
+        deq = reference.dequantize(got, got_s, fmt.name, dim)
+        assert torch.isfinite(deq).all(), f"{name}: a non-finite input poisoned the cache"
+
+
+def test_reference_format_definitions():
+    """Spot checks of the definitions themselves (what the formats promise)."""
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0]])
+    codes, sc = reference.quantize(x, "int8")
+    assert sc.item() == pytest.approx(4.0 / 127) and codes.tolist() == [[32, -64, 16, 127]]
+    codes, sc = reference.quantize(x, "fp8_e4m3")
+    assert sc.item() == pytest.approx(4.0 / 448)
+    assert reference.dequantize(codes, sc, "fp8_e4m3").tolist()[0][3] == pytest.approx(4.0)
+    codes, w = reference.quantize(x, "int4")
+    assert codes.shape == (1, 2) and w.tolist()[0] == pytest.approx([6.0 / 15, -2.0])
+    deq = reference.dequantize(codes, w, "int4")
+    assert (deq - x).abs().max().item() <= 6.0 / 15 / 2 + 1e-6
+    z, zs = reference.quantize(torch.zeros(1, 8), "int8")
+    assert (z == 0).all() and (zs == 0).all()
+
+
+# ----------------------------------------------------------------------------- KVCache: memory and steps
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_physical_memory_per_format(layout):
+    """The same tokens map the expected fraction of a bf16 cache's pages: fp8 / int8 about 1/2, int4
+    about 1/4 plus its scale words (heads x 2 fp32 per token), a (int8, int4) pair in between."""
+    heads, dim, layers, n = 4, 128, 4, 3000
+    mapped = {}
+    for spec in ["auto", "fp8_e4m3", "int8", "int4", ("int8", "int4")]:
+        c = vattn.KVCache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=2, max_seq_len=4096,
+                          dtype=torch.bfloat16, kv_format=spec, layout=layout, device="cpu", page_bytes=64 << 10)
+        s = c.alloc()
+        c.reserve(s, n)
+        mapped[_spec_id(spec)] = c.stats()["mapped_bytes"]
+        if spec != "auto":
+            kf, vf = (formats.get(x) for x in _pair(spec))
+            assert c.token_bytes == layers * (kf.record_bytes(heads, dim) + vf.record_bytes(heads, dim))
+        c.close()
+    page = 64 << 10
+    slack = (1 if layout == "token_major" else 2 * layers) * page  # at most one partial page per region
+    base = mapped["auto"]
+    # Bytes of one token-layer: K record + V record (layer_major pads both regions to the larger one).
+    bf16 = 2 * heads * dim * 2
+    expect = {}
+    for name, (kb, vb) in {"fp8_e4m3": (dim + 4, dim + 4), "int8": (dim + 4, dim + 4),
+                           "int4": (dim // 2 + 8, dim // 2 + 8), "int8-int4": (dim + 4, dim // 2 + 8)}.items():
+        per = heads * (kb + vb) if layout == "token_major" else 2 * heads * max(kb, vb)
+        expect[name] = per / bf16
+    for name, frac in expect.items():
+        assert abs(mapped[name] - frac * base) <= slack + 16 * layers * n, (name, mapped[name], base)
+    assert mapped["int4"] < 0.35 * base and mapped["int8"] < 0.55 * base
+
+
+@pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_kvcache_steps_quantized(spec, layout):
+    """A quantized KVCache through prefill + decode steps: attention equals the op run on the cache's
+    own views with their scales, the stored codes are the reference's, and kv(dequantize=True) gives
+    the reference's dequantized values."""
+    torch.manual_seed(0)
+    heads, dim, hq = 2, 64, 6
+    c = vattn.KVCache(num_layers=2, num_kv_heads=heads, head_dim=dim, max_batch=3, max_seq_len=256,
+                      dtype=torch.bfloat16, kv_format=spec, layout=layout, device="cpu", page_bytes=16 << 10)
+    a, b = c.alloc(), c.alloc()
+    hist = {a: [], b: []}
+    for step_i, new in enumerate([[37, 5], [1, 1], [1, 1]]):
+        st = c.begin_step([a, b], new)
+        k = torch.randn(sum(new), heads, dim).bfloat16()
+        v = torch.randn(sum(new), heads, dim).bfloat16()
+        q = torch.randn(sum(new), hq, dim).bfloat16()
+        vattn.append_kv(c, 1, st, k, v)
+        out = vattn.attention(q, c, 1, st)
+        c.end_step(st)
+        kv_k, kv_v = c.kv(1)
+        ks, vs = c.kv_scales(1)
+        fn = vattn.decode_attention if step_i else None
+        if fn is not None:
+            want = vattn.decode_attention(q, kv_k, kv_v, st.seqlens, row_ids=st.slot_ids, k_scale=ks, v_scale=vs)
+            assert torch.equal(out, want)
+        hist[a].append(k[:new[0]])
+        hist[b].append(k[new[0]:])
+    kf = formats.get(_pair(spec)[0])
+    kd, _ = c.kv(1, dequantize=True)
+    kv_k, _ = c.kv(1)
+    ks, _ = c.kv_scales(1)
+    for s in (a, b):
+        allk = torch.cat(hist[s])
+        codes, sc = reference.quantize(allk, kf.name)
+        n = allk.shape[0]
+        assert torch.equal(kv_k[s, :n].view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(kd[s, :n], reference.dequantize(codes, sc, kf.name, dim, torch.bfloat16))
+    st = c.stats()
+    assert st["k_format"] == kf.name and st["k_bits_per_element"] == kf.bits_per_element(dim)
+
+
+def test_kvcache_rejects_mixed_plain_and_quantized_and_bad_names():
+    with pytest.raises(ValueError):
+        vattn.KVCache(1, 1, 64, 1, 16, dtype=torch.float32, kv_format="int3", device="cpu")
+    with pytest.raises(ValueError):
+        vattn.KVCache(1, 1, 64, 1, 16, dtype=torch.float32, kv_format=("int8",), device="cpu")
+    with pytest.raises(ValueError):
+        vattn.KVCache(1, 1, 63, 1, 16, dtype=torch.float32, kv_format="int4", device="cpu")
+
+
+# ----------------------------------------------------------------------------- torch ops on user caches
+
+def _user_cache(spec, device, rows=3, seq=32, heads=2, dim=64):
+    kf, vf = (formats.get(n) for n in _pair(spec))
+    kc, ks = quant_side_views(rows, seq, heads, dim, kf, "plain", device)
+    vc, vs = quant_side_views(rows, seq, heads, dim, vf, "plain", device)
+    for t in (kc, vc):
+        t.view(torch.uint8).zero_()
+    ks.zero_()
+    vs.zero_()
+    return kc, vc, ks, vs
+
+
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "int4", ("int8", "int4")], ids=_spec_id)
+def test_opcheck_quantized(device, impl, spec):
+    skip_unsupported(device, torch.float16, 64, prefill=True, kv_format=_pair(spec)[0])
+    skip_unsupported(device, torch.float16, 64, prefill=True, kv_format=_pair(spec)[1])
+    kc, vc, ks, vs = _user_cache(spec, device)
+    k = torch.randn(5, 2, 64, dtype=torch.float16, device=device)
+    rows = torch.tensor([2, 0, 1, 2, 0], dtype=torch.int32, device=device)
+    pos = torch.tensor([0, 3, 7, 5, 1], dtype=torch.int32, device=device)
+    # opcheck's schema test compares tensors with arithmetic torch does not implement for float8 on
+    # CPU ("mul_cpu_reduced_float"), so fp8 caches get the fake-tensor and AOT-dispatch checks only.
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic") if "fp8_e4m3" in _pair(spec) else "ALL"
+    torch.library.opcheck(torch.ops.vattn.append_kv.default, (kc, vc, k, k * 2, rows, pos, ks, vs), test_utils=utils)
+    vattn.append_kv_raw(kc, vc, k, k * 2, rows, pos, k_scale=ks, v_scale=vs)
+    q = torch.randn(3, 6, 64, dtype=torch.float16, device=device)
+    lens = torch.tensor([6, 4, 8], dtype=torch.int32, device=device)
+    with vattn.ops.attention_impl(impl):
+        torch.library.opcheck(torch.ops.vattn.decode_attention.default, (q, kc, vc, lens),
+                              dict(k_scale=ks, v_scale=vs, max_seqlen_k=8), test_utils=utils)
+        cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=device)
+        torch.library.opcheck(torch.ops.vattn.prefill_attention.default, (q, kc, vc, cu, lens),
+                              dict(k_scale=ks, v_scale=vs), test_utils=utils)
+
+
+def test_quantized_ops_compile_and_checks():
+    """torch.compile traces the ops on a quantized cache (fake implementations check the scales) and
+    gives the eager result; missing or wrong scale tensors are clear errors."""
+    kc, vc, ks, vs = _user_cache("int4", "cpu")
+    k = torch.randn(4, 2, 64)
+    rows = torch.tensor([0, 1, 2, 0], dtype=torch.int32)
+    pos = torch.tensor([0, 0, 0, 1], dtype=torch.int32)
+    vattn.append_kv_raw(kc, vc, k, -k, rows, pos, k_scale=ks, v_scale=vs)
+    q = torch.randn(3, 4, 64)
+    lens = torch.tensor([2, 1, 1], dtype=torch.int32)
+
+    def f(q):
+        return vattn.decode_attention(q, kc, vc, lens, k_scale=ks, v_scale=vs, max_seqlen_k=2)
+
+    eager = f(q)
+    compiled = torch.compile(f, fullgraph=True)(q)
+    torch.testing.assert_close(compiled, eager)
+    with pytest.raises(ValueError, match="scale"):
+        vattn.decode_attention(q, kc, vc, lens)
+    with pytest.raises(ValueError, match="shape"):
+        vattn.decode_attention(q, kc, vc, lens, k_scale=ks[..., :1], v_scale=vs)
+    with pytest.raises(TypeError):
+        vattn.decode_attention(q, kc, vc, lens, k_scale=ks.double(), v_scale=vs)
+    plain = torch.zeros(3, 32, 2, 64)
+    with pytest.raises(TypeError):
+        vattn.decode_attention(q, plain, vc, lens, v_scale=vs)
