@@ -103,6 +103,36 @@ def test_demo_tiny_in_process_memory_numbers(capsys, monkeypatch):
     assert len(captured["texts"]) == 2
 
 
+@pytest.mark.parametrize("kv_format", ["int4", "int8,int4"])
+def test_demo_tiny_quantized_memory_table(capsys, monkeypatch, kv_format):
+    """--kv-format stores the cache quantized: the table shows the format, and the live bytes are the
+    unquantized bytes times the format's fraction (int4: 5 bits of 32 per element at head_dim 64 plus
+    record padding; never more than half)."""
+    pytest.importorskip("transformers")
+    import torch
+
+    captured = {}
+    original = cli.print_report
+
+    def spy(prompts, r):
+        captured.update(r)
+        original(prompts, r)
+
+    monkeypatch.setattr(cli, "print_report", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["demo", "--tiny", "--device", "cpu", "--max-new-tokens", "6", "--prompt", "one",
+                         "--kv-format", kv_format]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert f"KV format {kv_format}" in out and "saves" in out
+    s = captured["stats"]
+    assert s["v_format"] == "int4"
+    assert 0 < s["used_bytes"] < 0.5 * captured["plain_used_bytes"]
+
+
 def test_demo_sampled_tiny():
     pytest.importorskip("transformers")
     proc = run("demo", "--tiny", "--device", "cpu", "--max-new-tokens", "6", "--sample", "--seed", "3")
@@ -151,6 +181,7 @@ def test_error_empty_model_dir(tmp_path):
     (["demo", "--max-new-tokens", "many"], "--max-new-tokens"),
     (["demo", "--max-physical-bytes", "lots"], "--max-physical-bytes"),
     (["demo", "--device", "tpu"], "tpu"),
+    (["demo", "--kv-format", "int3"], "--kv-format"),
     (["generate", "--prompt", "hi"], "--model"),
     (["frobnicate"], "frobnicate"),
 ])

@@ -61,6 +61,20 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _kv_format_arg(text: str):
+    from . import formats
+
+    names = [t.strip() for t in text.split(",")]
+    for n in names:
+        if n != "auto" and n not in formats.FORMATS:
+            raise argparse.ArgumentTypeError(f"unknown KV format {n!r}; expected auto or one of {sorted(formats.FORMATS)}")
+    if len(names) == 1:
+        return names[0]
+    if len(names) == 2:
+        return tuple(names)
+    raise argparse.ArgumentTypeError("--kv-format takes one format or two (K,V)")
+
+
 def print_report(prompts: Sequence[str], r: dict) -> None:
     for i, (p, t) in enumerate(zip(prompts, r["texts"])):
         print(f"[{i}] {p}")
@@ -74,12 +88,19 @@ def print_report(prompts: Sequence[str], r: dict) -> None:
          f"address space for {r['batch']} rows x {r['max_seq_len']} positions; no physical memory"),
         ("physical mapped", s["mapped_bytes"], f"{s.get('pages_mapped', '?')} pages of {_fmt_bytes(s['page_bytes'])}"),
         ("live tokens", s["used_bytes"], f"{s.get('tokens', '?')} tokens stored (padding is never stored)"),
+    ]
+    if r.get("kv_format", "auto") != "auto":
+        plain = r["plain_used_bytes"]
+        rows.append((f"  same in {r['dtype']}", plain,
+                     f"unquantized; {r['kv_format']} saves {_fmt_bytes(plain - s['used_bytes'])} "
+                     f"({s['k_bits_per_element']:.2f} / {s['v_bits_per_element']:.2f} bits per K / V element)"))
+    rows += [
         ("static, max length", r["static_max_bytes"], f"preallocated {r['batch']} x {r['max_seq_len']} positions"),
         ("static, this run", r["static_this_bytes"],
          f"preallocated {r['batch']} x {r['prompt_width'] + r['generated']} positions (padding included)"),
     ]
     print()
-    print(f"KV-cache memory ({r['dtype']}, layout {r['layout']})")
+    print(f"KV-cache memory ({r['dtype']}, KV format {r.get('kv_format', 'auto')}, layout {r['layout']})")
     print(f"  {'':<20} {'bytes':>12}")
     for name, value, note in rows:
         print(f"  {name:<20} {_fmt_bytes(value):>12}   {note}")
@@ -118,6 +139,13 @@ def cmd_info(args) -> int:
             print(f"page granularity [{backend}]: {shown}{note}")
     elif gran is not None:
         print(f"page granularity: {gran}")
+    from . import _support, formats
+
+    print("KV formats (bits per element incl. scales, head_dim 64 / 128; devices):")
+    for f in formats.FORMATS.values():
+        devs = [d for d in ("cpu", "cuda") if f.name in _support.table()[d]["decode"].kv_formats]
+        print(f"  {f.name:<9} {f.bits_per_element(64):5.2f} / {f.bits_per_element(128):5.2f}  "
+              f"{'/'.join(devs):<8} {f.scale_layout}")
     return 0
 
 
@@ -146,7 +174,7 @@ def cmd_demo(args) -> int:
          f"({name}, {device}, {str(dtype).replace('torch.', '')}, layout {args.layout}) ...")
     r = run_generation(model, tok, prompts, device=device, layout=args.layout, max_new_tokens=args.max_new_tokens,
                        max_seq_len=args.max_seq_len, max_physical_bytes=args.max_physical_bytes,
-                       sample=args.sample, seed=args.seed, chat=chat)
+                       sample=args.sample, seed=args.seed, chat=chat, kv_format=args.kv_format)
     print_report(prompts, r)
     return 0
 
@@ -162,7 +190,7 @@ def cmd_generate(args) -> int:
     log(f"loaded in {time.perf_counter() - t:.1f} s")
     r = run_generation(model, tok, args.prompt, device=device, layout=args.layout, max_new_tokens=args.max_new_tokens,
                        max_seq_len=args.max_seq_len, max_physical_bytes=args.max_physical_bytes,
-                       sample=args.sample, seed=args.seed, chat=not args.no_chat_template)
+                       sample=args.sample, seed=args.seed, chat=not args.no_chat_template, kv_format=args.kv_format)
     print_report(args.prompt, r)
     return 0
 
@@ -177,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
         sp.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
         sp.add_argument("--layout", default="token_major", choices=LAYOUTS, help="vattn cache layout")
+        sp.add_argument("--kv-format", default="auto", type=_kv_format_arg,
+                        help="KV storage: auto (the dtype), fp8_e4m3, int8, int4, or K,V such as int8,int4")
         sp.add_argument("--max-new-tokens", type=_positive_int, default=64)
         sp.add_argument("--max-seq-len", type=_positive_int, default=None,
                         help="positions per row the cache reserves (default: the model's maximum)")

@@ -118,7 +118,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool):
 
 def run_generation(model, tokenizer, prompts: Sequence[str], *, device: str, layout: str, max_new_tokens: int,
                    max_seq_len: Optional[int] = None, max_physical_bytes: Optional[int] = None,
-                   sample: bool = False, seed: int = 0, chat: bool = True, progress: bool = True) -> dict:
+                   sample: bool = False, seed: int = 0, chat: bool = True, progress: bool = True,
+                   kv_format="auto") -> dict:
     """Generates for all prompts in one left-padded batch on a VAttnCache; returns texts, timing, memory."""
     import torch
 
@@ -133,7 +134,7 @@ def run_generation(model, tokenizer, prompts: Sequence[str], *, device: str, lay
         raise UserError(f"prompt ({prompt_width} tokens) + --max-new-tokens ({max_new_tokens}) exceed the "
                        f"model's {max_seq_len} positions", code=2)
     cache = hf.VAttnCache.for_model(model, max_batch=batch, max_seq_len=max_seq_len, layout=layout,
-                                    max_physical_bytes=max_physical_bytes)
+                                    max_physical_bytes=max_physical_bytes, kv_format=kv_format)
     streamer = _Progress(max_new_tokens) if progress else None
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample)
     if sample:
@@ -161,6 +162,8 @@ def run_generation(model, tokenizer, prompts: Sequence[str], *, device: str, lay
         "static_this_bytes": cache.static_bytes(batch, prompt_width + generated),
         "max_seq_len": max_seq_len, "dtype": str(cache.dtype).replace("torch.", ""), "layout": layout,
         "real_prompt_tokens": int(enc["attention_mask"].sum()),
+        "kv_format": kv_format if isinstance(kv_format, str) else ",".join(kv_format),
+        "plain_used_bytes": stats["used_bytes"] // cache.kv.token_bytes * cache.static_bytes(1, 1),
     }
     cache.release()
     return result
