@@ -3,6 +3,7 @@
 A gpu-marked test skips without a CUDA device and a CUDA build of vattn; with VATTN_REQUIRE_GPU=1
 it fails instead, so a GPU machine cannot pass the suite by skipping.
 """
+
 import os
 
 import pytest

@@ -9,6 +9,7 @@ Work counts:
   decode  bytes = K/V bytes actually read (tokens each row holds) + q + out
   prefill FLOPs = 4 * head_dim * visible (query, key) pairs * q_heads (causal pairs only)
 """
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ MODELS = {
 
 # --------------------------------------------------------------------------- timing
 
+
 def _summary(samples_s: Sequence[float], method: str) -> Dict[str, float]:
     ms = sorted(s * 1e3 for s in samples_s)
     return {
@@ -39,8 +41,9 @@ def _summary(samples_s: Sequence[float], method: str) -> Dict[str, float]:
     }
 
 
-def time_cpu(fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5, max_reps: int = 200,
-             budget_s: float = 0.5) -> Dict[str, float]:
+def time_cpu(
+    fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5, max_reps: int = 200, budget_s: float = 0.5
+) -> Dict[str, float]:
     """Median wall time of fn() with time.perf_counter; stops after max_reps or once the budget is
     spent (but never before min_reps), so slow anchors do not blow up the run."""
     for _ in range(warmup):
@@ -70,8 +73,14 @@ class L2Flusher:
         self.buf.zero_()
 
 
-def time_cuda(fn: Callable[[], object], *, warmup: int = 5, reps: int = 50,
-              flusher: Optional[L2Flusher] = None, budget_s: float = 2.0) -> Dict[str, float]:
+def time_cuda(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 5,
+    reps: int = 50,
+    flusher: Optional[L2Flusher] = None,
+    budget_s: float = 2.0,
+) -> Dict[str, float]:
     """Median of CUDA-event times of fn() alone; the L2 flush runs between the events of two runs."""
     for _ in range(warmup):
         fn()
@@ -97,8 +106,9 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 5, reps: int = 50,
     return _summary(samples, "cuda_events" + ("+l2flush" if flusher is not None else ""))
 
 
-def time_cuda_graph(fn: Callable[[], object], *, reps: int = 50,
-                    flusher: Optional[L2Flusher] = None) -> Dict[str, float]:
+def time_cuda_graph(
+    fn: Callable[[], object], *, reps: int = 50, flusher: Optional[L2Flusher] = None
+) -> Dict[str, float]:
     """Captures fn() in a CUDA graph (as a decode step would be) and times replays with events.
     Raises whatever capture raises (e.g. an op that synchronizes): callers report it."""
     s = torch.cuda.Stream()
@@ -128,6 +138,7 @@ def time_cuda_graph(fn: Callable[[], object], *, reps: int = 50,
 
 
 # --------------------------------------------------------------------------- ceilings
+
 
 def cpu_read_bandwidth(nbytes: int = 512 * 2**20, budget_s: float = 1.0) -> Dict[str, float]:
     """Memory-read ceiling on CPU: torch.sum over a large fp32 tensor (far beyond the caches),
@@ -163,6 +174,7 @@ def gpu_matmul_flops(n: int = 8192) -> Dict[str, float]:
 
 # --------------------------------------------------------------------------- work counts
 
+
 def decode_bytes(seqlens: Sequence[int], hq: int, hkv: int, d: int, kv_elem: int, q_elem: int) -> int:
     kv = sum(int(l) for l in seqlens) * hkv * d * 2 * kv_elem
     return kv + 2 * len(seqlens) * hq * d * q_elem
@@ -184,6 +196,7 @@ def prefill_flops(qlens: Sequence[int], klens: Sequence[int], hq: int, d: int) -
 
 
 # --------------------------------------------------------------------------- cases
+
 
 @dataclass
 class DecodeCase:
@@ -231,7 +244,8 @@ class PrefillCase:
             shape = f"b={b} q={self.qlens[0]}" + (f" prefix={self.prefixes[0]}" if self.prefixes[0] else "")
         else:
             shape = f"b={b} q={'/'.join(map(str, self.qlens))}" + (
-                f" prefix={'/'.join(map(str, self.prefixes))}" if any(self.prefixes) else "")
+                f" prefix={'/'.join(map(str, self.prefixes))}" if any(self.prefixes) else ""
+            )
         return f"{self.model} {shape} {_dt(self.dtype)} ({hq}/{hkv}x{d})"
 
 
@@ -247,25 +261,41 @@ def decode_cases(device: str, quick: bool) -> List[DecodeCase]:
         cases = [DecodeCase("llama3-8b", 1, c, f32) for c in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
         cases += [
             DecodeCase("llama3-8b", 8, 2048, f32),
-            DecodeCase("llama3-8b", 16, 1024, f32), DecodeCase("llama3-8b", 64, 512, f32),
+            DecodeCase("llama3-8b", 16, 1024, f32),
+            DecodeCase("llama3-8b", 64, 512, f32),
             DecodeCase("llama3-8b", 4, 4096, f32, ragged=True),
-            DecodeCase("smollm2", 1, 8192, f32), DecodeCase("smollm2", 16, 2048, f32),
+            DecodeCase("smollm2", 1, 8192, f32),
+            DecodeCase("smollm2", 16, 2048, f32),
             DecodeCase("llama3-8b", 1, 8192, bf),
         ]
         if quick:
-            cases = [DecodeCase("llama3-8b", 1, 512, f32), DecodeCase("llama3-8b", 1, 8192, f32),
-                     DecodeCase("llama3-8b", 4, 2048, f32, ragged=True), DecodeCase("smollm2", 8, 1024, f32)]
+            cases = [
+                DecodeCase("llama3-8b", 1, 512, f32),
+                DecodeCase("llama3-8b", 1, 8192, f32),
+                DecodeCase("llama3-8b", 4, 2048, f32, ragged=True),
+                DecodeCase("smollm2", 8, 1024, f32),
+            ]
         return cases
     bf = torch.bfloat16
     cases = [DecodeCase("llama3-8b", 1, c, bf) for c in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
-    cases += [DecodeCase("llama3-8b", 8, 8192, bf), DecodeCase("llama3-8b", 32, 4096, bf),
-              DecodeCase("llama3-8b", 64, 2048, bf), DecodeCase("llama3-8b", 16, 32768, bf),
-              DecodeCase("smollm2", 1, 32768, bf), DecodeCase("smollm2", 64, 4096, bf),
-              DecodeCase("llama3-8b", 32, 8192, bf, ragged=True), DecodeCase("llama3-8b", 8, 32768, bf, ragged=True),
-              DecodeCase("smollm2", 64, 8192, bf, ragged=True)]
+    cases += [
+        DecodeCase("llama3-8b", 8, 8192, bf),
+        DecodeCase("llama3-8b", 32, 4096, bf),
+        DecodeCase("llama3-8b", 64, 2048, bf),
+        DecodeCase("llama3-8b", 16, 32768, bf),
+        DecodeCase("smollm2", 1, 32768, bf),
+        DecodeCase("smollm2", 64, 4096, bf),
+        DecodeCase("llama3-8b", 32, 8192, bf, ragged=True),
+        DecodeCase("llama3-8b", 8, 32768, bf, ragged=True),
+        DecodeCase("smollm2", 64, 8192, bf, ragged=True),
+    ]
     if quick:
-        cases = [DecodeCase("llama3-8b", 1, 8192, bf), DecodeCase("llama3-8b", 16, 32768, bf),
-                 DecodeCase("llama3-8b", 32, 8192, bf, ragged=True), DecodeCase("smollm2", 64, 4096, bf)]
+        cases = [
+            DecodeCase("llama3-8b", 1, 8192, bf),
+            DecodeCase("llama3-8b", 16, 32768, bf),
+            DecodeCase("llama3-8b", 32, 8192, bf, ragged=True),
+            DecodeCase("smollm2", 64, 4096, bf),
+        ]
     return cases
 
 
@@ -274,7 +304,7 @@ def prefill_cases(device: str, quick: bool) -> List[PrefillCase]:
         f32 = torch.float32
         cases = [
             PrefillCase("llama3-8b", [512], [0], f32),
-            PrefillCase("llama3-8b", [256], [2048], f32),             # chunked prefill on a prefix
+            PrefillCase("llama3-8b", [256], [2048], f32),  # chunked prefill on a prefix
             PrefillCase("llama3-8b", [100, 300, 37, 75], [0, 0, 500, 64], f32),  # ragged batch
             PrefillCase("smollm2", [1024], [0], f32),
         ]
@@ -283,8 +313,9 @@ def prefill_cases(device: str, quick: bool) -> List[PrefillCase]:
         return cases
     bf = torch.bfloat16
     cases = [
-        PrefillCase("llama3-8b", [4096], [0], bf), PrefillCase("llama3-8b", [1024] * 8, [0] * 8, bf),
-        PrefillCase("llama3-8b", [2048], [6144], bf),                 # chunked prefill: 2K chunk on a 6K prefix
+        PrefillCase("llama3-8b", [4096], [0], bf),
+        PrefillCase("llama3-8b", [1024] * 8, [0] * 8, bf),
+        PrefillCase("llama3-8b", [2048], [6144], bf),  # chunked prefill: 2K chunk on a 6K prefix
         PrefillCase("llama3-8b", [512] * 4, [3584] * 4, bf),
         PrefillCase("llama3-8b", [1000, 3000, 370, 2500], [0, 1024, 4000, 0], bf),  # ragged
         PrefillCase("smollm2", [2048] * 4, [0] * 4, bf),
@@ -307,10 +338,10 @@ def seeded(seed: int, device: str) -> torch.Generator:
 @dataclass
 class DecodeData:
     case: DecodeCase
-    q: torch.Tensor            # [b, hq, d]
-    k_cache: torch.Tensor      # [b, cap, hkv, d]
+    q: torch.Tensor  # [b, hq, d]
+    k_cache: torch.Tensor  # [b, cap, hkv, d]
     v_cache: torch.Tensor
-    seqlens: torch.Tensor      # int32 [b]
+    seqlens: torch.Tensor  # int32 [b]
     lens: List[int]
     extras: Dict[str, object] = field(default_factory=dict)
 
@@ -335,8 +366,8 @@ def make_decode(case: DecodeCase, device: str, seed: int = 0) -> DecodeData:
 @dataclass
 class PrefillData:
     case: PrefillCase
-    q: torch.Tensor            # [total_q, hq, d]
-    k_cache: torch.Tensor      # [b, cap, hkv, d]
+    q: torch.Tensor  # [total_q, hq, d]
+    k_cache: torch.Tensor  # [b, cap, hkv, d]
     v_cache: torch.Tensor
     cu_seqlens_q: torch.Tensor
     seqlens_k: torch.Tensor
@@ -373,6 +404,7 @@ def tolerance(dtype: torch.dtype) -> float:
 # likes best ([b, heads, seq, dim] contiguous): a conservative comparison for vattn, which reads
 # the [rows, seq, kv_heads, dim] cache in place.
 
+
 @dataclass
 class Anchor:
     name: str
@@ -389,9 +421,11 @@ def _bhsd(cache: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
 
 def _sdpa(*args, backend: Optional[str] = None, **kwargs):
     import torch.nn.functional as F
+
     if backend is None:
         return F.scaled_dot_product_attention(*args, **kwargs)
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with sdpa_kernel(getattr(SDPBackend, backend)):
         return F.scaled_dot_product_attention(*args, **kwargs)
 
@@ -458,6 +492,7 @@ def _flex():
     if _FLEX is None:
         import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
+
         # One compiled kernel per benchmark shape: lift the recompile limit (default 8) so later
         # shapes do not silently fall back to the slow eager flex_attention.
         for knob in ("recompile_limit", "cache_size_limit"):
@@ -471,6 +506,7 @@ def flex_decode_anchor(data: DecodeData, q4, squeeze) -> Anchor:
     """FlexAttention (compiled) on the ragged batch: a block mask built from the row lengths lets
     it skip the blocks past each row's end, as a serious ragged-batch baseline should."""
     from torch.nn.attention.flex_attention import create_block_mask
+
     lens = data.seqlens.to(torch.int64)
     k4, v4 = _bhsd(data.k_cache), _bhsd(data.v_cache)
 
@@ -479,8 +515,9 @@ def flex_decode_anchor(data: DecodeData, q4, squeeze) -> Anchor:
 
     bm = create_block_mask(mask_mod, data.case.batch, None, 1, k4.shape[2], device=data.q.device)
     flex = _flex()
-    return first_working("flex", [(lambda: flex(q4, k4, v4, block_mask=bm, enable_gqa=True), "compiled, block mask")],
-                         squeeze)
+    return first_working(
+        "flex", [(lambda: flex(q4, k4, v4, block_mask=bm, enable_gqa=True), "compiled, block mask")], squeeze
+    )
 
 
 def prefill_anchors(data: PrefillData, device: str, with_flex: bool = True) -> List[object]:
@@ -499,6 +536,7 @@ def prefill_anchors(data: PrefillData, device: str, with_flex: bool = True) -> L
         else:
             # Causal aligned to the end of the row (the chunk's queries sit after the prefix).
             from torch.nn.attention.bias import causal_lower_right
+
             bias = causal_lower_right(n, p + n)
             call = lambda q, k, v, **kw: _sdpa(q, k, v, attn_mask=bias, **kw)  # noqa: E731
             name = "sdpa-lower-right"
@@ -513,14 +551,15 @@ def prefill_anchors(data: PrefillData, device: str, with_flex: bool = True) -> L
 def sdpa_loop_anchor(data: PrefillData) -> Anchor:
     """Ragged batch without a varlen kernel: one SDPA call per row, as users do."""
     from torch.nn.attention.bias import causal_lower_right
+
     case = data.case
     hq = case.heads[0]
     per_row = []
     cu = [0] + list(_cumsum(case.qlens))
     for b, (n, length) in enumerate(zip(case.qlens, case.klens)):
-        q4 = data.q[cu[b]:cu[b + 1]].transpose(0, 1)[None].contiguous()
-        k4 = _bhsd(data.k_cache[b:b + 1], length)
-        v4 = _bhsd(data.v_cache[b:b + 1], length)
+        q4 = data.q[cu[b] : cu[b + 1]].transpose(0, 1)[None].contiguous()
+        k4 = _bhsd(data.k_cache[b : b + 1], length)
+        v4 = _bhsd(data.v_cache[b : b + 1], length)
         per_row.append((q4, k4, v4, causal_lower_right(n, length) if n != length else None))
 
     def run():
@@ -540,6 +579,7 @@ def flex_prefill_anchor(data: PrefillData) -> Anchor:
     """FlexAttention (compiled) on the padded ragged batch; the block mask skips padding and
     the blocks above each row's (end-aligned) diagonal."""
     from torch.nn.attention.flex_attention import create_block_mask
+
     case = data.case
     hq = case.heads[0]
     b, maxq = len(case.qlens), max(case.qlens)
@@ -547,7 +587,7 @@ def flex_prefill_anchor(data: PrefillData) -> Anchor:
     qpad = torch.zeros(b, maxq, hq, data.q.shape[-1], dtype=data.q.dtype, device=dev)
     cu = [0] + list(_cumsum(case.qlens))
     for i, n in enumerate(case.qlens):
-        qpad[i, :n] = data.q[cu[i]:cu[i + 1]]
+        qpad[i, :n] = data.q[cu[i] : cu[i + 1]]
     q4 = qpad.transpose(1, 2).contiguous()
     k4, v4 = _bhsd(data.k_cache), _bhsd(data.v_cache)
     qlens = torch.tensor(case.qlens, device=dev)
@@ -562,8 +602,9 @@ def flex_prefill_anchor(data: PrefillData) -> Anchor:
     def to_v(o):
         return torch.cat([o[i, :, :n].transpose(0, 1) for i, n in enumerate(case.qlens)])
 
-    return first_working("flex", [(lambda: flex(q4, k4, v4, block_mask=bm, enable_gqa=True), "compiled, block mask")],
-                         to_v)
+    return first_working(
+        "flex", [(lambda: flex(q4, k4, v4, block_mask=bm, enable_gqa=True), "compiled, block mask")], to_v
+    )
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -573,6 +614,7 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def devices():
     """Devices each pytest benchmark runs on: cpu always, cuda marked gpu."""
     import pytest
+
     return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -580,8 +622,8 @@ def merge_states_eager(oa, la, ob, lb):
     """The merge_states anchor: the plain formula in torch eager ops (fp32 weights, output in oa's
     dtype). Lean on purpose (no -inf handling) so it times what a user would write."""
     import torch
+
     m = torch.maximum(la, lb)
     wa, wb = torch.exp(la - m), torch.exp(lb - m)
     s = wa + wb
     return (oa.float() * (wa / s)[..., None] + ob.float() * (wb / s)[..., None]).to(oa.dtype), m + torch.log(s)
-

@@ -8,6 +8,7 @@ Each benchmark asserts that vattn matches its anchor within tolerance. GPU bench
 `gpu` marker: they skip without a CUDA device and a CUDA build, and fail instead with
 VATTN_REQUIRE_GPU=1 (the root conftest.py).
 """
+
 import os
 import sys
 
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 try:
     import pytest_benchmark  # noqa: F401
+
     HAVE_PYTEST_BENCHMARK = True
 except ImportError:
     HAVE_PYTEST_BENCHMARK = False
@@ -45,13 +47,17 @@ if not HAVE_PYTEST_BENCHMARK:
 def bench(benchmark):
     """benchmark(fn) that also works on CUDA: synchronizes after each call so pytest-benchmark's
     wall clock measures the kernels, with warm-up rounds. Returns fn's result."""
+
     def run(fn, device: str):
         if device == "cuda":
+
             def synced():
                 r = fn()
                 torch.cuda.synchronize()
                 return r
+
             return benchmark.pedantic(synced, rounds=30, warmup_rounds=3, iterations=1)
         return benchmark.pedantic(fn, rounds=10, warmup_rounds=1, iterations=1)
+
     run.benchmark = benchmark
     return run

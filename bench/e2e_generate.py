@@ -8,6 +8,7 @@ Prints a markdown table: tokens/s (batch x new tokens / wall time of generate, p
 each cache, their ratio, whether the greedy tokens are identical, and the KV memory each one held at
 the end (DynamicCache: batch x positions, padding included; vattn: physical pages mapped).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,7 +87,7 @@ def main(argv=None):
         outs = {}
         mem = {}
         for r in range(args.repeats):
-            for which in (("default", "vattn") if r % 2 == 0 else ("vattn", "default")):
+            for which in ("default", "vattn") if r % 2 == 0 else ("vattn", "default"):
                 cache = fresh_cache() if which == "vattn" else None
                 out, dt = run_once(model, enc, args.max_new_tokens, device, cache)
                 times[which].append(dt)
@@ -108,17 +109,23 @@ def main(argv=None):
 
     info = vattn.info()
     print()
-    print(f"model: {name}; device: {device}; dtype: {str(dtype).replace('torch.', '')}; layout: {args.layout}; "
-          f"new tokens: {args.max_new_tokens}; torch threads: {torch.get_num_threads()}; "
-          f"vattn {info.get('version')} ({'CUDA' if info.get('built_with_cuda') else 'CPU'} build); "
-          f"median of {args.repeats} interleaved runs")
+    print(
+        f"model: {name}; device: {device}; dtype: {str(dtype).replace('torch.', '')}; layout: {args.layout}; "
+        f"new tokens: {args.max_new_tokens}; torch threads: {torch.get_num_threads()}; "
+        f"vattn {info.get('version')} ({'CUDA' if info.get('built_with_cuda') else 'CPU'} build); "
+        f"median of {args.repeats} interleaved runs"
+    )
     print()
-    print("| batch | prompt width | default cache tok/s | VAttnCache tok/s | vattn / default | same tokens "
-          "| DynamicCache KV bytes | vattn mapped bytes |")
+    print(
+        "| batch | prompt width | default cache tok/s | VAttnCache tok/s | vattn / default | same tokens "
+        "| DynamicCache KV bytes | vattn mapped bytes |"
+    )
     print("|---:|---:|---:|---:|---:|:---:|---:|---:|")
     for batch, width, d, v, same, md, mv in rows:
-        print(f"| {batch} | {width} | {d:.1f} | {v:.1f} | {v / d:.2f} | {'yes' if same else 'NO'} "
-              f"| {md / 2**20:.1f} MiB | {mv / 2**20:.1f} MiB |")
+        print(
+            f"| {batch} | {width} | {d:.1f} | {v:.1f} | {v / d:.2f} | {'yes' if same else 'NO'} "
+            f"| {md / 2**20:.1f} MiB | {mv / 2**20:.1f} MiB |"
+        )
     return 0
 
 

@@ -13,6 +13,7 @@ On CUDA it also puts the per-step cost next to the decode attention of that batc
 KV) at the measured copy bandwidth, as shares.
 The CPU run uses the host (memfd) backend, the CUDA run the CUDA driver backend.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,19 +44,42 @@ def _stat(stats, key):
 
 def _summ(samples_s: List[float]) -> Dict[str, float]:
     us = sorted(x * 1e6 for x in samples_s)
-    return {"median_us": statistics.median(us), "mean_us": statistics.fmean(us),
-            "p99_us": us[min(len(us) - 1, int(0.99 * len(us)))], "max_us": us[-1], "n": len(us)}
+    return {
+        "median_us": statistics.median(us),
+        "mean_us": statistics.fmean(us),
+        "p99_us": us[min(len(us) - 1, int(0.99 * len(us)))],
+        "max_us": us[-1],
+        "n": len(us),
+    }
 
 
 def make_cache(device: str, model: str, max_batch: int, max_seq_len: int, **opts):
     import vattn
+
     _, hkv, d = bu.MODELS[model]
-    return vattn.KVCache(num_layers=MODEL_LAYERS[model], num_kv_heads=hkv, head_dim=d, max_batch=max_batch,
-                         max_seq_len=max_seq_len, dtype=torch.bfloat16, device=device, **opts)
+    return vattn.KVCache(
+        num_layers=MODEL_LAYERS[model],
+        num_kv_heads=hkv,
+        head_dim=d,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        dtype=torch.bfloat16,
+        device=device,
+        **opts,
+    )
 
 
-def step_latency(device: str, model: str, n_live: int, steps: int, prompt: int, background: bool,
-                 mode: str = "step", gap_s: float = 0.0, pooled: bool = False) -> Dict:
+def step_latency(
+    device: str,
+    model: str,
+    n_live: int,
+    steps: int,
+    prompt: int,
+    background: bool,
+    mode: str = "step",
+    gap_s: float = 0.0,
+    pooled: bool = False,
+) -> Dict:
     """Per-decode-step host latency for n_live requests. mode "step": begin_step + end_step;
     mode "reserve": reserve(slot, length + 1) for every slot (then end the step as usual, untimed).
     gap_s: untimed pause between steps standing in for the model's forward pass: the time in which
@@ -94,9 +118,18 @@ def step_latency(device: str, model: str, n_live: int, steps: int, prompt: int, 
             raise AssertionError(f"length {int(lengths[slots[0]])} after {steps} steps, expected {prompt + steps}")
         out = _summ(samples)
         pm0, pm1 = _stat(s0, "pages_mapped"), _stat(s1, "pages_mapped")
-        out.update({"n_live": n_live, "steps": steps, "mode": mode, "background": background, "pooled": pooled,
-                    "pages_mapped_during": int(pm1 - pm0), "page_bytes": int(_stat(s1, "page_bytes")),
-                    "per_request_us": out["mean_us"] / max(n_live, 1)})
+        out.update(
+            {
+                "n_live": n_live,
+                "steps": steps,
+                "mode": mode,
+                "background": background,
+                "pooled": pooled,
+                "pages_mapped_during": int(pm1 - pm0),
+                "page_bytes": int(_stat(s1, "page_bytes")),
+                "per_request_us": out["mean_us"] / max(n_live, 1),
+            }
+        )
         return out
     finally:
         del cache  # releases its reservation before the next configuration
@@ -123,6 +156,7 @@ def page_map_unmap(device: str, model: str, reps: int, pooled: bool) -> Dict:
     coming from a pre-created pool (pooled) or created on demand and destroyed after (no pool,
     watermark 0)."""
     import vattn  # noqa: F401
+
     opts = {"reclaim_watermark_bytes": 0}
     probe = make_cache(device, model, 1, 64, **opts)
     page = int(_stat(probe.stats(), "page_bytes"))
@@ -144,10 +178,17 @@ def page_map_unmap(device: str, model: str, reps: int, pooled: bool) -> Dict:
     s1 = cache.stats()
     m = _summ(maps)
     u = _summ(unmaps)
-    return {"pooled": pooled, "page_bytes": page, "map": m, "unmap": u,
-            "map_calls": int(_stat(s1, "map_calls") - _stat(s0, "map_calls")) if "map_calls" in _keys(s1) else None,
-            "unmap_calls": int(_stat(s1, "unmap_calls") - _stat(s0, "unmap_calls")) if "unmap_calls" in _keys(s1) else None,
-            "create_calls": int(_stat(s1, "create_calls") - _stat(s0, "create_calls")) if "create_calls" in _keys(s1) else None}
+    return {
+        "pooled": pooled,
+        "page_bytes": page,
+        "map": m,
+        "unmap": u,
+        "map_calls": int(_stat(s1, "map_calls") - _stat(s0, "map_calls")) if "map_calls" in _keys(s1) else None,
+        "unmap_calls": int(_stat(s1, "unmap_calls") - _stat(s0, "unmap_calls")) if "unmap_calls" in _keys(s1) else None,
+        "create_calls": int(_stat(s1, "create_calls") - _stat(s0, "create_calls"))
+        if "create_calls" in _keys(s1)
+        else None,
+    }
 
 
 def _keys(stats):
@@ -158,6 +199,7 @@ def decode_step_share(model: str, n_live: int, ctx: int, step_us: float, copy_GB
     """On CUDA: attention time of one decode step (all layers) for this batch, measured with vattn
     on ordinary tensors, and the manager's share of it and of a whole step's memory-bound time."""
     import vattn
+
     hq, hkv, d = bu.MODELS[model]
     case = bu.DecodeCase(model, n_live, ctx, torch.bfloat16)
     data = bu.make_decode(case, "cuda")
@@ -167,9 +209,14 @@ def decode_step_share(model: str, n_live: int, ctx: int, step_us: float, copy_GB
     attn_us = t["median_ms"] * 1e3 * layers
     kv_bytes = n_live * ctx * layers * 2 * hkv * d * 2
     step_est_us = (MODEL_WEIGHT_BYTES[model] + kv_bytes) / (copy_GBps * 1e9) * 1e6
-    return {"n_live": n_live, "ctx": ctx, "attention_all_layers_us": attn_us,
-            "share_of_attention": step_us / (step_us + attn_us),
-            "step_estimate_us": step_est_us, "share_of_step_estimate": step_us / (step_us + step_est_us)}
+    return {
+        "n_live": n_live,
+        "ctx": ctx,
+        "attention_all_layers_us": attn_us,
+        "share_of_attention": step_us / (step_us + attn_us),
+        "step_estimate_us": step_est_us,
+        "share_of_step_estimate": step_us / (step_us + step_est_us),
+    }
 
 
 def main(argv=None) -> int:
@@ -177,13 +224,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", choices=sorted(MODEL_LAYERS), default="llama3-8b")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--gap-us", type=float, default=1000.0,
-                    help="untimed pause between decode steps (the model's forward pass), default 1000")
+    ap.add_argument(
+        "--gap-us",
+        type=float,
+        default=1000.0,
+        help="untimed pause between decode steps (the model's forward pass), default 1000",
+    )
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args(argv)
     try:
         import vattn  # noqa: F401
+
         vattn.KVCache  # noqa: B018
     except Exception as e:  # noqa: BLE001
         print(f"manager_latency.py: cannot use vattn.KVCache: {type(e).__name__}: {e}", file=sys.stderr)
@@ -195,13 +247,21 @@ def main(argv=None) -> int:
     prompt = 32
     rows: List[Dict] = []
     errors: List[str] = []
-    configs = [("step", False, False), ("step", True, False), ("step", False, True), ("step", True, True),
-               ("reserve", False, False)]
+    configs = [
+        ("step", False, False),
+        ("step", True, False),
+        ("step", False, True),
+        ("step", True, True),
+        ("reserve", False, False),
+    ]
     for mode, background, pooled in configs:
         for n in lives:
             try:
-                rows.append(step_latency(args.device, args.model, n, steps, prompt, background, mode,
-                                         args.gap_us * 1e-6, pooled))
+                rows.append(
+                    step_latency(
+                        args.device, args.model, n, steps, prompt, background, mode, args.gap_us * 1e-6, pooled
+                    )
+                )
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{mode} bg={background} pool={pooled} n={n}: {type(e).__name__}: {e}")
     pages = []
@@ -221,32 +281,50 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             errors.append(f"step share: {type(e).__name__}: {e}")
 
-    lines = [f"cache geometry: {args.model} ({MODEL_LAYERS[args.model]} layers, kv heads/dim "
-             f"{bu.MODELS[args.model][1]}x{bu.MODELS[args.model][2]}, bf16, token_major), device {args.device}; "
-             f"prompt {prompt} tokens then {steps} decode steps, {args.gap_us:.0f} us untimed pause between steps "
-             "(stands in for the forward pass; the background thread maps during it); host time, no device sync",
-             "", "| path | live requests | median / step | mean / step | p99 / step | mean / request | pages mapped in loop |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"cache geometry: {args.model} ({MODEL_LAYERS[args.model]} layers, kv heads/dim "
+        f"{bu.MODELS[args.model][1]}x{bu.MODELS[args.model][2]}, bf16, token_major), device {args.device}; "
+        f"prompt {prompt} tokens then {steps} decode steps, {args.gap_us:.0f} us untimed pause between steps "
+        "(stands in for the forward pass; the background thread maps during it); host time, no device sync",
+        "",
+        "| path | live requests | median / step | mean / step | p99 / step | mean / request | pages mapped in loop |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         path = "begin_step+end_step" if r["mode"] == "step" else "reserve (per slot)"
         path += " (background" if r["background"] else " (sync"
         path += ", pages pre-created)" if r["pooled"] else ")"
-        lines.append(f"| {path} | {r['n_live']} | {r['median_us']:.1f} us | {r['mean_us']:.1f} us | {r['p99_us']:.1f} us | "
-                     f"{r['per_request_us']:.2f} us | {r['pages_mapped_during']} |")
+        lines.append(
+            f"| {path} | {r['n_live']} | {r['median_us']:.1f} us | {r['mean_us']:.1f} us | {r['p99_us']:.1f} us | "
+            f"{r['per_request_us']:.2f} us | {r['pages_mapped_during']} |"
+        )
     if pages:
-        lines += ["", "| one page | page size | map median | map p99 | unmap median | unmap p99 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| one page | page size | map median | map p99 | unmap median | unmap p99 |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in pages:
             src = "from pool (pre-created)" if p["pooled"] else "created / destroyed"
-            lines.append(f"| {src} | {p['page_bytes'] // 1024} KiB | {p['map']['median_us']:.1f} us | {p['map']['p99_us']:.1f} us | "
-                         f"{p['unmap']['median_us']:.1f} us | {p['unmap']['p99_us']:.1f} us |")
+            lines.append(
+                f"| {src} | {p['page_bytes'] // 1024} KiB | {p['map']['median_us']:.1f} us | {p['map']['p99_us']:.1f} us | "
+                f"{p['unmap']['median_us']:.1f} us | {p['unmap']['p99_us']:.1f} us |"
+            )
     if shares:
-        lines += ["", "| live requests | manager / step (mean) | vattn decode attention, all layers (ctx 4096) | share of attention | "
-                  "est. whole step (weights+KV at copy bw) | share of step |", "|---|---|---|---|---|---|"]
-        step_mean = {r["n_live"]: r["mean_us"] for r in rows
-                     if r["mode"] == "step" and not r["background"] and not r["pooled"]}
+        lines += [
+            "",
+            "| live requests | manager / step (mean) | vattn decode attention, all layers (ctx 4096) | share of attention | "
+            "est. whole step (weights+KV at copy bw) | share of step |",
+            "|---|---|---|---|---|---|",
+        ]
+        step_mean = {
+            r["n_live"]: r["mean_us"] for r in rows if r["mode"] == "step" and not r["background"] and not r["pooled"]
+        }
         for s in shares:
-            lines.append(f"| {s['n_live']} | {step_mean[s['n_live']]:.1f} us | {s['attention_all_layers_us']:.1f} us | "
-                         f"{100 * s['share_of_attention']:.2f}% | {s['step_estimate_us']:.0f} us | {100 * s['share_of_step_estimate']:.2f}% |")
+            lines.append(
+                f"| {s['n_live']} | {step_mean[s['n_live']]:.1f} us | {s['attention_all_layers_us']:.1f} us | "
+                f"{100 * s['share_of_attention']:.2f}% | {s['step_estimate_us']:.0f} us | {100 * s['share_of_step_estimate']:.2f}% |"
+            )
     if errors:
         lines += ["", "Errors:"] + [f"- {e}" for e in errors]
     elapsed = time.perf_counter() - t_start
@@ -257,8 +335,20 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "model": args.model, "command": cmd, "date": stamp, "steps": rows,
-                       "pages": pages, "shares": shares, "errors": errors}, f, indent=1)
+            json.dump(
+                {
+                    "device": args.device,
+                    "model": args.model,
+                    "command": cmd,
+                    "date": stamp,
+                    "steps": rows,
+                    "pages": pages,
+                    "shares": shares,
+                    "errors": errors,
+                },
+                f,
+                indent=1,
+            )
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"Command: `{cmd}` ({stamp}, {elapsed:.0f} s)\n\n{text}\n")

@@ -15,6 +15,7 @@ Compared, over time: physical bytes mapped vs bytes of live tokens for
   static        max_seq_len preallocated per live request                        computed
   paged16       16-token blocks (vLLM's accounting)                              computed
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, ELEM = 32, 8, 128, 2          # Llama-3-8B, bf16
-TOKEN_BYTES = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_DIM * ELEM     # 128 KiB per token
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, ELEM = 32, 8, 128, 2  # Llama-3-8B, bf16
+TOKEN_BYTES = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_DIM * ELEM  # 128 KiB per token
 PAGE = 2 << 20
 MAX_SEQ_LEN = 8192
 GIB = float(1 << 30)
@@ -39,7 +40,7 @@ GIB = float(1 << 30)
 
 @dataclass
 class Request:
-    arrival: int   # decode step at which it arrives
+    arrival: int  # decode step at which it arrives
     prompt: int
     output: int
 
@@ -80,7 +81,9 @@ def make_realistic_trace(path: str, n: int = 500, seed: int = 2024) -> None:
 
 def load_trace(path: str) -> List[Request]:
     with open(path) as f:
-        return [Request(int(r["arrival_step"]), int(r["prompt_tokens"]), int(r["output_tokens"])) for r in csv.DictReader(f)]
+        return [
+            Request(int(r["arrival_step"]), int(r["prompt_tokens"]), int(r["output_tokens"])) for r in csv.DictReader(f)
+        ]
 
 
 def replay(trace: List[Request], layout: str, max_batch: int) -> Dict[str, np.ndarray]:
@@ -88,8 +91,19 @@ def replay(trace: List[Request], layout: str, max_batch: int) -> Dict[str, np.nd
     mapped bytes (measured) and used bytes."""
     import vattn
 
-    cache = vattn.KVCache(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, max_batch, MAX_SEQ_LEN, dtype=torch.bfloat16,
-                          layout=layout, device="cpu", page_bytes=PAGE, reclaim_watermark_bytes=0, _host_commit=False)
+    cache = vattn.KVCache(
+        NUM_LAYERS,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        max_batch,
+        MAX_SEQ_LEN,
+        dtype=torch.bfloat16,
+        layout=layout,
+        device="cpu",
+        page_bytes=PAGE,
+        reclaim_watermark_bytes=0,
+        _host_commit=False,
+    )
     pending = sorted(trace, key=lambda r: r.arrival)
     nxt = 0
     live: Dict[int, List[int]] = {}  # slot -> [remaining output tokens]
@@ -128,9 +142,13 @@ def replay(trace: List[Request], layout: str, max_batch: int) -> Dict[str, np.nd
 
 
 def summarize(name: str, mapped: np.ndarray, used: np.ndarray, live: np.ndarray) -> Dict:
-    return {"scheme": name, "mean_mapped_gib": mapped.mean() / GIB, "peak_mapped_gib": mapped.max() / GIB,
-            "used_over_mapped": used.sum() / mapped.sum(),
-            "waste_pages_per_req": float(((mapped - used) / live).mean() / PAGE)}
+    return {
+        "scheme": name,
+        "mean_mapped_gib": mapped.mean() / GIB,
+        "peak_mapped_gib": mapped.max() / GIB,
+        "used_over_mapped": used.sum() / mapped.sum(),
+        "waste_pages_per_req": float(((mapped - used) / live).mean() / PAGE),
+    }
 
 
 def run(trace_name: str, trace: List[Request], max_batch: int) -> Dict:
@@ -139,23 +157,37 @@ def run(trace_name: str, trace: List[Request], max_batch: int) -> Dict:
     res = {layout: replay(trace, layout, max_batch) for layout in ("token_major", "layer_major")}
     secs = time.perf_counter() - t0
     tm = res["token_major"]
-    rows = [summarize("token_major", tm["mapped"], tm["used"], tm["live"]),
-            summarize("layer_major", res["layer_major"]["mapped"], res["layer_major"]["used"], res["layer_major"]["live"]),
-            summarize("static (max_seq_len per request)", tm["static"], tm["used"], tm["live"]),
-            summarize("paged16 (vLLM, computed)", tm["paged16"], tm["used"], tm["live"])]
-    return {"name": trace_name, "requests": len(trace), "mean_len": float(lengths.mean()), "steps": len(tm["live"]),
-            "mean_live": float(tm["live"].mean()), "rows": rows, "series": res, "seconds": secs}
+    rows = [
+        summarize("token_major", tm["mapped"], tm["used"], tm["live"]),
+        summarize("layer_major", res["layer_major"]["mapped"], res["layer_major"]["used"], res["layer_major"]["live"]),
+        summarize("static (max_seq_len per request)", tm["static"], tm["used"], tm["live"]),
+        summarize("paged16 (vLLM, computed)", tm["paged16"], tm["used"], tm["live"]),
+    ]
+    return {
+        "name": trace_name,
+        "requests": len(trace),
+        "mean_len": float(lengths.mean()),
+        "steps": len(tm["live"]),
+        "mean_live": float(tm["live"].mean()),
+        "rows": rows,
+        "series": res,
+        "seconds": secs,
+    }
 
 
 def table(result: Dict) -> str:
-    out = [f"**{result['name']}**: {result['requests']} requests, mean length {result['mean_len']:.0f} tokens, "
-           f"{result['steps']} steps, {result['mean_live']:.1f} live requests on average",
-           "",
-           "| scheme | mean mapped (GiB) | peak mapped (GiB) | used / mapped | waste per live request (2 MiB pages) |",
-           "|---|---:|---:|---:|---:|"]
+    out = [
+        f"**{result['name']}**: {result['requests']} requests, mean length {result['mean_len']:.0f} tokens, "
+        f"{result['steps']} steps, {result['mean_live']:.1f} live requests on average",
+        "",
+        "| scheme | mean mapped (GiB) | peak mapped (GiB) | used / mapped | waste per live request (2 MiB pages) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
-        out.append(f"| {r['scheme']} | {r['mean_mapped_gib']:.2f} | {r['peak_mapped_gib']:.2f} | "
-                   f"{r['used_over_mapped']:.3f} | {r['waste_pages_per_req']:.2f} |")
+        out.append(
+            f"| {r['scheme']} | {r['mean_mapped_gib']:.2f} | {r['peak_mapped_gib']:.2f} | "
+            f"{r['used_over_mapped']:.3f} | {r['waste_pages_per_req']:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -173,6 +205,7 @@ def check(result: Dict) -> List[str]:
 
 def plot(results: List[Dict], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -218,16 +251,22 @@ def main(argv=None) -> int:
     results = [run(name, tr, args.max_batch) for name, tr in traces]
 
     cmd = "python bench/memory_trace.py" + (" --quick" if args.quick else "")
-    md = ["# KV-cache memory efficiency on request traces", "",
-          f"Command: `{cmd}` (host memfd backend, real vattn manager; Llama-3-8B geometry: 32 layers, 8 KV heads, "
-          f"head_dim 128, bf16 = {TOKEN_BYTES // 1024} KiB per token; 2 MiB pages; max_seq_len {MAX_SEQ_LEN}; "
-          f"max_batch {args.max_batch}; reclaim watermark 0). Means are over decode steps.", ""]
+    md = [
+        "# KV-cache memory efficiency on request traces",
+        "",
+        f"Command: `{cmd}` (host memfd backend, real vattn manager; Llama-3-8B geometry: 32 layers, 8 KV heads, "
+        f"head_dim 128, bf16 = {TOKEN_BYTES // 1024} KiB per token; 2 MiB pages; max_seq_len {MAX_SEQ_LEN}; "
+        f"max_batch {args.max_batch}; reclaim watermark 0). Means are over decode steps.",
+        "",
+    ]
     problems = []
     for res in results:
         md += [table(res), ""]
         problems += check(res)
-    md.append("Check (token_major: waste < 1 page per live request; used/mapped >= 0.95 at mean length >= 1K): " +
-              ("**pass**" if not problems else "**FAIL**: " + "; ".join(problems)))
+    md.append(
+        "Check (token_major: waste < 1 page per live request; used/mapped >= 0.95 at mean length >= 1K): "
+        + ("**pass**" if not problems else "**FAIL**: " + "; ".join(problems))
+    )
     text = "\n".join(md) + "\n"
     print(text)
     os.makedirs(args.out_dir, exist_ok=True)

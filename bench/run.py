@@ -12,6 +12,7 @@ On CUDA decode is also timed as a CUDA-graph replay (column graph).
 Nothing here asserts speed; correctness against each anchor is checked (column err) and a
 mismatch is flagged in the table and the exit status.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,18 +55,32 @@ class Runner:
 
     def measure_ceilings(self) -> None:
         if self.device == "cpu":
-            self.ceilings["bandwidth"] = bu.cpu_read_bandwidth(256 * 2**20 if self.quick else 512 * 2**20,
-                                                               budget_s=0.3 if self.quick else 1.0)
-            self.ceilings["compute"] = bu.cpu_matmul_flops(768 if self.quick else 1024,
-                                                           budget_s=0.3 if self.quick else 1.0)
+            self.ceilings["bandwidth"] = bu.cpu_read_bandwidth(
+                256 * 2**20 if self.quick else 512 * 2**20, budget_s=0.3 if self.quick else 1.0
+            )
+            self.ceilings["compute"] = bu.cpu_matmul_flops(
+                768 if self.quick else 1024, budget_s=0.3 if self.quick else 1.0
+            )
         else:
             self.ceilings["bandwidth"] = bu.gpu_copy_bandwidth()
             self.ceilings["compute"] = bu.gpu_matmul_flops()
 
     # -- rows
-    def add(self, op: str, shape: str, vt: Optional[Dict], anchor: Optional[bu.Anchor], at: Optional[Dict],
-            metric: str, work: float, err: Optional[float] = None, ok: Optional[bool] = None,
-            note: str = "", graph: Optional[Dict] = None, params: Optional[Dict] = None) -> None:
+    def add(
+        self,
+        op: str,
+        shape: str,
+        vt: Optional[Dict],
+        anchor: Optional[bu.Anchor],
+        at: Optional[Dict],
+        metric: str,
+        work: float,
+        err: Optional[float] = None,
+        ok: Optional[bool] = None,
+        note: str = "",
+        graph: Optional[Dict] = None,
+        params: Optional[Dict] = None,
+    ) -> None:
         vms = vt["median_ms"] if vt else None
         ams = at["median_ms"] if at else None
         scale = 1e9 if metric == "GB/s" else 1e12
@@ -75,37 +90,79 @@ class Runner:
         if value is not None:
             ceiling = self.ceilings["bandwidth"]["GBps"] if metric == "GB/s" else self.ceilings["compute"]["TFLOPs"]
             pct = 100 * value / ceiling
-        self.rows.append({
-            "op": op, "shape": shape,
-            "vattn_ms": vms, "anchor": anchor.name if anchor else None, "anchor_ms": ams,
-            "ratio": (ams / vms) if (vms and ams) else None,
-            "metric": metric, "value": value, "pct_ceiling": pct, "anchor_value": anchor_value, "work": work,
-            "params": params or {},
-            "graph_ms": graph["median_ms"] if graph else None,
-            "max_err": err, "ok": ok, "note": "; ".join(x for x in (note, anchor.note if anchor else "") if x),
-            "vattn_timing": vt, "anchor_timing": at, "graph_timing": graph,
-        })
+        self.rows.append(
+            {
+                "op": op,
+                "shape": shape,
+                "vattn_ms": vms,
+                "anchor": anchor.name if anchor else None,
+                "anchor_ms": ams,
+                "ratio": (ams / vms) if (vms and ams) else None,
+                "metric": metric,
+                "value": value,
+                "pct_ceiling": pct,
+                "anchor_value": anchor_value,
+                "work": work,
+                "params": params or {},
+                "graph_ms": graph["median_ms"] if graph else None,
+                "max_err": err,
+                "ok": ok,
+                "note": "; ".join(x for x in (note, anchor.note if anchor else "") if x),
+                "vattn_timing": vt,
+                "anchor_timing": at,
+                "graph_timing": graph,
+            }
+        )
 
     def failed(self, op: str, shape: str, metric: str, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        self.rows.append({"op": op, "shape": shape, "vattn_ms": None, "anchor": None, "anchor_ms": None,
-                          "ratio": None, "metric": metric, "value": None, "pct_ceiling": None,
-                          "graph_ms": None, "max_err": None, "ok": False, "note": "FAILED " + msg})
+        self.rows.append(
+            {
+                "op": op,
+                "shape": shape,
+                "vattn_ms": None,
+                "anchor": None,
+                "anchor_ms": None,
+                "ratio": None,
+                "metric": metric,
+                "value": None,
+                "pct_ceiling": None,
+                "graph_ms": None,
+                "max_err": None,
+                "ok": False,
+                "note": "FAILED " + msg,
+            }
+        )
         if os.environ.get("VATTN_BENCH_TRACEBACK"):
             traceback.print_exc()
 
     def skipped(self, op: str, shape: str, metric: str, why: str) -> None:
-        self.rows.append({"op": op, "shape": shape, "vattn_ms": None, "anchor": None, "anchor_ms": None,
-                          "ratio": None, "metric": metric, "value": None, "pct_ceiling": None,
-                          "graph_ms": None, "max_err": None, "ok": None, "note": "skipped: " + why})
+        self.rows.append(
+            {
+                "op": op,
+                "shape": shape,
+                "vattn_ms": None,
+                "anchor": None,
+                "anchor_ms": None,
+                "ratio": None,
+                "metric": metric,
+                "value": None,
+                "pct_ceiling": None,
+                "graph_ms": None,
+                "max_err": None,
+                "ok": None,
+                "note": "skipped: " + why,
+            }
+        )
 
     def compare_and_add(self, op, shape, metric, work, vfn, vt, anchors, vout, graph=None, params=None):
         tol = None
         added = False
         for a in anchors:
             if isinstance(a, str):
-                self.add(op, shape, vt, None, None, metric, work, note="anchor unavailable: " + a, graph=graph,
-                         params=params)
+                self.add(
+                    op, shape, vt, None, None, metric, work, note="anchor unavailable: " + a, graph=graph, params=params
+                )
                 added = True
                 continue
             ref = a.to_vattn(a.fn())
@@ -120,6 +177,7 @@ class Runner:
     # -- benchmarks
     def decode(self, case: bu.DecodeCase) -> None:
         import vattn
+
         hq, hkv, d = case.heads
         data = bu.make_decode(case, self.device)
         maxlen = max(data.lens)
@@ -137,18 +195,32 @@ class Runner:
                 print(f"  graph capture failed for {case.name}: {e}", file=sys.stderr)
         work = bu.decode_bytes(data.lens, hq, hkv, d, bu.elem_size(case.dtype), bu.elem_size(case.dtype))
         anchors = bu.decode_anchors(data, self.device, with_flex=self.with_flex)
-        params = {"model": case.model, "batch": case.batch, "ctx": case.ctx, "ragged": case.ragged,
-                  "dtype": bu._dt(case.dtype), "lens": data.lens}
+        params = {
+            "model": case.model,
+            "batch": case.batch,
+            "ctx": case.ctx,
+            "ragged": case.ragged,
+            "dtype": bu._dt(case.dtype),
+            "lens": data.lens,
+        }
         self.compare_and_add("decode", case.name, "GB/s", work, vfn, vt, anchors, vout, graph, params)
 
     def prefill(self, case: bu.PrefillCase) -> None:
         import vattn
+
         hq, hkv, d = case.heads
         data = bu.make_prefill(case, self.device)
 
         def vfn():
-            return vattn.prefill_attention(data.q, data.k_cache, data.v_cache, data.cu_seqlens_q, data.seqlens_k,
-                                           max_seqlen_q=max(case.qlens), max_seqlen_k=max(case.klens))
+            return vattn.prefill_attention(
+                data.q,
+                data.k_cache,
+                data.v_cache,
+                data.cu_seqlens_q,
+                data.seqlens_k,
+                max_seqlen_q=max(case.qlens),
+                max_seqlen_k=max(case.klens),
+            )
 
         vout = vfn()
         vt = self.time(vfn)
@@ -161,6 +233,7 @@ class Runner:
         """append_kv: decode-style (one token per row) or prefill-style (many tokens, one row).
         Anchor: torch advanced-index assignment (what reference.append_kv does)."""
         import vattn
+
         hq, hkv, d = bu.MODELS[model]
         dev = self.device
         cap = max(2 * tokens_per_row, 1024)
@@ -188,12 +261,22 @@ class Runner:
         vt, at = self.time(vfn), self.time(afn)
         work = 2 * 2 * n * hkv * d * bu.elem_size(dtype)  # read new K/V + write them
         shape = f"{model} rows={rows} tokens/row={tokens_per_row} {bu._dt(dtype)}"
-        self.add("append_kv", shape, vt, bu.Anchor("torch index_put", afn, lambda x: x), at, "GB/s", work,
-                 err=err, ok=err == 0.0)
+        self.add(
+            "append_kv",
+            shape,
+            vt,
+            bu.Anchor("torch index_put", afn, lambda x: x),
+            at,
+            "GB/s",
+            work,
+            err=err,
+            ok=err == 0.0,
+        )
 
     def merge(self, n: int, heads: int, d: int, dtype: torch.dtype) -> None:
         """merge_states against the same formula written in torch eager ops (fp32 math)."""
         import vattn
+
         dev = self.device
         g = bu.seeded(5, dev)
         oa = torch.randn(n, heads, d, generator=g, device=dev, dtype=dtype)
@@ -214,9 +297,17 @@ class Runner:
         vt, at = self.time(vfn), self.time(afn)
         es = bu.elem_size(dtype)
         work = 3 * n * heads * d * es + 3 * n * heads * 4
-        self.add("merge_states", f"n={n} heads={heads} d={d} {bu._dt(dtype)}", vt,
-                 bu.Anchor("torch eager", afn, lambda x: x), at, "GB/s", work, err=err,
-                 ok=err <= bu.tolerance(dtype))
+        self.add(
+            "merge_states",
+            f"n={n} heads={heads} d={d} {bu._dt(dtype)}",
+            vt,
+            bu.Anchor("torch eager", afn, lambda x: x),
+            at,
+            "GB/s",
+            work,
+            err=err,
+            ok=err <= bu.tolerance(dtype),
+        )
 
     def run_all(self) -> None:
         dt = torch.float32 if self.device == "cpu" else torch.bfloat16
@@ -232,9 +323,13 @@ class Runner:
             extra = [("llama3-8b", 64, 1), ("llama3-8b", 1, 8192)]
             merges = [(16384, 32, 128)]
         for m, r, t in extra:
-            jobs.append(("append_kv", f"{m} rows={r} tokens/row={t}", "GB/s", lambda m=m, r=r, t=t: self.append(m, r, t, dt)))
+            jobs.append(
+                ("append_kv", f"{m} rows={r} tokens/row={t}", "GB/s", lambda m=m, r=r, t=t: self.append(m, r, t, dt))
+            )
         for n, h, d in merges:
-            jobs.append(("merge_states", f"n={n} heads={h} d={d}", "GB/s", lambda n=n, h=h, d=d: self.merge(n, h, d, dt)))
+            jobs.append(
+                ("merge_states", f"n={n} heads={h} d={d}", "GB/s", lambda n=n, h=h, d=d: self.merge(n, h, d, dt))
+            )
         if self.only:
             pat = re.compile(self.only)
             jobs = [j for j in jobs if pat.search(f"{j[0]} {j[1]}")]
@@ -262,6 +357,7 @@ def _wants_flex(shape: str) -> bool:
 
 # --------------------------------------------------------------------------- output
 
+
 def _f(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -279,11 +375,15 @@ def table_rows(rows: List[Dict], with_graph: bool) -> List[List[str]]:
         line = [r["op"], r["shape"], _time(r["vattn_ms"])]
         if with_graph:
             line.append(_time(r.get("graph_ms")))
-        line += [r["anchor"] or "-", _time(r["anchor_ms"]), _f(r["ratio"], ".2f"),
-                 (_f(r["value"], ".1f" if r["metric"] == "GB/s" else ".3f") + " " + r["metric"]) if r["value"] else "-",
-                 _f(r["pct_ceiling"], ".0f") + ("%" if r["pct_ceiling"] is not None else ""),
-                 (_f(r["max_err"], ".1e") + " " + ok).strip() if r["max_err"] is not None else ok,
-                 r["note"]]
+        line += [
+            r["anchor"] or "-",
+            _time(r["anchor_ms"]),
+            _f(r["ratio"], ".2f"),
+            (_f(r["value"], ".1f" if r["metric"] == "GB/s" else ".3f") + " " + r["metric"]) if r["value"] else "-",
+            _f(r["pct_ceiling"], ".0f") + ("%" if r["pct_ceiling"] is not None else ""),
+            (_f(r["max_err"], ".1e") + " " + ok).strip() if r["max_err"] is not None else ok,
+            r["note"],
+        ]
         out.append(line)
     return out
 
@@ -312,13 +412,22 @@ def format_markdown(rows, with_graph) -> str:
 
 
 def machine_info(device: str) -> Dict[str, str]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": _cpu_name(), "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
-            "loadavg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "loadavg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?",
+    }
     try:
         import subprocess
+
         here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         info["commit"] = rev.stdout.strip() or "?"
     except Exception:  # noqa: BLE001 - not a git checkout
         info["commit"] = "?"
@@ -329,6 +438,7 @@ def machine_info(device: str) -> Dict[str, str]:
         info["cuda"] = str(torch.version.cuda)
     try:
         import vattn
+
         info["vattn"] = getattr(vattn, "__version__", "") or "?"
         info["vattn_built_with_cuda"] = str(getattr(vattn._C, "built_with_cuda", "?"))
     except Exception as e:  # noqa: BLE001
@@ -353,8 +463,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few small shapes, few repetitions")
     ap.add_argument("--json", help="write rows, ceilings and machine info here")
     ap.add_argument("--markdown", help="write the table (markdown) here")
-    ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds after which remaining cases are skipped (default 170 cpu, 240 cuda; quick 25 / 120)")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds after which remaining cases are skipped (default 170 cpu, 240 cuda; quick 25 / 120)",
+    )
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention anchors (each shape compiles)")
     ap.add_argument("--only", help="regex on 'op shape': run only the matching cases")
     ap.add_argument("--impl", choices=["fast", "simple"], default="fast", help="vattn attention kernel variant")
@@ -365,6 +479,7 @@ def main(argv=None) -> int:
         return 2
     try:
         import vattn
+
         if hasattr(vattn, "ops") and hasattr(vattn.ops, "set_attention_impl"):
             vattn.ops.set_attention_impl(args.impl)
     except Exception as e:  # noqa: BLE001
@@ -373,7 +488,9 @@ def main(argv=None) -> int:
 
     budget = args.time_budget
     if budget is None:
-        budget = {("cpu", False): 170, ("cpu", True): 25, ("cuda", False): 240, ("cuda", True): 120}[(args.device, args.quick)]
+        budget = {("cpu", False): 170, ("cpu", True): 25, ("cuda", False): 240, ("cuda", True): 120}[
+            (args.device, args.quick)
+        ]
     load_start = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
     t0 = time.perf_counter()
     runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex, only=args.only)
@@ -383,8 +500,10 @@ def main(argv=None) -> int:
 
     with_graph = args.device == "cuda"
     bw, fl = runner.ceilings["bandwidth"], runner.ceilings["compute"]
-    ceil_line = (f"ceilings: bandwidth {bw['GBps']:.1f} GB/s ({bw['op']}), compute {fl['TFLOPs']:.3f} TFLOP/s ({fl['op']}, "
-                 f"n={fl['n']})")
+    ceil_line = (
+        f"ceilings: bandwidth {bw['GBps']:.1f} GB/s ({bw['op']}), compute {fl['TFLOPs']:.3f} TFLOP/s ({fl['op']}, "
+        f"n={fl['n']})"
+    )
     cmd = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_text(runner.rows, with_graph))
     print(ceil_line)
@@ -395,9 +514,22 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "quick": args.quick, "impl": args.impl, "command": cmd, "date": stamp,
-                       "elapsed_s": elapsed, "machine": info, "ceilings": runner.ceilings, "rows": runner.rows},
-                      f, indent=1, default=str)
+            json.dump(
+                {
+                    "device": args.device,
+                    "quick": args.quick,
+                    "impl": args.impl,
+                    "command": cmd,
+                    "date": stamp,
+                    "elapsed_s": elapsed,
+                    "machine": info,
+                    "ceilings": runner.ceilings,
+                    "rows": runner.rows,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"Command: `{cmd}` ({stamp}, {elapsed:.0f} s)\n\n")

@@ -13,6 +13,7 @@ mismatch), so a kernel the sanitizer silences by skipping work is still caught.
 Set PYTORCH_NO_CUDA_MEMORY_CACHING=1 so out-of-bounds reads land outside an allocation.
 `--device cpu` runs the same script on the CPU kernels (a quick self-test of this file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,20 +75,54 @@ def attention_cases(dev: str, impls) -> None:
                 tag = f"{impl} {str(dtype)[6:]} {hq}/{hkv}x{d} lens={lens} w={window} cap={softcap}"
                 # decode
                 q = torch.randn(b, hq, d, generator=g, device=dev).to(dtype)
-                out, lse = vattn.decode_attention(q, kc, vc, seqlens, row_ids=row_ids, window_left=window,
-                                                  softcap=softcap, max_seqlen_k=cap, return_lse=True)
-                ref, ref_lse = reference.attention(q.cpu(), kc.cpu(), vc.cpu(), seqlens.cpu(), row_ids=row_ids.cpu(),
-                                                   window_left=window, softcap=softcap)
+                out, lse = vattn.decode_attention(
+                    q,
+                    kc,
+                    vc,
+                    seqlens,
+                    row_ids=row_ids,
+                    window_left=window,
+                    softcap=softcap,
+                    max_seqlen_k=cap,
+                    return_lse=True,
+                )
+                ref, ref_lse = reference.attention(
+                    q.cpu(),
+                    kc.cpu(),
+                    vc.cpu(),
+                    seqlens.cpu(),
+                    row_ids=row_ids.cpu(),
+                    window_left=window,
+                    softcap=softcap,
+                )
                 check("decode " + tag, out.cpu(), ref, tol_of(dtype))
                 check("decode lse " + tag, lse.cpu(), ref_lse, 1e-2)
                 # prefill / chunked prefill: the last n tokens of each row are new
                 qlens = [min(lens[r], x) for r, x in zip(order, [1, 64, 33, 200])]
                 cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
                 qp = torch.randn(int(cu[-1]), hq, d, generator=g, device=dev).to(dtype)
-                out = vattn.prefill_attention(qp, kc, vc, cu, seqlens, row_ids=row_ids, window_left=window,
-                                              softcap=softcap, max_seqlen_q=max(qlens), max_seqlen_k=cap)
-                ref, _ = reference.attention(qp.cpu(), kc.cpu(), vc.cpu(), seqlens.cpu(), cu_seqlens_q=cu.cpu(),
-                                             row_ids=row_ids.cpu(), window_left=window, softcap=softcap)
+                out = vattn.prefill_attention(
+                    qp,
+                    kc,
+                    vc,
+                    cu,
+                    seqlens,
+                    row_ids=row_ids,
+                    window_left=window,
+                    softcap=softcap,
+                    max_seqlen_q=max(qlens),
+                    max_seqlen_k=cap,
+                )
+                ref, _ = reference.attention(
+                    qp.cpu(),
+                    kc.cpu(),
+                    vc.cpu(),
+                    seqlens.cpu(),
+                    cu_seqlens_q=cu.cpu(),
+                    row_ids=row_ids.cpu(),
+                    window_left=window,
+                    softcap=softcap,
+                )
                 check("prefill " + tag, out.cpu(), ref, tol_of(dtype))
     vattn.ops.set_attention_impl("fast")
 
@@ -126,8 +161,9 @@ def cache_growth(dev: str) -> None:
     append + attention through the high-level API, checked against the reference each step."""
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     layers, hkv, hq, d = 2, 2, 4, 64
-    cache = vattn.KVCache(num_layers=layers, num_kv_heads=hkv, head_dim=d, max_batch=3, max_seq_len=4096,
-                          dtype=dtype, device=dev)
+    cache = vattn.KVCache(
+        num_layers=layers, num_kv_heads=hkv, head_dim=d, max_batch=3, max_seq_len=4096, dtype=dtype, device=dev
+    )
     g = torch.Generator(device=dev).manual_seed(2)
     slots = [cache.alloc(), cache.alloc()]
     page = int(cache.stats()["page_bytes"])
@@ -147,12 +183,17 @@ def cache_growth(dev: str) -> None:
             o = 0
             refs = []
             for s, n in zip(slots, new):
-                hist_k[s][layer].append(k[o:o + n].cpu())
-                hist_v[s][layer].append(v[o:o + n].cpu())
+                hist_k[s][layer].append(k[o : o + n].cpu())
+                hist_v[s][layer].append(v[o : o + n].cpu())
                 kk = torch.cat(hist_k[s][layer])[None]
                 vv = torch.cat(hist_v[s][layer])[None]
-                r, _ = reference.attention(q[o:o + n].cpu(), kk, vv, torch.tensor([kk.shape[1]], dtype=torch.int32),
-                                           cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32))
+                r, _ = reference.attention(
+                    q[o : o + n].cpu(),
+                    kk,
+                    vv,
+                    torch.tensor([kk.shape[1]], dtype=torch.int32),
+                    cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
+                )
                 refs.append(r)
                 o += n
             check(f"cache step {step_i} layer {layer}", out.cpu(), torch.cat(refs), tol_of(dtype))
@@ -168,8 +209,9 @@ def cache_growth(dev: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--only", choices=["attention", "kv", "cache"], action="append",
-                    help="run only these groups (default: all)")
+    ap.add_argument(
+        "--only", choices=["attention", "kv", "cache"], action="append", help="run only these groups (default: all)"
+    )
     args = ap.parse_args()
     if args.device == "cuda" and not (torch.cuda.is_available() and vattn._C.built_with_cuda):
         print("sanitizer_cases.py: needs a CUDA device and a CUDA build of vattn", file=sys.stderr)
@@ -180,15 +222,20 @@ def main() -> int:
     for name in groups:
         print(f"[{name}]", flush=True)
         try:
-            {"attention": lambda: attention_cases(args.device, impls), "kv": lambda: append_and_merge(args.device),
-             "cache": lambda: cache_growth(args.device)}[name]()
+            {
+                "attention": lambda: attention_cases(args.device, impls),
+                "kv": lambda: append_and_merge(args.device),
+                "cache": lambda: cache_growth(args.device),
+            }[name]()
         except Exception as e:  # noqa: BLE001 - report and go on to the other groups
             print(f"  FAIL {name}: {type(e).__name__}: {e}", flush=True)
             FAILURES.append(name)
     if args.device == "cuda":
         torch.cuda.synchronize()
-    print(f"sanitizer_cases: {len(FAILURES)} failure(s) in {time.perf_counter() - t0:.1f} s"
-          + (": " + ", ".join(FAILURES) if FAILURES else ""))
+    print(
+        f"sanitizer_cases: {len(FAILURES)} failure(s) in {time.perf_counter() - t0:.1f} s"
+        + (": " + ", ".join(FAILURES) if FAILURES else "")
+    )
     return 1 if FAILURES else 0
 
 

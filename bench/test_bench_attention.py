@@ -4,6 +4,7 @@ One pytest-benchmark group per shape holds vattn and its anchors. Every test, be
 not (--benchmark-disable), checks vattn against the anchor on the same data. CPU shapes are
 small so the disabled run stays fast in CI; bench/run.py holds the full shape list.
 """
+
 import re
 
 import pytest
@@ -14,17 +15,31 @@ import bench_utils as bu
 F32, BF16 = torch.float32, torch.bfloat16
 
 DECODE = {
-    "cpu": [bu.DecodeCase("llama3-8b", 1, 2048, F32), bu.DecodeCase("llama3-8b", 3, 700, F32, ragged=True),
-            bu.DecodeCase("smollm2", 4, 515, F32), bu.DecodeCase("llama3-8b", 2, 512, BF16)],
-    "cuda": [bu.DecodeCase("llama3-8b", 1, 32768, BF16), bu.DecodeCase("llama3-8b", 16, 8192, BF16),
-             bu.DecodeCase("llama3-8b", 32, 8192, BF16, ragged=True), bu.DecodeCase("smollm2", 64, 4096, BF16)],
+    "cpu": [
+        bu.DecodeCase("llama3-8b", 1, 2048, F32),
+        bu.DecodeCase("llama3-8b", 3, 700, F32, ragged=True),
+        bu.DecodeCase("smollm2", 4, 515, F32),
+        bu.DecodeCase("llama3-8b", 2, 512, BF16),
+    ],
+    "cuda": [
+        bu.DecodeCase("llama3-8b", 1, 32768, BF16),
+        bu.DecodeCase("llama3-8b", 16, 8192, BF16),
+        bu.DecodeCase("llama3-8b", 32, 8192, BF16, ragged=True),
+        bu.DecodeCase("smollm2", 64, 4096, BF16),
+    ],
 }
 PREFILL = {
-    "cpu": [bu.PrefillCase("llama3-8b", [128], [0], F32), bu.PrefillCase("llama3-8b", [64], [300], F32),
-            bu.PrefillCase("smollm2", [33, 70, 5], [0, 100, 17], F32)],
-    "cuda": [bu.PrefillCase("llama3-8b", [4096], [0], BF16), bu.PrefillCase("llama3-8b", [2048], [6144], BF16),
-             bu.PrefillCase("llama3-8b", [1000, 3000, 370, 2500], [0, 1024, 4000, 0], BF16),
-             bu.PrefillCase("smollm2", [2048] * 4, [0] * 4, BF16)],
+    "cpu": [
+        bu.PrefillCase("llama3-8b", [128], [0], F32),
+        bu.PrefillCase("llama3-8b", [64], [300], F32),
+        bu.PrefillCase("smollm2", [33, 70, 5], [0, 100, 17], F32),
+    ],
+    "cuda": [
+        bu.PrefillCase("llama3-8b", [4096], [0], BF16),
+        bu.PrefillCase("llama3-8b", [2048], [6144], BF16),
+        bu.PrefillCase("llama3-8b", [1000, 3000, 370, 2500], [0, 1024, 4000, 0], BF16),
+        bu.PrefillCase("smollm2", [2048] * 4, [0] * 4, BF16),
+    ],
 }
 
 
@@ -33,7 +48,9 @@ def _params(table):
     for dev, cases in table.items():
         marks = [pytest.mark.gpu] if dev == "cuda" else []
         for c in cases:
-            out.append(pytest.param(dev, c, marks=marks, id=f"{dev}-" + re.sub(r"[^A-Za-z0-9.]+", "_", c.name).strip("_")))
+            out.append(
+                pytest.param(dev, c, marks=marks, id=f"{dev}-" + re.sub(r"[^A-Za-z0-9.]+", "_", c.name).strip("_"))
+            )
     return out
 
 
@@ -81,6 +98,7 @@ def _run(bench, device, who, vfn, anchors, group):
 @pytest.mark.parametrize("device,case", _params(DECODE))
 def test_bench_decode(bench, device, case, who):
     import vattn
+
     _skip_flex(bench, device, who)
     if who == "sdpa" and device == "cuda" and case.ragged:
         pytest.skip("SDPA flash takes uniform lengths only; the ragged anchor is FlexAttention")
@@ -98,6 +116,7 @@ def test_bench_decode(bench, device, case, who):
 @pytest.mark.parametrize("device,case", _params(PREFILL))
 def test_bench_prefill(bench, device, case, who):
     import vattn
+
     _skip_flex(bench, device, who)
     if who == "sdpa" and device == "cuda" and not case.uniform:
         pytest.skip("SDPA takes uniform lengths only; the ragged anchor is FlexAttention")
@@ -106,8 +125,15 @@ def test_bench_prefill(bench, device, case, who):
     data = bu.make_prefill(case, device)
 
     def vfn():
-        return vattn.prefill_attention(data.q, data.k_cache, data.v_cache, data.cu_seqlens_q, data.seqlens_k,
-                                       max_seqlen_q=max(case.qlens), max_seqlen_k=max(case.klens))
+        return vattn.prefill_attention(
+            data.q,
+            data.k_cache,
+            data.v_cache,
+            data.cu_seqlens_q,
+            data.seqlens_k,
+            max_seqlen_q=max(case.qlens),
+            max_seqlen_k=max(case.klens),
+        )
 
     anchors = bu.prefill_anchors(data, device, with_flex=(who == "flex"))
     _run(bench, device, who, vfn, anchors, f"prefill {device} {case.name}")

@@ -1,5 +1,6 @@
 """pytest-benchmark versions of the append_kv and merge_states microbenchmarks (bench/run.py),
 each checked against its torch anchor on the same data."""
+
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ def _dtype(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bench_append_kv(bench, device, rows, tokens, who):
     import vattn
+
     _, hkv, d = bu.MODELS["llama3-8b"]
     dt = _dtype(device)
     g = bu.seeded(11, device)
@@ -54,6 +56,7 @@ def test_bench_append_kv(bench, device, rows, tokens, who):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bench_merge_states(bench, device, who):
     import vattn
+
     dt = _dtype(device)
     n, h, d = (512, 32, 128) if device == "cpu" else (16384, 32, 128)
     g = bu.seeded(12, device)

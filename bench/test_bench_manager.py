@@ -2,6 +2,7 @@
 (begin_step + end_step) for several live requests, sync and background mapping, and one page
 mapped + unmapped. Host (memfd) backend on CPU, CUDA driver backend on GPU. Each checks what the
 manager did (lengths, pages mapped), so --benchmark-disable makes them correctness runs."""
+
 import pytest
 import torch
 
@@ -12,8 +13,17 @@ LAYERS, (HQ, HKV, D) = 32, bu.MODELS["llama3-8b"]
 
 def _cache(device, max_batch, max_seq_len, **opts):
     import vattn
-    return vattn.KVCache(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, max_batch=max_batch,
-                         max_seq_len=max_seq_len, dtype=torch.bfloat16, device=device, **opts)
+
+    return vattn.KVCache(
+        num_layers=LAYERS,
+        num_kv_heads=HKV,
+        head_dim=D,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        dtype=torch.bfloat16,
+        device=device,
+        **opts,
+    )
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
@@ -52,10 +62,13 @@ def test_bench_decode_step(bench, device, n_live, background):
 @pytest.mark.parametrize("device", bu.devices())
 def test_bench_map_unmap_page(bench, device, pooled):
     import vattn  # noqa: F401
+
     probe = _cache(device, 1, 64)
     page = probe.page_bytes
     del probe
-    opts = {"prealloc_bytes": 2 * page, "reclaim_watermark_bytes": 4 * page} if pooled else {"reclaim_watermark_bytes": 0}
+    opts = (
+        {"prealloc_bytes": 2 * page, "reclaim_watermark_bytes": 4 * page} if pooled else {"reclaim_watermark_bytes": 0}
+    )
     cache = _cache(device, 1, 1024, **opts)
     slot = cache.alloc()
 

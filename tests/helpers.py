@@ -1,4 +1,5 @@
 """Test utilities for the attention ops: NaN-filled strided caches, random cases, tolerances."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,17 @@ def device_impls():
     ]
 
 
-def cache_views(rows: int, seq: int, heads: int, dim: int, dtype: torch.dtype, layout: str, device="cpu",
-                layers: int = 3, layer: int = 1):
+def cache_views(
+    rows: int,
+    seq: int,
+    heads: int,
+    dim: int,
+    dtype: torch.dtype,
+    layout: str,
+    device="cpu",
+    layers: int = 3,
+    layer: int = 1,
+):
     """Strided K and V views [rows, seq, heads, dim] over NaN-filled storage of one of the layouts.
 
     token_major: [slot, token, layer, K|V, head, dim] sliced at a layer (vattn.KVCache's default);
@@ -47,8 +57,9 @@ def cache_views(rows: int, seq: int, heads: int, dim: int, dtype: torch.dtype, l
     raise ValueError(layout)
 
 
-def fill_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, row_ids: Sequence[int], lengths: Sequence,
-               gen: torch.Generator) -> None:
+def fill_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, row_ids: Sequence[int], lengths: Sequence, gen: torch.Generator
+) -> None:
     """Random values in the first lengths[b] tokens of cache row row_ids[b] (per head when lengths[b]
     is a list); everything else stays NaN so reading past a length shows up in the output."""
     heads, dim = k_cache.shape[2], k_cache.shape[3]
@@ -70,21 +81,24 @@ def randn(shape, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
 @dataclasses.dataclass
 class Case:
     """One attention problem (decode when q_lens is None)."""
-    lens: List[int]                      # seqlens_k per batch row
+
+    lens: List[int]  # seqlens_k per batch row
     hkv: int
     group: int
     dim: int
-    q_lens: Optional[List[int]] = None   # queries per row (prefill)
+    q_lens: Optional[List[int]] = None  # queries per row (prefill)
     head_lens: Optional[List[List[int]]] = None
     window_left: int = -1
     softcap: float = 0.0
     scale: Optional[float] = None
-    extra_rows: int = 2                  # cache rows beyond the batch (row ids are a permutation)
+    extra_rows: int = 2  # cache rows beyond the batch (row ids are a permutation)
 
     def describe(self) -> str:
         kind = "decode" if self.q_lens is None else "prefill"
-        return (f"{kind}-b{len(self.lens)}-h{self.hkv}x{self.group}-d{self.dim}-L{max(self.lens)}"
-                f"-w{self.window_left}-c{self.softcap:g}{'-ph' if self.head_lens else ''}")
+        return (
+            f"{kind}-b{len(self.lens)}-h{self.hkv}x{self.group}-d{self.dim}-L{max(self.lens)}"
+            f"-w{self.window_left}-c{self.softcap:g}{'-ph' if self.head_lens else ''}"
+        )
 
 
 def build(case: Case, dtype: torch.dtype, layout: str, device: str, seed: int):
@@ -102,9 +116,13 @@ def build(case: Case, dtype: torch.dtype, layout: str, device: str, seed: int):
     fill_cache(k_cache, v_cache, row_ids, case.head_lens if case.head_lens is not None else case.lens, gen)
     total_q = batch if case.q_lens is None else sum(case.q_lens)
     q = randn((total_q, case.hkv * case.group, case.dim), gen, dtype).to(device)
-    kw = dict(seqlens_k=torch.tensor(case.lens, dtype=torch.int32, device=device),
-              row_ids=torch.tensor(row_ids, dtype=torch.int32, device=device),
-              scale=case.scale, window_left=case.window_left, softcap=case.softcap)
+    kw = dict(
+        seqlens_k=torch.tensor(case.lens, dtype=torch.int32, device=device),
+        row_ids=torch.tensor(row_ids, dtype=torch.int32, device=device),
+        scale=case.scale,
+        window_left=case.window_left,
+        softcap=case.softcap,
+    )
     if case.head_lens is not None:
         kw["head_seqlens_k"] = torch.tensor(case.head_lens, dtype=torch.int32, device=device)
     if case.q_lens is not None:
@@ -120,8 +138,9 @@ def run_reference(q, k_cache, v_cache, kw, compute_dtype):
     return reference.attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), compute_dtype=compute_dtype, **cpu)
 
 
-def assert_attention_close(out: torch.Tensor, lse: Optional[torch.Tensor], q, k_cache, v_cache, kw,
-                           what: str = "") -> None:
+def assert_attention_close(
+    out: torch.Tensor, lse: Optional[torch.Tensor], q, k_cache, v_cache, kw, what: str = ""
+) -> None:
     """FlashAttention's rule: error(vattn vs float64 reference) <= 2 * error(the reference run by
     PyTorch in q's dtype vs float64) + a small eps; LSE the same way; empty queries exactly 0 / -inf."""
     ref, ref_lse = run_reference(q, k_cache, v_cache, kw, torch.float64)
@@ -153,8 +172,10 @@ def random_cases(kind: str, n: int, seed: int, long_len: int = 3000) -> List[Cas
     for i in range(n):
         batch = rng.choice([1, 2, 3, 5, 8, 11, 17])
         max_len = long_len if batch <= 3 else (700 if batch <= 8 else 300)
-        lens = [rng.choice([rng.randint(1, max_len), rng.choice([s for s in special if s <= max_len])])
-                for _ in range(batch)]
+        lens = [
+            rng.choice([rng.randint(1, max_len), rng.choice([s for s in special if s <= max_len])])
+            for _ in range(batch)
+        ]
         if i % 4 == 0:
             lens[rng.randrange(batch)] = max_len  # one long row among short ones
         hkv = rng.choice([1, 2, 4]) if batch < 11 else 1
@@ -169,8 +190,10 @@ def random_cases(kind: str, n: int, seed: int, long_len: int = 3000) -> List[Cas
             case.scale = 0.3
         if kind == "prefill":
             # Full prompts, chunks on top of a cached prefix, and rows with no new token.
-            case.q_lens = [rng.choice([length, rng.randint(1, min(length, 80)), min(length, rng.randint(1, 3)), 0])
-                           for length in lens]
+            case.q_lens = [
+                rng.choice([length, rng.randint(1, min(length, 80)), min(length, rng.randint(1, 3)), 0])
+                for length in lens
+            ]
             if sum(case.q_lens) == 0:
                 case.q_lens[0] = lens[0]
             # Keep the CPU reference cheap: long rows prefill at most a few hundred queries.
@@ -188,4 +211,6 @@ def skip_unsupported(device: str, dtype: torch.dtype, dim: int, prefill: bool = 
     op = "prefill" if prefill else "decode"
     if not _support.supported(op, device, dtype, dim, kv_format):
         e = _support.table()[device][op]
-        pytest.skip(f"{device} {op}: {', '.join(str(d) for d in e.dtypes)}, {e.head_dim_rule()}, formats {e.kv_formats}")
+        pytest.skip(
+            f"{device} {op}: {', '.join(str(d) for d in e.dtypes)}, {e.head_dim_rule()}, formats {e.kv_formats}"
+        )

@@ -1,5 +1,6 @@
 """Helpers shared by the transformers end-to-end tests (test_hf_tiny.py, test_hf_smollm2.py): run
 generate with transformers' default cache and with a VAttnCache on the same inputs, and compare."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,14 @@ from vattn.generation import cache_kwarg  # noqa: E402
 
 def generate(model, enc, max_new_tokens, cache=None, *, sample=False, seed=0, logits=True, **kw):
     """generate() with a fixed number of new tokens; `cache=None` means transformers' default cache."""
-    args = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample,
-                return_dict_in_generate=True, output_logits=logits, **kw)
+    args = dict(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=sample,
+        return_dict_in_generate=True,
+        output_logits=logits,
+        **kw,
+    )
     if sample:
         args.update(temperature=1.0, top_k=0, top_p=1.0)
         torch.manual_seed(seed)
@@ -60,6 +67,6 @@ def teacher_forced_logits(model, enc, sequences, cache):
         for t in range(width, sequences.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
-            out = model(input_ids=sequences[:, t:t + 1], attention_mask=mask, position_ids=pos, **kw)
+            out = model(input_ids=sequences[:, t : t + 1], attention_mask=mask, position_ids=pos, **kw)
             steps.append(out.logits[:, -1].float())
     return torch.stack(steps)

@@ -1,5 +1,6 @@
 """vattn.append_kv / vattn.attention through a real vattn.KVCache: a decode loop of many steps with
 pages mapped between steps, chunked prefill, both layouts, checked against the reference each step."""
+
 import pytest
 import torch
 
@@ -35,8 +36,8 @@ class History:
             k = torch.cat(self.k[(layer, s)])
             v = torch.cat(self.v[(layer, s)])
             assert k.shape[0] == lens[b]
-            kc[b, :lens[b]] = k.double()
-            vc[b, :lens[b]] = v.double()
+            kc[b, : lens[b]] = k.double()
+            vc[b, : lens[b]] = v.double()
         return reference.attention(q.cpu(), kc, vc, torch.tensor(lens), cu_seqlens_q=step.cu_seqlens_q.cpu())
 
 
@@ -57,7 +58,7 @@ def _run_step(cache, hist, step, gen, group, dtype, device, check=True):
         q = randn((step.total_new, heads * group, dim), gen, dtype).to(device)
         vattn.append_kv(cache, layer, step, k, v)
         for b, s in enumerate(step.slots):
-            hist.add(layer, s, k[offsets[b]:offsets[b + 1]], v[offsets[b]:offsets[b + 1]])
+            hist.add(layer, s, k[offsets[b] : offsets[b + 1]], v[offsets[b] : offsets[b + 1]])
         out = vattn.attention(q, cache, layer, step)
         if check:
             _check(out, hist.reference(q, layer, step)[0], dtype)
@@ -69,8 +70,17 @@ def _run_step(cache, hist, step, gen, group, dtype, device, check=True):
 def test_decode_loop_through_kvcache(device, layout, dtype):
     layers, heads, dim, group = 2, 2, 64, 3
     page = 16 * 1024 if device == "cpu" else None  # small host pages: new pages get mapped every few steps
-    cache = vattn.KVCache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=6, max_seq_len=512,
-                          dtype=dtype, layout=layout, device=device, page_bytes=page)
+    cache = vattn.KVCache(
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_dim=dim,
+        max_batch=6,
+        max_seq_len=512,
+        dtype=dtype,
+        layout=layout,
+        device=device,
+        page_bytes=page,
+    )
     hist = History(layers, heads, dim)
     gen = torch.Generator().manual_seed(11)
     slots = [cache.alloc() for _ in range(4)]
@@ -96,8 +106,17 @@ def test_chunked_prefill_through_kvcache(device, layout):
     dtype = torch.float16
     layers, heads, dim, group = 1, 1, 128, 4
     page = 16 * 1024 if device == "cpu" else None
-    cache = vattn.KVCache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=3, max_seq_len=1024,
-                          dtype=dtype, layout=layout, device=device, page_bytes=page)
+    cache = vattn.KVCache(
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_dim=dim,
+        max_batch=3,
+        max_seq_len=1024,
+        dtype=dtype,
+        layout=layout,
+        device=device,
+        page_bytes=page,
+    )
     hist = History(layers, heads, dim)
     gen = torch.Generator().manual_seed(12)
     a, b = cache.alloc(), cache.alloc()

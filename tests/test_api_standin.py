@@ -1,4 +1,5 @@
 """vattn.append_kv / vattn.attention on a minimal stand-in for KVCache and Step (the call contract only)."""
+
 import types
 
 import pytest
@@ -15,15 +16,16 @@ class FakeCache:
     def __init__(self, layers, heads, dim, rows, seq, dtype, device):
         self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = layers, heads, dim, dtype
         self.device = torch.device(device)
-        self._views = [cache_views(rows, seq, heads, dim, dtype, "token_major", device, layers=layers, layer=i)
-                       for i in range(layers)]
+        self._views = [
+            cache_views(rows, seq, heads, dim, dtype, "token_major", device, layers=layers, layer=i)
+            for i in range(layers)
+        ]
 
     def kv(self, layer):
         return self._views[layer]
 
 
 def make_step(slots, start, new, device):
-    b = len(slots)
     cu = [0]
     for n in new:
         cu.append(cu[-1] + n)
@@ -31,9 +33,19 @@ def make_step(slots, start, new, device):
     positions = [a + i for a, n in zip(start, new) for i in range(n)]
     t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     return types.SimpleNamespace(
-        slots=slots, new_tokens=new, start=start, slot_ids=t(slots), seqlens=t([a + n for a, n in zip(start, new)]),
-        cu_seqlens_q=t(cu), token_slots=t(token_slots), positions=t(positions), max_seqlen_q=max(new),
-        max_seqlen_k=max(a + n for a, n in zip(start, new)), total_new=sum(new), is_decode=all(n == 1 for n in new))
+        slots=slots,
+        new_tokens=new,
+        start=start,
+        slot_ids=t(slots),
+        seqlens=t([a + n for a, n in zip(start, new)]),
+        cu_seqlens_q=t(cu),
+        token_slots=t(token_slots),
+        positions=t(positions),
+        max_seqlen_q=max(new),
+        max_seqlen_k=max(a + n for a, n in zip(start, new)),
+        total_new=sum(new),
+        is_decode=all(n == 1 for n in new),
+    )
 
 
 @pytest.mark.parametrize("device,impl", device_impls())
@@ -52,8 +64,14 @@ def test_prefill_then_decode_on_standin(device, impl):
                 vattn.append_kv(cache, layer, step, k, v)
                 out, lse = vattn.attention(q, cache, layer, step, return_lse=True)
                 kc, vc = cache.kv(layer)
-                ref, _ = reference.attention(q.cpu(), kc.cpu(), vc.cpu(), step.seqlens.cpu(), cu_seqlens_q=step.cu_seqlens_q.cpu(),
-                                             row_ids=step.slot_ids.cpu())
+                ref, _ = reference.attention(
+                    q.cpu(),
+                    kc.cpu(),
+                    vc.cpu(),
+                    step.seqlens.cpu(),
+                    cu_seqlens_q=step.cu_seqlens_q.cpu(),
+                    row_ids=step.slot_ids.cpu(),
+                )
                 torch.testing.assert_close(out.cpu().double(), ref, atol=2e-3, rtol=2e-3)
                 assert lse.shape == (step.total_new, 8)
             lengths = [a + n for a, n in zip(lengths, new)]

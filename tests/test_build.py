@@ -1,4 +1,5 @@
 """The build reports how it was made, and imports without a GPU."""
+
 import os
 
 import vattn

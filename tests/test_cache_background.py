@@ -1,5 +1,6 @@
 """The background mapping thread: two caches at once, several Python threads, same results as
 without it, lookahead really mapped, and its pages never cause a MemoryError."""
+
 import threading
 
 import pytest
@@ -13,8 +14,9 @@ L, H, D = 3, 2, 32  # token_major fp16: 768 bytes per token
 
 
 def make(background, layout="token_major", **kw):
-    return vattn.KVCache(L, H, D, 4, 2000, dtype=torch.float16, layout=layout, device="cpu", page_bytes=PAGE,
-                         background=background, **kw)
+    return vattn.KVCache(
+        L, H, D, 4, 2000, dtype=torch.float16, layout=layout, device="cpu", page_bytes=PAGE, background=background, **kw
+    )
 
 
 def run_trace(cache, seed, steps=60):
@@ -23,7 +25,7 @@ def run_trace(cache, seed, steps=60):
     each free slot still holds, which background mapping changes. Returns {request: (slot, data)}
     for the live requests at the end, and their lengths."""
     g = torch.Generator().manual_seed(seed)
-    data = {}   # request id -> list of 2L tensors
+    data = {}  # request id -> list of 2L tensors
     slot_of = {}
     next_id = 0
     for i in range(steps):
@@ -46,8 +48,10 @@ def run_trace(cache, seed, steps=60):
             del data[q]
             continue
         slots = [slot_of[q] for q in live]
-        new = [int(torch.randint(1, 4, (1,), generator=g)) if i % 3 else int(torch.randint(1, 120, (1,), generator=g))
-               for _ in slots]
+        new = [
+            int(torch.randint(1, 4, (1,), generator=g)) if i % 3 else int(torch.randint(1, 120, (1,), generator=g))
+            for _ in slots
+        ]
         new = [min(n, cache.max_seq_len - cache.length(s)) for s, n in zip(slots, new)]
         step = cache.begin_step(slots, new)
         for q, s, a, n in zip(live, slots, step.start, new):
@@ -55,8 +59,8 @@ def run_trace(cache, seed, steps=60):
                 k, v = cache.kv(layer)
                 kd = torch.randn(n, H, D, generator=g).to(cache.dtype)
                 vd = torch.randn(n, H, D, generator=g).to(cache.dtype)
-                k[s, a:a + n] = kd
-                v[s, a:a + n] = vd
+                k[s, a : a + n] = kd
+                v[s, a : a + n] = vd
                 data[q][2 * layer] = torch.cat([data[q][2 * layer], kd])
                 data[q][2 * layer + 1] = torch.cat([data[q][2 * layer + 1], vd])
         cache.end_step(step)
@@ -123,8 +127,8 @@ def test_background_pages_never_cause_memory_error():
     a, b = cache.alloc(), cache.alloc()
     cache.wait_background()
     assert cache.stats()["pages_created"] <= 6
-    cache.end_step(cache.begin_step([a], [250]))   # 3 pages
-    cache.end_step(cache.begin_step([b], [250]))   # 3 pages: the cap, a's lookahead had to go
+    cache.end_step(cache.begin_step([a], [250]))  # 3 pages
+    cache.end_step(cache.begin_step([b], [250]))  # 3 pages: the cap, a's lookahead had to go
     assert cache.stats()["pages_mapped"] == 6
     with pytest.raises(MemoryError):
         cache.begin_step([a], [100])

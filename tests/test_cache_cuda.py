@@ -1,4 +1,5 @@
 """vattn.KVCache on the CUDA driver backend (gpu-marked: skipped without a device)."""
+
 import math
 
 import pytest
@@ -35,8 +36,10 @@ def grow(cache, slot, n, seed):
 
 
 def same(cache, slot, data, n):
-    return all(torch.equal(cache.kv(i)[0][slot, :n], data[i][0][:n]) and torch.equal(cache.kv(i)[1][slot, :n], data[i][1][:n])
-               for i in range(L))
+    return all(
+        torch.equal(cache.kv(i)[0][slot, :n], data[i][0][:n]) and torch.equal(cache.kv(i)[1][slot, :n], data[i][1][:n])
+        for i in range(L)
+    )
 
 
 def test_granularity_is_queried():
@@ -56,7 +59,9 @@ def test_mapping_arithmetic_and_views(layout, dtype):
     for n in [1, 100, 1000, 4096]:
         cache.reserve(a, n)
         vec = H * D * 2
-        want = (math.ceil(n * 2 * L * vec / page) if layout == "token_major" else 2 * L * math.ceil(n * vec / page)) * page
+        want = (
+            math.ceil(n * 2 * L * vec / page) if layout == "token_major" else 2 * L * math.ceil(n * vec / page)
+        ) * page
         assert cache.stats()["mapped_bytes"] == want
     k, v = cache.kv(1)
     assert k.is_cuda and k.dtype == dtype and k.shape == (4, 4096, H, D)
@@ -180,6 +185,11 @@ def test_page_size_not_a_power_of_two():
     cache.end_step(step)
     kc, vc = cache.kv(0)
     from vattn import reference
-    ref, _ = reference.attention(q.double().cpu(), kc[s:s + 1, :701].double().cpu(), vc[s:s + 1, :701].double().cpu(),
-                                 torch.tensor([701], dtype=torch.int32))
+
+    ref, _ = reference.attention(
+        q.double().cpu(),
+        kc[s : s + 1, :701].double().cpu(),
+        vc[s : s + 1, :701].double().cpu(),
+        torch.tensor([701], dtype=torch.int32),
+    )
     assert torch.allclose(out.double().cpu(), ref, atol=2e-2, rtol=0)

@@ -1,5 +1,6 @@
 """Stored data, stable addresses, memory that really goes back, MemoryError and rollback of
 vattn.KVCache on the host (memfd) backend. Data is written directly through the kv() views."""
+
 import pytest
 import torch
 
@@ -29,7 +30,10 @@ def fill(cache, slot, start, end, seed):
 
 
 def read(cache, slot, start, end):
-    return [(k[slot, start:end].clone(), v[slot, start:end].clone()) for k, v in (cache.kv(i) for i in range(cache.num_layers))]
+    return [
+        (k[slot, start:end].clone(), v[slot, start:end].clone())
+        for k, v in (cache.kv(i) for i in range(cache.num_layers))
+    ]
 
 
 def same(a, b):
@@ -110,8 +114,8 @@ def test_two_mib_pages_memory_goes_back():
 def test_deferred_reclamation_reuses_pages():
     cache = make("token_major", reclaim_watermark_bytes=100 * PAGE)
     a, b = cache.alloc(), cache.alloc()
-    grow(cache, a, 100, 1)   # 2 pages
-    grow(cache, b, 500, 2)   # 6 pages
+    grow(cache, a, 100, 1)  # 2 pages
+    grow(cache, b, 500, 2)  # 6 pages
     before = cache.stats()
     cache.free(a)
     cache.free(b)
@@ -179,9 +183,9 @@ def test_oom_takes_idle_pages_of_free_slots():
     a, b = cache.alloc(), cache.alloc()
     grow(cache, a, 250, 1)  # 3 pages
     grow(cache, b, 250, 2)  # 3 pages: cap reached
-    cache.free(a)           # a keeps its 3 pages (deferred)
+    cache.free(a)  # a keeps its 3 pages (deferred)
     keep = read(cache, b, 0, 250)
-    cache.reserve(b, 500)   # needs 3 more: taken from free slot a
+    cache.reserve(b, 500)  # needs 3 more: taken from free slot a
     assert cache.stats()["pages_created"] == 6 and cache.stats()["pages_mapped"] == 6
     assert same(read(cache, b, 0, 250), keep)
 
@@ -200,8 +204,16 @@ def test_injected_failure_rolls_back(kind, nth, layout):
     with pytest.raises(RuntimeError, match="injected"):
         cache.begin_step([a, b], [400, 600])
     after = cache.stats()
-    for key in ("mapped_bytes", "pages_mapped", "pages_pooled", "pages_created", "used_bytes", "resident_bytes",
-                "idle_bytes", "live_mapped_bytes"):
+    for key in (
+        "mapped_bytes",
+        "pages_mapped",
+        "pages_pooled",
+        "pages_created",
+        "used_bytes",
+        "resident_bytes",
+        "idle_bytes",
+        "live_mapped_bytes",
+    ):
         assert after[key] == before[key], key
     assert [cache.length(s) for s in (a, b)] == [200, 0]
     assert same(read(cache, a, 0, 200), data)
@@ -234,6 +246,7 @@ def test_views_keep_the_cache_alive():
     k, v = cache.kv(0)
     del cache
     import gc
+
     gc.collect()
     assert torch.equal(k[a, :50], data[0][0]) and torch.equal(v[a, :50], data[0][1])
 

@@ -1,4 +1,5 @@
 """Bad inputs to vattn.KVCache give clear exceptions and change nothing."""
+
 import pytest
 import torch
 
@@ -17,30 +18,40 @@ def snapshot(cache):
     return cache.stats(), cache.lengths.tolist(), cache.live_slots()
 
 
-@pytest.mark.parametrize("kw, exc", [
-    (dict(dtype=torch.int32), TypeError),
-    (dict(dtype="float16"), TypeError),
-    (dict(kv_format="int3"), ValueError),          # no such format
-    (dict(layout="paged"), ValueError),
-    (dict(device="meta"), ValueError),
-    (dict(max_physical_bytes=0), ValueError),
-    (dict(max_physical_bytes=-5), ValueError),
-    (dict(max_physical_bytes=1000), ValueError),          # smaller than one page
-    (dict(page_bytes=1000), ValueError),                  # not a multiple of the OS page
-    (dict(prealloc_bytes=-1), ValueError),
-    (dict(prealloc_bytes=10 * 64 * KIB, max_physical_bytes=2 * 64 * KIB), ValueError),
-    (dict(reclaim_watermark_bytes=-1), ValueError),
-    (dict(lookahead_tokens=-1), ValueError),
-])
+@pytest.mark.parametrize(
+    "kw, exc",
+    [
+        (dict(dtype=torch.int32), TypeError),
+        (dict(dtype="float16"), TypeError),
+        (dict(kv_format="int3"), ValueError),  # no such format
+        (dict(layout="paged"), ValueError),
+        (dict(device="meta"), ValueError),
+        (dict(max_physical_bytes=0), ValueError),
+        (dict(max_physical_bytes=-5), ValueError),
+        (dict(max_physical_bytes=1000), ValueError),  # smaller than one page
+        (dict(page_bytes=1000), ValueError),  # not a multiple of the OS page
+        (dict(prealloc_bytes=-1), ValueError),
+        (dict(prealloc_bytes=10 * 64 * KIB, max_physical_bytes=2 * 64 * KIB), ValueError),
+        (dict(reclaim_watermark_bytes=-1), ValueError),
+        (dict(lookahead_tokens=-1), ValueError),
+    ],
+)
 def test_bad_constructor_options(kw, exc):
     with pytest.raises(exc):
         make(**kw)
 
 
-@pytest.mark.parametrize("args, exc", [
-    ((0, 2, 16, 3, 100), ValueError), ((2, -1, 16, 3, 100), ValueError), ((2, 2, 16, 0, 100), ValueError),
-    ((2, 2, 16, 3, -100), ValueError), ((2.5, 2, 16, 3, 100), TypeError), ((True, 2, 16, 3, 100), TypeError),
-])
+@pytest.mark.parametrize(
+    "args, exc",
+    [
+        ((0, 2, 16, 3, 100), ValueError),
+        ((2, -1, 16, 3, 100), ValueError),
+        ((2, 2, 16, 0, 100), ValueError),
+        ((2, 2, 16, 3, -100), ValueError),
+        ((2.5, 2, 16, 3, 100), TypeError),
+        ((True, 2, 16, 3, 100), TypeError),
+    ],
+)
 def test_bad_geometry(args, exc):
     with pytest.raises(exc):
         vattn.KVCache(*args, dtype=torch.float16, device="cpu")
@@ -102,13 +113,13 @@ def test_step_errors():
     cache.end_step(cache.begin_step([a, b], [90, 5]))
     before = snapshot(cache)
     bad = [
-        (([a, a], [1, 1]), ValueError),       # slot twice
-        (([a, b], [1]), ValueError),          # mismatched lengths
+        (([a, a], [1, 1]), ValueError),  # slot twice
+        (([a, b], [1]), ValueError),  # mismatched lengths
         (([], []), ValueError),
         (([a], [-1]), ValueError),
-        (([a, b], [11, 1]), ValueError),      # exceeds max_seq_len
+        (([a, b], [11, 1]), ValueError),  # exceeds max_seq_len
         (([a, 9], [1, 1]), IndexError),
-        (([a, 2], [1, 1]), ValueError),       # free slot
+        (([a, 2], [1, 1]), ValueError),  # free slot
         (([a], [1.0]), TypeError),
     ]
     for args, exc in bad:

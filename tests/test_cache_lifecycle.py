@@ -1,4 +1,5 @@
 """abort_step (a failed forward leaves lengths as they were) and close()."""
+
 import pytest
 import torch
 
@@ -24,10 +25,10 @@ def test_abort_step_keeps_lengths_and_frees_the_slots_for_a_new_step():
     assert cache.lengths.tolist()[a] == 7
     assert torch.equal(cache.kv(0)[0][a, :7], kept)
     with pytest.raises(ValueError):
-        cache.end_step(step)          # an aborted step cannot be committed
+        cache.end_step(step)  # an aborted step cannot be committed
     with pytest.raises(ValueError):
         cache.abort_step(step)
-    step = cache.begin_step([a, b], [1, 1])   # the slots are usable again
+    step = cache.begin_step([a, b], [1, 1])  # the slots are usable again
     assert step.start == [7, 0]
     cache.end_step(step)
     assert cache.length(a) == 8 and cache.length(b) == 1

@@ -1,4 +1,5 @@
 """Mapping arithmetic, view geometry and Step tensors of vattn.KVCache (host backend)."""
+
 import math
 
 import pytest
@@ -21,8 +22,9 @@ def expected_mapped(layout, L, H, D, elem, n, page):
 
 def make(L, H, D, dtype, layout, page, S=2048, B=2, **kw):
     # _host_commit=False: pages are sparse until touched, so huge geometries cost no memory here.
-    return vattn.KVCache(L, H, D, B, S, dtype=dtype, layout=layout, device="cpu", page_bytes=page,
-                         _host_commit=False, **kw)
+    return vattn.KVCache(
+        L, H, D, B, S, dtype=dtype, layout=layout, device="cpu", page_bytes=page, _host_commit=False, **kw
+    )
 
 
 @pytest.mark.parametrize("geom", sorted(GEOMETRIES))
@@ -147,7 +149,13 @@ def test_step_tensors(seed):
 
 def test_attributes():
     cache = make(2, 2, 8, torch.bfloat16, "layer_major", 64 * KIB, S=64, B=2)
-    assert (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.max_batch, cache.max_seq_len) == (2, 2, 8, 2, 64)
+    assert (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.max_batch, cache.max_seq_len) == (
+        2,
+        2,
+        8,
+        2,
+        64,
+    )
     assert cache.dtype == torch.bfloat16 and cache.kv_format == "auto" and cache.layout == "layer_major"
     assert cache.device == torch.device("cpu")
     a = cache.alloc()

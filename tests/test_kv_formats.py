@@ -2,6 +2,7 @@
 reference.quantize, attention on quantized caches against the float64 reference over the dequantized
 values, a derived bound against unquantized attention, the physical memory each format maps, and the
 torch ops (opcheck, torch.compile) on quantized caches a user allocates. cpu; cuda marked gpu."""
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ def _spec_id(spec):
 
 # ----------------------------------------------------------------------------- quantized cache views
 
+
 def quant_side_views(rows, seq, heads, dim, fmt: formats.KVFormat, layout, device, other_bytes=0):
     """Data [rows, seq, heads, storage elems] and scales [rows, seq, heads, words] of one side, over
     storage whose bytes past anything written are garbage: 0xff codes (fp8 NaN, int8 -1, int4 15) and
@@ -49,11 +51,13 @@ def quant_side_views(rows, seq, heads, dim, fmt: formats.KVFormat, layout, devic
     raw.view(-1, 4)[:] = nan  # every aligned word NaN; codes read as 0xff-like garbage too
     off = 1 * (rec + other_bytes)
     isz = fmt.storage_dtype.itemsize
-    data = raw.view(fmt.storage_dtype).as_strided((rows, seq, heads, elems), (seq * tok // isz, tok // isz, elems, 1),
-                                                  off // isz)
+    data = raw.view(fmt.storage_dtype).as_strided(
+        (rows, seq, heads, elems), (seq * tok // isz, tok // isz, elems, 1), off // isz
+    )
     soff = off + fmt.scale_offset(heads, dim)
-    scales = raw.view(torch.float32).as_strided((rows, seq, heads, fmt.scale_words), (seq * tok // 4, tok // 4,
-                                                fmt.scale_words, 1), soff // 4)
+    scales = raw.view(torch.float32).as_strided(
+        (rows, seq, heads, fmt.scale_words), (seq * tok // 4, tok // 4, fmt.scale_words, 1), soff // 4
+    )
     return data, scales
 
 
@@ -91,9 +95,13 @@ def build_quantized(case: Case, spec, dtype, layout, device, seed):
     vd = reference.dequantize(vc.cpu(), vs.cpu(), vf.name, dim)
     total_q = batch if case.q_lens is None else sum(case.q_lens)
     q = randn((total_q, heads * case.group, dim), gen, dtype).to(device)
-    kw = dict(seqlens_k=torch.tensor(case.lens, dtype=torch.int32, device=device),
-              row_ids=torch.tensor(row_ids, dtype=torch.int32, device=device),
-              scale=case.scale, window_left=case.window_left, softcap=case.softcap)
+    kw = dict(
+        seqlens_k=torch.tensor(case.lens, dtype=torch.int32, device=device),
+        row_ids=torch.tensor(row_ids, dtype=torch.int32, device=device),
+        scale=case.scale,
+        window_left=case.window_left,
+        softcap=case.softcap,
+    )
     if case.head_lens is not None:
         kw["head_seqlens_k"] = torch.tensor(case.head_lens, dtype=torch.int32, device=device)
     if case.q_lens is not None:
@@ -109,8 +117,9 @@ def _run(q, caches, kw):
     kw = dict(kw)
     if "cu_seqlens_q" not in kw:
         return vattn.decode_attention(q, kc, vc, kw.pop("seqlens_k"), return_lse=True, k_scale=ks, v_scale=vs, **kw)
-    return vattn.prefill_attention(q, kc, vc, kw.pop("cu_seqlens_q"), kw.pop("seqlens_k"), return_lse=True,
-                                   k_scale=ks, v_scale=vs, **kw)
+    return vattn.prefill_attention(
+        q, kc, vc, kw.pop("cu_seqlens_q"), kw.pop("seqlens_k"), return_lse=True, k_scale=ks, v_scale=vs, **kw
+    )
 
 
 def _quant_ok(device, dtype, dim, spec, prefill):
@@ -125,6 +134,7 @@ PREFILL_CASES = [c for c in random_cases("prefill", 12, seed=12, long_len=700) i
 
 
 # ----------------------------------------------------------------------------- attention on quantized caches
+
 
 @pytest.mark.parametrize("device,impl", device_impls())
 @pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
@@ -179,7 +189,7 @@ def _quant_error_bound(q, kd, vd, k_raw, v_raw, kw):
             dv = max(dv, (v_raw[row, :length, h] - vd[row, :length, h]).abs().max().item())
             vmax = max(vmax, v_raw[row, :length, h].abs().max().item())
             group = hq // hkv
-            qs = qf[cu[b]:cu[b + 1], h * group:(h + 1) * group].reshape(-1, dim)
+            qs = qf[cu[b] : cu[b + 1], h * group : (h + 1) * group].reshape(-1, dim)
             if qs.numel():
                 ds = max(ds, (scale * (qs @ dk.T)).abs().max().item())
     return dv + (math.exp(2 * ds) - 1) * vmax
@@ -198,8 +208,13 @@ def test_quantized_within_derived_bound_of_exact(device, impl, spec, prefill):
     with vattn.ops.attention_impl(impl):
         q, caches, (kd, vd), (k_raw, v_raw), kw = build_quantized(case, spec, dtype, "plain", device, seed=7)
         out, _ = _run(q, caches, kw)
-    exact, _ = reference.attention(q.cpu(), k_raw, v_raw, compute_dtype=torch.float64,
-                                   **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    exact, _ = reference.attention(
+        q.cpu(),
+        k_raw,
+        v_raw,
+        compute_dtype=torch.float64,
+        **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+    )
     bound = _quant_error_bound(q, kd, vd, k_raw, v_raw, kw)
     err = (out.cpu().double() - exact).abs().max().item()
     assert err <= bound + 2e-3, f"{_spec_id(spec)}: error {err:.4g} exceeds the derived bound {bound:.4g}"
@@ -209,6 +224,7 @@ def test_quantized_within_derived_bound_of_exact(device, impl, spec, prefill):
 
 
 # ----------------------------------------------------------------------------- append: bytes bit for bit
+
 
 def _edge_vectors(dim: int) -> torch.Tensor:
     """Random vectors and the edge cases every format must handle: all zeros, one huge outlier,
@@ -285,6 +301,7 @@ def test_reference_format_definitions():
 
 # ----------------------------------------------------------------------------- KVCache: memory and steps
 
+
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
 def test_physical_memory_per_format(layout):
     """The same tokens map the expected fraction of a bf16 cache's pages: fp8 / int8 about 1/2, int4
@@ -292,8 +309,18 @@ def test_physical_memory_per_format(layout):
     heads, dim, layers, n = 4, 128, 4, 3000
     mapped = {}
     for spec in ["auto", "fp8_e4m3", "int8", "int4", ("int8", "int4")]:
-        c = vattn.KVCache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=2, max_seq_len=4096,
-                          dtype=torch.bfloat16, kv_format=spec, layout=layout, device="cpu", page_bytes=64 << 10)
+        c = vattn.KVCache(
+            num_layers=layers,
+            num_kv_heads=heads,
+            head_dim=dim,
+            max_batch=2,
+            max_seq_len=4096,
+            dtype=torch.bfloat16,
+            kv_format=spec,
+            layout=layout,
+            device="cpu",
+            page_bytes=64 << 10,
+        )
         s = c.alloc()
         c.reserve(s, n)
         mapped[_spec_id(spec)] = c.stats()["mapped_bytes"]
@@ -307,8 +334,12 @@ def test_physical_memory_per_format(layout):
     # Bytes of one token-layer: K record + V record (layer_major pads both regions to the larger one).
     bf16 = 2 * heads * dim * 2
     expect = {}
-    for name, (kb, vb) in {"fp8_e4m3": (dim + 4, dim + 4), "int8": (dim + 4, dim + 4),
-                           "int4": (dim // 2 + 8, dim // 2 + 8), "int8-int4": (dim + 4, dim // 2 + 8)}.items():
+    for name, (kb, vb) in {
+        "fp8_e4m3": (dim + 4, dim + 4),
+        "int8": (dim + 4, dim + 4),
+        "int4": (dim // 2 + 8, dim // 2 + 8),
+        "int8-int4": (dim + 4, dim // 2 + 8),
+    }.items():
         per = heads * (kb + vb) if layout == "token_major" else 2 * heads * max(kb, vb)
         expect[name] = per / bf16
     for name, frac in expect.items():
@@ -324,8 +355,18 @@ def test_kvcache_steps_quantized(spec, layout):
     the reference's dequantized values."""
     torch.manual_seed(0)
     heads, dim, hq = 2, 64, 6
-    c = vattn.KVCache(num_layers=2, num_kv_heads=heads, head_dim=dim, max_batch=3, max_seq_len=256,
-                      dtype=torch.bfloat16, kv_format=spec, layout=layout, device="cpu", page_bytes=16 << 10)
+    c = vattn.KVCache(
+        num_layers=2,
+        num_kv_heads=heads,
+        head_dim=dim,
+        max_batch=3,
+        max_seq_len=256,
+        dtype=torch.bfloat16,
+        kv_format=spec,
+        layout=layout,
+        device="cpu",
+        page_bytes=16 << 10,
+    )
     a, b = c.alloc(), c.alloc()
     hist = {a: [], b: []}
     for step_i, new in enumerate([[37, 5], [1, 1], [1, 1]]):
@@ -342,8 +383,8 @@ def test_kvcache_steps_quantized(spec, layout):
         if fn is not None:
             want = vattn.decode_attention(q, kv_k, kv_v, st.seqlens, row_ids=st.slot_ids, k_scale=ks, v_scale=vs)
             assert torch.equal(out, want)
-        hist[a].append(k[:new[0]])
-        hist[b].append(k[new[0]:])
+        hist[a].append(k[: new[0]])
+        hist[b].append(k[new[0] :])
     kf = formats.get(_pair(spec)[0])
     kd, _ = c.kv(1, dequantize=True)
     kv_k, _ = c.kv(1)
@@ -368,6 +409,7 @@ def test_kvcache_rejects_mixed_plain_and_quantized_and_bad_names():
 
 
 # ----------------------------------------------------------------------------- torch ops on user caches
+
 
 def _user_cache(spec, device, rows=3, seq=32, heads=2, dim=64):
     kf, vf = (formats.get(n) for n in _pair(spec))
@@ -397,11 +439,19 @@ def test_opcheck_quantized(device, impl, spec):
     q = torch.randn(3, 6, 64, dtype=torch.float16, device=device)
     lens = torch.tensor([6, 4, 8], dtype=torch.int32, device=device)
     with vattn.ops.attention_impl(impl):
-        torch.library.opcheck(torch.ops.vattn.decode_attention.default, (q, kc, vc, lens),
-                              dict(k_scale=ks, v_scale=vs, max_seqlen_k=8), test_utils=utils)
+        torch.library.opcheck(
+            torch.ops.vattn.decode_attention.default,
+            (q, kc, vc, lens),
+            dict(k_scale=ks, v_scale=vs, max_seqlen_k=8),
+            test_utils=utils,
+        )
         cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=device)
-        torch.library.opcheck(torch.ops.vattn.prefill_attention.default, (q, kc, vc, cu, lens),
-                              dict(k_scale=ks, v_scale=vs), test_utils=utils)
+        torch.library.opcheck(
+            torch.ops.vattn.prefill_attention.default,
+            (q, kc, vc, cu, lens),
+            dict(k_scale=ks, v_scale=vs),
+            test_utils=utils,
+        )
 
 
 def test_quantized_ops_compile_and_checks():

@@ -1,5 +1,6 @@
 """The memory-efficiency benchmark runs (quick) and meets its expectation (bench/memory_trace.py check():
 token_major wastes < 1 page per live request, used/mapped >= 0.95 at a mean length >= 1K)."""
+
 import os
 import sys
 

@@ -1,4 +1,5 @@
 """append_kv against reference.append_kv: strided caches, slot order, dtype / index errors."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """decode_attention / prefill_attention against reference.py over a matrix of shapes (cpu; cuda marked gpu)."""
+
 import pytest
 import torch
 
@@ -20,7 +21,9 @@ def _run(op, q, k_cache, v_cache, kw):
         kw = {k: v for k, v in kw.items() if k != "cu_seqlens_q"}
         return vattn.decode_attention(q, k_cache, v_cache, kw.pop("seqlens_k"), return_lse=True, **kw)
     kw = dict(kw)
-    return vattn.prefill_attention(q, k_cache, v_cache, kw.pop("cu_seqlens_q"), kw.pop("seqlens_k"), return_lse=True, **kw)
+    return vattn.prefill_attention(
+        q, k_cache, v_cache, kw.pop("cu_seqlens_q"), kw.pop("seqlens_k"), return_lse=True, **kw
+    )
 
 
 @pytest.mark.parametrize("device,impl", device_impls())
@@ -83,12 +86,15 @@ def test_chunked_prefill_equals_full_prefill(device, impl, dtype):
             start = 0
             for n in chunks:
                 end = start + n
-                qs = torch.cat([q[start:end], q[L + start:L + end]])
-                kw_c = dict(kw, seqlens_k=torch.tensor([end, end], dtype=torch.int32, device=device),
-                            cu_seqlens_q=torch.tensor([0, n, 2 * n], dtype=torch.int32, device=device))
+                qs = torch.cat([q[start:end], q[L + start : L + end]])
+                kw_c = dict(
+                    kw,
+                    seqlens_k=torch.tensor([end, end], dtype=torch.int32, device=device),
+                    cu_seqlens_q=torch.tensor([0, n, 2 * n], dtype=torch.int32, device=device),
+                )
                 out, lse = _run("prefill", qs, kc, vc, kw_c)
-                want = torch.cat([full[start:end], full[L + start:L + end]])
-                want_lse = torch.cat([full_lse[start:end], full_lse[L + start:L + end]])
+                want = torch.cat([full[start:end], full[L + start : L + end]])
+                want_lse = torch.cat([full_lse[start:end], full_lse[L + start : L + end]])
                 tol = 1e-5 if dtype == torch.float32 else 1e-2
                 torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
                 torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
@@ -102,7 +108,7 @@ def test_default_scale_and_int64_indices(device, impl):
     with vattn.ops.attention_impl(impl):
         q, kc, vc, kw = build(case, torch.float16, "plain", device, seed=3)
         a = vattn.decode_attention(q, kc, vc, kw["seqlens_k"], row_ids=kw["row_ids"])
-        b = vattn.decode_attention(q, kc, vc, kw["seqlens_k"].long(), row_ids=kw["row_ids"].tolist(), scale=64 ** -0.5)
+        b = vattn.decode_attention(q, kc, vc, kw["seqlens_k"].long(), row_ids=kw["row_ids"].tolist(), scale=64**-0.5)
         assert torch.equal(a, b)
         c = vattn.decode_attention(q, kc, vc, kw["seqlens_k"], row_ids=kw["row_ids"], scale=0.01)
         assert not torch.equal(a, c)

@@ -1,5 +1,6 @@
 """The eager fast path of the public wrappers (ops._direct_ok): it must give exactly what the
 registered torch.ops.vattn.* ops give, and step aside whenever something could tell them apart."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,8 +23,14 @@ class OpLog(TorchDispatchMode):
 
 
 def _decode_case(device, seed, dtype=torch.float16):
-    case = Case(lens=[5, 33, 1], hkv=2, group=3, dim=64, window_left=7 if seed % 2 else -1,
-                softcap=30.0 if seed % 3 == 0 else 0.0)
+    case = Case(
+        lens=[5, 33, 1],
+        hkv=2,
+        group=3,
+        dim=64,
+        window_left=7 if seed % 2 else -1,
+        softcap=30.0 if seed % 3 == 0 else 0.0,
+    )
     return build(case, dtype, "token_major", device, seed)
 
 
@@ -39,15 +46,17 @@ def test_wrappers_equal_the_ops_exactly(device, impl, seed):
         q, kc, vc, kw = _decode_case(device, seed)
         assert ops._direct_ok(q, kc, vc)
         out, lse = vattn.decode_attention(q, kc, vc, return_lse=True, **kw)
-        ref_out, ref_lse = torch.ops.vattn.decode_attention(q, kc, vc, kw["seqlens_k"], kw["row_ids"], None, None,
-                                                            kw["window_left"], kw["softcap"], -1)
+        ref_out, ref_lse = torch.ops.vattn.decode_attention(
+            q, kc, vc, kw["seqlens_k"], kw["row_ids"], None, None, kw["window_left"], kw["softcap"], -1
+        )
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
         assert torch.equal(vattn.decode_attention(q, kc, vc, **kw), ref_out)  # without lse: same out
 
         q, kc, vc, kw = _prefill_case(device, seed)
         out, lse = vattn.prefill_attention(q, kc, vc, return_lse=True, **kw)
-        ref_out, ref_lse = torch.ops.vattn.prefill_attention(q, kc, vc, kw["cu_seqlens_q"], kw["seqlens_k"],
-                                                             kw["row_ids"], None, kw["scale"], -1, 0.0, -1, -1)
+        ref_out, ref_lse = torch.ops.vattn.prefill_attention(
+            q, kc, vc, kw["cu_seqlens_q"], kw["seqlens_k"], kw["row_ids"], None, kw["scale"], -1, 0.0, -1, -1
+        )
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
         assert torch.equal(vattn.prefill_attention(q, kc, vc, **kw), ref_out)
 
@@ -68,8 +77,14 @@ def test_append_fast_path_writes_and_bumps_versions(device, impl, seed):
     before = kc._version, vc._version
     vattn.append_kv_raw(kc, vc, k, v, rows, pos)
     assert kc._version > before[0] and vc._version > before[1]  # as the op's ADInplaceOrView kernel does
-    torch.ops.vattn.append_kv(kc2, vc2, k, v, torch.tensor(rows, dtype=torch.int32, device=device),
-                              torch.tensor(pos, dtype=torch.int32, device=device))
+    torch.ops.vattn.append_kv(
+        kc2,
+        vc2,
+        k,
+        v,
+        torch.tensor(rows, dtype=torch.int32, device=device),
+        torch.tensor(pos, dtype=torch.int32, device=device),
+    )
     assert torch.equal(kc.nan_to_num(), kc2.nan_to_num()) and torch.equal(vc.nan_to_num(), vc2.nan_to_num())
     assert torch.equal(kc[3, 1], k[2]) and torch.equal(vc[1, 15], v[3])
 
@@ -114,8 +129,16 @@ def test_kvcache_api_fast_path_matches_ops(seed):
     """vattn.attention / append_kv on a KVCache (checked geometry reused per layer) against the
     plain ops on the same views, over prefill and decode steps."""
     gen = torch.Generator().manual_seed(seed)
-    cache = vattn.KVCache(num_layers=2, num_kv_heads=2, head_dim=32, max_batch=3, max_seq_len=64,
-                          dtype=torch.float32, device="cpu", page_bytes=4096)
+    cache = vattn.KVCache(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=32,
+        max_batch=3,
+        max_seq_len=64,
+        dtype=torch.float32,
+        device="cpu",
+        page_bytes=4096,
+    )
     slots = [cache.alloc(), cache.alloc()]
     for new in ([7, 3], [1, 1], [2, 1], [1, 1]):
         step = cache.begin_step(slots=slots, new_tokens=new)
@@ -127,11 +150,24 @@ def test_kvcache_api_fast_path_matches_ops(seed):
             out, lse = vattn.attention(q, cache, layer, step, return_lse=True, softcap=20.0 if seed else 0.0)
             kv = cache.kv(layer)
             if step.is_decode:
-                ref = torch.ops.vattn.decode_attention(q, kv[0], kv[1], step.seqlens, step.slot_ids, None, None, -1,
-                                                       20.0 if seed else 0.0, -1)
+                ref = torch.ops.vattn.decode_attention(
+                    q, kv[0], kv[1], step.seqlens, step.slot_ids, None, None, -1, 20.0 if seed else 0.0, -1
+                )
             else:
-                ref = torch.ops.vattn.prefill_attention(q, kv[0], kv[1], step.cu_seqlens_q, step.seqlens,
-                                                        step.slot_ids, None, None, -1, 20.0 if seed else 0.0, -1, -1)
+                ref = torch.ops.vattn.prefill_attention(
+                    q,
+                    kv[0],
+                    kv[1],
+                    step.cu_seqlens_q,
+                    step.seqlens,
+                    step.slot_ids,
+                    None,
+                    None,
+                    -1,
+                    20.0 if seed else 0.0,
+                    -1,
+                    -1,
+                )
             assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1])
             assert torch.equal(vattn.attention(q, cache, layer, step, softcap=20.0 if seed else 0.0), ref[0])
             with pytest.raises(TypeError, match="dtype"):
@@ -145,6 +181,7 @@ def test_kvcache_api_fast_path_matches_ops(seed):
 def test_traced_wrappers_record_the_ops():
     """torch.compile (fullgraph) and make_fx trace through the wrappers to the registered ops."""
     from torch.fx.experimental.proxy_tensor import make_fx
+
     q, kc, vc, kw = _decode_case("cpu", 2, torch.float32)
 
     def f(x):

@@ -1,5 +1,6 @@
 """Long contexts, CUDA graphs, torch.compile and CuPy inputs (cuda parts marked gpu; the compile
 test also runs on cpu with the aot_eager backend, which exercises the fake implementations)."""
+
 import importlib.util
 
 import pytest
@@ -18,8 +19,9 @@ def test_decode_32k(impl, dtype):
     case = Case(lens=[32768, 1000, 32001], hkv=2, group=4, dim=128, window_left=-1)
     with vattn.ops.attention_impl(impl):
         q, kc, vc, kw = build(case, dtype, "token_major", "cuda", seed=32)
-        out, lse = vattn.decode_attention(q, kc, vc, kw.pop("seqlens_k"), return_lse=True,
-                                          **{k: v for k, v in kw.items()})
+        out, lse = vattn.decode_attention(
+            q, kc, vc, kw.pop("seqlens_k"), return_lse=True, **{k: v for k, v in kw.items()}
+        )
         kw["seqlens_k"] = torch.tensor(case.lens, dtype=torch.int32, device="cuda")
         assert_attention_close(out, lse, q, kc, vc, kw, "decode 32k")
 
@@ -33,8 +35,17 @@ def test_prefill_32k_prefix(impl, dtype, dim):
     case = Case(lens=[32768, 300], hkv=1, group=8, dim=dim, q_lens=[256, 300], window_left=-1)
     with vattn.ops.attention_impl(impl):
         q, kc, vc, kw = build(case, dtype, "layer_major", "cuda", seed=dim)
-        out, lse = vattn.prefill_attention(q, kc, vc, kw["cu_seqlens_q"], kw["seqlens_k"], row_ids=kw["row_ids"],
-                                           max_seqlen_q=300, max_seqlen_k=32768, return_lse=True)
+        out, lse = vattn.prefill_attention(
+            q,
+            kc,
+            vc,
+            kw["cu_seqlens_q"],
+            kw["seqlens_k"],
+            row_ids=kw["row_ids"],
+            max_seqlen_q=300,
+            max_seqlen_k=32768,
+            return_lse=True,
+        )
         assert_attention_close(out, lse, q, kc, vc, kw, "prefill 32k")
 
 
@@ -92,13 +103,15 @@ def test_cuda_graph_decode_replayed_with_growing_lengths(impl):
             cur = [c + 1 + 37 * step for c in cur]  # lengths also jump (pages of a real cache would be mapped)
             for b, r in enumerate(row_ids.tolist()):  # fill the jumped-over tokens
                 n0 = int(lens[b]), cur[b]
-                kc[r, n0[0]:n0[1]] = randn((n0[1] - n0[0], hkv, dim), gen, dtype).to(dev)
-                vc[r, n0[0]:n0[1]] = randn((n0[1] - n0[0], hkv, dim), gen, dtype).to(dev)
+                kc[r, n0[0] : n0[1]] = randn((n0[1] - n0[0], hkv, dim), gen, dtype).to(dev)
+                vc[r, n0[0] : n0[1]] = randn((n0[1] - n0[0], hkv, dim), gen, dtype).to(dev)
 
 
 def _compile_devices():
-    return [pytest.param("cpu", "aot_eager", id="cpu-aot_eager"),
-            pytest.param("cuda", "inductor", id="cuda-inductor", marks=pytest.mark.gpu)]
+    return [
+        pytest.param("cpu", "aot_eager", id="cpu-aot_eager"),
+        pytest.param("cuda", "inductor", id="cuda-inductor", marks=pytest.mark.gpu),
+    ]
 
 
 @pytest.mark.parametrize("device,backend", _compile_devices())

@@ -1,4 +1,5 @@
 """merge_states against reference.merge_states, including empty (-inf) states, and the split identity."""
+
 import pytest
 import torch
 
@@ -19,11 +20,11 @@ def test_merge_matches_reference(device, impl, dtype, dim):
         lse_a = (randn((n, heads), gen) * 4).to(device)
         lse_b = (randn((n, heads), gen) * 4).to(device)
         inf = float("-inf")
-        lse_a[0, :] = inf            # a empty
-        lse_b[1, :] = inf            # b empty
-        lse_a[2, :] = inf            # both empty
+        lse_a[0, :] = inf  # a empty
+        lse_b[1, :] = inf  # b empty
+        lse_a[2, :] = inf  # both empty
         lse_b[2, :] = inf
-        o_a[0] = float("nan")        # an empty state's output must not leak
+        o_a[0] = float("nan")  # an empty state's output must not leak
         out, lse = vattn.merge_states(o_a, lse_a, o_b, lse_b)
         ref, ref_lse = reference.merge_states(o_a.cpu(), lse_a.cpu(), o_b.cpu(), lse_b.cpu())
         low, _ = reference.merge_states(o_a.cpu(), lse_a.cpu(), o_b.cpu(), lse_b.cpu(), compute_dtype=dtype)
@@ -49,10 +50,19 @@ def test_merge_of_split_keys_is_full_attention(device, impl):
     split = 20
     # Part a: the first `split` keys, seen by a query placed at the end of the row with a window.
     lens = kw["seqlens_k"]
-    a, lse_a = vattn.prefill_attention(q, kc[:, :split], vc[:, :split], torch.arange(4, dtype=torch.int32, device=device),
-                                       torch.full_like(lens, split), row_ids=kw["row_ids"], return_lse=True)
+    a, lse_a = vattn.prefill_attention(
+        q,
+        kc[:, :split],
+        vc[:, :split],
+        torch.arange(4, dtype=torch.int32, device=device),
+        torch.full_like(lens, split),
+        row_ids=kw["row_ids"],
+        return_lse=True,
+    )
     # Part b: keys [split, L) as a shifted view of the cache.
-    b, lse_b = vattn.decode_attention(q, kc[:, split:], vc[:, split:], lens - split, row_ids=kw["row_ids"], return_lse=True)
+    b, lse_b = vattn.decode_attention(
+        q, kc[:, split:], vc[:, split:], lens - split, row_ids=kw["row_ids"], return_lse=True
+    )
     out, lse = vattn.merge_states(a, lse_a, b, lse_b)
     torch.testing.assert_close(out.float(), full.float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, full_lse, atol=1e-4, rtol=1e-4)

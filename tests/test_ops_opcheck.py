@@ -1,4 +1,5 @@
 """torch.library.opcheck for every vattn op (schema, fake tensors, AOT dispatch), cpu and cuda."""
+
 import pytest
 import torch
 
@@ -15,12 +16,16 @@ def test_opcheck_attention(device, impl):
     vc.nan_to_num_(0.0)
     with vattn.ops.attention_impl(impl):
         qd = q[:3]
-        torch.library.opcheck(torch.ops.vattn.decode_attention.default,
-                              (qd, kc, vc, kw["seqlens_k"], kw["row_ids"], None, None, -1, 0.0, 128))
-        torch.library.opcheck(torch.ops.vattn.decode_attention.default,
-                              (qd, kc, vc, kw["seqlens_k"]), dict(window_left=5, softcap=10.0))
-        torch.library.opcheck(torch.ops.vattn.prefill_attention.default,
-                              (q, kc, vc, kw["cu_seqlens_q"], kw["seqlens_k"], kw["row_ids"]))
+        torch.library.opcheck(
+            torch.ops.vattn.decode_attention.default,
+            (qd, kc, vc, kw["seqlens_k"], kw["row_ids"], None, None, -1, 0.0, 128),
+        )
+        torch.library.opcheck(
+            torch.ops.vattn.decode_attention.default, (qd, kc, vc, kw["seqlens_k"]), dict(window_left=5, softcap=10.0)
+        )
+        torch.library.opcheck(
+            torch.ops.vattn.prefill_attention.default, (q, kc, vc, kw["cu_seqlens_q"], kw["seqlens_k"], kw["row_ids"])
+        )
 
 
 @pytest.mark.parametrize("device,impl", device_impls())

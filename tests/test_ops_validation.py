@@ -1,4 +1,5 @@
 """Bad inputs to the attention ops raise clear Python exceptions and never reach the kernels."""
+
 import pytest
 import torch
 

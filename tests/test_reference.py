@@ -1,5 +1,6 @@
 """reference.py against independent formulations (torch SDPA, explicit softmax), so the tests of the
 kernels rest on a definition that is itself checked."""
+
 import math
 
 import torch
@@ -23,15 +24,16 @@ def test_full_prefill_is_causal_sdpa_with_gqa():
         cu = torch.tensor([0, L, 2 * L], dtype=torch.int32)
         out, lse = reference.attention(q, k, v, torch.tensor([L, L]), cu_seqlens_q=cu)
         for b in range(rows):
-            qb = q[b * L:(b + 1) * L].transpose(0, 1)                       # [hq, L, d]
-            kb = k[b].transpose(0, 1).repeat_interleave(group, dim=0)       # [hq, L, d]
+            qb = q[b * L : (b + 1) * L].transpose(0, 1)  # [hq, L, d]
+            kb = k[b].transpose(0, 1).repeat_interleave(group, dim=0)  # [hq, L, d]
             vb = v[b].transpose(0, 1).repeat_interleave(group, dim=0)
             want = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True).transpose(0, 1)
-            torch.testing.assert_close(out[b * L:(b + 1) * L], want)
+            torch.testing.assert_close(out[b * L : (b + 1) * L], want)
             logits = (qb @ kb.transpose(1, 2)) / math.sqrt(dim)
             logits = logits.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-            torch.testing.assert_close(lse[b * L:(b + 1) * L].double(), torch.logsumexp(logits, -1).T.contiguous(),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                lse[b * L : (b + 1) * L].double(), torch.logsumexp(logits, -1).T.contiguous(), atol=1e-5, rtol=1e-5
+            )
 
 
 def test_decode_window_softcap_rows_and_empty():
@@ -44,9 +46,9 @@ def test_decode_window_softcap_rows_and_empty():
     out, lse = reference.attention(q, k, v, lens, row_ids=rows, window_left=3, softcap=2.0, scale=0.7)
     for b in range(2):
         L, r = int(lens[b]), int(rows[b])
-        keys = k[r, L - 4:L, 0]  # positions L-1-3 .. L-1
+        keys = k[r, L - 4 : L, 0]  # positions L-1-3 .. L-1
         logits = 2.0 * torch.tanh((q[b] @ keys.T) * 0.7 / 2.0)
-        torch.testing.assert_close(out[b], torch.softmax(logits, -1) @ v[r, L - 4:L, 0])
+        torch.testing.assert_close(out[b], torch.softmax(logits, -1) @ v[r, L - 4 : L, 0])
         torch.testing.assert_close(lse[b].double(), torch.logsumexp(logits, -1), atol=1e-6, rtol=1e-6)
     # Per-head length 0: zero output, lse -inf.
     out, lse = reference.attention(q, k, v, lens, row_ids=rows, head_seqlens_k=torch.tensor([[0], [3]]))

@@ -7,6 +7,7 @@ that work on it directly.
     out = vattn.attention(q, cache, layer, step)
     cache.end_step(step)
 """
+
 import os as _os
 
 # Development hook (tools/dev_build.sh): look for the native module in a separate build folder.
@@ -18,13 +19,21 @@ from ._info import info
 
 __version__ = _C.__version__
 
-from . import ops  # noqa: E402  registers torch.ops.vattn.*
+from . import ops  # noqa: E402,F401  registers torch.ops.vattn.*
 from .ops import append_kv_raw, decode_attention, prefill_attention, merge_states  # noqa: E402
 from .cache import KVCache, Step  # noqa: E402
 from ._C import OutOfMemoryError  # noqa: E402  (a MemoryError)
 from .api import append_kv, attention  # noqa: E402
 
 __all__ = [
-    "KVCache", "Step", "OutOfMemoryError", "append_kv", "attention", "info",
-    "append_kv_raw", "decode_attention", "prefill_attention", "merge_states",
+    "KVCache",
+    "Step",
+    "OutOfMemoryError",
+    "append_kv",
+    "attention",
+    "info",
+    "append_kv_raw",
+    "decode_attention",
+    "prefill_attention",
+    "merge_states",
 ]

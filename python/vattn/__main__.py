@@ -1,4 +1,5 @@
 """`python -m vattn ...` is the `vattn` command."""
+
 import sys
 
 from .cli import main

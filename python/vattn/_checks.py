@@ -1,6 +1,7 @@
 """Argument checks of the torch ops (python/vattn/ops.py): tensors, shapes, devices, index
 tensors. What each device supports comes from the one support table (_support.py); the native code
 checks what needs the data (index values, lengths) and throws."""
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,20 @@ class _KVGeom:
     head_dim / 2 bytes per vector); `dtype` is the dtype a plain cache stores (None when both sides
     are quantized: q, k and v may then be any float dtype the device supports)."""
 
-    __slots__ = ("device", "dtype", "shape", "k_format", "v_format", "k_strides", "v_strides", "k_scale", "v_scale",
-                 "ks_strides", "vs_strides", "view")
+    __slots__ = (
+        "device",
+        "dtype",
+        "shape",
+        "k_format",
+        "v_format",
+        "k_strides",
+        "v_strides",
+        "k_scale",
+        "v_scale",
+        "ks_strides",
+        "vs_strides",
+        "view",
+    )
 
     def __init__(self, device, dtype, shape, k_format, v_format, k_strides, v_strides, k_scale=None, v_scale=None):
         self.device, self.dtype, self.shape = device, dtype, shape
@@ -96,18 +109,27 @@ def _cache_format(c: Tensor, scale: Optional[Tensor], name: str) -> formats.KVFo
         if fmt is None:
             if c.dtype in formats.QUANTIZED_BY_STORAGE:
                 raise ValueError(f"{name} has dtype {c.dtype} (a quantized format): pass its {name[0]}_scale tensor")
-            raise TypeError(f"{name} has dtype {c.dtype}; expected float32, float16 or bfloat16, or a quantized "
-                            f"storage dtype ({', '.join(str(d) for d in formats.QUANTIZED_BY_STORAGE)}) with scales")
+            raise TypeError(
+                f"{name} has dtype {c.dtype}; expected float32, float16 or bfloat16, or a quantized "
+                f"storage dtype ({', '.join(str(d) for d in formats.QUANTIZED_BY_STORAGE)}) with scales"
+            )
         return fmt
     fmt = formats.QUANTIZED_BY_STORAGE.get(c.dtype)
     if fmt is None:
-        raise TypeError(f"{name} has dtype {c.dtype} but a {name[0]}_scale was given; quantized caches are stored as "
-                        f"{', '.join(f'{d} ({f.name})' for d, f in formats.QUANTIZED_BY_STORAGE.items())}")
+        raise TypeError(
+            f"{name} has dtype {c.dtype} but a {name[0]}_scale was given; quantized caches are stored as "
+            f"{', '.join(f'{d} ({f.name})' for d, f in formats.QUANTIZED_BY_STORAGE.items())}"
+        )
     return fmt
 
 
-def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, k_scale: Optional[Tensor] = None,
-                 v_scale: Optional[Tensor] = None) -> _KVGeom:
+def _check_cache(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    device: torch.device,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> _KVGeom:
     strides, fmts, dims = [], [], []
     for name, c, sc in (("k_cache", k_cache, k_scale), ("v_cache", v_cache, v_scale)):
         fmt = _cache_format(c, sc, name)
@@ -118,8 +140,10 @@ def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, k_scale
         fmts.append(fmt)
         dims.append(c.shape[3] * fmt.elems_per_storage)
     if k_cache.shape[:3] != v_cache.shape[:3] or dims[0] != dims[1]:
-        raise ValueError(f"k_cache and v_cache shapes differ: {list(k_cache.shape)} vs {list(v_cache.shape)}"
-                         + ("" if fmts[0] == fmts[1] else f" (formats {fmts[0].name} / {fmts[1].name})"))
+        raise ValueError(
+            f"k_cache and v_cache shapes differ: {list(k_cache.shape)} vs {list(v_cache.shape)}"
+            + ("" if fmts[0] == fmts[1] else f" (formats {fmts[0].name} / {fmts[1].name})")
+        )
     plain = [f for f in fmts if not f.quantized]
     if len(plain) == 1:
         raise TypeError("k_cache and v_cache must be both plain or both quantized")
@@ -140,12 +164,27 @@ def _check_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, k_scale
             raise ValueError(f"{name} must have shape {list(want)} for kv_format {fmt.name!r}, got {list(sc.shape)}")
         _check_device(sc, name, device)
         _check_last_contiguous(sc, name)
-    return _KVGeom(device, plain[0].storage_dtype if plain else None, shape, fmts[0], fmts[1], strides[0], strides[1],
-                   k_scale, v_scale)
+    return _KVGeom(
+        device,
+        plain[0].storage_dtype if plain else None,
+        shape,
+        fmts[0],
+        fmts[1],
+        strides[0],
+        strides[1],
+        k_scale,
+        v_scale,
+    )
 
 
-def _checked_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, geom: Optional[_KVGeom],
-                   k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> _KVGeom:
+def _checked_cache(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    device: torch.device,
+    geom: Optional[_KVGeom],
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> _KVGeom:
     """_check_cache, or for a geometry checked before (KVCache views) only the device match."""
     if geom is None:
         return _check_cache(k_cache, v_cache, device, k_scale, v_scale)
@@ -154,10 +193,21 @@ def _checked_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device, geom:
     return geom
 
 
-def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, cu_seqlens_q: Optional[Tensor],
-                     row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], window_left: int, softcap: float,
-                     scale: Optional[float], geom: Optional[_KVGeom] = None, k_scale: Optional[Tensor] = None,
-                     v_scale: Optional[Tensor] = None) -> Tuple[_KVGeom, Tuple[int, ...]]:
+def _check_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor,
+    cu_seqlens_q: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    head_seqlens_k: Optional[Tensor],
+    window_left: int,
+    softcap: float,
+    scale: Optional[float],
+    geom: Optional[_KVGeom] = None,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> Tuple[_KVGeom, Tuple[int, ...]]:
     """Checks an attention call; returns the cache geometry and q's strides."""
     _check_float(q, "q")
     if q.dim() != 3:
@@ -193,15 +243,27 @@ def _check_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Ten
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
-    check_supported("decode" if cu_seqlens_q is None else "prefill", device.type, q.dtype, dim,
-                    (geom.k_format.name, geom.v_format.name))
+    check_supported(
+        "decode" if cu_seqlens_q is None else "prefill",
+        device.type,
+        q.dtype,
+        dim,
+        (geom.k_format.name, geom.v_format.name),
+    )
     return geom, q_strides
 
 
-
-def _check_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
-                  geom: Optional[_KVGeom] = None, k_scale: Optional[Tensor] = None,
-                  v_scale: Optional[Tensor] = None) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
+def _check_append(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_ids: Tensor,
+    positions: Tensor,
+    geom: Optional[_KVGeom] = None,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
     """Checks an append_kv call; returns the cache geometry and the strides of k and v."""
     if geom is None:
         device = k_cache.device if isinstance(k_cache, torch.Tensor) else None

@@ -1,5 +1,6 @@
 """dtype codes of q / out shared with cuda/include/vattn/dtypes.h, derived from the format registry
 (the plain KV formats' codes are the dtype codes)."""
+
 import torch
 
 from .formats import PLAIN

@@ -1,4 +1,5 @@
 """Build and device information (`vattn.info()`, `vattn info`)."""
+
 from __future__ import annotations
 
 from typing import Any

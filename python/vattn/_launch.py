@@ -2,6 +2,7 @@
 tensors, and one way onto a device (`_run`: device guard, current stream, cpu or cuda entry point).
 The ops' implementation functions (`*_impl`) are what torch.ops.vattn.* and the eager fast path
 (ops.py) both run."""
+
 from __future__ import annotations
 
 import contextlib
@@ -74,9 +75,27 @@ def _cache_view(k_cache: Tensor, v_cache: Tensor, geom: _KVGeom) -> "_C.KVCacheV
     if view is None:
         ks, vs, kss, vss = geom.k_strides, geom.v_strides, geom.ks_strides, geom.vs_strides
         view = geom.view = _C.make_kv_view(
-            k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], geom.shape[0],
-            geom.shape[1], geom.k_format.code, geom.v_format.code, _ptr(geom.k_scale), kss[0], kss[1], kss[2],
-            _ptr(geom.v_scale), vss[0], vss[1], vss[2])
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            ks[0],
+            ks[1],
+            ks[2],
+            vs[0],
+            vs[1],
+            vs[2],
+            geom.shape[0],
+            geom.shape[1],
+            geom.k_format.code,
+            geom.v_format.code,
+            _ptr(geom.k_scale),
+            kss[0],
+            kss[1],
+            kss[2],
+            _ptr(geom.v_scale),
+            vss[0],
+            vss[1],
+            vss[2],
+        )
     return view
 
 
@@ -96,10 +115,7 @@ def _max_of(t: Tensor) -> int:
     return int(t.max().item()) if t.numel() > 0 else 0
 
 
-
-
-def _run(device: torch.device, cpu_fn: Callable, cuda_fn: Callable, p,
-         before_cuda: Optional[Callable] = None) -> None:
+def _run(device: torch.device, cpu_fn: Callable, cuda_fn: Callable, p, before_cuda: Optional[Callable] = None) -> None:
     """Launches a native entry point with params p: on CUDA under the device guard, on the current
     stream (before_cuda(p) may add device scratch first); on CPU directly."""
     if device.type == "cuda":
@@ -114,25 +130,61 @@ def _run(device: torch.device, cpu_fn: Callable, cuda_fn: Callable, p,
 
 # ----------------------------------------------------------------------------- implementations
 
-def _attention_params(q: Tensor, q_strides: Tuple[int, ...], k_cache: Tensor, v_cache: Tensor, geom: _KVGeom,
-                      out: Tensor, lse: Optional[Tensor], seqlens_k: Tensor, cu_seqlens_q: Optional[Tensor],
-                      row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
-                      window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int) -> "_C.AttentionParams":
+
+def _attention_params(
+    q: Tensor,
+    q_strides: Tuple[int, ...],
+    k_cache: Tensor,
+    v_cache: Tensor,
+    geom: _KVGeom,
+    out: Tensor,
+    lse: Optional[Tensor],
+    seqlens_k: Tensor,
+    cu_seqlens_q: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    head_seqlens_k: Optional[Tensor],
+    scale: Optional[float],
+    window_left: int,
+    softcap: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> "_C.AttentionParams":
     total_q, hq, dim = q.shape
     if max_seqlen_k < 0:
         # Only decode plans with this hint (its split-KV grid); prefill never reads it, so it is not
         # worth a host sync there (0: unknown).
-        max_seqlen_k = 0 if cu_seqlens_q is not None else _max_of(head_seqlens_k if head_seqlens_k is not None
-                                                                    else seqlens_k)
+        max_seqlen_k = (
+            0 if cu_seqlens_q is not None else _max_of(head_seqlens_k if head_seqlens_k is not None else seqlens_k)
+        )
     if max_seqlen_q < 0:
         max_seqlen_q = 1 if cu_seqlens_q is None else _max_of(cu_seqlens_q[1:] - cu_seqlens_q[:-1])
     o_strides = out.stride()
     return _C.make_attention_params(
-        q.data_ptr(), q_strides[0], q_strides[1], out.data_ptr(), o_strides[0], o_strides[1], _ptr(lse),
-        _cache_view(k_cache, v_cache, geom), _ptr(cu_seqlens_q), seqlens_k.data_ptr(), _ptr(head_seqlens_k),
-        _ptr(row_ids), seqlens_k.shape[0], hq, geom.shape[2], dim, total_q, int(max_seqlen_q), int(max_seqlen_k),
-        float(scale) if scale is not None else 1.0 / math.sqrt(dim), float(softcap),
-        int(window_left) if window_left >= 0 else -1, code_of(q.dtype), _IMPLS[_impl])
+        q.data_ptr(),
+        q_strides[0],
+        q_strides[1],
+        out.data_ptr(),
+        o_strides[0],
+        o_strides[1],
+        _ptr(lse),
+        _cache_view(k_cache, v_cache, geom),
+        _ptr(cu_seqlens_q),
+        seqlens_k.data_ptr(),
+        _ptr(head_seqlens_k),
+        _ptr(row_ids),
+        seqlens_k.shape[0],
+        hq,
+        geom.shape[2],
+        dim,
+        total_q,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        float(scale) if scale is not None else 1.0 / math.sqrt(dim),
+        float(softcap),
+        int(window_left) if window_left >= 0 else -1,
+        code_of(q.dtype),
+        _IMPLS[_impl],
+    )
 
 
 def _empty_outputs(q: Tensor, need_lse: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
@@ -143,18 +195,59 @@ def _empty_outputs(q: Tensor, need_lse: bool = True) -> Tuple[Tensor, Optional[T
     return out, lse
 
 
-def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
-                 head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
-                 max_seqlen_k: int, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-                 need_lse: bool = True, geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
+def _decode_impl(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor,
+    row_ids: Optional[Tensor],
+    head_seqlens_k: Optional[Tensor],
+    scale: Optional[float],
+    window_left: int,
+    softcap: float,
+    max_seqlen_k: int,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    need_lse: bool = True,
+    geom: Optional[_KVGeom] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
     """The implementation of torch.ops.vattn.decode_attention (and of the eager fast path)."""
-    geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left,
-                                       softcap, scale, geom, k_scale, v_scale)
+    geom, q_strides = _check_attention(
+        q,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        None,
+        row_ids,
+        head_seqlens_k,
+        window_left,
+        softcap,
+        scale,
+        geom,
+        k_scale,
+        v_scale,
+    )
     out, lse = _empty_outputs(q, need_lse)
     if q.shape[0] == 0:
         return out, lse
-    p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, None, row_ids, head_seqlens_k,
-                          scale, window_left, softcap, 1, max_seqlen_k)
+    p = _attention_params(
+        q,
+        q_strides,
+        k_cache,
+        v_cache,
+        geom,
+        out,
+        lse,
+        seqlens_k,
+        None,
+        row_ids,
+        head_seqlens_k,
+        scale,
+        window_left,
+        softcap,
+        1,
+        max_seqlen_k,
+    )
     workspace = []  # keeps the split-KV scratch alive until the launch is queued
 
     def add_workspace(p):
@@ -165,34 +258,96 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor,
     return out, lse
 
 
-def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
-                  row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
-                  window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int,
-                  k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, need_lse: bool = True,
-                  geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:
+def _prefill_impl(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seqlens_k: Tensor,
+    row_ids: Optional[Tensor],
+    head_seqlens_k: Optional[Tensor],
+    scale: Optional[float],
+    window_left: int,
+    softcap: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    need_lse: bool = True,
+    geom: Optional[_KVGeom] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
     """The implementation of torch.ops.vattn.prefill_attention (and of the eager fast path)."""
-    geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
-                                       window_left, softcap, scale, geom, k_scale, v_scale)
+    geom, q_strides = _check_attention(
+        q,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        cu_seqlens_q,
+        row_ids,
+        head_seqlens_k,
+        window_left,
+        softcap,
+        scale,
+        geom,
+        k_scale,
+        v_scale,
+    )
     out, lse = _empty_outputs(q, need_lse)
     if q.shape[0] == 0:
         return out, lse
-    p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, cu_seqlens_q, row_ids,
-                          head_seqlens_k, scale, window_left, softcap, max_seqlen_q, max_seqlen_k)
+    p = _attention_params(
+        q,
+        q_strides,
+        k_cache,
+        v_cache,
+        geom,
+        out,
+        lse,
+        seqlens_k,
+        cu_seqlens_q,
+        row_ids,
+        head_seqlens_k,
+        scale,
+        window_left,
+        softcap,
+        max_seqlen_q,
+        max_seqlen_k,
+    )
     _run(q.device, _C.prefill_attention_cpu, getattr(_C, "prefill_attention_cuda", None), p)
     return out, lse
 
 
-def _append_impl(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
-                 k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-                 geom: Optional[_KVGeom] = None) -> None:
+def _append_impl(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_ids: Tensor,
+    positions: Tensor,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    geom: Optional[_KVGeom] = None,
+) -> None:
     """The op's implementation (torch.ops.vattn.append_kv and the eager fast path)."""
     geom, k_strides, v_strides = _check_append(k_cache, v_cache, k, v, row_ids, positions, geom, k_scale, v_scale)
     n, heads, dim = k.shape
     if n == 0:
         return
-    p = _C.make_append_params(_cache_view(k_cache, v_cache, geom), k.data_ptr(), v.data_ptr(), k_strides[0],
-                              k_strides[1], v_strides[0], v_strides[1], row_ids.data_ptr(), positions.data_ptr(), n,
-                              heads, dim, code_of(k.dtype))
+    p = _C.make_append_params(
+        _cache_view(k_cache, v_cache, geom),
+        k.data_ptr(),
+        v.data_ptr(),
+        k_strides[0],
+        k_strides[1],
+        v_strides[0],
+        v_strides[1],
+        row_ids.data_ptr(),
+        positions.data_ptr(),
+        n,
+        heads,
+        dim,
+        code_of(k.dtype),
+    )
     _run(geom.device, _C.append_kv_cpu, getattr(_C, "append_kv_cuda", None), p)
 
 

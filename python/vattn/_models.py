@@ -6,6 +6,7 @@
   for fast tests). Its weights are scaled up so that logits are well separated: greedy decoding then
   has no near-ties and the token-exact comparisons against transformers' own cache are meaningful.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,8 +40,9 @@ def find_smollm2() -> Optional[tuple[str, str]]:
     return None
 
 
-def load_pretrained(directory: str, gguf_file: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
-                    device: str = "cpu"):
+def load_pretrained(
+    directory: str, gguf_file: Optional[str] = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+):
     """(model, tokenizer) of a local transformers model directory, optionally from a GGUF file in it."""
     if not os.path.isdir(directory):
         raise ModelNotFound(f"model directory {directory!r} does not exist")
@@ -94,8 +96,8 @@ class ByteTokenizer:
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, x in enumerate(ids):
-            input_ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
+            input_ids[i, width - len(x) :] = torch.tensor(x)
+            mask[i, width - len(x) :] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -106,18 +108,37 @@ class ByteTokenizer:
         return [self.decode(s, skip_special_tokens) for s in seqs]
 
 
-def tiny_llama(*, seed: int = 0, num_layers: int = 3, hidden_size: int = 192, num_heads: int = 3,
-               num_kv_heads: int = 1, head_dim: int = 64, dtype: torch.dtype = torch.float32,
-               device: str = "cpu", max_position_embeddings: int = 2048):
+def tiny_llama(
+    *,
+    seed: int = 0,
+    num_layers: int = 3,
+    hidden_size: int = 192,
+    num_heads: int = 3,
+    num_kv_heads: int = 1,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    max_position_embeddings: int = 2048,
+):
     """(model, ByteTokenizer): a small random Llama (GQA, head_dim 64) that needs no download."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=head_dim, max_position_embeddings=max_position_embeddings, rope_theta=10000.0,
-        pad_token_id=ByteTokenizer.pad_token_id, bos_token_id=ByteTokenizer.bos_token_id,
-        eos_token_id=ByteTokenizer.eos_token_id, tie_word_embeddings=False, attn_implementation="sdpa")
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000.0,
+        pad_token_id=ByteTokenizer.pad_token_id,
+        bos_token_id=ByteTokenizer.bos_token_id,
+        eos_token_id=ByteTokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config)

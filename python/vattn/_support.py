@@ -4,6 +4,7 @@ The table comes from the native module (cuda/include/vattn/support.h, which the 
 check against too), so the argument checks here, the test helpers' skips and the docs read the one
 source. `supported(...)` answers, `check_supported(...)` raises the error a user sees.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,11 @@ class Support:
     max_head_dim: int  # 0: no limit
 
     def head_dim_ok(self, head_dim: int) -> bool:
-        return head_dim > 0 and head_dim % self.head_dim_multiple == 0 and (
-            self.max_head_dim == 0 or head_dim <= self.max_head_dim)
+        return (
+            head_dim > 0
+            and head_dim % self.head_dim_multiple == 0
+            and (self.max_head_dim == 0 or head_dim <= self.max_head_dim)
+        )
 
     def head_dim_rule(self) -> str:
         if self.max_head_dim == 0 and self.head_dim_multiple == 1:
@@ -40,9 +44,12 @@ def _load() -> Dict[str, Dict[str, Support]]:
     out = {}
     for device, per_op in _C.support_table().items():
         out[device] = {
-            op: Support(tuple(CODE_TO_TORCH[c] for c in e["dtypes"]),
-                        tuple(formats.BY_CODE[c].name for c in e["kv_formats"] if c in formats.BY_CODE),
-                        int(e["head_dim_multiple"]), int(e["max_head_dim"]))
+            op: Support(
+                tuple(CODE_TO_TORCH[c] for c in e["dtypes"]),
+                tuple(formats.BY_CODE[c].name for c in e["kv_formats"] if c in formats.BY_CODE),
+                int(e["head_dim_multiple"]),
+                int(e["max_head_dim"]),
+            )
             for op, e in per_op.items()
         }
     return out
@@ -56,18 +63,22 @@ def table() -> Dict[str, Dict[str, Support]]:
     return _TABLE
 
 
-def supported(op: str, device_type: str, dtype: torch.dtype, head_dim: int,
-              kv_format: Optional[str] = None) -> bool:
+def supported(op: str, device_type: str, dtype: torch.dtype, head_dim: int, kv_format: Optional[str] = None) -> bool:
     e = _TABLE[device_type][op]
     return dtype in e.dtypes and e.head_dim_ok(head_dim) and (kv_format is None or kv_format in e.kv_formats)
 
 
-_OP_NAMES = {"append_kv": "append_kv", "decode": "decode_attention", "prefill": "prefill_attention",
-             "merge_states": "merge_states"}
+_OP_NAMES = {
+    "append_kv": "append_kv",
+    "decode": "decode_attention",
+    "prefill": "prefill_attention",
+    "merge_states": "merge_states",
+}
 
 
-def check_supported(op: str, device_type: str, dtype: torch.dtype, head_dim: int,
-                    kv_formats: Tuple[str, ...] = ()) -> None:
+def check_supported(
+    op: str, device_type: str, dtype: torch.dtype, head_dim: int, kv_formats: Tuple[str, ...] = ()
+) -> None:
     """Raises TypeError (dtype) or ValueError (head_dim, format) for what the device does not run."""
     e = _TABLE[device_type][op]
     where = f"{device_type.upper() if device_type == 'cuda' else 'CPU'} {_OP_NAMES[op]}"
@@ -81,8 +92,9 @@ def check_supported(op: str, device_type: str, dtype: torch.dtype, head_dim: int
             raise ValueError(f"{where} does not read the KV format {name!r} (supported: {list(e.kv_formats)})")
 
 
-def check_cache_supported(device_type: str, dtype: torch.dtype, k_format: "formats.KVFormat",
-                          v_format: "formats.KVFormat", head_dim: int) -> None:
+def check_cache_supported(
+    device_type: str, dtype: torch.dtype, k_format: "formats.KVFormat", v_format: "formats.KVFormat", head_dim: int
+) -> None:
     """A KVCache needs at least append_kv and decode on its device."""
     for op in ("append_kv", "decode"):
         e = _TABLE[device_type][op]
@@ -90,5 +102,6 @@ def check_cache_supported(device_type: str, dtype: torch.dtype, k_format: "forma
             raise TypeError(f"dtype {dtype} is not supported on {device_type}; use one of {list(e.dtypes)}")
         for f in (k_format, v_format):
             if f.name not in e.kv_formats:
-                raise ValueError(f"kv_format {f.name!r} is not supported on {device_type} "
-                                 f"(supported: {list(e.kv_formats)})")
+                raise ValueError(
+                    f"kv_format {f.name!r} is not supported on {device_type} (supported: {list(e.kv_formats)})"
+                )

@@ -9,6 +9,7 @@ They run once per layer per token, so their host cost matters: in plain eager mo
 ops' implementations directly (ops.run_append / run_decode / run_prefill), and on a vattn.KVCache they reuse the layer's
 views as checked once (KVCache._ops_layer) instead of checking them on every call.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -47,7 +48,12 @@ def _check_tokens(t, name: str, step, heads: Optional[int], cache, device: torch
         raise TypeError(f"{name} has dtype {t.dtype} but the cache works in {cache.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the cache is on {device}")
-    if t.dim() != 3 or t.shape[0] != step.total_new or t.shape[2] != cache.head_dim or (heads is not None and t.shape[1] != heads):
+    if (
+        t.dim() != 3
+        or t.shape[0] != step.total_new
+        or t.shape[2] != cache.head_dim
+        or (heads is not None and t.shape[1] != heads)
+    ):
         want = f"[{step.total_new}, {heads if heads is not None else 'q_heads'}, {cache.head_dim}]"
         raise ValueError(f"{name} must have shape {want} (step.total_new, heads, head_dim), got {list(t.shape)}")
 
@@ -66,8 +72,17 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
     ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom)
 
 
-def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float] = None, window_left: int = -1,
-              softcap: float = 0.0, return_lse: bool = False):
+def attention(
+    q: torch.Tensor,
+    cache,
+    layer: int,
+    step,
+    *,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
     """Causal attention of the step's queries ([step.total_new, q_heads, head_dim]) over one layer.
 
     Each query sees everything its slot holds up to and including itself (append_kv of this step
@@ -80,10 +95,39 @@ def attention(q: torch.Tensor, cache, layer: int, step, *, scale: Optional[float
         raise ValueError(f"q has {q.shape[1]} heads, not a multiple of the cache's {cache.num_kv_heads} kv heads")
     scale = None if scale is None else float(scale)
     if step.is_decode:
-        out, lse = ops.run_decode(q, k_view, v_view, step.seqlens, step.slot_ids, None, scale, int(window_left),
-                                  float(softcap), int(step.max_seqlen_k), k_scale, v_scale, return_lse, geom)
+        out, lse = ops.run_decode(
+            q,
+            k_view,
+            v_view,
+            step.seqlens,
+            step.slot_ids,
+            None,
+            scale,
+            int(window_left),
+            float(softcap),
+            int(step.max_seqlen_k),
+            k_scale,
+            v_scale,
+            return_lse,
+            geom,
+        )
     else:
-        out, lse = ops.run_prefill(q, k_view, v_view, step.cu_seqlens_q, step.seqlens, step.slot_ids, None, scale,
-                                   int(window_left), float(softcap), int(step.max_seqlen_q), int(step.max_seqlen_k),
-                                   k_scale, v_scale, return_lse, geom)
+        out, lse = ops.run_prefill(
+            q,
+            k_view,
+            v_view,
+            step.cu_seqlens_q,
+            step.seqlens,
+            step.slot_ids,
+            None,
+            scale,
+            int(window_left),
+            float(softcap),
+            int(step.max_seqlen_q),
+            int(step.max_seqlen_k),
+            k_scale,
+            v_scale,
+            return_lse,
+            geom,
+        )
     return (out, lse) if return_lse else out

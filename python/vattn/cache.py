@@ -18,6 +18,7 @@ of a slot are data, and only the mapped part of a slot may be touched at all: on
 reading an unmapped address is a segmentation fault, on CUDA an illegal address. The attention
 ops never read beyond a row's length.
 """
+
 from __future__ import annotations
 
 import operator
@@ -47,18 +48,19 @@ class Step:
     oldest first. Host lists and ints are for the host (grid sizes, no sync); tensors live on the
     cache's device and are read by the kernels.
     """
+
     slots: List[int]
     new_tokens: List[int]
-    start: List[int]              # slot length before the step
-    slot_ids: torch.Tensor        # int32 [batch]: cache row of each batch row
-    seqlens: torch.Tensor         # int32 [batch]: start + new (the lengths attention sees)
-    cu_seqlens_q: torch.Tensor    # int32 [batch + 1]
-    token_slots: torch.Tensor     # int32 [total_new]: slot of each new token
-    positions: torch.Tensor       # int32 [total_new]: position of each new token in its slot
+    start: List[int]  # slot length before the step
+    slot_ids: torch.Tensor  # int32 [batch]: cache row of each batch row
+    seqlens: torch.Tensor  # int32 [batch]: start + new (the lengths attention sees)
+    cu_seqlens_q: torch.Tensor  # int32 [batch + 1]
+    token_slots: torch.Tensor  # int32 [total_new]: slot of each new token
+    positions: torch.Tensor  # int32 [total_new]: position of each new token in its slot
     max_seqlen_q: int
     max_seqlen_k: int
     total_new: int
-    is_decode: bool               # every new_tokens == 1
+    is_decode: bool  # every new_tokens == 1
 
 
 def _int(x, name: str) -> int:
@@ -93,8 +95,7 @@ _PACK_LIST_MAX_TOKENS = 128
 assert array("i").itemsize == 4, "array('i') must be int32 for _pack_step"
 
 
-def _pack_step(slots: List[int], new_tokens: List[int], start: List[int], ends: List[int],
-               total: int) -> torch.Tensor:
+def _pack_step(slots: List[int], new_tokens: List[int], start: List[int], ends: List[int], total: int) -> torch.Tensor:
     """The int32 host buffer of a step: slot_ids [b] | seqlens [b] | cu_seqlens_q [b+1] |
     token_slots [total] | positions [total] (Step's tensors are views of it on the device)."""
     if total <= _PACK_LIST_MAX_TOKENS:
@@ -133,8 +134,12 @@ class _CudaRange:
     def __init__(self, owner, ptr: int, shape, strides, typestr: str):
         self._owner = owner
         self.__cuda_array_interface__ = {
-            "shape": tuple(shape), "strides": tuple(strides) if strides is not None else None,
-            "typestr": typestr, "data": (int(ptr), False), "version": 3, "stream": None,
+            "shape": tuple(shape),
+            "strides": tuple(strides) if strides is not None else None,
+            "typestr": typestr,
+            "data": (int(ptr), False),
+            "version": 3,
+            "stream": None,
         }
 
 
@@ -152,11 +157,26 @@ class KVCache:
       lookahead_tokens         how far ahead that thread maps (default one page of tokens)
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int, max_seq_len: int,
-                 dtype: torch.dtype = torch.bfloat16, kv_format: str = "auto", layout: str = "token_major",
-                 device="cuda", max_physical_bytes: Optional[int] = None, *, page_bytes: Optional[int] = None,
-                 prealloc_bytes: int = 0, reclaim_watermark_bytes: Optional[int] = None, background: bool = False,
-                 lookahead_tokens: Optional[int] = None, _host_commit: bool = True):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_batch: int,
+        max_seq_len: int,
+        dtype: torch.dtype = torch.bfloat16,
+        kv_format: str = "auto",
+        layout: str = "token_major",
+        device="cuda",
+        max_physical_bytes: Optional[int] = None,
+        *,
+        page_bytes: Optional[int] = None,
+        prealloc_bytes: int = 0,
+        reclaim_watermark_bytes: Optional[int] = None,
+        background: bool = False,
+        lookahead_tokens: Optional[int] = None,
+        _host_commit: bool = True,
+    ):
         self.num_layers = _positive(num_layers, "num_layers")
         self.num_kv_heads = _positive(num_kv_heads, "num_kv_heads")
         self.head_dim = _positive(head_dim, "head_dim")
@@ -176,8 +196,9 @@ class KVCache:
         check_cache_supported(dev.type, dtype, self.k_format, self.v_format, self.head_dim)
         if dev.type == "cuda":
             if not _C.built_with_cuda:
-                raise RuntimeError("device='cuda' needs a CUDA build of vattn (this one was built without CUDA); "
-                                   "use device='cpu'")
+                raise RuntimeError(
+                    "device='cuda' needs a CUDA build of vattn (this one was built without CUDA); use device='cpu'"
+                )
             if not torch.cuda.is_available() or _C.cuda_device_count() == 0:
                 raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
             dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
@@ -205,8 +226,9 @@ class KVCache:
                 raise ValueError(f"reclaim_watermark_bytes must be >= 0, got {watermark}")
         k_record = self.k_format.record_bytes(self.num_kv_heads, self.head_dim)
         v_record = self.v_format.record_bytes(self.num_kv_heads, self.head_dim)
-        region_token_bytes = (self.num_layers * (k_record + v_record) if layout == "token_major"
-                              else max(k_record, v_record))
+        region_token_bytes = (
+            self.num_layers * (k_record + v_record) if layout == "token_major" else max(k_record, v_record)
+        )
         if lookahead_tokens is None:
             lookahead = max(1, effective_page // region_token_bytes)
         else:
@@ -215,17 +237,29 @@ class KVCache:
                 raise ValueError(f"lookahead_tokens must be >= 0, got {lookahead}")
 
         self._manager = _C.CacheManager(
-            "cuda" if dev.type == "cuda" else "host", dev.index or 0, self.num_layers, k_record, v_record,
-            self.max_batch, self.max_seq_len, layout, page_bytes=page,
-            max_physical_bytes=cap, prealloc_bytes=prealloc, reclaim_watermark_bytes=watermark,
-            background=bool(background), lookahead_tokens=lookahead, host_commit=bool(_host_commit))
+            "cuda" if dev.type == "cuda" else "host",
+            dev.index or 0,
+            self.num_layers,
+            k_record,
+            v_record,
+            self.max_batch,
+            self.max_seq_len,
+            layout,
+            page_bytes=page,
+            max_physical_bytes=cap,
+            prealloc_bytes=prealloc,
+            reclaim_watermark_bytes=watermark,
+            background=bool(background),
+            lookahead_tokens=lookahead,
+            host_commit=bool(_host_commit),
+        )
         self.page_bytes = int(self._m.page_bytes)
         self.token_bytes = int(self._m.token_bytes)  # one stored token, all layers, K and V, scales included
         self.background = bool(background)
         self._lengths_host = [0] * self.max_batch
         self._lengths = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
         self._lengths_np = self._lengths.numpy() if dev.type == "cpu" else None  # same memory (see _set_lengths)
-        self._open: Dict[int, Step] = {}        # slot -> its open step
+        self._open: Dict[int, Step] = {}  # slot -> its open step
         self._open_steps: Dict[int, Step] = {}  # id(step) -> step
         self._views: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * self.num_layers
         self._ops_layers: List[Optional[tuple]] = [None] * self.num_layers  # see _ops_layer
@@ -314,9 +348,19 @@ class KVCache:
         slot_ids, seqlens, cu_seqlens_q, token_slots, positions = dev.split_with_sizes([b, b, b + 1, total, total])
         max_q = max(new_tokens)
         step = Step(
-            slots=slots, new_tokens=new_tokens, start=start, slot_ids=slot_ids, seqlens=seqlens,
-            cu_seqlens_q=cu_seqlens_q, token_slots=token_slots, positions=positions, max_seqlen_q=max_q,
-            max_seqlen_k=max(ends), total_new=total, is_decode=max_q == 1 and min(new_tokens) == 1)
+            slots=slots,
+            new_tokens=new_tokens,
+            start=start,
+            slot_ids=slot_ids,
+            seqlens=seqlens,
+            cu_seqlens_q=cu_seqlens_q,
+            token_slots=token_slots,
+            positions=positions,
+            max_seqlen_q=max_q,
+            max_seqlen_k=max(ends),
+            total_new=total,
+            is_decode=max_q == 1 and min(new_tokens) == 1,
+        )
         for s in slots:
             open_steps[s] = step
         self._open_steps[id(step)] = step
@@ -445,9 +489,11 @@ class KVCache:
         self._m._inject_failure(kind, _int(n, "n"))
 
     def __repr__(self) -> str:
-        return (f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"max_batch={self.max_batch}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
-                f"layout={self.layout!r}, device={str(self.device)!r}, page_bytes={self.page_bytes})")
+        return (
+            f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"max_batch={self.max_batch}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
+            f"layout={self.layout!r}, device={str(self.device)!r}, page_bytes={self.page_bytes})"
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -510,13 +556,22 @@ class KVCache:
         row, tok = lv["stride_row_bytes"], lv["stride_tok_bytes"]
         heads, dim = self.num_kv_heads, self.head_dim
         isz = _itemsize(fmt.storage_dtype)
-        data = (region, offset, (self.max_batch, self.max_seq_len, heads, fmt.storage_elems(dim)),
-                (row // isz, tok // isz, fmt.data_bytes(dim) // isz, 1), isz)
+        data = (
+            region,
+            offset,
+            (self.max_batch, self.max_seq_len, heads, fmt.storage_elems(dim)),
+            (row // isz, tok // isz, fmt.data_bytes(dim) // isz, 1),
+            isz,
+        )
         scales = None
         if fmt.quantized:
-            scales = (region, offset + fmt.scale_offset(heads, dim),
-                      (self.max_batch, self.max_seq_len, heads, fmt.scale_words),
-                      (row // 4, tok // 4, fmt.scale_words, 1), 4)
+            scales = (
+                region,
+                offset + fmt.scale_offset(heads, dim),
+                (self.max_batch, self.max_seq_len, heads, fmt.scale_words),
+                (row // 4, tok // 4, fmt.scale_words, 1),
+                4,
+            )
         return data, scales
 
     def _strided(self, geo, dtype: torch.dtype) -> torch.Tensor:
@@ -555,7 +610,9 @@ class KVCache:
         try:
             import cupy
         except ImportError:
-            raise ImportError("kv(like='cupy') needs CuPy: pip install cupy-cuda12x (or the build for your CUDA)") from None
+            raise ImportError(
+                "kv(like='cupy') needs CuPy: pip install cupy-cuda12x (or the build for your CUDA)"
+            ) from None
         out = []
         for which, fmt in (("k", self.k_format), ("v", self.v_format)):
             (region, offset, shape, strides, isz), _ = self._geometry(layer, fmt, which)

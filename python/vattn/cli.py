@@ -8,6 +8,7 @@
 Errors are one line on stderr and a non-zero exit (2: bad usage, 1: anything else);
 VATTN_DEBUG=1 shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .generation import (DEMO_PROMPTS, DTYPES, LAYOUTS, UserError, log, resolve_device, resolve_dtype,
-                         run_generation)
+from .generation import DEMO_PROMPTS, DTYPES, LAYOUTS, UserError, log, resolve_device, resolve_dtype, run_generation
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,11 +39,21 @@ def _positive_int(text: str) -> int:
 
 def _bytes_arg(text: str) -> int:
     """'1073741824', '512MiB', '2GiB', '64M'..."""
-    units = {"": 1, "K": 1 << 10, "KB": 10**3, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6, "MIB": 1 << 20,
-             "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}
+    units = {
+        "": 1,
+        "K": 1 << 10,
+        "KB": 10**3,
+        "KIB": 1 << 10,
+        "M": 1 << 20,
+        "MB": 10**6,
+        "MIB": 1 << 20,
+        "G": 1 << 30,
+        "GB": 10**9,
+        "GIB": 1 << 30,
+    }
     t = text.strip().upper()
     num = t.rstrip("KMGIB")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     try:
         value = float(num)
     except ValueError:
@@ -67,7 +77,9 @@ def _kv_format_arg(text: str):
     names = [t.strip() for t in text.split(",")]
     for n in names:
         if n != "auto" and n not in formats.FORMATS:
-            raise argparse.ArgumentTypeError(f"unknown KV format {n!r}; expected auto or one of {sorted(formats.FORMATS)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown KV format {n!r}; expected auto or one of {sorted(formats.FORMATS)}"
+            )
     if len(names) == 1:
         return names[0]
     if len(names) == 2:
@@ -80,24 +92,37 @@ def print_report(prompts: Sequence[str], r: dict) -> None:
         print(f"[{i}] {p}")
         print("    -> " + t.strip().replace("\n", "\n       "))
     print()
-    print(f"generated {r['generated']} tokens x {r['batch']} rows in {r['seconds']:.2f} s: "
-          f"{r['tokens_per_s']:.1f} tokens/s (prefill included)")
+    print(
+        f"generated {r['generated']} tokens x {r['batch']} rows in {r['seconds']:.2f} s: "
+        f"{r['tokens_per_s']:.1f} tokens/s (prefill included)"
+    )
     s = r["stats"]
     rows = [
-        ("virtual reserved", s["reserved_bytes"],
-         f"address space for {r['batch']} rows x {r['max_seq_len']} positions; no physical memory"),
+        (
+            "virtual reserved",
+            s["reserved_bytes"],
+            f"address space for {r['batch']} rows x {r['max_seq_len']} positions; no physical memory",
+        ),
         ("physical mapped", s["mapped_bytes"], f"{s.get('pages_mapped', '?')} pages of {_fmt_bytes(s['page_bytes'])}"),
         ("live tokens", s["used_bytes"], f"{s.get('tokens', '?')} tokens stored (padding is never stored)"),
     ]
     if r.get("kv_format", "auto") != "auto":
         plain = r["plain_used_bytes"]
-        rows.append((f"  same in {r['dtype']}", plain,
-                     f"unquantized; {r['kv_format']} saves {_fmt_bytes(plain - s['used_bytes'])} "
-                     f"({s['k_bits_per_element']:.2f} / {s['v_bits_per_element']:.2f} bits per K / V element)"))
+        rows.append(
+            (
+                f"  same in {r['dtype']}",
+                plain,
+                f"unquantized; {r['kv_format']} saves {_fmt_bytes(plain - s['used_bytes'])} "
+                f"({s['k_bits_per_element']:.2f} / {s['v_bits_per_element']:.2f} bits per K / V element)",
+            )
+        )
     rows += [
         ("static, max length", r["static_max_bytes"], f"preallocated {r['batch']} x {r['max_seq_len']} positions"),
-        ("static, this run", r["static_this_bytes"],
-         f"preallocated {r['batch']} x {r['prompt_width'] + r['generated']} positions (padding included)"),
+        (
+            "static, this run",
+            r["static_this_bytes"],
+            f"preallocated {r['batch']} x {r['prompt_width'] + r['generated']} positions (padding included)",
+        ),
     ]
     print()
     print(f"KV-cache memory ({r['dtype']}, KV format {r.get('kv_format', 'auto')}, layout {r['layout']})")
@@ -118,8 +143,10 @@ def cmd_info(args) -> int:
     cuda = info.get("built_with_cuda")
     archs = ", ".join(str(a) for a in info.get("cuda_architectures") or []) or "-"
     rt = info.get("cuda_runtime_version") or 0
-    print(f"build:    {'CUDA' if cuda else 'CPU only'}" + (f" (runtime {rt // 1000}.{rt % 1000 // 10}, archs {archs})"
-                                                          if cuda else ""))
+    print(
+        f"build:    {'CUDA' if cuda else 'CPU only'}"
+        + (f" (runtime {rt // 1000}.{rt % 1000 // 10}, archs {archs})" if cuda else "")
+    )
     print(f"torch:    {info.get('torch')} (CUDA available: {info.get('torch_cuda_available', False)})")
     devices = info.get("cuda_devices") or []
     if devices:
@@ -131,8 +158,10 @@ def cmd_info(args) -> int:
     if isinstance(gran, dict):
         for backend, value in gran.items():
             if isinstance(value, (list, tuple)):
-                shown = ", ".join(f"cuda:{i} {_fmt_bytes(v) if isinstance(v, int) else v}"
-                                  for i, v in enumerate(value)) or "no CUDA device"
+                shown = (
+                    ", ".join(f"cuda:{i} {_fmt_bytes(v) if isinstance(v, int) else v}" for i, v in enumerate(value))
+                    or "no CUDA device"
+                )
             else:
                 shown = _fmt_bytes(value) if isinstance(value, int) else str(value)
             note = " (KVCache pages default to 2 MiB)" if backend == "host" else ""
@@ -144,8 +173,10 @@ def cmd_info(args) -> int:
     print("KV formats (bits per element incl. scales, head_dim 64 / 128; devices):")
     for f in formats.FORMATS.values():
         devs = [d for d in ("cpu", "cuda") if f.name in _support.table()[d]["decode"].kv_formats]
-        print(f"  {f.name:<9} {f.bits_per_element(64):5.2f} / {f.bits_per_element(128):5.2f}  "
-              f"{'/'.join(devs):<8} {f.scale_layout}")
+        print(
+            f"  {f.name:<9} {f.bits_per_element(64):5.2f} / {f.bits_per_element(128):5.2f}  "
+            f"{'/'.join(devs):<8} {f.scale_layout}"
+        )
     return 0
 
 
@@ -170,11 +201,24 @@ def cmd_demo(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     model, tok, chat, name = _load_demo_model(args, device, dtype)
     prompts = list(args.prompt) if args.prompt else list(DEMO_PROMPTS)
-    log(f"generating {args.max_new_tokens} tokens for {len(prompts)} prompts in one left-padded batch "
-         f"({name}, {device}, {str(dtype).replace('torch.', '')}, layout {args.layout}) ...")
-    r = run_generation(model, tok, prompts, device=device, layout=args.layout, max_new_tokens=args.max_new_tokens,
-                       max_seq_len=args.max_seq_len, max_physical_bytes=args.max_physical_bytes,
-                       sample=args.sample, seed=args.seed, chat=chat, kv_format=args.kv_format)
+    log(
+        f"generating {args.max_new_tokens} tokens for {len(prompts)} prompts in one left-padded batch "
+        f"({name}, {device}, {str(dtype).replace('torch.', '')}, layout {args.layout}) ..."
+    )
+    r = run_generation(
+        model,
+        tok,
+        prompts,
+        device=device,
+        layout=args.layout,
+        max_new_tokens=args.max_new_tokens,
+        max_seq_len=args.max_seq_len,
+        max_physical_bytes=args.max_physical_bytes,
+        sample=args.sample,
+        seed=args.seed,
+        chat=chat,
+        kv_format=args.kv_format,
+    )
     print_report(prompts, r)
     return 0
 
@@ -188,9 +232,20 @@ def cmd_generate(args) -> int:
     t = time.perf_counter()
     model, tok = _models.load_pretrained(args.model, args.gguf_file, dtype=dtype, device=device)
     log(f"loaded in {time.perf_counter() - t:.1f} s")
-    r = run_generation(model, tok, args.prompt, device=device, layout=args.layout, max_new_tokens=args.max_new_tokens,
-                       max_seq_len=args.max_seq_len, max_physical_bytes=args.max_physical_bytes,
-                       sample=args.sample, seed=args.seed, chat=not args.no_chat_template, kv_format=args.kv_format)
+    r = run_generation(
+        model,
+        tok,
+        args.prompt,
+        device=device,
+        layout=args.layout,
+        max_new_tokens=args.max_new_tokens,
+        max_seq_len=args.max_seq_len,
+        max_physical_bytes=args.max_physical_bytes,
+        sample=args.sample,
+        seed=args.seed,
+        chat=not args.no_chat_template,
+        kv_format=args.kv_format,
+    )
     print_report(args.prompt, r)
     return 0
 
@@ -205,13 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
         sp.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
         sp.add_argument("--layout", default="token_major", choices=LAYOUTS, help="vattn cache layout")
-        sp.add_argument("--kv-format", default="auto", type=_kv_format_arg,
-                        help="KV storage: auto (the dtype), fp8_e4m3, int8, int4, or K,V such as int8,int4")
+        sp.add_argument(
+            "--kv-format",
+            default="auto",
+            type=_kv_format_arg,
+            help="KV storage: auto (the dtype), fp8_e4m3, int8, int4, or K,V such as int8,int4",
+        )
         sp.add_argument("--max-new-tokens", type=_positive_int, default=64)
-        sp.add_argument("--max-seq-len", type=_positive_int, default=None,
-                        help="positions per row the cache reserves (default: the model's maximum)")
-        sp.add_argument("--max-physical-bytes", type=_bytes_arg, default=None,
-                        help="cap on physical KV-cache memory, e.g. 512MiB")
+        sp.add_argument(
+            "--max-seq-len",
+            type=_positive_int,
+            default=None,
+            help="positions per row the cache reserves (default: the model's maximum)",
+        )
+        sp.add_argument(
+            "--max-physical-bytes", type=_bytes_arg, default=None, help="cap on physical KV-cache memory, e.g. 512MiB"
+        )
         sp.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.95) instead of greedy")
         sp.add_argument("--seed", type=int, default=0)
 

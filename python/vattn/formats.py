@@ -11,6 +11,7 @@ Everything else derives from this table: the dtype codes of the ops (_dtypes.py)
 geometry of a cache (bytes per token, given to the memory manager), CuPy's dtype strings and the
 support table of the ops (_support.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,19 +19,29 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["KVFormat", "FORMATS", "PLAIN", "QUANTIZED_BY_STORAGE", "get", "plain_for", "resolve", "of_tensor", "token_bytes"]
+__all__ = [
+    "KVFormat",
+    "FORMATS",
+    "PLAIN",
+    "QUANTIZED_BY_STORAGE",
+    "get",
+    "plain_for",
+    "resolve",
+    "of_tensor",
+    "token_bytes",
+]
 
 
 @dataclass(frozen=True)
 class KVFormat:
-    name: str                  # registry key, the spelling users pass as kv_format
-    code: int                  # KvFormatCode (kv_format.h)
-    storage_dtype: torch.dtype # element type of the data tensor (the cache's K / V views)
-    elems_per_storage: int     # head_dim elements in one stored element (2 for packed int4)
-    bits: int                  # bits of data per head_dim element
-    scale_words: int           # fp32 words stored per (token, kv_head) beside the data
-    scale_layout: str          # "none", or what the scale words are (granularity of the scales)
-    cupy_typestr: str          # __cuda_array_interface__ type string of the data
+    name: str  # registry key, the spelling users pass as kv_format
+    code: int  # KvFormatCode (kv_format.h)
+    storage_dtype: torch.dtype  # element type of the data tensor (the cache's K / V views)
+    elems_per_storage: int  # head_dim elements in one stored element (2 for packed int4)
+    bits: int  # bits of data per head_dim element
+    scale_words: int  # fp32 words stored per (token, kv_head) beside the data
+    scale_layout: str  # "none", or what the scale words are (granularity of the scales)
+    cupy_typestr: str  # __cuda_array_interface__ type string of the data
 
     @property
     def quantized(self) -> bool:
@@ -81,8 +92,16 @@ _TABLE = (
     # Quantized on append, dequantized inside the attention kernels (definitions: reference.py).
     KVFormat("fp8_e4m3", 3, torch.float8_e4m3fn, 1, 8, 1, "one fp32 scale per (token, kv_head): amax / 448", "|u1"),
     KVFormat("int8", 4, torch.int8, 1, 8, 1, "one fp32 scale per (token, kv_head): amax / 127 (symmetric)", "|i1"),
-    KVFormat("int4", 5, torch.uint8, 2, 4, 2,
-             "two codes per byte; fp32 (scale, zero) per (token, kv_head): (max - min) / 15, min", "|u1"),
+    KVFormat(
+        "int4",
+        5,
+        torch.uint8,
+        2,
+        4,
+        2,
+        "two codes per byte; fp32 (scale, zero) per (token, kv_head): (max - min) / 15, min",
+        "|u1",
+    ),
 )
 
 FORMATS: Dict[str, KVFormat] = {f.name: f for f in _TABLE}
@@ -117,8 +136,10 @@ def _one(name, dtype: torch.dtype) -> KVFormat:
         raise TypeError(f"kv_format must be a str or a (k, v) pair of str, got {type(name).__name__}")
     fmt = get(name)
     if not fmt.quantized and fmt.storage_dtype != dtype:
-        raise ValueError(f"kv_format {name!r} stores {fmt.storage_dtype} but the cache dtype is {dtype}; "
-                         "use 'auto' to store the cache dtype")
+        raise ValueError(
+            f"kv_format {name!r} stores {fmt.storage_dtype} but the cache dtype is {dtype}; "
+            "use 'auto' to store the cache dtype"
+        )
     return fmt
 
 
@@ -137,8 +158,9 @@ def of_tensor(t: torch.Tensor) -> Optional[KVFormat]:
     return PLAIN.get(t.dtype)
 
 
-def token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                kv_format: FormatSpec = "auto") -> int:
+def token_bytes(
+    num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_format: FormatSpec = "auto"
+) -> int:
     """Bytes one stored token takes in a KVCache over all layers, K and V, scales included (what the
     memory manager is given, and what KVCache.token_bytes reports)."""
     k, v = resolve(kv_format, dtype)

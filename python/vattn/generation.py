@@ -12,6 +12,7 @@ An internal module with a stable enough surface for the two of them (not exporte
 Problems the user can fix (an absent device, a prompt longer than the model's positions) raise
 UserError, which the command line prints as one line with exit status `code`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -111,15 +112,29 @@ def cache_kwarg(model) -> str:
 def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool):
     texts = list(prompts)
     if chat and getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
-def run_generation(model, tokenizer, prompts: Sequence[str], *, device: str, layout: str, max_new_tokens: int,
-                   max_seq_len: Optional[int] = None, max_physical_bytes: Optional[int] = None,
-                   sample: bool = False, seed: int = 0, chat: bool = True, progress: bool = True,
-                   kv_format="auto") -> dict:
+def run_generation(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    device: str,
+    layout: str,
+    max_new_tokens: int,
+    max_seq_len: Optional[int] = None,
+    max_physical_bytes: Optional[int] = None,
+    sample: bool = False,
+    seed: int = 0,
+    chat: bool = True,
+    progress: bool = True,
+    kv_format="auto",
+) -> dict:
     """Generates for all prompts in one left-padded batch on a VAttnCache; returns texts, timing, memory."""
     import torch
 
@@ -131,10 +146,19 @@ def run_generation(model, tokenizer, prompts: Sequence[str], *, device: str, lay
     if max_seq_len is None:
         max_seq_len = getattr(model.config, "max_position_embeddings", None) or prompt_width + max_new_tokens
     if prompt_width + max_new_tokens > max_seq_len:
-        raise UserError(f"prompt ({prompt_width} tokens) + --max-new-tokens ({max_new_tokens}) exceed the "
-                       f"model's {max_seq_len} positions", code=2)
-    cache = hf.VAttnCache.for_model(model, max_batch=batch, max_seq_len=max_seq_len, layout=layout,
-                                    max_physical_bytes=max_physical_bytes, kv_format=kv_format)
+        raise UserError(
+            f"prompt ({prompt_width} tokens) + --max-new-tokens ({max_new_tokens}) exceed the "
+            f"model's {max_seq_len} positions",
+            code=2,
+        )
+    cache = hf.VAttnCache.for_model(
+        model,
+        max_batch=batch,
+        max_seq_len=max_seq_len,
+        layout=layout,
+        max_physical_bytes=max_physical_bytes,
+        kv_format=kv_format,
+    )
     streamer = _Progress(max_new_tokens) if progress else None
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample)
     if sample:
@@ -156,11 +180,18 @@ def run_generation(model, tokenizer, prompts: Sequence[str], *, device: str, lay
     stats = cache.stats()
     generated = new.shape[1]
     result = {
-        "texts": texts, "batch": batch, "prompt_width": prompt_width, "generated": generated,
-        "seconds": elapsed, "tokens_per_s": batch * generated / elapsed, "stats": stats,
+        "texts": texts,
+        "batch": batch,
+        "prompt_width": prompt_width,
+        "generated": generated,
+        "seconds": elapsed,
+        "tokens_per_s": batch * generated / elapsed,
+        "stats": stats,
         "static_max_bytes": cache.static_bytes(batch, max_seq_len),
         "static_this_bytes": cache.static_bytes(batch, prompt_width + generated),
-        "max_seq_len": max_seq_len, "dtype": str(cache.dtype).replace("torch.", ""), "layout": layout,
+        "max_seq_len": max_seq_len,
+        "dtype": str(cache.dtype).replace("torch.", ""),
+        "layout": layout,
         "real_prompt_tokens": int(enc["attention_mask"].sum()),
         "kv_format": kv_format if isinstance(kv_format, str) else ",".join(kv_format),
         "plain_used_bytes": stats["used_bytes"] // cache.kv.token_bytes * cache.static_bytes(1, 1),

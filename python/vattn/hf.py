@@ -23,6 +23,7 @@ How it plugs in (supported extension points only, no model code is patched):
   tokens each slot really holds, so `get_seq_length()` and continuing `generate` on the same cache
   behave exactly like `DynamicCache`.
 """
+
 from __future__ import annotations
 
 import threading
@@ -37,9 +38,7 @@ try:
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError as exc:  # vattn itself never needs transformers; only this module does
-    raise ImportError(
-        "vattn.hf needs transformers (pip install 'vattn[hf]', or pip install transformers)"
-    ) from exc
+    raise ImportError("vattn.hf needs transformers (pip install 'vattn[hf]', or pip install transformers)") from exc
 
 import vattn
 from vattn import formats
@@ -88,8 +87,16 @@ def disable(model) -> None:
     model.set_attn_implementation(previous)
 
 
-def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                  mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+def _padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+):
     """Mask function for "vattn": the attention function needs only the 2D padding mask.
 
     Causality (and sliding windows) are applied by the kernels from the lengths, so the dense 4D mask
@@ -102,8 +109,16 @@ def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
 # the attention function
 
 
-def _attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
+def _attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs,
+):
     """AttentionInterface function. query [B, Hq, Q, D], key/value [B, Hkv, Q|K, D].
 
     Returns (out [B, Q, Hq, D], None) like transformers' sdpa/flash functions.
@@ -139,7 +154,7 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, kwargs)
     """
     batch, hq, q_len, dim = query.shape
     hkv, kv_len = key.shape[1], key.shape[2]
-    scale = scaling if scaling is not None else dim ** -0.5
+    scale = scaling if scaling is not None else dim**-0.5
     qpos = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
     kpos = torch.arange(kv_len, device=query.device)[None, :]
     allowed = kpos <= qpos
@@ -182,12 +197,12 @@ class _Forward:
 
     def __init__(self, batch, q_len, real, new_tokens, step, flat_idx, all_real):
         self.batch, self.q_len = batch, q_len
-        self.real = real              # host bool [batch, q_len]: which new positions are real tokens
+        self.real = real  # host bool [batch, q_len]: which new positions are real tokens
         self.new_tokens = new_tokens  # host list: real new tokens per batch row
-        self.step = step              # vattn.Step, or None when no row has a real new token
-        self.flat_idx = flat_idx      # device int64 [total_new]: packed row -> b * q_len + j
+        self.step = step  # vattn.Step, or None when no row has a real new token
+        self.flat_idx = flat_idx  # device int64 [total_new]: packed row -> b * q_len + j
         self.all_real = all_real
-        self.done = set()             # layers already processed
+        self.done = set()  # layers already processed
 
 
 class VAttnLayer(CacheLayerMixin):
@@ -249,9 +264,18 @@ class VAttnCache(Cache):
     attention to vattn's kernels. One batch row of transformers is one vattn slot.
     """
 
-    def __init__(self, config, *, max_batch: int, max_seq_len: int, dtype: torch.dtype,
-                 device: Any = "cpu", layout: str = "token_major", max_physical_bytes: Optional[int] = None,
-                 **cache_options):
+    def __init__(
+        self,
+        config,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: Any = "cpu",
+        layout: str = "token_major",
+        max_physical_bytes: Optional[int] = None,
+        **cache_options,
+    ):
         text_config = config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         unsupported = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
@@ -269,24 +293,41 @@ class VAttnCache(Cache):
         self.layout = layout
         self.max_physical_bytes = max_physical_bytes
         self.kv = vattn.KVCache(
-            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            max_batch=self.max_batch, max_seq_len=self.max_seq_len, dtype=dtype, layout=layout,
-            device=str(self.device), max_physical_bytes=max_physical_bytes, **cache_options)
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_batch=self.max_batch,
+            max_seq_len=self.max_seq_len,
+            dtype=dtype,
+            layout=layout,
+            device=str(self.device),
+            max_physical_bytes=max_physical_bytes,
+            **cache_options,
+        )
         super().__init__(layers=[VAttnLayer(self, i) for i in range(self.num_layers)])
-        self._slots: Optional[list[int]] = None   # vattn slot of each batch row
-        self._lengths: list[int] = []              # real tokens stored per batch row (host mirror)
+        self._slots: Optional[list[int]] = None  # vattn slot of each batch row
+        self._lengths: list[int] = []  # real tokens stored per batch row (host mirror)
         # host bool [batch, max_seq_len]: which columns are real tokens (numpy: host bookkeeping only,
         # free of torch's inference-mode rules)
         self._real: Optional[np.ndarray] = None
-        self._columns = 0                          # positions seen by transformers, padding included
+        self._columns = 0  # positions seen by transformers, padding included
         self._forward: Optional[_Forward] = None
 
     # ---- construction
 
     @classmethod
-    def for_model(cls, model, max_batch: int = 8, max_seq_len: Optional[int] = None, *,
-                  layout: str = "token_major", max_physical_bytes: Optional[int] = None,
-                  dtype: Optional[torch.dtype] = None, device: Any = None, **cache_options) -> "VAttnCache":
+    def for_model(
+        cls,
+        model,
+        max_batch: int = 8,
+        max_seq_len: Optional[int] = None,
+        *,
+        layout: str = "token_major",
+        max_physical_bytes: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Any = None,
+        **cache_options,
+    ) -> "VAttnCache":
         """A cache for `model` (geometry from model.config, dtype and device from the model), and
         the model switched to vattn attention (`vattn.hf.disable(model)` switches it back).
 
@@ -303,8 +344,16 @@ class VAttnCache(Cache):
             dtype = model.dtype
         if device is None:
             device = model.device
-        cache = cls(model.config, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, device=device,
-                    layout=layout, max_physical_bytes=max_physical_bytes, **cache_options)
+        cache = cls(
+            model.config,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            dtype=dtype,
+            device=device,
+            layout=layout,
+            max_physical_bytes=max_physical_bytes,
+            **cache_options,
+        )
         enable(model)
         cache._model_config = model.config
         return cache
@@ -319,14 +368,19 @@ class VAttnCache(Cache):
         if impl != ATTN_IMPLEMENTATION:
             raise RuntimeError(
                 f"vattn: the model uses attn_implementation={impl!r}; VAttnCache needs 'vattn' "
-                "(VAttnCache.for_model switches it; or call vattn.hf.enable(model))")
+                "(VAttnCache.for_model switches it; or call vattn.hf.enable(model))"
+            )
         b, h, _, d = key_states.shape
         if h != self.num_kv_heads or d != self.head_dim:
-            raise ValueError(f"vattn: K/V with {h} heads of dim {d}, the cache was made for "
-                             f"{self.num_kv_heads} heads of dim {self.head_dim}")
+            raise ValueError(
+                f"vattn: K/V with {h} heads of dim {d}, the cache was made for "
+                f"{self.num_kv_heads} heads of dim {self.head_dim}"
+            )
         if key_states.dtype != self.dtype:
-            raise TypeError(f"vattn: K/V dtype {key_states.dtype}, the cache was made for {self.dtype} "
-                            "(create the cache after moving the model, or pass dtype=)")
+            raise TypeError(
+                f"vattn: K/V dtype {key_states.dtype}, the cache was made for {self.dtype} "
+                "(create the cache after moving the model, or pass dtype=)"
+            )
         _pending.entry = (weakref.ref(self), layer_idx, key_states)
         return key_states, value_states
 
@@ -371,7 +425,7 @@ class VAttnCache(Cache):
             if keep != self._lengths[b]:
                 self.kv.shrink(slot, keep)
                 self._lengths[b] = keep
-        self._real[:, new_columns:self._columns] = False
+        self._real[:, new_columns : self._columns] = False
         self._columns = new_columns
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -394,8 +448,10 @@ class VAttnCache(Cache):
         if self._slots is None:
             return
         if sorted(order) != list(range(len(self._slots))):
-            raise NotImplementedError("vattn: beam search (rows copied between beams) is not supported by "
-                                      "VAttnCache; use greedy or sampled generation")
+            raise NotImplementedError(
+                "vattn: beam search (rows copied between beams) is not supported by "
+                "VAttnCache; use greedy or sampled generation"
+            )
         self.batch_select_indices(torch.tensor(order))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -441,17 +497,21 @@ class VAttnCache(Cache):
             pass
 
     def __repr__(self):
-        return (f"VAttnCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"max_batch={self.max_batch}, max_seq_len={self.max_seq_len}, layout={self.layout!r}, "
-                f"seq_length={self._columns})")
+        return (
+            f"VAttnCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"max_batch={self.max_batch}, max_seq_len={self.max_seq_len}, layout={self.layout!r}, "
+            f"seq_length={self._columns})"
+        )
 
     # ---- the work, called by the attention function
 
     def _begin_forward(self, batch: int, q_len: int, mask2d, device) -> _Forward:
         if self._slots is None:
             if batch > self.max_batch:
-                raise ValueError(f"vattn: batch of {batch} rows, the cache has max_batch={self.max_batch}; "
-                                 "pass a larger max_batch to VAttnCache.for_model")
+                raise ValueError(
+                    f"vattn: batch of {batch} rows, the cache has max_batch={self.max_batch}; "
+                    "pass a larger max_batch to VAttnCache.for_model"
+                )
             self._slots = [self.kv.alloc() for _ in range(batch)]
             self._lengths = [0] * batch
             self._real = np.zeros((batch, self.max_seq_len), dtype=bool)
@@ -460,12 +520,16 @@ class VAttnCache(Cache):
             self.reset()  # nothing stored yet (e.g. a first step that failed): start over with this batch
             return self._begin_forward(batch, q_len, mask2d, device)
         elif batch != len(self._slots):
-            raise ValueError(f"vattn: this cache holds a batch of {len(self._slots)} rows, the input has {batch}; "
-                             "call cache.reset() (or make a new cache) for a new batch")
+            raise ValueError(
+                f"vattn: this cache holds a batch of {len(self._slots)} rows, the input has {batch}; "
+                "call cache.reset() (or make a new cache) for a new batch"
+            )
         end = self._columns + q_len
         if end > self.max_seq_len:
-            raise ValueError(f"vattn: {end} positions (padding included) exceed max_seq_len={self.max_seq_len}; "
-                             "pass a larger max_seq_len to VAttnCache.for_model")
+            raise ValueError(
+                f"vattn: {end} positions (padding included) exceed max_seq_len={self.max_seq_len}; "
+                "pass a larger max_seq_len to VAttnCache.for_model"
+            )
 
         if mask2d is None:
             real = torch.ones(batch, q_len, dtype=torch.bool)
@@ -478,8 +542,10 @@ class VAttnCache(Cache):
                 # A prefill on top of cached tokens: the mask must describe what the cache holds.
                 past = mask2d[:, : self._columns].to("cpu", torch.bool).numpy()
                 if not np.array_equal(past, self._real[:, : self._columns]):
-                    raise ValueError("vattn: the attention mask of earlier positions disagrees with the tokens "
-                                     "in the cache (padding can only be given when the positions first arrive)")
+                    raise ValueError(
+                        "vattn: the attention mask of earlier positions disagrees with the tokens "
+                        "in the cache (padding can only be given when the positions first arrive)"
+                    )
             real = mask2d[:, -q_len:].to("cpu", torch.bool)
         new_tokens = real.sum(dim=1).tolist()
         all_real = all(n == q_len for n in new_tokens)
@@ -487,14 +553,16 @@ class VAttnCache(Cache):
         step = None
         if rows:
             try:
-                step = self.kv.begin_step(slots=[self._slots[b] for b in rows],
-                                          new_tokens=[new_tokens[b] for b in rows])
+                step = self.kv.begin_step(
+                    slots=[self._slots[b] for b in rows], new_tokens=[new_tokens[b] for b in rows]
+                )
             except MemoryError as exc:
                 limit = self.max_physical_bytes
                 raise MemoryError(
                     f"vattn: the KV-cache needs more physical memory than max_physical_bytes="
                     f"{limit if limit is not None else 'None'} allows ({exc}). Pass a larger max_physical_bytes "
-                    "(or None) to VAttnCache.for_model, or generate fewer tokens / use a smaller batch") from exc
+                    "(or None) to VAttnCache.for_model, or generate fewer tokens / use a smaller batch"
+                ) from exc
         flat_idx = None
         if not all_real:
             flat_idx = torch.nonzero(real.reshape(-1)).squeeze(1).to(device, non_blocking=True)
@@ -513,7 +581,7 @@ class VAttnCache(Cache):
     def _end_forward(self, fw: _Forward) -> None:
         if fw.step is not None:
             self.kv.end_step(fw.step)
-        self._real[:, self._columns:self._columns + fw.q_len] = fw.real.numpy()
+        self._real[:, self._columns : self._columns + fw.q_len] = fw.real.numpy()
         for b, n in enumerate(fw.new_tokens):
             self._lengths[b] += n
         self._columns += fw.q_len
@@ -539,9 +607,15 @@ class VAttnCache(Cache):
             out = query.new_zeros(batch, q_len, hq, dim)
         else:
             vattn.append_kv(self.kv, layer, fw.step, self._pack(key, fw), self._pack(value, fw))
-            packed = vattn.attention(self._pack(query, fw), self.kv, layer, fw.step, scale=scaling,
-                                     window_left=_sliding_window(module, kwargs),
-                                     softcap=float(kwargs.get("softcap") or 0.0))
+            packed = vattn.attention(
+                self._pack(query, fw),
+                self.kv,
+                layer,
+                fw.step,
+                scale=scaling,
+                window_left=_sliding_window(module, kwargs),
+                softcap=float(kwargs.get("softcap") or 0.0),
+            )
             if fw.all_real:
                 out = packed.view(batch, q_len, hq, dim)
             else:

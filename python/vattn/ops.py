@@ -18,6 +18,7 @@ _direct_ok. The registered ops run the very same implementation functions, check
 
 Semantics of every op: python/vattn/reference.py.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -25,29 +26,59 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._checks import _check_append, _check_attention, _check_merge, _KVGeom
-from ._launch import (_append_impl, _decode_impl, _empty_outputs, _merge_impl, _prefill_impl, attention_impl,
-                      get_attention_impl, set_attention_impl)
+from ._launch import (
+    _append_impl,
+    _decode_impl,
+    _empty_outputs,
+    _merge_impl,
+    _prefill_impl,
+    attention_impl,
+    get_attention_impl,
+    set_attention_impl,
+)
 
 __all__ = [
-    "append_kv_raw", "decode_attention", "prefill_attention", "merge_states",
-    "set_attention_impl", "get_attention_impl", "attention_impl",
+    "append_kv_raw",
+    "decode_attention",
+    "prefill_attention",
+    "merge_states",
+    "set_attention_impl",
+    "get_attention_impl",
+    "attention_impl",
 ]
 
 Tensor = torch.Tensor
 
 # ----------------------------------------------------------------------------- torch.library registrations
 
+
 # A quantized cache is a storage tensor (float8_e4m3fn / int8 / uint8) plus its fp32 scale tensor
 # per side; append_kv writes both (vattn/formats.py says what each format stores).
 @torch.library.custom_op("vattn::append_kv", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
-def _append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
-               k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> None:
+def _append_kv(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_ids: Tensor,
+    positions: Tensor,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> None:
     _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
 
 
-def _append_direct(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
-                   k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-                   geom: Optional[_KVGeom] = None) -> None:
+def _append_direct(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_ids: Tensor,
+    positions: Tensor,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    geom: Optional[_KVGeom] = None,
+) -> None:
     """The eager fast path of append_kv (the caller checked _direct_ok): also bumps the caches'
     version counters as the registered op does (its ADInplaceOrView kernel), so autograd still
     notices the mutation."""
@@ -62,39 +93,137 @@ def _(k_cache, v_cache, k, v, row_ids, positions, k_scale=None, v_scale=None):
     return None
 
 
-
 @torch.library.custom_op("vattn::decode_attention", mutates_args=())
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor] = None,
-                      head_seqlens_k: Optional[Tensor] = None, scale: Optional[float] = None, window_left: int = -1,
-                      softcap: float = 0.0, max_seqlen_k: int = -1, k_scale: Optional[Tensor] = None,
-                      v_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    return _decode_impl(q, k_cache, v_cache, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap,
-                        max_seqlen_k, k_scale, v_scale)
+def _decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor,
+    row_ids: Optional[Tensor] = None,
+    head_seqlens_k: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    softcap: float = 0.0,
+    max_seqlen_k: int = -1,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    return _decode_impl(
+        q,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        row_ids,
+        head_seqlens_k,
+        scale,
+        window_left,
+        softcap,
+        max_seqlen_k,
+        k_scale,
+        v_scale,
+    )
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, seqlens_k, row_ids=None, head_seqlens_k=None, scale=None, window_left=-1, softcap=0.0,
-      max_seqlen_k=-1, k_scale=None, v_scale=None):
-    _check_attention(q, k_cache, v_cache, seqlens_k, None, row_ids, head_seqlens_k, window_left, softcap, scale,
-                     None, k_scale, v_scale)
+def _(
+    q,
+    k_cache,
+    v_cache,
+    seqlens_k,
+    row_ids=None,
+    head_seqlens_k=None,
+    scale=None,
+    window_left=-1,
+    softcap=0.0,
+    max_seqlen_k=-1,
+    k_scale=None,
+    v_scale=None,
+):
+    _check_attention(
+        q,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        None,
+        row_ids,
+        head_seqlens_k,
+        window_left,
+        softcap,
+        scale,
+        None,
+        k_scale,
+        v_scale,
+    )
     return _empty_outputs(q)
 
 
 @torch.library.custom_op("vattn::prefill_attention", mutates_args=())
-def _prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
-                       row_ids: Optional[Tensor] = None, head_seqlens_k: Optional[Tensor] = None,
-                       scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
-                       max_seqlen_q: int = -1, max_seqlen_k: int = -1, k_scale: Optional[Tensor] = None,
-                       v_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    return _prefill_impl(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k, scale, window_left,
-                         softcap, max_seqlen_q, max_seqlen_k, k_scale, v_scale)
+def _prefill_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seqlens_k: Tensor,
+    row_ids: Optional[Tensor] = None,
+    head_seqlens_k: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    softcap: float = 0.0,
+    max_seqlen_q: int = -1,
+    max_seqlen_k: int = -1,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    return _prefill_impl(
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seqlens_k,
+        row_ids,
+        head_seqlens_k,
+        scale,
+        window_left,
+        softcap,
+        max_seqlen_q,
+        max_seqlen_k,
+        k_scale,
+        v_scale,
+    )
 
 
 @_prefill_attention.register_fake
-def _(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids=None, head_seqlens_k=None, scale=None, window_left=-1,
-      softcap=0.0, max_seqlen_q=-1, max_seqlen_k=-1, k_scale=None, v_scale=None):
-    _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k, window_left, softcap, scale,
-                     None, k_scale, v_scale)
+def _(
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seqlens_k,
+    row_ids=None,
+    head_seqlens_k=None,
+    scale=None,
+    window_left=-1,
+    softcap=0.0,
+    max_seqlen_q=-1,
+    max_seqlen_k=-1,
+    k_scale=None,
+    v_scale=None,
+):
+    _check_attention(
+        q,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        cu_seqlens_q,
+        row_ids,
+        head_seqlens_k,
+        window_left,
+        softcap,
+        scale,
+        None,
+        k_scale,
+        v_scale,
+    )
     return _empty_outputs(q)
 
 
@@ -124,9 +253,14 @@ def _direct_ok(*tensors: Optional[Tensor]) -> bool:
     traces keep the op names), plain torch.Tensor inputs (no subclasses), and nothing autograd
     would record (grad mode off or no input requiring grad). Everything else takes the op.
     is_compiling() comes first so that dynamo, tracing a wrapper, stops there."""
-    if (torch.compiler.is_compiling() or _TC._get_tracing_state() is not None or _TC._len_torch_dispatch_stack()
-            or _TC._is_torch_function_mode_enabled() or _TC._are_functorch_transforms_active()
-            or _TC._autograd._profiler_enabled()):
+    if (
+        torch.compiler.is_compiling()
+        or _TC._get_tracing_state() is not None
+        or _TC._len_torch_dispatch_stack()
+        or _TC._is_torch_function_mode_enabled()
+        or _TC._are_functorch_transforms_active()
+        or _TC._autograd._profiler_enabled()
+    ):
         return False
     grad = _TC.is_grad_enabled()
     for t in tensors:
@@ -139,32 +273,93 @@ def _direct_ok(*tensors: Optional[Tensor]) -> bool:
 # Each takes checked-form arguments (int32 index tensors on the device, host bounds) and runs the
 # op's implementation directly when _direct_ok, else through torch.ops.vattn.*.
 
-def run_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: Tensor, positions: Tensor,
-               k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-               geom: Optional[_KVGeom] = None) -> None:
+
+def run_append(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_ids: Tensor,
+    positions: Tensor,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    geom: Optional[_KVGeom] = None,
+) -> None:
     if _direct_ok(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale):
         _append_direct(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom)
     else:
         torch.ops.vattn.append_kv(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
 
 
-def run_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
-               head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
-               max_seqlen_k: int, k_scale: Optional[Tensor], v_scale: Optional[Tensor], need_lse: bool,
-               geom: Optional[_KVGeom] = None):
-    args = (q, k_cache, v_cache, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap, max_seqlen_k,
-            k_scale, v_scale)
+def run_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor,
+    row_ids: Optional[Tensor],
+    head_seqlens_k: Optional[Tensor],
+    scale: Optional[float],
+    window_left: int,
+    softcap: float,
+    max_seqlen_k: int,
+    k_scale: Optional[Tensor],
+    v_scale: Optional[Tensor],
+    need_lse: bool,
+    geom: Optional[_KVGeom] = None,
+):
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        row_ids,
+        head_seqlens_k,
+        scale,
+        window_left,
+        softcap,
+        max_seqlen_k,
+        k_scale,
+        v_scale,
+    )
     if _direct_ok(*args[:6], k_scale, v_scale):
         return _decode_impl(*args, need_lse=need_lse, geom=geom)
     return torch.ops.vattn.decode_attention(*args)
 
 
-def run_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
-                row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int,
-                softcap: float, max_seqlen_q: int, max_seqlen_k: int, k_scale: Optional[Tensor],
-                v_scale: Optional[Tensor], need_lse: bool, geom: Optional[_KVGeom] = None):
-    args = (q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k, scale, window_left, softcap,
-            max_seqlen_q, max_seqlen_k, k_scale, v_scale)
+def run_prefill(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seqlens_k: Tensor,
+    row_ids: Optional[Tensor],
+    head_seqlens_k: Optional[Tensor],
+    scale: Optional[float],
+    window_left: int,
+    softcap: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    k_scale: Optional[Tensor],
+    v_scale: Optional[Tensor],
+    need_lse: bool,
+    geom: Optional[_KVGeom] = None,
+):
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seqlens_k,
+        row_ids,
+        head_seqlens_k,
+        scale,
+        window_left,
+        softcap,
+        max_seqlen_q,
+        max_seqlen_k,
+        k_scale,
+        v_scale,
+    )
     if _direct_ok(*args[:7], k_scale, v_scale):
         return _prefill_impl(*args, need_lse=need_lse, geom=geom)
     return torch.ops.vattn.prefill_attention(*args)
@@ -206,8 +401,17 @@ def _max_hint(value: Optional[int], name: str) -> int:
     return value
 
 
-def append_kv_raw(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_ids: IndexLike,
-                  positions: IndexLike, *, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> None:
+def append_kv_raw(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_ids: IndexLike,
+    positions: IndexLike,
+    *,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> None:
     """Writes token i of k, v ([n, kv_heads, dim]) into k_cache / v_cache [rows, seq, kv_heads, dim]
     at (row_ids[i], positions[i]). Any cache strides with the last dimension contiguous. A quantized
     cache (float8_e4m3fn / int8 / uint8 storage, see vattn.formats) is quantized into, with its fp32
@@ -217,11 +421,22 @@ def append_kv_raw(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, row_id
     run_append(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: IndexLike, *,
-                     row_ids: Optional[IndexLike] = None, head_seqlens_k: Optional[IndexLike] = None,
-                     scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
-                     max_seqlen_k: Optional[int] = None, return_lse: bool = False,
-                     k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None):
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: IndexLike,
+    *,
+    row_ids: Optional[IndexLike] = None,
+    head_seqlens_k: Optional[IndexLike] = None,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    softcap: float = 0.0,
+    max_seqlen_k: Optional[int] = None,
+    return_lse: bool = False,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+):
     """Attention of one query per batch row (q: [batch, q_heads, dim]) over its cache row.
 
     Returns out (like q), or (out, lse [batch, q_heads] float32) with return_lse=True.
@@ -229,18 +444,42 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Ind
     A quantized cache is read with its scale tensors (k_scale / v_scale), dequantized in the kernel.
     """
     device = _device_of(q, "q")
-    args = (q, k_cache, v_cache, _index(seqlens_k, "seqlens_k", device), _index(row_ids, "row_ids", device),
-            _index(head_seqlens_k, "head_seqlens_k", device), None if scale is None else float(scale),
-            int(window_left), float(softcap), _max_hint(max_seqlen_k, "max_seqlen_k"), k_scale, v_scale)
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        _index(seqlens_k, "seqlens_k", device),
+        _index(row_ids, "row_ids", device),
+        _index(head_seqlens_k, "head_seqlens_k", device),
+        None if scale is None else float(scale),
+        int(window_left),
+        float(softcap),
+        _max_hint(max_seqlen_k, "max_seqlen_k"),
+        k_scale,
+        v_scale,
+    )
     out, lse = run_decode(*args, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
-def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: IndexLike, seqlens_k: IndexLike, *,
-                      row_ids: Optional[IndexLike] = None, head_seqlens_k: Optional[IndexLike] = None,
-                      scale: Optional[float] = None, window_left: int = -1, softcap: float = 0.0,
-                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                      return_lse: bool = False, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None):
+def prefill_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: IndexLike,
+    seqlens_k: IndexLike,
+    *,
+    row_ids: Optional[IndexLike] = None,
+    head_seqlens_k: Optional[IndexLike] = None,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    softcap: float = 0.0,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_lse: bool = False,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+):
     """Causal attention of ragged queries (q: [total_q, q_heads, dim], row b owns
     q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]) over cache rows that may already hold a prefix.
 
@@ -248,10 +487,22 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q:
     avoid host syncs on CUDA.
     """
     device = _device_of(q, "q")
-    args = (q, k_cache, v_cache, _index(cu_seqlens_q, "cu_seqlens_q", device), _index(seqlens_k, "seqlens_k", device),
-            _index(row_ids, "row_ids", device), _index(head_seqlens_k, "head_seqlens_k", device),
-            None if scale is None else float(scale), int(window_left), float(softcap),
-            _max_hint(max_seqlen_q, "max_seqlen_q"), _max_hint(max_seqlen_k, "max_seqlen_k"), k_scale, v_scale)
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        _index(cu_seqlens_q, "cu_seqlens_q", device),
+        _index(seqlens_k, "seqlens_k", device),
+        _index(row_ids, "row_ids", device),
+        _index(head_seqlens_k, "head_seqlens_k", device),
+        None if scale is None else float(scale),
+        int(window_left),
+        float(softcap),
+        _max_hint(max_seqlen_q, "max_seqlen_q"),
+        _max_hint(max_seqlen_k, "max_seqlen_k"),
+        k_scale,
+        v_scale,
+    )
     out, lse = run_prefill(*args, need_lse=return_lse)
     return (out, lse) if return_lse else out
 

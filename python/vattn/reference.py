@@ -18,6 +18,7 @@ Conventions (cuda/include/vattn/params.h):
             when softcap > 0; LSE is in natural log
   GQA       q head h uses kv head h // (num_q_heads // num_kv_heads)
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ __all__ = ["append_kv", "attention", "merge_states", "quantize", "dequantize"]
 #           per byte, element 2i in the low nibble; +inf -> 15, -inf -> 0; words = (scale, zero).
 
 _TINY = 1.0e-18
-_F32_MIN_NORMAL = 2.0 ** -126
+_F32_MIN_NORMAL = 2.0**-126
 
 
 def _clean(x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +102,13 @@ def _int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return packed, torch.cat([scale, lo], dim=-1)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, kv_format: str, head_dim: Optional[int] = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    kv_format: str,
+    head_dim: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The values a quantized vector stands for: [..., head_dim] in dtype."""
     if kv_format in ("fp8_e4m3", "int8"):
         return (codes.to(torch.float32) * scales[..., :1]).to(dtype)
@@ -113,10 +119,18 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, kv_format: str, head_d
     raise ValueError(f"dequantize: {kv_format!r} is not a quantized format")
 
 
-def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              row_ids: torch.Tensor, positions: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
-              v_scale: Optional[torch.Tensor] = None, k_format: Optional[str] = None,
-              v_format: Optional[str] = None) -> None:
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_ids: torch.Tensor,
+    positions: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    k_format: Optional[str] = None,
+    v_format: Optional[str] = None,
+) -> None:
     """Writes token i of k, v ([n, kv_heads, dim]) at cache[row_ids[i], positions[i]] (in place).
     A quantized side (k_format / v_format given) stores quantize(x) into the cache and its scales."""
     rows = row_ids.long()
@@ -130,11 +144,19 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
             scales[rows, pos] = sc
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
-              cu_seqlens_q: Optional[torch.Tensor] = None, row_ids: Optional[torch.Tensor] = None,
-              head_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-              window_left: int = -1, softcap: float = 0.0,
-              compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    row_ids: Optional[torch.Tensor] = None,
+    head_seqlens_k: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    softcap: float = 0.0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q ([total_q, q_heads, dim]) over the cache; decode when cu_seqlens_q is None.
 
     Returns (out [total_q, q_heads, dim] in compute_dtype, lse [total_q, q_heads] float32).
@@ -165,7 +187,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq
             # Only the first `length` keys exist; slicing first keeps the NaN filler out of the math.
             k = k_cache[rows[b], :length, h].to(compute_dtype)
             v = v_cache[rows[b], :length, h].to(compute_dtype)
-            qh = q[q0:q1, h * group:(h + 1) * group].to(compute_dtype)  # [n, group, dim]
+            qh = q[q0:q1, h * group : (h + 1) * group].to(compute_dtype)  # [n, group, dim]
             logits = torch.einsum("ngd,kd->ngk", qh, k) * scale
             if softcap > 0:
                 logits = softcap * torch.tanh(logits / softcap)
@@ -180,13 +202,18 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq
             probs = torch.exp(logits - torch.where(seen, row_lse, 0)[..., None])
             o = torch.einsum("ngk,kd->ngd", probs, v)
             o = torch.where(seen[..., None], o, torch.zeros((), dtype=compute_dtype, device=q.device))
-            out[q0:q1, h * group:(h + 1) * group] = o
-            lse[q0:q1, h * group:(h + 1) * group] = row_lse.float()
+            out[q0:q1, h * group : (h + 1) * group] = o
+            lse[q0:q1, h * group : (h + 1) * group] = row_lse.float()
     return out, lse
 
 
-def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor,
-                 compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_states(
+    o_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    o_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Combines two attention states over disjoint key sets.
 
     o: [n, heads, dim], lse: [n, heads] natural log. Returns (out in compute_dtype, lse float32).
