@@ -180,6 +180,37 @@ def decode_bytes(seqlens: Sequence[int], hq: int, hkv: int, d: int, kv_elem: int
     return kv + 2 * len(seqlens) * hq * d * q_elem
 
 
+def quantized_decode_bytes(
+    seqlens: Sequence[int], hq: int, hkv: int, d: int, k_format: str, v_format: str, q_elem: int
+) -> int:
+    """Bytes a decode really reads from a cache of these KV formats: each visible (token, kv_head)
+    vector's codes and scale words (vattn.formats), plus q and out."""
+    from vattn import formats
+
+    per_vec = formats.get(k_format).vector_bytes(d) + formats.get(v_format).vector_bytes(d)
+    return sum(int(n) for n in seqlens) * hkv * per_vec + 2 * len(seqlens) * hq * d * q_elem
+
+
+def quantize_cache(cache: torch.Tensor, kv_format: str):
+    """(codes, scales) of a dense [rows, seq, heads, d] cache in a quantized format, via vattn's own
+    append_kv (the same bytes as reference.quantize)."""
+    import vattn
+    from vattn import formats
+
+    fmt = formats.get(kv_format)
+    rows, seq, heads, d = cache.shape
+    codes = torch.zeros((rows, seq, heads, fmt.storage_elems(d)), dtype=torch.uint8, device=cache.device)
+    codes = codes.view(fmt.storage_dtype)
+    scales = torch.zeros((rows, seq, heads, fmt.scale_words), dtype=torch.float32, device=cache.device)
+    dummy = torch.zeros_like(codes)
+    dummy_s = torch.zeros_like(scales)
+    row_ids = torch.arange(rows, dtype=torch.int32, device=cache.device).repeat_interleave(seq)
+    pos = torch.arange(seq, dtype=torch.int32, device=cache.device).repeat(rows)
+    x = cache.reshape(rows * seq, heads, d)
+    vattn.append_kv_raw(codes, dummy, x, x, row_ids, pos, k_scale=scales, v_scale=dummy_s)
+    return codes, scales
+
+
 def visible_pairs(qlens: Sequence[int], klens: Sequence[int], window_left: int = -1) -> int:
     """(query, key) pairs a causal mask aligned to the end of each row lets through."""
     total = 0
@@ -297,6 +328,23 @@ def decode_cases(device: str, quick: bool) -> List[DecodeCase]:
             DecodeCase("smollm2", 64, 4096, bf),
         ]
     return cases
+
+
+def quantized_cases(device: str, quick: bool) -> List[tuple]:
+    """(op, model, batch, ctx, qlen) of the per-KV-format rows (decode: qlen 0)."""
+    if device == "cpu":
+        cases = [
+            ("decode", "llama3-8b", 1, 8192, 0),
+            ("decode", "llama3-8b", 1, 32768, 0),
+            ("prefill", "llama3-8b", 1, 1024, 512),
+        ]
+        return cases[:1] if quick else cases
+    cases = [
+        ("decode", "llama3-8b", 1, 32768, 0),
+        ("decode", "llama3-8b", 16, 8192, 0),
+        ("prefill", "llama3-8b", 1, 4096, 4096),
+    ]
+    return cases[:1] if quick else cases
 
 
 def prefill_cases(device: str, quick: bool) -> List[PrefillCase]:

@@ -229,6 +229,51 @@ class Runner:
         params = {"model": case.model, "qlens": case.qlens, "prefixes": case.prefixes, "dtype": bu._dt(case.dtype)}
         self.compare_and_add("prefill", case.name, "TFLOP/s", work, vfn, vt, anchors, vout, params=params)
 
+    def quantized(self, op: str, model: str, batch: int, ctx: int, qlen: int, kv_format: str) -> None:
+        """decode (qlen 0) or prefill (qlen queries on a ctx - qlen prefix) on a cache of kv_format
+        (one name, or K,V), against vattn on the same K/V stored in the q dtype, timed in the same
+        run: the ratio says how much the fewer bytes buy. GB/s counts the bytes really read."""
+        import vattn
+
+        dt = torch.bfloat16
+        hq, hkv, d = bu.MODELS[model]
+        kname, vname = (kv_format.split(",") + [kv_format])[:2]
+        g = bu.seeded(7, self.device)
+        q = torch.randn(batch * max(qlen, 1), hq, d, generator=g, device=self.device, dtype=dt)
+        k = torch.randn(batch, ctx, hkv, d, generator=g, device=self.device, dtype=dt)
+        v = torch.randn(batch, ctx, hkv, d, generator=g, device=self.device, dtype=dt)
+        kc, ks = bu.quantize_cache(k, kname)
+        vc, vs = bu.quantize_cache(v, vname)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=self.device)
+        cu = torch.arange(0, batch * qlen + 1, max(qlen, 1), dtype=torch.int32, device=self.device)
+
+        def run(kk, vv, kss, vss):
+            if op == "decode":
+                return vattn.decode_attention(q, kk, vv, lens, max_seqlen_k=ctx, k_scale=kss, v_scale=vss)
+            return vattn.prefill_attention(
+                q, kk, vv, cu, lens, max_seqlen_q=qlen, max_seqlen_k=ctx, k_scale=kss, v_scale=vss
+            )
+
+        vout = run(kc, vc, ks, vs)
+        vt = self.time(lambda: run(kc, vc, ks, vs))
+        ref = run(k, v, None, None)
+        at = self.time(lambda: run(k, v, None, None))
+        anchor = bu.Anchor("vattn bf16 cache", lambda: ref, lambda x: x, note="same shape, unquantized, same run")
+        if op == "decode":
+            work = bu.quantized_decode_bytes([ctx] * batch, hq, hkv, d, kname, vname, 2)
+            metric = "GB/s"
+        else:
+            work = bu.prefill_flops([qlen] * batch, [ctx] * batch, hq, d)
+            metric = "TFLOP/s"
+        err = bu.max_abs_err(vout, ref)
+        shape = (
+            f"{model} b={batch} ctx={ctx}" + (f" q={qlen}" if qlen else "") + f" kv={kv_format} bf16 ({hq}/{hkv}x{d})"
+        )
+        params = {"model": model, "batch": batch, "ctx": ctx, "qlen": qlen, "kv_format": kv_format, "dtype": "bf16"}
+        self.add(
+            op + "[quant]", shape, vt, anchor, at, metric, work, err=err, note="err: vs unquantized", params=params
+        )
+
     def append(self, model: str, rows: int, tokens_per_row: int, dtype: torch.dtype) -> None:
         """append_kv: decode-style (one token per row) or prefill-style (many tokens, one row).
         Anchor: torch advanced-index assignment (what reference.append_kv does)."""
@@ -330,6 +375,16 @@ class Runner:
             jobs.append(
                 ("merge_states", f"n={n} heads={h} d={d}", "GB/s", lambda n=n, h=h, d=d: self.merge(n, h, d, dt))
             )
+        for op, model, b, ctx, qlen in bu.quantized_cases(self.device, self.quick):
+            for fmt in ("fp8_e4m3", "int8", "int4", "int8,int4"):
+                jobs.append(
+                    (
+                        op + "[quant]",
+                        f"{model} b={b} ctx={ctx} q={qlen} kv={fmt}",
+                        "GB/s" if op == "decode" else "TFLOP/s",
+                        lambda op=op, m=model, b=b, c=ctx, q=qlen, f=fmt: self.quantized(op, m, b, c, q, f),
+                    )
+                )
         if self.only:
             pat = re.compile(self.only)
             jobs = [j for j in jobs if pat.search(f"{j[0]} {j[1]}")]
