@@ -1,16 +1,28 @@
-// append_kv on CUDA: copy the K and V vectors of each new token into the cache at
-// (row_ids[i], positions[i]). A pure byte copy (cache and input share the element type), so
-// one thread moves one 16-byte chunk of K and the matching chunk of V; a narrower word is used
-// when some pointer or stride is not 16-byte aligned. Out-of-range rows or positions are
-// skipped: the kernel never writes outside the cache whatever the indices hold.
+// append_kv on CUDA: write the K and V vectors of each new token into the cache at
+// (row_ids[i], positions[i]), each side in its storage format.
+//   Both sides plain (cache and input share the element type): a pure byte copy, one thread
+//   moves one 16-byte chunk of K and the matching chunk of V; a narrower word is used when some
+//   pointer or stride is not 16-byte aligned.
+//   Otherwise one launch per side (append_side_kernel): one warp per (token, kv_head) vector.
+//   A quantized side is encoded with quant.h's functions, split as quant.h describes: the
+//   reduction (max |x|, or min and max) folds each lane's elements and then the warp's lanes with
+//   xor shuffles (fmaxf / fminf are exact, so the order does not matter), every lane derives the
+//   same parameters, and each element's code comes from the same per-element function as on the
+//   CPU, so the bytes are bit-identical to append_kv_cpu. A plain side of a mixed pair is an
+//   element copy.
+// Out-of-range rows or positions are skipped: the kernels never write outside the cache
+// whatever the indices hold (the CPU op rejects them; checking here would need a host sync).
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
+#include "vattn/kv_format.h"
 #include "vattn/ops.h"
+#include "vattn/quant.h"
 
 namespace vattn {
 namespace {
@@ -71,6 +83,163 @@ bool all_aligned(const AppendParams& p, int esize, int word) {
   return (int64_t(p.head_dim) * esize) % word == 0;
 }
 
+// ---- one side (K or V) in any format: one warp per vector --------------------------------
+
+constexpr int kSideThreads = 256;
+constexpr int kSideMaxHeadDim = 256;  // 8 elements per lane
+
+// One side of the cache and its input, as append_side_kernel sees it.
+struct SideArgs {
+  void* data;
+  int64_t stride_row, stride_tok, stride_head;  // storage elements (int4: bytes)
+  float* scale;                                 // scale words, null for a plain side
+  int64_t ss_row, ss_tok, ss_head;              // floats
+  const void* src;
+  int64_t src_tok, src_head;                    // elements of the input dtype
+};
+
+template <typename T>
+__device__ __forceinline__ float in_float(const T* x, int d) {
+  return cuda::elem_to_float(x[d]);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// Encodes one vector of n <= 256 elements x (input type T) into dst / w; called by a whole warp.
+// Lane l holds elements l, l + 32, ... (int4: the pairs (2i, 2i + 1) for i = l, l + 32, ...).
+template <typename T, typename Format>
+__device__ __forceinline__ void encode_vector(int lane, const T* x, int n, typename Format::storage_t* dst, float* w) {
+  if constexpr (Format::kScaleWords == 0) {
+    for (int d = lane; d < n; d += 32) dst[d] = x[d];  // plain side: the input's own bits
+  } else if constexpr (std::is_same<Format, Int4Format>::value) {
+    constexpr int kPairs = kSideMaxHeadDim / 64;  // pairs per lane
+    float e0[kPairs], e1[kPairs];
+    float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const int i = lane + 32 * k;  // pair i: elements 2i, 2i + 1 (n is even)
+      e0[k] = 2 * i < n ? in_float(x, 2 * i) : 0.f;
+      e1[k] = 2 * i < n ? in_float(x, 2 * i + 1) : 0.f;
+      if (2 * i < n) {
+        lo = fminf(lo, fminf(quant::min_term(e0[k]), quant::min_term(e1[k])));
+        hi = fmaxf(hi, fmaxf(quant::max_term(e0[k]), quant::max_term(e1[k])));
+      }
+    }
+    const quant::AsymParams ap = quant::int4_params(warp_min(lo), warp_max(hi));
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const int i = lane + 32 * k;
+      if (2 * i < n) dst[i] = uint8_t(quant::int4_code_of(e0[k], ap) | (quant::int4_code_of(e1[k], ap) << 4));
+    }
+    if (lane == 0) {
+      w[0] = ap.scale;
+      w[1] = ap.zero;
+    }
+  } else {
+    static_assert(Format::kScaleWords == 1, "symmetric formats have one scale word");
+    constexpr bool kFp8 = std::is_same<Format, Fp8E4M3Format>::value;
+    static_assert(kFp8 || std::is_same<Format, Int8Format>::value, "unknown quantized format");
+    constexpr int kPer = kSideMaxHeadDim / 32;
+    float e[kPer];
+    float amax = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int d = lane + 32 * k;
+      e[k] = d < n ? in_float(x, d) : 0.f;
+      amax = fmaxf(amax, quant::amax_term(e[k]));  // 0 for the padding
+    }
+    const quant::SymParams sp = quant::sym_params(warp_max(amax), kFp8 ? quant::kFp8Max : quant::kInt8Max);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int d = lane + 32 * k;
+      if (d < n) {
+        if constexpr (kFp8) {
+          dst[d] = quant::fp8_code(e[k], sp);
+        } else {
+          dst[d] = quant::int8_code(e[k], sp);
+        }
+      }
+    }
+    if (lane == 0) w[0] = sp.scale;
+  }
+}
+
+// Grid-stride over vectors (token, kv_head), one warp each; the loop bound and the skip are
+// warp-uniform, so the shuffles always see the full warp.
+template <typename T, typename Format>
+__global__ void __launch_bounds__(kSideThreads)
+    append_side_kernel(const SideArgs s, const int32_t* __restrict__ row_ids, const int32_t* __restrict__ positions,
+                       int32_t num_rows, int32_t max_seq, int32_t num_heads, int32_t head_dim, int64_t num_vecs) {
+  using S = typename Format::storage_t;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (kSideThreads / 32);
+  for (int64_t vec = int64_t(blockIdx.x) * (kSideThreads / 32) + (threadIdx.x >> 5); vec < num_vecs; vec += warps) {
+    const int64_t t = vec / num_heads;
+    const int64_t h = vec - t * num_heads;
+    const int32_t row = row_ids[t];
+    const int32_t pos = positions[t];
+    if (row < 0 || row >= num_rows || pos < 0 || pos >= max_seq) continue;
+    const T* x = static_cast<const T*>(s.src) + t * s.src_tok + h * s.src_head;
+    S* dst = static_cast<S*>(s.data) + row * s.stride_row + pos * s.stride_tok + h * s.stride_head;
+    float* w = nullptr;
+    if constexpr (Format::kScaleWords > 0) w = s.scale + row * s.ss_row + pos * s.ss_tok + h * s.ss_head;
+    encode_vector<T, Format>(lane, x, head_dim, dst, w);
+  }
+}
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("append_kv: " + msg); }
+
+// Checks one side's format against the parameters (before anything is launched).
+void check_side(const AppendParams& p, int32_t format, const float* scale, const char* side) {
+  dispatch_kv_format(format, "append_kv", [&](auto fmt) {
+    using Format = decltype(fmt);
+    if constexpr (Format::kScaleWords == 0) {
+      if (Format::kCode != p.dtype) bad(std::string(side) + ": k/v dtype must equal the cache dtype of a plain cache");
+    } else {
+      if (scale == nullptr) bad(std::string(side) + ": a quantized cache (" + kv_format_name(format) + ") needs its scales");
+      if (reinterpret_cast<uintptr_t>(scale) % alignof(float) != 0) bad(std::string(side) + ": scale pointer is not 4-byte aligned");
+      if (p.head_dim > kSideMaxHeadDim) bad(std::string(side) + ": head_dim must be <= 256 for a quantized cache");
+    }
+    if (!dim_ok<Format>(p.head_dim)) bad(std::string(side) + ": head_dim does not fit the storage format");
+  });
+}
+
+void launch_side(const AppendParams& p, int32_t format, const SideArgs& s, const char* what) {
+  const int64_t num_vecs = int64_t(p.num_tokens) * p.num_kv_heads;
+  const int64_t warps_per_block = kSideThreads / 32;
+  const int64_t blocks_needed = (num_vecs + warps_per_block - 1) / warps_per_block;
+  const int blocks = int(blocks_needed < 65535 * 8 ? blocks_needed : 65535 * 8);
+  cudaStream_t st = as_stream(p.stream);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_kv_format(format, "append_kv", [&](auto fmt) {
+      using Format = decltype(fmt);
+      if constexpr (Format::kScaleWords == 0 && !std::is_same<typename Format::storage_t, T>::value) {
+        throw std::logic_error("append_kv: plain side of another dtype (checked before)");
+      } else {
+        append_side_kernel<T, Format><<<blocks, kSideThreads, 0, st>>>(s, p.row_ids, p.positions, p.cache.num_rows,
+                                                                        p.cache.max_seq, p.num_kv_heads, p.head_dim,
+                                                                        num_vecs);
+      }
+    });
+  };
+  switch (p.dtype) {
+    case kFloat16: go(f16_t{}); break;
+    case kBFloat16: go(bf16_t{}); break;
+    default: go(float{}); break;
+  }
+  cuda_check_launch(what);
+}
+
 }  // namespace
 
 void append_kv_cuda(const AppendParams& p) {
@@ -79,11 +248,21 @@ void append_kv_cuda(const AppendParams& p) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     throw std::invalid_argument("append_kv: dtype must be float16, bfloat16 or float32 (code " +
                                 std::to_string(p.dtype) + ")");
-  if (p.cache.k_format != p.dtype || p.cache.v_format != p.dtype)
-    throw std::invalid_argument("append_kv: k/v dtype must equal the cache dtype (quantized formats come later)");
+  check_side(p, p.cache.k_format, p.cache.k_scale, "K");
+  check_side(p, p.cache.v_format, p.cache.v_scale, "V");
   if (p.num_tokens == 0) return;
   if (!p.cache.k || !p.cache.v || !p.k || !p.v || !p.row_ids || !p.positions)
     throw std::invalid_argument("append_kv: null pointer");
+  const KVCacheView& c = p.cache;
+  if (kv_format_is_quantized(c.k_format) || kv_format_is_quantized(c.v_format)) {
+    const SideArgs k{c.k, c.k_stride_row, c.k_stride_tok, c.k_stride_head, c.k_scale, c.ks_stride_row,
+                     c.ks_stride_tok, c.ks_stride_head, p.k, p.k_stride_tok, p.k_stride_head};
+    const SideArgs v{c.v, c.v_stride_row, c.v_stride_tok, c.v_stride_head, c.v_scale, c.vs_stride_row,
+                     c.vs_stride_tok, c.vs_stride_head, p.v, p.v_stride_tok, p.v_stride_head};
+    launch_side(p, c.k_format, k, "append_side_kernel (K)");
+    launch_side(p, c.v_format, v, "append_side_kernel (V)");
+    return;
+  }
   const int esize = dtype_size(p.dtype);
   if (all_aligned(p, esize, 16)) return launch<uint4>(p, esize);
   if (all_aligned(p, esize, 4)) return launch<uint32_t>(p, esize);
