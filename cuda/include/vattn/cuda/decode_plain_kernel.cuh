@@ -2,13 +2,16 @@
 // The plain decode kernel: one CTA per (batch row, q head), an obviously-right loop over the
 // keys. Each warp takes every kWarps-th key, its lanes split the head dim, a warp all-reduce
 // gives the logit, and each warp keeps its own online-softmax state (vattn::SoftmaxState)
-// and fp32 output; the warps are merged in shared memory at the end (merge_partials). Scalar loads through the
-// same storage-format type (vattn::PlainFormat) and conversions (dtypes.h) as the CPU code.
+// and fp32 output; the warps are merged in shared memory at the end (merge_partials). Every
+// element is read through the format's scalar dequant with the vector's scale words, for any
+// format (DeviceKvFormat<F>::dequant: kv_format.h's definition, the CPU's values, with the
+// intrinsic fp16 -> fp32 conversion where one is needed).
 // It is the reference for the fast kernel (impl = 1) and the fallback for head dims or
 // alignments the fast kernel does not cover; any head_dim <= kMaxHeadDim works.
 #include <cstdint>
 
 #include "vattn/cuda/decode_args.cuh"
+#include "vattn/cuda/kv_device_format.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/key_range.h"
 #include "vattn/kv_format.h"
@@ -21,12 +24,28 @@ namespace cuda {
 constexpr int kPlainDecodeThreads = 128;
 constexpr int kPlainDecodeMaxHeadDim = 256;
 
-// Q: q/out element type (f16_t, bf16_t or float); Fmt: K/V storage format (vattn::PlainFormat<...>).
-template <typename Q, typename Fmt>
+// Scale words of vector (row, tok, head) of one side; null for a format without scales.
+template <typename Fmt>
+__device__ __forceinline__ const float* plain_scale_words(const float* base, int64_t row, int64_t tok, int64_t head,
+                                                          int64_t s_row, int64_t s_tok, int64_t s_head) {
+  if constexpr (Fmt::kScaleWords == 0) {
+    return nullptr;
+  } else {
+    return base + row * s_row + tok * s_tok + head * s_head;
+  }
+}
+
+// Q: q/out element type (f16_t, bf16_t or float); KF / VF: K / V storage formats (kv_format.h:
+// the plain format of Q, or any quantized format; the launcher validated the pair and the
+// scale pointers).
+template <typename Q, typename KF, typename VF>
 __global__ void __launch_bounds__(kPlainDecodeThreads) decode_plain_kernel(const AttentionParams p, const DecodePlanArgs a) {
   constexpr int kWarps = kPlainDecodeThreads / 32;
   constexpr int kPerLane = kPlainDecodeMaxHeadDim / 32;  // dims lane, lane + 32, ...
-  using S = typename Fmt::storage_t;
+  using KD = DeviceKvFormat<KF>;  // scalar dequant of each format (kv_device_format.cuh)
+  using VD = DeviceKvFormat<VF>;
+  using KS = typename KF::storage_t;
+  using VS = typename VF::storage_t;
   __shared__ float q_s[kPlainDecodeMaxHeadDim];
   __shared__ float red_m[kWarps], red_d[kWarps];
   __shared__ float red_o[kWarps * kPlainDecodeMaxHeadDim];  // [warp][dim]
@@ -46,8 +65,9 @@ __global__ void __launch_bounds__(kPlainDecodeThreads) decode_plain_kernel(const
   for (int d = tid; d < HD; d += kPlainDecodeThreads) q_s[d] = to_float(qp[d]) * a.q_scale;
   __syncthreads();
 
-  const S* kbase = static_cast<const S*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
-  const S* vbase = static_cast<const S*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
+  const KS* kbase = static_cast<const KS*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
+  const VS* vbase = static_cast<const VS*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
+  const KVCacheView& c = p.kv;
 
   SoftmaxState st;
   float o[kPerLane];
@@ -55,20 +75,22 @@ __global__ void __launch_bounds__(kPlainDecodeThreads) decode_plain_kernel(const
   for (int i = 0; i < kPerLane; ++i) o[i] = 0.f;
 
   for (int j = lo + warp; j < L; j += kWarps) {
-    const S* kp = kbase + int64_t(j) * p.kv.k_stride_tok;
+    const KS* kp = kbase + int64_t(j) * p.kv.k_stride_tok;
+    const float* kw = plain_scale_words<KF>(c.k_scale, row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head);
     float dot = 0.f;
-    for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], Fmt::load(kp, d), dot);
+    for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], KD::dequant(kp, kw, d), dot);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     const float s = a.cap2 > 0.f ? a.cap2 * softcap_tanh(dot) : dot;  // log2 units
     const float f = st.rescale_to(s);
     const float w = st.weight(s);
     st.add(w);
-    const S* vp = vbase + int64_t(j) * p.kv.v_stride_tok;
+    const VS* vp = vbase + int64_t(j) * p.kv.v_stride_tok;
+    const float* vw = plain_scale_words<VF>(c.v_scale, row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int d = lane + 32 * i;
-      if (d < HD) o[i] = fmaf(w, Fmt::load(vp, d), o[i] * f);
+      if (d < HD) o[i] = fmaf(w, VD::dequant(vp, vw, d), o[i] * f);
     }
   }
 

@@ -1,36 +1,54 @@
 #pragma once
 // Device side of the KV storage formats of kv_format.h: how the CUDA kernels read K/V stored in
 // a format. DeviceKvFormat is specialized on the kv_format.h format types themselves, so a new
-// format (fp8 / int8 / int4 with scales) is one more specialization here; the kernels never look
-// at the stored bytes. (The prefill tile loader, KVTileLoader in prefill_tile.cuh, is keyed on
-// the same types.)
+// format is one more specialization here; the kernels never look at the stored bytes. (The
+// prefill tile loader, KVTileLoader in prefill_tile.cuh, is keyed on the same types.)
 //
 // Every DeviceKvFormat<Format> provides
 //   storage_t                   element type of the cache strides (= Format::storage_t)
-//   kChunked                    whether the 16-byte chunk interface below exists
-//   load(const storage_t*, i)   element i of one vector as float (scalar kernels)
-// and, when kChunked (the split decode kernel's loads),
-//   kElemsPerChunk              logical head_dim elements held in one 16-byte chunk
-//   Args                        extra kernel arguments of the format (scale pointers, strides)
-//   decode(uint4, float(&)[kElemsPerChunk])          one chunk -> floats
-//   k_scale(args, row, tok, head) / v_scale(...)     multiplier of one whole K / V vector
-//       (1 for unscaled formats). Kernels apply k_scale to the logit q.k and v_scale to the
-//       softmax weight of the key, so a per-token-head scale costs one multiply per key.
+//   kChunked                    whether the chunk interface below exists
+//   dequant(const storage_t* v, const float* w, i)
+//                               element i of one vector v with its scale words w, the value
+//                               kv_format.h's Format::dequant defines (scalar kernels: the
+//                               plain decode kernel; w is ignored by plain formats, may be null)
+//   load(const storage_t*, i)   element i of a plain (unscaled) format (scalar kernels)
+// and, when kChunked (the split decode kernel):
+//   kElemsPerChunk              head_dim elements held in one 16-byte chunk (the cp.async unit
+//                               of the K/V tiles): 8 for 16-bit, 16 for 8-bit, 32 for int4
+//   kPieceBytes                 bytes of one lane's piece: kLaneElems = 8 consecutive elements
+//                               (16, 8, 4); a piece is kPieceBytes-aligned inside a chunk
+//   kScaleWords                 fp32 words per vector (0, 1 or 2), copied to shared memory
+//   kZero                       whether the format has an additive zero point (int4)
+//   decode(const void* piece, float (&)[8])
+//                               one lane's piece (in shared memory) -> 8 raw values r_i
+//   scale(const float* w)       multiplier m of the vector: element i = r_i * m (+ zero(w))
+//   zero(const float* w)        additive zero point (kZero formats only)
+//   The kernels never multiply element by element: the key's scale multiplies the dot product
+//   q.r and the value's scale multiplies the softmax weight; a zero point z adds z * sum(q) to
+//   the logit and p * z to a per-head scalar added to every output dim at the end.
+#include <cuda_fp8.h>
+
 #include <cstdint>
 
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/kv_format.h"
+#include "vattn/quant.h"
 
 namespace vattn {
 namespace cuda {
 
-// Any format: scalar loads through the format's own (portable) load; no chunk interface.
+constexpr int kLaneElems = 8;  // head_dim elements one lane of the split kernel decodes per key
+
+// Any format: scalar loads through the format's own (portable) functions; no chunk interface.
 template <typename Format>
 struct DeviceKvFormat {
   using storage_t = typename Format::storage_t;
   static constexpr bool kChunked = false;
   __device__ __forceinline__ static float load(const storage_t* p, int i) { return Format::load(p, i); }
+  __device__ __forceinline__ static float dequant(const storage_t* p, const float* w, int i) {
+    return Format::dequant(p, w, i);
+  }
 };
 
 // Plain 16-bit storage (f16_t / bf16_t), no scales: intrinsic conversions, 8 elements a chunk.
@@ -39,15 +57,121 @@ struct DevicePlain16Format {
   static_assert(sizeof(T) == 2, "16-bit storage types only");
   using storage_t = T;
   static constexpr bool kChunked = true;
-  static constexpr int kElemsPerChunk = kChunkBytes / int(sizeof(T)) * PlainFormat<T>::kElemsPerStorage;
-  struct Args {};
+  static constexpr int kElemsPerChunk = 8;
+  static constexpr int kPieceBytes = 16;
+  static constexpr int kScaleWords = 0;
+  static constexpr bool kZero = false;
   __device__ __forceinline__ static float load(const storage_t* p, int i) { return elem_to_float(p[i]); }
-  __device__ __forceinline__ static void decode(uint4 c, float (&x)[kElemsPerChunk]) { chunk_to_float<T>(c, x); }
-  __device__ __forceinline__ static float k_scale(const Args&, int64_t, int32_t, int32_t) { return 1.f; }
-  __device__ __forceinline__ static float v_scale(const Args&, int64_t, int32_t, int32_t) { return 1.f; }
+  __device__ __forceinline__ static float dequant(const storage_t* p, const float*, int i) { return elem_to_float(p[i]); }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    chunk_to_float<T>(ld_shared_16(piece), x);
+  }
+  __device__ __forceinline__ static float scale(const float*) { return 1.f; }
+  __device__ __forceinline__ static float zero(const float*) { return 0.f; }
 };
 template <> struct DeviceKvFormat<PlainFormat<f16_t>> : DevicePlain16Format<f16_t> {};
 template <> struct DeviceKvFormat<PlainFormat<bf16_t>> : DevicePlain16Format<bf16_t> {};
+
+// Two e4m3 codes (low byte = first element) -> two floats. sm_89+: the hardware conversion
+// (exact: every e4m3 value is an fp16 value). Below: the bit trick of quant.h
+// (fp8_e4m3_to_half_bits: value * 2^-8 as fp16, on both halves at once); kFp8DecodeMul undoes
+// the 2^-8 and is folded into the vector's scale.
+__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two_codes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(two_codes & 0xffffu), __NV_E4M3);
+  return pair_to_float2(uint32_t(h.x) | (uint32_t(h.y) << 16), f16_t{});
+#else
+  const uint32_t t = __byte_perm(two_codes, 0u, 0x1404);           // bytes [0, b0, 0, b1]: b << 8 per half
+  const uint32_t h = (t & 0x80008000u) | ((t & 0x7f007f00u) >> 1);  // sign | magnitude << 7
+  return pair_to_float2(h, f16_t{});
+#endif
+}
+__device__ __forceinline__ float fp8_decode_mul() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  return 1.f;
+#else
+  return quant::kFp8HalfScale;
+#endif
+}
+
+// fp8 e4m3 with one scale per vector: 16 elements a chunk, 8 bytes a piece.
+template <>
+struct DeviceKvFormat<Fp8E4M3Format> {
+  using storage_t = uint8_t;
+  static constexpr bool kChunked = true;
+  static constexpr int kElemsPerChunk = 16;
+  static constexpr int kPieceBytes = 8;
+  static constexpr int kScaleWords = 1;
+  static constexpr bool kZero = false;
+  // kv_format.h's value (quant::fp8_e4m3_to_float(p[i]) * w[0]): the same fp16 bits, converted
+  // by the (exact) intrinsic instead of the portable branchy conversion.
+  __device__ __forceinline__ static float dequant(const storage_t* p, const float* w, int i) {
+    return elem_to_float(f16_t{quant::fp8_e4m3_to_half_bits(p[i])}) * quant::kFp8HalfScale * w[0];
+  }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    const uint2 c = *static_cast<const uint2*>(piece);
+    const float2 a = fp8x2_to_float2(c.x), b = fp8x2_to_float2(c.x >> 16);
+    const float2 e = fp8x2_to_float2(c.y), f = fp8x2_to_float2(c.y >> 16);
+    x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
+    x[4] = e.x; x[5] = e.y; x[6] = f.x; x[7] = f.y;
+  }
+  __device__ __forceinline__ static float scale(const float* w) { return w[0] * fp8_decode_mul(); }
+  __device__ __forceinline__ static float zero(const float*) { return 0.f; }
+};
+
+// Byte i (0..3) of a word of int8 codes -> float, exactly: the biased code (s + 128) becomes the
+// low mantissa byte of 2^23 (one PRMT), then one subtraction of 2^23 + 128.
+__device__ __forceinline__ float int8_byte_to_float(uint32_t biased_word, int i) {
+  return __uint_as_float(__byte_perm(biased_word, 0x4b000000u, 0x7540u | uint32_t(i))) - 8388736.f;
+}
+
+// Symmetric int8 with one scale per vector: 16 elements a chunk, 8 bytes a piece.
+template <>
+struct DeviceKvFormat<Int8Format> {
+  using storage_t = int8_t;
+  static constexpr bool kChunked = true;
+  static constexpr int kElemsPerChunk = 16;
+  static constexpr int kPieceBytes = 8;
+  static constexpr int kScaleWords = 1;
+  static constexpr bool kZero = false;
+  __device__ __forceinline__ static float dequant(const storage_t* p, const float* w, int i) {
+    return Int8Format::dequant(p, w, i);
+  }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    const uint2 c = *static_cast<const uint2*>(piece);
+    const uint32_t lo = c.x ^ 0x80808080u, hi = c.y ^ 0x80808080u;  // s -> s + 128 per byte
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[i] = int8_byte_to_float(lo, i);
+      x[4 + i] = int8_byte_to_float(hi, i);
+    }
+  }
+  __device__ __forceinline__ static float scale(const float* w) { return w[0]; }
+  __device__ __forceinline__ static float zero(const float*) { return 0.f; }
+};
+
+// Asymmetric int4 (x = code * w[0] + w[1]), two codes a byte (element 2i in the low nibble of
+// byte i): 32 elements a chunk, 4 bytes (8 codes) a piece. Code i of the word is nibble i;
+// it becomes the low mantissa bits of 2^23 (shift + mask + or), then one subtraction of 2^23.
+template <>
+struct DeviceKvFormat<Int4Format> {
+  using storage_t = uint8_t;
+  static constexpr bool kChunked = true;
+  static constexpr int kElemsPerChunk = 32;
+  static constexpr int kPieceBytes = 4;
+  static constexpr int kScaleWords = 2;
+  static constexpr bool kZero = true;
+  __device__ __forceinline__ static float dequant(const storage_t* p, const float* w, int i) {
+    return Int4Format::dequant(p, w, i);
+  }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    const uint32_t c = *static_cast<const uint32_t*>(piece);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = __uint_as_float(0x4b000000u | ((c >> (4 * i)) & 0xfu)) - 8388608.f;
+  }
+  __device__ __forceinline__ static float scale(const float* w) { return w[0]; }
+  __device__ __forceinline__ static float zero(const float* w) { return w[1]; }
+};
 
 }  // namespace cuda
 }  // namespace vattn
