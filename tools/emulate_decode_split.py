@@ -7,13 +7,30 @@
 # padded GQA heads never write; the cp.async pipeline: a stage being refilled reads as NaN
 # from the copy's issue until a wait_group lands it, so a read of a stage in flight (a missing
 # wait or __syncthreads, a wrong stage index) poisons the output.
-import math, pathlib, sys
+# Quantized K/V (fp8_e4m3 / int8 / int4, K and V apart): the cache holds the stored bytes and
+# fp32 scale words; the tiles move 16-byte chunks of bytes and 4-byte scale words through the
+# same pipeline; each lane's 8-element piece is decoded with the kernel's bit tricks
+# (kv_device_format.cuh: fp8 both ways -- the sm_80 fp16 bit trick with its 2^8 folded into the
+# scale, and the exact sm_89+ conversion --, int8 by PRMT into the mantissa of 2^23, int4 by
+# nibble into the mantissa of 2^23); scales apply per key (logit = scale * q.raw + zero * sum(q),
+# o += (p * scale) * raw, zero points through a per-head scalar). The reference dequantizes the
+# stored bytes independently (kv_format.h's definition), in float64.
+import math, pathlib, struct, sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from emulate_headers import decode_split  # noqa: E402  (the constants, read from the sources)
+from emulate_headers import constant, decode_split  # noqa: E402  (the constants, read from the sources)
 
 H = decode_split()
+_FMT_HDR = "cuda/include/vattn/cuda/kv_device_format.cuh"
+LANE_ELEMS = constant(_FMT_HDR, "kLaneElems")
+_FMT_STRUCT = {"f16": "DevicePlain16Format", "fp8": "DeviceKvFormat<Fp8E4M3Format>",
+               "int8": "DeviceKvFormat<Int8Format>", "int4": "DeviceKvFormat<Int4Format>"}
+# Per format: elements per 16-byte chunk, bytes of one lane piece, scale words, zero point.
+FMT = {k: dict(epc=constant(_FMT_HDR, "kElemsPerChunk", v), pb=constant(_FMT_HDR, "kPieceBytes", v),
+               words=constant(_FMT_HDR, "kScaleWords", v), zero=(k == "int4"))
+       for k, v in _FMT_STRUCT.items()}
+assert FMT["f16"]["epc"] == H['elems_per_chunk']
 
 NEG = -np.inf
 LOG2E = 1.4426950408889634
@@ -25,24 +42,33 @@ def next_pow2(x):
     return 1 if x <= 1 else 2 * next_pow2((x + 1) // 2)
 
 
-def cfg(HD, EPC=H['elems_per_chunk']):
-    CH = HD // EPC
-    TD = next_pow2(CH)
+def cfg(HD, kf="f16", vf="f16"):
+    """DecodeSplitConfig<HD, EPC_K, EPC_V> (decode_args.cuh)."""
+    LE = LANE_ELEMS
+    NP = HD // LE
+    TD = next_pow2(NP)
     KPW = 32 // TD
     KPI = H['warps'] * KPW
     NK = H['iters_per_tile']
-    return dict(EPC=EPC, CH=CH, TD=TD, KPW=KPW, KPI=KPI, NK=NK, TILE=KPI * NK, STAGES=H['stages'])
+    SUB = min(FMT[kf]["epc"], FMT[vf]["epc"]) // LE
+    assert HD % FMT[kf]["epc"] == 0 and HD % FMT[vf]["epc"] == 0
+    return dict(LE=LE, NP=NP, TD=TD, KPW=KPW, KPI=KPI, NK=NK, SUB=SUB, TILE=KPI * NK * SUB, STAGES=H['stages'],
+                CHK=HD // FMT[kf]["epc"], CHV=HD // FMT[vf]["epc"])
 
 
 def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def make_plan(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms):
+MAX_GROUP_BLOCK = 8  # decode_split_max_group_block (decode_args.cuh), every format pair
+
+
+def make_plan(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms, kf="f16", vf="f16"):
     group = hq // hkv
     gb = 1 if group <= 1 else 2 if group <= 2 else 4 if group <= 4 else 8
+    gb = min(gb, MAX_GROUP_BLOCK)
     chunks = cdiv(group, gb)
-    tile = cfg(HD)['TILE']
+    tile = cfg(HD, kf, vf)['TILE']
     n = max_seqlen_k if max_seqlen_k > 0 else max_seq
     n = min(n, max_seq)
     if window >= 0 and n > window + 1:
@@ -67,15 +93,123 @@ def key_range(a, b, kvh):
     return r, max(first, 0), L
 
 
+# ---- stored formats: bytes, the kernel's piece decoders, the reference dequantization --------
+
+def e4m3_value(b):
+    """OCP e4m3fn value of code b (kv_format.h / quant.h definition), float64."""
+    b = int(b)
+    sign = -1.0 if b & 0x80 else 1.0
+    e, m = (b >> 3) & 0xF, b & 7
+    return sign * (m * 2.0 ** -9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
+
+def byte_perm(x, y, sel):
+    """__byte_perm(x, y, sel) (default mode): result byte k = byte (sel >> 4k) & 7 of {y:x}."""
+    b = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(b[(sel >> (4 * k)) & 7] << (8 * k) for k in range(4))
+
+
+def f32(bits):
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def half(bits):
+    return struct.unpack("<e", struct.pack("<H", bits))[0]
+
+
+def decode_piece(fmt, piece, arch):
+    """DeviceKvFormat<fmt>::decode of one lane's piece (a list of byte values) -> 8 raw floats,
+    bit for bit as the kernel computes them (a NaN byte -- a slot in flight -- poisons all 8)."""
+    if any(np.isnan(piece)):
+        return np.full(LANE_ELEMS, np.nan)
+    piece = [int(x) for x in piece]
+    words = [sum(piece[4 * w + i] << (8 * i) for i in range(4)) for w in range(len(piece) // 4)]
+    out = []
+    if fmt == "fp8":
+        for w in words:
+            for two in (w & 0xFFFF, w >> 16):
+                if arch >= 89:   # cvt.rn.f16x2.e4m3x2: exact
+                    out += [e4m3_value(two & 0xFF), e4m3_value(two >> 8)]
+                else:            # bit trick: fp16 bits of value * 2^-8 on both halves
+                    t = byte_perm(two, 0, 0x1404)
+                    h = (t & 0x80008000) | ((t & 0x7F007F00) >> 1)
+                    out += [half(h & 0xFFFF), half(h >> 16)]
+    elif fmt == "int8":
+        for w in words:
+            biased = w ^ 0x80808080
+            for i in range(4):
+                out.append(float(np.float32(f32(byte_perm(biased, 0x4B000000, 0x7540 | i))) - np.float32(8388736.0)))
+    elif fmt == "int4":
+        (w,) = words
+        for i in range(8):
+            out.append(float(np.float32(f32(0x4B000000 | ((w >> (4 * i)) & 0xF))) - np.float32(8388608.0)))
+    else:
+        raise ValueError(fmt)
+    return np.array(out)
+
+
+def decode_mul(fmt, arch):
+    """What DeviceKvFormat<fmt>::scale multiplies the stored scale by."""
+    return 256.0 if fmt == "fp8" and arch < 89 else 1.0
+
+
+def dequant_row(fmt, row_bytes, words, HD):
+    """Reference dequantization of one stored vector (kv_format.h dequant), float64."""
+    if fmt == "fp8":
+        return np.array([e4m3_value(b) for b in row_bytes]) * words[0]
+    if fmt == "int8":
+        return np.array([float(np.int8(np.uint8(b))) for b in row_bytes]) * words[0]
+    if fmt == "int4":
+        codes = [(int(row_bytes[i >> 1]) >> (4 * (i & 1))) & 0xF for i in range(HD)]
+        return np.array(codes, np.float64) * words[0] + words[1]
+    raise ValueError(fmt)
+
+
+def row_bytes(fmt, HD):
+    return HD // 2 if fmt == "int4" else HD
+
+
+def random_side(rng, fmt, shape_tok, HD):
+    """Stored bytes and scale words of random vectors (every code value occurs)."""
+    nb = row_bytes(fmt, HD)
+    if fmt == "fp8":
+        data = rng.integers(0, 256, size=shape_tok + (nb,))
+        data[(data & 0x7F) == 0x7F] = 0x7E   # never stores the NaN codes
+        words = rng.uniform(0.5, 2.0, size=shape_tok + (1,)) / 448 * 4
+    elif fmt == "int8":
+        data = rng.integers(-127, 128, size=shape_tok + (nb,)) & 0xFF
+        words = rng.uniform(0.5, 2.0, size=shape_tok + (1,)) / 127 * 3
+    else:
+        data = rng.integers(0, 256, size=shape_tok + (nb,))
+        words = np.stack([rng.uniform(0.1, 0.6, size=shape_tok), rng.uniform(-4, 0, size=shape_tok)], -1)
+    return data.astype(np.float64), words.astype(np.float32).astype(np.float64)
+
+
+def check_decoders():
+    """Every piece decoder against the reference value of every code (both fp8 paths)."""
+    ok = True
+    for b in range(256):
+        if (b & 0x7F) == 0x7F:
+            continue
+        piece = [b] * 8
+        for arch in (80, 90):
+            got = decode_piece("fp8", piece, arch)[0] * decode_mul("fp8", arch)
+            ok &= got == e4m3_value(b)
+        ok &= decode_piece("int8", piece, 80)[0] == float(np.int8(np.uint8(b)))
+        ok &= list(decode_piece("int4", [b, 0, 0xF0, 0x21], 80)) == [b & 0xF, b >> 4, 0, 0, 0, 15, 1, 2]
+    print(f"piece decoders vs reference values: {'OK' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
 class Pipe:
     """cp.async groups: a copy poisons its destination at issue and lands at a wait."""
-    def __init__(s, shape):
-        s.m = np.full(shape, np.nan)
+    def __init__(s, **shapes):
+        s.m = {k: np.full(v, np.nan) for k, v in shapes.items()}
         s.groups, s.cur = [], []
 
-    def copy(s, idx, val):
-        s.m[idx] = np.nan
-        s.cur.append((idx, val))
+    def copy(s, name, idx, val):
+        s.m[name][idx] = np.nan
+        s.cur.append((name, idx, val))
 
     def commit(s):
         s.groups.append(s.cur)
@@ -83,13 +217,20 @@ class Pipe:
 
     def wait(s, n):
         while len(s.groups) > n:
-            for idx, val in s.groups.pop(0):
-                s.m[idx] = val
+            for name, idx, val in s.groups.pop(0):
+                s.m[name][idx] = val
 
 
 def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
-    c = cfg(a['HD'])
-    HD, EPC, CH, TD, KPI, NK, TILE, ST = a['HD'], c['EPC'], c['CH'], c['TD'], c['KPI'], c['NK'], c['TILE'], c['STAGES']
+    """One CTA of decode_split_kernel. K / V: dict(fmt, data, words): plain data holds the
+    elements [rows, seq, kv_heads, HD]; quantized data the stored bytes [rows, seq, kv_heads,
+    row bytes] and words the fp32 scale words [rows, seq, kv_heads, words]."""
+    kf, vf, arch = K['fmt'], V['fmt'], a['arch']
+    c = cfg(a['HD'], kf, vf)
+    HD, LE, NP, TD, KPI, NK, SUB, TILE, ST = (a['HD'], c['LE'], c['NP'], c['TD'], c['KPI'], c['NK'], c['SUB'],
+                                             c['TILE'], c['STAGES'])
+    CHK, CHV = c['CHK'], c['CHV']
+    KW, VW = FMT[kf]['words'], FMT[vf]['words']
     kvh = z // a['head_chunks']
     g0 = (z % a['head_chunks']) * GB
     gcount = min(GB, a['group'] - g0)
@@ -108,25 +249,55 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
     for g in range(GB):
         if g < gcount:
             qv[g] = q[b, qh0 + g].astype(np.float64) * a['q_scale']
-    pipe = Pipe((ST, 2, TILE, HD))
+    qsum = qv.sum(axis=1)  # lane partial sums, xor-reduced over the key's lanes
+    rowK, rowV = K['data'].shape[-1], V['data'].shape[-1]
+    unitK = 8 if kf == "f16" else 16  # one 16-byte chunk: 8 elements, or 16 stored bytes
+    unitV = 8 if vf == "f16" else 16
+    assert rowK == CHK * unitK and rowV == CHV * unitV
+    pipe = Pipe(k=(ST, TILE, rowK), v=(ST, TILE, rowV), kw=(ST, max(TILE * KW, 1)), vw=(ST, max(TILE * VW, 1)))
 
     def load_tile(t, st):
         tstart = start + t * TILE
-        for r in range(TILE):
-            j = tstart + r
-            valid = j < end
-            if valid:
-                assert lo <= j < L, f"read key {j} outside [{lo}, {L})"
-                kr, vr = K[row, j, kvh], V[row, j, kvh]
-                assert not np.isnan(kr).any() and not np.isnan(vr).any(), f"read unwritten slot {j}"
-            else:
-                kr = vr = np.zeros(HD)
-            pipe.copy((st, 0, r), kr)
-            pipe.copy((st, 1, r), vr)
+        for side, name, CH, unit in ((K, 'k', CHK, unitK), (V, 'v', CHV, unitV)):
+            for cc_all in range(TILE * CH):
+                r, cc = divmod(cc_all, CH)
+                j = tstart + r
+                if j < end:
+                    assert lo <= j < L, f"read key {j} outside [{lo}, {L})"
+                    val = side['data'][row, j, kvh, cc * unit:(cc + 1) * unit]
+                    assert not np.isnan(val).any(), f"read unwritten slot {j}"
+                else:
+                    val = np.zeros(unit)
+                pipe.copy(name, (st, r, slice(cc * unit, (cc + 1) * unit)), val)
+        for side, name, W in ((K, 'kw', KW), (V, 'vw', VW)):
+            for cw in range(TILE * W):
+                r, w = divmod(cw, W)
+                j = tstart + r
+                if j < end:
+                    val = side['words'][row, j, kvh, w]
+                    assert not np.isnan(val), f"read unwritten scale word of slot {j}"
+                else:
+                    val = 0.0
+                pipe.copy(name, (st, cw), val)
+
+    def raw(fmt, name, stg, r):
+        """The key's HD raw values as its NP active lanes decode them, in lane order."""
+        m = pipe.m[name][stg, r]
+        if fmt == "f16":
+            return np.concatenate([m[dl * LE:(dl + 1) * LE] for dl in range(NP)])
+        pb = FMT[fmt]['pb']
+        return np.concatenate([decode_piece(fmt, m[dl * pb:(dl + 1) * pb], arch) for dl in range(NP)])
+
+    def scale_zero(fmt, name, W, stg, r):
+        if fmt == "f16":
+            return 1.0, 0.0
+        w = pipe.m[name][stg]
+        return w[r * W] * decode_mul(fmt, arch), (w[r * W + 1] if FMT[fmt]['zero'] else 0.0)
 
     m = np.full((KPI, GB), NEG)
     d = np.zeros((KPI, GB))
     o = np.zeros((KPI, GB, HD))
+    zacc = np.zeros((KPI, GB))
     for s in range(ST - 1):
         if s < ntiles:
             load_tile(s, s)
@@ -140,39 +311,42 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
         pipe.commit()
         stg = t % ST
         tstart = start + t * TILE
-        for grp in range(KPI):
-            s_ = np.zeros((NK, GB))
-            for kk in range(NK):
-                r = kk * KPI + grp
-                j = tstart + r
-                dot = qv @ pipe.m[stg, 0, r]
-                valid = j < end
-                x = dot * (1.0 if valid else 0.0)
-                if a['cap2'] > 0:
-                    x = a['cap2'] * np.tanh(x)
-                s_[kk] = x if valid else NEG
-            p = np.zeros((NK, GB))
-            for g in range(GB):
-                bm = s_[:, g].max()
-                m_new = max(m[grp, g], bm)
-                if m_new == NEG:
-                    f = 1.0
-                else:
-                    f = 0.0 if m[grp, g] == NEG else 2.0 ** (m[grp, g] - m_new)
-                    d[grp, g] *= f
-                    m[grp, g] = m_new
+        for u in range(SUB):
+            for grp in range(KPI):
+                s_ = np.zeros((NK, GB))
                 for kk in range(NK):
-                    p[kk, g] = 0.0 if s_[kk, g] == NEG else 2.0 ** (s_[kk, g] - m[grp, g])
-                d[grp, g] += p[:, g].sum()
-                o[grp, g] *= f
-            for kk in range(NK):
-                r = kk * KPI + grp
-                j = tstart + r
-                vsc = 1.0 if j < end else 0.0
-                vf = pipe.m[stg, 1, r]
+                    r = (u * NK + kk) * KPI + grp
+                    j = tstart + r
+                    dot = qv @ raw(kf, 'k', stg, r)
+                    ks, kz = scale_zero(kf, 'kw', KW, stg, r)
+                    x = dot * ks + kz * qsum
+                    if a['cap2'] > 0:
+                        x = a['cap2'] * np.tanh(x)
+                    s_[kk] = x if j < end else NEG
+                p = np.zeros((NK, GB))
                 for g in range(GB):
-                    o[grp, g] = o[grp, g] + (p[kk, g] * vsc) * vf
+                    bm = s_[:, g].max()
+                    m_new = max(m[grp, g], bm)
+                    if m_new == NEG:
+                        f = 1.0
+                    else:
+                        f = 0.0 if m[grp, g] == NEG else 2.0 ** (m[grp, g] - m_new)
+                        d[grp, g] *= f
+                        m[grp, g] = m_new
+                    for kk in range(NK):
+                        p[kk, g] = 0.0 if s_[kk, g] == NEG else 2.0 ** (s_[kk, g] - m[grp, g])
+                    d[grp, g] += p[:, g].sum()
+                    o[grp, g] *= f
+                    zacc[grp, g] *= f
+                for kk in range(NK):
+                    r = (u * NK + kk) * KPI + grp
+                    vsc, vz = scale_zero(vf, 'vw', VW, stg, r)
+                    vr = raw(vf, 'v', stg, r)
+                    for g in range(GB):
+                        zacc[grp, g] += p[kk, g] * vz
+                        o[grp, g] = o[grp, g] + (p[kk, g] * vsc) * vr
     pipe.wait(0)
+    o = o + zacc[:, :, None]  # the V zero point, added to every dim before the merge
     for g in range(GB):
         if g >= gcount:
             continue
@@ -214,7 +388,19 @@ def merge(ns, o_part, lse_part, out, lse):
             lse[b, h] = M + math.log(W) if W > 0 else NEG
 
 
-def reference(q, K, V, a):
+def dequant_side(side, HD):
+    """Float64 values [rows, seq, kv_heads, HD] of one side (NaN where unwritten)."""
+    if side['fmt'] == "f16":
+        return side['data'].astype(np.float64)
+    data, words = side['data'], side['words']
+    outv = np.full(data.shape[:3] + (HD,), np.nan)
+    for idx in np.ndindex(*data.shape[:3]):
+        if not np.isnan(data[idx]).any():
+            outv[idx] = dequant_row(side['fmt'], data[idx].astype(np.int64), words[idx], HD)
+    return outv
+
+
+def reference(q, Kd, Vd, a):
     B, HQ, HD = q.shape
     out = np.zeros((B, HQ, HD))
     lse = np.full((B, HQ), NEG)
@@ -224,39 +410,48 @@ def reference(q, K, V, a):
             row, lo, L = key_range(a, b, kvh)
             if L - lo <= 0:
                 continue
-            x = a['scale'] * (K[row, lo:L, kvh].astype(np.float64) @ q[b, h].astype(np.float64))
+            x = a['scale'] * (Kd[row, lo:L, kvh] @ q[b, h].astype(np.float64))
             if a['softcap'] > 0:
                 x = a['softcap'] * np.tanh(x / a['softcap'])
             mx = x.max()
             e = np.exp(x - mx)
             lse[b, h] = mx + math.log(e.sum())
-            out[b, h] = (e / e.sum()) @ V[row, lo:L, kvh].astype(np.float64)
+            out[b, h] = (e / e.sum()) @ Vd[row, lo:L, kvh]
     return out, lse
 
 
+def make_side(rng, fmt, rows, max_seq, HKV, HD, written):
+    """One side of the cache: NaN everywhere, random values / bytes in the written slots."""
+    if fmt == "f16":
+        data = np.full((rows, max_seq, HKV, HD), np.nan)
+        for r, n in written:
+            data[r, :n] = rng.standard_normal((n, HKV, HD)).astype(np.float16)
+        return dict(fmt=fmt, data=data, words=None)
+    data = np.full((rows, max_seq, HKV, row_bytes(fmt, HD)), np.nan)
+    words = np.full((rows, max_seq, HKV, FMT[fmt]['words']), np.nan)
+    for r, n in written:
+        data[r, :n], words[r, :n] = random_side(rng, fmt, (n, HKV), HD)
+    return dict(fmt=fmt, data=data, words=words)
+
+
 def run(HD, B, HQ, HKV, lens, max_seq, window=-1, softcap=0.0, hint=-1, sms=132, row_ids=None, head_lens=None,
-        seed=0, name=""):
+        seed=0, name="", kf="f16", vf="f16", arch=80):
     rng = np.random.default_rng(seed)
     rows = max(B, 3)
-    K = np.full((rows, max_seq, HKV, HD), np.nan)
-    V = np.full((rows, max_seq, HKV, HD), np.nan)
     rl = [lens[b] if head_lens is None else max(head_lens[b]) for b in range(B)]
     rid = list(range(B)) if row_ids is None else row_ids
-    for b in range(B):
-        r = rid[b]
-        if 0 <= r < rows:
-            n = min(max(rl[b], 0), max_seq)
-            K[r, :n] = rng.standard_normal((n, HKV, HD)).astype(np.float16)
-            V[r, :n] = rng.standard_normal((n, HKV, HD)).astype(np.float16)
+    written = [(rid[b], min(max(rl[b], 0), max_seq)) for b in range(B) if 0 <= rid[b] < rows]
+    K = make_side(rng, kf, rows, max_seq, HKV, HD, written)
+    V = make_side(rng, vf, rows, max_seq, HKV, HD, written)
     q = rng.standard_normal((B, HQ, HD)).astype(np.float16)
     scale = 1 / math.sqrt(HD)
     group = HQ // HKV
     maxk = hint if hint >= 0 else max([0] + [x for x in (lens if head_lens is None else sum(head_lens, []))])
-    GB, chunks, ns, chunk_host = make_plan(B, HQ, HKV, HD, maxk, max_seq, window, sms)
+    GB, chunks, ns, chunk_host = make_plan(B, HQ, HKV, HD, maxk, max_seq, window, sms, kf, vf)
     a = dict(HD=HD, group=group, head_chunks=chunks, chunk_host=chunk_host, num_rows=rows, max_seq=max_seq,
              row_ids=row_ids, seqlens=lens, head_lens=head_lens, window=window, scale=scale, softcap=softcap,
              q_scale=scale / softcap if softcap > 0 else scale * LOG2E, cap2=softcap * LOG2E if softcap > 0 else 0.0,
-             covered=np.zeros((B, HKV, max_seq), np.int64))
+             covered=np.zeros((B, HKV, max_seq), np.int64), arch=arch)
     out = np.full((B, HQ, HD), np.nan)
     lse = np.full((B, HQ), np.nan)
     o_part = np.full((ns, B, HQ, HD), np.nan)
@@ -267,7 +462,7 @@ def run(HD, B, HQ, HKV, lens, max_seq, window=-1, softcap=0.0, hint=-1, sms=132,
                 cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse)
     if ns > 1:
         merge(ns, o_part, lse_part, out, lse)
-    ro, rlse = reference(q, K, V, a)
+    ro, rlse = reference(q, dequant_side(K, HD), dequant_side(V, HD), a)
     ok = True
     for b in range(B):
         for kvh in range(HKV):
@@ -287,7 +482,8 @@ def run(HD, B, HQ, HKV, lens, max_seq, window=-1, softcap=0.0, hint=-1, sms=132,
         print("  lse -inf mismatch")
     lerr = np.abs(lse[fin] - rlse[fin]).max() if fin.any() else 0.0
     ok = ok and err < 1e-9 and lerr < 1e-9
-    print(f"{name}: HD={HD} B={B} HQ={HQ} HKV={HKV} GB={GB} chunks={chunks} splits={ns} chunk={chunk_host} "
+    fmts = "" if kf == vf == "f16" else f" K={kf} V={vf} sm_{arch}"
+    print(f"{name}: HD={HD} B={B} HQ={HQ} HKV={HKV}{fmts} GB={GB} chunks={chunks} splits={ns} chunk={chunk_host} "
           f"err {err:.1e} lse {lerr:.1e} {'OK' if ok else 'FAIL'}", flush=True)
     return ok
 
@@ -305,9 +501,23 @@ CASES = [
          row_ids=[0, 7, 2], sms=16),
     dict(name="HD 256, GQA 8, splits", HD=256, B=1, HQ=8, HKV=1, lens=[520], max_seq=530, sms=2),
     dict(name="HD 96, GQA 5 -> 8", HD=96, B=2, HQ=10, HKV=2, lens=[257, 31], max_seq=300, window=200, softcap=30.0, sms=4),
+    # Quantized K/V: every format on each side, both fp8 decode paths, sub-tiles, splits.
+    dict(name="int8, splits", HD=128, B=1, HQ=4, HKV=2, lens=[300], max_seq=320, sms=4, kf="int8", vf="int8"),
+    dict(name="fp8 (sm_80 bit trick), GQA 3 -> 4", HD=96, B=1, HQ=3, HKV=1, lens=[140], max_seq=160, sms=1,
+         kf="fp8", vf="fp8", arch=80),
+    dict(name="fp8 (sm_90 cvt), window", HD=64, B=2, HQ=4, HKV=2, lens=[200, 9], max_seq=256, window=100, sms=4,
+         kf="fp8", vf="fp8", arch=90),
+    dict(name="int4, splits, softcap", HD=64, B=1, HQ=2, HKV=1, lens=[600], max_seq=640, softcap=20.0, sms=8,
+         kf="int4", vf="int4"),
+    dict(name="int8 K, int4 V, hint low", HD=128, B=2, HQ=4, HKV=1, lens=[150, 70], max_seq=200, hint=40, sms=4,
+         kf="int8", vf="int4"),
+    dict(name="int4 K, fp8 V, per-head lengths", HD=256, B=1, HQ=2, HKV=2, lens=[0], head_lens=[[70, 5]], max_seq=80,
+         sms=2, kf="int4", vf="fp8", arch=80),
+    dict(name="int4 HD 96, GQA 8", HD=96, B=1, HQ=8, HKV=1, lens=[100], max_seq=128, sms=1, kf="int4", vf="int4"),
 ]
 
 if __name__ == "__main__":
     sel = CASES if len(sys.argv) < 2 else [CASES[int(i)] for i in sys.argv[1:]]
-    allok = all([run(seed=i, **c) for i, c in enumerate(sel)])
+    allok = check_decoders()
+    allok = all([run(seed=i, **c) for i, c in enumerate(sel)]) and allok
     print("ALL OK" if allok else "SOME FAILED")

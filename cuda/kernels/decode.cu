@@ -3,6 +3,8 @@
 //           decode_hd*.cu) + decode_split_merge_kernel when there is more than one split;
 //           falls back to the plain kernel for head dims, dtypes or alignments it does not cover.
 //   impl 1: the plain kernel (decode_plain_kernel.cuh).
+// K/V formats (both kernels): the plain format of the q dtype, or any pair of quantized formats
+// (fp8_e4m3 / int8 / int4, K and V apart) with their fp32 scale words.
 // No host synchronization and no allocation: split partials live in the caller's workspace,
 // sized by decode_workspace_bytes() with the same plan.
 #include <cmath>
@@ -76,6 +78,23 @@ struct DecodePlan {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("decode_attention: " + msg); }
 
+// Calls f(T{}) with the q element type of a (validated) dtype code.
+template <typename F>
+void dispatch_dtype(int32_t dtype, F&& f) {
+  switch (dtype) {
+    case kFloat16: f(f16_t{}); break;
+    case kBFloat16: f(bf16_t{}); break;
+    default: f(float{}); break;
+  }
+}
+
+// A quantized side needs its fp32 scale words (4-byte aligned: the kernels read them as floats).
+void check_scales(int32_t format, const float* scale, const char* side) {
+  if (!kv_format_is_quantized(format)) return;
+  if (scale == nullptr) bad(std::string("a quantized ") + side + " cache (" + kv_format_name(format) + ") needs its scale tensor");
+  if (reinterpret_cast<uintptr_t>(scale) % alignof(float) != 0) bad(std::string(side) + " scale pointer is not 4-byte aligned");
+}
+
 void validate(const AttentionParams& p) {
   if (p.cu_seqlens_q != nullptr) bad("cu_seqlens_q must be null for decode (one query per row)");
   if (p.batch < 0) bad("batch must be >= 0");
@@ -86,7 +105,11 @@ void validate(const AttentionParams& p) {
     bad("head_dim must be a multiple of 8 in [8, 256], got " + std::to_string(p.head_dim));
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     bad("dtype must be float16, bfloat16 or float32 (code " + std::to_string(p.dtype) + ")");
-  if (p.kv.k_format != p.dtype || p.kv.v_format != p.dtype) bad("the K/V cache dtype must equal the q dtype (quantized formats come later)");
+  // K/V formats: the plain format of the q dtype on both sides, or any pair of quantized
+  // formats (dispatch_kv_pair throws std::invalid_argument for anything else).
+  dispatch_dtype(p.dtype, [&](auto t) {
+    dispatch_kv_pair<decltype(t)>(p.kv.k_format, p.kv.v_format, "decode_attention", [](auto, auto) {});
+  });
   if (p.kv.num_rows < 0 || p.kv.max_seq < 0) bad("cache num_rows and max_seq must be >= 0");
   if (!std::isfinite(p.scale)) bad("scale must be finite");
   if (!std::isfinite(p.softcap)) bad("softcap must be finite");
@@ -94,6 +117,8 @@ void validate(const AttentionParams& p) {
   if (p.batch == 0) return;
   if (!p.q || !p.out || !p.kv.k || !p.kv.v) bad("null q, out, k or v pointer");
   if (!p.seqlens_k && !p.head_seqlens_k) bad("seqlens_k (or head_seqlens_k) is required");
+  check_scales(p.kv.k_format, p.kv.k_scale, "K");
+  check_scales(p.kv.v_format, p.kv.v_scale, "V");
 }
 
 bool aligned_16(const void* ptr, int esize, std::initializer_list<int64_t> strides) {
@@ -103,27 +128,44 @@ bool aligned_16(const void* ptr, int esize, std::initializer_list<int64_t> strid
   return true;
 }
 
-// Split-kernel tile for this head dim and K/V format (0: not covered).
+// Calls f(KF{}, VF{}) with the (validated) K and V format types.
+template <typename F>
+decltype(auto) dispatch_formats(const AttentionParams& p, F&& f) {
+  return dispatch_kv_format(p.kv.k_format, "decode_attention (K)", [&](auto kf) {
+    return dispatch_kv_format(p.kv.v_format, "decode_attention (V)", [&](auto vf) { return f(kf, vf); });
+  });
+}
+
+// Split-kernel tile for this head dim and K/V formats (0: not covered).
 int split_tile(const AttentionParams& p) {
-  return dispatch_kv_format(p.kv.k_format, "decode_attention", [&](auto fmt) {
-    return cuda::decode_split_tile<decltype(fmt)>(p.head_dim);
+  return dispatch_formats(p, [&](auto kf, auto vf) {
+    return cuda::decode_split_tile<decltype(kf), decltype(vf)>(p.head_dim);
+  });
+}
+
+// Largest group block the split kernel has for these formats.
+int split_max_group_block(const AttentionParams& p) {
+  return dispatch_formats(p, [&](auto kf, auto vf) {
+    return cuda::decode_split_max_group_block<decltype(kf), decltype(vf)>();
   });
 }
 
 // The split kernel covers 16-bit q, K/V formats with the chunk interface at its instantiated
-// head dims, and 16-byte aligned q, K, V vectors (out and lse are written element by element,
-// so they need no alignment).
+// head dims (split_tile != 0: the vector bytes head_dim * bits / 8 are whole 16-byte chunks),
+// and 16-byte aligned q, K, V vectors (out and lse are written element by element, so they
+// need no alignment; scale words are copied 4 bytes at a time).
 bool fast_supported(const AttentionParams& p) {
   if (p.impl != 0) return false;
   if (p.dtype != kFloat16 && p.dtype != kBFloat16) return false;
   if (split_tile(p) == 0) return false;
   const int qs = dtype_size(p.dtype);
-  const int ks = dispatch_kv_format(p.kv.k_format, "decode_attention", [](auto fmt) {
-    return int(sizeof(typename decltype(fmt)::storage_t));
-  });
+  auto storage_size = [](int32_t code) {
+    return dispatch_kv_format(code, "decode_attention", [](auto fmt) { return int(sizeof(typename decltype(fmt)::storage_t)); });
+  };
+  const int ks = storage_size(p.kv.k_format), vs = storage_size(p.kv.v_format);
   return aligned_16(p.q, qs, {p.q_stride_tok, p.q_stride_head}) &&
          aligned_16(p.kv.k, ks, {p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head}) &&
-         aligned_16(p.kv.v, ks, {p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head});
+         aligned_16(p.kv.v, vs, {p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head});
 }
 
 int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -149,6 +191,8 @@ DecodePlan make_plan(const AttentionParams& p) {
   pl.fast = true;
   const int group = p.num_q_heads / p.num_kv_heads;
   pl.group_block = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  const int max_gb = split_max_group_block(p);
+  if (pl.group_block > max_gb) pl.group_block = max_gb;
   pl.args.head_chunks = int(ceil_div64(group, pl.group_block));
   if (int64_t(p.num_kv_heads) * pl.args.head_chunks > kMaxGridYZ) bad("too many kv heads for one grid");
   const int tile = split_tile(p);
@@ -181,11 +225,12 @@ void launch_plain(const AttentionParams& p, const DecodePlanArgs& a) {
   const dim3 grid(unsigned(p.num_q_heads), unsigned(p.batch));
   cudaStream_t s = as_stream(p.stream);
   const int t = cuda::kPlainDecodeThreads;
-  switch (p.dtype) {
-    case kFloat16: cuda::decode_plain_kernel<f16_t, PlainFormat<f16_t>><<<grid, t, 0, s>>>(p, a); break;
-    case kBFloat16: cuda::decode_plain_kernel<bf16_t, PlainFormat<bf16_t>><<<grid, t, 0, s>>>(p, a); break;
-    default: cuda::decode_plain_kernel<float, PlainFormat<float>><<<grid, t, 0, s>>>(p, a); break;
-  }
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using Q = decltype(tag);
+    dispatch_kv_pair<Q>(p.kv.k_format, p.kv.v_format, "decode_attention", [&](auto kf, auto vf) {
+      cuda::decode_plain_kernel<Q, decltype(kf), decltype(vf)><<<grid, t, 0, s>>>(p, a);
+    });
+  });
   cuda_check_launch("decode_plain_kernel");
 }
 

@@ -29,9 +29,9 @@ struct Entry {
 
 constexpr Entry entry(Device d, Op op) {
   return d == kCpu ? Entry{kAllDtypes, op == kMerge ? kPlainFormats : kPlainFormats | kQuantFormats, 1, 0}
-         : op == kPrefill ? Entry{kHalfDtypes, kPlainFormats, 8, 256}
+         : op == kPrefill ? Entry{kHalfDtypes, kPlainFormats | kQuantFormats, 8, 256}
          : op == kMerge   ? Entry{kAllDtypes, kPlainFormats, 1, 0}
-                          : Entry{kAllDtypes, kPlainFormats, 8, 256};
+                          : Entry{kAllDtypes, kPlainFormats | kQuantFormats, 8, 256};  // append_kv, decode
 }
 
 constexpr bool supported(Device d, Op op, int32_t dtype, int32_t kv_format, int32_t head_dim) {

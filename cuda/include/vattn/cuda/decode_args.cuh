@@ -23,51 +23,67 @@ struct DecodePlanArgs {
 constexpr int ceil_div_i(int a, int b) { return (a + b - 1) / b; }
 constexpr int next_pow2_i(int x) { return x <= 1 ? 1 : 2 * next_pow2_i((x + 1) / 2); }
 
-// Tile geometry of the split-KV kernel. Each K/V vector is kChunks 16-byte chunks of EPC
-// elements; a key is handled by kLanesPerKey lanes (one chunk each; lanes past kChunks idle,
-// e.g. head_dim 96), so a warp works on kKeysPerWarp keys at once and the CTA on kKeysPerIter.
-// A tile is kItersPerTile such steps; kStages tiles of K and V are in flight through cp.async.
+// Tile geometry of the split-KV kernel for K chunks of EPC_K and V chunks of EPC_V elements
+// (16 bytes each; kv_device_format.cuh). A key is handled by kLanesPerKey lanes, each decoding
+// one piece of kLaneElems = 8 consecutive elements (16 bytes of a 16-bit format, 8 of an 8-bit
+// one, 4 of int4; lanes past kPieces idle, e.g. head_dim 96), so a warp works on kKeysPerWarp
+// keys at once and the CTA on kKeysPerIter. A sub-tile is kItersPerTile such steps; a tile is
+// kSubTiles sub-tiles (more for narrower formats, so a tile holds about as many bytes as a
+// 16-bit one) and is the unit of the cp.async pipeline: kStages tiles of K, V and their scale
+// words are in flight. The cp.async copies move whole 16-byte chunks (kChunksK / kChunksV per
+// key), whatever the piece size.
 // (tools/emulate_decode_split.py reads these constants from this file.)
-template <int HD, int EPC>
+template <int HD, int EPC_K, int EPC_V>
 struct DecodeSplitConfig {
-  static_assert(HD % EPC == 0, "head_dim must be a multiple of the chunk width");
+  static_assert(HD % EPC_K == 0 && HD % EPC_V == 0, "head_dim must be a multiple of the chunk width");
+  static_assert(EPC_K % kLaneElems == 0 && EPC_V % kLaneElems == 0, "a chunk is whole lane pieces");
   static constexpr int kThreads = 128;
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kChunks = HD / EPC;
-  static constexpr int kLanesPerKey = next_pow2_i(kChunks);
+  static constexpr int kPieces = HD / kLaneElems;
+  static constexpr int kLanesPerKey = next_pow2_i(kPieces);
   static_assert(kLanesPerKey <= 32, "head_dim too large for one warp per key");
+  static constexpr int kChunksK = HD / EPC_K;
+  static constexpr int kChunksV = HD / EPC_V;
   static constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   static constexpr int kKeysPerIter = kWarps * kKeysPerWarp;  // = number of key groups
   static constexpr int kItersPerTile = 2;
-  static constexpr int kTile = kKeysPerIter * kItersPerTile;
+  static constexpr int kSubTiles = (EPC_K < EPC_V ? EPC_K : EPC_V) / kLaneElems;
+  static constexpr int kTile = kKeysPerIter * kItersPerTile * kSubTiles;
   static constexpr int kStages = 4;
 };
 
-// The split kernel's geometry for K/V stored in Format: elements per 16-byte chunk from the
-// format's device trait.
-template <int HD, typename Format>
-using DecodeSplitConfigFor = DecodeSplitConfig<HD, DeviceKvFormat<Format>::kElemsPerChunk>;
+// The split kernel's geometry for K stored in KF and V in VF: elements per 16-byte chunk from
+// the formats' device traits.
+template <int HD, typename KF, typename VF>
+using DecodeSplitConfigFor =
+    DecodeSplitConfig<HD, DeviceKvFormat<KF>::kElemsPerChunk, DeviceKvFormat<VF>::kElemsPerChunk>;
 
-// Tile (keys) of the split kernel for a head dim and K/V format; 0 when not instantiated
+// Tile (keys) of the split kernel for a head dim and K/V formats; 0 when not instantiated
 // (head dim, or a format without the chunk interface).
-template <typename Format>
+template <typename KF, typename VF>
 constexpr int decode_split_tile(int head_dim) {
-  if constexpr (!DeviceKvFormat<Format>::kChunked) {
+  if constexpr (!DeviceKvFormat<KF>::kChunked || !DeviceKvFormat<VF>::kChunked) {
     return 0;
   } else {
-    return head_dim == 64    ? DecodeSplitConfigFor<64, Format>::kTile
-           : head_dim == 96  ? DecodeSplitConfigFor<96, Format>::kTile
-           : head_dim == 128 ? DecodeSplitConfigFor<128, Format>::kTile
-           : head_dim == 256 ? DecodeSplitConfigFor<256, Format>::kTile
+    return head_dim == 64    ? DecodeSplitConfigFor<64, KF, VF>::kTile
+           : head_dim == 96  ? DecodeSplitConfigFor<96, KF, VF>::kTile
+           : head_dim == 128 ? DecodeSplitConfigFor<128, KF, VF>::kTile
+           : head_dim == 256 ? DecodeSplitConfigFor<256, KF, VF>::kTile
                              : 0;
   }
+}
+
+// Largest q-head block (GB) the split kernel is instantiated with for K in KF and V in VF.
+template <typename KF, typename VF>
+constexpr int decode_split_max_group_block() {
+  return 8;
 }
 
 constexpr int kDecodeMaxSplits = 256;
 
 // Launchers of the split kernel, one per head dim (separate files compile in parallel).
-// group_block: q heads per CTA (1, 2, 4 or 8); num_splits: gridDim.x. Dtype, format and stream
-// come from p.
+// group_block: q heads per CTA (1, 2, 4 or 8, at most decode_split_max_group_block); num_splits:
+// gridDim.x. Dtype, K/V formats and stream come from p.
 void launch_decode_split_hd64(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits);
 void launch_decode_split_hd96(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits);
 void launch_decode_split_hd128(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits);

@@ -6,15 +6,21 @@
 // read from memory once for all of them (a group larger than 8 is spread over
 // ceil(group / 8) CTAs). K/V tiles stream into shared memory through a kStages-deep cp.async
 // pipeline (16-byte copies, zero-filled past the end, so no slot past the row's length is
-// ever read). Compute: kLanesPerKey lanes own one 16-byte chunk of a key each, hold q for the
+// ever read). Compute: kLanesPerKey lanes own one 8-element piece of a key each, hold q for the
 // GB heads in registers (pre-scaled into the log2 domain), reduce the partial dot products
 // with xor shuffles (all lanes end with bitwise the same logit), and keep an online-softmax
 // state and an fp32 partial output per key group; the key groups are merged in shared memory
 // at the end (merge_partials). The CTA writes out / lse directly when there is one split,
 // else an fp32 normalised partial and its LSE into the workspace for decode_split_merge_kernel.
-// T: q/out element type (f16_t or bf16_t); Format: the kv_format.h storage format of K/V, read
-// through its device trait (kv_device_format.cuh).
+// T: q/out element type (f16_t or bf16_t); KF / VF: the kv_format.h storage formats of K and V
+// (the plain format of T on both sides, or any pair of quantized formats), read through their
+// device traits (kv_device_format.cuh). Quantized K/V: each lane decodes its 8-element piece
+// from shared memory in registers; the per-token scale words of the tile travel with it
+// (4-byte cp.async into the same stage); the scales apply per key, never per element: logit =
+// scale_k * (q . code) (+ zero_k * sum(q) for int4), and V accumulates (p * scale_v) * code
+// (+ p * zero_v into one scalar per head, added to every dim before the merge).
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "vattn/cuda/check.cuh"
@@ -31,29 +37,54 @@
 namespace vattn {
 namespace cuda {
 
-template <int HD, typename T, typename Format, int GB>
-__global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
-    decode_split_kernel(const AttentionParams p, const DecodePlanArgs a,
-                        const typename DeviceKvFormat<Format>::Args fa) {
-  using Fmt = DeviceKvFormat<Format>;
-  using Cfg = DecodeSplitConfigFor<HD, Format>;
-  using S = typename Fmt::storage_t;
-  constexpr int EPC = Fmt::kElemsPerChunk;  // head_dim elements per lane
-  constexpr int CH = Cfg::kChunks;
+// 4-byte cp.async (scale words; .ca is the only cache mode for 4 bytes). Zero-fills dst and
+// reads nothing when !valid (src must still be a valid-looking address).
+__device__ __forceinline__ void cp_async_4_zfill(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes)
+               : "memory");
+#else
+  *static_cast<float*>(smem) = valid ? *static_cast<const float*>(gmem) : 0.f;
+#endif
+}
+
+template <int HD, typename T, typename KF, typename VF, int GB>
+__global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
+    decode_split_kernel(const AttentionParams p, const DecodePlanArgs a) {
+  using KD = DeviceKvFormat<KF>;
+  using VD = DeviceKvFormat<VF>;
+  using Cfg = DecodeSplitConfigFor<HD, KF, VF>;
+  using KS = typename KD::storage_t;
+  using VS = typename VD::storage_t;
+  constexpr int LE = kLaneElems;            // head_dim elements per lane and key
+  constexpr int NP = Cfg::kPieces;          // active lanes per key
+  constexpr int CHK = Cfg::kChunksK;        // 16-byte chunks of one K vector
+  constexpr int CHV = Cfg::kChunksV;
   constexpr int TD = Cfg::kLanesPerKey;
   constexpr int KPW = Cfg::kKeysPerWarp;
   constexpr int KPI = Cfg::kKeysPerIter;
   constexpr int NK = Cfg::kItersPerTile;
+  constexpr int SUB = Cfg::kSubTiles;
   constexpr int TILE = Cfg::kTile;
   constexpr int STAGES = Cfg::kStages;
   constexpr int NT = Cfg::kThreads;
+  constexpr int KW = KD::kScaleWords;       // scale words per K / V vector
+  constexpr int VW = VD::kScaleWords;
   constexpr int NGRP = KPI;                       // independent key groups (softmax states)
-  constexpr int kTileBytes = TILE * CH * 16;      // K (or V) bytes of one tile
-  constexpr int kPipeBytes = STAGES * 2 * kTileBytes;
-  constexpr int kRedO = NGRP * GB * TD * EPC;     // floats: per group partial outputs
+  constexpr int kRowK = CHK * 16;                 // bytes of one K (V) vector
+  constexpr int kRowV = CHV * 16;
+  constexpr int kTileK = TILE * kRowK;            // stage layout: K tile, V tile, K words, V words
+  constexpr int kTileV = TILE * kRowV;
+  constexpr int kWordsK = TILE * KW * 4;
+  constexpr int kWordsV = TILE * VW * 4;
+  constexpr int kStageBytes = (kTileK + kTileV + kWordsK + kWordsV + 15) / 16 * 16;
+  constexpr int kPipeBytes = STAGES * kStageBytes;
+  constexpr int kRedO = NGRP * GB * TD * LE;      // floats: per group partial outputs
   constexpr int kRedBytes = (kRedO + NGRP * GB * 2) * 4;
   constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
-  static_assert(EPC % 8 == 0 || sizeof(T) != 2, "q chunks are 8 elements of T");
+  static_assert(sizeof(T) == 2 && LE == 8, "q pieces are one 16-byte chunk of T");
+  static_assert(KD::kPieceBytes * NP == kRowK && VD::kPieceBytes * NP == kRowV, "pieces tile the vector");
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
   __shared__ __align__(16) unsigned char smem[kSmemBytes];
 
@@ -68,9 +99,9 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int dl = lane % TD;               // chunk (dims dl*EPC ..) of this lane
+  const int dl = lane % TD;               // piece (dims dl*LE ..) of this lane
   const int grp = warp * KPW + lane / TD;  // key group of this lane
-  const bool dim_active = dl < CH;
+  const bool dim_active = dl < NP;
 
   const RowKeys rk = row_keys(p, b, kvh);
   const KeySpan keys = decode_keys(rk, p.window_left);
@@ -86,54 +117,96 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
   const int end = start64 + chunk < L ? int(start64 + chunk) : L;
   const int ntiles = ceil_div_i(end - start, TILE);
 
-  // q of the GB heads, this lane's dims, scaled into the log2 (or softcap) domain.
-  float q[GB][EPC];
+  // q of the GB heads, this lane's dims, scaled into the log2 (or softcap) domain; and, for a
+  // K zero point, sum(q) over all dims of each head (the same value in every lane of the key).
+  float q[GB][LE];
+  float qsum[GB];
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
+    qsum[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < EPC; ++i) q[g][i] = 0.f;
+    for (int i = 0; i < LE; ++i) q[g][i] = 0.f;
     if (g < gcount && dim_active) {
       const T* qp = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_tok + int64_t(qh0 + g) * p.q_stride_head +
-                    dl * EPC;
+                    dl * LE;
+      float x[8];
+      chunk_to_float<T>(ld_global_16_nc(qp), x);
 #pragma unroll
-      for (int c = 0; c < EPC / 8; ++c) {
-        float x[8];
-        chunk_to_float<T>(ld_global_16_nc(qp + c * 8), x);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) q[g][c * 8 + i] = x[i] * a.q_scale;
+      for (int i = 0; i < LE; ++i) {
+        q[g][i] = x[i] * a.q_scale;
+        qsum[g] += q[g][i];
       }
     }
   }
+  if constexpr (KD::kZero) {
+#pragma unroll
+    for (int off = TD / 2; off > 0; off >>= 1)
+#pragma unroll
+      for (int g = 0; g < GB; ++g) qsum[g] += __shfl_xor_sync(0xffffffffu, qsum[g], off);
+  }
 
-  const S* kbase = static_cast<const S*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
-  const S* vbase = static_cast<const S*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
+  const KS* kbase = static_cast<const KS*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
+  const VS* vbase = static_cast<const VS*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
 
-  // Issues the cp.async copies of tile t into pipeline stage st (keys past end: zero fill).
+  // Issues the cp.async copies of tile t into pipeline stage st (keys past end: zero fill, so
+  // bytes and scale words of those slots read as 0 and nothing past the row is touched).
   auto load_tile = [&](int t, int st) {
-    unsigned char* sk = smem + st * 2 * kTileBytes;
-    unsigned char* sv = sk + kTileBytes;
+    unsigned char* sk = smem + st * kStageBytes;
+    unsigned char* sv = sk + kTileK;
     const int tstart = start + t * TILE;
 #pragma unroll
-    for (int c = tid; c < TILE * CH; c += NT) {
-      const int r = c / CH;
-      const int cc = c - r * CH;
+    for (int c = tid; c < TILE * CHK; c += NT) {
+      const int r = c / CHK;
+      const int cc = c - r * CHK;
       const int j = tstart + r;
       const bool valid = j < end;
-      const char* ks = valid ? reinterpret_cast<const char*>(kbase + int64_t(j) * p.kv.k_stride_tok) + cc * 16
-                             : static_cast<const char*>(p.kv.k);
-      const char* vs = valid ? reinterpret_cast<const char*>(vbase + int64_t(j) * p.kv.v_stride_tok) + cc * 16
-                             : static_cast<const char*>(p.kv.v);
-      cp_async_16_zfill(sk + c * 16, ks, valid);
-      cp_async_16_zfill(sv + c * 16, vs, valid);
+      const char* src = valid ? reinterpret_cast<const char*>(kbase + int64_t(j) * p.kv.k_stride_tok) + cc * 16
+                              : static_cast<const char*>(p.kv.k);
+      cp_async_16_zfill(sk + c * 16, src, valid);
+    }
+#pragma unroll
+    for (int c = tid; c < TILE * CHV; c += NT) {
+      const int r = c / CHV;
+      const int cc = c - r * CHV;
+      const int j = tstart + r;
+      const bool valid = j < end;
+      const char* src = valid ? reinterpret_cast<const char*>(vbase + int64_t(j) * p.kv.v_stride_tok) + cc * 16
+                              : static_cast<const char*>(p.kv.v);
+      cp_async_16_zfill(sv + c * 16, src, valid);
+    }
+    if constexpr (KW > 0) {
+      float* wk = reinterpret_cast<float*>(sv + kTileV);
+      const float* kw0 = p.kv.k_scale + row * p.kv.ks_stride_row + int64_t(kvh) * p.kv.ks_stride_head;
+#pragma unroll
+      for (int c = tid; c < TILE * KW; c += NT) {
+        const int r = c / KW;
+        const int j = tstart + r;
+        const bool valid = j < end;
+        cp_async_4_zfill(wk + c, valid ? kw0 + int64_t(j) * p.kv.ks_stride_tok + (c - r * KW) : p.kv.k_scale, valid);
+      }
+    }
+    if constexpr (VW > 0) {
+      float* wv = reinterpret_cast<float*>(sv + kTileV + kWordsK);
+      const float* vw0 = p.kv.v_scale + row * p.kv.vs_stride_row + int64_t(kvh) * p.kv.vs_stride_head;
+#pragma unroll
+      for (int c = tid; c < TILE * VW; c += NT) {
+        const int r = c / VW;
+        const int j = tstart + r;
+        const bool valid = j < end;
+        cp_async_4_zfill(wv + c, valid ? vw0 + int64_t(j) * p.kv.vs_stride_tok + (c - r * VW) : p.kv.v_scale, valid);
+      }
     }
   };
 
   SoftmaxState st[GB];
-  float o[GB][EPC];
+  float o[GB][LE];
+  float zacc[GB];  // V zero point: sum_j p_j z_j per head (unnormalised, rescaled with o)
 #pragma unroll
-  for (int g = 0; g < GB; ++g)
+  for (int g = 0; g < GB; ++g) {
+    zacc[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < EPC; ++i) o[g][i] = 0.f;
+    for (int i = 0; i < LE; ++i) o[g][i] = 0.f;
+  }
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -149,72 +222,85 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
       if (tn < ntiles) load_tile(tn, tn % STAGES);  // refills the stage tile t-1 used
       cp_async_commit();
     }
-    const unsigned char* sk = smem + (t % STAGES) * 2 * kTileBytes;
-    const unsigned char* sv = sk + kTileBytes;
+    const unsigned char* sk = smem + (t % STAGES) * kStageBytes;
+    const unsigned char* sv = sk + kTileK;
+    const float* wk = reinterpret_cast<const float*>(sv + kTileV);
+    const float* wv = reinterpret_cast<const float*>(sv + kTileV + kWordsK);
     const int tstart = start + t * TILE;
 
-    // Logits of this lane's NK keys for the GB heads (log2 units; -inf past the end).
-    float s[NK][GB];
-#pragma unroll
-    for (int kk = 0; kk < NK; ++kk) {
-      const int r = kk * KPI + grp;
-      const int j = tstart + r;
-      float dot[GB];
-#pragma unroll
-      for (int g = 0; g < GB; ++g) dot[g] = 0.f;
-      if (dim_active) {
-        float kf[EPC];
-        Fmt::decode(ld_shared_16(sk + (r * CH + dl) * 16), kf);
-#pragma unroll
-        for (int g = 0; g < GB; ++g)
-#pragma unroll
-          for (int i = 0; i < EPC; ++i) dot[g] = fmaf(q[g][i], kf[i], dot[g]);
-      }
-#pragma unroll
-      for (int off = TD / 2; off > 0; off >>= 1)
-#pragma unroll
-        for (int g = 0; g < GB; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], off);
-      const bool valid = j < end;
-      const float ks = valid ? Fmt::k_scale(fa, row, j, kvh) : 0.f;
-#pragma unroll
-      for (int g = 0; g < GB; ++g) {
-        float x = dot[g] * ks;
-        if (a.cap2 > 0.f) x = a.cap2 * softcap_tanh(x);
-        s[kk][g] = valid ? x : -INFINITY;
-      }
-    }
-
-    // Online softmax per head over the NK keys, then o = o * f + sum p * v.
-    float p[NK][GB];
-#pragma unroll
-    for (int g = 0; g < GB; ++g) {
-      float bm = s[0][g];
-#pragma unroll
-      for (int kk = 1; kk < NK; ++kk) bm = fmaxf(bm, s[kk][g]);
-      const float f = st[g].rescale_to(bm);
-      float sum = 0.f;
+#pragma unroll 1
+    for (int u = 0; u < SUB; ++u) {
+      // Logits of this lane's NK keys of sub-tile u for the GB heads (log2 units; -inf past
+      // the end): scale * (q . raw) (+ zero * sum(q)).
+      float s[NK][GB];
 #pragma unroll
       for (int kk = 0; kk < NK; ++kk) {
-        p[kk][g] = s[kk][g] == -INFINITY ? 0.f : st[g].weight(s[kk][g]);
-        sum += p[kk][g];
-      }
-      st[g].add(sum);
-#pragma unroll
-      for (int i = 0; i < EPC; ++i) o[g][i] *= f;
-    }
-    if (dim_active) {
-#pragma unroll
-      for (int kk = 0; kk < NK; ++kk) {
-        const int r = kk * KPI + grp;
+        const int r = (u * NK + kk) * KPI + grp;
         const int j = tstart + r;
-        const float vsc = j < end ? Fmt::v_scale(fa, row, j, kvh) : 0.f;
-        float vf[EPC];
-        Fmt::decode(ld_shared_16(sv + (r * CH + dl) * 16), vf);
+        float dot[GB];
+#pragma unroll
+        for (int g = 0; g < GB; ++g) dot[g] = 0.f;
+        if (dim_active) {
+          float kf[LE];
+          KD::decode(sk + r * kRowK + dl * KD::kPieceBytes, kf);
+#pragma unroll
+          for (int g = 0; g < GB; ++g)
+#pragma unroll
+            for (int i = 0; i < LE; ++i) dot[g] = fmaf(q[g][i], kf[i], dot[g]);
+        }
+#pragma unroll
+        for (int off = TD / 2; off > 0; off >>= 1)
+#pragma unroll
+          for (int g = 0; g < GB; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], off);
+        const bool valid = j < end;
+        const float ks = KD::scale(wk + r * KW);
+        const float kz = KD::zero(wk + r * KW);
 #pragma unroll
         for (int g = 0; g < GB; ++g) {
-          const float w = p[kk][g] * vsc;
+          float x = dot[g] * ks;
+          if constexpr (KD::kZero) x = fmaf(kz, qsum[g], x);
+          if (a.cap2 > 0.f) x = a.cap2 * softcap_tanh(x);
+          s[kk][g] = valid ? x : -INFINITY;
+        }
+      }
+
+      // Online softmax per head over the NK keys, then o = o * f + sum p * v.
+      float pw[NK][GB];
 #pragma unroll
-          for (int i = 0; i < EPC; ++i) o[g][i] = fmaf(w, vf[i], o[g][i]);
+      for (int g = 0; g < GB; ++g) {
+        float bm = s[0][g];
+#pragma unroll
+        for (int kk = 1; kk < NK; ++kk) bm = fmaxf(bm, s[kk][g]);
+        const float f = st[g].rescale_to(bm);
+        float sum = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < NK; ++kk) {
+          pw[kk][g] = s[kk][g] == -INFINITY ? 0.f : st[g].weight(s[kk][g]);
+          sum += pw[kk][g];
+        }
+        st[g].add(sum);
+#pragma unroll
+        for (int i = 0; i < LE; ++i) o[g][i] *= f;
+        if constexpr (VD::kZero) zacc[g] *= f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < NK; ++kk) {
+        const int r = (u * NK + kk) * KPI + grp;
+        const float vsc = VD::scale(wv + r * VW);  // 0 past the end (zero-filled), as is p
+        if constexpr (VD::kZero) {
+          const float vz = VD::zero(wv + r * VW);
+#pragma unroll
+          for (int g = 0; g < GB; ++g) zacc[g] = fmaf(pw[kk][g], vz, zacc[g]);
+        }
+        if (dim_active) {
+          float vf[LE];
+          VD::decode(sv + r * kRowV + dl * VD::kPieceBytes, vf);
+#pragma unroll
+          for (int g = 0; g < GB; ++g) {
+            const float w = pw[kk][g] * vsc;
+#pragma unroll
+            for (int i = 0; i < LE; ++i) o[g][i] = fmaf(w, vf[i], o[g][i]);
+          }
         }
       }
     }
@@ -222,15 +308,20 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
   cp_async_wait_all();
   __syncthreads();  // pipeline smem is reused below
 
-  // Merge the NGRP key groups: unnormalised outputs and (m, d) per group and head.
-  float* red_o = reinterpret_cast<float*>(smem);  // [NGRP][GB][TD * EPC]
+  // Merge the NGRP key groups: unnormalised outputs (V zero point added to every dim) and
+  // (m, d) per group and head.
+  float* red_o = reinterpret_cast<float*>(smem);  // [NGRP][GB][TD * LE]
   float* red_md = red_o + kRedO;                  // [NGRP][GB][2]
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
     if (dim_active) {
-      float* dst = red_o + ((grp * GB + g) * TD + dl) * EPC;
+      if constexpr (VD::kZero) {
 #pragma unroll
-      for (int i = 0; i < EPC; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(o[g][i], o[g][i + 1], o[g][i + 2], o[g][i + 3]);
+        for (int i = 0; i < LE; ++i) o[g][i] += zacc[g];
+      }
+      float* dst = red_o + ((grp * GB + g) * TD + dl) * LE;
+#pragma unroll
+      for (int i = 0; i < LE; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(o[g][i], o[g][i + 1], o[g][i + 2], o[g][i + 3]);
     }
     if (dl == 0) {
       red_md[(grp * GB + g) * 2] = st[g].m;
@@ -243,10 +334,10 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
     const int g = idx / HD;
     const int d = idx - g * HD;
     if (g >= gcount) break;  // idx grows, so g only grows
-    // Group k's state of head g: red_md[(k * GB + g) * 2 + {0, 1}], output red_o[(k * GB + g) * TD * EPC + d].
+    // Group k's state of head g: red_md[(k * GB + g) * 2 + {0, 1}], output red_o[(k * GB + g) * TD * LE + d].
     float w[NGRP];
     const SoftmaxState merged = merge_partials(red_md + g * 2, red_md + g * 2 + 1, GB * 2, w);
-    const float acc = merge_output(w, red_o + g * TD * EPC + d, GB * TD * EPC);
+    const float acc = merge_output(w, red_o + g * TD * LE + d, GB * TD * LE);
     const float inv = merged.inv_sum();
     const float lse = merged.lse();
     const int qh = qh0 + g;
@@ -262,27 +353,35 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, Format>::kThreads)
   }
 }
 
-// Launches decode_split_kernel for one head dim: picks the element type and group block.
-// K/V are stored in the plain format of the q dtype (validated by the caller); a quantized
-// format adds its case here.
+// Launches decode_split_kernel for one head dim: picks the element type, the K/V format pair
+// (dispatch_kv_pair: the plain format of the q dtype, or any pair of quantized formats; the
+// caller validated them) and the group block.
 template <int HD>
 void launch_decode_split(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits) {
   const dim3 grid(unsigned(num_splits), unsigned(p.batch), unsigned(p.num_kv_heads * a.head_chunks));
   cudaStream_t s = as_stream(p.stream);
-  auto go = [&](auto tag, auto gb) {
+  auto go = [&](auto tag, auto kf, auto vf, auto gb) {
     using T = decltype(tag);
-    using Format = PlainFormat<T>;
+    using KF = decltype(kf);
+    using VF = decltype(vf);
     constexpr int GB = decltype(gb)::value;
-    decode_split_kernel<HD, T, Format, GB><<<grid, DecodeSplitConfigFor<HD, Format>::kThreads, 0, s>>>(
-        p, a, typename DeviceKvFormat<Format>::Args{});
+    if constexpr (GB <= decode_split_max_group_block<KF, VF>()) {
+      decode_split_kernel<HD, T, KF, VF, GB><<<grid, DecodeSplitConfigFor<HD, KF, VF>::kThreads, 0, s>>>(p, a);
+    } else {
+      throw std::logic_error("decode_attention: group block above the split kernel's maximum for these formats");
+    }
   };
   auto by_gb = [&](auto tag) {
-    switch (group_block) {
-      case 1: go(tag, std::integral_constant<int, 1>{}); break;
-      case 2: go(tag, std::integral_constant<int, 2>{}); break;
-      case 4: go(tag, std::integral_constant<int, 4>{}); break;
-      default: go(tag, std::integral_constant<int, 8>{}); break;
-    }
+    using T = decltype(tag);
+    dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "decode_attention", [&](auto kf, auto vf) {
+      switch (group_block) {
+        case 1: go(tag, kf, vf, std::integral_constant<int, 1>{}); break;
+        case 2: go(tag, kf, vf, std::integral_constant<int, 2>{}); break;
+        case 4: go(tag, kf, vf, std::integral_constant<int, 4>{}); break;
+        case 8: go(tag, kf, vf, std::integral_constant<int, 8>{}); break;
+        default: throw std::logic_error("decode_attention: group block must be 1, 2, 4 or 8");
+      }
+    });
   };
   if (p.dtype == kBFloat16) {
     by_gb(bf16_t{});
