@@ -480,3 +480,55 @@ def test_quantized_ops_compile_and_checks():
     plain = torch.zeros(3, 32, 2, 64)
     with pytest.raises(TypeError):
         vattn.decode_attention(q, plain, vc, lens, v_scale=vs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fast", "simple"])
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "int4", ("int8", "int4")], ids=_spec_id)
+def test_cuda_graph_quantized_append_decode(impl, spec):
+    """append_kv (quantizing) + decode on a quantized cache captured once in a CUDA graph; replays with
+    new positions, lengths and inputs match the reference over the dequantized cache."""
+    dev, dtype = "cuda", torch.bfloat16
+    rows, seq, heads, group, dim = 3, 1024, 2, 4, 128
+    kc, vc, ks, vs = _user_cache(spec, dev, rows=rows, seq=seq, heads=heads, dim=dim)
+    kf, vf = (formats.get(n) for n in _pair(spec))
+    gen = torch.Generator().manual_seed(1)
+    start = [100, 300, 1]
+    for r, n in enumerate(start):  # a prefix quantized by the op itself
+        k0 = randn((n, heads, dim), gen, dtype).to(dev)
+        v0 = randn((n, heads, dim), gen, dtype).to(dev)
+        vattn.append_kv_raw(kc, vc, k0, v0, [r] * n, list(range(n)), k_scale=ks, v_scale=vs)
+    row_ids = torch.arange(rows, dtype=torch.int32, device=dev)
+    positions = torch.tensor(start, dtype=torch.int32, device=dev)
+    lens = positions + 1
+    q = randn((rows, heads * group, dim), gen, dtype).to(dev)
+    k_new = randn((rows, heads, dim), gen, dtype).to(dev)
+    v_new = randn((rows, heads, dim), gen, dtype).to(dev)
+
+    def body():
+        torch.ops.vattn.append_kv(kc, vc, k_new, v_new, row_ids, positions, ks, vs)
+        return torch.ops.vattn.decode_attention(q, kc, vc, lens, row_ids, None, None, -1, 0.0, seq, ks, vs)
+
+    with vattn.ops.attention_impl(impl):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            body()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = body()
+        cur = list(start)
+        for step in range(4):
+            positions.copy_(torch.tensor(cur, dtype=torch.int32))
+            lens.copy_(positions + 1)
+            q.copy_(randn(q.shape, gen, dtype))
+            k_new.copy_(randn(k_new.shape, gen, dtype))
+            v_new.copy_(randn(v_new.shape, gen, dtype))
+            graph.replay()
+            torch.cuda.synchronize()
+            kd = reference.dequantize(kc.cpu(), ks.cpu(), kf.name, dim)
+            vd = reference.dequantize(vc.cpu(), vs.cpu(), vf.name, dim)
+            kw = dict(seqlens_k=lens.clone(), row_ids=row_ids, scale=None, window_left=-1, softcap=0.0)
+            assert_attention_close(out.clone(), lse.clone(), q, kd, vd, kw, f"graph step {step}")
+            cur = [c + 1 for c in cur]
