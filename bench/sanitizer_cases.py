@@ -206,17 +206,61 @@ def cache_growth(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def quantized_cases(dev: str, impls) -> None:
+    """Quantized caches (fp8_e4m3, int8, int4, int8 K + int4 V): append_kv quantizing into a cache
+    whose last row ends at the capacity, then decode and prefill (fast + simple) against the
+    reference over the dequantized values."""
+    from vattn import formats
+
+    g = torch.Generator().manual_seed(4)
+    for spec in ("fp8_e4m3", "int8", "int4", ("int8", "int4")):
+        kname, vname = (spec, spec) if isinstance(spec, str) else spec
+        kf, vf = formats.get(kname), formats.get(vname)
+        for d, dtype in ((64, torch.float16), (128, torch.bfloat16)):
+            rows, cap, hkv, group = 3, 300, 2, 3
+            lens = [1, 77, cap]
+            sides = []
+            for fmt in (kf, vf):
+                c = torch.zeros((rows, cap, hkv, fmt.storage_elems(d)), dtype=torch.uint8, device=dev)
+                sides.append((c.view(fmt.storage_dtype), torch.zeros((rows, cap, hkv, fmt.scale_words), device=dev)))
+            (kc, ks), (vc, vs) = sides
+            rid = [r for r, n in enumerate(lens) for _ in range(n)]
+            pos = [p for n in lens for p in range(n)]
+            k = torch.randn(len(rid), hkv, d, generator=g).to(dtype).to(dev)
+            v = torch.randn(len(rid), hkv, d, generator=g).to(dtype).to(dev)
+            vattn.append_kv_raw(kc, vc, k, v, rid, pos, k_scale=ks, v_scale=vs)
+            kd = reference.dequantize(kc.cpu(), ks.cpu(), kname, d)
+            vd = reference.dequantize(vc.cpu(), vs.cpu(), vname, d)
+            seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            q = torch.randn(rows, hkv * group, d, generator=g).to(dtype).to(dev)
+            qn = [1, 9, 40]
+            qp = torch.randn(sum(qn), hkv * group, d, generator=g).to(dtype).to(dev)
+            cu = torch.tensor([0, 1, 10, 50], dtype=torch.int32, device=dev)
+            for impl in impls:
+                with vattn.ops.attention_impl(impl):
+                    out = vattn.decode_attention(q, kc, vc, seqlens, k_scale=ks, v_scale=vs, max_seqlen_k=cap)
+                    pre = vattn.prefill_attention(qp, kc, vc, cu, seqlens, k_scale=ks, v_scale=vs)
+                want, _ = reference.attention(q.cpu(), kd, vd, seqlens.cpu())
+                wantp, _ = reference.attention(qp.cpu(), kd, vd, seqlens.cpu(), cu_seqlens_q=cu.cpu())
+                name = f"{kname}/{vname} d{d} {impl}"
+                check(f"quant decode {name}", out.cpu(), want, tol_of(dtype))
+                check(f"quant prefill {name}", pre.cpu(), wantp, tol_of(dtype))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument(
-        "--only", choices=["attention", "kv", "cache"], action="append", help="run only these groups (default: all)"
+        "--only",
+        choices=["attention", "kv", "cache", "quant"],
+        action="append",
+        help="run only these groups (default: all)",
     )
     args = ap.parse_args()
     if args.device == "cuda" and not (torch.cuda.is_available() and vattn._C.built_with_cuda):
         print("sanitizer_cases.py: needs a CUDA device and a CUDA build of vattn", file=sys.stderr)
         return 2
-    groups = args.only or ["attention", "kv", "cache"]
+    groups = args.only or ["attention", "kv", "cache", "quant"]
     t0 = time.perf_counter()
     impls = ["fast", "simple"]
     for name in groups:
@@ -226,6 +270,7 @@ def main() -> int:
                 "attention": lambda: attention_cases(args.device, impls),
                 "kv": lambda: append_and_merge(args.device),
                 "cache": lambda: cache_growth(args.device),
+                "quant": lambda: quantized_cases(args.device, impls),
             }[name]()
         except Exception as e:  # noqa: BLE001 - report and go on to the other groups
             print(f"  FAIL {name}: {type(e).__name__}: {e}", flush=True)
