@@ -67,44 +67,26 @@ struct RowReader<PlainFormat<float>> {
     return h.data + (int64_t)j0 * h.stride_tok;
   }
 };
-// int8: code * scale, a loop the compiler vectorizes.
-template <>
-struct RowReader<Int8Format> {
+// Quantized storage: a dequantized copy through the instruction-set-dispatched row converters
+// (attention_kernels.h), which prefetch the codes and scales of the rows ahead of the block.
+template <class Format, typename S,
+          void (*Convert)(const S*, int64_t, const float*, int64_t, int, int, int, float*)>
+struct RowReaderQuant {
   static constexpr bool kDirect = false;
-  static const float* rows(const HeadRows<Int8Format>& h, int j0, int nk, int, int dim, float* buf, int64_t* stride) {
-    for (int j = 0; j < nk; ++j) {
-      const int8_t* r = h.data + (int64_t)(j0 + j) * h.stride_tok;
-      const float s = h.scale[(int64_t)(j0 + j) * h.scale_stride_tok];
-      float* o = buf + (int64_t)j * dim;
-      for (int d = 0; d < dim; ++d) o[d] = float(r[d]) * s;
-    }
-    *stride = dim;
-    return buf;
-  }
-};
-// fp8: a 256-entry table of the code values (exact, built once from quant.h), times the scale.
-struct Fp8Table {
-  float v[256];
-  Fp8Table() {
-    for (int b = 0; b < 256; ++b) v[b] = quant::fp8_e4m3_to_float(uint8_t(b));
-  }
-};
-template <>
-struct RowReader<Fp8E4M3Format> {
-  static constexpr bool kDirect = false;
-  static const float* rows(const HeadRows<Fp8E4M3Format>& h, int j0, int nk, int, int dim, float* buf,
+  static const float* rows(const HeadRows<Format>& h, int j0, int nk, int avail, int dim, float* buf,
                            int64_t* stride) {
-    static const Fp8Table table;
-    for (int j = 0; j < nk; ++j) {
-      const uint8_t* r = h.data + (int64_t)(j0 + j) * h.stride_tok;
-      const float s = h.scale[(int64_t)(j0 + j) * h.scale_stride_tok];
-      float* o = buf + (int64_t)j * dim;
-      for (int d = 0; d < dim; ++d) o[d] = table.v[r[d]] * s;
-    }
+    Convert(h.data + (int64_t)j0 * h.stride_tok, h.stride_tok, h.scale + (int64_t)j0 * h.scale_stride_tok,
+            h.scale_stride_tok, nk, avail, dim, buf);
     *stride = dim;
     return buf;
   }
 };
+template <>
+struct RowReader<Int8Format> : RowReaderQuant<Int8Format, int8_t, cpu::int8_rows_to_float> {};
+template <>
+struct RowReader<Fp8E4M3Format> : RowReaderQuant<Fp8E4M3Format, uint8_t, cpu::fp8_e4m3_rows_to_float> {};
+template <>
+struct RowReader<Int4Format> : RowReaderQuant<Int4Format, uint8_t, cpu::int4_rows_to_float> {};
 // Plain 16-bit storage: a converted copy through the instruction-set-dispatched row converter.
 template <typename S, void (*Convert)(const uint16_t*, int64_t, int, int, int, float*)>
 struct RowReader16 {

@@ -4,6 +4,8 @@
 // FMA copy is picked at run time from the CPU's features (not its model name, so AMD CPUs get it).
 #include "attention_kernels.h"
 
+#include "vattn/quant.h"  // fp8_e4m3_to_half_bits: the one definition of the e4m3 decoding
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -64,6 +66,19 @@ void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, 
 }
 void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
   VATTN_DISPATCH(bf16_rows_to_float, src, stride, n, n_avail, dim, dst);
+}
+
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst) {
+  VATTN_DISPATCH(int8_rows_to_float, src, stride, scale, scale_stride, n, n_avail, dim, dst);
+}
+void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                            int n_avail, int dim, float* dst) {
+  VATTN_DISPATCH(fp8_e4m3_rows_to_float, src, stride, scale, scale_stride, n, n_avail, dim, dst);
+}
+void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst) {
+  VATTN_DISPATCH(int4_rows_to_float, src, stride, scale, scale_stride, n, n_avail, dim, dst);
 }
 
 float max_of(const float* s, int a, int e) { return VATTN_DISPATCH(max_of, s, a, e); }

@@ -21,6 +21,23 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
 void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
 
+// dst[j][:] = the dequantized values of n quantized rows (kv_format.h): row j's codes start at
+// src + j * stride (storage elements, i.e. bytes), its scale words at scale + j * scale_stride
+// (floats). Each equals Format::dequant element for element:
+//   int8      code * w[0]
+//   fp8_e4m3  half(fp8_e4m3_to_half_bits(code)) * (w[0] * 256)  (= e4m3(code) * w[0]: both
+//             products are exact before the one rounding; 256 * w[0] is exact for any scale
+//             append_kv stores, which is at most FLT_MAX / 448)
+//   int4      code * w[0] + w[1], two codes per byte (element 2i in the low nibble), the
+//             product and the sum rounded apart (no FMA), as the reference does; dim even.
+// n_avail >= n: rows of the walk readable from src, for prefetching the codes ahead.
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst);
+void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                            int n_avail, int dim, float* dst);
+void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst);
+
 // Max of s[a:e).
 float max_of(const float* s, int a, int e);
 // Softmax weights of one row of a block in the exp2 domain: s[j] = 2^(s[j] - m) for j in [a, e),
@@ -29,6 +46,9 @@ float exp2_weights(float* s, int n, int a, int e, float m);
 
 // How far ahead (in rows) the loops prefetch.
 constexpr int kPrefetchRows = 6;
+// The same for quantized rows: a row is one or two cache lines and converts in a few dozen cycles,
+// so the prefetch has to run more rows ahead to cover the memory latency.
+constexpr int kPrefetchRowsQuant = 16;
 
 }  // namespace cpu
 }  // namespace vattn

@@ -223,3 +223,90 @@ float exp2_weights(float* s, int n, int a, int e, float m) {
   for (j = e; j < n; ++j) s[j] = 0.f;
   return _mm_cvtss_f32(s4);
 }
+
+// ---- quantized rows -> fp32 (attention_kernels.h) -------------------------------------------
+// Eight codes per step, widened to 32-bit lanes, converted and scaled in registers; the last
+// dim % 8 (fp8: % 16 then % 8) elements go through the scalar element functions of the body,
+// which give the same bits.
+
+static inline void int8_row(const int8_t* r, float s, int dim, float* o) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + d)));
+    _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_cvtepi32_ps(c), sv));
+  }
+  for (; d < dim; ++d) o[d] = int8_elem(r[d], s);
+}
+
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const int8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail)
+      prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim, scale + (j + kPrefetchRowsQuant) * scale_stride);
+    int8_row(r, scale[j * scale_stride], dim, dst + (int64_t)j * dim);
+  }
+}
+
+// e4m3 -> the fp16 bits of value * 2^-8 (quant::fp8_e4m3_to_half_bits) on 16-bit lanes holding the
+// sign-extended code: shifted left by 7 the sign lands in bit 15 (and a copy in bit 14, masked
+// off), exponent and mantissa in bits 7..13. F16C then converts exactly.
+static inline void fp8_row(const uint8_t* r, float s256, int dim, float* o) {
+  const __m256 sv = _mm256_set1_ps(s256);
+  int d = 0;
+  for (; d + 16 <= dim; d += 16) {
+    const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + d)));
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(short(0xbf80)));
+    _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sv));
+    _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), sv));
+  }
+  if (d + 8 <= dim) {
+    const __m128i x = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + d)));
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(x, 7), _mm_set1_epi16(short(0xbf80)));
+    _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_cvtph_ps(h), sv));
+    d += 8;
+  }
+  for (; d < dim; ++d) o[d] = fp8_elem(r[d], s256);
+}
+
+void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                            int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail)
+      prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim, scale + (j + kPrefetchRowsQuant) * scale_stride);
+    fp8_row(r, scale[j * scale_stride] * quant::kFp8HalfScale, dim, dst + (int64_t)j * dim);
+  }
+}
+
+// int4: the four bytes of eight codes broadcast to every lane; lane k shifts right by 4k, so
+// nibble k (element k: bytes hold elements 2i, 2i + 1 in their low, high nibbles) ends in its
+// low bits. Product and sum are rounded apart, as in Format::dequant: the empty asm keeps the
+// compiler from fusing them into an FMA (the build contracts a * b + c by default).
+static inline void int4_row(const uint8_t* r, float s, float z, int dim, float* o) {
+  const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i nib = _mm256_set1_epi32(0xf);
+  int d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    int32_t w;
+    std::memcpy(&w, r + d / 2, 4);
+    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shifts), nib);
+    __m256 prod = _mm256_mul_ps(_mm256_cvtepi32_ps(c), sv);
+    __asm__("" : "+x"(prod));
+    _mm256_storeu_ps(o + d, _mm256_add_ps(prod, zv));
+  }
+  for (; d < dim; ++d) o[d] = int4_elem(quant::int4_code(r, d), s, z);
+}
+
+void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail)
+      prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim / 2, scale + (j + kPrefetchRowsQuant) * scale_stride);
+    const float* w = scale + j * scale_stride;
+    int4_row(r, w[0], w[1], dim, dst + (int64_t)j * dim);
+  }
+}

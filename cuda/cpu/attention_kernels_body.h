@@ -12,6 +12,35 @@ static inline void prefetch_row(const float* row, int dim) {
   for (int o = 0; o < dim; o += 16) __builtin_prefetch(row + o, 0, 3);
 }
 
+// Branch-free IEEE half -> float (exact, subnormals included): move exponent and mantissa into
+// float position and rescale by 2^112; infinities and NaNs get the all-ones float exponent.
+static inline float half_to_float(uint16_t h) {
+  const uint32_t em = uint32_t(h & 0x7fffu) << 13;
+  uint32_t u = float_to_bits(bits_to_float(em) * 0x1p112f);
+  u = ((h & 0x7c00u) == 0x7c00u) ? (em | 0x7f800000u) : u;
+  return bits_to_float(u | (uint32_t(h & 0x8000u) << 16));
+}
+
+// Prefetch of a quantized row (bytes) and of its scale words, `kPrefetchRowsQuant` rows ahead.
+static inline void prefetch_quant_row(const void* row, int bytes, const float* scale) {
+  for (int o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(row) + o, 0, 3);
+  __builtin_prefetch(scale, 0, 3);
+}
+
+// One element of each quantized format, exactly as Format::dequant (the vector loops' tails).
+static inline float int8_elem(int8_t c, float s) { return float(c) * s; }
+// s256 = scale * 256 (see attention_kernels.h).
+static inline float fp8_elem(uint8_t c, float s256) { return half_to_float(quant::fp8_e4m3_to_half_bits(c)) * s256; }
+// int4: product and sum rounded apart, as Format::dequant and the reference compute them. Plain
+// x86-64 has no FMA to contract them into; in the AVX2 copy an empty asm keeps them apart.
+static inline float int4_elem(int c, float s, float z) {
+  float prod = float(c) * s;
+#if defined(VATTN_BODY_AVX2)
+  __asm__("" : "+x"(prod));
+#endif
+  return prod + z;
+}
+
 #if defined(VATTN_BODY_AVX2)
 #include "attention_kernels_avx2.h"
 #else
@@ -89,15 +118,6 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 }
 #endif  // VATTN_BODY_AVX2
 
-// Branch-free IEEE half -> float (exact, subnormals included): move exponent and mantissa into
-// float position and rescale by 2^112; infinities and NaNs get the all-ones float exponent.
-static inline float half_to_float(uint16_t h) {
-  const uint32_t em = uint32_t(h & 0x7fffu) << 13;
-  uint32_t u = float_to_bits(bits_to_float(em) * 0x1p112f);
-  u = ((h & 0x7c00u) == 0x7c00u) ? (em | 0x7f800000u) : u;
-  return bits_to_float(u | (uint32_t(h & 0x8000u) << 16));
-}
-
 static inline void prefetch_row16(const uint16_t* row, int dim) {
   for (int o = 0; o < dim; o += 32) __builtin_prefetch(row + o, 0, 3);
 }
@@ -123,8 +143,51 @@ void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail,
   rows16_to_float(src, stride, n, n_avail, dim, dst, [](uint16_t b) { return bits_to_float(uint32_t(b) << 16); });
 }
 
+#if !defined(VATTN_BODY_AVX2)  // the AVX2 copy has intrinsics versions of these
+// Quantized rows (attention_kernels.h), loops the compiler vectorizes with what plain x86-64 has.
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const int8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail)
+      prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim, scale + (j + kPrefetchRowsQuant) * scale_stride);
+    const float s = scale[j * scale_stride];
+    float* o = dst + (int64_t)j * dim;
+#pragma omp simd
+    for (int d = 0; d < dim; ++d) o[d] = int8_elem(r[d], s);
+  }
+}
 
-#if !defined(VATTN_BODY_AVX2)  // the AVX2 copy has intrinsics versions of these two
+void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                            int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail)
+      prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim, scale + (j + kPrefetchRowsQuant) * scale_stride);
+    const float s256 = scale[j * scale_stride] * quant::kFp8HalfScale;
+    float* o = dst + (int64_t)j * dim;
+#pragma omp simd
+    for (int d = 0; d < dim; ++d) o[d] = fp8_elem(r[d], s256);
+  }
+}
+
+void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
+                        int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail)
+      prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim / 2, scale + (j + kPrefetchRowsQuant) * scale_stride);
+    const float* w = scale + j * scale_stride;
+    const float s = w[0], z = w[1];
+    float* o = dst + (int64_t)j * dim;
+#pragma omp simd
+    for (int i = 0; i < dim / 2; ++i) {
+      o[2 * i] = int4_elem(r[i] & 0xf, s, z);
+      o[2 * i + 1] = int4_elem(r[i] >> 4, s, z);
+    }
+  }
+}
+
 float max_of(const float* s, int a, int e) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
