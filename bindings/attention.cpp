@@ -3,8 +3,10 @@
 // check what needs the data (indices, lengths) and throw, which pybind11 maps to
 // ValueError (std::invalid_argument) / RuntimeError (std::runtime_error).
 #include <cstdint>
+#include <stdexcept>
 
 #include "bindings.h"
+#include "vattn/kv_format.h"
 #include "vattn/ops.h"
 #include "vattn/params.h"
 #include "vattn/support.h"
@@ -124,7 +126,30 @@ py::dict support_table() {
   return table;
 }
 
+// The C++ format traits (kv_format.h), for the test that keeps python/vattn/formats.py in step.
+py::list kv_format_traits() {
+  py::list out;
+  for (int32_t code = 0; code < 32; ++code) {
+    try {
+      dispatch_kv_format(code, "kv_format_traits", [&](auto fmt) {
+        using F = decltype(fmt);
+        py::dict d;
+        d["code"] = F::kCode;
+        d["name"] = kv_format_name(code);
+        d["storage_bytes"] = int(sizeof(typename F::storage_t));
+        d["elems_per_storage"] = F::kElemsPerStorage;
+        d["scale_words"] = F::kScaleWords;
+        d["quantized"] = kv_format_is_quantized(code);
+        out.append(d);
+      });
+    } catch (const std::invalid_argument&) {  // not a format code
+    }
+  }
+  return out;
+}
+
 void bind_attention(py::module_& m) {
+  m.def("kv_format_traits", &kv_format_traits, "The KV format traits of kv_format.h (code, name, sizes)");
   m.def("support_table", &support_table, "dtypes, KV formats and head dims each op runs per device (vattn/support.h)");
   py::class_<KVCacheView>(m, "KVCacheView", "Strided K and V caches [rows, seq, kv_heads, head_dim] (element strides)")
       .def(py::init<>())

@@ -89,3 +89,19 @@ def test_append_writes_rows_and_positions():
     reference.append_kv(kc, vc, k, -k, torch.tensor([2, 0]), torch.tensor([4, 1]))
     assert torch.equal(kc[2, 4], k[0]) and torch.equal(kc[0, 1], k[1]) and torch.equal(vc[0, 1], -k[1])
     assert kc.count_nonzero() == k.count_nonzero()
+
+
+def test_format_registry_matches_native_traits():
+    """python/vattn/formats.py and cuda/include/vattn/kv_format.h describe the same formats: codes,
+    names, storage element sizes, elements per stored element, scale words."""
+    from vattn import _C, formats
+
+    native = {t["code"]: t for t in _C.kv_format_traits()}
+    assert set(native) == set(formats.BY_CODE)
+    for code, f in formats.BY_CODE.items():
+        t = native[code]
+        assert t["name"] == f.name
+        assert t["storage_bytes"] == f.storage_dtype.itemsize
+        assert t["elems_per_storage"] == f.elems_per_storage
+        assert t["scale_words"] == f.scale_words
+        assert t["quantized"] == f.quantized
