@@ -1,7 +1,8 @@
 #pragma once
 // Device helpers shared by the two prefill kernels (plain and tensor-core): the query-token ->
-// batch-row lookup. Element conversions come from vec.cuh, K/V element loads from
-// kv_device_format.cuh, and a row's key range from vattn/key_range.h.
+// batch-row lookup and the scale words of a (cache row, kv head). Element conversions come
+// from vec.cuh, K/V element loads from kv_device_format.cuh (plain formats) and the format
+// traits of kv_format.h (quantized ones), and a row's key range from vattn/key_range.h.
 #include <cstdint>
 
 #include "vattn/cuda/kv_device_format.cuh"
@@ -24,6 +25,14 @@ __device__ __forceinline__ int find_batch_row(const int32_t* __restrict__ cu, in
     if (cu[mid] <= t) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// Scale words of (cache row, kv head) at token 0, or null for a format without them.
+template <typename Format>
+__device__ __forceinline__ const float* head_scales(const float* base, int64_t row, int kvh, int64_t s_row,
+                                                    int64_t s_head) {
+  if constexpr (Format::kScaleWords == 0) return nullptr;
+  else return base + row * s_row + int64_t(kvh) * s_head;
 }
 
 }  // namespace prefill

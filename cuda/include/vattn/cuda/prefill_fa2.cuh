@@ -8,6 +8,16 @@
 // FA2 schedule). S, the online-softmax state and O stay in registers; P is rounded to 16 bits
 // in registers and fed to the second mma directly (the C layout of S is the A layout of P).
 //
+// K/V storage: KF / VF are the formats of K and V (kv_format.h): the plain format of T on both
+// sides (tiles copied with cp.async), or quantized formats (each tile dequantized into the same
+// swizzled 16-bit tile with ordinary loads and shared stores; prefill_tile.cuh). The schedule
+// below is correct for both kinds of loader: every write into a tile buffer happens after a
+// __syncthreads that follows the last read of the buffer's previous tile, and every read of a
+// tile happens after a __syncthreads that follows its writes (for cp.async, after the wait).
+// What changes is the overlap: a cp.async tile streams in while the warp computes; a
+// quantized tile is loaded, converted and stored where it is issued, so its global latency is
+// hidden only by the other warps on the SM (it moves 1/2 or 1/4 of the bytes).
+//
 // Causal, bottom-right aligned: query i of a row with n_b queries and L keys sits at
 // pos = L - n_b + i and sees keys max(0, pos - window_left) <= j <= pos. The block only visits
 // key tiles that intersect [k_lo, k_hi] (the union of its rows' ranges); masks are evaluated
@@ -35,11 +45,15 @@ struct Fa2Config {
   static_assert(BN % 16 == 0 && D % 64 == 0, "tile shapes");
 };
 
-template <typename T, typename KVFormat, typename Cfg>
+template <typename T, typename KF, typename VF, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_kernel(const AttentionParams p) {
   constexpr int D = Cfg::D, MT = Cfg::MT, BN = Cfg::BN, BM = Cfg::BM, NT = Cfg::kThreads;
   using Layout = TileLayout<D>;
-  using Loader = KVTileLoader<KVFormat>;
+  using KLoader = KVTileLoader<KF, T>;
+  using VLoader = KVTileLoader<VF, T>;
+  // Tiles in flight as cp.async groups: commits and waits are needed only for those (the Q
+  // block in the prologue is always cp.async).
+  constexpr bool kAsyncKV = KLoader::kAsync || VLoader::kAsync;
   using Mma = mma::Mma16816<T>;
 
   // Heaviest query blocks (last in the row: most keys) are scheduled first.
@@ -81,17 +95,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
 
   const uint16_t* q_blk = static_cast<const uint16_t*>(p.q) + int64_t(q_start + m0) * p.q_stride_tok +
                           int64_t(h) * p.q_stride_head;
-  const auto* k_head = static_cast<const typename KVFormat::storage_t*>(p.kv.k) + rk.row * p.kv.k_stride_row +
+  const auto* k_head = static_cast<const typename KF::storage_t*>(p.kv.k) + rk.row * p.kv.k_stride_row +
                        int64_t(kvh) * p.kv.k_stride_head;
-  const auto* v_head = static_cast<const typename KVFormat::storage_t*>(p.kv.v) + rk.row * p.kv.v_stride_row +
+  const auto* v_head = static_cast<const typename VF::storage_t*>(p.kv.v) + rk.row * p.kv.v_stride_row +
                        int64_t(kvh) * p.kv.v_stride_head;
+  const float* ks_head = head_scales<KF>(p.kv.k_scale, rk.row, kvh, p.kv.ks_stride_row, p.kv.ks_stride_head);
+  const float* vs_head = head_scales<VF>(p.kv.v_scale, rk.row, kvh, p.kv.vs_stride_row, p.kv.vs_stride_head);
+  const int64_t ks_tok = p.kv.ks_stride_tok, vs_tok = p.kv.vs_stride_tok;
 
   const int t_first = k_lo / BN, t_last = k_hi / BN;
 
   // Prologue: Q block (rows >= m_valid zero-filled) and the first K tile.
   load_tile_16bit<D, BM, NT>(sQ, q_blk, p.q_stride_tok, 0, 0, m_valid, tid);
-  Loader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, t_first * BN, k_lo - t_first * BN,
-                                   k_hi + 1 - t_first * BN, tid);
+  KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, t_first * BN,
+                                    k_lo - t_first * BN, k_hi + 1 - t_first * BN, tid);
   cuda::cp_async_commit();
   cuda::cp_async_wait<0>();
   __syncthreads();
@@ -142,11 +159,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
   for (int t = t_first; t <= t_last; ++t) {
     const int n0 = t * BN;
     if (t != t_first) {   // K(t) landed, and every warp finished P*V of tile t-1 (V buffer free)
-      cuda::cp_async_wait<0>();
+      if constexpr (kAsyncKV) cuda::cp_async_wait<0>();
       __syncthreads();
     }
-    Loader::template load<D, BN, NT>(sV, v_head, p.kv.v_stride_tok, n0, k_lo - n0, k_hi + 1 - n0, tid);
-    cuda::cp_async_commit();
+    VLoader::template load<D, BN, NT>(sV, v_head, p.kv.v_stride_tok, vs_head, vs_tok, n0, k_lo - n0, k_hi + 1 - n0,
+                                      tid);
+    if constexpr (kAsyncKV) cuda::cp_async_commit();
 
     // S = Q K^T. K tile rows are keys. For key pair-tile np (keys 16np..16np+15) and k step kk:
     // matrix 0 = keys +0..7 / dims lo (b0 of n tile 2np), 1 = keys +0..7 / dims hi (b1 of 2np),
@@ -228,12 +246,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
       }
     }
 
-    cuda::cp_async_wait<0>();  // V(t) landed
+    if constexpr (kAsyncKV) cuda::cp_async_wait<0>();  // V(t) landed
     __syncthreads();      // ... for every thread, and every warp is done reading K(t)
     if (t < t_last) {
       const int n1 = n0 + BN;
-      Loader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, n1, k_lo - n1, k_hi + 1 - n1, tid);
-      cuda::cp_async_commit();
+      KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, n1, k_lo - n1,
+                                        k_hi + 1 - n1, tid);
+      if constexpr (kAsyncKV) cuda::cp_async_commit();
     }
 
     // O += P V. P for key step kk (keys 16kk..16kk+15) is S n tiles 2kk and 2kk+1 repacked:

@@ -2,6 +2,9 @@
 // Plain prefill kernel (impl == 1, and the fallback for cases the tensor-core kernel does not
 // cover: other head dims, unaligned tensors, huge grids). One CTA per (query token, q head):
 // fp32 throughout, straightforward loops, meant to be obviously right rather than fast.
+// K and V may be stored in any format pair (KF, VF) of kv_format.h: plain 16-bit formats are
+// read with the device conversions of kv_device_format.cuh, quantized ones element by element
+// through the format trait's own dequant with the vector's scale words (the CPU definition).
 //
 // Keys of one query form one contiguous range [lo, hi], so no per-key mask is needed: the
 // loop only ever touches keys inside the range (never a slot >= the row's length).
@@ -17,10 +20,25 @@ constexpr int kPlainThreads = 128;   // 4 warps
 constexpr int kPlainTile = 64;       // keys scored per pass (16 per warp)
 constexpr int kPlainMaxDim = 256;    // 2 output dims per thread
 
-template <typename T, typename KVFormat>
+// Element i of one stored vector v with its scale words w (null for plain formats), as fp32.
+template <typename Format>
+__device__ __forceinline__ float kv_elem(const typename Format::storage_t* v, const float* w, int i) {
+  if constexpr (Format::kScaleWords == 0) return cuda::DeviceKvFormat<Format>::load(v, i);
+  else return Format::dequant(v, w, i);
+}
+
+// Scale words of token j of one (cache row, kv head), given the head's token-0 words; null
+// for a format without scale words.
+template <typename Format>
+__device__ __forceinline__ const float* vec_scales(const float* head, int64_t s_tok, int j) {
+  if constexpr (Format::kScaleWords == 0) return nullptr;
+  else return head + int64_t(j) * s_tok;
+}
+
+template <typename T, typename KF, typename VF>
 __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const AttentionParams p) {
-  using KV = typename KVFormat::storage_t;
-  using KVLoad = cuda::DeviceKvFormat<KVFormat>;  // element loads of the storage format
+  using KS = typename KF::storage_t;
+  using VS = typename VF::storage_t;
   __shared__ float q_s[kPlainMaxDim];
   __shared__ float s_s[kPlainTile];
 
@@ -43,8 +61,11 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
   const T* q = static_cast<const T*>(p.q) + int64_t(t) * p.q_stride_tok + int64_t(h) * p.q_stride_head;
   for (int d = tid; d < D; d += kPlainThreads) q_s[d] = cuda::elem_to_float(q[d]);
 
-  const KV* kbase = static_cast<const KV*>(p.kv.k) + rk.row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
-  const KV* vbase = static_cast<const KV*>(p.kv.v) + rk.row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
+  const KS* kbase = static_cast<const KS*>(p.kv.k) + rk.row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
+  const VS* vbase = static_cast<const VS*>(p.kv.v) + rk.row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
+  // Scale words of the head (quantized formats; the launcher checks the pointers are set).
+  const float* ks_head = head_scales<KF>(p.kv.k_scale, rk.row, kvh, p.kv.ks_stride_row, p.kv.ks_stride_head);
+  const float* vs_head = head_scales<VF>(p.kv.v_scale, rk.row, kvh, p.kv.vs_stride_row, p.kv.vs_stride_head);
   const float scale_log2 = p.scale * kLog2e;
   const bool capped = p.softcap > 0.f;
 
@@ -56,9 +77,14 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
     const int cnt = min(kPlainTile, hi - j0 + 1);
     // Scores: warp w handles keys w, w+4, ...; lanes split the head dim, then reduce.
     for (int jj = warp; jj < cnt; jj += kPlainThreads / 32) {
-      const KV* krow = kbase + int64_t(j0 + jj) * p.kv.k_stride_tok;
+      const KS* krow = kbase + int64_t(j0 + jj) * p.kv.k_stride_tok;
+      const float* kw = vec_scales<KF>(ks_head, p.kv.ks_stride_tok, j0 + jj);
       float dot = 0.f;
-      for (int d = lane; d < D; d += 32) dot += q_s[d] * KVLoad::load(krow, d);
+      // Unroll factors of this loop (1) and of the V loop below (4): with the default unrolling
+      // ptxas spills a few bytes for some quantized pairs (int4 K: 16 B on sm_80, int4 K with
+      // fp8 V: 4 B on sm_90a); these keep every instantiation spill-free on sm_80 and sm_90a.
+#pragma unroll 1
+      for (int d = lane; d < D; d += 32) dot += q_s[d] * kv_elem<KF>(krow, kw, d);
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (lane == 0) {
@@ -72,12 +98,14 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
     const float f = st.rescale_to(mx);
     acc0 *= f;
     acc1 *= f;
+#pragma unroll 4
     for (int jj = 0; jj < cnt; ++jj) {
       const float w = st.weight(s_s[jj]);
       st.add(w);
-      const KV* vrow = vbase + int64_t(j0 + jj) * p.kv.v_stride_tok;
-      if (tid < D) acc0 += w * KVLoad::load(vrow, tid);
-      if (tid + kPlainThreads < D) acc1 += w * KVLoad::load(vrow, tid + kPlainThreads);
+      const VS* vrow = vbase + int64_t(j0 + jj) * p.kv.v_stride_tok;
+      const float* vw = vec_scales<VF>(vs_head, p.kv.vs_stride_tok, j0 + jj);
+      if (tid < D) acc0 += w * kv_elem<VF>(vrow, vw, tid);
+      if (tid + kPlainThreads < D) acc1 += w * kv_elem<VF>(vrow, vw, tid + kPlainThreads);
     }
     __syncthreads();               // s_s is rewritten by the next pass
   }
