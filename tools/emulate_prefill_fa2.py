@@ -1,7 +1,9 @@
 # Development check of cuda/include/vattn/cuda/prefill_fa2.cuh without a GPU: run with python.
 # It mirrors the kernel by hand, so keep it in step when the kernel changes.
 # Line-by-line numpy port of prefill_fa2_kernel (addresses, ldmatrix, mma fragments, masks,
-# online softmax, epilogue), run per CTA, compared with a float64 reference.
+# online softmax, epilogue), run per CTA, compared with a float64 reference. Quantized K/V
+# (fp8 / int8 / int4) go through a model of QuantTileLoader (unit -> thread mapping, swizzled
+# chunk offsets, row masks, the bit operations of the code conversions).
 import numpy as np, math, itertools, pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from emulate_headers import prefill_fa2  # noqa: E402  (the constants, read from the sources)
@@ -63,7 +65,98 @@ def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=NT_CTA):
             sm.m[dst:dst+8] = np.nan
             sm.pending.append((dst, val))
 
-def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, lse):
+# ---- quantized K/V: QuantTileLoader / QuantChunk of prefill_tile.cuh -------------------------
+# A quantized cache side is (codes uint8 [max_seq, D * bits / 8], words float32 [max_seq, n]).
+# The loader is synchronous: its shared stores land at once (no sm.pending), which is what the
+# kernel's schedule must tolerate. Conversions mirror the CUDA bit operations.
+QUANT = {"fp8": dict(bits=8, words=1), "int8": dict(bits=8, words=1), "int4": dict(bits=4, words=2)}
+TWO23 = np.float32(8388608.0)
+
+def u32_as_f32(u): return np.array([u], np.uint32).view(np.float32)[0]
+def small_uint_to_float(u): return np.float32(u32_as_f32(0x4B000000 | u) - TWO23)
+
+def byte_perm(a, b, sel):  # __byte_perm(a, b, sel): result byte i = byte (sel >> 4i) & 7 of {a, b}
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+def half_bits_to_f32(h): return np.float32(np.array([h], np.uint16).view(np.float16)[0])
+
+def chunk_values(fmt, cw, w):
+    """QuantChunk<Format>::to: 8 fp32 values of one chunk (before the rounding to T)."""
+    x = []
+    if fmt == "int8":
+        for k in range(8):
+            u = ((cw[k >> 2] >> (8 * (k & 3))) & 0xFF) ^ 0x80
+            x.append(np.float32(small_uint_to_float(u) - np.float32(128)) * np.float32(w[0]))
+    elif fmt == "int4":
+        for k in range(8):
+            c = small_uint_to_float((cw[0] >> (4 * k)) & 0xF)
+            x.append(np.float32(np.float32(c * np.float32(w[0])) + np.float32(w[1])))
+    else:  # fp8, the bit-trick path (sm_80): fp16 bits of value * 2^-8, 2^8 folded into the multiplier
+        s = np.float32(w[0]) * np.float32(256)
+        for j in range(2):
+            for pair in (0, 1):
+                y = byte_perm(cw[j], 0, 0x3424 if pair else 0x1404)
+                h = (y & 0x80008000) | ((y & 0x7F007F00) >> 1)
+                x += [half_bits_to_f32(h & 0xFFFF) * s, half_bits_to_f32(h >> 16) * s]
+    return [np.float32(v) for v in x]
+
+def load_tile_quant(sm, base_off, rows, D, side, fmt, row0, lo, hi, NT=NT_CTA):
+    codes, words = side
+    bits, nw = QUANT[fmt]["bits"], QUANT[fmt]["words"]
+    code_words = 2 if bits == 8 else 1          # QuantChunk::kCodeWords
+    cpu = 4 // code_words                       # kChunksPerUnit
+    epu = 8 * cpu                               # kElemsPerUnit
+    assert D % epu == 0
+    upr = D // epu                              # kUnitsPerRow
+    assert (rows * upr) % NT == 0
+    kch = D // 8
+    for it in range(rows * upr // NT):
+        for tid in range(NT):
+            idx = it * NT + tid; r = idx // upr; u = idx % upr
+            raw, w = np.zeros(16, np.uint8), np.zeros(nw, np.float32)
+            if lo <= r < hi:
+                g = row0 + r
+                assert 0 <= g < codes.shape[0] and not np.isnan(words[g]).any(), "read invalid row %d" % g
+                raw, w = codes[g, u * 16:(u + 1) * 16], words[g]
+            cw = [int(v) for v in raw.view("<u4")]
+            for c in range(cpu):
+                vals = chunk_values(fmt, cw[c * code_words:(c + 1) * code_words], w)
+                dst = (base_off + offset(r, u * cpu + c, kch)) // 2
+                sm.m[dst:dst + 8] = np.array(vals, np.float32).astype(np.float16)  # rounded to T once
+
+def fp8_value(b):  # e4m3fn by definition (independent of the bit trick)
+    sgn = -1.0 if b & 0x80 else 1.0; e = (b >> 3) & 0xF; m = b & 7
+    return sgn * (m * 2.0 ** -9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
+def quant_side(rng, fmt, L, max_seq, D):
+    """Random codes and scale words for tokens < L (garbage codes, NaN words past L), and the
+    float values they stand for (reference.py's dequantize, computed independently)."""
+    bits = QUANT[fmt]["bits"]
+    codes = np.full((max_seq, D * bits // 8), 0xFF, np.uint8)
+    words = np.full((max_seq, QUANT[fmt]["words"]), np.nan, np.float32)
+    vals = np.zeros((L, D), np.float32)
+    for j in range(L):
+        if fmt == "int8":
+            c = rng.integers(-127, 128, D); s = np.float32(rng.uniform(0.005, 0.03))
+            codes[j] = c.astype(np.int8).view(np.uint8); words[j, 0] = s
+            vals[j] = c.astype(np.float32) * s
+        elif fmt == "int4":
+            c = rng.integers(0, 16, D); s = np.float32(rng.uniform(0.1, 0.4)); z = np.float32(rng.uniform(-2, -0.5))
+            codes[j] = (c[0::2] | (c[1::2] << 4)).astype(np.uint8); words[j] = (s, z)
+            vals[j] = (c.astype(np.float32) * s).astype(np.float32) + z
+        else:
+            c = rng.integers(0, 256, D); c[(c & 0x7F) == 0x7F] = 0x7E  # no NaN codes
+            s = np.float32(rng.uniform(0.002, 0.01))
+            codes[j] = c.astype(np.uint8); words[j, 0] = s
+            vals[j] = np.array([fp8_value(int(b)) for b in c], np.float32) * s
+    return (codes, words), vals
+
+def load_kv(sm, base_off, rows, D, src, fmt, row0, lo, hi):
+    if fmt is None: load_tile(sm, base_off, rows, D, src, row0, lo, hi)
+    else: load_tile_quant(sm, base_off, rows, D, src, fmt, row0, lo, hi)
+
+def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, lse, kfmt=None, vfmt=None):
     BM = ROWS_PER_MT * MT; kch = D // 8
     m0 = m_block * BM
     if m0 >= n_b: return
@@ -76,7 +169,7 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
     sm = Smem((BM + 2*BN) * D * 2); sQ = 0; sK = BM * D * 2; sV = sK + BN * D * 2
     tf, tl = k_lo // BN, k_hi // BN
     load_tile(sm, sQ, BM, D, q, m0, 0, m_valid)
-    load_tile(sm, sK, BN, D, K, tf*BN, k_lo - tf*BN, k_hi + 1 - tf*BN)
+    load_kv(sm, sK, BN, D, K, kfmt, tf*BN, k_lo - tf*BN, k_hi + 1 - tf*BN)
     sm.land()
     warps = []
     for w in range(H['warps']):
@@ -98,7 +191,7 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
     for t in range(tf, tl + 1):
         n0 = t * BN
         if t != tf: sm.land()  # K(t) landed; every warp done with P*V of tile t-1
-        load_tile(sm, sV, BN, D, V, n0, k_lo - n0, k_hi + 1 - n0)
+        load_kv(sm, sV, BN, D, V, vfmt, n0, k_lo - n0, k_hi + 1 - n0)
         full = (n0 + BN - 1 <= min(pos_first, k_hi)) and (wl < 0 or n0 >= pos_row_last - wl)
         S_all = []
         for w in range(4):
@@ -145,7 +238,7 @@ def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, l
         sm.land()  # V(t) landed; every warp done reading K(t)
         if t < tl:  # K(t+1) is in flight during P*V (which must read only V)
             n1 = n0 + BN
-            load_tile(sm, sK, BN, D, K, n1, k_lo - n1, k_hi + 1 - n1)
+            load_kv(sm, sK, BN, D, K, kfmt, n1, k_lo - n1, k_hi + 1 - n1)
         for w in range(4):
             W = warps[w]; s = S_all[w]
             for kk in range(BN//16):
@@ -188,30 +281,39 @@ def reference(q, K, V, n_b, L, scale, softcap, wl):
         out[i] = (e / e.sum()) @ V[js].astype(np.float64)
     return out, lse
 
-def run(D, MT, BN, n_b, L, wl, softcap, seed, max_seq=None):
+def run(D, MT, BN, n_b, L, wl, softcap, seed, kfmt=None, vfmt=None, max_seq=None):
     rng = np.random.default_rng(seed)
     max_seq = max_seq or L + 37
     q = rng.standard_normal((n_b, D)).astype(np.float16).astype(np.float32)
     K = np.full((max_seq, D), np.nan, np.float32); V = np.full((max_seq, D), np.nan, np.float32)
     K[:L] = rng.standard_normal((L, D)).astype(np.float16); V[:L] = rng.standard_normal((L, D)).astype(np.float16)
+    Kv, Vv = K[:L], V[:L]  # the values the reference sees
+    # Quantized sides: the dequantized values rounded to T (what the tile holds by design), so
+    # the check stays as tight as for plain K/V and catches any misplaced code or scale.
+    if kfmt: K, Kv = quant_side(rng, kfmt, L, max_seq, D); Kv = Kv.astype(np.float16).astype(np.float32)
+    if vfmt: V, Vv = quant_side(rng, vfmt, L, max_seq, D); Vv = Vv.astype(np.float16).astype(np.float32)
     scale = 1 / math.sqrt(D)
     out = np.full((n_b, D), np.nan); lse = np.full(n_b, np.nan)
     BM = ROWS_PER_MT * MT
     for mb in range((n_b + BM - 1) // BM + 1):  # one extra block: must exit
-        cta(q, K, V, n_b, L, max_seq, mb, D, MT, BN, scale, softcap, wl, out, lse)
-    ro, rl = reference(q, K[:L], V[:L], n_b, L, scale, softcap, wl)
+        cta(q, K, V, n_b, L, max_seq, mb, D, MT, BN, scale, softcap, wl, out, lse, kfmt, vfmt)
+    ro, rl = reference(q, Kv, Vv, n_b, L, scale, softcap, wl)
     assert not np.isnan(out).any() and not np.isnan(lse).any(), "unwritten/NaN output"
     err = np.abs(out - ro).max(); lerr = np.nanmax(np.abs(np.where(np.isinf(rl), 0, lse - rl)))
     assert (np.isinf(rl) == np.isinf(lse)).all(), "lse -inf mismatch"
     ok = err < 2e-2 and lerr < 1e-3
-    print(f"D={D} MT={MT} BN={BN} n_b={n_b} L={L} wl={wl} cap={softcap}: max err {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}", flush=True)
+    fmts = f" K={kfmt} V={vfmt}" if kfmt or vfmt else ""
+    print(f"D={D} MT={MT} BN={BN} n_b={n_b} L={L} wl={wl} cap={softcap}{fmts}: max err {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}", flush=True)
     return ok
 
 if __name__ == "__main__":
     cases = [(64, 2, 64, 5, 5, -1, 0, 1), (128, 1, 64, 70, 70, -1, 0, 2), (64, 2, 64, 130, 200, -1, 30.0, 3),
              (128, 1, 64, 20, 150, 17, 0, 4), (64, 2, 64, 40, 30, -1, 0, 5), (128, 1, 64, 65, 300, 100, 5.0, 6),
              (64, 2, 64, 3, 1, -1, 0, 7), (128, 1, 64, 1, 129, 0, 0, 8),
-             (64, 1, 64, 64, 64, -1, 0, 9), (64, 1, 64, 50, 400, 150, 0, 10)]
+             (64, 1, 64, 64, 64, -1, 0, 9), (64, 1, 64, 50, 400, 150, 0, 10),
+             # Quantized K/V (prefill.cu: D = 64 runs MT = 1 for them; D = 128 its one config).
+             (64, 1, 64, 70, 150, 40, 0, 11, "int4", "int8"), (128, 1, 64, 30, 95, -1, 0, 12, "fp8", "int4"),
+             (64, 1, 64, 20, 20, -1, 10.0, 13, "int8", "fp8")]
     # The cases run exactly the (D, MT, BN) configurations prefill.cu instantiates.
     assert sorted({c[:3] for c in cases}) == H['configs'], (sorted({c[:3] for c in cases}), H['configs'])
     sel = cases if len(sys.argv) < 2 else [cases[int(a)] for a in sys.argv[1:]]
