@@ -29,23 +29,29 @@ void append_side(const AppendParams& p, const Side& s) {
   const int dim = p.head_dim;
   constexpr bool kCopy = std::is_same<S, T>::value;  // plain format of the input dtype: a byte copy
   const int64_t n = (int64_t)p.num_tokens * p.num_kv_heads;
-#pragma omp parallel if (n * dim > (1 << 16))
+  auto one = [&](int64_t th, float* buf) {
+    const int64_t i = th / p.num_kv_heads, h = th % p.num_kv_heads;
+    const int64_t row = p.row_ids[i], pos = p.positions[i];
+    const T* x = static_cast<const T*>(s.src) + i * s.src_tok + h * s.src_head;
+    S* dst = static_cast<S*>(s.data) + row * s.stride_row + pos * s.stride_tok + h * s.stride_head;
+    if (kCopy) {
+      std::memcpy(dst, x, sizeof(S) * dim);
+    } else {
+      for (int d = 0; d < dim; ++d) buf[d] = to_float(x[d]);
+      float* w = Format::kScaleWords > 0 ? s.scale + row * s.ss_row + pos * s.ss_tok + h * s.ss_head : nullptr;
+      Format::encode(buf, dim, dst, w);
+    }
+  };
+  if (n * dim <= (1 << 16)) {  // small appends (a decode step): no parallel region to enter
+    std::vector<float> buf(kCopy ? 0 : dim);
+    for (int64_t th = 0; th < n; ++th) one(th, buf.data());
+    return;
+  }
+#pragma omp parallel
   {
     std::vector<float> buf(kCopy ? 0 : dim);
 #pragma omp for schedule(static)
-    for (int64_t th = 0; th < n; ++th) {
-      const int64_t i = th / p.num_kv_heads, h = th % p.num_kv_heads;
-      const int64_t row = p.row_ids[i], pos = p.positions[i];
-      const T* x = static_cast<const T*>(s.src) + i * s.src_tok + h * s.src_head;
-      S* dst = static_cast<S*>(s.data) + row * s.stride_row + pos * s.stride_tok + h * s.stride_head;
-      if (kCopy) {
-        std::memcpy(dst, x, sizeof(S) * dim);
-      } else {
-        for (int d = 0; d < dim; ++d) buf[d] = to_float(x[d]);
-        float* w = Format::kScaleWords > 0 ? s.scale + row * s.ss_row + pos * s.ss_tok + h * s.ss_head : nullptr;
-        Format::encode(buf.data(), dim, dst, w);
-      }
-    }
+    for (int64_t th = 0; th < n; ++th) one(th, buf.data());
   }
 }
 
@@ -85,6 +91,14 @@ void append_kv_cpu(const AppendParams& p) {
                c.ks_stride_tok, c.ks_stride_head, p.k, p.k_stride_tok, p.k_stride_head};
   const Side v{c.v, c.v_stride_row, c.v_stride_tok, c.v_stride_head, c.v_scale, c.vs_stride_row,
                c.vs_stride_tok, c.vs_stride_head, p.v, p.v_stride_tok, p.v_stride_head};
+  if (c.k_format == p.dtype && c.v_format == p.dtype) {  // plain cache of the input dtype: byte copies
+    cpu::dispatch_dtype(p.dtype, "append_kv k/v", [&](auto t) {
+      using T = decltype(t);
+      append_side<PlainFormat<T>, T>(p, k);
+      append_side<PlainFormat<T>, T>(p, v);
+    });
+    return;
+  }
   append_one(p, c.k_format, k, "append_kv (K)", false);
   append_one(p, c.v_format, v, "append_kv (V)", false);
   append_one(p, c.k_format, k, "append_kv (K)", true);

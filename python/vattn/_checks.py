@@ -123,6 +123,25 @@ def _cache_format(c: Tensor, scale: Optional[Tensor], name: str) -> formats.KVFo
     return fmt
 
 
+def _check_plain_cache(k_cache: Tensor, v_cache: Tensor, device: torch.device) -> Optional[_KVGeom]:
+    """The common case of _check_cache (two plain caches of one dtype, well formed) in fewer steps;
+    None sends anything else, errors included, through the full checks."""
+    if type(k_cache) is not Tensor or type(v_cache) is not Tensor:
+        return None
+    fmt = formats.PLAIN.get(k_cache.dtype)
+    if fmt is None or v_cache.dtype is not k_cache.dtype or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        return None
+    if k_cache.device != device or v_cache.device != device or (device.type == "cuda" and not _C.built_with_cuda):
+        return None
+    ks, vs = k_cache.stride(), v_cache.stride()
+    rows, seq, heads, dim = k_cache.shape
+    if (dim > 1 and (ks[3] != 1 or vs[3] != 1)) or min(ks) < 0 or min(vs) < 0:
+        return None
+    if max(rows, seq) > _INT32_MAX or heads == 0 or dim == 0 or device.type not in ("cpu", "cuda"):
+        return None
+    return _KVGeom(device, fmt.storage_dtype, tuple(k_cache.shape), fmt, fmt, ks, vs)
+
+
 def _check_cache(
     k_cache: Tensor,
     v_cache: Tensor,
@@ -130,6 +149,10 @@ def _check_cache(
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
 ) -> _KVGeom:
+    if k_scale is None and v_scale is None:
+        fast = _check_plain_cache(k_cache, v_cache, device)
+        if fast is not None:
+            return fast
     strides, fmts, dims = [], [], []
     for name, c, sc in (("k_cache", k_cache, k_scale), ("v_cache", v_cache, v_scale)):
         fmt = _cache_format(c, sc, name)

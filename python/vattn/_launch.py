@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -115,17 +115,29 @@ def _max_of(t: Tensor) -> int:
     return int(t.max().item()) if t.numel() > 0 else 0
 
 
-def _run(device: torch.device, cpu_fn: Callable, cuda_fn: Callable, p, before_cuda: Optional[Callable] = None) -> None:
-    """Launches a native entry point with params p: on CUDA under the device guard, on the current
-    stream (before_cuda(p) may add device scratch first); on CPU directly."""
-    if device.type == "cuda":
-        with _device_guard(device):
-            p.stream = _stream_of(device)
-            if before_cuda is not None:
-                before_cuda(p)
-            cuda_fn(p)
-    else:
+# cpu and cuda entry points of each op (the cuda ones are absent from CPU-only builds).
+_ENTRY = {
+    op: (getattr(_C, f"{op}_cpu"), getattr(_C, f"{op}_cuda", None))
+    for op in ("append_kv", "decode_attention", "prefill_attention", "merge_states")
+}
+
+
+def _run(device: torch.device, op: str, p, workspace: bool = False) -> None:
+    """Launches op's native entry point with params p: on CPU directly; on CUDA under the device
+    guard, on the current stream, with decode's split-KV scratch (workspace=True) allocated there
+    from torch's caching allocator (kept alive until the launch is queued)."""
+    cpu_fn, cuda_fn = _ENTRY[op]
+    if device.type != "cuda":
         cpu_fn(p)
+        return
+    with _device_guard(device):
+        p.stream = _stream_of(device)
+        scratch = None
+        if workspace:
+            scratch = torch.empty(int(_C.decode_workspace_bytes(p)), dtype=torch.uint8, device=device)
+            p.workspace, p.workspace_bytes = _ptr(scratch), scratch.numel()
+        cuda_fn(p)
+        del scratch
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -248,13 +260,7 @@ def _decode_impl(
         1,
         max_seqlen_k,
     )
-    workspace = []  # keeps the split-KV scratch alive until the launch is queued
-
-    def add_workspace(p):
-        workspace.append(torch.empty(int(_C.decode_workspace_bytes(p)), dtype=torch.uint8, device=q.device))
-        p.workspace, p.workspace_bytes = _ptr(workspace[0]), workspace[0].numel()
-
-    _run(q.device, _C.decode_attention_cpu, getattr(_C, "decode_attention_cuda", None), p, add_workspace)
+    _run(q.device, "decode_attention", p, workspace=True)
     return out, lse
 
 
@@ -313,7 +319,7 @@ def _prefill_impl(
         max_seqlen_q,
         max_seqlen_k,
     )
-    _run(q.device, _C.prefill_attention_cpu, getattr(_C, "prefill_attention_cuda", None), p)
+    _run(q.device, "prefill_attention", p)
     return out, lse
 
 
@@ -348,7 +354,7 @@ def _append_impl(
         dim,
         code_of(k.dtype),
     )
-    _run(geom.device, _C.append_kv_cpu, getattr(_C, "append_kv_cuda", None), p)
+    _run(geom.device, "append_kv", p)
 
 
 def _merge_impl(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
@@ -363,5 +369,5 @@ def _merge_impl(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tuple
     p.out, p.lse_out = out.data_ptr(), lse.data_ptr()
     p.n, p.num_heads, p.head_dim = o_a.shape
     p.dtype = code_of(o_a.dtype)
-    _run(o_a.device, _C.merge_states_cpu, getattr(_C, "merge_states_cuda", None), p)
+    _run(o_a.device, "merge_states", p)
     return out, lse
