@@ -81,12 +81,14 @@ def check_supported(
     op: str, device_type: str, dtype: torch.dtype, head_dim: int, kv_formats: Tuple[str, ...] = ()
 ) -> None:
     """Raises TypeError (dtype) or ValueError (head_dim, format) for what the device does not run."""
-    key = (op, device_type, dtype, head_dim, kv_formats)
-    if key in _OK:
+    # Symbolic sizes (torch.compile, fake tensors) are not hashable: check those without the memo.
+    key = (op, device_type, dtype, head_dim, kv_formats) if type(head_dim) is int else None
+    if key is not None and key in _OK:
         return  # the hot path (once per call of every op): one set lookup
     e = _TABLE[device_type][op]
     if dtype in e.dtypes and e.head_dim_ok(head_dim) and all(n in e.kv_formats for n in kv_formats):
-        _OK.add(key)
+        if key is not None:
+            _OK.add(key)
         return
     where = f"{device_type.upper() if device_type == 'cuda' else 'CPU'} {_OP_NAMES[op]}"
     if dtype not in e.dtypes:
