@@ -17,9 +17,9 @@ namespace vattn {
 namespace {
 
 // A pointer field as a Python int property.
-#define VATTN_PTR(Cls, field)                                                                            \
-  def_property(                                                                                          \
-      #field, [](const Cls& s) { return reinterpret_cast<uintptr_t>(s.field); },                        \
+#define VATTN_PTR(Cls, field)                                                    \
+  def_property(                                                                  \
+      #field, [](const Cls& s) { return reinterpret_cast<uintptr_t>(s.field); }, \
       [](Cls& s, uintptr_t v) { s.field = reinterpret_cast<decltype(Cls::field)>(v); })
 #define VATTN_RW(Cls, field) def_readwrite(#field, &Cls::field)
 
@@ -27,72 +27,93 @@ namespace {
 using nogil = py::call_guard<py::gil_scoped_release>;
 
 template <class T>
-T* as_ptr(uintptr_t v) { return reinterpret_cast<T*>(v); }
+T* as_ptr(uintptr_t v) {
+  return reinterpret_cast<T*>(v);
+}
 
 // One-call constructors of the parameter structs, for the per-layer per-token hot path: filling a
 // struct attribute by attribute from Python costs one pybind11 call per field (~30 for attention).
-KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t k_stride_tok,
-                         int64_t k_stride_head, int64_t v_stride_row, int64_t v_stride_tok,
-                         int64_t v_stride_head, int32_t num_rows, int32_t max_seq, int32_t k_format,
-                         int32_t v_format, uintptr_t k_scale, int64_t ks_stride_row, int64_t ks_stride_tok,
-                         int64_t ks_stride_head, uintptr_t v_scale, int64_t vs_stride_row, int64_t vs_stride_tok,
-                         int64_t vs_stride_head) {
+KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t k_stride_tok, int64_t k_stride_head,
+                         int64_t v_stride_row, int64_t v_stride_tok, int64_t v_stride_head, int32_t num_rows,
+                         int32_t max_seq, int32_t k_format, int32_t v_format, uintptr_t k_scale, int64_t ks_stride_row,
+                         int64_t ks_stride_tok, int64_t ks_stride_head, uintptr_t v_scale, int64_t vs_stride_row,
+                         int64_t vs_stride_tok, int64_t vs_stride_head) {
   KVCacheView view;
   view.k = as_ptr<void>(k);
   view.v = as_ptr<void>(v);
-  view.k_stride_row = k_stride_row; view.k_stride_tok = k_stride_tok; view.k_stride_head = k_stride_head;
-  view.v_stride_row = v_stride_row; view.v_stride_tok = v_stride_tok; view.v_stride_head = v_stride_head;
+  view.k_stride_row = k_stride_row;
+  view.k_stride_tok = k_stride_tok;
+  view.k_stride_head = k_stride_head;
+  view.v_stride_row = v_stride_row;
+  view.v_stride_tok = v_stride_tok;
+  view.v_stride_head = v_stride_head;
   view.num_rows = num_rows;
   view.max_seq = max_seq;
   view.k_format = k_format;
   view.v_format = v_format;
   view.k_scale = as_ptr<float>(k_scale);
   view.v_scale = as_ptr<float>(v_scale);
-  view.ks_stride_row = ks_stride_row; view.ks_stride_tok = ks_stride_tok; view.ks_stride_head = ks_stride_head;
-  view.vs_stride_row = vs_stride_row; view.vs_stride_tok = vs_stride_tok; view.vs_stride_head = vs_stride_head;
+  view.ks_stride_row = ks_stride_row;
+  view.ks_stride_tok = ks_stride_tok;
+  view.ks_stride_head = ks_stride_head;
+  view.vs_stride_row = vs_stride_row;
+  view.vs_stride_tok = vs_stride_tok;
+  view.vs_stride_head = vs_stride_head;
   return view;
 }
 
 AppendParams make_append_params(const KVCacheView& cache, uintptr_t k, uintptr_t v, int64_t k_stride_tok,
-                                int64_t k_stride_head, int64_t v_stride_tok, int64_t v_stride_head,
-                                uintptr_t row_ids, uintptr_t positions, int32_t num_tokens,
-                                int32_t num_kv_heads, int32_t head_dim, int32_t dtype) {
+                                int64_t k_stride_head, int64_t v_stride_tok, int64_t v_stride_head, uintptr_t row_ids,
+                                uintptr_t positions, int32_t num_tokens, int32_t num_kv_heads, int32_t head_dim,
+                                int32_t dtype) {
   AppendParams p;
   p.cache = cache;
   p.k = as_ptr<const void>(k);
   p.v = as_ptr<const void>(v);
-  p.k_stride_tok = k_stride_tok; p.k_stride_head = k_stride_head;
-  p.v_stride_tok = v_stride_tok; p.v_stride_head = v_stride_head;
+  p.k_stride_tok = k_stride_tok;
+  p.k_stride_head = k_stride_head;
+  p.v_stride_tok = v_stride_tok;
+  p.v_stride_head = v_stride_head;
   p.row_ids = as_ptr<const int32_t>(row_ids);
   p.positions = as_ptr<const int32_t>(positions);
-  p.num_tokens = num_tokens; p.num_kv_heads = num_kv_heads; p.head_dim = head_dim;
+  p.num_tokens = num_tokens;
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = head_dim;
   p.dtype = dtype;
   return p;
 }
 
 AttentionParams make_attention_params(uintptr_t q, int64_t q_stride_tok, int64_t q_stride_head, uintptr_t out,
-                                      int64_t o_stride_tok, int64_t o_stride_head, uintptr_t lse,
-                                      const KVCacheView& kv, uintptr_t cu_seqlens_q, uintptr_t seqlens_k,
-                                      uintptr_t head_seqlens_k, uintptr_t row_ids, int32_t batch,
-                                      int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t total_q,
-                                      int32_t max_seqlen_q, int32_t max_seqlen_k, float scale, float softcap,
-                                      int32_t window_left, int32_t dtype, int32_t impl) {
+                                      int64_t o_stride_tok, int64_t o_stride_head, uintptr_t lse, const KVCacheView& kv,
+                                      uintptr_t cu_seqlens_q, uintptr_t seqlens_k, uintptr_t head_seqlens_k,
+                                      uintptr_t row_ids, int32_t batch, int32_t num_q_heads, int32_t num_kv_heads,
+                                      int32_t head_dim, int32_t total_q, int32_t max_seqlen_q, int32_t max_seqlen_k,
+                                      float scale, float softcap, int32_t window_left, int32_t dtype, int32_t impl) {
   AttentionParams p;
   p.q = as_ptr<const void>(q);
-  p.q_stride_tok = q_stride_tok; p.q_stride_head = q_stride_head;
+  p.q_stride_tok = q_stride_tok;
+  p.q_stride_head = q_stride_head;
   p.out = as_ptr<void>(out);
-  p.o_stride_tok = o_stride_tok; p.o_stride_head = o_stride_head;
+  p.o_stride_tok = o_stride_tok;
+  p.o_stride_head = o_stride_head;
   p.lse = as_ptr<float>(lse);
   p.kv = kv;
   p.cu_seqlens_q = as_ptr<const int32_t>(cu_seqlens_q);
   p.seqlens_k = as_ptr<const int32_t>(seqlens_k);
   p.head_seqlens_k = as_ptr<const int32_t>(head_seqlens_k);
   p.row_ids = as_ptr<const int32_t>(row_ids);
-  p.batch = batch; p.num_q_heads = num_q_heads; p.num_kv_heads = num_kv_heads; p.head_dim = head_dim;
+  p.batch = batch;
+  p.num_q_heads = num_q_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = head_dim;
   p.total_q = total_q;
-  p.max_seqlen_q = max_seqlen_q; p.max_seqlen_k = max_seqlen_k;
-  p.scale = scale; p.softcap = softcap; p.window_left = window_left;
-  p.dtype = dtype; p.impl = impl;
+  p.max_seqlen_q = max_seqlen_q;
+  p.max_seqlen_k = max_seqlen_k;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.window_left = window_left;
+  p.dtype = dtype;
+  p.impl = impl;
   return p;
 }
 
@@ -155,51 +176,77 @@ void bind_attention(py::module_& m) {
       .def(py::init<>())
       .VATTN_PTR(KVCacheView, k)
       .VATTN_PTR(KVCacheView, v)
-      .VATTN_RW(KVCacheView, k_stride_row).VATTN_RW(KVCacheView, k_stride_tok).VATTN_RW(KVCacheView, k_stride_head)
-      .VATTN_RW(KVCacheView, v_stride_row).VATTN_RW(KVCacheView, v_stride_tok).VATTN_RW(KVCacheView, v_stride_head)
-      .VATTN_RW(KVCacheView, num_rows).VATTN_RW(KVCacheView, max_seq).VATTN_RW(KVCacheView, k_format).VATTN_RW(KVCacheView, v_format)
-      .VATTN_PTR(KVCacheView, k_scale).VATTN_PTR(KVCacheView, v_scale);
+      .VATTN_RW(KVCacheView, k_stride_row)
+      .VATTN_RW(KVCacheView, k_stride_tok)
+      .VATTN_RW(KVCacheView, k_stride_head)
+      .VATTN_RW(KVCacheView, v_stride_row)
+      .VATTN_RW(KVCacheView, v_stride_tok)
+      .VATTN_RW(KVCacheView, v_stride_head)
+      .VATTN_RW(KVCacheView, num_rows)
+      .VATTN_RW(KVCacheView, max_seq)
+      .VATTN_RW(KVCacheView, k_format)
+      .VATTN_RW(KVCacheView, v_format)
+      .VATTN_PTR(KVCacheView, k_scale)
+      .VATTN_PTR(KVCacheView, v_scale);
 
   py::class_<AppendParams>(m, "AppendParams", "Parameters of append_kv (see cuda/include/vattn/params.h)")
       .def(py::init<>())
       .VATTN_RW(AppendParams, cache)
       .VATTN_PTR(AppendParams, k)
       .VATTN_PTR(AppendParams, v)
-      .VATTN_RW(AppendParams, k_stride_tok).VATTN_RW(AppendParams, k_stride_head)
-      .VATTN_RW(AppendParams, v_stride_tok).VATTN_RW(AppendParams, v_stride_head)
+      .VATTN_RW(AppendParams, k_stride_tok)
+      .VATTN_RW(AppendParams, k_stride_head)
+      .VATTN_RW(AppendParams, v_stride_tok)
+      .VATTN_RW(AppendParams, v_stride_head)
       .VATTN_PTR(AppendParams, row_ids)
       .VATTN_PTR(AppendParams, positions)
-      .VATTN_RW(AppendParams, num_tokens).VATTN_RW(AppendParams, num_kv_heads).VATTN_RW(AppendParams, head_dim)
+      .VATTN_RW(AppendParams, num_tokens)
+      .VATTN_RW(AppendParams, num_kv_heads)
+      .VATTN_RW(AppendParams, head_dim)
       .VATTN_RW(AppendParams, dtype)
       .VATTN_PTR(AppendParams, stream);
 
   py::class_<AttentionParams>(m, "AttentionParams", "Parameters of decode / prefill attention (see params.h)")
       .def(py::init<>())
       .VATTN_PTR(AttentionParams, q)
-      .VATTN_RW(AttentionParams, q_stride_tok).VATTN_RW(AttentionParams, q_stride_head)
+      .VATTN_RW(AttentionParams, q_stride_tok)
+      .VATTN_RW(AttentionParams, q_stride_head)
       .VATTN_PTR(AttentionParams, out)
-      .VATTN_RW(AttentionParams, o_stride_tok).VATTN_RW(AttentionParams, o_stride_head)
+      .VATTN_RW(AttentionParams, o_stride_tok)
+      .VATTN_RW(AttentionParams, o_stride_head)
       .VATTN_PTR(AttentionParams, lse)
       .VATTN_RW(AttentionParams, kv)
       .VATTN_PTR(AttentionParams, cu_seqlens_q)
       .VATTN_PTR(AttentionParams, seqlens_k)
       .VATTN_PTR(AttentionParams, head_seqlens_k)
       .VATTN_PTR(AttentionParams, row_ids)
-      .VATTN_RW(AttentionParams, batch).VATTN_RW(AttentionParams, num_q_heads).VATTN_RW(AttentionParams, num_kv_heads)
-      .VATTN_RW(AttentionParams, head_dim).VATTN_RW(AttentionParams, total_q)
-      .VATTN_RW(AttentionParams, max_seqlen_q).VATTN_RW(AttentionParams, max_seqlen_k)
-      .VATTN_RW(AttentionParams, scale).VATTN_RW(AttentionParams, softcap).VATTN_RW(AttentionParams, window_left)
-      .VATTN_RW(AttentionParams, dtype).VATTN_RW(AttentionParams, impl)
+      .VATTN_RW(AttentionParams, batch)
+      .VATTN_RW(AttentionParams, num_q_heads)
+      .VATTN_RW(AttentionParams, num_kv_heads)
+      .VATTN_RW(AttentionParams, head_dim)
+      .VATTN_RW(AttentionParams, total_q)
+      .VATTN_RW(AttentionParams, max_seqlen_q)
+      .VATTN_RW(AttentionParams, max_seqlen_k)
+      .VATTN_RW(AttentionParams, scale)
+      .VATTN_RW(AttentionParams, softcap)
+      .VATTN_RW(AttentionParams, window_left)
+      .VATTN_RW(AttentionParams, dtype)
+      .VATTN_RW(AttentionParams, impl)
       .VATTN_PTR(AttentionParams, workspace)
       .VATTN_RW(AttentionParams, workspace_bytes)
       .VATTN_PTR(AttentionParams, stream);
 
   py::class_<MergeParams>(m, "MergeParams", "Parameters of merge_states (see params.h)")
       .def(py::init<>())
-      .VATTN_PTR(MergeParams, o_a).VATTN_PTR(MergeParams, lse_a)
-      .VATTN_PTR(MergeParams, o_b).VATTN_PTR(MergeParams, lse_b)
-      .VATTN_PTR(MergeParams, out).VATTN_PTR(MergeParams, lse_out)
-      .VATTN_RW(MergeParams, n).VATTN_RW(MergeParams, num_heads).VATTN_RW(MergeParams, head_dim)
+      .VATTN_PTR(MergeParams, o_a)
+      .VATTN_PTR(MergeParams, lse_a)
+      .VATTN_PTR(MergeParams, o_b)
+      .VATTN_PTR(MergeParams, lse_b)
+      .VATTN_PTR(MergeParams, out)
+      .VATTN_PTR(MergeParams, lse_out)
+      .VATTN_RW(MergeParams, n)
+      .VATTN_RW(MergeParams, num_heads)
+      .VATTN_RW(MergeParams, head_dim)
       .VATTN_RW(MergeParams, dtype)
       .VATTN_PTR(MergeParams, stream);
 

@@ -51,9 +51,7 @@ py::object page_granularity(int device) {
 #if defined(VATTN_WITH_CUDA)
   try {
     return py::int_(vattn::memory::CudaBackend::query_granularity(device));
-  } catch (const std::exception&) {
-    return py::none();
-  }
+  } catch (const std::exception&) { return py::none(); }
 #else
   (void)device;
   return py::none();
@@ -75,19 +73,18 @@ void bind_memory(py::module_& m) {
         "CUDA VMM allocation granularity of a device in bytes (None without a CUDA device)");
   m.def("host_page_bytes", &memory::HostBackend::os_page_bytes, "The OS page size (host backend granularity)");
 
-  py::class_<RegionBuffer>(m, "RegionBuffer", py::buffer_protocol())
-      .def_buffer([](RegionBuffer& b) -> py::buffer_info {
-        const uintptr_t base = b.manager->region_base(b.region);
-        const size_t bytes = b.manager->region_bytes(b.region);
-        return py::buffer_info(reinterpret_cast<void*>(base), 1, py::format_descriptor<uint8_t>::format(), 1,
-                               {static_cast<py::ssize_t>(bytes)}, {static_cast<py::ssize_t>(1)}, /*readonly=*/false);
-      });
+  py::class_<RegionBuffer>(m, "RegionBuffer", py::buffer_protocol()).def_buffer([](RegionBuffer& b) -> py::buffer_info {
+    const uintptr_t base = b.manager->region_base(b.region);
+    const size_t bytes = b.manager->region_bytes(b.region);
+    return py::buffer_info(reinterpret_cast<void*>(base), 1, py::format_descriptor<uint8_t>::format(), 1,
+                           {static_cast<py::ssize_t>(bytes)}, {static_cast<py::ssize_t>(1)}, /*readonly=*/false);
+  });
 
-  py::class_<CacheManager, std::shared_ptr<CacheManager>>(m, "CacheManager",
-      "One KV-cache in contiguous virtual memory; see python/vattn/cache.py for the user API")
+  py::class_<CacheManager, std::shared_ptr<CacheManager>>(
+      m, "CacheManager", "One KV-cache in contiguous virtual memory; see python/vattn/cache.py for the user API")
       .def(py::init([](const std::string& backend, int device, int64_t num_layers, int64_t k_record_bytes,
-                       int64_t v_record_bytes, int64_t max_batch, int64_t max_seq_len,
-                       const std::string& layout, size_t page_bytes, size_t max_physical_bytes, size_t prealloc_bytes,
+                       int64_t v_record_bytes, int64_t max_batch, int64_t max_seq_len, const std::string& layout,
+                       size_t page_bytes, size_t max_physical_bytes, size_t prealloc_bytes,
                        size_t reclaim_watermark_bytes, bool background, int64_t lookahead_tokens, bool host_commit) {
              memory::Geometry g;
              g.num_layers = num_layers;
@@ -123,59 +120,67 @@ void bind_memory(py::module_& m) {
       .def("synchronize", &CacheManager::synchronize, release())
       .def("_inject_failure", &CacheManager::inject_failure, py::arg("kind"), py::arg("n"), release(),
            "Test hook: the n-th next page creation ('create') or map ('map') fails ('none' clears)")
-      .def("stats", [](CacheManager& self) {
-        Stats s;
-        {
-          py::gil_scoped_release r;
-          s = self.stats();
-        }
-        py::dict d;
-        d["reserved_bytes"] = s.reserved_bytes;
-        d["mapped_bytes"] = s.mapped_bytes;
-        d["used_bytes"] = s.used_bytes;
-        d["page_bytes"] = s.page_bytes;
-        d["pages_mapped"] = s.pages_mapped;
-        d["pages_pooled"] = s.pages_pooled;
-        d["pages_created"] = s.pages_created;
-        d["physical_bytes"] = s.physical_bytes;
-        d["live_mapped_bytes"] = s.live_mapped_bytes;
-        d["idle_bytes"] = s.idle_bytes;
-        d["resident_bytes"] = s.resident_bytes;
-        d["peak_mapped_bytes"] = s.peak_mapped_bytes;
-        d["live_slots"] = s.live_slots;
-        d["map_calls"] = s.map_calls;
-        d["unmap_calls"] = s.unmap_calls;
-        d["create_calls"] = s.create_calls;
-        d["destroy_calls"] = s.destroy_calls;
-        return d;
-      })
+      .def("stats",
+           [](CacheManager& self) {
+             Stats s;
+             {
+               py::gil_scoped_release r;
+               s = self.stats();
+             }
+             py::dict d;
+             d["reserved_bytes"] = s.reserved_bytes;
+             d["mapped_bytes"] = s.mapped_bytes;
+             d["used_bytes"] = s.used_bytes;
+             d["page_bytes"] = s.page_bytes;
+             d["pages_mapped"] = s.pages_mapped;
+             d["pages_pooled"] = s.pages_pooled;
+             d["pages_created"] = s.pages_created;
+             d["physical_bytes"] = s.physical_bytes;
+             d["live_mapped_bytes"] = s.live_mapped_bytes;
+             d["idle_bytes"] = s.idle_bytes;
+             d["resident_bytes"] = s.resident_bytes;
+             d["peak_mapped_bytes"] = s.peak_mapped_bytes;
+             d["live_slots"] = s.live_slots;
+             d["map_calls"] = s.map_calls;
+             d["unmap_calls"] = s.unmap_calls;
+             d["create_calls"] = s.create_calls;
+             d["destroy_calls"] = s.destroy_calls;
+             return d;
+           })
       .def_property_readonly("page_bytes", &CacheManager::page_bytes)
       .def_property_readonly("num_regions", &CacheManager::num_regions)
       .def_property_readonly("slot_stride_bytes", &CacheManager::slot_stride_bytes)
-      .def_property_readonly("token_bytes", [](const CacheManager& self) { return self.geometry().token_bytes(); },
-                             "Bytes of one stored token over all layers, K and V (data and scales)")
+      .def_property_readonly(
+          "token_bytes", [](const CacheManager& self) { return self.geometry().token_bytes(); },
+          "Bytes of one stored token over all layers, K and V (data and scales)")
       .def_property_readonly("region_token_bytes", &CacheManager::region_token_bytes,
                              "Bytes of one token in one region (token_major: token_bytes; layer_major: one record)")
       .def_property_readonly("is_device", &CacheManager::is_device)
       .def_property_readonly("backend_name", &CacheManager::backend_name)
       .def("region_base", &CacheManager::region_base, py::arg("region"))
       .def("region_bytes", &CacheManager::region_bytes, py::arg("region"))
-      .def("layer_view", [](const CacheManager& self, int64_t layer) {
-        const memory::LayerView v = self.layer_view(layer);
-        py::dict d;
-        d["k_region"] = v.k_region;
-        d["v_region"] = v.v_region;
-        d["k_offset_bytes"] = v.k_offset_bytes;
-        d["v_offset_bytes"] = v.v_offset_bytes;
-        d["stride_row_bytes"] = v.stride_row_bytes;
-        d["stride_tok_bytes"] = v.stride_tok_bytes;
-        return d;
-      }, py::arg("layer"))
-      .def("region_buffer", [](std::shared_ptr<CacheManager> self, size_t region) {
-        if (self->is_device()) throw std::invalid_argument("vattn: region_buffer is for host-backend caches");
-        self->region_base(region);  // range check
-        return RegionBuffer{std::move(self), region};
-      }, py::arg("region"));
+      .def(
+          "layer_view",
+          [](const CacheManager& self, int64_t layer) {
+            const memory::LayerView v = self.layer_view(layer);
+            py::dict d;
+            d["k_region"] = v.k_region;
+            d["v_region"] = v.v_region;
+            d["k_offset_bytes"] = v.k_offset_bytes;
+            d["v_offset_bytes"] = v.v_offset_bytes;
+            d["stride_row_bytes"] = v.stride_row_bytes;
+            d["stride_tok_bytes"] = v.stride_tok_bytes;
+            return d;
+          },
+          py::arg("layer"))
+      .def(
+          "region_buffer",
+          [](std::shared_ptr<CacheManager> self, size_t region) {
+            if (self->is_device()) throw std::invalid_argument("vattn: region_buffer is for host-backend caches");
+            self->region_base(region);  // range check
+            return RegionBuffer{std::move(self), region};
+          },
+          py::arg("region"));
 }
 
 }  // namespace vattn

@@ -23,8 +23,11 @@ std::vector<std::string> split_archs(const std::string& s) {
   std::vector<std::string> out;
   std::string cur;
   for (char c : s) {
-    if (c == ',') { if (!cur.empty()) out.push_back(cur); cur.clear(); }
-    else cur.push_back(c);
+    if (c == ',') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else
+      cur.push_back(c);
   }
   if (!cur.empty()) out.push_back(cur);
   return out;
@@ -34,7 +37,10 @@ std::vector<std::string> split_archs(const std::string& s) {
 int cuda_device_count() {
 #if defined(VATTN_WITH_CUDA)
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
   return n;
 #else
   return 0;
@@ -47,7 +53,10 @@ py::list cuda_devices() {
   const int n = cuda_device_count();
   for (int i = 0; i < n; ++i) {
     cudaDeviceProp prop;
-    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) { cudaGetLastError(); continue; }
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) {
+      cudaGetLastError();
+      continue;
+    }
     py::dict d;
     d["index"] = i;
     d["name"] = std::string(prop.name);

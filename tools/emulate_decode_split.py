@@ -15,7 +15,10 @@
 # nibble into the mantissa of 2^23); scales apply per key (logit = scale * q.raw + zero * sum(q),
 # o += (p * scale) * raw, zero points through a per-head scalar). The reference dequantizes the
 # stored bytes independently (kv_format.h's definition), in float64.
-import math, pathlib, struct, sys
+import math
+import pathlib
+import struct
+import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -24,18 +27,28 @@ from emulate_headers import constant, decode_split  # noqa: E402  (the constants
 H = decode_split()
 _FMT_HDR = "cuda/include/vattn/cuda/kv_device_format.cuh"
 LANE_ELEMS = constant(_FMT_HDR, "kLaneElems")
-_FMT_STRUCT = {"f16": "DevicePlain16Format", "fp8": "DeviceKvFormat<Fp8E4M3Format>",
-               "int8": "DeviceKvFormat<Int8Format>", "int4": "DeviceKvFormat<Int4Format>"}
+_FMT_STRUCT = {
+    "f16": "DevicePlain16Format",
+    "fp8": "DeviceKvFormat<Fp8E4M3Format>",
+    "int8": "DeviceKvFormat<Int8Format>",
+    "int4": "DeviceKvFormat<Int4Format>",
+}
 # Per format: elements per 16-byte chunk, bytes of one lane piece, scale words, zero point.
-FMT = {k: dict(epc=constant(_FMT_HDR, "kElemsPerChunk", v), pb=constant(_FMT_HDR, "kPieceBytes", v),
-               words=constant(_FMT_HDR, "kScaleWords", v), zero=(k == "int4"))
-       for k, v in _FMT_STRUCT.items()}
-assert FMT["f16"]["epc"] == H['elems_per_chunk']
+FMT = {
+    k: dict(
+        epc=constant(_FMT_HDR, "kElemsPerChunk", v),
+        pb=constant(_FMT_HDR, "kPieceBytes", v),
+        words=constant(_FMT_HDR, "kScaleWords", v),
+        zero=(k == "int4"),
+    )
+    for k, v in _FMT_STRUCT.items()
+}
+assert FMT["f16"]["epc"] == H["elems_per_chunk"]
 
 NEG = -np.inf
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MIN_SPLIT_KEYS, CTAS_PER_SM, MAX_SPLITS = H['min_split_keys'], H['ctas_per_sm'], H['max_splits']
+MIN_SPLIT_KEYS, CTAS_PER_SM, MAX_SPLITS = H["min_split_keys"], H["ctas_per_sm"], H["max_splits"]
 
 
 def next_pow2(x):
@@ -48,12 +61,23 @@ def cfg(HD, kf="f16", vf="f16"):
     NP = HD // LE
     TD = next_pow2(NP)
     KPW = 32 // TD
-    KPI = H['warps'] * KPW
-    NK = H['iters_per_tile']
+    KPI = H["warps"] * KPW
+    NK = H["iters_per_tile"]
     SUB = min(FMT[kf]["epc"], FMT[vf]["epc"]) // LE
     assert HD % FMT[kf]["epc"] == 0 and HD % FMT[vf]["epc"] == 0
-    return dict(LE=LE, NP=NP, TD=TD, KPW=KPW, KPI=KPI, NK=NK, SUB=SUB, TILE=KPI * NK * SUB, STAGES=H['stages'],
-                CHK=HD // FMT[kf]["epc"], CHV=HD // FMT[vf]["epc"])
+    return dict(
+        LE=LE,
+        NP=NP,
+        TD=TD,
+        KPW=KPW,
+        KPI=KPI,
+        NK=NK,
+        SUB=SUB,
+        TILE=KPI * NK * SUB,
+        STAGES=H["stages"],
+        CHK=HD // FMT[kf]["epc"],
+        CHV=HD // FMT[vf]["epc"],
+    )
 
 
 def cdiv(a, b):
@@ -68,7 +92,7 @@ def make_plan(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms, kf="f16", 
     gb = 1 if group <= 1 else 2 if group <= 2 else 4 if group <= 4 else 8
     gb = min(gb, MAX_GROUP_BLOCK)
     chunks = cdiv(group, gb)
-    tile = cfg(HD, kf, vf)['TILE']
+    tile = cfg(HD, kf, vf)["TILE"]
     n = max_seqlen_k if max_seqlen_k > 0 else max_seq
     n = min(n, max_seq)
     if window >= 0 and n > window + 1:
@@ -84,23 +108,24 @@ def make_plan(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms, kf="f16", 
 
 
 def key_range(a, b, kvh):
-    r = a['row_ids'][b] if a['row_ids'] is not None else b
-    L = a['head_lens'][b][kvh] if a['head_lens'] is not None else a['seqlens'][b]
-    if r < 0 or r >= a['num_rows']:
+    r = a["row_ids"][b] if a["row_ids"] is not None else b
+    L = a["head_lens"][b][kvh] if a["head_lens"] is not None else a["seqlens"][b]
+    if r < 0 or r >= a["num_rows"]:
         r, L = 0, 0
-    L = max(0, min(L, a['max_seq']))
-    first = L - 1 - a['window'] if a['window'] >= 0 else 0
+    L = max(0, min(L, a["max_seq"]))
+    first = L - 1 - a["window"] if a["window"] >= 0 else 0
     return r, max(first, 0), L
 
 
 # ---- stored formats: bytes, the kernel's piece decoders, the reference dequantization --------
+
 
 def e4m3_value(b):
     """OCP e4m3fn value of code b (kv_format.h / quant.h definition), float64."""
     b = int(b)
     sign = -1.0 if b & 0x80 else 1.0
     e, m = (b >> 3) & 0xF, b & 7
-    return sign * (m * 2.0 ** -9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+    return sign * (m * 2.0**-9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
 
 
 def byte_perm(x, y, sel):
@@ -128,9 +153,9 @@ def decode_piece(fmt, piece, arch):
     if fmt == "fp8":
         for w in words:
             for two in (w & 0xFFFF, w >> 16):
-                if arch >= 89:   # cvt.rn.f16x2.e4m3x2: exact
+                if arch >= 89:  # cvt.rn.f16x2.e4m3x2: exact
                     out += [e4m3_value(two & 0xFF), e4m3_value(two >> 8)]
-                else:            # bit trick: fp16 bits of value * 2^-8 on both halves
+                else:  # bit trick: fp16 bits of value * 2^-8 on both halves
                     t = byte_perm(two, 0, 0x1404)
                     h = (t & 0x80008000) | ((t & 0x7F007F00) >> 1)
                     out += [half(h & 0xFFFF), half(h >> 16)]
@@ -174,7 +199,7 @@ def random_side(rng, fmt, shape_tok, HD):
     nb = row_bytes(fmt, HD)
     if fmt == "fp8":
         data = rng.integers(0, 256, size=shape_tok + (nb,))
-        data[(data & 0x7F) == 0x7F] = 0x7E   # never stores the NaN codes
+        data[(data & 0x7F) == 0x7F] = 0x7E  # never stores the NaN codes
         words = rng.uniform(0.5, 2.0, size=shape_tok + (1,)) / 448 * 4
     elif fmt == "int8":
         data = rng.integers(-127, 128, size=shape_tok + (nb,)) & 0xFF
@@ -203,6 +228,7 @@ def check_decoders():
 
 class Pipe:
     """cp.async groups: a copy poisons its destination at issue and lands at a wait."""
+
     def __init__(s, **shapes):
         s.m = {k: np.full(v, np.nan) for k, v in shapes.items()}
         s.groups, s.cur = [], []
@@ -225,32 +251,41 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
     """One CTA of decode_split_kernel. K / V: dict(fmt, data, words): plain data holds the
     elements [rows, seq, kv_heads, HD]; quantized data the stored bytes [rows, seq, kv_heads,
     row bytes] and words the fp32 scale words [rows, seq, kv_heads, words]."""
-    kf, vf, arch = K['fmt'], V['fmt'], a['arch']
-    c = cfg(a['HD'], kf, vf)
-    HD, LE, NP, TD, KPI, NK, SUB, TILE, ST = (a['HD'], c['LE'], c['NP'], c['TD'], c['KPI'], c['NK'], c['SUB'],
-                                             c['TILE'], c['STAGES'])
-    CHK, CHV = c['CHK'], c['CHV']
-    KW, VW = FMT[kf]['words'], FMT[vf]['words']
-    kvh = z // a['head_chunks']
-    g0 = (z % a['head_chunks']) * GB
-    gcount = min(GB, a['group'] - g0)
-    qh0 = kvh * a['group'] + g0
+    kf, vf, arch = K["fmt"], V["fmt"], a["arch"]
+    c = cfg(a["HD"], kf, vf)
+    HD, LE, NP, _td, KPI, NK, SUB, TILE, ST = (
+        a["HD"],
+        c["LE"],
+        c["NP"],
+        c["TD"],
+        c["KPI"],
+        c["NK"],
+        c["SUB"],
+        c["TILE"],
+        c["STAGES"],
+    )
+    CHK, CHV = c["CHK"], c["CHV"]
+    KW, VW = FMT[kf]["words"], FMT[vf]["words"]
+    kvh = z // a["head_chunks"]
+    g0 = (z % a["head_chunks"]) * GB
+    gcount = min(GB, a["group"] - g0)
+    qh0 = kvh * a["group"] + g0
     row, lo, L = key_range(a, b, kvh)
     n = L - lo
     need = cdiv(cdiv(n, ns), TILE) * TILE
-    chunk = max(a['chunk_host'], need)
+    chunk = max(a["chunk_host"], need)
     start64 = lo + split * chunk
     start = min(start64, L)
     end = min(start64 + chunk, L)
     ntiles = cdiv(end - start, TILE)
-    a['covered'][b, kvh, start:end] += 1 if g0 == 0 else 0
+    a["covered"][b, kvh, start:end] += 1 if g0 == 0 else 0
 
     qv = np.zeros((GB, HD))
     for g in range(GB):
         if g < gcount:
-            qv[g] = q[b, qh0 + g].astype(np.float64) * a['q_scale']
+            qv[g] = q[b, qh0 + g].astype(np.float64) * a["q_scale"]
     qsum = qv.sum(axis=1)  # lane partial sums, xor-reduced over the key's lanes
-    rowK, rowV = K['data'].shape[-1], V['data'].shape[-1]
+    rowK, rowV = K["data"].shape[-1], V["data"].shape[-1]
     unitK = 8 if kf == "f16" else 16  # one 16-byte chunk: 8 elements, or 16 stored bytes
     unitV = 8 if vf == "f16" else 16
     assert rowK == CHK * unitK and rowV == CHV * unitV
@@ -258,23 +293,23 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
 
     def load_tile(t, st):
         tstart = start + t * TILE
-        for side, name, CH, unit in ((K, 'k', CHK, unitK), (V, 'v', CHV, unitV)):
+        for side, name, CH, unit in ((K, "k", CHK, unitK), (V, "v", CHV, unitV)):
             for cc_all in range(TILE * CH):
                 r, cc = divmod(cc_all, CH)
                 j = tstart + r
                 if j < end:
                     assert lo <= j < L, f"read key {j} outside [{lo}, {L})"
-                    val = side['data'][row, j, kvh, cc * unit:(cc + 1) * unit]
+                    val = side["data"][row, j, kvh, cc * unit : (cc + 1) * unit]
                     assert not np.isnan(val).any(), f"read unwritten slot {j}"
                 else:
                     val = np.zeros(unit)
                 pipe.copy(name, (st, r, slice(cc * unit, (cc + 1) * unit)), val)
-        for side, name, W in ((K, 'kw', KW), (V, 'vw', VW)):
+        for side, name, W in ((K, "kw", KW), (V, "vw", VW)):
             for cw in range(TILE * W):
                 r, w = divmod(cw, W)
                 j = tstart + r
                 if j < end:
-                    val = side['words'][row, j, kvh, w]
+                    val = side["words"][row, j, kvh, w]
                     assert not np.isnan(val), f"read unwritten scale word of slot {j}"
                 else:
                     val = 0.0
@@ -284,15 +319,15 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
         """The key's HD raw values as its NP active lanes decode them, in lane order."""
         m = pipe.m[name][stg, r]
         if fmt == "f16":
-            return np.concatenate([m[dl * LE:(dl + 1) * LE] for dl in range(NP)])
-        pb = FMT[fmt]['pb']
-        return np.concatenate([decode_piece(fmt, m[dl * pb:(dl + 1) * pb], arch) for dl in range(NP)])
+            return np.concatenate([m[dl * LE : (dl + 1) * LE] for dl in range(NP)])
+        pb = FMT[fmt]["pb"]
+        return np.concatenate([decode_piece(fmt, m[dl * pb : (dl + 1) * pb], arch) for dl in range(NP)])
 
     def scale_zero(fmt, name, W, stg, r):
         if fmt == "f16":
             return 1.0, 0.0
         w = pipe.m[name][stg]
-        return w[r * W] * decode_mul(fmt, arch), (w[r * W + 1] if FMT[fmt]['zero'] else 0.0)
+        return w[r * W] * decode_mul(fmt, arch), (w[r * W + 1] if FMT[fmt]["zero"] else 0.0)
 
     m = np.full((KPI, GB), NEG)
     d = np.zeros((KPI, GB))
@@ -317,11 +352,11 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
                 for kk in range(NK):
                     r = (u * NK + kk) * KPI + grp
                     j = tstart + r
-                    dot = qv @ raw(kf, 'k', stg, r)
-                    ks, kz = scale_zero(kf, 'kw', KW, stg, r)
+                    dot = qv @ raw(kf, "k", stg, r)
+                    ks, kz = scale_zero(kf, "kw", KW, stg, r)
                     x = dot * ks + kz * qsum
-                    if a['cap2'] > 0:
-                        x = a['cap2'] * np.tanh(x)
+                    if a["cap2"] > 0:
+                        x = a["cap2"] * np.tanh(x)
                     s_[kk] = x if j < end else NEG
                 p = np.zeros((NK, GB))
                 for g in range(GB):
@@ -340,8 +375,8 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
                     zacc[grp, g] *= f
                 for kk in range(NK):
                     r = (u * NK + kk) * KPI + grp
-                    vsc, vz = scale_zero(vf, 'vw', VW, stg, r)
-                    vr = raw(vf, 'v', stg, r)
+                    vsc, vz = scale_zero(vf, "vw", VW, stg, r)
+                    vr = raw(vf, "v", stg, r)
                     for g in range(GB):
                         zacc[grp, g] += p[kk, g] * vz
                         o[grp, g] = o[grp, g] + (p[kk, g] * vsc) * vr
@@ -390,13 +425,13 @@ def merge(ns, o_part, lse_part, out, lse):
 
 def dequant_side(side, HD):
     """Float64 values [rows, seq, kv_heads, HD] of one side (NaN where unwritten)."""
-    if side['fmt'] == "f16":
-        return side['data'].astype(np.float64)
-    data, words = side['data'], side['words']
+    if side["fmt"] == "f16":
+        return side["data"].astype(np.float64)
+    data, words = side["data"], side["words"]
     outv = np.full(data.shape[:3] + (HD,), np.nan)
     for idx in np.ndindex(*data.shape[:3]):
         if not np.isnan(data[idx]).any():
-            outv[idx] = dequant_row(side['fmt'], data[idx].astype(np.int64), words[idx], HD)
+            outv[idx] = dequant_row(side["fmt"], data[idx].astype(np.int64), words[idx], HD)
     return outv
 
 
@@ -406,13 +441,13 @@ def reference(q, Kd, Vd, a):
     lse = np.full((B, HQ), NEG)
     for b in range(B):
         for h in range(HQ):
-            kvh = h // a['group']
+            kvh = h // a["group"]
             row, lo, L = key_range(a, b, kvh)
             if L - lo <= 0:
                 continue
-            x = a['scale'] * (Kd[row, lo:L, kvh] @ q[b, h].astype(np.float64))
-            if a['softcap'] > 0:
-                x = a['softcap'] * np.tanh(x / a['softcap'])
+            x = a["scale"] * (Kd[row, lo:L, kvh] @ q[b, h].astype(np.float64))
+            if a["softcap"] > 0:
+                x = a["softcap"] * np.tanh(x / a["softcap"])
             mx = x.max()
             e = np.exp(x - mx)
             lse[b, h] = mx + math.log(e.sum())
@@ -428,14 +463,31 @@ def make_side(rng, fmt, rows, max_seq, HKV, HD, written):
             data[r, :n] = rng.standard_normal((n, HKV, HD)).astype(np.float16)
         return dict(fmt=fmt, data=data, words=None)
     data = np.full((rows, max_seq, HKV, row_bytes(fmt, HD)), np.nan)
-    words = np.full((rows, max_seq, HKV, FMT[fmt]['words']), np.nan)
+    words = np.full((rows, max_seq, HKV, FMT[fmt]["words"]), np.nan)
     for r, n in written:
         data[r, :n], words[r, :n] = random_side(rng, fmt, (n, HKV), HD)
     return dict(fmt=fmt, data=data, words=words)
 
 
-def run(HD, B, HQ, HKV, lens, max_seq, window=-1, softcap=0.0, hint=-1, sms=132, row_ids=None, head_lens=None,
-        seed=0, name="", kf="f16", vf="f16", arch=80):
+def run(
+    HD,
+    B,
+    HQ,
+    HKV,
+    lens,
+    max_seq,
+    window=-1,
+    softcap=0.0,
+    hint=-1,
+    sms=132,
+    row_ids=None,
+    head_lens=None,
+    seed=0,
+    name="",
+    kf="f16",
+    vf="f16",
+    arch=80,
+):
     rng = np.random.default_rng(seed)
     rows = max(B, 3)
     rl = [lens[b] if head_lens is None else max(head_lens[b]) for b in range(B)]
@@ -448,10 +500,24 @@ def run(HD, B, HQ, HKV, lens, max_seq, window=-1, softcap=0.0, hint=-1, sms=132,
     group = HQ // HKV
     maxk = hint if hint >= 0 else max([0] + [x for x in (lens if head_lens is None else sum(head_lens, []))])
     GB, chunks, ns, chunk_host = make_plan(B, HQ, HKV, HD, maxk, max_seq, window, sms, kf, vf)
-    a = dict(HD=HD, group=group, head_chunks=chunks, chunk_host=chunk_host, num_rows=rows, max_seq=max_seq,
-             row_ids=row_ids, seqlens=lens, head_lens=head_lens, window=window, scale=scale, softcap=softcap,
-             q_scale=scale / softcap if softcap > 0 else scale * LOG2E, cap2=softcap * LOG2E if softcap > 0 else 0.0,
-             covered=np.zeros((B, HKV, max_seq), np.int64), arch=arch)
+    a = dict(
+        HD=HD,
+        group=group,
+        head_chunks=chunks,
+        chunk_host=chunk_host,
+        num_rows=rows,
+        max_seq=max_seq,
+        row_ids=row_ids,
+        seqlens=lens,
+        head_lens=head_lens,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        q_scale=scale / softcap if softcap > 0 else scale * LOG2E,
+        cap2=softcap * LOG2E if softcap > 0 else 0.0,
+        covered=np.zeros((B, HKV, max_seq), np.int64),
+        arch=arch,
+    )
     out = np.full((B, HQ, HD), np.nan)
     lse = np.full((B, HQ), np.nan)
     o_part = np.full((ns, B, HQ, HD), np.nan)
@@ -469,7 +535,7 @@ def run(HD, B, HQ, HKV, lens, max_seq, window=-1, softcap=0.0, hint=-1, sms=132,
             row, lo, L = key_range(a, b, kvh)
             want = np.zeros(max_seq, np.int64)
             want[lo:L] = 1
-            if not (a['covered'][b, kvh] == want).all():
+            if not (a["covered"][b, kvh] == want).all():
                 ok = False
                 print(f"  coverage wrong for b={b} kvh={kvh}")
     if np.isnan(out).any() or np.isnan(lse).any():
@@ -483,8 +549,11 @@ def run(HD, B, HQ, HKV, lens, max_seq, window=-1, softcap=0.0, hint=-1, sms=132,
     lerr = np.abs(lse[fin] - rlse[fin]).max() if fin.any() else 0.0
     ok = ok and err < 1e-9 and lerr < 1e-9
     fmts = "" if kf == vf == "f16" else f" K={kf} V={vf} sm_{arch}"
-    print(f"{name}: HD={HD} B={B} HQ={HQ} HKV={HKV}{fmts} GB={GB} chunks={chunks} splits={ns} chunk={chunk_host} "
-          f"err {err:.1e} lse {lerr:.1e} {'OK' if ok else 'FAIL'}", flush=True)
+    print(
+        f"{name}: HD={HD} B={B} HQ={HQ} HKV={HKV}{fmts} GB={GB} chunks={chunks} splits={ns} chunk={chunk_host} "
+        f"err {err:.1e} lse {lerr:.1e} {'OK' if ok else 'FAIL'}",
+        flush=True,
+    )
     return ok
 
 
@@ -494,25 +563,105 @@ CASES = [
     dict(name="hint below real length", HD=64, B=2, HQ=2, HKV=1, lens=[900, 300], max_seq=1000, hint=260, sms=8),
     dict(name="GQA 3 -> 4 (padded head)", HD=96, B=1, HQ=6, HKV=2, lens=[300], max_seq=320, sms=4),
     dict(name="GQA 12 -> 2 chunks of 8", HD=64, B=1, HQ=12, HKV=1, lens=[77], max_seq=96, sms=1),
-    dict(name="window + softcap", HD=128, B=2, HQ=4, HKV=2, lens=[600, 40], max_seq=640, window=300, softcap=20.0, sms=4),
+    dict(
+        name="window + softcap", HD=128, B=2, HQ=4, HKV=2, lens=[600, 40], max_seq=640, window=300, softcap=20.0, sms=4
+    ),
     dict(name="window 0", HD=256, B=1, HQ=2, HKV=1, lens=[50], max_seq=64, window=0, sms=1),
-    dict(name="per-head lengths", HD=64, B=2, HQ=4, HKV=2, lens=[0, 0], head_lens=[[530, 0], [3, 260]], max_seq=600, sms=8),
-    dict(name="empty rows, bad slot, L>capacity", HD=128, B=3, HQ=2, HKV=1, lens=[0, 90, 200], max_seq=100,
-         row_ids=[0, 7, 2], sms=16),
+    dict(
+        name="per-head lengths",
+        HD=64,
+        B=2,
+        HQ=4,
+        HKV=2,
+        lens=[0, 0],
+        head_lens=[[530, 0], [3, 260]],
+        max_seq=600,
+        sms=8,
+    ),
+    dict(
+        name="empty rows, bad slot, L>capacity",
+        HD=128,
+        B=3,
+        HQ=2,
+        HKV=1,
+        lens=[0, 90, 200],
+        max_seq=100,
+        row_ids=[0, 7, 2],
+        sms=16,
+    ),
     dict(name="HD 256, GQA 8, splits", HD=256, B=1, HQ=8, HKV=1, lens=[520], max_seq=530, sms=2),
-    dict(name="HD 96, GQA 5 -> 8", HD=96, B=2, HQ=10, HKV=2, lens=[257, 31], max_seq=300, window=200, softcap=30.0, sms=4),
+    dict(
+        name="HD 96, GQA 5 -> 8", HD=96, B=2, HQ=10, HKV=2, lens=[257, 31], max_seq=300, window=200, softcap=30.0, sms=4
+    ),
     # Quantized K/V: every format on each side, both fp8 decode paths, sub-tiles, splits.
     dict(name="int8, splits", HD=128, B=1, HQ=4, HKV=2, lens=[300], max_seq=320, sms=4, kf="int8", vf="int8"),
-    dict(name="fp8 (sm_80 bit trick), GQA 3 -> 4", HD=96, B=1, HQ=3, HKV=1, lens=[140], max_seq=160, sms=1,
-         kf="fp8", vf="fp8", arch=80),
-    dict(name="fp8 (sm_90 cvt), window", HD=64, B=2, HQ=4, HKV=2, lens=[200, 9], max_seq=256, window=100, sms=4,
-         kf="fp8", vf="fp8", arch=90),
-    dict(name="int4, splits, softcap", HD=64, B=1, HQ=2, HKV=1, lens=[600], max_seq=640, softcap=20.0, sms=8,
-         kf="int4", vf="int4"),
-    dict(name="int8 K, int4 V, hint low", HD=128, B=2, HQ=4, HKV=1, lens=[150, 70], max_seq=200, hint=40, sms=4,
-         kf="int8", vf="int4"),
-    dict(name="int4 K, fp8 V, per-head lengths", HD=256, B=1, HQ=2, HKV=2, lens=[0], head_lens=[[70, 5]], max_seq=80,
-         sms=2, kf="int4", vf="fp8", arch=80),
+    dict(
+        name="fp8 (sm_80 bit trick), GQA 3 -> 4",
+        HD=96,
+        B=1,
+        HQ=3,
+        HKV=1,
+        lens=[140],
+        max_seq=160,
+        sms=1,
+        kf="fp8",
+        vf="fp8",
+        arch=80,
+    ),
+    dict(
+        name="fp8 (sm_90 cvt), window",
+        HD=64,
+        B=2,
+        HQ=4,
+        HKV=2,
+        lens=[200, 9],
+        max_seq=256,
+        window=100,
+        sms=4,
+        kf="fp8",
+        vf="fp8",
+        arch=90,
+    ),
+    dict(
+        name="int4, splits, softcap",
+        HD=64,
+        B=1,
+        HQ=2,
+        HKV=1,
+        lens=[600],
+        max_seq=640,
+        softcap=20.0,
+        sms=8,
+        kf="int4",
+        vf="int4",
+    ),
+    dict(
+        name="int8 K, int4 V, hint low",
+        HD=128,
+        B=2,
+        HQ=4,
+        HKV=1,
+        lens=[150, 70],
+        max_seq=200,
+        hint=40,
+        sms=4,
+        kf="int8",
+        vf="int4",
+    ),
+    dict(
+        name="int4 K, fp8 V, per-head lengths",
+        HD=256,
+        B=1,
+        HQ=2,
+        HKV=2,
+        lens=[0],
+        head_lens=[[70, 5]],
+        max_seq=80,
+        sms=2,
+        kf="int4",
+        vf="fp8",
+        arch=80,
+    ),
     dict(name="int4 HD 96, GQA 8", HD=96, B=1, HQ=8, HKV=1, lens=[100], max_seq=128, sms=1, kf="int4", vf="int4"),
 ]
 

@@ -20,7 +20,7 @@ def _scope(rel, struct):
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i:j + 1]
+            return text[i : j + 1]
     raise ValueError(f"unbalanced braces in struct {struct} of {rel}")
 
 
@@ -41,8 +41,10 @@ def template_instances(rel, template):
     """The leading integer arguments of every `template<a, b, ...>` spelled in file rel (up to
     the first argument that is not an integer literal)."""
     text = (ROOT / rel).read_text()
-    return [tuple(int(x) for x in m.group(1).split(","))
-            for m in re.finditer(r"\b%s<\s*(\d+(?:\s*,\s*\d+)*)\s*[,>]" % re.escape(template), text)]
+    return [
+        tuple(int(x) for x in m.group(1).split(","))
+        for m in re.finditer(r"\b%s<\s*(\d+(?:\s*,\s*\d+)*)\s*[,>]" % re.escape(template), text)
+    ]
 
 
 def decode_split():

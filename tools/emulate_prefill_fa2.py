@@ -4,48 +4,71 @@
 # online softmax, epilogue), run per CTA, compared with a float64 reference. Quantized K/V
 # (fp8 / int8 / int4) go through a model of QuantTileLoader (unit -> thread mapping, swizzled
 # chunk offsets, row masks, the bit operations of the code conversions).
-import numpy as np, math, itertools, pathlib, sys
+import numpy as np
+import math
+import pathlib
+import sys
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from emulate_headers import prefill_fa2  # noqa: E402  (the constants, read from the sources)
+
 NEG = -np.inf
 H = prefill_fa2()
-NT_CTA = H['threads']          # Fa2Config::kThreads
-ROWS_PER_MT = 16 * H['warps']  # BM = 16 * MT * kWarps
+NT_CTA = H["threads"]  # Fa2Config::kThreads
+ROWS_PER_MT = 16 * H["warps"]  # BM = 16 * MT * kWarps
 
-def offset(r, c, kch): return (r * kch + (c ^ (r & 7))) * 16
+
+def offset(r, c, kch):
+    return (r * kch + (c ^ (r & 7))) * 16
+
 
 class Smem:
-    def __init__(s, nbytes): s.m = np.full(nbytes // 2, np.nan, np.float32); s.pending = []
-    def land(s):  # cp_async_wait_all + __syncthreads
-        for dst, val in s.pending: s.m[dst:dst+8] = val
+    def __init__(s, nbytes):
+        s.m = np.full(nbytes // 2, np.nan, np.float32)
         s.pending = []
+
+    def land(s):  # cp_async_wait_all + __syncthreads
+        for dst, val in s.pending:
+            s.m[dst : dst + 8] = val
+        s.pending = []
+
     def ldm(s, addrs, trans=False):
-        regs = [[None]*4 for _ in range(32)]
+        regs = [[None] * 4 for _ in range(32)]
         for l in range(32):
             g, t = l >> 2, l & 3
             for i in range(4):
                 if not trans:
-                    a = addrs[8*i + g] // 2
-                    regs[l][i] = (s.m[a + 2*t], s.m[a + 2*t + 1])
+                    a = addrs[8 * i + g] // 2
+                    regs[l][i] = (s.m[a + 2 * t], s.m[a + 2 * t + 1])
                 else:
-                    regs[l][i] = (s.m[addrs[8*i + 2*t]//2 + g], s.m[addrs[8*i + 2*t + 1]//2 + g])
+                    regs[l][i] = (s.m[addrs[8 * i + 2 * t] // 2 + g], s.m[addrs[8 * i + 2 * t + 1] // 2 + g])
         return regs
 
+
 def mma(c, a, b0, b1):  # c: [32][4] lists; a: [32][4] pairs; b0,b1: [32] pairs
-    A = np.zeros((16, 16)); B = np.zeros((16, 8)); C = np.zeros((16, 8))
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    C = np.zeros((16, 8))
     for l in range(32):
         g, t = l >> 2, l & 3
-        A[g, 2*t:2*t+2] = a[l][0]; A[g+8, 2*t:2*t+2] = a[l][1]
-        A[g, 2*t+8:2*t+10] = a[l][2]; A[g+8, 2*t+8:2*t+10] = a[l][3]
-        B[2*t:2*t+2, g] = b0[l]; B[2*t+8:2*t+10, g] = b1[l]
-        C[g, 2*t:2*t+2] = c[l][0:2]; C[g+8, 2*t:2*t+2] = c[l][2:4]
+        A[g, 2 * t : 2 * t + 2] = a[l][0]
+        A[g + 8, 2 * t : 2 * t + 2] = a[l][1]
+        A[g, 2 * t + 8 : 2 * t + 10] = a[l][2]
+        A[g + 8, 2 * t + 8 : 2 * t + 10] = a[l][3]
+        B[2 * t : 2 * t + 2, g] = b0[l]
+        B[2 * t + 8 : 2 * t + 10, g] = b1[l]
+        C[g, 2 * t : 2 * t + 2] = c[l][0:2]
+        C[g + 8, 2 * t : 2 * t + 2] = c[l][2:4]
     Dm = A @ B + C
     for l in range(32):
         g, t = l >> 2, l & 3
-        c[l][0], c[l][1] = Dm[g, 2*t], Dm[g, 2*t+1]
-        c[l][2], c[l][3] = Dm[g+8, 2*t], Dm[g+8, 2*t+1]
+        c[l][0], c[l][1] = Dm[g, 2 * t], Dm[g, 2 * t + 1]
+        c[l][2], c[l][3] = Dm[g + 8, 2 * t], Dm[g + 8, 2 * t + 1]
 
-def r16(x): return float(np.float16(x))
+
+def r16(x):
+    return float(np.float16(x))
+
 
 def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=NT_CTA):
     # cp.async model: the destination reads as NaN from the issue until cp_async_wait_all lands
@@ -54,16 +77,21 @@ def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=NT_CTA):
     assert (rows * kch) % NT == 0
     for it in range(rows * kch // NT):
         for tid in range(NT):
-            idx = it * NT + tid; r = idx // kch; c = idx % kch
+            idx = it * NT + tid
+            r = idx // kch
+            c = idx % kch
             dst = (base_off + offset(r, c, kch)) // 2
             if lo <= r < hi:
                 g = row0 + r
-                assert 0 <= g < src.shape[0] and not np.isnan(src[g, c*8:c*8+8]).any(), "read invalid row %d" % g
-                val = src[g, c*8:c*8+8].copy()
+                assert 0 <= g < src.shape[0] and not np.isnan(src[g, c * 8 : c * 8 + 8]).any(), (
+                    "read invalid row %d" % g
+                )
+                val = src[g, c * 8 : c * 8 + 8].copy()
             else:
                 val = np.zeros(8, np.float32)
-            sm.m[dst:dst+8] = np.nan
+            sm.m[dst : dst + 8] = np.nan
             sm.pending.append((dst, val))
+
 
 # ---- quantized K/V: QuantTileLoader / QuantChunk of prefill_tile.cuh -------------------------
 # A quantized cache side is (codes uint8 [max_seq, D * bits / 8], words float32 [max_seq, n]).
@@ -72,14 +100,23 @@ def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=NT_CTA):
 QUANT = {"fp8": dict(bits=8, words=1), "int8": dict(bits=8, words=1), "int4": dict(bits=4, words=2)}
 TWO23 = np.float32(8388608.0)
 
-def u32_as_f32(u): return np.array([u], np.uint32).view(np.float32)[0]
-def small_uint_to_float(u): return np.float32(u32_as_f32(0x4B000000 | u) - TWO23)
+
+def u32_as_f32(u):
+    return np.array([u], np.uint32).view(np.float32)[0]
+
+
+def small_uint_to_float(u):
+    return np.float32(u32_as_f32(0x4B000000 | u) - TWO23)
+
 
 def byte_perm(a, b, sel):  # __byte_perm(a, b, sel): result byte i = byte (sel >> 4i) & 7 of {a, b}
     src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
     return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
 
-def half_bits_to_f32(h): return np.float32(np.array([h], np.uint16).view(np.float16)[0])
+
+def half_bits_to_f32(h):
+    return np.float32(np.array([h], np.uint16).view(np.float16)[0])
+
 
 def chunk_values(fmt, cw, w):
     """QuantChunk<Format>::to: 8 fp32 values of one chunk (before the rounding to T)."""
@@ -101,33 +138,40 @@ def chunk_values(fmt, cw, w):
                 x += [half_bits_to_f32(h & 0xFFFF) * s, half_bits_to_f32(h >> 16) * s]
     return [np.float32(v) for v in x]
 
+
 def load_tile_quant(sm, base_off, rows, D, side, fmt, row0, lo, hi, NT=NT_CTA):
     codes, words = side
     bits, nw = QUANT[fmt]["bits"], QUANT[fmt]["words"]
-    code_words = 2 if bits == 8 else 1          # QuantChunk::kCodeWords
-    cpu = 4 // code_words                       # kChunksPerUnit
-    epu = 8 * cpu                               # kElemsPerUnit
+    code_words = 2 if bits == 8 else 1  # QuantChunk::kCodeWords
+    cpu = 4 // code_words  # kChunksPerUnit
+    epu = 8 * cpu  # kElemsPerUnit
     assert D % epu == 0
-    upr = D // epu                              # kUnitsPerRow
+    upr = D // epu  # kUnitsPerRow
     assert (rows * upr) % NT == 0
     kch = D // 8
     for it in range(rows * upr // NT):
         for tid in range(NT):
-            idx = it * NT + tid; r = idx // upr; u = idx % upr
+            idx = it * NT + tid
+            r = idx // upr
+            u = idx % upr
             raw, w = np.zeros(16, np.uint8), np.zeros(nw, np.float32)
             if lo <= r < hi:
                 g = row0 + r
                 assert 0 <= g < codes.shape[0] and not np.isnan(words[g]).any(), "read invalid row %d" % g
-                raw, w = codes[g, u * 16:(u + 1) * 16], words[g]
+                raw, w = codes[g, u * 16 : (u + 1) * 16], words[g]
             cw = [int(v) for v in raw.view("<u4")]
             for c in range(cpu):
-                vals = chunk_values(fmt, cw[c * code_words:(c + 1) * code_words], w)
+                vals = chunk_values(fmt, cw[c * code_words : (c + 1) * code_words], w)
                 dst = (base_off + offset(r, u * cpu + c, kch)) // 2
-                sm.m[dst:dst + 8] = np.array(vals, np.float32).astype(np.float16)  # rounded to T once
+                sm.m[dst : dst + 8] = np.array(vals, np.float32).astype(np.float16)  # rounded to T once
+
 
 def fp8_value(b):  # e4m3fn by definition (independent of the bit trick)
-    sgn = -1.0 if b & 0x80 else 1.0; e = (b >> 3) & 0xF; m = b & 7
-    return sgn * (m * 2.0 ** -9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+    sgn = -1.0 if b & 0x80 else 1.0
+    e = (b >> 3) & 0xF
+    m = b & 7
+    return sgn * (m * 2.0**-9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
 
 def quant_side(rng, fmt, L, max_seq, D):
     """Random codes and scale words for tokens < L (garbage codes, NaN words past L), and the
@@ -138,184 +182,272 @@ def quant_side(rng, fmt, L, max_seq, D):
     vals = np.zeros((L, D), np.float32)
     for j in range(L):
         if fmt == "int8":
-            c = rng.integers(-127, 128, D); s = np.float32(rng.uniform(0.005, 0.03))
-            codes[j] = c.astype(np.int8).view(np.uint8); words[j, 0] = s
+            c = rng.integers(-127, 128, D)
+            s = np.float32(rng.uniform(0.005, 0.03))
+            codes[j] = c.astype(np.int8).view(np.uint8)
+            words[j, 0] = s
             vals[j] = c.astype(np.float32) * s
         elif fmt == "int4":
-            c = rng.integers(0, 16, D); s = np.float32(rng.uniform(0.1, 0.4)); z = np.float32(rng.uniform(-2, -0.5))
-            codes[j] = (c[0::2] | (c[1::2] << 4)).astype(np.uint8); words[j] = (s, z)
+            c = rng.integers(0, 16, D)
+            s = np.float32(rng.uniform(0.1, 0.4))
+            z = np.float32(rng.uniform(-2, -0.5))
+            codes[j] = (c[0::2] | (c[1::2] << 4)).astype(np.uint8)
+            words[j] = (s, z)
             vals[j] = (c.astype(np.float32) * s).astype(np.float32) + z
         else:
-            c = rng.integers(0, 256, D); c[(c & 0x7F) == 0x7F] = 0x7E  # no NaN codes
+            c = rng.integers(0, 256, D)
+            c[(c & 0x7F) == 0x7F] = 0x7E  # no NaN codes
             s = np.float32(rng.uniform(0.002, 0.01))
-            codes[j] = c.astype(np.uint8); words[j, 0] = s
+            codes[j] = c.astype(np.uint8)
+            words[j, 0] = s
             vals[j] = np.array([fp8_value(int(b)) for b in c], np.float32) * s
     return (codes, words), vals
 
+
 def load_kv(sm, base_off, rows, D, src, fmt, row0, lo, hi):
-    if fmt is None: load_tile(sm, base_off, rows, D, src, row0, lo, hi)
-    else: load_tile_quant(sm, base_off, rows, D, src, fmt, row0, lo, hi)
+    if fmt is None:
+        load_tile(sm, base_off, rows, D, src, row0, lo, hi)
+    else:
+        load_tile_quant(sm, base_off, rows, D, src, fmt, row0, lo, hi)
+
 
 def cta(q, K, V, n_b, L, max_seq, m_block, D, MT, BN, scale, softcap, wl, out, lse, kfmt=None, vfmt=None):
-    BM = ROWS_PER_MT * MT; kch = D // 8
+    BM = ROWS_PER_MT * MT
+    kch = D // 8
     m0 = m_block * BM
-    if m0 >= n_b: return
+    if m0 >= n_b:
+        return
     m_valid = min(BM, n_b - m0)
     readable = min(L, max_seq)  # RowKeys::readable (key_range.h)
-    shift = L - n_b; pos_first = shift + m0; pos_last = shift + m0 + m_valid - 1
-    k_hi = min(pos_last, readable - 1); k_lo = max(0, pos_first - wl) if wl >= 0 else 0
+    shift = L - n_b
+    pos_first = shift + m0
+    pos_last = shift + m0 + m_valid - 1
+    k_hi = min(pos_last, readable - 1)
+    k_lo = max(0, pos_first - wl) if wl >= 0 else 0
     if k_hi < k_lo:
-        out[m0:m0+m_valid] = 0; lse[m0:m0+m_valid] = NEG; return
-    sm = Smem((BM + 2*BN) * D * 2); sQ = 0; sK = BM * D * 2; sV = sK + BN * D * 2
+        out[m0 : m0 + m_valid] = 0
+        lse[m0 : m0 + m_valid] = NEG
+        return
+    sm = Smem((BM + 2 * BN) * D * 2)
+    sQ = 0
+    sK = BM * D * 2
+    sV = sK + BN * D * 2
     tf, tl = k_lo // BN, k_hi // BN
     load_tile(sm, sQ, BM, D, q, m0, 0, m_valid)
-    load_kv(sm, sK, BN, D, K, kfmt, tf*BN, k_lo - tf*BN, k_hi + 1 - tf*BN)
+    load_kv(sm, sK, BN, D, K, kfmt, tf * BN, k_lo - tf * BN, k_hi + 1 - tf * BN)
     sm.land()
     warps = []
-    for w in range(H['warps']):
-        qf = [[None]*(D//16) for _ in range(MT)]
+    for w in range(H["warps"]):
+        qf = [[None] * (D // 16) for _ in range(MT)]
         for mt in range(MT):
-            for kk in range(D//16):
-                addrs = [sQ + offset((w*MT+mt)*16 + (l & 15), kk*2 + (l >> 4), kch) for l in range(32)]
+            for kk in range(D // 16):
+                addrs = [sQ + offset((w * MT + mt) * 16 + (l & 15), kk * 2 + (l >> 4), kch) for l in range(32)]
                 qf[mt][kk] = sm.ldm(addrs)
-        koff = [[sK + offset((l & 7) + ((l >> 4) << 3), 2*j + ((l >> 3) & 1), kch) for l in range(32)] for j in range(4)]
-        voff = [[sV + offset((l & 7) + (((l >> 3) & 1) << 3), 2*j + (l >> 4), kch) for l in range(32)] for j in range(4)]
-        o = [[[[0.0]*4 for _ in range(32)] for _ in range(D//8)] for _ in range(MT)]
-        rm = [[[NEG]*2 for _ in range(32)] for _ in range(MT)]
-        rd = [[[0.0]*2 for _ in range(32)] for _ in range(MT)]
+        koff = [
+            [sK + offset((l & 7) + ((l >> 4) << 3), 2 * j + ((l >> 3) & 1), kch) for l in range(32)] for j in range(4)
+        ]
+        voff = [
+            [sV + offset((l & 7) + (((l >> 3) & 1) << 3), 2 * j + (l >> 4), kch) for l in range(32)] for j in range(4)
+        ]
+        o = [[[[0.0] * 4 for _ in range(32)] for _ in range(D // 8)] for _ in range(MT)]
+        rm = [[[NEG] * 2 for _ in range(32)] for _ in range(MT)]
+        rd = [[[0.0] * 2 for _ in range(32)] for _ in range(MT)]
         warps.append(dict(qf=qf, koff=koff, voff=voff, o=o, rm=rm, rd=rd))
-    capped = softcap > 0; sl2 = scale * math.log2(math.e)
-    cap_in = scale / softcap if capped else 0; cap_out = softcap * math.log2(math.e) if capped else 0
+    capped = softcap > 0
+    sl2 = scale * math.log2(math.e)
+    cap_in = scale / softcap if capped else 0
+    cap_out = softcap * math.log2(math.e) if capped else 0
     pos_row_last = shift + m0 + BM - 1
     rowB = D * 2
     for t in range(tf, tl + 1):
         n0 = t * BN
-        if t != tf: sm.land()  # K(t) landed; every warp done with P*V of tile t-1
+        if t != tf:
+            sm.land()  # K(t) landed; every warp done with P*V of tile t-1
         load_kv(sm, sV, BN, D, V, vfmt, n0, k_lo - n0, k_hi + 1 - n0)
         full = (n0 + BN - 1 <= min(pos_first, k_hi)) and (wl < 0 or n0 >= pos_row_last - wl)
         S_all = []
         for w in range(4):
             W = warps[w]
-            s = [[[[0.0]*4 for _ in range(32)] for _ in range(BN//8)] for _ in range(MT)]
-            for kk in range(D//16):
-                for np_ in range(BN//16):
-                    addrs = [W['koff'][kk & 3][l] + (kk >> 2)*128 + np_*16*rowB for l in range(32)]
+            s = [[[[0.0] * 4 for _ in range(32)] for _ in range(BN // 8)] for _ in range(MT)]
+            for kk in range(D // 16):
+                for np_ in range(BN // 16):
+                    addrs = [W["koff"][kk & 3][l] + (kk >> 2) * 128 + np_ * 16 * rowB for l in range(32)]
                     kb = sm.ldm(addrs)
                     for mt in range(MT):
-                        mma(s[mt][2*np_], W['qf'][mt][kk], [kb[l][0] for l in range(32)], [kb[l][1] for l in range(32)])
-                        mma(s[mt][2*np_+1], W['qf'][mt][kk], [kb[l][2] for l in range(32)], [kb[l][3] for l in range(32)])
+                        mma(
+                            s[mt][2 * np_],
+                            W["qf"][mt][kk],
+                            [kb[l][0] for l in range(32)],
+                            [kb[l][1] for l in range(32)],
+                        )
+                        mma(
+                            s[mt][2 * np_ + 1],
+                            W["qf"][mt][kk],
+                            [kb[l][2] for l in range(32)],
+                            [kb[l][3] for l in range(32)],
+                        )
             for l in range(32):
                 g, tg = l >> 2, l & 3
                 for mt in range(MT):
-                    for nt in range(BN//8):
+                    for nt in range(BN // 8):
                         for c in range(4):
                             x = cap_out * math.tanh(s[mt][nt][l][c] * cap_in) if capped else s[mt][nt][l][c] * sl2
                             if not full:
-                                pos = shift + m0 + (w*MT+mt)*16 + g + 8*(c >> 1)
-                                key = n0 + 8*nt + 2*tg + (c & 1)
-                                hi_r = min(pos, k_hi); lo_r = pos - wl if wl >= 0 else 0
-                                if key > hi_r or key < lo_r: x = NEG
+                                pos = shift + m0 + (w * MT + mt) * 16 + g + 8 * (c >> 1)
+                                key = n0 + 8 * nt + 2 * tg + (c & 1)
+                                hi_r = min(pos, k_hi)
+                                lo_r = pos - wl if wl >= 0 else 0
+                                if key > hi_r or key < lo_r:
+                                    x = NEG
                             s[mt][nt][l][c] = x
             for mt in range(MT):
                 for rh in range(2):
                     # quad max
-                    mx_l = [max([max(s[mt][nt][l][2*rh], s[mt][nt][l][2*rh+1]) for nt in range(BN//8)]) for l in range(32)]
+                    mx_l = [
+                        max([max(s[mt][nt][l][2 * rh], s[mt][nt][l][2 * rh + 1]) for nt in range(BN // 8)])
+                        for l in range(32)
+                    ]
                     for l in range(32):
                         q4 = (l // 4) * 4
-                        mx = max(mx_l[q4:q4+4])
-                        m_new = max(W['rm'][mt][l][rh], mx)
+                        mx = max(mx_l[q4 : q4 + 4])
+                        m_new = max(W["rm"][mt][l][rh], mx)
                         m_use = 0.0 if m_new == NEG else m_new
-                        f = 2.0 ** (W['rm'][mt][l][rh] - m_use)
-                        W['rm'][mt][l][rh] = m_new
+                        f = 2.0 ** (W["rm"][mt][l][rh] - m_use)
+                        W["rm"][mt][l][rh] = m_new
                         sm_ = 0.0
-                        for nt in range(BN//8):
-                            p0 = 2.0 ** (s[mt][nt][l][2*rh] - m_use); p1 = 2.0 ** (s[mt][nt][l][2*rh+1] - m_use)
-                            s[mt][nt][l][2*rh] = p0; s[mt][nt][l][2*rh+1] = p1; sm_ += p0 + p1
-                        W['rd'][mt][l][rh] = W['rd'][mt][l][rh] * f + sm_
-                        for dt in range(D//8):
-                            W['o'][mt][dt][l][2*rh] *= f; W['o'][mt][dt][l][2*rh+1] *= f
+                        for nt in range(BN // 8):
+                            p0 = 2.0 ** (s[mt][nt][l][2 * rh] - m_use)
+                            p1 = 2.0 ** (s[mt][nt][l][2 * rh + 1] - m_use)
+                            s[mt][nt][l][2 * rh] = p0
+                            s[mt][nt][l][2 * rh + 1] = p1
+                            sm_ += p0 + p1
+                        W["rd"][mt][l][rh] = W["rd"][mt][l][rh] * f + sm_
+                        for dt in range(D // 8):
+                            W["o"][mt][dt][l][2 * rh] *= f
+                            W["o"][mt][dt][l][2 * rh + 1] *= f
             S_all.append(s)
         sm.land()  # V(t) landed; every warp done reading K(t)
         if t < tl:  # K(t+1) is in flight during P*V (which must read only V)
             n1 = n0 + BN
             load_kv(sm, sK, BN, D, K, kfmt, n1, k_lo - n1, k_hi + 1 - n1)
         for w in range(4):
-            W = warps[w]; s = S_all[w]
-            for kk in range(BN//16):
-                pa = [[[(r16(s[mt][2*kk][l][0]), r16(s[mt][2*kk][l][1])), (r16(s[mt][2*kk][l][2]), r16(s[mt][2*kk][l][3])),
-                        (r16(s[mt][2*kk+1][l][0]), r16(s[mt][2*kk+1][l][1])), (r16(s[mt][2*kk+1][l][2]), r16(s[mt][2*kk+1][l][3]))]
-                       for l in range(32)] for mt in range(MT)]
-                for dp in range(D//16):
-                    addrs = [W['voff'][dp & 3][l] + (dp >> 2)*128 + kk*16*rowB for l in range(32)]
+            W = warps[w]
+            s = S_all[w]
+            for kk in range(BN // 16):
+                pa = [
+                    [
+                        [
+                            (r16(s[mt][2 * kk][l][0]), r16(s[mt][2 * kk][l][1])),
+                            (r16(s[mt][2 * kk][l][2]), r16(s[mt][2 * kk][l][3])),
+                            (r16(s[mt][2 * kk + 1][l][0]), r16(s[mt][2 * kk + 1][l][1])),
+                            (r16(s[mt][2 * kk + 1][l][2]), r16(s[mt][2 * kk + 1][l][3])),
+                        ]
+                        for l in range(32)
+                    ]
+                    for mt in range(MT)
+                ]
+                for dp in range(D // 16):
+                    addrs = [W["voff"][dp & 3][l] + (dp >> 2) * 128 + kk * 16 * rowB for l in range(32)]
                     vb = sm.ldm(addrs, trans=True)
                     for mt in range(MT):
-                        mma(W['o'][mt][2*dp], pa[mt], [vb[l][0] for l in range(32)], [vb[l][1] for l in range(32)])
-                        mma(W['o'][mt][2*dp+1], pa[mt], [vb[l][2] for l in range(32)], [vb[l][3] for l in range(32)])
+                        mma(W["o"][mt][2 * dp], pa[mt], [vb[l][0] for l in range(32)], [vb[l][1] for l in range(32)])
+                        mma(
+                            W["o"][mt][2 * dp + 1], pa[mt], [vb[l][2] for l in range(32)], [vb[l][3] for l in range(32)]
+                        )
     for w in range(4):
         W = warps[w]
         for mt in range(MT):
             for rh in range(2):
                 for l in range(32):
-                    g, tg = l >> 2, l & 3; q4 = (l // 4) * 4
-                    d = sum(W['rd'][mt][q4 + k][rh] for k in range(4))
+                    g, tg = l >> 2, l & 3
+                    q4 = (l // 4) * 4
+                    d = sum(W["rd"][mt][q4 + k][rh] for k in range(4))
                     inv = 1.0 / d if d > 0 else 0.0
-                    r = (w*MT+mt)*16 + g + 8*rh
+                    r = (w * MT + mt) * 16 + g + 8 * rh
                     if r < m_valid:
-                        for dt in range(D//8):
-                            col = dt*8 + 2*tg
-                            out[m0 + r, col] = W['o'][mt][dt][l][2*rh] * inv
-                            out[m0 + r, col + 1] = W['o'][mt][dt][l][2*rh + 1] * inv
+                        for dt in range(D // 8):
+                            col = dt * 8 + 2 * tg
+                            out[m0 + r, col] = W["o"][mt][dt][l][2 * rh] * inv
+                            out[m0 + r, col + 1] = W["o"][mt][dt][l][2 * rh + 1] * inv
                         if tg == 0:
-                            lse[m0 + r] = (W['rm'][mt][l][rh] + math.log2(d)) * math.log(2) if d > 0 else NEG
+                            lse[m0 + r] = (W["rm"][mt][l][rh] + math.log2(d)) * math.log(2) if d > 0 else NEG
+
 
 def reference(q, K, V, n_b, L, scale, softcap, wl):
-    out = np.zeros((n_b, q.shape[1])); lse = np.full(n_b, NEG)
+    out = np.zeros((n_b, q.shape[1]))
+    lse = np.full(n_b, NEG)
     for i in range(n_b):
         pos = L - n_b + i
         lo = max(0, pos - wl) if wl >= 0 else 0
         js = [j for j in range(lo, pos + 1) if 0 <= j < L]
-        if not js: continue
+        if not js:
+            continue
         x = np.array([scale * float(np.dot(q[i].astype(np.float64), K[j].astype(np.float64))) for j in js])
-        if softcap > 0: x = softcap * np.tanh(x / softcap)
-        m = x.max(); e = np.exp(x - m); lse[i] = m + math.log(e.sum())
+        if softcap > 0:
+            x = softcap * np.tanh(x / softcap)
+        m = x.max()
+        e = np.exp(x - m)
+        lse[i] = m + math.log(e.sum())
         out[i] = (e / e.sum()) @ V[js].astype(np.float64)
     return out, lse
+
 
 def run(D, MT, BN, n_b, L, wl, softcap, seed, kfmt=None, vfmt=None, max_seq=None):
     rng = np.random.default_rng(seed)
     max_seq = max_seq or L + 37
     q = rng.standard_normal((n_b, D)).astype(np.float16).astype(np.float32)
-    K = np.full((max_seq, D), np.nan, np.float32); V = np.full((max_seq, D), np.nan, np.float32)
-    K[:L] = rng.standard_normal((L, D)).astype(np.float16); V[:L] = rng.standard_normal((L, D)).astype(np.float16)
+    K = np.full((max_seq, D), np.nan, np.float32)
+    V = np.full((max_seq, D), np.nan, np.float32)
+    K[:L] = rng.standard_normal((L, D)).astype(np.float16)
+    V[:L] = rng.standard_normal((L, D)).astype(np.float16)
     Kv, Vv = K[:L], V[:L]  # the values the reference sees
     # Quantized sides: the dequantized values rounded to T (what the tile holds by design), so
     # the check stays as tight as for plain K/V and catches any misplaced code or scale.
-    if kfmt: K, Kv = quant_side(rng, kfmt, L, max_seq, D); Kv = Kv.astype(np.float16).astype(np.float32)
-    if vfmt: V, Vv = quant_side(rng, vfmt, L, max_seq, D); Vv = Vv.astype(np.float16).astype(np.float32)
+    if kfmt:
+        K, Kv = quant_side(rng, kfmt, L, max_seq, D)
+        Kv = Kv.astype(np.float16).astype(np.float32)
+    if vfmt:
+        V, Vv = quant_side(rng, vfmt, L, max_seq, D)
+        Vv = Vv.astype(np.float16).astype(np.float32)
     scale = 1 / math.sqrt(D)
-    out = np.full((n_b, D), np.nan); lse = np.full(n_b, np.nan)
+    out = np.full((n_b, D), np.nan)
+    lse = np.full(n_b, np.nan)
     BM = ROWS_PER_MT * MT
     for mb in range((n_b + BM - 1) // BM + 1):  # one extra block: must exit
         cta(q, K, V, n_b, L, max_seq, mb, D, MT, BN, scale, softcap, wl, out, lse, kfmt, vfmt)
     ro, rl = reference(q, Kv, Vv, n_b, L, scale, softcap, wl)
     assert not np.isnan(out).any() and not np.isnan(lse).any(), "unwritten/NaN output"
-    err = np.abs(out - ro).max(); lerr = np.nanmax(np.abs(np.where(np.isinf(rl), 0, lse - rl)))
+    err = np.abs(out - ro).max()
+    lerr = np.nanmax(np.abs(np.where(np.isinf(rl), 0, lse - rl)))
     assert (np.isinf(rl) == np.isinf(lse)).all(), "lse -inf mismatch"
     ok = err < 2e-2 and lerr < 1e-3
     fmts = f" K={kfmt} V={vfmt}" if kfmt or vfmt else ""
-    print(f"D={D} MT={MT} BN={BN} n_b={n_b} L={L} wl={wl} cap={softcap}{fmts}: max err {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}", flush=True)
+    print(
+        f"D={D} MT={MT} BN={BN} n_b={n_b} L={L} wl={wl} cap={softcap}{fmts}: max err {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}",
+        flush=True,
+    )
     return ok
 
+
 if __name__ == "__main__":
-    cases = [(64, 2, 64, 5, 5, -1, 0, 1), (128, 1, 64, 70, 70, -1, 0, 2), (64, 2, 64, 130, 200, -1, 30.0, 3),
-             (128, 1, 64, 20, 150, 17, 0, 4), (64, 2, 64, 40, 30, -1, 0, 5), (128, 1, 64, 65, 300, 100, 5.0, 6),
-             (64, 2, 64, 3, 1, -1, 0, 7), (128, 1, 64, 1, 129, 0, 0, 8),
-             (64, 1, 64, 64, 64, -1, 0, 9), (64, 1, 64, 50, 400, 150, 0, 10),
-             # Quantized K/V (prefill.cu: D = 64 runs MT = 1 for them; D = 128 its one config).
-             (64, 1, 64, 70, 150, 40, 0, 11, "int4", "int8"), (128, 1, 64, 30, 95, -1, 0, 12, "fp8", "int4"),
-             (64, 1, 64, 20, 20, -1, 10.0, 13, "int8", "fp8")]
+    cases = [
+        (64, 2, 64, 5, 5, -1, 0, 1),
+        (128, 1, 64, 70, 70, -1, 0, 2),
+        (64, 2, 64, 130, 200, -1, 30.0, 3),
+        (128, 1, 64, 20, 150, 17, 0, 4),
+        (64, 2, 64, 40, 30, -1, 0, 5),
+        (128, 1, 64, 65, 300, 100, 5.0, 6),
+        (64, 2, 64, 3, 1, -1, 0, 7),
+        (128, 1, 64, 1, 129, 0, 0, 8),
+        (64, 1, 64, 64, 64, -1, 0, 9),
+        (64, 1, 64, 50, 400, 150, 0, 10),
+        # Quantized K/V (prefill.cu: D = 64 runs MT = 1 for them; D = 128 its one config).
+        (64, 1, 64, 70, 150, 40, 0, 11, "int4", "int8"),
+        (128, 1, 64, 30, 95, -1, 0, 12, "fp8", "int4"),
+        (64, 1, 64, 20, 20, -1, 10.0, 13, "int8", "fp8"),
+    ]
     # The cases run exactly the (D, MT, BN) configurations prefill.cu instantiates.
-    assert sorted({c[:3] for c in cases}) == H['configs'], (sorted({c[:3] for c in cases}), H['configs'])
+    assert sorted({c[:3] for c in cases}) == H["configs"], (sorted({c[:3] for c in cases}), H["configs"])
     sel = cases if len(sys.argv) < 2 else [cases[int(a)] for a in sys.argv[1:]]
     allok = all([run(*c) for c in sel])
     print("ALL OK" if allok else "SOME FAILED")

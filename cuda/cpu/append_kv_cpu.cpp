@@ -18,9 +18,9 @@ struct Side {
   void* data;
   int64_t stride_row, stride_tok, stride_head;  // storage elements
   float* scale;
-  int64_t ss_row, ss_tok, ss_head;              // floats
+  int64_t ss_row, ss_tok, ss_head;  // floats
   const void* src;
-  int64_t src_tok, src_head;                    // elements of the input dtype
+  int64_t src_tok, src_head;  // elements of the input dtype
 };
 
 template <class Format, typename T>
@@ -59,7 +59,8 @@ void append_side(const AppendParams& p, const Side& s) {
 void append_one(const AppendParams& p, int32_t format, const Side& s, const char* what, bool write) {
   dispatch_kv_format(format, what, [&](auto fmt) {
     using Format = decltype(fmt);
-    if (Format::kScaleWords > 0 && s.scale == nullptr) cpu::fail(std::string(what) + ": a quantized cache needs its scales");
+    if (Format::kScaleWords > 0 && s.scale == nullptr)
+      cpu::fail(std::string(what) + ": a quantized cache needs its scales");
     if (!dim_ok<Format>(p.head_dim)) cpu::fail(std::string(what) + ": head_dim does not fit the storage format");
     cpu::dispatch_dtype(p.dtype, "append_kv k/v", [&](auto t) {
       using T = decltype(t);
@@ -76,21 +77,24 @@ void append_kv_cpu(const AppendParams& p) {
   using cpu::fail;
   cpu::require(p.num_tokens >= 0, "append_kv: negative num_tokens");
   if (p.num_tokens == 0) return;
-  cpu::require(p.cache.k && p.cache.v && p.k && p.v && p.row_ids && p.positions, "append_kv: null pointer in the parameters");
+  cpu::require(p.cache.k && p.cache.v && p.k && p.v && p.row_ids && p.positions,
+               "append_kv: null pointer in the parameters");
   cpu::require(p.num_kv_heads > 0 && p.head_dim > 0, "append_kv: num_kv_heads and head_dim must be positive");
   for (int i = 0; i < p.num_tokens; ++i) {
     if (p.row_ids[i] < 0 || p.row_ids[i] >= p.cache.num_rows)
       fail("append_kv: row id " + std::to_string(p.row_ids[i]) + " of token " + std::to_string(i) + " is outside [0, " +
            std::to_string(p.cache.num_rows) + ")");
     if (p.positions[i] < 0 || p.positions[i] >= p.cache.max_seq)
-      fail("append_kv: position " + std::to_string(p.positions[i]) + " of token " + std::to_string(i) + " is outside [0, " +
-           std::to_string(p.cache.max_seq) + ")");
+      fail("append_kv: position " + std::to_string(p.positions[i]) + " of token " + std::to_string(i) +
+           " is outside [0, " + std::to_string(p.cache.max_seq) + ")");
   }
   const KVCacheView& c = p.cache;
-  const Side k{c.k, c.k_stride_row, c.k_stride_tok, c.k_stride_head, c.k_scale, c.ks_stride_row,
-               c.ks_stride_tok, c.ks_stride_head, p.k, p.k_stride_tok, p.k_stride_head};
-  const Side v{c.v, c.v_stride_row, c.v_stride_tok, c.v_stride_head, c.v_scale, c.vs_stride_row,
-               c.vs_stride_tok, c.vs_stride_head, p.v, p.v_stride_tok, p.v_stride_head};
+  const Side k{c.k,       c.k_stride_row,  c.k_stride_tok,  c.k_stride_head,
+               c.k_scale, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head,
+               p.k,       p.k_stride_tok,  p.k_stride_head};
+  const Side v{c.v,       c.v_stride_row,  c.v_stride_tok,  c.v_stride_head,
+               c.v_scale, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head,
+               p.v,       p.v_stride_tok,  p.v_stride_head};
   if (c.k_format == p.dtype && c.v_format == p.dtype) {  // plain cache of the input dtype: byte copies
     cpu::dispatch_dtype(p.dtype, "append_kv k/v", [&](auto t) {
       using T = decltype(t);

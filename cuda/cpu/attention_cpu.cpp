@@ -28,16 +28,16 @@ namespace {
 using cpu::fail;
 using cpu::require;
 
-constexpr int kKeyBlock = 64;         // keys per online-softmax step (K and V blocks stay in L1/L2)
-constexpr int kQueryRows = 64;        // target rows (positions x group heads) of a prefill tile
-constexpr int kMinSplitKeys = 512;    // decode: never split a row into ranges shorter than this
+constexpr int kKeyBlock = 64;       // keys per online-softmax step (K and V blocks stay in L1/L2)
+constexpr int kQueryRows = 64;      // target rows (positions x group heads) of a prefill tile
+constexpr int kMinSplitKeys = 512;  // decode: never split a row into ranges shorter than this
 
 // One KV head of one cache row as a reader sees it: data and (quantized formats) scale words.
 template <class Format>
 struct HeadRows {
   const typename Format::storage_t* data;
-  int64_t stride_tok;      // storage elements
-  const float* scale;      // null for plain formats
+  int64_t stride_tok;  // storage elements
+  const float* scale;  // null for plain formats
   int64_t scale_stride_tok;
 };
 
@@ -69,12 +69,10 @@ struct RowReader<PlainFormat<float>> {
 };
 // Quantized storage: a dequantized copy through the instruction-set-dispatched row converters
 // (attention_kernels.h), which prefetch the codes and scales of the rows ahead of the block.
-template <class Format, typename S,
-          void (*Convert)(const S*, int64_t, const float*, int64_t, int, int, int, float*)>
+template <class Format, typename S, void (*Convert)(const S*, int64_t, const float*, int64_t, int, int, int, float*)>
 struct RowReaderQuant {
   static constexpr bool kDirect = false;
-  static const float* rows(const HeadRows<Format>& h, int j0, int nk, int avail, int dim, float* buf,
-                           int64_t* stride) {
+  static const float* rows(const HeadRows<Format>& h, int j0, int nk, int avail, int dim, float* buf, int64_t* stride) {
     Convert(h.data + (int64_t)j0 * h.stride_tok, h.stride_tok, h.scale + (int64_t)j0 * h.scale_stride_tok,
             h.scale_stride_tok, nk, avail, dim, buf);
     *stride = dim;
@@ -116,11 +114,11 @@ HeadRows<Format> head_rows_of(const void* base, int64_t s_row, int64_t s_tok, in
 
 // One unit of parallel work.
 struct Item {
-  int b;           // batch row
-  int h0, nh;      // kv heads [h0, h0 + nh)
-  int q0, nq;      // query positions [q0, q0 + nq) within the row (decode: 0, 1)
-  int k0, k1;      // key range walked (each head reads only the part its queries see)
-  int part;        // -1: write the output; else index of a decode partial slot
+  int b;       // batch row
+  int h0, nh;  // kv heads [h0, h0 + nh)
+  int q0, nq;  // query positions [q0, q0 + nq) within the row (decode: 0, 1)
+  int k0, k1;  // key range walked (each head reads only the part its queries see)
+  int part;    // -1: write the output; else index of a decode partial slot
 };
 
 // Per-thread scratch.
@@ -160,7 +158,8 @@ void visible_range(const AttentionParams& p, int pos, int len, int* lo, int* hi)
 void validate(const AttentionParams& p, bool decode) {
   require(p.q && p.out && p.kv.k && p.kv.v && p.seqlens_k, "attention: null pointer in the parameters");
   require(p.batch >= 0 && p.total_q >= 0, "attention: negative batch or total_q");
-  require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.head_dim > 0, "attention: head counts and head_dim must be positive");
+  require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.head_dim > 0,
+          "attention: head counts and head_dim must be positive");
   require(p.num_q_heads % p.num_kv_heads == 0, "attention: num_q_heads must be a multiple of num_kv_heads");
   require(p.kv.num_rows >= 0 && p.kv.max_seq >= 0, "attention: negative cache shape");
   require(kv_format_is_quantized(p.kv.k_format) == kv_format_is_quantized(p.kv.v_format),
@@ -177,7 +176,8 @@ void validate(const AttentionParams& p, bool decode) {
     require(p.batch == 0 ? true : p.cu_seqlens_q[0] == 0, "prefill_attention: cu_seqlens_q[0] must be 0");
     for (int b = 0; b < p.batch; ++b)
       if (p.cu_seqlens_q[b + 1] < p.cu_seqlens_q[b]) fail("prefill_attention: cu_seqlens_q must be non-decreasing");
-    if (p.cu_seqlens_q[p.batch] != p.total_q) fail("prefill_attention: cu_seqlens_q[batch] must equal the number of queries");
+    if (p.cu_seqlens_q[p.batch] != p.total_q)
+      fail("prefill_attention: cu_seqlens_q[batch] must equal the number of queries");
   }
   for (int b = 0; b < p.batch; ++b) {
     const int row = cache_row(p, b);
@@ -192,8 +192,8 @@ void validate(const AttentionParams& p, bool decode) {
       for (int h = 0; h < p.num_kv_heads; ++h) {
         const int hl = p.head_seqlens_k[(int64_t)b * p.num_kv_heads + h];
         if (hl < 0 || hl > p.kv.max_seq)
-          fail("attention: head_seqlens_k[" + std::to_string(b) + ", " + std::to_string(h) + "] = " + std::to_string(hl) +
-               " is outside [0, " + std::to_string(p.kv.max_seq) + "]");
+          fail("attention: head_seqlens_k[" + std::to_string(b) + ", " + std::to_string(h) +
+               "] = " + std::to_string(hl) + " is outside [0, " + std::to_string(p.kv.max_seq) + "]");
       }
     }
   }
@@ -267,9 +267,9 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             continue;
           }
           const int h = w.h0 + hh;
-          const HeadRows<KF> kh = head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head,
-                                                   p.kv.k_scale, p.kv.ks_stride_row, p.kv.ks_stride_tok,
-                                                   p.kv.ks_stride_head, row, h);
+          const HeadRows<KF> kh =
+              head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head, p.kv.k_scale,
+                               p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head, row, h);
           const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
           int64_t ks;
           const float* kp = RowReader<KF>::rows(kh, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
@@ -278,7 +278,10 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
           for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
             float* s = &sc.s[(size_t)r * kKeyBlock];
             const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
-            if (a >= e) { std::fill(s, s + nk, 0.f); continue; }
+            if (a >= e) {
+              std::fill(s, s + nk, 0.f);
+              continue;
+            }
             if (capped)
               for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
             const float bm = cpu::max_of(s, a, e);
@@ -287,12 +290,15 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
               float* ar = &sc.acc[(size_t)r * dim];
               for (int d = 0; d < dim; ++d) ar[d] *= f;
             }
-            if (sc.st[r].m == -INFINITY) { std::fill(s, s + nk, 0.f); continue; }  // only -inf logits so far
+            if (sc.st[r].m == -INFINITY) {
+              std::fill(s, s + nk, 0.f);
+              continue;
+            }  // only -inf logits so far
             sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
           }
-          const HeadRows<VF> vh = head_rows_of<VF>(p.kv.v, p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head,
-                                                   p.kv.v_scale, p.kv.vs_stride_row, p.kv.vs_stride_tok,
-                                                   p.kv.vs_stride_head, row, h);
+          const HeadRows<VF> vh =
+              head_rows_of<VF>(p.kv.v, p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head, p.kv.v_scale,
+                               p.kv.vs_stride_row, p.kv.vs_stride_tok, p.kv.vs_stride_head, row, h);
           int64_t vs;
           const float* vp = RowReader<VF>::rows(vh, ja, je - ja, avail, dim, sc.vbuf.data(), &vs);
           cpu::pv_block(s_head + (ja - jb), kKeyBlock, head_rows, vp, vs, je - ja,
@@ -323,8 +329,9 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
 // Combines the split partials of decode rows: items [first, first + n) hold one row's splits, all
 // heads (partial row r is q head r).
 template <typename T>
-void merge_splits(const AttentionParams& p, const std::vector<Item>& items, const std::vector<std::pair<int, int>>& groups,
-                  int max_rows, const float* part_o, const float* part_lse) {
+void merge_splits(const AttentionParams& p, const std::vector<Item>& items,
+                  const std::vector<std::pair<int, int>>& groups, int max_rows, const float* part_o,
+                  const float* part_lse) {
   const int dim = p.head_dim;
   const int64_t ng = (int64_t)groups.size();
 #pragma omp parallel if (ng * p.num_q_heads * dim > (1 << 14))
@@ -370,7 +377,10 @@ void decode_impl(const AttentionParams& p) {
       const int len = kv_length(p, b, h);
       int l, e;
       visible_range(p, len - 1, len, &l, &e);
-      if (l < e) { lo = std::min(lo, l); hi = std::max(hi, e); }
+      if (l < e) {
+        lo = std::min(lo, l);
+        hi = std::max(hi, e);
+      }
     }
     if (lo >= hi) lo = hi = 0;
     const int vis = hi - lo;
@@ -430,8 +440,10 @@ void attention_cpu(const AttentionParams& p) {
   cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
     using T = decltype(t);
     dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "attention", [&](auto kf, auto vf) {
-      if (kDecode) decode_impl<decltype(kf), decltype(vf), T>(p);
-      else prefill_impl<decltype(kf), decltype(vf), T>(p);
+      if (kDecode)
+        decode_impl<decltype(kf), decltype(vf), T>(p);
+      else
+        prefill_impl<decltype(kf), decltype(vf), T>(p);
     });
   });
 }

@@ -68,8 +68,8 @@ void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail,
   VATTN_DISPATCH(bf16_rows_to_float, src, stride, n, n_avail, dim, dst);
 }
 
-void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
-                        int n_avail, int dim, float* dst) {
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n, int n_avail,
+                        int dim, float* dst) {
   VATTN_DISPATCH(int8_rows_to_float, src, stride, scale, scale_stride, n, n_avail, dim, dst);
 }
 void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,

@@ -9,7 +9,8 @@ namespace cpu {
 // s[i * lds + j] = dot(q[i], k[j]) for i < nq, j < nk; q rows are contiguous [nq][dim],
 // k row j starts at k + j * k_stride.
 // nk_avail >= nk: rows readable from k (the walk goes on past this block), for prefetching.
-void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s, int lds);
+void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s,
+              int lds);
 
 // acc[i][:] += sum_j p[i * ldp + j] * v[j][:]; zero weights are skipped (masked keys may hold NaN
 // in a converted buffer only if the cache does, and never past a length: those are not read).
@@ -31,8 +32,8 @@ void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail,
 //   int4      code * w[0] + w[1], two codes per byte (element 2i in the low nibble), the
 //             product and the sum rounded apart (no FMA), as the reference does; dim even.
 // n_avail >= n: rows of the walk readable from src, for prefetching the codes ahead.
-void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
-                        int n_avail, int dim, float* dst);
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n, int n_avail,
+                        int dim, float* dst);
 void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
                             int n_avail, int dim, float* dst);
 void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,

@@ -86,10 +86,19 @@ void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, 
     const float* qi = q + (int64_t)i * dim;
     float* si = s + (int64_t)i * lds;
     const bool pf = i == 0;
-    if (!threes && left >= 4) { qk_rows<4, 2>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds); i += 4; }
-    else if (left >= 3) { qk_rows<3, 4>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds); i += 3; }
-    else if (left == 2) { qk_rows<2, 4>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds); i += 2; }
-    else { qk_rows<1, 4>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds); i += 1; }
+    if (!threes && left >= 4) {
+      qk_rows<4, 2>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds);
+      i += 4;
+    } else if (left >= 3) {
+      qk_rows<3, 4>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds);
+      i += 3;
+    } else if (left == 2) {
+      qk_rows<2, 4>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds);
+      i += 2;
+    } else {
+      qk_rows<1, 4>(qi, dim, k, k_stride, nk, nk_avail, pf, si, lds);
+      i += 1;
+    }
   }
 }
 
@@ -118,8 +127,10 @@ static inline void pv_tile(const float* p, int ldp, const float* v, int64_t vs, 
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < W; ++w) {
       float* dst = acc + (int64_t)r * dim + d0 + 8 * w;
-      if (kMask && w == W - 1) _mm256_maskstore_ps(dst, m, a[r][w]);
-      else _mm256_storeu_ps(dst, a[r][w]);
+      if (kMask && w == W - 1)
+        _mm256_maskstore_ps(dst, m, a[r][w]);
+      else
+        _mm256_storeu_ps(dst, a[r][w]);
     }
 }
 
@@ -160,10 +171,19 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
       const float* pi = p + (int64_t)i * ldp + j0;
       float* ai = acc + (int64_t)i * dim;
       const bool pf = i == 0;
-      if (!threes && left >= 4) { pv_rows<4, 2>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 4; }
-      else if (left >= 3) { pv_rows<3, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 3; }
-      else if (left == 2) { pv_rows<2, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 2; }
-      else { pv_rows<1, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai); i += 1; }
+      if (!threes && left >= 4) {
+        pv_rows<4, 2>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai);
+        i += 4;
+      } else if (left >= 3) {
+        pv_rows<3, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai);
+        i += 3;
+      } else if (left == 2) {
+        pv_rows<2, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai);
+        i += 2;
+      } else {
+        pv_rows<1, 4>(pi, ldp, vr, v_stride, n, avail, pf, dim, ai);
+        i += 1;
+      }
     }
   }
 }
@@ -212,8 +232,8 @@ float exp2_weights(float* s, int n, int a, int e, float m) {
   if (j < e) {
     const __m256i msk = lane_mask(e - j);
     // Masked-off lanes read 0 and would give 2^-m: zero them before summing.
-    const __m256 w = _mm256_and_ps(exp2_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(s + j, msk), m8)),
-                                   _mm256_castsi256_ps(msk));
+    const __m256 w =
+        _mm256_and_ps(exp2_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(s + j, msk), m8)), _mm256_castsi256_ps(msk));
     _mm256_maskstore_ps(s + j, msk, w);
     sum8 = _mm256_add_ps(sum8, w);
   }
@@ -239,8 +259,8 @@ static inline void int8_row(const int8_t* r, float s, int dim, float* o) {
   for (; d < dim; ++d) o[d] = int8_elem(r[d], s);
 }
 
-void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
-                        int n_avail, int dim, float* dst) {
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n, int n_avail,
+                        int dim, float* dst) {
   for (int j = 0; j < n; ++j) {
     const int8_t* r = src + j * stride;
     if (j + kPrefetchRowsQuant < n_avail)

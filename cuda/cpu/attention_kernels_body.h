@@ -3,8 +3,16 @@
 // uses AVX2+FMA where the CPU has them. No include guard on purpose; no system headers inside (the
 // AVX2 copy adds its intrinsics tiles from attention_kernels_avx2.h).
 
-static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 // Software prefetch of the row `kPrefetchRows` ahead: cache rows of one head are usually a page or
 // more apart (other heads and layers sit in between), which the hardware prefetcher does not follow.
@@ -145,8 +153,8 @@ void bf16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail,
 
 #if !defined(VATTN_BODY_AVX2)  // the AVX2 copy has intrinsics versions of these
 // Quantized rows (attention_kernels.h), loops the compiler vectorizes with what plain x86-64 has.
-void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
-                        int n_avail, int dim, float* dst) {
+void int8_rows_to_float(const int8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n, int n_avail,
+                        int dim, float* dst) {
   for (int j = 0; j < n; ++j) {
     const int8_t* r = src + j * stride;
     if (j + kPrefetchRowsQuant < n_avail)

@@ -16,7 +16,9 @@ namespace vattn {
 namespace cpu {
 
 [[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument("vattn: " + what); }
-inline void require(bool ok, const char* what) { if (!ok) fail(what); }
+inline void require(bool ok, const char* what) {
+  if (!ok) fail(what);
+}
 
 inline int max_threads() {
 #if defined(_OPENMP)

@@ -33,9 +33,9 @@ template <typename Word>
 __global__ void append_kv_kernel(Word* __restrict__ ck, Word* __restrict__ cv, const Word* __restrict__ k,
                                  const Word* __restrict__ v, const int32_t* __restrict__ row_ids,
                                  const int32_t* __restrict__ positions, int64_t c_k_row, int64_t c_k_tok,
-                                 int64_t c_k_head, int64_t c_v_row, int64_t c_v_tok, int64_t c_v_head,
-                                 int64_t k_tok, int64_t k_head, int64_t v_tok, int64_t v_head, int32_t num_rows,
-                                 int32_t max_seq, int32_t num_heads, int32_t words_per_vec, int64_t total) {
+                                 int64_t c_k_head, int64_t c_v_row, int64_t c_v_tok, int64_t c_v_head, int64_t k_tok,
+                                 int64_t k_head, int64_t v_tok, int64_t v_head, int32_t num_rows, int32_t max_seq,
+                                 int32_t num_heads, int32_t words_per_vec, int64_t total) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t w = idx % words_per_vec;
@@ -73,7 +73,7 @@ void launch(const AppendParams& p, int esize) {
 
 bool all_aligned(const AppendParams& p, int esize, int word) {
   const KVCacheView& c = p.cache;
-  const int64_t strides[] = {c.k_stride_row, c.k_stride_tok, c.k_stride_head, c.v_stride_row, c.v_stride_tok,
+  const int64_t strides[] = {c.k_stride_row,  c.k_stride_tok, c.k_stride_head, c.v_stride_row, c.v_stride_tok,
                              c.v_stride_head, p.k_stride_tok, p.k_stride_head, p.v_stride_tok, p.v_stride_head};
   for (int64_t st : strides)
     if (!divisible(st, esize, word)) return false;
@@ -95,7 +95,7 @@ struct SideArgs {
   float* scale;                                 // scale words, null for a plain side
   int64_t ss_row, ss_tok, ss_head;              // floats
   const void* src;
-  int64_t src_tok, src_head;                    // elements of the input dtype
+  int64_t src_tok, src_head;  // elements of the input dtype
 };
 
 template <typename T>
@@ -205,8 +205,10 @@ void check_side(const AppendParams& p, int32_t format, const float* scale, const
     if constexpr (Format::kScaleWords == 0) {
       if (Format::kCode != p.dtype) bad(std::string(side) + ": k/v dtype must equal the cache dtype of a plain cache");
     } else {
-      if (scale == nullptr) bad(std::string(side) + ": a quantized cache (" + kv_format_name(format) + ") needs its scales");
-      if (reinterpret_cast<uintptr_t>(scale) % alignof(float) != 0) bad(std::string(side) + ": scale pointer is not 4-byte aligned");
+      if (scale == nullptr)
+        bad(std::string(side) + ": a quantized cache (" + kv_format_name(format) + ") needs its scales");
+      if (reinterpret_cast<uintptr_t>(scale) % alignof(float) != 0)
+        bad(std::string(side) + ": scale pointer is not 4-byte aligned");
       if (p.head_dim > kSideMaxHeadDim) bad(std::string(side) + ": head_dim must be <= 256 for a quantized cache");
     }
     if (!dim_ok<Format>(p.head_dim)) bad(std::string(side) + ": head_dim does not fit the storage format");
@@ -226,9 +228,8 @@ void launch_side(const AppendParams& p, int32_t format, const SideArgs& s, const
       if constexpr (Format::kScaleWords == 0 && !std::is_same<typename Format::storage_t, T>::value) {
         throw std::logic_error("append_kv: plain side of another dtype (checked before)");
       } else {
-        append_side_kernel<T, Format><<<blocks, kSideThreads, 0, st>>>(s, p.row_ids, p.positions, p.cache.num_rows,
-                                                                        p.cache.max_seq, p.num_kv_heads, p.head_dim,
-                                                                        num_vecs);
+        append_side_kernel<T, Format><<<blocks, kSideThreads, 0, st>>>(
+            s, p.row_ids, p.positions, p.cache.num_rows, p.cache.max_seq, p.num_kv_heads, p.head_dim, num_vecs);
       }
     });
   };
@@ -255,10 +256,12 @@ void append_kv_cuda(const AppendParams& p) {
     throw std::invalid_argument("append_kv: null pointer");
   const KVCacheView& c = p.cache;
   if (kv_format_is_quantized(c.k_format) || kv_format_is_quantized(c.v_format)) {
-    const SideArgs k{c.k, c.k_stride_row, c.k_stride_tok, c.k_stride_head, c.k_scale, c.ks_stride_row,
-                     c.ks_stride_tok, c.ks_stride_head, p.k, p.k_stride_tok, p.k_stride_head};
-    const SideArgs v{c.v, c.v_stride_row, c.v_stride_tok, c.v_stride_head, c.v_scale, c.vs_stride_row,
-                     c.vs_stride_tok, c.vs_stride_head, p.v, p.v_stride_tok, p.v_stride_head};
+    const SideArgs k{c.k,       c.k_stride_row,  c.k_stride_tok,  c.k_stride_head,
+                     c.k_scale, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head,
+                     p.k,       p.k_stride_tok,  p.k_stride_head};
+    const SideArgs v{c.v,       c.v_stride_row,  c.v_stride_tok,  c.v_stride_head,
+                     c.v_scale, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head,
+                     p.v,       p.v_stride_tok,  p.v_stride_head};
     launch_side(p, c.k_format, k, "append_side_kernel (K)");
     launch_side(p, c.v_format, v, "append_side_kernel (V)");
     return;

@@ -62,18 +62,18 @@ namespace {
 
 using cuda::DecodePlanArgs;
 
-constexpr int kCtasPerSm = 4;        // split target: about this many CTAs per SM in the grid
-constexpr int kMinSplitKeys = 256;   // a split smaller than this is not worth its merge
+constexpr int kCtasPerSm = 4;       // split target: about this many CTAs per SM in the grid
+constexpr int kMinSplitKeys = 256;  // a split smaller than this is not worth its merge
 constexpr int kMaxGridYZ = 65535;
 
 struct DecodePlan {
   bool fast = false;
-  int group_block = 1;      // q heads per CTA
+  int group_block = 1;  // q heads per CTA
   int num_splits = 1;
-  int64_t lse_offset = 0;   // byte offset of lse_part in the workspace
-  int64_t bytes = 0;        // workspace bytes
-  DecodePlanArgs args;      // what the kernels read beside AttentionParams (o_part / lse_part
-                            // are set at launch, from the workspace)
+  int64_t lse_offset = 0;  // byte offset of lse_part in the workspace
+  int64_t bytes = 0;       // workspace bytes
+  DecodePlanArgs args;     // what the kernels read beside AttentionParams (o_part / lse_part
+                           // are set at launch, from the workspace)
 };
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("decode_attention: " + msg); }
@@ -91,8 +91,10 @@ void dispatch_dtype(int32_t dtype, F&& f) {
 // A quantized side needs its fp32 scale words (4-byte aligned: the kernels read them as floats).
 void check_scales(int32_t format, const float* scale, const char* side) {
   if (!kv_format_is_quantized(format)) return;
-  if (scale == nullptr) bad(std::string("a quantized ") + side + " cache (" + kv_format_name(format) + ") needs its scale tensor");
-  if (reinterpret_cast<uintptr_t>(scale) % alignof(float) != 0) bad(std::string(side) + " scale pointer is not 4-byte aligned");
+  if (scale == nullptr)
+    bad(std::string("a quantized ") + side + " cache (" + kv_format_name(format) + ") needs its scale tensor");
+  if (reinterpret_cast<uintptr_t>(scale) % alignof(float) != 0)
+    bad(std::string(side) + " scale pointer is not 4-byte aligned");
 }
 
 void validate(const AttentionParams& p) {
@@ -138,16 +140,14 @@ decltype(auto) dispatch_formats(const AttentionParams& p, F&& f) {
 
 // Split-kernel tile for this head dim and K/V formats (0: not covered).
 int split_tile(const AttentionParams& p) {
-  return dispatch_formats(p, [&](auto kf, auto vf) {
-    return cuda::decode_split_tile<decltype(kf), decltype(vf)>(p.head_dim);
-  });
+  return dispatch_formats(
+      p, [&](auto kf, auto vf) { return cuda::decode_split_tile<decltype(kf), decltype(vf)>(p.head_dim); });
 }
 
 // Largest group block the split kernel has for these formats.
 int split_max_group_block(const AttentionParams& p) {
-  return dispatch_formats(p, [&](auto kf, auto vf) {
-    return cuda::decode_split_max_group_block<decltype(kf), decltype(vf)>();
-  });
+  return dispatch_formats(
+      p, [&](auto kf, auto vf) { return cuda::decode_split_max_group_block<decltype(kf), decltype(vf)>(); });
 }
 
 // The split kernel covers 16-bit q, K/V formats with the chunk interface at its instantiated
@@ -160,7 +160,8 @@ bool fast_supported(const AttentionParams& p) {
   if (split_tile(p) == 0) return false;
   const int qs = dtype_size(p.dtype);
   auto storage_size = [](int32_t code) {
-    return dispatch_kv_format(code, "decode_attention", [](auto fmt) { return int(sizeof(typename decltype(fmt)::storage_t)); });
+    return dispatch_kv_format(code, "decode_attention",
+                              [](auto fmt) { return int(sizeof(typename decltype(fmt)::storage_t)); });
   };
   const int ks = storage_size(p.kv.k_format), vs = storage_size(p.kv.v_format);
   return aligned_16(p.q, qs, {p.q_stride_tok, p.q_stride_head}) &&

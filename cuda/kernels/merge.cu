@@ -50,7 +50,7 @@ __global__ void merge_states_kernel(const T* __restrict__ o_a, const float* __re
   const int64_t total = num_vecs * per_vec;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int64_t vec = idx / per_vec;              // token * num_heads + head
+    const int64_t vec = idx / per_vec;  // token * num_heads + head
     const int64_t off = vec * head_dim + (idx - vec * per_vec) * VE;
     float wa, wb;
     const float lse = merge_weights(lse_a[vec], lse_b[vec], &wa, &wb);
@@ -77,8 +77,8 @@ __global__ void merge_states_kernel(const T* __restrict__ o_a, const float* __re
 template <typename T>
 void launch(const MergeParams& p) {
   const int64_t num_vecs = p.n * p.num_heads;
-  const bool vec8 = sizeof(T) == 2 && p.head_dim % 8 == 0 && cuda::is_aligned_16(p.o_a) &&
-                    cuda::is_aligned_16(p.o_b) && cuda::is_aligned_16(p.out);
+  const bool vec8 = sizeof(T) == 2 && p.head_dim % 8 == 0 && cuda::is_aligned_16(p.o_a) && cuda::is_aligned_16(p.o_b) &&
+                    cuda::is_aligned_16(p.out);
   const int ve = vec8 ? 8 : 1;
   const int64_t total = num_vecs * (p.head_dim / ve);
   const int threads = 256;
@@ -94,9 +94,7 @@ void launch(const MergeParams& p) {
       return cuda_check_launch("merge_states_kernel");
     }
   }
-  {
-    merge_states_kernel<T, 1><<<blocks, threads, 0, s>>>(a, p.lse_a, b, p.lse_b, o, p.lse_out, num_vecs, p.head_dim);
-  }
+  { merge_states_kernel<T, 1><<<blocks, threads, 0, s>>>(a, p.lse_a, b, p.lse_b, o, p.lse_out, num_vecs, p.head_dim); }
   cuda_check_launch("merge_states_kernel");
 }
 

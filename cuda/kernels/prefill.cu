@@ -38,7 +38,8 @@ int query_bound(const AttentionParams& p) {
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("vattn.prefill_attention: " + msg); }
 
 void validate(const AttentionParams& p) {
-  if (p.dtype != kFloat16 && p.dtype != kBFloat16) bad("CUDA supports float16 and bfloat16 only (dtype code " + std::to_string(p.dtype) + ")");
+  if (p.dtype != kFloat16 && p.dtype != kBFloat16)
+    bad("CUDA supports float16 and bfloat16 only (dtype code " + std::to_string(p.dtype) + ")");
   const bool kq = kv_format_is_quantized(p.kv.k_format), vq = kv_format_is_quantized(p.kv.v_format);
   if (kq != vq) bad("K and V must be both plain or both quantized");
   if (!kq && (p.kv.k_format != p.dtype || p.kv.v_format != p.dtype))
@@ -85,12 +86,15 @@ bool fast_path_ok(const AttentionParams& p) {
   if (p.batch > 65535) return false;
   if (!aligned16(p.q) || !aligned16(p.out) || !aligned16(p.kv.k) || !aligned16(p.kv.v)) return false;
   const int64_t q_strides[] = {p.q_stride_tok, p.q_stride_head, p.o_stride_tok, p.o_stride_head};
-  for (int64_t s : q_strides) if (!stride_ok(s, 2)) return false;
+  for (int64_t s : q_strides)
+    if (!stride_ok(s, 2)) return false;
   constexpr int kb = sizeof(typename KF::storage_t), vb = sizeof(typename VF::storage_t);
   const int64_t k_strides[] = {p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head};
   const int64_t v_strides[] = {p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head};
-  for (int64_t s : k_strides) if (!stride_ok(s, kb)) return false;
-  for (int64_t s : v_strides) if (!stride_ok(s, vb)) return false;
+  for (int64_t s : k_strides)
+    if (!stride_ok(s, kb)) return false;
+  for (int64_t s : v_strides)
+    if (!stride_ok(s, vb)) return false;
   return true;
 }
 
@@ -121,7 +125,8 @@ void dispatch(const AttentionParams& p) {
   if (p.impl == 0 && fast_path_ok<KF, VF>(p)) {
     if (p.head_dim == 64) {
       // Quantized K/V at D = 64 always use BM = 64 (see CfgQ64 above).
-      if constexpr (kQuant) return launch_fa2<T, KF, VF, CfgQ64>(p);
+      if constexpr (kQuant)
+        return launch_fa2<T, KF, VF, CfgQ64>(p);
       else {
         if (query_bound(p) <= Cfg64Short::BM) return launch_fa2<T, KF, VF, Cfg64Short>(p);
         return launch_fa2<T, KF, VF, Cfg64>(p);
@@ -143,8 +148,10 @@ void dispatch_formats(const AttentionParams& p) {
 void prefill_attention_cuda(const AttentionParams& p) {
   validate(p);
   if (p.batch == 0 || p.total_q == 0) return;
-  if (p.dtype == kFloat16) dispatch_formats<f16_t>(p);
-  else dispatch_formats<bf16_t>(p);
+  if (p.dtype == kFloat16)
+    dispatch_formats<f16_t>(p);
+  else
+    dispatch_formats<bf16_t>(p);
 }
 
 }  // namespace vattn

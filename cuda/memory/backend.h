@@ -68,7 +68,10 @@ class PhysicalBackend {
   }
   // Unmaps whole pages, each range [addr, addr + bytes). Synchronizes once first: work still
   // in flight (kernels on any stream) may read the pages, so they go only once it is done.
-  struct Range { uintptr_t addr; size_t bytes; };
+  struct Range {
+    uintptr_t addr;
+    size_t bytes;
+  };
   void unmap(const Range* ranges, size_t n) {
     if (n == 0) return;
     synchronize();

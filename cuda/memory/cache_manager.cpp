@@ -15,7 +15,8 @@ namespace {
 size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
 void require_positive(int64_t v, const char* name) {
-  if (v <= 0) throw std::invalid_argument(std::string("vattn: ") + name + " must be positive, got " + std::to_string(v));
+  if (v <= 0)
+    throw std::invalid_argument(std::string("vattn: ") + name + " must be positive, got " + std::to_string(v));
 }
 
 }  // namespace
@@ -107,7 +108,8 @@ CacheManager::Slot& CacheManager::live_slot(int64_t slot) {
   check_slot(slot);
   Slot& s = slots_[static_cast<size_t>(slot)];
   if (!s.live) {
-    throw std::invalid_argument("vattn: slot " + std::to_string(slot) + " is not allocated (never allocated or already freed)");
+    throw std::invalid_argument("vattn: slot " + std::to_string(slot) +
+                                " is not allocated (never allocated or already freed)");
   }
   return s;
 }
@@ -212,9 +214,12 @@ void CacheManager::take_pages(size_t count, std::vector<Taken>& taken, bool allo
 void CacheManager::undo(std::vector<Taken>& taken) noexcept {
   std::vector<Taken> stolen;
   for (const Taken& t : taken) {
-    if (t.source == 0) pool_->release(t.page);
-    else if (t.source == 1) pool_->destroy(t.page);
-    else stolen.push_back(t);
+    if (t.source == 0)
+      pool_->release(t.page);
+    else if (t.source == 1)
+      pool_->destroy(t.page);
+    else
+      stolen.push_back(t);
   }
   taken.clear();
   std::sort(stolen.begin(), stolen.end(), [](const Taken& a, const Taken& b) {
@@ -332,12 +337,14 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
     live_slot(slots[i]);
     if (tokens[i] < 0 || tokens[i] > geom_.max_seq_len) {
       throw std::invalid_argument("vattn: cannot reserve " + std::to_string(tokens[i]) + " tokens for slot " +
-                                  std::to_string(slots[i]) + ": must be in [0, max_seq_len=" +
-                                  std::to_string(geom_.max_seq_len) + "]");
+                                  std::to_string(slots[i]) +
+                                  ": must be in [0, max_seq_len=" + std::to_string(geom_.max_seq_len) + "]");
     }
     auto it = std::find_if(req.begin(), req.end(), [&](const auto& p) { return p.first == slots[i]; });
-    if (it == req.end()) req.push_back({slots[i], tokens[i]});
-    else it->second = std::max(it->second, tokens[i]);
+    if (it == req.end())
+      req.push_back({slots[i], tokens[i]});
+    else
+      it->second = std::max(it->second, tokens[i]);
   }
   const size_t R = regions_.size();
   size_t total = 0;
@@ -401,8 +408,7 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
     }
     try {
       backend_->unmap(ranges.data(), ranges.size());
-    } catch (...) {
-    }
+    } catch (...) {}
     undo(taken);
     throw;
   }
@@ -418,14 +424,16 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
 
 void CacheManager::commit(const std::vector<int64_t>& slots, const std::vector<int64_t>& new_tokens) {
   std::lock_guard<std::mutex> lk(mu_);
-  if (slots.size() != new_tokens.size()) throw std::invalid_argument("vattn: commit: slots and new_tokens differ in length");
+  if (slots.size() != new_tokens.size())
+    throw std::invalid_argument("vattn: commit: slots and new_tokens differ in length");
   for (size_t i = 0; i < slots.size(); ++i) {
     Slot& s = live_slot(slots[i]);
     if (std::count(slots.begin(), slots.end(), slots[i]) > 1) {
       throw std::invalid_argument("vattn: slot " + std::to_string(slots[i]) + " given twice");
     }
     const int64_t n = s.length + new_tokens[i];
-    const int64_t cap = std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
+    const int64_t cap =
+        std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
     if (new_tokens[i] < 0 || n > cap) {
       throw std::invalid_argument("vattn: cannot commit " + std::to_string(new_tokens[i]) + " tokens to slot " +
                                   std::to_string(slots[i]) + " (length " + std::to_string(s.length) + ", " +
@@ -457,8 +465,7 @@ void CacheManager::shrink(int64_t slot, int64_t n) {
   s.target = n;
   try {
     enforce_watermark();
-  } catch (...) {
-  }
+  } catch (...) {}
   note_change();
 }
 
@@ -546,10 +553,14 @@ LayerView CacheManager::layer_view(int64_t layer) const {
 
 void CacheManager::inject_failure(const std::string& kind, int64_t n) {
   std::lock_guard<std::mutex> lk(mu_);
-  if (kind == "create") backend_->inject_failure(FaultKind::kCreate, n);
-  else if (kind == "map") backend_->inject_failure(FaultKind::kMap, n);
-  else if (kind == "none") backend_->inject_failure(FaultKind::kNone, 0);
-  else throw std::invalid_argument("vattn: failure kind must be 'create', 'map' or 'none', got '" + kind + "'");
+  if (kind == "create")
+    backend_->inject_failure(FaultKind::kCreate, n);
+  else if (kind == "map")
+    backend_->inject_failure(FaultKind::kMap, n);
+  else if (kind == "none")
+    backend_->inject_failure(FaultKind::kNone, 0);
+  else
+    throw std::invalid_argument("vattn: failure kind must be 'create', 'map' or 'none', got '" + kind + "'");
 }
 
 void CacheManager::synchronize() {
@@ -575,9 +586,7 @@ bool CacheManager::worker_step() {
     try {
       pool_->release(pool_->create());
       return true;
-    } catch (...) {
-      return false;
-    }
+    } catch (...) { return false; }
   }
   if (opt_.lookahead_tokens <= 0) return false;
   const size_t R = regions_.size();

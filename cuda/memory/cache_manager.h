@@ -67,13 +67,13 @@ struct LayerView {
 };
 
 struct Stats {
-  uint64_t reserved_bytes = 0;   // virtual ranges
-  uint64_t mapped_bytes = 0;     // pages mapped into any slot (live or free)
-  uint64_t used_bytes = 0;       // tokens stored in live slots, all layers, K and V
+  uint64_t reserved_bytes = 0;  // virtual ranges
+  uint64_t mapped_bytes = 0;    // pages mapped into any slot (live or free)
+  uint64_t used_bytes = 0;      // tokens stored in live slots, all layers, K and V
   uint64_t page_bytes = 0;
   uint64_t pages_mapped = 0, pages_pooled = 0;
-  uint64_t pages_created = 0;    // mapped + pooled: what counts against max_physical_bytes
-  uint64_t physical_bytes = 0;   // pages_created * page_bytes
+  uint64_t pages_created = 0;      // mapped + pooled: what counts against max_physical_bytes
+  uint64_t physical_bytes = 0;     // pages_created * page_bytes
   uint64_t live_mapped_bytes = 0;  // mapped into live slots
   uint64_t idle_bytes = 0;         // mapped into free slots + pooled (subject to the watermark)
   uint64_t resident_bytes = 0;     // measured by the backend
@@ -129,24 +129,24 @@ class CacheManager {
   struct Slot {
     bool live = false;
     int64_t length = 0;
-    int64_t target = 0;  // tokens the user asked to keep mapped (>= length)
-    size_t groups = 0;   // page groups mapped (pages per region)
+    int64_t target = 0;                          // tokens the user asked to keep mapped (>= length)
+    size_t groups = 0;                           // page groups mapped (pages per region)
     std::vector<std::vector<PageHandle>> pages;  // [region][group]
   };
   // Where a page of this call came from, to undo the call exactly.
   struct Taken {
     PageHandle page;
-    int source;          // 0: pool, 1: created, 2: stolen
-    int64_t victim = -1; // stolen from slot...
+    int source;           // 0: pool, 1: created, 2: stolen
+    int64_t victim = -1;  // stolen from slot...
     size_t region = 0, group = 0;
   };
 
-  void check_slot(int64_t slot) const;          // index in range
-  Slot& live_slot(int64_t slot);                // in range and live
-  size_t groups_for(int64_t tokens) const;      // page groups needed for tokens
+  void check_slot(int64_t slot) const;      // index in range
+  Slot& live_slot(int64_t slot);            // in range and live
+  size_t groups_for(int64_t tokens) const;  // page groups needed for tokens
   size_t need_groups(const Slot& s) const { return groups_for(s.target); }
   uintptr_t page_addr(size_t region, int64_t slot, size_t group) const;
-  size_t surplus_groups(const Slot& s) const;   // mapped groups nobody asked for
+  size_t surplus_groups(const Slot& s) const;  // mapped groups nobody asked for
   size_t idle_pages() const;
   void map_groups(int64_t slot, size_t want, std::vector<Taken>& taken, bool allow_steal,
                   const std::vector<int64_t>& protect);
@@ -174,9 +174,9 @@ class CacheManager {
   uint64_t peak_mapped_bytes_ = 0;
 
   mutable std::mutex mu_;
-  std::condition_variable work_cv_;   // wakes the worker: state changed or stop
-  std::condition_variable idle_cv_;   // wakes wait_background_idle
-  uint64_t epoch_ = 0;                // bumped on every change the worker may act on
+  std::condition_variable work_cv_;  // wakes the worker: state changed or stop
+  std::condition_variable idle_cv_;  // wakes wait_background_idle
+  uint64_t epoch_ = 0;               // bumped on every change the worker may act on
   uint64_t worker_seen_epoch_ = ~uint64_t(0);
   bool worker_idle_ = false;
   bool stop_ = false;

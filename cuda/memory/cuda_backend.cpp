@@ -162,8 +162,7 @@ size_t CudaBackend::query_granularity(int device) {
   return granularity_of(api, get_vmm_device(api, device));
 }
 
-CudaBackend::CudaBackend(int device, size_t page_bytes)
-    : PhysicalBackend(0), api_(driver_api()), ordinal_(device) {
+CudaBackend::CudaBackend(int device, size_t page_bytes) : PhysicalBackend(0), api_(driver_api()), ordinal_(device) {
   dev_ = get_vmm_device(api_, device);
   granularity_ = granularity_of(api_, dev_);
   if (page_bytes == 0) page_bytes = granularity_;
@@ -217,8 +216,7 @@ void CudaBackend::do_destroy_page(PageHandle h) noexcept {
   try {
     CtxScope scope(api_, ctx_);
     api_.mem_release(static_cast<CUmemGenericAllocationHandle>(h));
-  } catch (...) {
-  }
+  } catch (...) {}
   --live_pages_;
 }
 

@@ -36,8 +36,7 @@ HostBackend::HostBackend(size_t page_bytes, bool commit) : PhysicalBackend(0), c
   if (page_bytes == 0) page_bytes = size_t(2) << 20;
   if (page_bytes % os_page != 0) {
     throw std::invalid_argument("vattn: page_bytes=" + std::to_string(page_bytes) +
-                                " must be a positive multiple of the OS page size (" +
-                                std::to_string(os_page) + ")");
+                                " must be a positive multiple of the OS page size (" + std::to_string(os_page) + ")");
   }
   set_page_bytes(page_bytes);
   fd_ = memfd_create("vattn-kv", MFD_CLOEXEC);
@@ -71,9 +70,7 @@ uintptr_t HostBackend::do_reserve(size_t bytes) {
   return aligned;
 }
 
-void HostBackend::do_release(uintptr_t addr, size_t bytes) noexcept {
-  munmap(reinterpret_cast<void*>(addr), bytes);
-}
+void HostBackend::do_release(uintptr_t addr, size_t bytes) noexcept { munmap(reinterpret_cast<void*>(addr), bytes); }
 
 PageHandle HostBackend::do_create_page() {
   size_t index;
@@ -93,8 +90,10 @@ PageHandle HostBackend::do_create_page() {
     if (rc != 0) throw_errno("fallocate (create page)", errno);
   }
   // Commit the choice only now that nothing can fail.
-  if (!free_offsets_.empty()) free_offsets_.pop_back();
-  else ++next_offset_;
+  if (!free_offsets_.empty())
+    free_offsets_.pop_back();
+  else
+    ++next_offset_;
   return index;
 }
 
@@ -106,8 +105,8 @@ void HostBackend::do_destroy_page(PageHandle h) noexcept {
 }
 
 void HostBackend::do_map(uintptr_t addr, PageHandle h) {
-  void* p = mmap(reinterpret_cast<void*>(addr), page_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                 fd_, static_cast<off_t>(h * page_bytes()));
+  void* p = mmap(reinterpret_cast<void*>(addr), page_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_,
+                 static_cast<off_t>(h * page_bytes()));
   if (p == MAP_FAILED) throw_errno("mmap (map page)", errno);
 }
 

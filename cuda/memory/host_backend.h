@@ -40,9 +40,9 @@ class HostBackend final : public PhysicalBackend {
  private:
   int fd_ = -1;
   bool commit_;
-  size_t file_pages_ = 0;                // memfd size in pages (grows, stays sparse)
-  std::vector<PageHandle> free_offsets_; // page indices of the file not holding a page
-  size_t next_offset_ = 0;               // first never-used page index
+  size_t file_pages_ = 0;                 // memfd size in pages (grows, stays sparse)
+  std::vector<PageHandle> free_offsets_;  // page indices of the file not holding a page
+  size_t next_offset_ = 0;                // first never-used page index
 };
 
 }  // namespace memory

@@ -20,7 +20,7 @@ class PagePool {
   PagePool& operator=(const PagePool&) = delete;
 
   size_t pooled() const { return free_.size(); }
-  size_t created() const { return created_; }          // pages alive: mapped + pooled
+  size_t created() const { return created_; }  // pages alive: mapped + pooled
   size_t max_pages() const { return max_pages_; }
   // Pages that could still be created under the cap.
   size_t creatable() const;

@@ -37,9 +37,9 @@ enum KvFormatCode : int32_t {
 template <typename Storage>
 struct PlainFormat {
   using storage_t = Storage;
-  static constexpr int32_t kCode = sizeof(Storage) == 4 ? kKvFloat32
+  static constexpr int32_t kCode = sizeof(Storage) == 4                  ? kKvFloat32
                                    : std::is_same<Storage, f16_t>::value ? kKvFloat16
-                                                                          : kKvBFloat16;
+                                                                         : kKvBFloat16;
   static constexpr int kElemsPerStorage = 1;
   static constexpr int kScaleWords = 0;
   VATTN_HD static float load(const storage_t* p, int i) { return to_float(p[i]); }
@@ -85,9 +85,7 @@ struct Int4Format {
   VATTN_HD static void encode(const float* x, int n, storage_t* p, float* w) { quant::encode_int4(x, n, p, w); }
 };
 
-constexpr bool kv_format_is_quantized(int32_t code) {
-  return code == kKvFp8E4M3 || code == kKvInt8 || code == kKvInt4;
-}
+constexpr bool kv_format_is_quantized(int32_t code) { return code == kKvFp8E4M3 || code == kKvInt8 || code == kKvInt4; }
 
 // Calls f(Format{}) for a quantized KvFormatCode only (throws for any other).
 template <typename F>
@@ -96,7 +94,9 @@ decltype(auto) dispatch_quantized_format(int32_t code, const char* what, F&& f) 
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
     case kKvInt4: return f(Int4Format{});
-    default: throw std::invalid_argument(std::string("vattn: ") + what + ": not a quantized KV format code " + std::to_string(code));
+    default:
+      throw std::invalid_argument(std::string("vattn: ") + what + ": not a quantized KV format code " +
+                                  std::to_string(code));
   }
 }
 
@@ -110,9 +110,8 @@ void dispatch_kv_pair(int32_t k_code, int32_t v_code, const char* what, F&& f) {
     f(PlainFormat<T>{}, PlainFormat<T>{});
     return;
   }
-  dispatch_quantized_format(k_code, what, [&](auto kf) {
-    dispatch_quantized_format(v_code, what, [&](auto vf) { f(kf, vf); });
-  });
+  dispatch_quantized_format(k_code, what,
+                            [&](auto kf) { dispatch_quantized_format(v_code, what, [&](auto vf) { f(kf, vf); }); });
 }
 
 // Whether head_dim elements make whole storage elements of the format.
@@ -144,7 +143,8 @@ decltype(auto) dispatch_kv_format(int32_t code, const char* what, F&& f) {
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
     case kKvInt4: return f(Int4Format{});
-    default: throw std::invalid_argument(std::string("vattn: ") + what + ": unknown KV format code " + std::to_string(code));
+    default:
+      throw std::invalid_argument(std::string("vattn: ") + what + ": unknown KV format code " + std::to_string(code));
   }
 }
 

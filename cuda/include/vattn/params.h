@@ -20,9 +20,9 @@ struct KVCacheView {
   float* v_scale = nullptr;  // (written by append_kv, read by attention)
   int64_t ks_stride_row = 0, ks_stride_tok = 0, ks_stride_head = 0;
   int64_t vs_stride_row = 0, vs_stride_tok = 0, vs_stride_head = 0;
-  int32_t num_rows = 0;   // cache rows (slots)
-  int32_t max_seq = 0;    // capacity in tokens per row
-  int32_t k_format = 0;   // storage format codes (kv_format.h KvFormatCode), K and V apart
+  int32_t num_rows = 0;  // cache rows (slots)
+  int32_t max_seq = 0;   // capacity in tokens per row
+  int32_t k_format = 0;  // storage format codes (kv_format.h KvFormatCode), K and V apart
   int32_t v_format = 0;
 };
 
@@ -36,8 +36,8 @@ struct AppendParams {
   const int32_t* row_ids = nullptr;    // [num_tokens] cache row of each token
   const int32_t* positions = nullptr;  // [num_tokens] position inside the row
   int32_t num_tokens = 0, num_kv_heads = 0, head_dim = 0;
-  int32_t dtype = 0;                   // dtype of k and v
-  void* stream = nullptr;              // cudaStream_t on CUDA
+  int32_t dtype = 0;       // dtype of k and v
+  void* stream = nullptr;  // cudaStream_t on CUDA
 };
 
 // Attention over the cache, for decode (one query per batch row, cu_seqlens_q == nullptr) and
@@ -52,25 +52,25 @@ struct AppendParams {
 // gets a zero output and lse = -inf.
 // Logits are scale * q.k, then softcap * tanh(logit / softcap) when softcap > 0.
 struct AttentionParams {
-  const void* q = nullptr;   // [total_q, num_q_heads, head_dim]
+  const void* q = nullptr;  // [total_q, num_q_heads, head_dim]
   int64_t q_stride_tok = 0, q_stride_head = 0;
-  void* out = nullptr;       // [total_q, num_q_heads, head_dim], dtype of q
+  void* out = nullptr;  // [total_q, num_q_heads, head_dim], dtype of q
   int64_t o_stride_tok = 0, o_stride_head = 0;
-  float* lse = nullptr;      // [total_q, num_q_heads] contiguous, natural log; optional
+  float* lse = nullptr;  // [total_q, num_q_heads] contiguous, natural log; optional
   KVCacheView kv;
-  const int32_t* cu_seqlens_q = nullptr;     // [batch + 1]; null for decode
-  const int32_t* seqlens_k = nullptr;        // [batch]
-  const int32_t* head_seqlens_k = nullptr;   // [batch, num_kv_heads] or null
-  const int32_t* row_ids = nullptr;          // [batch] or null
+  const int32_t* cu_seqlens_q = nullptr;    // [batch + 1]; null for decode
+  const int32_t* seqlens_k = nullptr;       // [batch]
+  const int32_t* head_seqlens_k = nullptr;  // [batch, num_kv_heads] or null
+  const int32_t* row_ids = nullptr;         // [batch] or null
   int32_t batch = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
-  int32_t total_q = 0;         // rows of q
-  int32_t max_seqlen_q = 0;    // host bound on n_b (prefill grid size)
-  int32_t max_seqlen_k = 0;    // host bound on L (decode split choice; kernels stay correct if L exceeds it)
+  int32_t total_q = 0;       // rows of q
+  int32_t max_seqlen_q = 0;  // host bound on n_b (prefill grid size)
+  int32_t max_seqlen_k = 0;  // host bound on L (decode split choice; kernels stay correct if L exceeds it)
   float scale = 1.f;
-  float softcap = 0.f;         // <= 0: off
-  int32_t window_left = -1;    // < 0: off
-  int32_t dtype = 0;           // q / out dtype
-  int32_t impl = 0;            // 0: optimized kernel, 1: plain reference kernel (CUDA)
+  float softcap = 0.f;       // <= 0: off
+  int32_t window_left = -1;  // < 0: off
+  int32_t dtype = 0;         // q / out dtype
+  int32_t impl = 0;          // 0: optimized kernel, 1: plain reference kernel (CUDA)
   // Split-KV scratch for CUDA decode, sized by decode_workspace_bytes(); may be null on CPU.
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
@@ -80,9 +80,12 @@ struct AttentionParams {
 // Merge of two attention states over disjoint key sets: (o_a, lse_a) + (o_b, lse_b).
 // All contiguous: o [n, num_heads, head_dim] in dtype, lse [n, num_heads] float32 natural log.
 struct MergeParams {
-  const void* o_a = nullptr; const float* lse_a = nullptr;
-  const void* o_b = nullptr; const float* lse_b = nullptr;
-  void* out = nullptr; float* lse_out = nullptr;
+  const void* o_a = nullptr;
+  const float* lse_a = nullptr;
+  const void* o_b = nullptr;
+  const float* lse_b = nullptr;
+  void* out = nullptr;
+  float* lse_out = nullptr;
   int64_t n = 0;
   int32_t num_heads = 0, head_dim = 0;
   int32_t dtype = 0;

@@ -20,10 +20,10 @@
 namespace vattn {
 namespace quant {
 
-constexpr float kFp8Max = 448.f;         // OCP e4m3fn largest finite value
-constexpr float kInt8Max = 127.f;        // symmetric int8: codes -127..127
-constexpr float kInt4Levels = 15.f;      // asymmetric int4: codes 0..15
-constexpr float kQuantTiny = 1.0e-18f;   // ~2^-60: below this a vector is stored as zeros
+constexpr float kFp8Max = 448.f;        // OCP e4m3fn largest finite value
+constexpr float kInt8Max = 127.f;       // symmetric int8: codes -127..127
+constexpr float kInt4Levels = 15.f;     // asymmetric int4: codes 0..15
+constexpr float kQuantTiny = 1.0e-18f;  // ~2^-60: below this a vector is stored as zeros
 
 VATTN_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
@@ -59,11 +59,11 @@ VATTN_HD float add_rn(float a, float b) {
 VATTN_HD float round_even(float x) {
   const uint32_t u = float_bits(x);
   const uint32_t a = u & 0x7fffffffu;
-  const int e = int(a >> 23) - 127;          // unbiased exponent
-  if (e >= 23) return x;                     // already an integer
+  const int e = int(a >> 23) - 127;                // unbiased exponent
+  if (e >= 23) return x;                           // already an integer
   if (e < -1) return bits_float(u & 0x80000000u);  // |x| < 0.5 -> +-0
   const uint32_t m = (a & 0x7fffffu) | 0x800000u;  // value = m * 2^(e - 23)
-  const int shift = 23 - e;                  // 1..24
+  const int shift = 23 - e;                        // 1..24
   uint32_t r = m >> shift;
   const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
   if (rem > half || (rem == half && (r & 1u))) ++r;
@@ -76,8 +76,8 @@ VATTN_HD float round_even(float x) {
 VATTN_HD float clean(float x) {
   const uint32_t u = float_bits(x);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return 0.f;                            // NaN
-  if (a < 0x00800000u) return bits_float(u & 0x80000000u);    // subnormal -> signed zero
+  if (a > 0x7f800000u) return 0.f;                          // NaN
+  if (a < 0x00800000u) return bits_float(u & 0x80000000u);  // subnormal -> signed zero
   return x;
 }
 VATTN_HD bool finite_bits(float x) { return (float_bits(x) & 0x7f800000u) != 0x7f800000u; }
@@ -90,30 +90,28 @@ VATTN_HD uint8_t fp8_e4m3_from_float(float x) {
   const uint8_t sign = uint8_t((u >> 24) & 0x80u);
   const uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return uint8_t(sign | 0x7fu);
-  if (a >= 0x43e00000u) return uint8_t(sign | 0x7eu);        // >= 448 (incl. inf): saturate
-  if (a < 0x3c800000u) {                                       // < 2^-6: e4m3 subnormal, step 2^-9
+  if (a >= 0x43e00000u) return uint8_t(sign | 0x7eu);  // >= 448 (incl. inf): saturate
+  if (a < 0x3c800000u) {                               // < 2^-6: e4m3 subnormal, step 2^-9
     const int e = int(a >> 23) - 127;
-    if (e < -11) return sign;                                  // < 2^-11 (also fp32 subnormals): 0
-    const uint32_t m = (a & 0x7fffffu) | 0x800000u;            // |x| = m * 2^(e - 23)
-    const int shift = 14 - e;                                  // code = |x| * 2^9 = m * 2^(e - 14)
+    if (e < -11) return sign;                        // < 2^-11 (also fp32 subnormals): 0
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u;  // |x| = m * 2^(e - 23)
+    const int shift = 14 - e;                        // code = |x| * 2^9 = m * 2^(e - 14)
     uint32_t r = m >> shift;
     const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (r & 1u))) ++r;          // r == 8 is the smallest normal: fine
+    if (rem > half || (rem == half && (r & 1u))) ++r;  // r == 8 is the smallest normal: fine
     return uint8_t(sign | r);
   }
   // Normal: rebias the exponent (127 -> 7) and keep 3 mantissa bits, rounding the other 20.
   uint32_t r = (a - (120u << 23)) >> 20;
   const uint32_t rem = a & 0xfffffu;
   if (rem > 0x80000u || (rem == 0x80000u && (r & 1u))) ++r;
-  if (r > 0x7eu) r = 0x7eu;                                    // rounded up past 448
+  if (r > 0x7eu) r = 0x7eu;  // rounded up past 448
   return uint8_t(sign | r);
 }
 
 // e4m3 bits -> the fp16 bits of value * 2^-8 (same mantissa, exponent rebiased by shifting;
 // subnormals line up too). The kernels fold the 2^8 into the scale.
-VATTN_HD uint16_t fp8_e4m3_to_half_bits(uint8_t b) {
-  return uint16_t(((b & 0x80u) << 8) | ((b & 0x7fu) << 7));
-}
+VATTN_HD uint16_t fp8_e4m3_to_half_bits(uint8_t b) { return uint16_t(((b & 0x80u) << 8) | ((b & 0x7fu) << 7)); }
 constexpr float kFp8HalfScale = 256.f;  // value = half(fp8_e4m3_to_half_bits(b)) * 256
 VATTN_HD float fp8_e4m3_to_float(uint8_t b) { return to_float(f16_t{fp8_e4m3_to_half_bits(b)}) * kFp8HalfScale; }
 

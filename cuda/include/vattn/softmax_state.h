@@ -37,7 +37,7 @@ struct SoftmaxState {
   // accumulated yet, so a -inf max never produces inf - inf = NaN).
   VATTN_HD float rescale_to(float block_max) {
     const float m_new = fmaxf(m, block_max);
-    if (m_new == -INFINITY) return 1.f;          // still nothing visible
+    if (m_new == -INFINITY) return 1.f;  // still nothing visible
     const float f = (m == -INFINITY) ? 0.f : exp2f(m - m_new);
     d *= f;
     m = m_new;
@@ -56,7 +56,11 @@ struct SoftmaxState {
 // natural-log LSEs. Returns the merged LSE. Two empty states give w_a = w_b = 0, lse = -inf.
 VATTN_HD float merge_weights(float lse_a, float lse_b, float* w_a, float* w_b) {
   const float m = fmaxf(lse_a, lse_b);
-  if (m == -INFINITY) { *w_a = 0.f; *w_b = 0.f; return -INFINITY; }
+  if (m == -INFINITY) {
+    *w_a = 0.f;
+    *w_b = 0.f;
+    return -INFINITY;
+  }
   const float ea = expf(lse_a - m), eb = expf(lse_b - m);
   const float s = ea + eb;
   *w_a = ea / s;
@@ -135,8 +139,6 @@ VATTN_HD float softcap_tanh(float x) {
 }
 
 // Soft-cap of a logit: softcap * tanh(x / softcap); identity when softcap <= 0.
-VATTN_HD float apply_softcap(float x, float softcap) {
-  return softcap > 0.f ? softcap * softcap_tanh(x / softcap) : x;
-}
+VATTN_HD float apply_softcap(float x, float softcap) { return softcap > 0.f ? softcap * softcap_tanh(x / softcap) : x; }
 
 }  // namespace vattn

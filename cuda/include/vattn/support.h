@@ -21,22 +21,22 @@ constexpr uint32_t kPlainFormats = bit(kKvFloat32) | bit(kKvFloat16) | bit(kKvBF
 constexpr uint32_t kQuantFormats = bit(kKvFp8E4M3) | bit(kKvInt8) | bit(kKvInt4);
 
 struct Entry {
-  uint32_t dtypes;             // bit set of DType codes (q / out; k / v for append_kv)
-  uint32_t kv_formats;         // bit set of KvFormatCode
-  int32_t head_dim_multiple;   // head_dim must be a multiple of this
-  int32_t max_head_dim;        // 0: no limit
+  uint32_t dtypes;            // bit set of DType codes (q / out; k / v for append_kv)
+  uint32_t kv_formats;        // bit set of KvFormatCode
+  int32_t head_dim_multiple;  // head_dim must be a multiple of this
+  int32_t max_head_dim;       // 0: no limit
 };
 
 constexpr Entry entry(Device d, Op op) {
-  return d == kCpu ? Entry{kAllDtypes, op == kMerge ? kPlainFormats : kPlainFormats | kQuantFormats, 1, 0}
+  return d == kCpu        ? Entry{kAllDtypes, op == kMerge ? kPlainFormats : kPlainFormats | kQuantFormats, 1, 0}
          : op == kPrefill ? Entry{kHalfDtypes, kPlainFormats | kQuantFormats, 8, 256}
          : op == kMerge   ? Entry{kAllDtypes, kPlainFormats, 1, 0}
                           : Entry{kAllDtypes, kPlainFormats | kQuantFormats, 8, 256};  // append_kv, decode
 }
 
 constexpr bool supported(Device d, Op op, int32_t dtype, int32_t kv_format, int32_t head_dim) {
-  return (entry(d, op).dtypes & bit(dtype)) != 0 && (entry(d, op).kv_formats & bit(kv_format)) != 0 &&
-         head_dim > 0 && head_dim % entry(d, op).head_dim_multiple == 0 &&
+  return (entry(d, op).dtypes & bit(dtype)) != 0 && (entry(d, op).kv_formats & bit(kv_format)) != 0 && head_dim > 0 &&
+         head_dim % entry(d, op).head_dim_multiple == 0 &&
          (entry(d, op).max_head_dim == 0 || head_dim <= entry(d, op).max_head_dim);
 }
 

@@ -39,10 +39,11 @@ __device__ __forceinline__ const float* plain_scale_words(const float* base, int
 // the plain format of Q, or any quantized format; the launcher validated the pair and the
 // scale pointers).
 template <typename Q, typename KF, typename VF>
-__global__ void __launch_bounds__(kPlainDecodeThreads) decode_plain_kernel(const AttentionParams p, const DecodePlanArgs a) {
+__global__ void __launch_bounds__(kPlainDecodeThreads)
+    decode_plain_kernel(const AttentionParams p, const DecodePlanArgs a) {
   constexpr int kWarps = kPlainDecodeThreads / 32;
   constexpr int kPerLane = kPlainDecodeMaxHeadDim / 32;  // dims lane, lane + 32, ...
-  using KD = DeviceKvFormat<KF>;  // scalar dequant of each format (kv_device_format.cuh)
+  using KD = DeviceKvFormat<KF>;                         // scalar dequant of each format (kv_device_format.cuh)
   using VD = DeviceKvFormat<VF>;
   using KS = typename KF::storage_t;
   using VS = typename VF::storage_t;

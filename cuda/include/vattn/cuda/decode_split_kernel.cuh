@@ -57,9 +57,9 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
   using Cfg = DecodeSplitConfigFor<HD, KF, VF>;
   using KS = typename KD::storage_t;
   using VS = typename VD::storage_t;
-  constexpr int LE = kLaneElems;            // head_dim elements per lane and key
-  constexpr int NP = Cfg::kPieces;          // active lanes per key
-  constexpr int CHK = Cfg::kChunksK;        // 16-byte chunks of one K vector
+  constexpr int LE = kLaneElems;      // head_dim elements per lane and key
+  constexpr int NP = Cfg::kPieces;    // active lanes per key
+  constexpr int CHK = Cfg::kChunksK;  // 16-byte chunks of one K vector
   constexpr int CHV = Cfg::kChunksV;
   constexpr int TD = Cfg::kLanesPerKey;
   constexpr int KPW = Cfg::kKeysPerWarp;
@@ -69,18 +69,18 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
   constexpr int TILE = Cfg::kTile;
   constexpr int STAGES = Cfg::kStages;
   constexpr int NT = Cfg::kThreads;
-  constexpr int KW = KD::kScaleWords;       // scale words per K / V vector
+  constexpr int KW = KD::kScaleWords;  // scale words per K / V vector
   constexpr int VW = VD::kScaleWords;
-  constexpr int NGRP = KPI;                       // independent key groups (softmax states)
-  constexpr int kRowK = CHK * 16;                 // bytes of one K (V) vector
+  constexpr int NGRP = KPI;        // independent key groups (softmax states)
+  constexpr int kRowK = CHK * 16;  // bytes of one K (V) vector
   constexpr int kRowV = CHV * 16;
-  constexpr int kTileK = TILE * kRowK;            // stage layout: K tile, V tile, K words, V words
+  constexpr int kTileK = TILE * kRowK;  // stage layout: K tile, V tile, K words, V words
   constexpr int kTileV = TILE * kRowV;
   constexpr int kWordsK = TILE * KW * 4;
   constexpr int kWordsV = TILE * VW * 4;
   constexpr int kStageBytes = (kTileK + kTileV + kWordsK + kWordsV + 15) / 16 * 16;
   constexpr int kPipeBytes = STAGES * kStageBytes;
-  constexpr int kRedO = NGRP * GB * TD * LE;      // floats: per group partial outputs
+  constexpr int kRedO = NGRP * GB * TD * LE;  // floats: per group partial outputs
   constexpr int kRedBytes = (kRedO + NGRP * GB * 2) * 4;
   constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
   static_assert(sizeof(T) == 2 && LE == 8, "q pieces are one 16-byte chunk of T");
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int dl = lane % TD;               // piece (dims dl*LE ..) of this lane
+  const int dl = lane % TD;                // piece (dims dl*LE ..) of this lane
   const int grp = warp * KPW + lane / TD;  // key group of this lane
   const bool dim_active = dl < NP;
 
@@ -127,8 +127,8 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
 #pragma unroll
     for (int i = 0; i < LE; ++i) q[g][i] = 0.f;
     if (g < gcount && dim_active) {
-      const T* qp = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_tok + int64_t(qh0 + g) * p.q_stride_head +
-                    dl * LE;
+      const T* qp =
+          static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_tok + int64_t(qh0 + g) * p.q_stride_head + dl * LE;
       float x[8];
       chunk_to_float<T>(ld_global_16_nc(qp), x);
 #pragma unroll
@@ -321,7 +321,8 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
       }
       float* dst = red_o + ((grp * GB + g) * TD + dl) * LE;
 #pragma unroll
-      for (int i = 0; i < LE; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(o[g][i], o[g][i + 1], o[g][i + 2], o[g][i + 3]);
+      for (int i = 0; i < LE; i += 4)
+        *reinterpret_cast<float4*>(dst + i) = make_float4(o[g][i], o[g][i + 1], o[g][i + 2], o[g][i + 3]);
     }
     if (dl == 0) {
       red_md[(grp * GB + g) * 2] = st[g].m;
@@ -392,7 +393,7 @@ void launch_decode_split(const AttentionParams& p, const DecodePlanArgs& a, int 
 }
 
 // Body of one decode_hd<HD>.cu file: the launcher declared in decode_args.cuh.
-#define VATTN_DECODE_SPLIT_LAUNCHER(HD)                                                                   \
+#define VATTN_DECODE_SPLIT_LAUNCHER(HD)                                                               \
   void launch_decode_split_hd##HD(const AttentionParams& p, const DecodePlanArgs& a, int group_block, \
                                   int num_splits) {                                                   \
     launch_decode_split<HD>(p, a, group_block, num_splits);                                           \

@@ -62,15 +62,19 @@ struct DevicePlain16Format {
   static constexpr int kScaleWords = 0;
   static constexpr bool kZero = false;
   __device__ __forceinline__ static float load(const storage_t* p, int i) { return elem_to_float(p[i]); }
-  __device__ __forceinline__ static float dequant(const storage_t* p, const float*, int i) { return elem_to_float(p[i]); }
+  __device__ __forceinline__ static float dequant(const storage_t* p, const float*, int i) {
+    return elem_to_float(p[i]);
+  }
   __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
     chunk_to_float<T>(ld_shared_16(piece), x);
   }
   __device__ __forceinline__ static float scale(const float*) { return 1.f; }
   __device__ __forceinline__ static float zero(const float*) { return 0.f; }
 };
-template <> struct DeviceKvFormat<PlainFormat<f16_t>> : DevicePlain16Format<f16_t> {};
-template <> struct DeviceKvFormat<PlainFormat<bf16_t>> : DevicePlain16Format<bf16_t> {};
+template <>
+struct DeviceKvFormat<PlainFormat<f16_t>> : DevicePlain16Format<f16_t> {};
+template <>
+struct DeviceKvFormat<PlainFormat<bf16_t>> : DevicePlain16Format<bf16_t> {};
 
 // Two e4m3 codes (low byte = first element) -> two floats. sm_89+: the hardware conversion
 // (exact: every e4m3 value is an fp16 value). Below: the bit trick of quant.h
@@ -81,7 +85,7 @@ __device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two_codes) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(two_codes & 0xffffu), __NV_E4M3);
   return pair_to_float2(uint32_t(h.x) | (uint32_t(h.y) << 16), f16_t{});
 #else
-  const uint32_t t = __byte_perm(two_codes, 0u, 0x1404);           // bytes [0, b0, 0, b1]: b << 8 per half
+  const uint32_t t = __byte_perm(two_codes, 0u, 0x1404);            // bytes [0, b0, 0, b1]: b << 8 per half
   const uint32_t h = (t & 0x80008000u) | ((t & 0x7f007f00u) >> 1);  // sign | magnitude << 7
   return pair_to_float2(h, f16_t{});
 #endif
@@ -112,8 +116,14 @@ struct DeviceKvFormat<Fp8E4M3Format> {
     const uint2 c = *static_cast<const uint2*>(piece);
     const float2 a = fp8x2_to_float2(c.x), b = fp8x2_to_float2(c.x >> 16);
     const float2 e = fp8x2_to_float2(c.y), f = fp8x2_to_float2(c.y >> 16);
-    x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
-    x[4] = e.x; x[5] = e.y; x[6] = f.x; x[7] = f.y;
+    x[0] = a.x;
+    x[1] = a.y;
+    x[2] = b.x;
+    x[3] = b.y;
+    x[4] = e.x;
+    x[5] = e.y;
+    x[6] = f.x;
+    x[7] = f.y;
   }
   __device__ __forceinline__ static float scale(const float* w) { return w[0] * fp8_decode_mul(); }
   __device__ __forceinline__ static float zero(const float*) { return 0.f; }

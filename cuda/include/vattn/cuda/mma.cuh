@@ -37,15 +37,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 }
 
 // c += a * b for one 16x8x16 tile; T selects the operand type (f16_t or bf16_t).
-template <typename T> struct Mma16816;
-#define VATTN_MMA16816(T, PTX_TYPE)                                                                        \
-  template <> struct Mma16816<T> {                                                                         \
+template <typename T>
+struct Mma16816;
+#define VATTN_MMA16816(T, PTX_TYPE)                                                                               \
+  template <>                                                                                                     \
+  struct Mma16816<T> {                                                                                            \
     static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { \
-      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                         \
-                   ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"               \
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                        \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                        \
-    }                                                                                                      \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                                 \
+                   ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                       \
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                               \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                               \
+    }                                                                                                             \
   };
 VATTN_MMA16816(f16_t, "f16")
 VATTN_MMA16816(bf16_t, "bf16")

@@ -22,7 +22,10 @@ __device__ __forceinline__ int find_batch_row(const int32_t* __restrict__ cu, in
   int lo = 0, hi = batch - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (cu[mid] <= t) lo = mid; else hi = mid - 1;
+    if (cu[mid] <= t)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -31,8 +34,10 @@ __device__ __forceinline__ int find_batch_row(const int32_t* __restrict__ cu, in
 template <typename Format>
 __device__ __forceinline__ const float* head_scales(const float* base, int64_t row, int kvh, int64_t s_row,
                                                     int64_t s_head) {
-  if constexpr (Format::kScaleWords == 0) return nullptr;
-  else return base + row * s_row + int64_t(kvh) * s_head;
+  if constexpr (Format::kScaleWords == 0)
+    return nullptr;
+  else
+    return base + row * s_row + int64_t(kvh) * s_head;
 }
 
 }  // namespace prefill

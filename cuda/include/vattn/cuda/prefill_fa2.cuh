@@ -35,13 +35,13 @@ namespace prefill {
 template <int D_, int MT_, int BN_, int MinBlocks_>
 struct Fa2Config {
   static constexpr int D = D_;
-  static constexpr int MT = MT_;        // m16 tiles per warp
-  static constexpr int BN = BN_;        // keys per tile
+  static constexpr int MT = MT_;  // m16 tiles per warp
+  static constexpr int BN = BN_;  // keys per tile
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int BM = 16 * MT * kWarps;
   static constexpr int kSmemBytes = (BM + 2 * BN) * D * 2;  // Q, K, V tiles
-  static constexpr int kMinBlocks = MinBlocks_;  // CTAs per SM the register budget is sized for
+  static constexpr int kMinBlocks = MinBlocks_;             // CTAs per SM the register budget is sized for
   static_assert(BN % 16 == 0 && D % 64 == 0, "tile shapes");
 };
 
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
 
   const int kvh = h / (p.num_q_heads / p.num_kv_heads);
   const RowKeys rk = row_keys(p, b, kvh);
-  const int shift = rk.len - n_b;         // pos(block row r) = shift + m0 + r
+  const int shift = rk.len - n_b;  // pos(block row r) = shift + m0 + r
   const int pos_first = shift + m0;
   const int pos_last = shift + m0 + m_valid - 1;
   const int wl = p.window_left;
@@ -81,10 +81,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
   float* lse_blk = p.lse ? p.lse + int64_t(q_start + m0) * p.num_q_heads + h : nullptr;
 
   if (k_hi < k_lo) {  // no row of the block sees any key: zero output, lse = -inf
-    for (int idx = tid; idx < m_valid * D; idx += NT) {
-      out_blk[int64_t(idx / D) * p.o_stride_tok + idx % D] = T{0};
-    }
-    if (lse_blk) for (int r = tid; r < m_valid; r += NT) lse_blk[int64_t(r) * p.num_q_heads] = -INFINITY;
+    for (int idx = tid; idx < m_valid * D; idx += NT) { out_blk[int64_t(idx / D) * p.o_stride_tok + idx % D] = T{0}; }
+    if (lse_blk)
+      for (int r = tid; r < m_valid; r += NT) lse_blk[int64_t(r) * p.num_q_heads] = -INFINITY;
     return;
   }
 
@@ -93,8 +92,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
   const uint32_t sK = sQ + BM * D * 2;
   const uint32_t sV = sK + BN * D * 2;
 
-  const uint16_t* q_blk = static_cast<const uint16_t*>(p.q) + int64_t(q_start + m0) * p.q_stride_tok +
-                          int64_t(h) * p.q_stride_head;
+  const uint16_t* q_blk =
+      static_cast<const uint16_t*>(p.q) + int64_t(q_start + m0) * p.q_stride_tok + int64_t(h) * p.q_stride_head;
   const auto* k_head = static_cast<const typename KF::storage_t*>(p.kv.k) + rk.row * p.kv.k_stride_row +
                        int64_t(kvh) * p.kv.k_stride_head;
   const auto* v_head = static_cast<const typename VF::storage_t*>(p.kv.v) + rk.row * p.kv.v_stride_row +
@@ -107,8 +106,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
 
   // Prologue: Q block (rows >= m_valid zero-filled) and the first K tile.
   load_tile_16bit<D, BM, NT>(sQ, q_blk, p.q_stride_tok, 0, 0, m_valid, tid);
-  KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, t_first * BN,
-                                    k_lo - t_first * BN, k_hi + 1 - t_first * BN, tid);
+  KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, t_first * BN, k_lo - t_first * BN,
+                                    k_hi + 1 - t_first * BN, tid);
   cuda::cp_async_commit();
   cuda::cp_async_wait<0>();
   __syncthreads();
@@ -127,7 +126,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
     }
   }
 
-  float o[MT][D / 8][4];       // O accumulator, C layout per 8-dim tile
+  float o[MT][D / 8][4];             // O accumulator, C layout per 8-dim tile
   float row_m[MT][2], row_d[MT][2];  // per thread: rows g and g+8 of each m tile (log2 units)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -158,7 +157,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
 
   for (int t = t_first; t <= t_last; ++t) {
     const int n0 = t * BN;
-    if (t != t_first) {   // K(t) landed, and every warp finished P*V of tile t-1 (V buffer free)
+    if (t != t_first) {  // K(t) landed, and every warp finished P*V of tile t-1 (V buffer free)
       if constexpr (kAsyncKV) cuda::cp_async_wait<0>();
       __syncthreads();
     }
@@ -247,11 +246,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
     }
 
     if constexpr (kAsyncKV) cuda::cp_async_wait<0>();  // V(t) landed
-    __syncthreads();      // ... for every thread, and every warp is done reading K(t)
+    __syncthreads();                                   // ... for every thread, and every warp is done reading K(t)
     if (t < t_last) {
       const int n1 = n0 + BN;
-      KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, n1, k_lo - n1,
-                                        k_hi + 1 - n1, tid);
+      KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, n1, k_lo - n1, k_hi + 1 - n1,
+                                        tid);
       if constexpr (kAsyncKV) cuda::cp_async_commit();
     }
 

@@ -16,23 +16,27 @@
 namespace vattn {
 namespace prefill {
 
-constexpr int kPlainThreads = 128;   // 4 warps
-constexpr int kPlainTile = 64;       // keys scored per pass (16 per warp)
-constexpr int kPlainMaxDim = 256;    // 2 output dims per thread
+constexpr int kPlainThreads = 128;  // 4 warps
+constexpr int kPlainTile = 64;      // keys scored per pass (16 per warp)
+constexpr int kPlainMaxDim = 256;   // 2 output dims per thread
 
 // Element i of one stored vector v with its scale words w (null for plain formats), as fp32.
 template <typename Format>
 __device__ __forceinline__ float kv_elem(const typename Format::storage_t* v, const float* w, int i) {
-  if constexpr (Format::kScaleWords == 0) return cuda::DeviceKvFormat<Format>::load(v, i);
-  else return Format::dequant(v, w, i);
+  if constexpr (Format::kScaleWords == 0)
+    return cuda::DeviceKvFormat<Format>::load(v, i);
+  else
+    return Format::dequant(v, w, i);
 }
 
 // Scale words of token j of one (cache row, kv head), given the head's token-0 words; null
 // for a format without scale words.
 template <typename Format>
 __device__ __forceinline__ const float* vec_scales(const float* head, int64_t s_tok, int j) {
-  if constexpr (Format::kScaleWords == 0) return nullptr;
-  else return head + int64_t(j) * s_tok;
+  if constexpr (Format::kScaleWords == 0)
+    return nullptr;
+  else
+    return head + int64_t(j) * s_tok;
 }
 
 template <typename T, typename KF, typename VF>
@@ -42,13 +46,13 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
   __shared__ float q_s[kPlainMaxDim];
   __shared__ float s_s[kPlainTile];
 
-  const int t = blockIdx.x;        // query token (row of q / out)
-  const int h = blockIdx.y;        // q head
+  const int t = blockIdx.x;  // query token (row of q / out)
+  const int h = blockIdx.y;  // q head
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int D = p.head_dim;
 
   const int b = find_batch_row(p.cu_seqlens_q, p.batch, t);
-  if (b < 0) return;               // token belongs to no batch row: nothing defines its output
+  if (b < 0) return;  // token belongs to no batch row: nothing defines its output
   const int n_b = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
   const int i = t - p.cu_seqlens_q[b];
   const int kvh = h / (p.num_q_heads / p.num_kv_heads);
@@ -69,9 +73,9 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
   const float scale_log2 = p.scale * kLog2e;
   const bool capped = p.softcap > 0.f;
 
-  SoftmaxState st;                 // every thread keeps an identical copy
-  float acc0 = 0.f, acc1 = 0.f;    // output dims tid and tid + 128
-  __syncthreads();                 // q_s ready
+  SoftmaxState st;               // every thread keeps an identical copy
+  float acc0 = 0.f, acc1 = 0.f;  // output dims tid and tid + 128
+  __syncthreads();               // q_s ready
 
   for (int j0 = lo; j0 <= hi; j0 += kPlainTile) {
     const int cnt = min(kPlainTile, hi - j0 + 1);
@@ -107,7 +111,7 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
       if (tid < D) acc0 += w * kv_elem<VF>(vrow, vw, tid);
       if (tid + kPlainThreads < D) acc1 += w * kv_elem<VF>(vrow, vw, tid + kPlainThreads);
     }
-    __syncthreads();               // s_s is rewritten by the next pass
+    __syncthreads();  // s_s is rewritten by the next pass
   }
 
   const float inv = st.inv_sum();  // 0 when nothing was visible: zero output

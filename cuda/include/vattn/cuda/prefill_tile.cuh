@@ -49,8 +49,8 @@ struct TileLayout {
 // stride (elements). Only rows r with lo <= r < hi are read; the others are zero-filled, so
 // a row past a length (NaN or unmapped memory in a cache) is never touched.
 template <int D, int ROWS, int NT>
-__device__ __forceinline__ void load_tile_16bit(uint32_t smem, const uint16_t* base, int64_t stride, int row0,
-                                                int lo, int hi, int tid) {
+__device__ __forceinline__ void load_tile_16bit(uint32_t smem, const uint16_t* base, int64_t stride, int row0, int lo,
+                                                int hi, int tid) {
   using L = TileLayout<D>;
   static_assert((ROWS * L::kChunks) % NT == 0, "tile chunks must split evenly over the threads");
 #pragma unroll
@@ -83,9 +83,11 @@ __device__ __forceinline__ void st_shared_16(uint32_t smem, uint4 v) {
 constexpr float kTwo23 = 8388608.f;
 __device__ __forceinline__ float small_uint_to_float(uint32_t u) { return __uint_as_float(0x4B000000u | u) - kTwo23; }
 
-template <typename Format> struct QuantChunk;
+template <typename Format>
+struct QuantChunk;
 
-template <> struct QuantChunk<Int8Format> {
+template <>
+struct QuantChunk<Int8Format> {
   static constexpr int kCodeWords = 2;  // 8 one-byte codes
   // Multiplier applied to each code (the scale word).
   static __device__ __forceinline__ float mult(const float* w) { return w[0]; }
@@ -102,7 +104,8 @@ template <> struct QuantChunk<Int8Format> {
   }
 };
 
-template <> struct QuantChunk<Fp8E4M3Format> {
+template <>
+struct QuantChunk<Fp8E4M3Format> {
   static constexpr int kCodeWords = 2;  // 8 one-byte codes
 #ifdef VATTN_HW_FP8_CVT
   static __device__ __forceinline__ float mult(const float* w) { return w[0]; }
@@ -142,7 +145,8 @@ template <> struct QuantChunk<Fp8E4M3Format> {
   }
 };
 
-template <> struct QuantChunk<Int4Format> {
+template <>
+struct QuantChunk<Int4Format> {
   static constexpr int kCodeWords = 1;  // 8 four-bit codes
   template <typename T>
   static __device__ __forceinline__ uint4 to(const uint32_t* cw, float s, float z) {
@@ -225,8 +229,10 @@ struct QuantTileLoader {
 };
 
 // K/V tile loader by storage format and q dtype T.
-template <typename Format, typename T> struct KVTileLoader : QuantTileLoader<Format, T> {};
-template <typename T> struct KVTileLoader<PlainFormat<T>, T> {
+template <typename Format, typename T>
+struct KVTileLoader : QuantTileLoader<Format, T> {};
+template <typename T>
+struct KVTileLoader<PlainFormat<T>, T> {
   static_assert(sizeof(T) == 2, "plain tile loader is for 16-bit storage");
   static constexpr bool kAsync = true;
   template <int D, int ROWS, int NT>

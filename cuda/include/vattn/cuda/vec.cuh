@@ -35,16 +35,10 @@ __host__ __device__ __forceinline__ bool is_aligned_16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-__device__ __forceinline__ uint4 ld_global_16(const void* p) {
-  return *reinterpret_cast<const uint4*>(p);
-}
-__device__ __forceinline__ uint4 ld_global_16_nc(const void* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
-}
+__device__ __forceinline__ uint4 ld_global_16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ uint4 ld_global_16_nc(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 __device__ __forceinline__ void st_global_16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
-__device__ __forceinline__ uint4 ld_shared_16(const void* p) {
-  return *reinterpret_cast<const uint4*>(p);
-}
+__device__ __forceinline__ uint4 ld_shared_16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ void st_shared_16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
 // ---- scalar conversions -------------------------------------------------------------------
@@ -52,14 +46,20 @@ __device__ __forceinline__ float elem_to_float(f16_t x) { return __half2float(__
 __device__ __forceinline__ float elem_to_float(bf16_t x) { return __bfloat162float(__ushort_as_bfloat16(x.bits)); }
 __device__ __forceinline__ float elem_to_float(float x) { return x; }
 
-template <typename T> __device__ __forceinline__ T float_to_elem(float x);
-template <> __device__ __forceinline__ f16_t float_to_elem<f16_t>(float x) {
+template <typename T>
+__device__ __forceinline__ T float_to_elem(float x);
+template <>
+__device__ __forceinline__ f16_t float_to_elem<f16_t>(float x) {
   return f16_t{__half_as_ushort(__float2half_rn(x))};
 }
-template <> __device__ __forceinline__ bf16_t float_to_elem<bf16_t>(float x) {
+template <>
+__device__ __forceinline__ bf16_t float_to_elem<bf16_t>(float x) {
   return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
 }
-template <> __device__ __forceinline__ float float_to_elem<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float float_to_elem<float>(float x) {
+  return x;
+}
 
 // ---- pairs ---------------------------------------------------------------------------------
 __device__ __forceinline__ float2 pair_to_float2(uint32_t bits, f16_t) {
@@ -72,12 +72,15 @@ __device__ __forceinline__ float2 pair_to_float2(uint32_t bits, bf16_t) {
   return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
 }
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<f16_t>(float lo, float hi) {
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<f16_t>(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
 }
-template <> __device__ __forceinline__ uint32_t pack2<bf16_t>(float lo, float hi) {
+template <>
+__device__ __forceinline__ uint32_t pack2<bf16_t>(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
 }
@@ -88,8 +91,14 @@ __device__ __forceinline__ void chunk_to_float(uint4 c, float (&x)[8]) {
   static_assert(sizeof(T) == 2, "chunk_to_float: 16-bit element types only");
   const float2 a = pair_to_float2(c.x, T{}), b = pair_to_float2(c.y, T{});
   const float2 e = pair_to_float2(c.z, T{}), f = pair_to_float2(c.w, T{});
-  x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
-  x[4] = e.x; x[5] = e.y; x[6] = f.x; x[7] = f.y;
+  x[0] = a.x;
+  x[1] = a.y;
+  x[2] = b.x;
+  x[3] = b.y;
+  x[4] = e.x;
+  x[5] = e.y;
+  x[6] = f.x;
+  x[7] = f.y;
 }
 
 template <typename T>
