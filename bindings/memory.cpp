@@ -148,15 +148,9 @@ void bind_memory(py::module_& m) {
              return d;
            })
       .def_property_readonly("page_bytes", &CacheManager::page_bytes)
-      .def_property_readonly("num_regions", &CacheManager::num_regions)
-      .def_property_readonly("slot_stride_bytes", &CacheManager::slot_stride_bytes)
       .def_property_readonly(
           "token_bytes", [](const CacheManager& self) { return self.geometry().token_bytes(); },
           "Bytes of one stored token over all layers, K and V (data and scales)")
-      .def_property_readonly("region_token_bytes", &CacheManager::region_token_bytes,
-                             "Bytes of one token in one region (token_major: token_bytes; layer_major: one record)")
-      .def_property_readonly("is_device", &CacheManager::is_device)
-      .def_property_readonly("backend_name", &CacheManager::backend_name)
       .def("region_base", &CacheManager::region_base, py::arg("region"))
       .def("region_bytes", &CacheManager::region_bytes, py::arg("region"))
       .def(
