@@ -207,120 +207,54 @@ def _empty_outputs(q: Tensor, need_lse: bool = True) -> Tuple[Tensor, Optional[T
     return out, lse
 
 
-def _decode_impl(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    seqlens_k: Tensor,
-    row_ids: Optional[Tensor],
-    head_seqlens_k: Optional[Tensor],
-    scale: Optional[float],
-    window_left: int,
-    softcap: float,
-    max_seqlen_k: int,
-    k_scale: Optional[Tensor] = None,
-    v_scale: Optional[Tensor] = None,
-    need_lse: bool = True,
-    geom: Optional[_KVGeom] = None,
+def _attend(
+    op,
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seqlens_k,
+    row_ids,
+    head_seqlens_k,
+    scale,
+    window_left,
+    softcap,
+    max_seqlen_q,
+    max_seqlen_k,
+    k_scale,
+    v_scale,
+    need_lse,
+    geom,
 ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Decode (cu_seqlens_q None) or prefill: checks, outputs, params, launch."""
+    geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
+                                       window_left, softcap, scale, geom, k_scale, v_scale)  # fmt: skip
+    out, lse = _empty_outputs(q, need_lse)
+    if q.shape[0] == 0:
+        return out, lse
+    p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, cu_seqlens_q, row_ids,
+                          head_seqlens_k, scale, window_left, softcap, max_seqlen_q, max_seqlen_k)  # fmt: skip
+    _run(q.device, op, p, workspace=cu_seqlens_q is None)
+    return out, lse
+
+
+def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
+                 head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
+                 max_seqlen_k: int, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+                 need_lse: bool = True, geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """The implementation of torch.ops.vattn.decode_attention (and of the eager fast path)."""
-    geom, q_strides = _check_attention(
-        q,
-        k_cache,
-        v_cache,
-        seqlens_k,
-        None,
-        row_ids,
-        head_seqlens_k,
-        window_left,
-        softcap,
-        scale,
-        geom,
-        k_scale,
-        v_scale,
-    )
-    out, lse = _empty_outputs(q, need_lse)
-    if q.shape[0] == 0:
-        return out, lse
-    p = _attention_params(
-        q,
-        q_strides,
-        k_cache,
-        v_cache,
-        geom,
-        out,
-        lse,
-        seqlens_k,
-        None,
-        row_ids,
-        head_seqlens_k,
-        scale,
-        window_left,
-        softcap,
-        1,
-        max_seqlen_k,
-    )
-    _run(q.device, "decode_attention", p, workspace=True)
-    return out, lse
+    return _attend("decode_attention", q, k_cache, v_cache, None, seqlens_k, row_ids, head_seqlens_k, scale,
+                   window_left, softcap, 1, max_seqlen_k, k_scale, v_scale, need_lse, geom)  # fmt: skip
 
 
-def _prefill_impl(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cu_seqlens_q: Tensor,
-    seqlens_k: Tensor,
-    row_ids: Optional[Tensor],
-    head_seqlens_k: Optional[Tensor],
-    scale: Optional[float],
-    window_left: int,
-    softcap: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    k_scale: Optional[Tensor] = None,
-    v_scale: Optional[Tensor] = None,
-    need_lse: bool = True,
-    geom: Optional[_KVGeom] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
+def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
+                  row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
+                  window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int,
+                  k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, need_lse: bool = True,
+                  geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """The implementation of torch.ops.vattn.prefill_attention (and of the eager fast path)."""
-    geom, q_strides = _check_attention(
-        q,
-        k_cache,
-        v_cache,
-        seqlens_k,
-        cu_seqlens_q,
-        row_ids,
-        head_seqlens_k,
-        window_left,
-        softcap,
-        scale,
-        geom,
-        k_scale,
-        v_scale,
-    )
-    out, lse = _empty_outputs(q, need_lse)
-    if q.shape[0] == 0:
-        return out, lse
-    p = _attention_params(
-        q,
-        q_strides,
-        k_cache,
-        v_cache,
-        geom,
-        out,
-        lse,
-        seqlens_k,
-        cu_seqlens_q,
-        row_ids,
-        head_seqlens_k,
-        scale,
-        window_left,
-        softcap,
-        max_seqlen_q,
-        max_seqlen_k,
-    )
-    _run(q.device, "prefill_attention", p)
-    return out, lse
+    return _attend("prefill_attention", q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k,
+                   scale, window_left, softcap, max_seqlen_q, max_seqlen_k, k_scale, v_scale, need_lse, geom)  # fmt: skip
 
 
 def _append_impl(
