@@ -1,4 +1,4 @@
-"""Shared by tests/ and bench/: the `gpu` marker.
+"""Shared by tests/ and bench/: the `gpu` marker (modules with gpu items run first on a GPU machine).
 
 A gpu-marked test skips without a CUDA device and a CUDA build of vattn; with VATTN_REQUIRE_GPU=1
 it fails instead, so a GPU machine cannot pass the suite by skipping.
@@ -27,6 +27,11 @@ def cuda_available() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if cuda_available() or REQUIRE_GPU:
+        # On a GPU machine the modules holding gpu items run first (each kept whole and in order, so
+        # module fixtures are set up once), so a time-boxed run (bench/gpu_check.sh) spends its budget
+        # on what only that machine can check.
+        with_gpu = {getattr(getattr(item, "module", None), "__name__", "") for item in items if "gpu" in item.keywords}
+        items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in with_gpu)
         return  # with VATTN_REQUIRE_GPU=1 the gpu items fail in pytest_runtest_setup instead
     skip = pytest.mark.skip(reason="needs a CUDA device and a CUDA build of vattn")
     for item in items:
