@@ -101,8 +101,9 @@ class Case:
         )
 
 
-def build(case: Case, dtype: torch.dtype, layout: str, device: str, seed: int):
-    """Tensors of a case: (q, k_cache, v_cache, kwargs of the op without q/caches), all on device."""
+def case_rows(case: Case, seed: int):
+    """(value generator, cache rows, row id of each batch row, cache capacity) of a case: the row ids
+    are a random permutation, the capacity a little past the longest length."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     batch = len(case.lens)
@@ -111,10 +112,12 @@ def build(case: Case, dtype: torch.dtype, layout: str, device: str, seed: int):
     rng.shuffle(row_ids)
     row_ids = row_ids[:batch]
     cap_lens = case.lens if case.head_lens is None else [max(max(h), l) for h, l in zip(case.head_lens, case.lens)]
-    seq = max(cap_lens) + rng.randint(1, 9)
-    k_cache, v_cache = cache_views(rows, seq, case.hkv, case.dim, dtype, layout, device)
-    fill_cache(k_cache, v_cache, row_ids, case.head_lens if case.head_lens is not None else case.lens, gen)
-    total_q = batch if case.q_lens is None else sum(case.q_lens)
+    return gen, rows, row_ids, max(cap_lens) + rng.randint(1, 9)
+
+
+def case_queries_and_kwargs(case: Case, row_ids, gen: torch.Generator, dtype: torch.dtype, device: str):
+    """q and the op kwargs (lengths, row ids, options, cu_seqlens_q for prefill) of a case."""
+    total_q = len(case.lens) if case.q_lens is None else sum(case.q_lens)
     q = randn((total_q, case.hkv * case.group, case.dim), gen, dtype).to(device)
     kw = dict(
         seqlens_k=torch.tensor(case.lens, dtype=torch.int32, device=device),
@@ -130,6 +133,15 @@ def build(case: Case, dtype: torch.dtype, layout: str, device: str, seed: int):
         for n in case.q_lens:
             cu.append(cu[-1] + n)
         kw["cu_seqlens_q"] = torch.tensor(cu, dtype=torch.int32, device=device)
+    return q, kw
+
+
+def build(case: Case, dtype: torch.dtype, layout: str, device: str, seed: int):
+    """Tensors of a case: (q, k_cache, v_cache, kwargs of the op without q/caches), all on device."""
+    gen, rows, row_ids, seq = case_rows(case, seed)
+    k_cache, v_cache = cache_views(rows, seq, case.hkv, case.dim, dtype, layout, device)
+    fill_cache(k_cache, v_cache, row_ids, case.head_lens if case.head_lens is not None else case.lens, gen)
+    q, kw = case_queries_and_kwargs(case, row_ids, gen, dtype, device)
     return q, k_cache, v_cache, kw
 
 

@@ -6,14 +6,22 @@ torch ops (opcheck, torch.compile) on quantized caches a user allocates. cpu; cu
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
 import vattn
 from vattn import formats, reference
-from helpers import Case, assert_attention_close, device_impls, random_cases, randn, skip_unsupported
+from helpers import (
+    Case,
+    assert_attention_close,
+    case_queries_and_kwargs,
+    case_rows,
+    device_impls,
+    random_cases,
+    randn,
+    skip_unsupported,
+)
 
 FORMAT_SPECS = ["fp8_e4m3", "int8", "int4", ("int8", "int4"), ("fp8_e4m3", "int8")]
 QLAYOUTS = ("plain", "record", "head_major")
@@ -65,15 +73,7 @@ def build_quantized(case: Case, spec, dtype, layout, device, seed):
     """(q, (kc, vc, ks, vs), (kd, vd) dequantized fp32 dense with NaN past lengths, (k_raw, v_raw)
     the unquantized values (NaN past lengths), kwargs)."""
     kf, vf = (formats.get(n) for n in _pair(spec))
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    batch = len(case.lens)
-    rows = batch + case.extra_rows
-    row_ids = list(range(rows))
-    rng.shuffle(row_ids)
-    row_ids = row_ids[:batch]
-    cap = case.lens if case.head_lens is None else [max(max(h), n) for h, n in zip(case.head_lens, case.lens)]
-    seq = max(cap) + rng.randint(1, 9)
+    gen, rows, row_ids, seq = case_rows(case, seed)
     heads, dim = case.hkv, case.dim
     kc, ks = quant_side_views(rows, seq, heads, dim, kf, layout, device)
     vc, vs = quant_side_views(rows, seq, heads, dim, vf, layout, device)
@@ -93,22 +93,7 @@ def build_quantized(case: Case, spec, dtype, layout, device, seed):
                 scales[row, :n, h] = sc.to(device)
     kd = reference.dequantize(kc.cpu(), ks.cpu(), kf.name, dim)
     vd = reference.dequantize(vc.cpu(), vs.cpu(), vf.name, dim)
-    total_q = batch if case.q_lens is None else sum(case.q_lens)
-    q = randn((total_q, heads * case.group, dim), gen, dtype).to(device)
-    kw = dict(
-        seqlens_k=torch.tensor(case.lens, dtype=torch.int32, device=device),
-        row_ids=torch.tensor(row_ids, dtype=torch.int32, device=device),
-        scale=case.scale,
-        window_left=case.window_left,
-        softcap=case.softcap,
-    )
-    if case.head_lens is not None:
-        kw["head_seqlens_k"] = torch.tensor(case.head_lens, dtype=torch.int32, device=device)
-    if case.q_lens is not None:
-        cu = [0]
-        for n in case.q_lens:
-            cu.append(cu[-1] + n)
-        kw["cu_seqlens_q"] = torch.tensor(cu, dtype=torch.int32, device=device)
+    q, kw = case_queries_and_kwargs(case, row_ids, gen, dtype, device)
     return q, (kc, vc, ks, vs), (kd, vd), (k_raw, v_raw), kw
 
 
