@@ -119,12 +119,14 @@ def half_bits_to_f32(h):
 
 
 def chunk_values(fmt, cw, w):
-    """QuantChunk<Format>::to: 8 fp32 values of one chunk (before the rounding to T)."""
+    """QuantChunk<Format>::to: 8 fp32 values of one chunk (before the rounding to T); the codes are
+    decoded as DeviceKvFormat<Format>::decode_words (kv_device_format.cuh) does."""
     x = []
     if fmt == "int8":
         for k in range(8):
-            u = ((cw[k >> 2] >> (8 * (k & 3))) & 0xFF) ^ 0x80
-            x.append(np.float32(small_uint_to_float(u) - np.float32(128)) * np.float32(w[0]))
+            biased = cw[k >> 2] ^ 0x80808080  # s -> s + 128 per byte
+            v = u32_as_f32(byte_perm(biased, 0x4B000000, 0x7540 | (k & 3))) - np.float32(8388736.0)
+            x.append(np.float32(v) * np.float32(w[0]))
     elif fmt == "int4":
         for k in range(8):
             c = small_uint_to_float((cw[0] >> (4 * k)) & 0xF)
@@ -133,7 +135,7 @@ def chunk_values(fmt, cw, w):
         s = np.float32(w[0]) * np.float32(256)
         for j in range(2):
             for pair in (0, 1):
-                y = byte_perm(cw[j], 0, 0x3424 if pair else 0x1404)
+                y = byte_perm(cw[j] >> (16 * pair), 0, 0x1404)
                 h = (y & 0x80008000) | ((y & 0x7F007F00) >> 1)
                 x += [half_bits_to_f32(h & 0xFFFF) * s, half_bits_to_f32(h >> 16) * s]
     return [np.float32(v) for v in x]

@@ -112,10 +112,10 @@ struct DeviceKvFormat<Fp8E4M3Format> {
   __device__ __forceinline__ static float dequant(const storage_t* p, const float* w, int i) {
     return elem_to_float(f16_t{quant::fp8_e4m3_to_half_bits(p[i])}) * quant::kFp8HalfScale * w[0];
   }
-  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
-    const uint2 c = *static_cast<const uint2*>(piece);
-    const float2 a = fp8x2_to_float2(c.x), b = fp8x2_to_float2(c.x >> 16);
-    const float2 e = fp8x2_to_float2(c.y), f = fp8x2_to_float2(c.y >> 16);
+  // The 8 codes of two words (element k in byte k) -> their values (times 2^-8 below sm_89).
+  __device__ __forceinline__ static void decode_words(const uint32_t* w, float (&x)[kLaneElems]) {
+    const float2 a = fp8x2_to_float2(w[0]), b = fp8x2_to_float2(w[0] >> 16);
+    const float2 e = fp8x2_to_float2(w[1]), f = fp8x2_to_float2(w[1] >> 16);
     x[0] = a.x;
     x[1] = a.y;
     x[2] = b.x;
@@ -124,6 +124,11 @@ struct DeviceKvFormat<Fp8E4M3Format> {
     x[5] = e.y;
     x[6] = f.x;
     x[7] = f.y;
+  }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    const uint2 c = *static_cast<const uint2*>(piece);
+    const uint32_t w[2] = {c.x, c.y};
+    decode_words(w, x);
   }
   __device__ __forceinline__ static float scale(const float* w) { return w[0] * fp8_decode_mul(); }
   __device__ __forceinline__ static float zero(const float*) { return 0.f; }
@@ -147,14 +152,19 @@ struct DeviceKvFormat<Int8Format> {
   __device__ __forceinline__ static float dequant(const storage_t* p, const float* w, int i) {
     return Int8Format::dequant(p, w, i);
   }
-  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
-    const uint2 c = *static_cast<const uint2*>(piece);
-    const uint32_t lo = c.x ^ 0x80808080u, hi = c.y ^ 0x80808080u;  // s -> s + 128 per byte
+  // The 8 codes of two words (element k in byte k) -> their values.
+  __device__ __forceinline__ static void decode_words(const uint32_t* w, float (&x)[kLaneElems]) {
+    const uint32_t lo = w[0] ^ 0x80808080u, hi = w[1] ^ 0x80808080u;  // s -> s + 128 per byte
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       x[i] = int8_byte_to_float(lo, i);
       x[4 + i] = int8_byte_to_float(hi, i);
     }
+  }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    const uint2 c = *static_cast<const uint2*>(piece);
+    const uint32_t w[2] = {c.x, c.y};
+    decode_words(w, x);
   }
   __device__ __forceinline__ static float scale(const float* w) { return w[0]; }
   __device__ __forceinline__ static float zero(const float*) { return 0.f; }
@@ -174,10 +184,13 @@ struct DeviceKvFormat<Int4Format> {
   __device__ __forceinline__ static float dequant(const storage_t* p, const float* w, int i) {
     return Int4Format::dequant(p, w, i);
   }
-  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
-    const uint32_t c = *static_cast<const uint32_t*>(piece);
+  // The 8 codes of one word (element k in bits 4k..4k+3) -> their values.
+  __device__ __forceinline__ static void decode_words(const uint32_t* w, float (&x)[kLaneElems]) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = __uint_as_float(0x4b000000u | ((c >> (4 * i)) & 0xfu)) - 8388608.f;
+    for (int i = 0; i < 8; ++i) x[i] = __uint_as_float(0x4b000000u | ((w[0] >> (4 * i)) & 0xfu)) - 8388608.f;
+  }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    decode_words(static_cast<const uint32_t*>(piece), x);
   }
   __device__ __forceinline__ static float scale(const float* w) { return w[0]; }
   __device__ __forceinline__ static float zero(const float* w) { return w[1]; }

@@ -23,14 +23,9 @@
 #include <cstdint>
 
 #include "vattn/cuda/cp_async.cuh"
+#include "vattn/cuda/kv_device_format.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/kv_format.h"
-#include "vattn/quant.h"
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-#include <cuda_fp8.h>
-#define VATTN_HW_FP8_CVT 1
-#endif
 
 namespace vattn {
 namespace prefill {
@@ -76,85 +71,26 @@ __device__ __forceinline__ void st_shared_16(uint32_t smem, uint4 v) {
 // QuantChunk<Format>::to<T>(cw, w): cw are the code words of 8 consecutive elements (8-bit
 // formats: two 32-bit words, element k in byte k; int4: one word, element k in bits 4k..4k+3,
 // which is the packing of kv_format.h: element 2i in the low nibble of byte i), w the vector's
-// scale words. Each value is computed in fp32 exactly as reference.py's dequantize does
-// (fp8 / int8: code * scale; int4: code * scale + zero, no fused multiply-add) and rounded to
-// T once. Codes become floats with the exponent trick 0x4B000000 | u = 2^23 + u (exact for
-// 0 <= u < 2^23), so no int -> float conversion instruction is needed.
-constexpr float kTwo23 = 8388608.f;
-__device__ __forceinline__ float small_uint_to_float(uint32_t u) { return __uint_as_float(0x4B000000u | u) - kTwo23; }
-
+// scale words. The codes are decoded by the split-decode kernel's own decoder
+// (DeviceKvFormat::decode_words, exact), then each value is computed in fp32 exactly as
+// reference.py's dequantize does (fp8 / int8: code * scale; int4: code * scale + zero, no fused
+// multiply-add) and rounded to T once.
 template <typename Format>
-struct QuantChunk;
-
-template <>
-struct QuantChunk<Int8Format> {
-  static constexpr int kCodeWords = 2;  // 8 one-byte codes
-  // Multiplier applied to each code (the scale word).
-  static __device__ __forceinline__ float mult(const float* w) { return w[0]; }
+struct QuantChunk {
+  using Dev = cuda::DeviceKvFormat<Format>;
+  static constexpr int kCodeWords = Dev::kPieceBytes / 4;
   template <typename T>
-  static __device__ __forceinline__ uint4 to(const uint32_t* cw, float s) {
+  static __device__ __forceinline__ uint4 to(const uint32_t* cw, const float* w) {
     float x[8];
+    Dev::decode_words(cw, x);
+    const float s = Dev::scale(w);  // fp8 below sm_89: times 2^8, undoing the decoder's 2^-8
+    if constexpr (Dev::kZero) {
+      const float z = Dev::zero(w);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      // (code + 128) as an unsigned byte: flipping the sign bit of a two's complement byte.
-      const uint32_t u = ((cw[k >> 2] >> (8 * (k & 3))) & 0xffu) ^ 0x80u;
-      x[k] = (small_uint_to_float(u) - 128.f) * s;  // exact code, one rounding
-    }
-    return cuda::float_to_chunk<T>(x);
-  }
-};
-
-template <>
-struct QuantChunk<Fp8E4M3Format> {
-  static constexpr int kCodeWords = 2;  // 8 one-byte codes
-#ifdef VATTN_HW_FP8_CVT
-  static __device__ __forceinline__ float mult(const float* w) { return w[0]; }
-#else
-  // fp8_e4m3_to_half_bits gives the fp16 of value * 2^-8; 2^8 goes into the multiplier
-  // (an exact power-of-two scaling: scales are >= kQuantTiny / 448, far from under/overflow).
-  static __device__ __forceinline__ float mult(const float* w) { return w[0] * quant::kFp8HalfScale; }
-#endif
-  // Two codes (element 2j in byte 2j & 3 of word, 2j + 1 in the next byte) -> two floats of the
-  // fp16 value (times 2^-8 on the bit-trick path); exact either way.
-  template <int kPair>
-  static __device__ __forceinline__ float2 pair(uint32_t word) {
-#ifdef VATTN_HW_FP8_CVT
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-        static_cast<__nv_fp8x2_storage_t>(kPair ? (word >> 16) : (word & 0xffffu)), __NV_E4M3);
-    return __half22float2(__half2(h));
-#else
-    // fp8_e4m3_to_half_bits on both halves at once: byte b of the pair placed at bits 8..15 of
-    // its 16-bit half (y), then sign = y & 0x8000, exponent and mantissa = (y & 0x7f00) >> 1.
-    const uint32_t y = __byte_perm(word, 0u, kPair ? 0x3424u : 0x1404u);
-    const uint32_t h = (y & 0x80008000u) | ((y & 0x7f007f00u) >> 1);
-    return cuda::pair_to_float2(h, f16_t{});
-#endif
-  }
-  template <typename T>
-  static __device__ __forceinline__ uint4 to(const uint32_t* cw, float s) {
-    float x[8];
+      for (int k = 0; k < 8; ++k) x[k] = __fadd_rn(__fmul_rn(x[k], s), z);  // two roundings, as in reference.py
+    } else {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const float2 a = pair<0>(cw[j]), b = pair<1>(cw[j]);
-      x[4 * j + 0] = a.x * s;
-      x[4 * j + 1] = a.y * s;
-      x[4 * j + 2] = b.x * s;
-      x[4 * j + 3] = b.y * s;
-    }
-    return cuda::float_to_chunk<T>(x);
-  }
-};
-
-template <>
-struct QuantChunk<Int4Format> {
-  static constexpr int kCodeWords = 1;  // 8 four-bit codes
-  template <typename T>
-  static __device__ __forceinline__ uint4 to(const uint32_t* cw, float s, float z) {
-    float x[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float c = small_uint_to_float((cw[0] >> (4 * k)) & 0xfu);
-      x[k] = __fadd_rn(__fmul_rn(c, s), z);  // code * scale + zero, two roundings as in reference.py
+      for (int k = 0; k < 8; ++k) x[k] *= s;
     }
     return cuda::float_to_chunk<T>(x);
   }
@@ -220,11 +156,7 @@ struct QuantTileLoader {
 
  private:
   static __device__ __forceinline__ uint4 convert(const uint32_t* cw, const float (&w)[kWords]) {
-    if constexpr (kWords == 2) {
-      return Chunk::template to<T>(cw, w[0], w[1]);
-    } else {
-      return Chunk::template to<T>(cw, Chunk::mult(w));
-    }
+    return Chunk::template to<T>(cw, w);
   }
 };
 
