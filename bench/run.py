@@ -114,46 +114,19 @@ class Runner:
             }
         )
 
+    def _no_result(self, op: str, shape: str, metric: str, ok: Optional[bool], note: str) -> None:
+        """A row without a measurement (failed or skipped)."""
+        empty = ("vattn_ms", "anchor", "anchor_ms", "ratio", "value", "pct_ceiling", "graph_ms", "max_err")
+        self.rows.append({"op": op, "shape": shape, "metric": metric, **dict.fromkeys(empty), "ok": ok, "note": note})
+
     def failed(self, op: str, shape: str, metric: str, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        self.rows.append(
-            {
-                "op": op,
-                "shape": shape,
-                "vattn_ms": None,
-                "anchor": None,
-                "anchor_ms": None,
-                "ratio": None,
-                "metric": metric,
-                "value": None,
-                "pct_ceiling": None,
-                "graph_ms": None,
-                "max_err": None,
-                "ok": False,
-                "note": "FAILED " + msg,
-            }
-        )
+        self._no_result(op, shape, metric, False, "FAILED " + msg)
         if os.environ.get("VATTN_BENCH_TRACEBACK"):
             traceback.print_exc()
 
     def skipped(self, op: str, shape: str, metric: str, why: str) -> None:
-        self.rows.append(
-            {
-                "op": op,
-                "shape": shape,
-                "vattn_ms": None,
-                "anchor": None,
-                "anchor_ms": None,
-                "ratio": None,
-                "metric": metric,
-                "value": None,
-                "pct_ceiling": None,
-                "graph_ms": None,
-                "max_err": None,
-                "ok": None,
-                "note": "skipped: " + why,
-            }
-        )
+        self._no_result(op, shape, metric, None, "skipped: " + why)
 
     def compare_and_add(self, op, shape, metric, work, vfn, vt, anchors, vout, graph=None, params=None):
         tol = None
