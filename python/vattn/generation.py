@@ -194,7 +194,7 @@ def run_generation(
         "layout": layout,
         "real_prompt_tokens": int(enc["attention_mask"].sum()),
         "kv_format": kv_format if isinstance(kv_format, str) else ",".join(kv_format),
-        "plain_used_bytes": stats["used_bytes"] // cache.kv.token_bytes * cache.static_bytes(1, 1),
+        "plain_used_bytes": stats["tokens"] * cache.static_bytes(1, 1),  # the same tokens, unquantized
     }
     cache.release()
     return result
