@@ -116,6 +116,13 @@ void bind_memory(py::module_& m) {
       .def("length", &CacheManager::length, py::arg("slot"), release())
       .def("lengths", &CacheManager::lengths, release())
       .def("mapped_tokens", &CacheManager::mapped_tokens, py::arg("slot"), release())
+      .def(
+          "first_unmapped",
+          [](const CacheManager& self, uintptr_t addrs, int64_t n, int64_t span) {
+            return self.first_unmapped(reinterpret_cast<const int64_t*>(addrs), n, span);
+          },
+          py::arg("addrs_ptr"), py::arg("n"), py::arg("span"), release(),
+          "first i whose [addrs[i], addrs[i] + span) (addrs: int64 host array) is not mapped, or -1")
       .def("wait_background_idle", &CacheManager::wait_background_idle, release())
       .def("synchronize", &CacheManager::synchronize, release())
       .def("_inject_failure", &CacheManager::inject_failure, py::arg("kind"), py::arg("n"), release(),
@@ -151,6 +158,7 @@ void bind_memory(py::module_& m) {
       .def_property_readonly(
           "token_bytes", [](const CacheManager& self) { return self.geometry().token_bytes(); },
           "Bytes of one stored token over all layers, K and V (data and scales)")
+      .def_property_readonly("num_regions", &CacheManager::num_regions)
       .def("region_base", &CacheManager::region_base, py::arg("region"))
       .def("region_bytes", &CacheManager::region_bytes, py::arg("region"))
       .def(

@@ -489,6 +489,25 @@ int64_t CacheManager::mapped_tokens(int64_t slot) const {
   return std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
 }
 
+int64_t CacheManager::first_unmapped(const int64_t* addrs, int64_t n, int64_t span) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (span <= 0) return n > 0 ? 0 : -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const uintptr_t a = static_cast<uintptr_t>(addrs[i]);
+    bool ok = false;
+    for (const auto& r : regions_) {
+      if (a < r->base() || a - r->base() >= r->bytes()) continue;
+      const size_t off = a - r->base();
+      const size_t slot = off / slot_stride_;
+      const size_t end = off - slot * slot_stride_ + static_cast<size_t>(span);  // within the slot
+      ok = slot < slots_.size() && end <= slots_[slot].groups * page_;
+      break;
+    }
+    if (!ok) return i;
+  }
+  return -1;
+}
+
 // ---------------------------------------------------------------- introspection
 
 Stats CacheManager::stats() const {

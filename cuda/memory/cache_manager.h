@@ -105,6 +105,10 @@ class CacheManager {
   std::vector<int64_t> lengths() const;  // [max_batch], 0 for free slots
   // Tokens slot can hold without mapping more (capacity of its mapped pages).
   int64_t mapped_tokens(int64_t slot) const;
+  // Index of the first i whose byte range [addrs[i], addrs[i] + span) is not entirely inside the
+  // mapped pages of one slot of one region, or -1 when all are. Lets the raw ops refuse a write
+  // into an unmapped (read-only) part of the cache instead of faulting.
+  int64_t first_unmapped(const int64_t* addrs, int64_t n, int64_t span) const;
 
   Stats stats() const;
   const Geometry& geometry() const { return geom_; }

@@ -26,6 +26,11 @@ std::string errno_text(const char* what, int err) {
 }
 
 constexpr int kReserveFlags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+// Unmapped parts of a reservation are private anonymous memory that may only be read: every read
+// lands on the kernel's shared zero page, so reading any element of a kv() view (print(view),
+// view.sum()) gives zeros instead of a segmentation fault, and it costs no physical memory.
+// Writes there still fault, which is why the library's own ops check the mapping first.
+constexpr int kUnmappedProt = PROT_READ;
 
 }  // namespace
 
@@ -60,7 +65,7 @@ uintptr_t HostBackend::do_reserve(size_t bytes) {
   // Over-reserve by one page so the range can be aligned to the page size (like CUDA's
   // alignment argument); the unaligned head and tail are given back right away.
   const size_t page = page_bytes();
-  void* p = mmap(nullptr, bytes + page, PROT_NONE, kReserveFlags, -1, 0);
+  void* p = mmap(nullptr, bytes + page, kUnmappedProt, kReserveFlags, -1, 0);
   if (p == MAP_FAILED) throw_errno("mmap (reserve)", errno);
   const uintptr_t raw = reinterpret_cast<uintptr_t>(p);
   const uintptr_t aligned = (raw + page - 1) / page * page;
@@ -111,9 +116,9 @@ void HostBackend::do_map(uintptr_t addr, PageHandle h) {
 }
 
 void HostBackend::do_unmap(uintptr_t addr, size_t bytes) {
-  // Mapping the reservation's PROT_NONE memory back (instead of munmap) keeps the address range
-  // ours, so no other allocation can land inside the cache.
-  void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0);
+  // Mapping the reservation's read-only zero memory back (instead of munmap) keeps the address
+  // range ours, so no other allocation can land inside the cache, and reads there stay safe.
+  void* p = mmap(reinterpret_cast<void*>(addr), bytes, kUnmappedProt, kReserveFlags | MAP_FIXED, -1, 0);
   if (p == MAP_FAILED) throw_errno("mmap (unmap)", errno);
 }
 

@@ -1,10 +1,10 @@
 #pragma once
 // HostBackend: the virtual-memory model of the CUDA driver rebuilt from Linux primitives, so
 // the whole manager runs (and is tested) on any Linux machine.
-//   reserve  mmap(PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE)   (address space only)
+//   reserve  mmap(PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE)   (address space only)
 //   page     a page-sized offset of one memfd                            (physical memory)
 //   map      mmap(PROT_READ|PROT_WRITE, MAP_SHARED|MAP_FIXED, memfd, offset)
-//   unmap    the same PROT_NONE anonymous mapping put back over the range
+//   unmap    the same read-only anonymous mapping put back over the range (reads give zeros)
 //   destroy  fallocate(PUNCH_HOLE|KEEP_SIZE) on the offset: the memory really goes back
 #include <cstddef>
 #include <vector>

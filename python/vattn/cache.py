@@ -14,14 +14,23 @@ index tensors the attention ops consume.
     cache.end_step(step)                                             # commits the lengths
 
 Views (`kv(layer)`) cover the whole reserved range, but only the first `cache.length(slot)` tokens
-of a slot are data, and only the mapped part of a slot may be touched at all: on the host backend
-reading an unmapped address is a segmentation fault, on CUDA an illegal address. The attention
-ops never read beyond a row's length.
+of a slot are data. On the host backend (device="cpu") every element of a view may be read: the
+unmapped part reads as zeros (the kernel's zero page, no physical memory). Writes there fault, so
+the library's own ops refuse them (ValueError). On CUDA only the mapped part may be touched: an
+unmapped address is an illegal address. The attention ops never read beyond a row's length.
+
+Thread safety: every KVCache method that changes state (alloc, free, reserve, shrink, begin_step,
+end_step, abort_step, close) takes the cache's lock, so calls from several threads on one cache are
+each atomic: one of two racing calls wins and the other raises, and Python and native state never
+disagree. vattn.append_kv / vattn.attention on one step are not synchronized with each other
+(they write / read one layer's memory, as kernels on one stream would): run the layers of a step
+from one thread, or from several threads on different layers. Different caches share nothing.
 """
 
 from __future__ import annotations
 
 import operator
+import threading
 from array import array
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,13 +38,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import _C, formats
+from . import _C, _guard, formats
 from ._checks import _check_cache
 from ._support import check_cache_supported
 
 __all__ = ["KVCache", "Step"]
 
 _LAYOUTS = ("token_major", "layer_major")
+_INT32_MAX = 2**31 - 1
 _HOST_DEFAULT_PAGE = 2 << 20  # mirrors CUDA's usual granularity
 _DEFAULT_WATERMARK_PAGES = 64  # idle pages kept for reuse by the next request
 
@@ -182,6 +192,14 @@ class KVCache:
         self.head_dim = _positive(head_dim, "head_dim")
         self.max_batch = _positive(max_batch, "max_batch")
         self.max_seq_len = _positive(max_seq_len, "max_seq_len")
+        # Lengths, positions and slot ids are int32 on the device.
+        if self.max_seq_len > _INT32_MAX:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds {_INT32_MAX} (int32 lengths)")
+        if self.max_batch > _INT32_MAX:
+            raise ValueError(f"max_batch={self.max_batch} exceeds {_INT32_MAX} (int32 slot ids)")
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            if getattr(self, name) > _INT32_MAX:
+                raise ValueError(f"{name}={getattr(self, name)} exceeds {_INT32_MAX}")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
         if layout not in _LAYOUTS:
@@ -264,41 +282,49 @@ class KVCache:
         self._views: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * self.num_layers
         self._ops_layers: List[Optional[tuple]] = [None] * self.num_layers  # see _ops_layer
         self._regions: Dict[int, torch.Tensor] = {}
+        self._lock = threading.RLock()  # state transitions (see the module docstring)
+        self._trusted_positions: set = set()  # positions.data_ptr() of open steps (see _guard)
+        _guard.register(self)
 
     # ------------------------------------------------------------------ slots
 
     def alloc(self) -> int:
         """A free slot (length 0). RuntimeError when all `max_batch` slots are live."""
-        return int(self._m.alloc())
+        with self._lock:
+            return int(self._m.alloc())
 
     def free(self, slot: int) -> None:
         """Frees a live slot; its pages are kept for the next alloc up to the reclaim watermark."""
-        slot = self._live(slot)
-        self._no_open_step(slot, "free")
-        self._m.free(slot)
-        self._set_lengths({slot: 0})
+        with self._lock:
+            slot = self._live(slot)
+            self._no_open_step(slot, "free")
+            self._m.free(slot)
+            self._set_lengths({slot: 0})
 
     def reserve(self, slot: int, n: int) -> None:
         """Maps pages so that slot holds >= n tokens in every layer (lengths do not change)."""
-        slot = self._live(slot)
         n = _int(n, "n")
         if not 0 <= n <= self.max_seq_len:
             raise ValueError(f"cannot reserve {n} tokens: must be in [0, max_seq_len={self.max_seq_len}]")
-        self._m.reserve([slot], [n])
+        with self._lock:
+            slot = self._live(slot)
+            self._m.reserve([slot], [n])
 
     def shrink(self, slot: int, n: int) -> None:
         """Keeps the first n tokens of slot and unmaps the pages no longer needed."""
-        slot = self._live(slot)
         n = _int(n, "n")
-        self._no_open_step(slot, "shrink")
-        length = self._lengths_host[slot]
-        if not 0 <= n <= length:
-            raise ValueError(f"cannot shrink slot {slot} to {n} tokens: must be in [0, length={length}]")
-        self._m.shrink(slot, n)
-        self._set_lengths({slot: n})
+        with self._lock:
+            slot = self._live(slot)
+            self._no_open_step(slot, "shrink")
+            length = self._lengths_host[slot]
+            if not 0 <= n <= length:
+                raise ValueError(f"cannot shrink slot {slot} to {n} tokens: must be in [0, length={length}]")
+            self._m.shrink(slot, n)
+            self._set_lengths({slot: n})
 
     def length(self, slot: int) -> int:
         """Tokens stored in slot (host int; 0 for a free slot)."""
+        self._m  # raises once closed
         return self._lengths_host[self._index(slot)]
 
     def live_slots(self) -> List[int]:
@@ -315,6 +341,10 @@ class KVCache:
     def begin_step(self, slots, new_tokens) -> Step:
         """Maps what a step of `new_tokens[i]` new tokens for `slots[i]` needs and returns the Step
         the ops consume. Lengths change only at `end_step`. All or nothing."""
+        with self._lock:
+            return self._begin_step(slots, new_tokens)
+
+    def _begin_step(self, slots, new_tokens) -> Step:
         slots = _int_list(slots, "slots")
         new_tokens = _int_list(new_tokens, "new_tokens")
         if len(slots) != len(new_tokens):
@@ -364,6 +394,7 @@ class KVCache:
         for s in slots:
             open_steps[s] = step
         self._open_steps[id(step)] = step
+        self._trusted_positions.add(positions.data_ptr())
         return step
 
     def abort_step(self, step: Step) -> None:
@@ -372,24 +403,37 @@ class KVCache:
         failed half-way."""
         if not isinstance(step, Step):
             raise TypeError(f"abort_step expects a vattn.Step, got {type(step).__name__}")
-        if self._open_steps.get(id(step)) is not step:
-            raise ValueError("this step is not open in this cache (already ended, or begun on another cache)")
-        del self._open_steps[id(step)]
-        for s in step.slots:
-            del self._open[s]
+        with self._lock:
+            self._check_step(step)
+            self._close_step(step)
 
     def end_step(self, step: Step) -> None:
         """Commits a step: each slot's length grows by its new tokens. Once per step."""
         if not isinstance(step, Step):
             raise TypeError(f"end_step expects a vattn.Step, got {type(step).__name__}")
-        if self._open_steps.get(id(step)) is not step:
-            raise ValueError("this step is not open in this cache (already ended, or begun on another cache)")
-        self._m.commit(step.slots, step.new_tokens)
+        with self._lock:
+            self._check_step(step)
+            self._m.commit(step.slots, step.new_tokens)
+            self._close_step(step)
+            self._set_lengths(dict(zip(step.slots, [a + n for a, n in zip(step.start, step.new_tokens)])))
+
+    def _check_step(self, step) -> None:
+        """Raises unless step is open in this cache (vattn.append_kv / vattn.attention call it)."""
+        if not isinstance(step, Step) or self._open_steps.get(id(step)) is not step:
+            if self._manager is None:
+                raise RuntimeError("this KVCache is closed")
+            if not isinstance(step, Step):
+                raise TypeError(f"step must be a vattn.Step from cache.begin_step(), got {type(step).__name__}")
+            raise ValueError(
+                "this step is not open in this cache (already ended or aborted, or begun on another cache)"
+            )
+
+    def _close_step(self, step: Step) -> None:
         del self._open_steps[id(step)]
         open_steps = self._open
         for s in step.slots:
             del open_steps[s]
-        self._set_lengths(dict(zip(step.slots, [a + n for a, n in zip(step.start, step.new_tokens)])))
+        self._trusted_positions.discard(step.positions.data_ptr())
 
     # ------------------------------------------------------------------ views
 
@@ -466,12 +510,17 @@ class KVCache:
     def close(self) -> None:
         """Drops the cache's native state: its virtual range and physical pages are released as
         soon as no view returned by kv() is alive any more. Any later call raises RuntimeError."""
-        self._manager = None
-        self._views = [None] * self.num_layers
-        self._ops_layers = [None] * self.num_layers
-        self._regions = {}
-        self._open = {}
-        self._open_steps = {}
+        with self._lock:
+            if self._manager is None:
+                return
+            _guard.unregister(self)
+            self._manager = None
+            self._views = [None] * self.num_layers
+            self._ops_layers = [None] * self.num_layers
+            self._regions = {}
+            self._open = {}
+            self._open_steps = {}
+            self._trusted_positions = set()
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,89 @@
+"""Which tensors live inside a vattn.KVCache's virtual memory, and whether a raw op's writes there
+land on mapped pages.
+
+The unmapped part of a cache's reservation reads as zeros (host backend: the kernel's zero page)
+but faults on a write, so a raw op (`vattn.ops.append_kv_raw`, `torch.ops.vattn.append_kv`) that is
+given the cache's own views with a position nobody mapped must raise instead of killing the
+process. `vattn.append_kv(cache, layer, step, ...)` never needs the check: `begin_step` mapped
+everything its step writes, and the step's own index tensors are recognised as trusted.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import List, Optional, Tuple
+
+import torch
+
+_lock = threading.Lock()
+_regions: List[Tuple[int, int, "weakref.ref"]] = []  # (base, end, cache) of every open cache
+
+
+def register(cache) -> None:
+    m = cache._m
+    ref = weakref.ref(cache)
+    with _lock:
+        _regions[:] = [e for e in _regions if e[2]() is not None]
+        for r in range(int(m.num_regions)):
+            base = int(m.region_base(r))
+            _regions.append((base, base + int(m.region_bytes(r)), ref))
+
+
+def unregister(cache) -> None:
+    with _lock:
+        _regions[:] = [e for e in _regions if e[2]() is not None and e[2]() is not cache]
+
+
+def owner(t: Optional[torch.Tensor]):
+    """The open KVCache whose reservation holds t's first element, or None."""
+    if t is None or not _regions:
+        return None
+    p = t.data_ptr()
+    for base, end, ref in _regions:
+        if base <= p < end:
+            c = ref()
+            return c if c is not None and not c.closed else None
+    return None
+
+
+def _token_addrs(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """int64 [n] start addresses of each (row, position) record of a [rows, seq, heads, elems] view
+    and the bytes one record spans (all heads)."""
+    isz = t.element_size()
+    s_row, s_tok, s_head, _ = t.stride()
+    addrs = t.data_ptr() + (rows * s_row + pos * s_tok) * isz
+    span = ((t.shape[2] - 1) * s_head + t.shape[3]) * isz
+    return addrs.contiguous(), span
+
+
+def check_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
+    row_ids: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Raises ValueError when an append would write outside the mapped pages of a KVCache.
+    Tensors outside every cache, and the index tensors of a cache's open step, pass at once."""
+    cache = owner(k_cache) or owner(v_cache)
+    if cache is None or row_ids.numel() == 0:
+        return
+    if positions.data_ptr() in cache._trusted_positions:
+        return
+    if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # cannot read the indices while capturing; documented in KVCache.kv
+    rows = row_ids.to("cpu", torch.int64)
+    pos = positions.to("cpu", torch.int64)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None or owner(t) is not cache:
+            continue
+        addrs, span = _token_addrs(t, rows, pos)
+        bad = int(cache._m.first_unmapped(addrs.data_ptr(), addrs.numel(), span))
+        if bad >= 0:
+            raise ValueError(
+                f"append_kv: token {bad} (row {int(rows[bad])}, position {int(pos[bad])}) would be written into "
+                f"unmapped memory of a vattn.KVCache ({name}); map it first (cache.reserve / cache.begin_step) "
+                "or use vattn.append_kv(cache, layer, step, k, v)"
+            )
