@@ -88,7 +88,9 @@ AttentionParams make_attention_params(uintptr_t q, int64_t q_stride_tok, int64_t
                                       uintptr_t cu_seqlens_q, uintptr_t seqlens_k, uintptr_t head_seqlens_k,
                                       uintptr_t row_ids, int32_t batch, int32_t num_q_heads, int32_t num_kv_heads,
                                       int32_t head_dim, int32_t total_q, int32_t max_seqlen_q, int32_t max_seqlen_k,
-                                      float scale, float softcap, int32_t window_left, int32_t dtype, int32_t impl) {
+                                      float scale, float softcap, int32_t window_left, int32_t dtype, int32_t impl,
+                                      uintptr_t scores, int64_t sc_stride_row, int64_t sc_stride_head,
+                                      int32_t score_mode, int32_t score_last_queries) {
   AttentionParams p;
   p.q = as_ptr<const void>(q);
   p.q_stride_tok = q_stride_tok;
@@ -114,6 +116,11 @@ AttentionParams make_attention_params(uintptr_t q, int64_t q_stride_tok, int64_t
   p.window_left = window_left;
   p.dtype = dtype;
   p.impl = impl;
+  p.scores = as_ptr<float>(scores);
+  p.sc_stride_row = sc_stride_row;
+  p.sc_stride_head = sc_stride_head;
+  p.score_mode = score_mode;
+  p.score_last_queries = score_last_queries;
   return p;
 }
 
@@ -232,6 +239,11 @@ void bind_attention(py::module_& m) {
       .VATTN_RW(AttentionParams, window_left)
       .VATTN_RW(AttentionParams, dtype)
       .VATTN_RW(AttentionParams, impl)
+      .VATTN_PTR(AttentionParams, scores)
+      .VATTN_RW(AttentionParams, sc_stride_row)
+      .VATTN_RW(AttentionParams, sc_stride_head)
+      .VATTN_RW(AttentionParams, score_mode)
+      .VATTN_RW(AttentionParams, score_last_queries)
       .VATTN_PTR(AttentionParams, workspace)
       .VATTN_RW(AttentionParams, workspace_bytes)
       .VATTN_PTR(AttentionParams, stream);
@@ -261,7 +273,8 @@ void bind_attention(py::module_& m) {
   m.def("make_attention_params", &make_attention_params,
         "AttentionParams(q, q_stride_tok, q_stride_head, out, o_stride_tok, o_stride_head, lse, kv, cu_seqlens_q, "
         "seqlens_k, head_seqlens_k, row_ids, batch, num_q_heads, num_kv_heads, head_dim, total_q, max_seqlen_q, "
-        "max_seqlen_k, scale, softcap, window_left, dtype, impl) in one call (workspace and stream left null)");
+        "max_seqlen_k, scale, softcap, window_left, dtype, impl, scores, sc_stride_row, sc_stride_head, score_mode, "
+        "score_last_queries) in one call (workspace and stream left null; scores 0 and score_mode 0: no scores)");
 
   m.def("append_kv_cpu", &append_kv_cpu, py::arg("params"), nogil(), "Write new K/V tokens into a CPU cache");
   m.def("decode_attention_cpu", &decode_attention_cpu, py::arg("params"), nogil(), "Decode attention on CPU");

@@ -20,6 +20,7 @@
 #include "cpu_util.h"
 #include "vattn/key_range.h"
 #include "vattn/ops.h"
+#include "vattn/scores.h"
 #include "vattn/softmax_state.h"
 
 namespace vattn {
@@ -178,6 +179,20 @@ void validate(const AttentionParams& p, bool decode) {
       if (p.cu_seqlens_q[b + 1] < p.cu_seqlens_q[b]) fail("prefill_attention: cu_seqlens_q must be non-decreasing");
     if (p.cu_seqlens_q[p.batch] != p.total_q)
       fail("prefill_attention: cu_seqlens_q[batch] must equal the number of queries");
+  }
+  if (p.score_mode != kScoreOff) {
+    require(p.score_mode == kScoreAdd || p.score_mode == kScoreReplace,
+            "attention: score_mode must be 0 (off), 1 (add) or 2 (replace)");
+    require(p.scores != nullptr, "attention: score_mode is set but scores is null");
+    require(p.sc_stride_row >= 0 && p.sc_stride_head >= 0, "attention: negative score strides");
+    // Each (cache row, kv head) must have one writer: two batch rows on one cache row would race.
+    std::vector<char> seen((size_t)p.kv.num_rows, 0);
+    for (int b = 0; b < p.batch; ++b) {
+      const int row = cache_row(p, b);
+      if (row < 0 || row >= p.kv.num_rows) continue;  // reported below
+      if (seen[(size_t)row]) fail("attention: row_ids must be distinct when scores are emitted");
+      seen[(size_t)row] = 1;
+    }
   }
   for (int b = 0; b < p.batch; ++b) {
     const int row = cache_row(p, b);
@@ -360,6 +375,117 @@ void merge_splits(const AttentionParams& p, const std::vector<Item>& items,
   }
 }
 
+// Per-token scores (params.h scores / score_mode), after the attention pass. The probability
+// p = 2^(x - lse2) needs the query's final LSE, which exists only once every key range of the
+// query is merged (a decode row's splits, on other threads), so it cannot be taken from the
+// engine's blocks while they run. This second pass recomputes x = q.k for the scoring queries
+// only (the last score_last_queries of each row; one per decode row), with the very same
+// pre-scaled q tile, row reader and qk_block as the attention pass, so its logits are the ones
+// the attention used (exact, no [q, k] buffer); the cost is one more read of K, and the QK
+// products of the scoring queries. Work items are (batch row, kv head, key chunk): each owns a
+// disjoint piece scores[row, h, c0:c1) (row ids are distinct, validate()), so no write races,
+// and every key in [0, L) belongs to exactly one chunk ("replace" writes the chunk's sums, zero
+// for keys no scoring query sees). Keys at or past L are never written.
+constexpr int kScoreChunk = 4 * kKeyBlock;
+
+struct ScoreItem {
+  int b, h, c0, c1;
+};
+
+template <class KF, typename T>
+void emit_scores(const AttentionParams& p, const float* lse) {
+  const int dim = p.head_dim;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const bool capped = p.softcap > 0.f;
+  const float qscale = capped ? p.scale : p.scale * kLog2e;  // as run_items
+  const int block_q = std::max(1, kQueryRows / group);
+  std::vector<ScoreItem> items;
+  int64_t work = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    const int n = queries_of(p, b);
+    const int scoring = n - first_scoring_query(p, n);
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int len = kv_length(p, b, h);
+      for (int c0 = 0; c0 < len; c0 += kScoreChunk)
+        items.push_back(ScoreItem{b, h, c0, std::min(len, c0 + kScoreChunk)});
+      work += (int64_t)len * std::max(scoring, 1) * group * dim;
+    }
+  }
+  const int64_t n_items = (int64_t)items.size();
+  const bool parallel = n_items > 1 && work > (1 << 18);
+#pragma omp parallel if (parallel)
+  {
+    const int max_rows = block_q * group;
+    std::vector<float> q((size_t)max_rows * dim), s((size_t)max_rows * kKeyBlock), kbuf((size_t)kKeyBlock * dim);
+    std::vector<float> lse2(max_rows), col(kScoreChunk);
+    std::vector<int> lo(max_rows), hi(max_rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const ScoreItem& w = items[it];
+      const int n = queries_of(p, w.b), len = kv_length(p, w.b, w.h), row = cache_row(p, w.b);
+      const int t0 = first_query(p, w.b);
+      std::fill(col.begin(), col.end(), 0.f);
+      // Scoring queries i in [i0, n) whose keys reach into the chunk: position len - n + i >= c0
+      // (causal) and, with a window, pos - window_left <= c1 - 1.
+      int i0 = std::max(first_scoring_query(p, n), w.c0 - len + n);
+      int i1 = n;
+      if (p.window_left >= 0) i1 = (int)std::min<int64_t>(n, (int64_t)w.c1 - 1 + p.window_left - len + n + 1);
+      const HeadRows<KF> kh =
+          head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head, p.kv.k_scale,
+                           p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head, row, w.h);
+      for (int qa = i0; qa < i1; qa += block_q) {
+        const int nq = std::min(block_q, i1 - qa);
+        const int rows = nq * group;
+        int klo = INT32_MAX, khi = 0;  // keys of the chunk any row of the tile sees
+        for (int i = 0; i < nq; ++i) {
+          int l, e;
+          visible_range(p, len - n + qa + i, len, &l, &e);
+          l = std::max(l, w.c0);
+          e = std::min(e, w.c1);
+          for (int g = 0; g < group; ++g) {
+            const int r = i * group + g;
+            const int hq = w.h * group + g;
+            const float lq = lse[(int64_t)(t0 + qa + i) * p.num_q_heads + hq];
+            lse2[r] = lq * kLog2e;
+            const bool empty = !(lq > -INFINITY) || l >= e;
+            lo[r] = empty ? 0 : l;
+            hi[r] = empty ? 0 : e;
+            if (!empty) {
+              klo = std::min(klo, l);
+              khi = std::max(khi, e);
+            }
+            const T* qr =
+                static_cast<const T*>(p.q) + (int64_t)(t0 + qa + i) * p.q_stride_tok + (int64_t)hq * p.q_stride_head;
+            float* dst = &q[(size_t)r * dim];
+            for (int d = 0; d < dim; ++d) dst[d] = to_float(qr[d]) * qscale;
+          }
+        }
+        for (int ja = klo; ja < khi; ja += kKeyBlock) {
+          const int nk = std::min(kKeyBlock, khi - ja);
+          int64_t ks;
+          const float* kp = RowReader<KF>::rows(kh, ja, nk, khi - ja, dim, kbuf.data(), &ks);
+          cpu::qk_block(q.data(), rows, kp, ks, nk, RowReader<KF>::kDirect ? khi - ja : nk, dim, s.data(), kKeyBlock);
+          for (int r = 0; r < rows; ++r) {
+            float* sr = &s[(size_t)r * kKeyBlock];
+            const int a = std::max(lo[r], ja) - ja, e = std::min(hi[r], ja + nk) - ja;
+            if (a >= e) continue;
+            if (capped)
+              for (int j = a; j < e; ++j) sr[j] = p.softcap * std::tanh(sr[j] / p.softcap) * kLog2e;
+            cpu::exp2_weights(sr, e, a, e, lse2[r]);  // sr[j] = 2^(x - lse2) on [a, e)
+            float* c = &col[(size_t)(ja - w.c0)];
+            for (int j = a; j < e; ++j) c[j] += sr[j];
+          }
+        }
+      }
+      float* dst = score_row(p, row, w.h);
+      if (p.score_mode == kScoreReplace)
+        for (int j = w.c0; j < w.c1; ++j) dst[j] = col[(size_t)(j - w.c0)];
+      else
+        for (int j = w.c0; j < w.c1; ++j) dst[j] += col[(size_t)(j - w.c0)];
+    }
+  }
+}
+
 template <class KF, class VF, typename T>
 void decode_impl(const AttentionParams& p) {
   const int rows = p.num_q_heads;  // one item covers every head of its batch row
@@ -433,17 +559,29 @@ void prefill_impl(const AttentionParams& p) {
 }
 
 template <bool kDecode>
-void attention_cpu(const AttentionParams& p) {
-  validate(p, kDecode);
-  if (p.batch == 0 || p.total_q == 0) return;
+void attention_cpu(const AttentionParams& p_in) {
+  validate(p_in, kDecode);
+  if (p_in.batch == 0) return;
+  const bool scores = scores_on(p_in);
+  if (p_in.total_q == 0 && !scores) return;
+  // Scores need every query's final LSE: into the caller's lse, else a scratch one.
+  AttentionParams p = p_in;
+  std::vector<float> lse_scratch;
+  if (scores && p.lse == nullptr) {
+    lse_scratch.resize((size_t)p.total_q * p.num_q_heads);
+    p.lse = lse_scratch.data();
+  }
   // Plain caches store the q dtype on both sides; quantized ones any pair of quantized formats.
   cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
     using T = decltype(t);
     dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "attention", [&](auto kf, auto vf) {
-      if (kDecode)
-        decode_impl<decltype(kf), decltype(vf), T>(p);
-      else
-        prefill_impl<decltype(kf), decltype(vf), T>(p);
+      if (p.total_q > 0) {
+        if (kDecode)
+          decode_impl<decltype(kf), decltype(vf), T>(p);
+        else
+          prefill_impl<decltype(kf), decltype(vf), T>(p);
+      }
+      if (scores) emit_scores<decltype(kf), T>(p, p.lse);
     });
   });
 }

@@ -337,3 +337,39 @@ def _check_merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> None
         _check_device(t, name, device)
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+
+
+SCORE_MODES = {"add": 1, "replace": 2}
+
+
+def _check_scores(
+    scores: Optional[Tensor],
+    score_mode: str,
+    score_last_queries: Optional[int],
+    geom: _KVGeom,
+    device: torch.device,
+) -> int:
+    """Checks the optional score buffer of an attention call (reference.attention's `scores`);
+    returns the native score mode (0 when scores is None)."""
+    if scores is None:
+        return 0
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    mode = SCORE_MODES.get(score_mode) if isinstance(score_mode, str) else None
+    if mode is None:
+        raise ValueError(f"score_mode must be 'add' or 'replace', got {score_mode!r}")
+    if score_last_queries is not None and (
+        isinstance(score_last_queries, bool) or not isinstance(score_last_queries, int)
+    ):
+        raise TypeError(f"score_last_queries must be an int or None, got {type(score_last_queries).__name__}")
+    if scores.dtype != torch.float32:
+        raise ValueError(f"scores must be float32, got {scores.dtype}")
+    rows, seq, heads, _ = geom.shape
+    if scores.dim() != 3 or scores.shape[0] < rows or scores.shape[1] != heads or scores.shape[2] < seq:
+        raise ValueError(
+            f"scores must have shape [>= {rows} cache rows, {heads} kv_heads, >= {seq} tokens], got {list(scores.shape)}"
+        )
+    if scores.device != device:
+        raise ValueError(f"scores is on {scores.device} but the op runs on {device}; move it first")
+    _check_last_contiguous(scores, "scores")
+    return mode

@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from . import _C
-from ._checks import _check_append, _check_attention, _check_merge, _KVGeom
+from ._checks import _check_append, _check_attention, _check_merge, _check_scores, _KVGeom
 from ._dtypes import code_of
 
 Tensor = torch.Tensor
@@ -160,6 +160,9 @@ def _attention_params(
     softcap: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    scores: Optional[Tensor] = None,
+    score_mode: int = 0,
+    score_last_queries: Optional[int] = None,
 ) -> "_C.AttentionParams":
     total_q, hq, dim = q.shape
     if max_seqlen_k < 0:
@@ -171,6 +174,7 @@ def _attention_params(
     if max_seqlen_q < 0:
         max_seqlen_q = 1 if cu_seqlens_q is None else _max_of(cu_seqlens_q[1:] - cu_seqlens_q[:-1])
     o_strides = out.stride()
+    sc_strides = scores.stride() if scores is not None else (0, 0, 0)
     return _C.make_attention_params(
         q.data_ptr(),
         q_strides[0],
@@ -196,6 +200,11 @@ def _attention_params(
         int(window_left) if window_left >= 0 else -1,
         code_of(q.dtype),
         _IMPLS[_impl],
+        _ptr(scores),
+        sc_strides[0],
+        sc_strides[1],
+        score_mode,
+        0 if score_last_queries is None or score_last_queries <= 0 else min(int(score_last_queries), 2**31 - 1),
     )
 
 
@@ -225,15 +234,21 @@ def _attend(
     v_scale,
     need_lse,
     geom,
+    scores=None,
+    score_mode="add",
+    score_last_queries=None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Decode (cu_seqlens_q None) or prefill: checks, outputs, params, launch."""
     geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
                                        window_left, softcap, scale, geom, k_scale, v_scale)  # fmt: skip
+    mode = _check_scores(scores, score_mode, score_last_queries, geom, q.device)
     out, lse = _empty_outputs(q, need_lse)
-    if q.shape[0] == 0:
+    # No query: nothing to compute, except "replace" scores, which zero each row's [0, L).
+    if q.shape[0] == 0 and (mode != 2 or seqlens_k.shape[0] == 0):
         return out, lse
     p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, cu_seqlens_q, row_ids,
-                          head_seqlens_k, scale, window_left, softcap, max_seqlen_q, max_seqlen_k)  # fmt: skip
+                          head_seqlens_k, scale, window_left, softcap, max_seqlen_q, max_seqlen_k,
+                          scores, mode, score_last_queries)  # fmt: skip
     _run(q.device, op, p, workspace=cu_seqlens_q is None)
     return out, lse
 
@@ -241,20 +256,24 @@ def _attend(
 def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, row_ids: Optional[Tensor],
                  head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
                  max_seqlen_k: int, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+                 scores: Optional[Tensor] = None, score_mode: str = "add", score_last_queries: Optional[int] = None,
                  need_lse: bool = True, geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """The implementation of torch.ops.vattn.decode_attention (and of the eager fast path)."""
     return _attend("decode_attention", q, k_cache, v_cache, None, seqlens_k, row_ids, head_seqlens_k, scale,
-                   window_left, softcap, 1, max_seqlen_k, k_scale, v_scale, need_lse, geom)  # fmt: skip
+                   window_left, softcap, 1, max_seqlen_k, k_scale, v_scale, need_lse, geom,
+                   scores, score_mode, score_last_queries)  # fmt: skip
 
 
 def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
                   row_ids: Optional[Tensor], head_seqlens_k: Optional[Tensor], scale: Optional[float],
                   window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int,
-                  k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, need_lse: bool = True,
-                  geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+                  k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+                  scores: Optional[Tensor] = None, score_mode: str = "add", score_last_queries: Optional[int] = None,
+                  need_lse: bool = True, geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """The implementation of torch.ops.vattn.prefill_attention (and of the eager fast path)."""
     return _attend("prefill_attention", q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k,
-                   scale, window_left, softcap, max_seqlen_q, max_seqlen_k, k_scale, v_scale, need_lse, geom)  # fmt: skip
+                   scale, window_left, softcap, max_seqlen_q, max_seqlen_k, k_scale, v_scale, need_lse, geom,
+                   scores, score_mode, score_last_queries)  # fmt: skip
 
 
 def _append_impl(

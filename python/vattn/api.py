@@ -82,11 +82,16 @@ def attention(
     window_left: int = -1,
     softcap: float = 0.0,
     return_lse: bool = False,
+    scores: Optional[torch.Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: Optional[int] = None,
 ):
     """Causal attention of the step's queries ([step.total_new, q_heads, head_dim]) over one layer.
 
     Each query sees everything its slot holds up to and including itself (append_kv of this step
     must come first). Returns out like q, or (out, lse [total_new, q_heads] float32).
+    scores: optional float32 [>= max_batch, kv_heads, >= max_seq_len] indexed by slot, updated in
+    place with per-token attention probabilities (vattn.ops.decode_attention / prefill_attention).
     """
     _check_layer(cache, layer)
     k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)
@@ -110,6 +115,9 @@ def attention(
             v_scale,
             return_lse,
             geom,
+            scores,
+            score_mode,
+            score_last_queries,
         )
     else:
         out, lse = ops.run_prefill(
@@ -129,5 +137,8 @@ def attention(
             v_scale,
             return_lse,
             geom,
+            scores,
+            score_mode,
+            score_last_queries,
         )
     return (out, lse) if return_lse else out

@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import _check_append, _check_attention, _check_merge, _KVGeom
+from ._checks import _check_append, _check_attention, _check_merge, _check_scores, _KVGeom
 from ._launch import (
     _append_impl,
     _decode_impl,
@@ -93,7 +93,9 @@ def _(k_cache, v_cache, k, v, row_ids, positions, k_scale=None, v_scale=None):
     return None
 
 
-@torch.library.custom_op("vattn::decode_attention", mutates_args=())
+# scores (optional, float32 [>= cache rows, kv_heads, >= seq]) is updated in place with per-token
+# attention probabilities (reference.attention); score_last_queries 0 means all queries.
+@torch.library.custom_op("vattn::decode_attention", mutates_args=("scores",))
 def _decode_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -107,6 +109,9 @@ def _decode_attention(
     max_seqlen_k: int = -1,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     return _decode_impl(
         q,
@@ -121,6 +126,9 @@ def _decode_attention(
         max_seqlen_k,
         k_scale,
         v_scale,
+        scores,
+        score_mode,
+        score_last_queries,
     )
 
 
@@ -138,8 +146,11 @@ def _(
     max_seqlen_k=-1,
     k_scale=None,
     v_scale=None,
+    scores=None,
+    score_mode="add",
+    score_last_queries=0,
 ):
-    _check_attention(
+    geom, _ = _check_attention(
         q,
         k_cache,
         v_cache,
@@ -154,10 +165,11 @@ def _(
         k_scale,
         v_scale,
     )
+    _check_scores(scores, score_mode, score_last_queries, geom, q.device)
     return _empty_outputs(q)
 
 
-@torch.library.custom_op("vattn::prefill_attention", mutates_args=())
+@torch.library.custom_op("vattn::prefill_attention", mutates_args=("scores",))
 def _prefill_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -173,6 +185,9 @@ def _prefill_attention(
     max_seqlen_k: int = -1,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     return _prefill_impl(
         q,
@@ -189,6 +204,9 @@ def _prefill_attention(
         max_seqlen_k,
         k_scale,
         v_scale,
+        scores,
+        score_mode,
+        score_last_queries,
     )
 
 
@@ -208,8 +226,11 @@ def _(
     max_seqlen_k=-1,
     k_scale=None,
     v_scale=None,
+    scores=None,
+    score_mode="add",
+    score_last_queries=0,
 ):
-    _check_attention(
+    geom, _ = _check_attention(
         q,
         k_cache,
         v_cache,
@@ -224,6 +245,7 @@ def _(
         k_scale,
         v_scale,
     )
+    _check_scores(scores, score_mode, score_last_queries, geom, q.device)
     return _empty_outputs(q)
 
 
@@ -306,6 +328,9 @@ def run_decode(
     v_scale: Optional[Tensor],
     need_lse: bool,
     geom: Optional[_KVGeom] = None,
+    scores: Optional[Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: Optional[int] = None,
 ):
     args = (
         q,
@@ -321,9 +346,16 @@ def run_decode(
         k_scale,
         v_scale,
     )
-    if _direct_ok(*args[:6], k_scale, v_scale):
-        return _decode_impl(*args, need_lse=need_lse, geom=geom)
-    return torch.ops.vattn.decode_attention(*args)
+    if scores is None:
+        if _direct_ok(*args[:6], k_scale, v_scale):
+            return _decode_impl(*args, need_lse=need_lse, geom=geom)
+        return torch.ops.vattn.decode_attention(*args)
+    w = _last_queries(score_last_queries)
+    if _direct_ok(*args[:6], k_scale, v_scale, scores):
+        result = _decode_impl(*args, scores, score_mode, w, need_lse=need_lse, geom=geom)
+        _bump(scores)
+        return result
+    return torch.ops.vattn.decode_attention(*args, scores, score_mode, w)
 
 
 def run_prefill(
@@ -343,6 +375,9 @@ def run_prefill(
     v_scale: Optional[Tensor],
     need_lse: bool,
     geom: Optional[_KVGeom] = None,
+    scores: Optional[Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: Optional[int] = None,
 ):
     args = (
         q,
@@ -360,9 +395,31 @@ def run_prefill(
         k_scale,
         v_scale,
     )
-    if _direct_ok(*args[:7], k_scale, v_scale):
-        return _prefill_impl(*args, need_lse=need_lse, geom=geom)
-    return torch.ops.vattn.prefill_attention(*args)
+    if scores is None:
+        if _direct_ok(*args[:7], k_scale, v_scale):
+            return _prefill_impl(*args, need_lse=need_lse, geom=geom)
+        return torch.ops.vattn.prefill_attention(*args)
+    w = _last_queries(score_last_queries)
+    if _direct_ok(*args[:7], k_scale, v_scale, scores):
+        result = _prefill_impl(*args, scores, score_mode, w, need_lse=need_lse, geom=geom)
+        _bump(scores)
+        return result
+    return torch.ops.vattn.prefill_attention(*args, scores, score_mode, w)
+
+
+def _last_queries(value: Optional[int]) -> int:
+    """score_last_queries as the ops take it: an int, 0 (or less) for all queries."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"score_last_queries must be an int or None, got {type(value).__name__}")
+    return max(int(value), 0)
+
+
+def _bump(t: Tensor) -> None:
+    """What the registered op's ADInplaceOrView kernel does for a mutated input: bump its version."""
+    if not torch.is_inference_mode_enabled():
+        torch.autograd.graph.increment_version(t)
 
 
 # ----------------------------------------------------------------------------- public wrappers
@@ -436,12 +493,19 @@ def decode_attention(
     return_lse: bool = False,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: Optional[int] = None,
 ):
     """Attention of one query per batch row (q: [batch, q_heads, dim]) over its cache row.
 
     Returns out (like q), or (out, lse [batch, q_heads] float32) with return_lse=True.
     Give max_seqlen_k (host bound on the lengths) to avoid a host sync on CUDA (CUDA graphs).
     A quantized cache is read with its scale tensors (k_scale / v_scale), dequantized in the kernel.
+    scores: optional float32 [>= cache rows, kv_heads, >= cache seq], indexed by cache row, updated in
+    place with each key's attention probability summed over the q heads of its GQA group
+    (score_mode "add": H2O's accumulated score; "replace": TOVA's last-query score). Keys past each
+    length are not touched. Definition: vattn.reference.attention.
     """
     device = _device_of(q, "q")
     args = (
@@ -458,7 +522,9 @@ def decode_attention(
         k_scale,
         v_scale,
     )
-    out, lse = run_decode(*args, need_lse=return_lse)
+    out, lse = run_decode(
+        *args, need_lse=return_lse, scores=scores, score_mode=score_mode, score_last_queries=score_last_queries
+    )
     return (out, lse) if return_lse else out
 
 
@@ -479,12 +545,19 @@ def prefill_attention(
     return_lse: bool = False,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: Optional[int] = None,
 ):
     """Causal attention of ragged queries (q: [total_q, q_heads, dim], row b owns
     q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]) over cache rows that may already hold a prefix.
 
     Returns out (like q), or (out, lse) with return_lse=True. Give max_seqlen_q and max_seqlen_k to
     avoid host syncs on CUDA.
+    scores: optional float32 [>= cache rows, kv_heads, >= cache seq], updated in place with the sum,
+    over the row's last score_last_queries queries (None: all; SnapKV's observation window, or H2O's
+    column sums) and the q heads of each GQA group, of every key's attention probability;
+    score_mode "add" or "replace". Definition: vattn.reference.attention.
     """
     device = _device_of(q, "q")
     args = (
@@ -503,7 +576,9 @@ def prefill_attention(
         k_scale,
         v_scale,
     )
-    out, lse = run_prefill(*args, need_lse=return_lse)
+    out, lse = run_prefill(
+        *args, need_lse=return_lse, scores=scores, score_mode=score_mode, score_last_queries=score_last_queries
+    )
     return (out, lse) if return_lse else out
 
 

@@ -17,6 +17,8 @@ Conventions (cuda/include/vattn/params.h):
   logits    scale * q.k (scale defaults to 1/sqrt(head_dim)), then softcap * tanh(x / softcap)
             when softcap > 0; LSE is in natural log
   GQA       q head h uses kv head h // (num_q_heads // num_kv_heads)
+  scores    optional per-token attention scores for eviction policies (H2O, TOVA, SnapKV): a
+            float buffer [>= cache rows, kv_heads, >= seq] indexed by the cache row; see attention()
 """
 
 from __future__ import annotations
@@ -156,11 +158,27 @@ def attention(
     window_left: int = -1,
     softcap: float = 0.0,
     compute_dtype: torch.dtype = torch.float64,
+    scores: Optional[torch.Tensor] = None,
+    score_mode: str = "add",
+    score_last_queries: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q ([total_q, q_heads, dim]) over the cache; decode when cu_seqlens_q is None.
 
     Returns (out [total_q, q_heads, dim] in compute_dtype, lse [total_q, q_heads] float32).
+
+    scores (optional, updated in place): [>= cache rows, kv_heads, >= seq], indexed by the cache row
+    r = row_ids[b]. For each batch row b, kv head h and key j < L(b, h), S is the sum of the final
+    softmax probabilities p[i, g, j] (after scale and soft-cap, normalized with the final LSE; masked
+    keys have p = 0) over the q heads g of h's GQA group and the row's last score_last_queries
+    queries i (all of them when None or <= 0). score_mode "add": scores[r, h, j] += S; "replace":
+    scores[r, h, j] = S (also for a row without queries: S = 0). Entries j >= L(b, h) are never
+    touched. Decode "add" is H2O's accumulated score, "replace" TOVA's last-query score; prefill
+    with score_last_queries = window gives SnapKV's observation-window scores (before pooling),
+    with all queries the column sums of the causal attention matrix. The row ids must be distinct.
     """
+    if scores is not None and score_mode not in ("add", "replace"):
+        raise ValueError(f"score_mode must be 'add' or 'replace', got {score_mode!r}")
+    w = 0 if score_last_queries is None else int(score_last_queries)
     total_q, hq, dim = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
@@ -181,6 +199,9 @@ def attention(
         q0, q1 = cu[b], cu[b + 1]
         n = q1 - q0
         if n == 0:
+            if scores is not None and score_mode == "replace":
+                for h in range(hkv):
+                    scores[rows[b], h, : seq[b] if head_lens is None else int(head_lens[b][h])] = 0
             continue
         for h in range(hkv):
             length = seq[b] if head_lens is None else int(head_lens[b][h])
@@ -204,6 +225,13 @@ def attention(
             o = torch.where(seen[..., None], o, torch.zeros((), dtype=compute_dtype, device=q.device))
             out[q0:q1, h * group : (h + 1) * group] = o
             lse[q0:q1, h * group : (h + 1) * group] = row_lse.float()
+            if scores is not None and length > 0:
+                first = 0 if w <= 0 else max(n - w, 0)
+                s = probs[first:].sum(dim=(0, 1)).to(scores.dtype)  # masked keys: exp(-inf) = 0
+                if score_mode == "add":
+                    scores[rows[b], h, :length] += s
+                else:
+                    scores[rows[b], h, :length] = s
     return out, lse
 
 

@@ -71,6 +71,17 @@ struct AttentionParams {
   int32_t window_left = -1;  // < 0: off
   int32_t dtype = 0;         // q / out dtype
   int32_t impl = 0;          // 0: optimized kernel, 1: plain reference kernel (CUDA)
+  // Optional per-token attention scores (eviction statistics: H2O, TOVA, SnapKV; definition:
+  // reference.attention's `scores`). scores [cache rows, num_kv_heads, >= max_seq] fp32, token
+  // stride 1, indexed by the cache row row_ids[b]. For each batch row b, kv head h and key
+  // j < L(b, h): S = sum of the final softmax probabilities p[i, g, j] over the q heads g of h's
+  // GQA group and the row's last score_last_queries queries i (all of them when <= 0);
+  // score_mode 1 adds S to scores[row, h, j], 2 stores it; entries j >= L(b, h) are never
+  // touched. The row ids of a call must be distinct when scores are emitted.
+  float* scores = nullptr;
+  int64_t sc_stride_row = 0, sc_stride_head = 0;
+  int32_t score_mode = 0;  // 0 off, 1 add, 2 replace
+  int32_t score_last_queries = 0;
   // Split-KV scratch for CUDA decode, sized by decode_workspace_bytes(); may be null on CPU.
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
