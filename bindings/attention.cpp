@@ -65,7 +65,7 @@ KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t
 AppendParams make_append_params(const KVCacheView& cache, uintptr_t k, uintptr_t v, int64_t k_stride_tok,
                                 int64_t k_stride_head, int64_t v_stride_tok, int64_t v_stride_head, uintptr_t row_ids,
                                 uintptr_t positions, int32_t num_tokens, int32_t num_kv_heads, int32_t head_dim,
-                                int32_t dtype) {
+                                int32_t dtype, uintptr_t head_positions) {
   AppendParams p;
   p.cache = cache;
   p.k = as_ptr<const void>(k);
@@ -76,6 +76,7 @@ AppendParams make_append_params(const KVCacheView& cache, uintptr_t k, uintptr_t
   p.v_stride_head = v_stride_head;
   p.row_ids = as_ptr<const int32_t>(row_ids);
   p.positions = as_ptr<const int32_t>(positions);
+  p.head_positions = as_ptr<const int32_t>(head_positions);
   p.num_tokens = num_tokens;
   p.num_kv_heads = num_kv_heads;
   p.head_dim = head_dim;
@@ -127,9 +128,10 @@ AttentionParams make_attention_params(uintptr_t q, int64_t q_stride_tok, int64_t
 }  // namespace
 
 // {"cpu": {"append_kv": {"dtypes": [codes], "kv_formats": [codes], "head_dim_multiple": n,
-// "max_head_dim": n}, "decode": ..., "prefill": ..., "merge_states": ...}, "cuda": {...}}
+// "max_head_dim": n}, "decode": ..., "prefill": ..., "merge_states": ..., "compact_kv": ...},
+// "cuda": {...}}
 py::dict support_table() {
-  const char* ops[] = {"append_kv", "decode", "prefill", "merge_states"};
+  const char* ops[support::kNumOps] = {"append_kv", "decode", "prefill", "merge_states", "compact_kv"};
   const char* devices[] = {"cpu", "cuda"};
   auto codes = [](uint32_t mask) {
     py::list l;
@@ -140,7 +142,7 @@ py::dict support_table() {
   py::dict table;
   for (int d = 0; d < 2; ++d) {
     py::dict per_op;
-    for (int o = 0; o < 4; ++o) {
+    for (int o = 0; o < support::kNumOps; ++o) {
       const support::Entry e = support::entry(support::Device(d), support::Op(o));
       py::dict x;
       x["dtypes"] = codes(e.dtypes);
@@ -207,6 +209,7 @@ void bind_attention(py::module_& m) {
       .VATTN_RW(AppendParams, v_stride_head)
       .VATTN_PTR(AppendParams, row_ids)
       .VATTN_PTR(AppendParams, positions)
+      .VATTN_PTR(AppendParams, head_positions)
       .VATTN_RW(AppendParams, num_tokens)
       .VATTN_RW(AppendParams, num_kv_heads)
       .VATTN_RW(AppendParams, head_dim)
@@ -269,7 +272,8 @@ void bind_attention(py::module_& m) {
         "vs_stride_row, vs_stride_tok, vs_stride_head) in one call (scale pointers 0 for plain formats)");
   m.def("make_append_params", &make_append_params,
         "AppendParams(cache, k, v, k_stride_tok, k_stride_head, v_stride_tok, v_stride_head, row_ids, positions, "
-        "num_tokens, num_kv_heads, head_dim, dtype) in one call (stream left null)");
+        "num_tokens, num_kv_heads, head_dim, dtype, head_positions) in one call (head_positions 0: none; stream left "
+        "null)");
   m.def("make_attention_params", &make_attention_params,
         "AttentionParams(q, q_stride_tok, q_stride_head, out, o_stride_tok, o_stride_head, lse, kv, cu_seqlens_q, "
         "seqlens_k, head_seqlens_k, row_ids, batch, num_q_heads, num_kv_heads, head_dim, total_q, max_seqlen_q, "

@@ -88,4 +88,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_devices", &cuda_devices, "Name, capability, memory and SM count of each CUDA device");
   vattn::bind_memory(m);
   vattn::bind_attention(m);
+  vattn::bind_sparse(m);
 }

@@ -1,7 +1,7 @@
-// CPU append_kv: writes new K/V tokens into the cache at (row_ids[i], positions[i]), in each
-// side's storage format (a quantized side is encoded with quant.h, the same code as on CUDA, so
-// both store the same bytes). Every index is checked before the first write, so a failed call
-// leaves the cache unchanged.
+// CPU append_kv: writes new K/V tokens into the cache at (row_ids[i], positions[i]) (or per kv
+// head at head_positions[i, h] when given), in each side's storage format (a quantized side is
+// encoded with quant.h, the same code as on CUDA, so both store the same bytes). Every index is
+// checked before the first write, so a failed call leaves the cache unchanged.
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -31,7 +31,8 @@ void append_side(const AppendParams& p, const Side& s) {
   const int64_t n = (int64_t)p.num_tokens * p.num_kv_heads;
   auto one = [&](int64_t th, float* buf) {
     const int64_t i = th / p.num_kv_heads, h = th % p.num_kv_heads;
-    const int64_t row = p.row_ids[i], pos = p.positions[i];
+    const int64_t row = p.row_ids[i];
+    const int64_t pos = p.head_positions ? p.head_positions[th] : p.positions[i];
     const T* x = static_cast<const T*>(s.src) + i * s.src_tok + h * s.src_head;
     S* dst = static_cast<S*>(s.data) + row * s.stride_row + pos * s.stride_tok + h * s.stride_head;
     if (kCopy) {
@@ -84,9 +85,18 @@ void append_kv_cpu(const AppendParams& p) {
     if (p.row_ids[i] < 0 || p.row_ids[i] >= p.cache.num_rows)
       fail("append_kv: row id " + std::to_string(p.row_ids[i]) + " of token " + std::to_string(i) + " is outside [0, " +
            std::to_string(p.cache.num_rows) + ")");
-    if (p.positions[i] < 0 || p.positions[i] >= p.cache.max_seq)
+    if (p.head_positions == nullptr && (p.positions[i] < 0 || p.positions[i] >= p.cache.max_seq))
       fail("append_kv: position " + std::to_string(p.positions[i]) + " of token " + std::to_string(i) +
            " is outside [0, " + std::to_string(p.cache.max_seq) + ")");
+  }
+  if (p.head_positions) {
+    for (int64_t th = 0; th < (int64_t)p.num_tokens * p.num_kv_heads; ++th) {
+      const int32_t pos = p.head_positions[th];
+      if (pos < 0 || pos >= p.cache.max_seq)
+        fail("append_kv: head position " + std::to_string(pos) + " of token " + std::to_string(th / p.num_kv_heads) +
+             ", kv head " + std::to_string(th % p.num_kv_heads) + " is outside [0, " + std::to_string(p.cache.max_seq) +
+             ")");
+    }
   }
   const KVCacheView& c = p.cache;
   const Side k{c.k,       c.k_stride_row,  c.k_stride_tok,  c.k_stride_head,

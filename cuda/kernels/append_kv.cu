@@ -1,5 +1,7 @@
 // append_kv on CUDA: write the K and V vectors of each new token into the cache at
-// (row_ids[i], positions[i]), each side in its storage format.
+// (row_ids[i], positions[i]), or per kv head at head_positions[i, h] when given (the kernels take
+// it as a template flag, so the common path is the same code as without), each side in its
+// storage format.
 //   Both sides plain (cache and input share the element type): a pure byte copy, one thread
 //   moves one 16-byte chunk of K and the matching chunk of V; a narrower word is used when some
 //   pointer or stride is not 16-byte aligned.
@@ -29,7 +31,7 @@ namespace {
 
 // Word = the unit one thread copies (uint4: 16 bytes, or uint32_t / uint16_t). All strides
 // here are in words (the host checked they divide exactly).
-template <typename Word>
+template <typename Word, bool kHeadPos>
 __global__ void append_kv_kernel(Word* __restrict__ ck, Word* __restrict__ cv, const Word* __restrict__ k,
                                  const Word* __restrict__ v, const int32_t* __restrict__ row_ids,
                                  const int32_t* __restrict__ positions, int64_t c_k_row, int64_t c_k_tok,
@@ -43,7 +45,7 @@ __global__ void append_kv_kernel(Word* __restrict__ ck, Word* __restrict__ cv, c
     const int64_t h = th % num_heads;
     const int64_t t = th / num_heads;
     const int32_t row = row_ids[t];
-    const int32_t pos = positions[t];
+    const int32_t pos = kHeadPos ? positions[th] : positions[t];  // positions: head_positions when kHeadPos
     if (row < 0 || row >= num_rows || pos < 0 || pos >= max_seq) continue;
     ck[row * c_k_row + pos * c_k_tok + h * c_k_head + w] = k[t * k_tok + h * k_head + w];
     cv[row * c_v_row + pos * c_v_tok + h * c_v_head + w] = v[t * v_tok + h * v_head + w];
@@ -63,11 +65,13 @@ void launch(const AppendParams& p, int esize) {
   // Grid-stride loop: cap the grid, no 32-bit overflow for huge appends.
   const int64_t blocks_needed = (total + threads - 1) / threads;
   const int blocks = int(blocks_needed < 65535 * 8 ? blocks_needed : 65535 * 8);
-  append_kv_kernel<Word><<<blocks, threads, 0, as_stream(p.stream)>>>(
+  auto kernel = p.head_positions ? append_kv_kernel<Word, true> : append_kv_kernel<Word, false>;
+  kernel<<<blocks, threads, 0, as_stream(p.stream)>>>(
       static_cast<Word*>(c.k), static_cast<Word*>(c.v), static_cast<const Word*>(p.k), static_cast<const Word*>(p.v),
-      p.row_ids, p.positions, c.k_stride_row / s, c.k_stride_tok / s, c.k_stride_head / s, c.v_stride_row / s,
-      c.v_stride_tok / s, c.v_stride_head / s, p.k_stride_tok / s, p.k_stride_head / s, p.v_stride_tok / s,
-      p.v_stride_head / s, c.num_rows, c.max_seq, p.num_kv_heads, words_per_vec, total);
+      p.row_ids, p.head_positions ? p.head_positions : p.positions, c.k_stride_row / s, c.k_stride_tok / s,
+      c.k_stride_head / s, c.v_stride_row / s, c.v_stride_tok / s, c.v_stride_head / s, p.k_stride_tok / s,
+      p.k_stride_head / s, p.v_stride_tok / s, p.v_stride_head / s, c.num_rows, c.max_seq, p.num_kv_heads,
+      words_per_vec, total);
   cuda_check_launch("append_kv_kernel");
 }
 
@@ -175,7 +179,7 @@ __device__ __forceinline__ void encode_vector(int lane, const T* x, int n, typen
 
 // Grid-stride over vectors (token, kv_head), one warp each; the loop bound and the skip are
 // warp-uniform, so the shuffles always see the full warp.
-template <typename T, typename Format>
+template <typename T, typename Format, bool kHeadPos>
 __global__ void __launch_bounds__(kSideThreads)
     append_side_kernel(const SideArgs s, const int32_t* __restrict__ row_ids, const int32_t* __restrict__ positions,
                        int32_t num_rows, int32_t max_seq, int32_t num_heads, int32_t head_dim, int64_t num_vecs) {
@@ -186,7 +190,7 @@ __global__ void __launch_bounds__(kSideThreads)
     const int64_t t = vec / num_heads;
     const int64_t h = vec - t * num_heads;
     const int32_t row = row_ids[t];
-    const int32_t pos = positions[t];
+    const int32_t pos = kHeadPos ? positions[vec] : positions[t];  // positions: head_positions when kHeadPos
     if (row < 0 || row >= num_rows || pos < 0 || pos >= max_seq) continue;
     const T* x = static_cast<const T*>(s.src) + t * s.src_tok + h * s.src_head;
     S* dst = static_cast<S*>(s.data) + row * s.stride_row + pos * s.stride_tok + h * s.stride_head;
@@ -228,8 +232,10 @@ void launch_side(const AppendParams& p, int32_t format, const SideArgs& s, const
       if constexpr (Format::kScaleWords == 0 && !std::is_same<typename Format::storage_t, T>::value) {
         throw std::logic_error("append_kv: plain side of another dtype (checked before)");
       } else {
-        append_side_kernel<T, Format><<<blocks, kSideThreads, 0, st>>>(
-            s, p.row_ids, p.positions, p.cache.num_rows, p.cache.max_seq, p.num_kv_heads, p.head_dim, num_vecs);
+        auto kernel = p.head_positions ? append_side_kernel<T, Format, true> : append_side_kernel<T, Format, false>;
+        kernel<<<blocks, kSideThreads, 0, st>>>(s, p.row_ids, p.head_positions ? p.head_positions : p.positions,
+                                                p.cache.num_rows, p.cache.max_seq, p.num_kv_heads, p.head_dim,
+                                                num_vecs);
       }
     });
   };
@@ -252,7 +258,7 @@ void append_kv_cuda(const AppendParams& p) {
   check_side(p, p.cache.k_format, p.cache.k_scale, "K");
   check_side(p, p.cache.v_format, p.cache.v_scale, "V");
   if (p.num_tokens == 0) return;
-  if (!p.cache.k || !p.cache.v || !p.k || !p.v || !p.row_ids || !p.positions)
+  if (!p.cache.k || !p.cache.v || !p.k || !p.v || !p.row_ids || (!p.positions && !p.head_positions))
     throw std::invalid_argument("append_kv: null pointer");
   const KVCacheView& c = p.cache;
   if (kv_format_is_quantized(c.k_format) || kv_format_is_quantized(c.v_format)) {

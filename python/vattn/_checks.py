@@ -286,8 +286,11 @@ def _check_append(
     geom: Optional[_KVGeom] = None,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    head_positions: Optional[Tensor] = None,
 ) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
-    """Checks an append_kv call; returns the cache geometry and the strides of k and v."""
+    """Checks an append_kv call; returns the cache geometry and the strides of k and v.
+    head_positions [tokens, kv_heads] int32 (optional): per-head positions (values in [0, seq) are
+    checked by the native op, like positions)."""
     if geom is None:
         device = k_cache.device if isinstance(k_cache, torch.Tensor) else None
         geom = _check_cache(k_cache, v_cache, device, k_scale, v_scale)
@@ -311,6 +314,8 @@ def _check_append(
     n = k.shape[0]
     _check_index(row_ids, "row_ids", (n,), device)
     _check_index(positions, "positions", (n,), device)
+    if head_positions is not None:
+        _check_index(head_positions, "head_positions", (n, heads), device)
     check_supported("append_kv", device.type, k.dtype, dim, (geom.k_format.name, geom.v_format.name))
     return geom, strides[0], strides[1]
 

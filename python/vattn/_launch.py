@@ -286,9 +286,12 @@ def _append_impl(
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
     geom: Optional[_KVGeom] = None,
+    head_positions: Optional[Tensor] = None,
 ) -> None:
     """The op's implementation (torch.ops.vattn.append_kv and the eager fast path)."""
-    geom, k_strides, v_strides = _check_append(k_cache, v_cache, k, v, row_ids, positions, geom, k_scale, v_scale)
+    geom, k_strides, v_strides = _check_append(
+        k_cache, v_cache, k, v, row_ids, positions, geom, k_scale, v_scale, head_positions
+    )
     n, heads, dim = k.shape
     if n == 0:
         return
@@ -306,6 +309,7 @@ def _append_impl(
         heads,
         dim,
         code_of(k.dtype),
+        _ptr(head_positions),
     )
     _run(geom.device, "append_kv", p)
 

@@ -64,8 +64,9 @@ def _append_kv(
     positions: Tensor,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    head_positions: Optional[Tensor] = None,
 ) -> None:
-    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, None, head_positions)
 
 
 def _append_direct(
@@ -78,18 +79,19 @@ def _append_direct(
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
     geom: Optional[_KVGeom] = None,
+    head_positions: Optional[Tensor] = None,
 ) -> None:
     """The eager fast path of append_kv (the caller checked _direct_ok): also bumps the caches'
     version counters as the registered op does (its ADInplaceOrView kernel), so autograd still
     notices the mutation."""
-    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom)
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom, head_positions)
     if not torch.is_inference_mode_enabled():
         torch.autograd.graph.increment_version(tuple(t for t in (k_cache, v_cache, k_scale, v_scale) if t is not None))
 
 
 @_append_kv.register_fake
-def _(k_cache, v_cache, k, v, row_ids, positions, k_scale=None, v_scale=None):
-    _check_append(k_cache, v_cache, k, v, row_ids, positions, None, k_scale, v_scale)
+def _(k_cache, v_cache, k, v, row_ids, positions, k_scale=None, v_scale=None, head_positions=None):
+    _check_append(k_cache, v_cache, k, v, row_ids, positions, None, k_scale, v_scale, head_positions)
     return None
 
 
@@ -306,11 +308,17 @@ def run_append(
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
     geom: Optional[_KVGeom] = None,
+    head_positions: Optional[Tensor] = None,
 ) -> None:
-    if _direct_ok(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale):
-        _append_direct(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom)
+    if head_positions is None:
+        if _direct_ok(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale):
+            _append_direct(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom)
+        else:
+            torch.ops.vattn.append_kv(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
+    elif _direct_ok(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, head_positions):
+        _append_direct(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom, head_positions)
     else:
-        torch.ops.vattn.append_kv(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
+        torch.ops.vattn.append_kv(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, head_positions)
 
 
 def run_decode(
@@ -468,14 +476,20 @@ def append_kv_raw(
     *,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    head_positions: Optional[IndexLike] = None,
 ) -> None:
     """Writes token i of k, v ([n, kv_heads, dim]) into k_cache / v_cache [rows, seq, kv_heads, dim]
     at (row_ids[i], positions[i]). Any cache strides with the last dimension contiguous. A quantized
     cache (float8_e4m3fn / int8 / uint8 storage, see vattn.formats) is quantized into, with its fp32
-    scales [rows, seq, kv_heads, scale_words] in k_scale / v_scale."""
+    scales [rows, seq, kv_heads, scale_words] in k_scale / v_scale. head_positions [n, kv_heads]
+    (optional) gives the position per kv head instead (after eviction the heads of a row may hold
+    different numbers of tokens): token i of head h goes to head_positions[i, h]."""
     device = _device_of(k_cache, "k_cache")
     row_ids, positions = _index(row_ids, "row_ids", device), _index(positions, "positions", device)
-    run_append(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale)
+    if head_positions is not None and not isinstance(head_positions, torch.Tensor):
+        head_positions = torch.as_tensor(head_positions, dtype=torch.int32).to(device)
+    head_positions = _index(head_positions, "head_positions", device)
+    run_append(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, None, head_positions)
 
 
 def decode_attention(

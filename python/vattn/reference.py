@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["append_kv", "attention", "merge_states", "quantize", "dequantize"]
+__all__ = ["append_kv", "attention", "merge_states", "quantize", "dequantize", "compact_kv"]
 
 # ----------------------------------------------------------------------------- KV formats
 # The exact definition of the quantized KV formats (cuda/include/vattn/quant.h computes the same
@@ -132,18 +132,27 @@ def append_kv(
     v_scale: Optional[torch.Tensor] = None,
     k_format: Optional[str] = None,
     v_format: Optional[str] = None,
+    head_positions: Optional[torch.Tensor] = None,
 ) -> None:
     """Writes token i of k, v ([n, kv_heads, dim]) at cache[row_ids[i], positions[i]] (in place).
-    A quantized side (k_format / v_format given) stores quantize(x) into the cache and its scales."""
+    A quantized side (k_format / v_format given) stores quantize(x) into the cache and its scales.
+    head_positions [n, kv_heads] (optional) overrides the position per kv head: token i of head h
+    goes to cache[row_ids[i], head_positions[i, h], h] (its scale words too); positions is then unused."""
     rows = row_ids.long()
-    pos = positions.long()
+    heads = k.shape[1]
+    if head_positions is None:
+        pos = positions.long()[:, None].expand(-1, heads)
+    else:
+        pos = head_positions.long()
+    hidx = torch.arange(heads, device=rows.device)[None, :].expand(rows.shape[0], -1)
+    r = rows[:, None].expand(-1, heads)
     for cache, scales, x, fmt in ((k_cache, k_scale, k, k_format), (v_cache, v_scale, v, v_format)):
         if fmt is None:
-            cache[rows, pos] = x.to(cache.dtype)
+            cache[r, pos, hidx] = x.to(cache.dtype)
         else:
             codes, sc = quantize(x, fmt)
-            cache[rows, pos] = codes.view(cache.dtype) if codes.dtype.itemsize == cache.dtype.itemsize else codes
-            scales[rows, pos] = sc
+            cache[r, pos, hidx] = codes.view(cache.dtype) if codes.dtype.itemsize == cache.dtype.itemsize else codes
+            scales[r, pos, hidx] = sc
 
 
 def attention(
@@ -263,3 +272,36 @@ def merge_states(
     # A zero weight must also silence whatever the empty state's output holds.
     out = torch.where(wa > 0, wa * o_a.to(compute_dtype), zero) + torch.where(wb > 0, wb * o_b.to(compute_dtype), zero)
     return out, lse.float()
+
+
+def compact_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_ids: torch.Tensor,
+    keep: torch.Tensor,
+    keep_lens: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    scores: Optional[torch.Tensor] = None,
+) -> None:
+    """Moves the kept tokens of each (row, kv_head) to the front, in order (in place; KV eviction).
+
+    row_ids [n] cache rows (distinct); keep [n, kv_heads, max_keep] token indices, strictly
+    increasing in [0, seq) over the first keep_lens[i, h] entries of each (i, h) (the rest is
+    ignored); keep_lens [n, kv_heads] in [0, max_keep]. For j < keep_lens[i, h]:
+    cache[row_ids[i], j, h] = old cache[row_ids[i], keep[i, h, j], h], for k_cache, v_cache (any
+    storage format), their scale words k_scale / v_scale [rows, seq, kv_heads, words] when given,
+    and scores[row_ids[i], h, j] (a per-token score buffer [>= rows, kv_heads, >= seq]) when given.
+    Positions >= keep_lens[i, h] and all other (row, head) pairs keep what they hold."""
+    lens = keep_lens.tolist()
+    kept = keep.tolist()
+    for i, row in enumerate(row_ids.tolist()):
+        for h, n in enumerate(lens[i]):
+            if n == 0:
+                continue
+            src = torch.tensor(kept[i][h][:n], dtype=torch.long, device=k_cache.device)
+            for t in (k_cache, v_cache, k_scale, v_scale):
+                if t is not None:
+                    t[row, :n, h] = t[row, src, h].clone()
+            if scores is not None:
+                scores[row, h, :n] = scores[row, h, src.to(scores.device)].clone()

@@ -12,6 +12,7 @@ void append_kv_cpu(const AppendParams& p);
 void decode_attention_cpu(const AttentionParams& p);
 void prefill_attention_cpu(const AttentionParams& p);
 void merge_states_cpu(const MergeParams& p);
+void compact_kv_cpu(const CompactParams& p);
 
 #if defined(VATTN_WITH_CUDA)
 void append_kv_cuda(const AppendParams& p);
@@ -20,6 +21,9 @@ int64_t decode_workspace_bytes(const AttentionParams& p);
 void decode_attention_cuda(const AttentionParams& p);
 void prefill_attention_cuda(const AttentionParams& p);
 void merge_states_cuda(const MergeParams& p);
+// Bytes of scratch compact_kv_cuda needs for these parameters (the gathered records).
+int64_t compact_workspace_bytes(const CompactParams& p);
+void compact_kv_cuda(const CompactParams& p);
 #endif
 
 }  // namespace vattn

@@ -35,6 +35,10 @@ struct AppendParams {
   int64_t v_stride_tok = 0, v_stride_head = 0;
   const int32_t* row_ids = nullptr;    // [num_tokens] cache row of each token
   const int32_t* positions = nullptr;  // [num_tokens] position inside the row
+  // [num_tokens, num_kv_heads] contiguous, or null: when given, token i of kv head h goes to
+  // position head_positions[i * num_kv_heads + h] (its scale words too) and positions is unused
+  // (after eviction the heads of a row may hold different numbers of tokens).
+  const int32_t* head_positions = nullptr;
   int32_t num_tokens = 0, num_kv_heads = 0, head_dim = 0;
   int32_t dtype = 0;       // dtype of k and v
   void* stream = nullptr;  // cudaStream_t on CUDA
@@ -83,6 +87,28 @@ struct AttentionParams {
   int32_t score_mode = 0;  // 0 off, 1 add, 2 replace
   int32_t score_last_queries = 0;
   // Split-KV scratch for CUDA decode, sized by decode_workspace_bytes(); may be null on CPU.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  void* stream = nullptr;
+};
+
+// compact_kv: order-preserving in-place gather of the kept tokens of each (row, kv_head) to the
+// front (python/vattn/reference.py compact_kv is the definition). For i < n, h < num_kv_heads and
+// j < keep_lens[i, h]: cache[row_ids[i], j, h] = old cache[row_ids[i], keep[i, h, j], h], for the
+// K and V data, their scale words (quantized formats) and scores[row, h, j] when scores is given.
+// Positions >= keep_lens[i, h] and all other (row, head) pairs are left unchanged. The kept indices
+// of each (i, h) are strictly increasing and in [0, max_seq); the row ids are distinct. The CPU op
+// checks all of this before writing; the CUDA op skips what is out of range (no host sync).
+struct CompactParams {
+  KVCacheView cache;
+  const int32_t* row_ids = nullptr;    // [n] cache rows
+  const int32_t* keep = nullptr;       // [n, num_kv_heads, max_keep] contiguous, token indices
+  const int32_t* keep_lens = nullptr;  // [n, num_kv_heads] contiguous, in [0, max_keep]
+  float* scores = nullptr;             // [num_rows, num_kv_heads, max_seq] per-token scores, or null
+  int64_t sc_stride_row = 0, sc_stride_head = 0, sc_stride_tok = 0;  // floats
+  int32_t n = 0, num_kv_heads = 0, max_keep = 0;
+  int32_t head_dim = 0;  // logical head_dim (a packed int4 vector holds head_dim / 2 bytes)
+  // CUDA scratch (gather, then scatter back), sized by compact_workspace_bytes(); null on CPU.
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
   void* stream = nullptr;
