@@ -317,7 +317,11 @@ def plot(results: List[Dict], path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small traces (CI)")
-    ap.add_argument("--out-dir", default=HERE, help="where memory_trace.md / .png go")
+    ap.add_argument(
+        "--out-dir",
+        default=os.path.join(HERE, "results"),
+        help="where memory_trace.md / .png go (default bench/results/, untracked)",
+    )
     ap.add_argument("--trace", default=os.path.join(HERE, "traces", "mixed_500.csv"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-batch", type=int, default=64)

@@ -238,12 +238,20 @@ def test_error_empty_model_dir(tmp_path):
         (["demo", "--max-physical-bytes", "lots"], "--max-physical-bytes"),
         (["demo", "--device", "tpu"], "tpu"),
         (["demo", "--kv-format", "int3"], "--kv-format"),
-        (["generate", "--prompt", "hi"], "--model"),
+        (["generate", "--policy", "nope:0.5", "--prompt", "hi"], "--policy"),
+        (["demo", "--policy", "snapkv"], "--policy"),
+        (["demo", "--policy", "snapkv:1.5"], "--policy"),
         (["frobnicate"], "frobnicate"),
     ],
 )
 def test_error_bad_option(argv, needle):
     one_line_error(run_inproc(*argv), 2, needle)
+
+
+def test_demo_with_a_policy_prints_the_memory_before_and_after():
+    proc = run_inproc("demo", "--tiny", "--device", "cpu", "--policy", "streamingllm:8", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "before eviction" in proc.stdout and "after eviction" in proc.stdout
 
 
 def test_error_bad_option_console():

@@ -25,6 +25,7 @@ from .sparse_ops import compact_kv  # noqa: E402  registers torch.ops.vattn.comp
 from .cache import KVCache, Step  # noqa: E402
 from ._C import OutOfMemoryError  # noqa: E402  (a MemoryError)
 from .api import append_kv, attention  # noqa: E402
+from . import policies  # noqa: E402,F401  eviction policies (vattn.policies.SnapKV, ...)
 
 __all__ = [
     "KVCache",
@@ -38,4 +39,5 @@ __all__ = [
     "prefill_attention",
     "merge_states",
     "compact_kv",
+    "policies",
 ]

@@ -64,6 +64,7 @@ def check_append(
     v_scale: Optional[torch.Tensor],
     row_ids: torch.Tensor,
     positions: torch.Tensor,
+    head_positions: Optional[torch.Tensor] = None,
 ) -> None:
     """Raises ValueError when an append would write outside the mapped pages of a KVCache.
     Tensors outside every cache, and the index tensors of a cache's open step, pass at once."""
@@ -76,10 +77,19 @@ def check_append(
         return  # cannot read the indices while capturing; documented in KVCache.kv
     rows = row_ids.to("cpu", torch.int64)
     pos = positions.to("cpu", torch.int64)
+    heads = None
+    if head_positions is not None:  # one write per (token, head), each at its own position
+        heads = k_cache.shape[2]
+        rows = rows.repeat_interleave(heads)
+        pos = head_positions.to("cpu", torch.int64).reshape(-1)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is None or owner(t) is not cache:
             continue
         addrs, span = _token_addrs(t, rows, pos)
+        if heads is not None:
+            isz = t.element_size()
+            addrs = addrs + torch.arange(heads).repeat(addrs.numel() // heads) * t.stride(2) * isz
+            span = t.shape[3] * isz
         bad = int(cache._m.first_unmapped(addrs.data_ptr(), addrs.numel(), span))
         if bad >= 0:
             raise ValueError(

@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from . import _C
+from . import _C, _guard
 from ._checks import _check_append, _check_attention, _check_merge, _check_scores, _KVGeom
 from ._dtypes import code_of
 
@@ -288,13 +288,18 @@ def _append_impl(
     geom: Optional[_KVGeom] = None,
     head_positions: Optional[Tensor] = None,
 ) -> None:
-    """The op's implementation (torch.ops.vattn.append_kv and the eager fast path)."""
+    """The op's implementation (torch.ops.vattn.append_kv and the eager fast path). geom is given
+    only by vattn.append_kv on a KVCache, whose step mapped what it writes; every other caller
+    (raw ops, possibly on a KVCache's views) is checked against the mapping by _guard."""
+    raw = geom is None
     geom, k_strides, v_strides = _check_append(
         k_cache, v_cache, k, v, row_ids, positions, geom, k_scale, v_scale, head_positions
     )
     n, heads, dim = k.shape
     if n == 0:
         return
+    if raw:
+        _guard.check_append(k_cache, v_cache, k_scale, v_scale, row_ids, positions, head_positions)
     p = _C.make_append_params(
         _cache_view(k_cache, v_cache, geom),
         k.data_ptr(),

@@ -28,6 +28,16 @@ def _check_layer(cache, layer) -> None:
         raise ValueError(f"layer {layer} is outside [0, {cache.num_layers})")
 
 
+def _check_step(cache, step) -> None:
+    """A KVCache accepts only a step that is open in it (so its slots are still the live requests
+    it was begun for: a slot with an open step cannot be freed); other caches get a type check."""
+    check = getattr(cache, "_check_step", None)
+    if check is not None:
+        check(step)
+    elif step is None or not hasattr(step, "total_new"):
+        raise TypeError(f"step must be a vattn.Step from cache.begin_step(), got {type(step).__name__}")
+
+
 def _layer_views(cache, layer: int):
     """(k_view, v_view, k_scale, v_scale, checked geometry or None) of one layer. KVCache memoizes
     the geometry; any other object with kv(layer) (the call contract; kv_scales(layer) too when it
@@ -64,12 +74,19 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
     Row i is the i-th new token of the step (slots in the order of step.slots, oldest first).
     """
     _check_layer(cache, layer)
+    _check_step(cache, step)
     k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)
     _check_tokens(k, "k", step, cache.num_kv_heads, cache, k_view.device)
     _check_tokens(v, "v", step, cache.num_kv_heads, cache, k_view.device)
     if step.total_new == 0:
         return
-    ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom)
+    head_positions = getattr(step, "head_positions", None)
+    if head_positions is None:
+        ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom)
+    else:  # compacted slots: each kv head appends at its own length
+        ops.run_append(
+            k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom, head_positions[layer]
+        )
 
 
 def attention(
@@ -94,11 +111,17 @@ def attention(
     place with per-token attention probabilities (vattn.ops.decode_attention / prefill_attention).
     """
     _check_layer(cache, layer)
+    _check_step(cache, step)
     k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)
     _check_tokens(q, "q", step, None, cache, k_view.device)
     if q.shape[1] % cache.num_kv_heads != 0:
         raise ValueError(f"q has {q.shape[1]} heads, not a multiple of the cache's {cache.num_kv_heads} kv heads")
     scale = None if scale is None else float(scale)
+    if isinstance(window_left, bool) or not isinstance(window_left, int):
+        raise TypeError(f"window_left must be an int (-1: no window), got {window_left!r}")
+    head_seqlens = getattr(step, "head_seqlens", None)
+    if head_seqlens is not None:  # compacted slots: lengths per (row, kv head) of this layer
+        head_seqlens = head_seqlens[layer]
     if step.is_decode:
         out, lse = ops.run_decode(
             q,
@@ -106,7 +129,7 @@ def attention(
             v_view,
             step.seqlens,
             step.slot_ids,
-            None,
+            head_seqlens,
             scale,
             int(window_left),
             float(softcap),
@@ -127,7 +150,7 @@ def attention(
             step.cu_seqlens_q,
             step.seqlens,
             step.slot_ids,
-            None,
+            head_seqlens,
             scale,
             int(window_left),
             float(softcap),

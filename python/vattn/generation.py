@@ -134,6 +134,7 @@ def run_generation(
     chat: bool = True,
     progress: bool = True,
     kv_format="auto",
+    policy=None,
 ) -> dict:
     """Generates for all prompts in one left-padded batch on a VAttnCache; returns texts, timing, memory."""
     import torch
@@ -158,6 +159,7 @@ def run_generation(
         layout=layout,
         max_physical_bytes=max_physical_bytes,
         kv_format=kv_format,
+        policy=policy,
     )
     streamer = _Progress(max_new_tokens) if progress else None
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample)
@@ -195,6 +197,8 @@ def run_generation(
         "real_prompt_tokens": int(enc["attention_mask"].sum()),
         "kv_format": kv_format if isinstance(kv_format, str) else ",".join(kv_format),
         "plain_used_bytes": stats["tokens"] * cache.static_bytes(1, 1),  # the same tokens, unquantized
+        "policy": None if policy is None else repr(policy),
+        "compressions": list(cache.compressions),
     }
     cache.release()
     return result

@@ -274,8 +274,13 @@ class VAttnCache(Cache):
         device: Any = "cpu",
         layout: str = "token_major",
         max_physical_bytes: Optional[int] = None,
+        policy=None,
         **cache_options,
     ):
+        from vattn.policies import Policy
+
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a vattn.policies.Policy, got {type(policy).__name__}")
         text_config = config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         unsupported = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
@@ -304,6 +309,12 @@ class VAttnCache(Cache):
             max_physical_bytes=max_physical_bytes,
             **cache_options,
         )
+        self.policy = policy
+        if policy is not None and policy.needs_scores:
+            self.kv.enable_scores()
+        self._decode_steps = 0  # decode forwards since the last prompt (policy.every)
+        self._compacted = False  # a policy evicted tokens: stored tokens no longer follow columns
+        self.compressions: list = []  # per prompt compression: {stat: (before, after)}
         super().__init__(layers=[VAttnLayer(self, i) for i in range(self.num_layers)])
         self._slots: Optional[list[int]] = None  # vattn slot of each batch row
         self._lengths: list[int] = []  # real tokens stored per batch row (host mirror)
@@ -326,6 +337,7 @@ class VAttnCache(Cache):
         max_physical_bytes: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
         device: Any = None,
+        policy=None,
         **cache_options,
     ) -> "VAttnCache":
         """A cache for `model` (geometry from model.config, dtype and device from the model), and
@@ -333,7 +345,10 @@ class VAttnCache(Cache):
 
         max_seq_len: positions per row including left padding (default: config.max_position_embeddings);
         it only reserves virtual memory. max_physical_bytes caps the physical memory mapped.
-        Other keyword options (page_bytes, prealloc_bytes, ...) go to `vattn.KVCache`.
+        policy: a vattn.policies eviction policy (e.g. SnapKV(keep=0.25)), applied to each row at the
+        end of its prompt and, with every=N, during decode; get_seq_length() stays the logical length,
+        so generate continues at the right positions after eviction.
+        Other keyword options (kv_format, page_bytes, prealloc_bytes, ...) go to `vattn.KVCache`.
         """
         config = model.config.get_text_config(decoder=True)
         if max_seq_len is None:
@@ -352,6 +367,7 @@ class VAttnCache(Cache):
             device=device,
             layout=layout,
             max_physical_bytes=max_physical_bytes,
+            policy=policy,
             **cache_options,
         )
         enable(model)
@@ -409,6 +425,7 @@ class VAttnCache(Cache):
             for slot in self._slots:
                 self.kv.free(slot)
         self._slots, self._lengths, self._real, self._columns = None, [], None, 0
+        self._decode_steps, self._compacted = 0, False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drops the last -tokens_to_remove positions (transformers' convention: a negative count;
@@ -418,6 +435,8 @@ class VAttnCache(Cache):
             raise ValueError(f"crop({tokens_to_remove}): pass a negative number of positions to remove")
         if tokens_to_remove == 0 or self._slots is None:
             return
+        if self._compacted:
+            raise NotImplementedError("vattn: crop after an eviction policy dropped tokens is not supported")
         self._abort_forward()
         new_columns = max(self._columns + tokens_to_remove, 0)
         for b, slot in enumerate(self._slots):
@@ -586,6 +605,33 @@ class VAttnCache(Cache):
             self._lengths[b] += n
         self._columns += fw.q_len
         self._forward = None
+        if self.policy is not None and fw.step is not None:
+            self._apply_policy(fw.step)
+
+    def _apply_policy(self, step) -> None:
+        """End of a prompt: every row of it is compressed; decode (policy.every): every N steps, the
+        rows over budget."""
+        policy = self.policy
+        if step.is_decode:
+            if policy.every is None:
+                return
+            self._decode_steps += 1
+            if self._decode_steps % policy.every:
+                return
+            done = policy.apply(self.kv, step.slots, only_over_budget=True)
+        else:
+            self._decode_steps = 0
+            before = self.kv.stats()
+            done = policy.apply(self.kv, step.slots)
+            if done:
+                after = self.kv.stats()
+                self.compressions.append(
+                    {k: (before[k], after[k]) for k in ("mapped_bytes", "used_bytes", "resident_bytes", "pages_mapped")}
+                )
+        if done:
+            self._compacted = True
+            for b, slot in enumerate(self._slots):
+                self._lengths[b] = self.kv.length(slot)
 
     def _pack(self, x: torch.Tensor, fw: _Forward) -> torch.Tensor:
         """[B, H, Q, D] -> [total_new, H, D], real tokens only, rows in slot order, oldest first."""
@@ -607,6 +653,7 @@ class VAttnCache(Cache):
             out = query.new_zeros(batch, q_len, hq, dim)
         else:
             vattn.append_kv(self.kv, layer, fw.step, self._pack(key, fw), self._pack(value, fw))
+            extra = {} if self.policy is None else self.policy.attention_kwargs(self.kv, layer, fw.step)
             packed = vattn.attention(
                 self._pack(query, fw),
                 self.kv,
@@ -615,6 +662,7 @@ class VAttnCache(Cache):
                 scale=scaling,
                 window_left=_sliding_window(module, kwargs),
                 softcap=float(kwargs.get("softcap") or 0.0),
+                **extra,
             )
             if fw.all_real:
                 out = packed.view(batch, q_len, hq, dim)

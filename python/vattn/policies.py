@@ -1,0 +1,391 @@
+"""KV eviction policies: which tokens of a request to keep, applied to a vattn.KVCache.
+
+A policy scores the tokens each (slot, layer, kv head) stores, keeps the best ones (plus the
+tokens it always keeps: sinks, a recent window) and calls `KVCache.compact`, which moves the kept
+tokens to the front of their head and unmaps the pages nobody needs, so the physical memory drops
+at once, at any batch size. Scores that need attention probabilities come from the attention
+kernels themselves (`vattn.attention(..., scores=cache.scores(layer), score_mode=...,
+score_last_queries=...)`): `attention_kwargs` says what a policy needs from a step.
+
+    policy = vattn.policies.SnapKV(keep=0.25)
+    cache.enable_scores()
+    ... prefill: out = vattn.attention(q, cache, layer, step, **policy.attention_kwargs(cache, layer, step))
+    cache.end_step(step)
+    policy.apply(cache, step.slots)            # end of the prompt: keep 25% of each request
+
+`vattn.hf.VAttnCache.for_model(model, ..., policy=...)` does all of this inside `generate`.
+
+Names, defaults and scores follow the papers and NVIDIA kvpress (0.5.5) so results compare:
+StreamingLLM (kvpress StreamingLLMPress), H2O (ObservedAttentionPress: column sums of the prompt's
+attention divided by how many queries saw each key), TOVA (TOVAPress: the last query's attention
+averaged over all query heads), SnapKV (SnapKVPress: the last `window` queries' attention, averaged,
+avg-pooled along keys, the window itself always kept), PyramidKV (PyramidKVPress's per-layer
+budgets over SnapKV scores) and AdaKV (AdaKVPress: one budget shared by the heads of a layer, with a
+safeguard per head). `keep` is a fraction of a request's stored tokens (float < 1: kvpress's
+1 - compression_ratio) or a token count (int).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Policy", "StreamingLLM", "H2O", "TOVA", "SnapKV", "PyramidKV", "AdaKV"]
+
+
+def _check_keep(keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be a fraction (float in (0, 1)) or a token count (int), got {keep!r}")
+    if isinstance(keep, float) and not 0.0 < keep < 1.0:
+        raise ValueError(f"keep as a fraction must be in (0, 1), got {keep}")
+    if isinstance(keep, int) and keep <= 0:
+        raise ValueError(f"keep as a token count must be positive, got {keep}")
+
+
+def _nonneg_int(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+    return x
+
+
+class Policy:
+    """Base class. Subclasses set `prefill_scores` / `decode_scores` (what the attention kernels must
+    emit: None, or (score_mode, score_last_queries)) and implement `token_scores`.
+
+    every: also apply during decode, every `every` decode steps, to each request storing more than
+    its budget (None: only at the end of the prompt)."""
+
+    prefill_scores: Optional[Tuple[str, Optional[int]]] = None
+    decode_scores: Optional[Tuple[str, Optional[int]]] = None
+    sinks = 0  # first tokens always kept
+    recent = 0  # last tokens always kept
+
+    def __init__(self, keep, *, every: Optional[int] = None):
+        _check_keep(keep)
+        self.keep = keep
+        if every is not None:
+            every = _nonneg_int(every, "every")
+            if every == 0:
+                raise ValueError("every must be a positive number of decode steps (or None)")
+        self.every = every
+
+    # ---- what a policy needs from attention
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.prefill_scores is not None or (self.every is not None and self.decode_scores is not None)
+
+    def attention_kwargs(self, cache, layer: int, step) -> dict:
+        """Keyword arguments for vattn.attention so that this step emits the scores the policy needs
+        ({} when it needs none). Call cache.enable_scores() once first."""
+        want = self.decode_scores if step.is_decode else self.prefill_scores
+        if want is None or (step.is_decode and self.every is None):
+            return {}
+        buf = cache.scores(layer)
+        if buf is None:
+            raise RuntimeError(f"{type(self).__name__} needs attention scores: call cache.enable_scores() first")
+        mode, last = want
+        return {"scores": buf, "score_mode": mode, "score_last_queries": last}
+
+    # ---- budgets
+
+    def budget(self, n: int) -> int:
+        """Tokens kept of a head that stores n (kvpress's rule for fractions: int(n * keep), >= 1)."""
+        if isinstance(self.keep, float):
+            return max(1, min(n, int(n * self.keep)))
+        return min(n, self.keep)
+
+    def layer_budget(self, layer: int, num_layers: int, n: int) -> int:
+        return self.budget(n)
+
+    # ---- scores and selection
+
+    def token_scores(self, cache, slot: int, layer: int, n: int) -> torch.Tensor:
+        """float [kv_heads, n]: higher is more worth keeping (over the first n stored tokens)."""
+        raise NotImplementedError
+
+    def _forced(self, scores: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Scores with the always-kept tokens (sinks, each head's recent window) raised above every
+        other, and -inf past each head's stored tokens."""
+        scores = scores.clone()
+        top = torch.finfo(scores.dtype).max
+        for h in range(scores.shape[0]):
+            n_h = int(heads[h])
+            if self.sinks:
+                scores[h, : min(self.sinks, n_h)] = top
+            if self.recent:
+                scores[h, max(0, n_h - self.recent) : n_h] = top
+            scores[h, n_h:] = float("-inf")
+        return scores
+
+    def select(self, cache, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(keep [layers, kv_heads, max_keep] int64 ascending, keep_lens [layers, kv_heads]) for one slot."""
+        heads = cache.head_lengths(slot)  # [L, H]
+        L, H = heads.shape
+        per_layer = []
+        for layer in range(L):
+            n = int(heads[layer].max())
+            s = self.token_scores(cache, slot, layer, n).float().cpu()
+            budget = self.layer_budget(layer, L, n)
+            if self.sinks > budget:
+                raise ValueError(
+                    f"{type(self).__name__}: {self.sinks} sinks exceed the budget of {budget} tokens (of {n})"
+                )
+            per_layer.append(self._select_layer(self._forced(s, heads[layer]), heads[layer], budget))
+        kmax = max(1, max(idx.shape[1] for idx, _ in per_layer))
+        keep = torch.zeros((L, H, kmax), dtype=torch.int64)
+        lens = torch.zeros((L, H), dtype=torch.int64)
+        for layer, (idx, ln) in enumerate(per_layer):
+            keep[layer, :, : idx.shape[1]] = idx
+            lens[layer] = ln
+        return keep, lens
+
+    def _select_layer(self, scores: torch.Tensor, heads: torch.Tensor, budget: int):
+        """Top `budget` per head (fewer when a head stores fewer), indices ascending."""
+        H, n = scores.shape
+        k = min(budget, n)
+        if k <= 0:
+            return torch.zeros((H, 0), dtype=torch.int64), torch.zeros(H, dtype=torch.int64)
+        idx = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+        lens = torch.clamp(heads.to(torch.int64), max=k)
+        # A head that stores fewer than k tokens keeps all of them (its -inf entries sort last).
+        for h in range(H):
+            if lens[h] < k:
+                idx[h, : lens[h]] = torch.arange(int(lens[h]))
+        return idx, lens
+
+    def apply(self, cache, slots: Sequence[int], *, only_over_budget: bool = False) -> List[int]:
+        """Compacts the given slots to the policy's budget; returns the slots it compacted. With
+        only_over_budget (decode-time use), slots within their budget are left alone."""
+        chosen, keeps, lens = [], [], []
+        for s in slots:
+            heads = cache.head_lengths(s)
+            n = int(heads.max())
+            if n == 0:
+                continue
+            if only_over_budget and n <= self._decode_budget(cache, s, n):
+                continue
+            k, ln = self.select(cache, s)
+            if bool((ln == heads).all()):
+                continue  # nothing to drop
+            chosen.append(s)
+            keeps.append(k)
+            lens.append(ln)
+        if not chosen:
+            return []
+        kmax = max(k.shape[-1] for k in keeps)
+        keep = torch.zeros((len(chosen),) + tuple(keeps[0].shape[:2]) + (kmax,), dtype=torch.int64)
+        for i, k in enumerate(keeps):
+            keep[i, ..., : k.shape[-1]] = k
+        cache.compact(chosen, keep, torch.stack(lens))
+        return chosen
+
+    def _decode_budget(self, cache, slot: int, n: int) -> int:
+        # During decode a fraction applies to the request's logical length (what it has seen).
+        if isinstance(self.keep, float):
+            return max(1, int(cache.position(slot) * self.keep))
+        return self.keep
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keep={self.keep!r})"
+
+
+def _group_size(cache, q_heads: Optional[int]) -> int:
+    return 1 if q_heads is None else q_heads // cache.num_kv_heads
+
+
+class StreamingLLM(Policy):
+    """Attention sinks + a recent window (Xiao et al., 2023): keeps the first `sinks` tokens and the
+    most recent ones. Needs no scores."""
+
+    def __init__(self, keep, sinks: int = 4, *, every: Optional[int] = None):
+        super().__init__(keep, every=every)
+        self.sinks = _nonneg_int(sinks, "sinks")
+        if isinstance(keep, int) and self.sinks > keep:
+            raise ValueError(f"StreamingLLM: sinks={sinks} exceeds the budget keep={keep}")
+
+    def token_scores(self, cache, slot, layer, n):
+        # Later is better; the sinks are forced by _forced.
+        return torch.arange(n, dtype=torch.float32).expand(cache.num_kv_heads, n)
+
+    def __repr__(self):
+        return f"StreamingLLM(keep={self.keep!r}, sinks={self.sinks})"
+
+
+class H2O(Policy):
+    """Heavy hitters (Zhang et al., 2023): tokens with the largest accumulated attention. At the end
+    of the prompt the score of key j is the sum of the attention all prompt queries give it, divided
+    by the number of queries that see it (kvpress ObservedAttentionPress), averaged over the query
+    heads of its group; during decode (every=N) the probabilities of each new query are added.
+    recent: last tokens always kept (the paper's recent window)."""
+
+    prefill_scores = ("add", None)
+    decode_scores = ("add", None)
+
+    def __init__(self, keep, recent: int = 0, *, every: Optional[int] = None):
+        super().__init__(keep, every=every)
+        self.recent = _nonneg_int(recent, "recent")
+        if isinstance(keep, int) and self.recent > keep:
+            raise ValueError(f"H2O: recent={recent} exceeds the budget keep={keep}")
+
+    def token_scores(self, cache, slot, layer, n):
+        s = cache.scores(layer)[slot, :, :n].float()
+        if cache.position(slot) == n:  # nothing evicted yet: normalize by the queries that saw j
+            s = s / torch.arange(n, 0, -1, dtype=s.dtype, device=s.device)
+        return s
+
+    def __repr__(self):
+        return f"H2O(keep={self.keep!r}, recent={self.recent})"
+
+
+class TOVA(Policy):
+    """Token omission via attention (Oren et al., 2024): keeps the tokens the last query attends to
+    most, averaged over all query heads (one choice for every kv head, as in the paper and kvpress);
+    the last token is always kept."""
+
+    prefill_scores = ("replace", 1)
+    decode_scores = ("replace", 1)
+    recent = 1
+
+    def token_scores(self, cache, slot, layer, n):
+        s = cache.scores(layer)[slot, :, :n].float()
+        return s.mean(0, keepdim=True).expand(cache.num_kv_heads, n)
+
+
+class SnapKV(Policy):
+    """SnapKV (Li et al., 2024): the attention of the prompt's last `window` queries, averaged over
+    them, avg-pooled along keys with a kernel of `kernel`, averaged over the query heads of a group;
+    the window itself is always kept. During decode (every=N) the last query's attention is used."""
+
+    decode_scores = ("replace", 1)
+
+    def __init__(self, keep, window: int = 64, kernel: int = 5, *, every: Optional[int] = None):
+        super().__init__(keep, every=every)
+        self.window = _nonneg_int(window, "window")
+        self.kernel = _nonneg_int(kernel, "kernel")
+        if self.window == 0:
+            raise ValueError("SnapKV: window must be positive")
+        if self.kernel == 0 or self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV: kernel must be a positive odd number, got {kernel}")
+        self.prefill_scores = ("replace", self.window)
+        self.recent = self.window
+
+    def token_scores(self, cache, slot, layer, n):
+        s = cache.scores(layer)[slot, :, :n].float()
+        w = min(self.window, n)
+        head = s[:, : n - w]
+        if head.shape[1] > 0:
+            k = self.kernel
+            head = F.avg_pool1d(head[:, None, :], kernel_size=k, padding=k // 2, stride=1)[:, 0, :]
+        return torch.cat([head, s[:, n - w :]], dim=1)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(keep={self.keep!r}, window={self.window}, kernel={self.kernel})"
+
+
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al., 2024): SnapKV scores with budgets that shrink linearly from the first
+    layer to the last (steepness beta), the same total as SnapKV at the same keep. The budget rule is
+    kvpress's PyramidKVPress (from KVCache-Factory); it falls back to a flat budget where the pyramid
+    does not fit."""
+
+    def __init__(self, keep, window: int = 64, kernel: int = 5, beta: int = 20, *, every: Optional[int] = None):
+        super().__init__(keep, window=window, kernel=kernel, every=every)
+        if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
+            raise ValueError(f"PyramidKV: beta must be an int >= 1, got {beta!r}")
+        self.beta = beta
+
+    def layer_budget(self, layer: int, num_layers: int, n: int) -> int:
+        flat = self.budget(n)
+        w = self.window
+        kept = flat  # tokens a flat budget keeps; the pyramid spends the same on average
+        cap = w + kept
+        lo = (cap - w) / self.beta
+        hi = (cap - w) * 2 - lo
+        if hi >= n - w:
+            hi = n - w
+            lo = (cap - w) * 2 - hi
+        if not (n >= hi >= lo >= w):
+            return flat
+        steps = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+        return max(1, min(n, round(hi - layer * steps)))
+
+    def __repr__(self):
+        return f"PyramidKV(keep={self.keep!r}, window={self.window}, kernel={self.kernel}, beta={self.beta})"
+
+
+class AdaKV(Policy):
+    """AdaKV (Feng et al., 2024): the heads of a layer share one budget (kv_heads x the inner
+    policy's budget), given to the best-scoring tokens over all heads, so heads that need more keep
+    more; each head keeps at least alpha_safeguard of the per-head budget. Unlike kvpress, which masks
+    the evicted tokens of such head-wise budgets, vattn stores per-head lengths, so the memory of
+    every evicted token comes back."""
+
+    def __init__(self, inner: Policy, alpha_safeguard: float = 0.20, *, every: Optional[int] = None):
+        if not isinstance(inner, Policy) or isinstance(inner, AdaKV):
+            raise TypeError("AdaKV wraps a scoring policy (H2O, TOVA, SnapKV, ...), not AdaKV itself")
+        super().__init__(inner.keep, every=every if every is not None else inner.every)
+        if not 0.0 <= float(alpha_safeguard) <= 1.0:
+            raise ValueError(f"AdaKV: alpha_safeguard must be in [0, 1], got {alpha_safeguard}")
+        self.inner = inner
+        self.alpha_safeguard = float(alpha_safeguard)
+        self.prefill_scores = inner.prefill_scores
+        self.decode_scores = inner.decode_scores
+        self.sinks, self.recent = inner.sinks, inner.recent
+
+    def token_scores(self, cache, slot, layer, n):
+        return self.inner.token_scores(cache, slot, layer, n)
+
+    def layer_budget(self, layer, num_layers, n):
+        return self.inner.layer_budget(layer, num_layers, n)
+
+    def _select_layer(self, scores: torch.Tensor, heads: torch.Tensor, budget: int):
+        H, n = scores.shape
+        total = min(int(heads.sum()), H * budget)
+        safe = int(budget * self.alpha_safeguard)
+        if self.alpha_safeguard > 0 and budget > 0:
+            safe = max(1, safe)
+        s = scores.clone()
+        if safe > 0:
+            top = s.topk(min(safe, n), dim=-1).indices
+            s.scatter_(-1, top, torch.finfo(s.dtype).max)
+        flat = s.reshape(-1)
+        chosen = flat.topk(total).indices
+        mask = torch.zeros(H * n, dtype=torch.bool)
+        mask[chosen] = True
+        mask = mask.view(H, n) & (torch.arange(n)[None, :] < heads[:, None])
+        lens = mask.sum(-1)
+        kmax = int(lens.max()) if H else 0
+        idx = torch.zeros((H, kmax), dtype=torch.int64)
+        for h in range(H):
+            pos = torch.nonzero(mask[h]).flatten()
+            idx[h, : pos.numel()] = pos
+        return idx, lens.to(torch.int64)
+
+    def __repr__(self):
+        return f"AdaKV({self.inner!r}, alpha_safeguard={self.alpha_safeguard})"
+
+
+def parse(spec: str) -> Policy:
+    """A policy from a CLI spec: "name:keep[:key=value,...]", e.g. "snapkv:0.25", "h2o:512:recent=32"."""
+    parts = spec.split(":")
+    name = parts[0].strip().lower()
+    if len(parts) < 2:
+        raise ValueError(f"policy spec {spec!r}: expected name:keep, e.g. snapkv:0.25")
+    raw = parts[1].strip()
+    keep = float(raw) if any(c in raw for c in ".eE") else int(raw)
+    kwargs = {}
+    for item in ":".join(parts[2:]).split(","):
+        if item.strip():
+            k, _, v = item.partition("=")
+            kwargs[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
+    classes = {"streamingllm": StreamingLLM, "h2o": H2O, "tova": TOVA, "snapkv": SnapKV, "pyramidkv": PyramidKV}
+    if name == "adakv":
+        return AdaKV(SnapKV(keep, **kwargs))
+    if name not in classes:
+        raise ValueError(f"unknown policy {name!r}; one of {sorted(classes) + ['adakv']}")
+    return classes[name](keep, **kwargs)
