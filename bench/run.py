@@ -247,6 +247,76 @@ class Runner:
             op + "[quant]", shape, vt, anchor, at, metric, work, err=err, note="err: vs unquantized", params=params
         )
 
+    def eviction(self, kind: str, model: str, batch: int, ctx: int, keep: float) -> None:
+        """Eviction rows (issue 10), all timed against full-cache decode in the same run:
+        decode[evicted]  decode over a cache compacted to `keep` with per-(row, kv head) lengths that
+                         differ by head (as AdaKV leaves them), vs decode over the full ctx;
+        decode[scores]   decode that also adds each token's probability into a score buffer (H2O),
+                         vs the same decode without scores (the emission overhead);
+        compact_kv       compacting every row of one layer to `keep` (in place, order kept), vs one
+                         full decode step of that layer (what one compaction costs in decode steps)."""
+        import vattn
+
+        dt = torch.float32 if self.device == "cpu" else torch.bfloat16
+        hq, hkv, d = bu.MODELS[model]
+        g = bu.seeded(11, self.device)
+        dev = self.device
+        q = torch.randn(batch, hq, d, generator=g, device=dev, dtype=dt)
+        k = torch.randn(batch, ctx, hkv, d, generator=g, device=dev, dtype=dt)
+        v = torch.randn(batch, ctx, hkv, d, generator=g, device=dev, dtype=dt)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        kept = max(1, int(ctx * keep))
+        # Per-head lengths around kept (+-20%, the mean stays kept), as a head-wise budget leaves them.
+        spread = torch.linspace(0.8, 1.2, hkv, device=dev)
+        head_lens = (kept * spread).round().clamp(1, ctx).to(torch.int32).expand(batch, hkv).contiguous()
+
+        def full():
+            return vattn.decode_attention(q, k, v, lens, max_seqlen_k=ctx)
+
+        ft = self.time(full)
+        anchor = bu.Anchor("full-cache decode", full, lambda x: x, note="same shapes, same run")
+        es = bu.elem_size(dt)
+        shape = f"{model} b={batch} ctx={ctx} keep={keep} {bu._dt(dt)} ({hq}/{hkv}x{d})"
+        params = {"model": model, "batch": batch, "ctx": ctx, "keep": keep}
+        if kind == "decode[evicted]":
+
+            def sparse():
+                return vattn.decode_attention(q, k, v, lens, head_seqlens_k=head_lens, max_seqlen_k=ctx)
+
+            vt = self.time(sparse)
+            work = int(head_lens.sum()) * d * 2 * es + 2 * batch * hq * d * es
+            self.add(kind, shape, vt, anchor, ft, "GB/s", work, note="per-head lengths", params=params)
+        elif kind == "decode[scores]":
+            scores = torch.zeros(batch, hkv, ctx, dtype=torch.float32, device=dev)
+
+            def with_scores():
+                return vattn.decode_attention(q, k, v, lens, max_seqlen_k=ctx, scores=scores, score_mode="add")
+
+            vt = self.time(with_scores)
+            work = bu.decode_bytes([ctx] * batch, hq, hkv, d, es, es) + 2 * batch * hkv * ctx * 4
+            anchor = bu.Anchor("decode without scores", full, lambda x: x, note="ratio < 1: the emission cost")
+            self.add(kind, shape, vt, anchor, ft, "GB/s", work, params=params)
+        else:  # compact_kv
+            rows = torch.arange(batch, dtype=torch.int32, device=dev)
+            keep_idx = torch.stack(
+                [
+                    torch.randperm(ctx, generator=torch.Generator().manual_seed(h))[:kept].sort().values
+                    for h in range(hkv)
+                ]
+            ).to(device=dev, dtype=torch.int32)
+            keep_idx = keep_idx.expand(batch, hkv, kept).contiguous()
+            keep_lens = torch.full((batch, hkv), kept, dtype=torch.int32, device=dev)
+            kc, vc = k.clone(), v.clone()
+
+            def compact():
+                vattn.compact_kv(kc, vc, rows, keep_idx, keep_lens)
+
+            vt = self.time(compact)
+            work = 2 * 2 * batch * hkv * kept * d * es  # read + write the kept K and V
+            self.add(
+                kind, shape, vt, anchor, ft, "GB/s", work, note="ratio: decode steps per compaction", params=params
+            )
+
     def append(self, model: str, rows: int, tokens_per_row: int, dtype: torch.dtype) -> None:
         """append_kv: decode-style (one token per row) or prefill-style (many tokens, one row).
         Anchor: torch advanced-index assignment (what reference.append_kv does)."""
@@ -356,6 +426,19 @@ class Runner:
                         f"{model} b={b} ctx={ctx} q={qlen} kv={fmt}",
                         "GB/s" if op == "decode" else "TFLOP/s",
                         lambda op=op, m=model, b=b, c=ctx, q=qlen, f=fmt: self.quantized(op, m, b, c, q, f),
+                    )
+                )
+        ev = [("llama3-8b", 4, 16384), ("llama3-8b", 1, 32768)] if not self.quick else [("llama3-8b", 1, 4096)]
+        if self.device == "cuda":
+            ev = [("llama3-8b", 16, 16384), ("llama3-8b", 4, 32768)] if not self.quick else [("llama3-8b", 4, 8192)]
+        for kind in ("decode[evicted]", "decode[scores]", "compact_kv"):
+            for m, b, c in ev:
+                jobs.append(
+                    (
+                        kind,
+                        f"{m} b={b} ctx={c} keep=0.25",
+                        "GB/s",
+                        lambda kind=kind, m=m, b=b, c=c: self.eviction(kind, m, b, c, 0.25),
                     )
                 )
         if self.only:
