@@ -3,6 +3,8 @@
 //           decode_hd*.cu) + decode_split_merge_kernel when there is more than one split;
 //           falls back to the plain kernel for head dims, dtypes or alignments it does not cover.
 //   impl 1: the plain kernel (decode_plain_kernel.cuh).
+// Per-token attention scores (p.scores, score_mode): after either kernel, the score kernel of
+// scores.cuh (attention_scores.cu) turns the final LSE into per-key probabilities.
 // K/V formats (both kernels): the plain format of the q dtype, or any pair of quantized formats
 // (fp8_e4m3 / int8 / int4, K and V apart) with their fp32 scale words.
 // No host synchronization and no allocation: split partials live in the caller's workspace,
@@ -16,6 +18,7 @@
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/decode_args.cuh"
 #include "vattn/cuda/decode_plain_kernel.cuh"
+#include "vattn/cuda/scores.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/kv_format.h"
@@ -262,7 +265,11 @@ int64_t decode_workspace_bytes(const AttentionParams& p) { return make_plan(p).b
 void decode_attention_cuda(const AttentionParams& p) {
   const DecodePlan pl = make_plan(p);  // validates p; the one plan of this call
   if (p.batch == 0) return;
-  if (!pl.fast) return launch_plain(p, pl.args);
+  validate_attention_scores(p);  // before anything is launched
+  if (!pl.fast) {
+    launch_plain(p, pl.args);
+    return launch_attention_scores(p);
+  }
   DecodePlanArgs a = pl.args;
   if (pl.num_splits > 1) {
     if (p.workspace == nullptr || p.workspace_bytes < pl.bytes)
@@ -273,6 +280,7 @@ void decode_attention_cuda(const AttentionParams& p) {
     a.lse_part = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + pl.lse_offset);
   }
   launch_split(p, pl, a);
+  launch_attention_scores(p);
 }
 
 }  // namespace vattn

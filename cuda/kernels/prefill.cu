@@ -3,6 +3,9 @@
 // K/V formats: the plain format of the q dtype on both sides, or any pair of quantized formats
 // (fp8_e4m3, int8, int4; dispatch_kv_pair in kv_format.h), in both kernels.
 // No host synchronization and no allocation: everything runs on p.stream.
+// Per-token attention scores (p.scores, score_mode): after either kernel, the score kernel of
+// scores.cuh (attention_scores.cu) turns the final LSE into per-key probabilities ("replace"
+// also writes the zeros of rows without queries).
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -10,6 +13,7 @@
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/prefill_fa2.cuh"
 #include "vattn/cuda/prefill_plain.cuh"
+#include "vattn/cuda/scores.cuh"
 #include "vattn/ops.h"
 
 namespace vattn {
@@ -147,11 +151,15 @@ void dispatch_formats(const AttentionParams& p) {
 
 void prefill_attention_cuda(const AttentionParams& p) {
   validate(p);
-  if (p.batch == 0 || p.total_q == 0) return;
-  if (p.dtype == kFloat16)
-    dispatch_formats<f16_t>(p);
-  else
-    dispatch_formats<bf16_t>(p);
+  validate_attention_scores(p);  // before anything is launched
+  if (p.batch == 0) return;
+  if (p.total_q > 0) {
+    if (p.dtype == kFloat16)
+      dispatch_formats<f16_t>(p);
+    else
+      dispatch_formats<bf16_t>(p);
+  }
+  launch_attention_scores(p);
 }
 
 }  // namespace vattn
