@@ -420,3 +420,46 @@ def test_parse_specs():
     assert isinstance(p, policies.H2O) and p.keep == 512 and p.recent == 32
     with pytest.raises(ValueError):
         policies.parse("nope:0.5")
+
+
+def test_delayed_eviction_evicts_marked_tokens_only_after_the_window():
+    # decide: evict every even logical position (all heads of layer 0, head 1 only in layer 1).
+    def decide(layer, k, v, positions):
+        even = (positions % 2 == 0)[:, None].expand(-1, H).clone()
+        if layer == 1:
+            even[:, 0] = False
+        return even
+
+    pol = policies.DelayedEviction(decide, window=8)
+    cache = _cache()
+    cache.enable_scores()
+    s = cache.alloc()
+    g = torch.Generator().manual_seed(4)
+    keys = {layer: [] for layer in range(L)}
+
+    def step(n):
+        st = cache.begin_step([s], [n])
+        for layer in range(L):
+            k = torch.randn(n, H, D, generator=g)
+            v = torch.randn(n, H, D, generator=g)
+            vattn.append_kv(cache, layer, st, k, v)
+            pol.on_append(cache, layer, st, k, v)
+            vattn.attention(torch.randn(n, HQ, D, generator=g), cache, layer, st)
+            keys[layer].append(k)
+        cache.end_step(st)
+        pol.apply(cache, [s])
+
+    step(40)
+    for _ in range(5):
+        step(1)
+    n = cache.position(s)
+    assert n == 45
+    for layer in range(L):
+        allk = torch.cat(keys[layer])
+        kc, _ = cache.kv(layer)
+        for h in range(H):
+            marked = (layer == 0 or h == 1)
+            want = [p for p in range(n) if not (marked and p % 2 == 0 and p < n - 8)]
+            got_n = int(cache.head_lengths(s)[layer, h])
+            assert got_n == len(want), (layer, h)
+            assert torch.equal(kc[s, :got_n, h], allk[want, h])

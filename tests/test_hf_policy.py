@@ -80,6 +80,7 @@ def test_nothing_evicted_when_the_budget_covers_the_prompt(model):
         policies.TOVA(keep=0.5, every=2),
         policies.PyramidKV(keep=0.5, window=4),
         policies.AdaKV(policies.SnapKV(keep=0.5, window=4)),
+        policies.DelayedEviction(lambda layer, k, v, pos: (pos % 3 == 0)[:, None].expand(-1, k.shape[1]), window=4),
     ],
     ids=repr,
 )

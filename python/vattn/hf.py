@@ -652,7 +652,11 @@ class VAttnCache(Cache):
         if fw.step is None:
             out = query.new_zeros(batch, q_len, hq, dim)
         else:
-            vattn.append_kv(self.kv, layer, fw.step, self._pack(key, fw), self._pack(value, fw))
+            packed_k, packed_v = self._pack(key, fw), self._pack(value, fw)
+            vattn.append_kv(self.kv, layer, fw.step, packed_k, packed_v)
+            on_append = getattr(self.policy, "on_append", None)
+            if on_append is not None:
+                on_append(self.kv, layer, fw.step, packed_k, packed_v)
             extra = {} if self.policy is None else self.policy.attention_kwargs(self.kv, layer, fw.step)
             packed = vattn.attention(
                 self._pack(query, fw),

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Policy", "StreamingLLM", "H2O", "TOVA", "SnapKV", "PyramidKV", "AdaKV"]
+__all__ = ["Policy", "StreamingLLM", "H2O", "TOVA", "SnapKV", "PyramidKV", "AdaKV", "DelayedEviction"]
 
 
 def _check_keep(keep) -> None:
@@ -368,6 +368,82 @@ class AdaKV(Policy):
 
     def __repr__(self):
         return f"AdaKV({self.inner!r}, alpha_safeguard={self.alpha_safeguard})"
+
+
+class DelayedEviction(Policy):
+    """DMS-style delayed eviction ("Inference-Time Hyper-Scaling with KV Cache Compression"): a
+    callable decides, when tokens are written, which (token, kv head) pairs will be evicted; they
+    leave only once `window` more tokens have arrived, so the recent context stays exact.
+
+    decide(layer, k, v, positions) -> bool [n, kv_heads] (True: evict later), with k, v the new
+    tokens' [n, kv_heads, head_dim] and positions their logical positions (int64 [n]). The marks
+    live in the cache's score buffer (enable_scores) and move with the tokens at compaction; since
+    no token of the last `window` is ever evicted, those are exactly each head's last `window`
+    stored tokens. Applied at the end of each prompt and every `every` decode steps (default 1)."""
+
+    def __init__(self, decide, window: int, *, every: Optional[int] = 1):
+        if not callable(decide):
+            raise TypeError("DelayedEviction needs a callable decide(layer, k, v, positions) -> bool [n, kv_heads]")
+        self.decide = decide
+        self.window = _nonneg_int(window, "window")
+        self.keep = None
+        if every is not None:
+            every = _nonneg_int(every, "every")
+            if every == 0:
+                raise ValueError("every must be a positive number of decode steps (or None)")
+        self.every = every
+        self.recent = self.window
+
+    @property
+    def needs_scores(self) -> bool:
+        return True
+
+    def attention_kwargs(self, cache, layer, step) -> dict:
+        return {}
+
+    def on_append(self, cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Records the decisions for the step's new tokens (call after vattn.append_kv)."""
+        buf = cache.scores(layer)
+        if buf is None:
+            raise RuntimeError("DelayedEviction keeps its marks in the score buffer: call cache.enable_scores() first")
+        logical = torch.cat([torch.arange(p, p + n) for p, n in zip(step.positions_logical, step.new_tokens)]).to(
+            torch.int64
+        )
+        marks = self.decide(layer, k, v, logical)
+        if not isinstance(marks, torch.Tensor) or tuple(marks.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(f"decide must return a bool tensor [{k.shape[0]}, {k.shape[1]}]")
+        marks = marks.to(device=buf.device, dtype=torch.float32)
+        slots = step.token_slots.to(device=buf.device, dtype=torch.int64)
+        if step.head_positions is not None:
+            pos = step.head_positions[layer].to(device=buf.device, dtype=torch.int64)  # [n, H]
+        else:
+            pos = step.positions.to(device=buf.device, dtype=torch.int64)[:, None].expand_as(marks)
+        heads = torch.arange(k.shape[1], device=buf.device)[None, :].expand_as(marks)
+        buf[slots[:, None].expand_as(marks), heads, pos] = marks
+
+    def budget(self, n: int) -> int:
+        return n
+
+    def _decode_budget(self, cache, slot, n):
+        return 0  # every decode-time application looks at every request
+
+    def token_scores(self, cache, slot, layer, n):
+        return -cache.scores(layer)[slot, :, :n].float()  # marked: -1, kept: 0
+
+    def _select_layer(self, scores: torch.Tensor, heads: torch.Tensor, budget: int):
+        H, n = scores.shape
+        keep = scores > -0.5  # unmarked, sinks-free; the recent window was raised by _forced
+        keep &= torch.arange(n)[None, :] < heads[:, None]
+        lens = keep.sum(-1)
+        kmax = int(lens.max()) if H else 0
+        idx = torch.zeros((H, kmax), dtype=torch.int64)
+        for h in range(H):
+            pos = torch.nonzero(keep[h]).flatten()
+            idx[h, : pos.numel()] = pos
+        return idx, lens.to(torch.int64)
+
+    def __repr__(self):
+        return f"DelayedEviction(window={self.window}, every={self.every})"
 
 
 def parse(spec: str) -> Policy:
