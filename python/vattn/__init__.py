@@ -14,6 +14,10 @@ import os as _os
 if _os.environ.get("VATTN_DEV_NATIVE"):
     __path__.insert(0, _os.environ["VATTN_DEV_NATIVE"])
 
+# torch first: its bundled OpenMP runtime must be the one loaded, so that `import vattn` before
+# `import torch` does not make torch (and vattn) run on the system's libgomp instead (issue 12).
+import torch as _torch  # noqa: E402,F401
+
 from . import _C  # noqa: E402
 from ._info import info
 
