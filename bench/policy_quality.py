@@ -147,8 +147,13 @@ def table(result, kvpress_path) -> str:
             k = json.load(f)
         if k.get("spec", {}).get("ids_sha256") != result["spec"]["ids_sha256"]:
             return "kvpress results are for other samples (ids_sha256 differs); rerun both with the same --samples"
-        for r in k.get("results", k.get("rows", [])):
-            kp[(r.get("press"), float(r.get("budget", 0)))] = r
+        for r in k.get("presses", []):
+            summary = dict(r.get("summary") or {})
+            if r.get("errors") and not summary.get("samples_ok"):
+                summary["error"] = str(r["errors"][0])
+            summary["kv_bytes"] = summary.get("kv_bytes_held")
+            press = r["press"].split("(")[0]
+            kp[(press, float(r["budget"]))] = summary
     lines = [
         "| policy | keep | vattn dNLL | kvpress dNLL | diff | vattn agree | kvpress agree | vattn mapped MiB | full MiB | kvpress held MiB | within 0.02 | memory bound |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

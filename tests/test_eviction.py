@@ -458,7 +458,7 @@ def test_delayed_eviction_evicts_marked_tokens_only_after_the_window():
         allk = torch.cat(keys[layer])
         kc, _ = cache.kv(layer)
         for h in range(H):
-            marked = (layer == 0 or h == 1)
+            marked = layer == 0 or h == 1
             want = [p for p in range(n) if not (marked and p % 2 == 0 and p < n - 8)]
             got_n = int(cache.head_lengths(s)[layer, h])
             assert got_n == len(want), (layer, h)
