@@ -247,12 +247,109 @@ def quantized_cases(dev: str, impls) -> None:
                 check(f"quant prefill {name}", pre.cpu(), wantp, tol_of(dtype))
 
 
+def eviction_cases(dev: str, impls) -> None:
+    """Eviction (issue 10): attention scores (decode + prefill, add + replace, fast + simple) against
+    the reference, compact_kv on a quantized cache whose last row ends at the capacity, append_kv
+    with per-head positions, and a KVCache compacted by a policy, then decoded with per-head lengths."""
+    g = torch.Generator().manual_seed(6)
+    rows, cap, hkv, group, d = 3, 300, 2, 3, 64
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    lens = [1, 77, cap]
+    k, v = nan_cache(rows, cap, hkv, d, lens, dtype, "cpu", g)
+    k, v = k.to(dev), v.to(dev)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    q = torch.randn(rows, hkv * group, d, generator=g).to(dtype).to(dev)
+    qp = torch.randn(50, hkv * group, d, generator=g).to(dtype).to(dev)
+    cu = torch.tensor([0, 1, 10, 50], dtype=torch.int32, device=dev)
+    for impl in impls:
+        for mode, last in (("add", None), ("replace", 4)):
+            sc = torch.zeros(rows, hkv, cap, device=dev)
+            scp = torch.zeros(rows, hkv, cap, device=dev)
+            with vattn.ops.attention_impl(impl):
+                vattn.decode_attention(q, k, v, seqlens, max_seqlen_k=cap, scores=sc, score_mode=mode)
+                vattn.prefill_attention(qp, k, v, cu, seqlens, scores=scp, score_mode=mode, score_last_queries=last)
+            want, wantp = (
+                torch.zeros(rows, hkv, cap, dtype=torch.float64),
+                torch.zeros(rows, hkv, cap, dtype=torch.float64),
+            )
+            reference.attention(q.cpu(), k.cpu(), v.cpu(), seqlens.cpu(), scores=want, score_mode=mode)
+            reference.attention(
+                qp.cpu(), k.cpu(), v.cpu(), seqlens.cpu(), cu_seqlens_q=cu.cpu(), scores=wantp, score_mode=mode,
+                score_last_queries=last,
+            )  # fmt: skip
+            check(f"scores decode {mode} {impl}", sc.cpu(), want, 1e-3)
+            check(f"scores prefill {mode} {impl}", scp.cpu(), wantp, 1e-3)
+    # compact_kv on an int8 cache, the last row full to the capacity
+    from vattn import formats
+
+    fmt = formats.get("int8")
+    kc = torch.zeros((rows, cap, hkv, fmt.storage_elems(d)), dtype=torch.int8, device=dev)
+    vc = torch.zeros_like(kc)
+    ks = torch.zeros((rows, cap, hkv, fmt.scale_words), device=dev)
+    vs = torch.zeros_like(ks)
+    rid = [r for r, n in enumerate(lens) for _ in range(n)]
+    pos = [p for n in lens for p in range(n)]
+    kn = torch.randn(len(rid), hkv, d, generator=g).to(dtype).to(dev)
+    vn = torch.randn(len(rid), hkv, d, generator=g).to(dtype).to(dev)
+    vattn.append_kv_raw(kc, vc, kn, vn, rid, pos, k_scale=ks, v_scale=vs)
+    before = [t.cpu().clone() for t in (kc, vc, ks, vs)]
+    keep = torch.zeros(rows, hkv, 100, dtype=torch.int32)
+    keep_lens = torch.zeros(rows, hkv, dtype=torch.int32)
+    for r, n in enumerate(lens):
+        for h in range(hkv):
+            idx = torch.randperm(n, generator=g)[: min(n, 60 + 20 * h)].sort().values
+            keep[r, h, : idx.numel()] = idx.to(torch.int32)
+            keep_lens[r, h] = idx.numel()
+    want = [reference_t.clone() for reference_t in before]
+    reference.compact_kv(want[0], want[1], torch.arange(rows), keep, keep_lens, k_scale=want[2], v_scale=want[3])
+    vattn.compact_kv(kc, vc, list(range(rows)), keep.to(dev), keep_lens.to(dev), k_scale=ks, v_scale=vs)
+    for name, got, w in zip(("k", "v", "k_scale", "v_scale"), (kc, vc, ks, vs), want):
+        check(f"compact_kv int8 {name}", got.cpu().float(), w.float(), 0.0)
+    # append with per-head positions into a plain cache
+    kp, vp = nan_cache(rows, cap, hkv, d, [0, 0, 0], dtype, "cpu", g)
+    kp, vp = kp.to(dev), vp.to(dev)
+    hpos = torch.tensor([[0, cap - 1], [5, 3], [cap - 1, 0]], dtype=torch.int32, device=dev)
+    kt = torch.randn(3, hkv, d, generator=g).to(dtype).to(dev)
+    vattn.append_kv_raw(kp, vp, kt, kt, [0, 1, 2], [0, 0, 0], head_positions=hpos)
+    got = torch.stack([kp[r, int(hpos[r, h]), h] for r in range(3) for h in range(hkv)])
+    check("append_kv head_positions", got.cpu().float(), kt.cpu().float().reshape(-1, d), 0.0)
+    # a KVCache compacted by a policy, then a decode step with per-head lengths
+    from vattn import policies
+
+    cache = vattn.KVCache(num_layers=2, num_kv_heads=hkv, head_dim=d, max_batch=2, max_seq_len=512,
+                          dtype=dtype, device=dev)  # fmt: skip
+    cache.enable_scores()
+    slots = [cache.alloc(), cache.alloc()]
+    pol = policies.AdaKV(policies.SnapKV(keep=0.5, window=8))
+    st = cache.begin_step(slots, [200, 130])
+    for layer in range(2):
+        kk = torch.randn(330, hkv, d, generator=g).to(dtype).to(dev)
+        vattn.append_kv(cache, layer, st, kk, kk)
+        vattn.attention(torch.randn(330, hkv * group, d, generator=g).to(dtype).to(dev), cache, layer, st,
+                        **pol.attention_kwargs(cache, layer, st))  # fmt: skip
+    cache.end_step(st)
+    pol.apply(cache, slots)
+    st = cache.begin_step(slots, [1, 1])
+    for layer in range(2):
+        kk = torch.randn(2, hkv, d, generator=g).to(dtype).to(dev)
+        vattn.append_kv(cache, layer, st, kk, kk)
+        qq = torch.randn(2, hkv * group, d, generator=g).to(dtype).to(dev)
+        out = vattn.attention(qq, cache, layer, st)
+        kv_k, kv_v = cache.kv(layer)
+        hs = st.head_seqlens[layer] if st.head_seqlens is not None else None
+        want, _ = reference.attention(qq.cpu(), kv_k.cpu(), kv_v.cpu(), st.seqlens.cpu(), None, st.slot_ids.cpu(),
+                                      None if hs is None else hs.cpu())  # fmt: skip
+        check(f"decode after compaction layer {layer}", out.cpu(), want, tol_of(dtype))
+    cache.end_step(st)
+    cache.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument(
         "--only",
-        choices=["attention", "kv", "cache", "quant"],
+        choices=["attention", "kv", "cache", "quant", "evict"],
         action="append",
         help="run only these groups (default: all)",
     )
@@ -260,7 +357,7 @@ def main() -> int:
     if args.device == "cuda" and not (torch.cuda.is_available() and vattn._C.built_with_cuda):
         print("sanitizer_cases.py: needs a CUDA device and a CUDA build of vattn", file=sys.stderr)
         return 2
-    groups = args.only or ["attention", "kv", "cache", "quant"]
+    groups = args.only or ["attention", "kv", "cache", "quant", "evict"]
     t0 = time.perf_counter()
     impls = ["fast", "simple"]
     for name in groups:
@@ -271,6 +368,7 @@ def main() -> int:
                 "kv": lambda: append_and_merge(args.device),
                 "cache": lambda: cache_growth(args.device),
                 "quant": lambda: quantized_cases(args.device, impls),
+                "evict": lambda: eviction_cases(args.device, impls),
             }[name]()
         except Exception as e:  # noqa: BLE001 - report and go on to the other groups
             print(f"  FAIL {name}: {type(e).__name__}: {e}", flush=True)
