@@ -36,6 +36,9 @@ PROMPTS = [
 ]
 
 
+SMOOTH_KEYS = "auto"  # KVCache(smooth_keys=...): --smooth-keys
+
+
 def spec(name: str):
     parts = name.split(",")
     return parts[0] if len(parts) == 1 else tuple(parts)
@@ -54,7 +57,9 @@ def nll_sum(model, windows, kv_format) -> tuple:
 
     total, count, per = 0.0, 0, []
     for w in windows:
-        cache = vhf.VAttnCache.for_model(model, max_batch=1, max_seq_len=w.numel(), kv_format=spec(kv_format))
+        cache = vhf.VAttnCache.for_model(
+            model, max_batch=1, max_seq_len=w.numel(), kv_format=spec(kv_format), smooth_keys=SMOOTH_KEYS
+        )
         with torch.inference_mode():
             out = model(input_ids=w[None], use_cache=True, **{cache_kwarg(model): cache})
         logp = torch.log_softmax(out.logits[0, :-1].double(), dim=-1)
@@ -73,7 +78,11 @@ def greedy(model, tok, prompt: str, new_tokens: int, kv_format):
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     enc = tok(text, return_tensors="pt")
     cache = vhf.VAttnCache.for_model(
-        model, max_batch=1, max_seq_len=enc["input_ids"].shape[1] + new_tokens, kv_format=spec(kv_format)
+        model,
+        max_batch=1,
+        max_seq_len=enc["input_ids"].shape[1] + new_tokens,
+        kv_format=spec(kv_format),
+        smooth_keys=SMOOTH_KEYS,
     )
     with torch.inference_mode():
         out = model.generate(
@@ -87,12 +96,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", default=DEFAULT_TEXT)
     ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument(
+        "--smooth-keys",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="KVCache(smooth_keys=...): auto (on for quantized keys), on, off",
+    )
     ap.add_argument("--window-len", type=int, default=1024)
     ap.add_argument("--formats", nargs="+", default=FORMATS)
     ap.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens per prompt (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "kv_quality_cpu.json"))
     args = ap.parse_args(argv)
+    global SMOOTH_KEYS
+    SMOOTH_KEYS = {"auto": "auto", "on": True, "off": False}[args.smooth_keys]
 
     sys.path.insert(0, os.path.join(ROOT, "python"))
     from vattn import _models, formats

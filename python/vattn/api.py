@@ -80,6 +80,8 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
     _check_tokens(v, "v", step, cache.num_kv_heads, cache, k_view.device)
     if step.total_new == 0:
         return
+    if getattr(cache, "_key_means", None) is not None:
+        k = cache._smooth(layer, step, k)  # stored keys are key - channel mean (KVCache smooth_keys)
     head_positions = getattr(step, "head_positions", None)
     if head_positions is None:
         ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom)
@@ -119,6 +121,12 @@ def attention(
     scale = None if scale is None else float(scale)
     if isinstance(window_left, bool) or not isinstance(window_left, int):
         raise TypeError(f"window_left must be an int (-1: no window), got {window_left!r}")
+    means = getattr(cache, "_key_means", None)
+    if means is not None and softcap and float(softcap) > 0:
+        raise ValueError(
+            "softcap needs the true logits, but this cache stores smoothed keys (key - channel mean); "
+            "create the KVCache with smooth_keys=False for a soft-capped model"
+        )
     head_seqlens = getattr(step, "head_seqlens", None)
     if head_seqlens is not None:  # compacted slots: lengths per (row, kv head) of this layer
         head_seqlens = head_seqlens[layer]
@@ -164,4 +172,12 @@ def attention(
             score_mode,
             score_last_queries,
         )
+    if return_lse and means is not None:
+        # The stored keys are k - mu: every logit of a query is lower by scale * q . mu, which the
+        # softmax ignores but the lse does not. Add it back, so lse is the true one (for merging).
+        d = q.shape[-1]
+        group = q.shape[1] // cache.num_kv_heads
+        mu = means[:, layer].index_select(0, step.token_slots).repeat_interleave(group, dim=1)  # [n, Hq, D]
+        sc = scale if scale is not None else d**-0.5
+        lse = lse + sc * (q.float() * mu).sum(-1)
     return (out, lse) if return_lse else out

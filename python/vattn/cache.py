@@ -171,6 +171,13 @@ class KVCache:
                                are unmapped and destroyed (default 64 pages)
       background               a thread maps pages ahead of each live slot and refills the pool
       lookahead_tokens         how far ahead that thread maps (default one page of tokens)
+      smooth_keys              quantized keys are stored minus a per-(slot, layer, kv head) channel
+                               mean taken from the request's first step (its prompt). Softmax is
+                               invariant to that shift, so attention outputs and scores do not change,
+                               but the outlier channels of keys stop dominating each vector's scale:
+                               int4 keys lose far less (bench/RESULTS.md). "auto" (default): on for
+                               int4 keys only (8-bit keys measured slightly worse with it). Any K
+                               format takes True. Not compatible with logit soft-capping (raises).
     """
 
     def __init__(
@@ -191,6 +198,7 @@ class KVCache:
         reclaim_watermark_bytes: Optional[int] = None,
         background: bool = False,
         lookahead_tokens: Optional[int] = None,
+        smooth_keys="auto",
         _host_commit: bool = True,
     ):
         self.num_layers = _positive(num_layers, "num_layers")
@@ -295,6 +303,20 @@ class KVCache:
         self._deficit: Dict[int, np.ndarray] = {}
         self._logical = [0] * self.max_batch  # tokens a slot has seen (RoPE positions), evicted included
         self._scores: Optional[torch.Tensor] = None  # [max_batch, layers, kv_heads, max_seq] (enable_scores)
+        if smooth_keys not in ("auto", True, False):
+            raise ValueError(f"smooth_keys must be 'auto', True or False, got {smooth_keys!r}")
+        # "auto": int4 keys only. Measured on SmolLM2 (bench/RESULTS.md) smoothing helps int4 keys a
+        # lot but slightly hurts int8 / fp8 keys: RoPE turns the outlier channels, so one mean per
+        # request is not each token's offset, and 8-bit keys have little error left to remove.
+        smooth = self.k_format.name == "int4" if smooth_keys == "auto" else bool(smooth_keys)
+        # Key smoothing: float32 [max_batch, layers, kv_heads, head_dim] channel means, and which
+        # (slot, layer) has its mean (set by the slot's first append of that layer).
+        self._key_means = (
+            torch.zeros((self.max_batch, self.num_layers, self.num_kv_heads, self.head_dim), device=dev)
+            if smooth
+            else None
+        )
+        self._mean_set = np.zeros((self.max_batch, self.num_layers), dtype=bool)
         self._trusted_positions: set = set()  # positions.data_ptr() of open steps (see _guard)
         _guard.register(self)
 
@@ -318,6 +340,7 @@ class KVCache:
             self._set_lengths({slot: 0})
             self._deficit.pop(slot, None)
             self._logical[slot] = 0
+            self._mean_set[slot] = False
 
     def reserve(self, slot: int, n: int) -> None:
         """Maps pages so that slot holds >= n tokens in every layer (lengths do not change)."""
@@ -651,6 +674,38 @@ class KVCache:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
         return self._ops_layer(layer)[2:4]
 
+    @property
+    def smooth_keys(self) -> bool:
+        return self._key_means is not None
+
+    def key_means(self, layer: int) -> Optional[torch.Tensor]:
+        """The channel means subtracted from the stored keys of one layer (smooth_keys), float32
+        [max_batch, num_kv_heads, head_dim]; None without smoothing. Stored key = key - mean."""
+        if self._key_means is None:
+            return None
+        layer = _int(layer, "layer")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        return self._key_means[:, layer]
+
+    def _smooth(self, layer: int, step: Step, k: torch.Tensor) -> torch.Tensor:
+        """k minus its slot's channel mean (taken now from this step's keys for a slot's first step)."""
+        means = self._key_means[:, layer]
+        unset = [i for i, s in enumerate(step.slots) if not self._mean_set[s, layer]]
+        if unset:
+            off = 0
+            offsets = []
+            for n in step.new_tokens:
+                offsets.append(off)
+                off += n
+            for i in unset:
+                s, n = step.slots[i], step.new_tokens[i]
+                if n == 0:
+                    continue
+                means[s] = k[offsets[i] : offsets[i] + n].float().mean(0)
+                self._mean_set[s, layer] = True
+        return (k.float() - means.index_select(0, step.token_slots)).to(k.dtype)
+
     def _dequantized(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
         from .reference import dequantize
 
@@ -668,6 +723,8 @@ class KVCache:
                     dense[s, :n] = dequantize(codes[s, :n], scales[s, :n], fmt.name, self.head_dim, self.dtype)
                 else:
                     dense[s, :n] = codes[s, :n]
+                if fmt is self.k_format and codes is k and self._key_means is not None:
+                    dense[s, :n] = (dense[s, :n].float() + self._key_means[s, layer]).to(self.dtype)
             out.append(dense)
         return out[0], out[1]
 

@@ -1,0 +1,145 @@
+"""Key smoothing (KVCache(smooth_keys=...)): quantized keys are stored minus a per-(slot, layer,
+kv head) channel mean from the request's first step. Softmax ignores that shift, so attention is the
+same function of the true keys, the lse is corrected back, and outlier channels no longer inflate
+every key's scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vattn
+from vattn import formats, reference
+
+H, D, HQ = 2, 64, 6
+
+
+def _cache(fmt, smooth, layers=2):
+    return vattn.KVCache(
+        num_layers=layers,
+        num_kv_heads=H,
+        head_dim=D,
+        max_batch=3,
+        max_seq_len=1024,
+        dtype=torch.float32,
+        kv_format=fmt,
+        device="cpu",
+        page_bytes=16384,
+        smooth_keys=smooth,
+    )
+
+
+def _outlier_keys(n, g):
+    k = torch.randn(n, H, D, generator=g)
+    k[..., 3] += 25.0  # an outlier channel, as real keys have
+    k[..., 17] -= 12.0
+    return k
+
+
+def _run(cache, steps, g, return_lse=True):
+    slots = [cache.alloc(), cache.alloc()]
+    outs, keys = [], {s: [] for s in slots}
+    for new in steps:
+        st = cache.begin_step(slots, new)
+        k = _outlier_keys(sum(new), g)
+        v = torch.randn(sum(new), H, D, generator=g)
+        q = torch.randn(sum(new), HQ, D, generator=g)
+        vattn.append_kv(cache, 0, st, k, v)
+        outs.append((q, k, v, st, vattn.attention(q, cache, 0, st, return_lse=return_lse)))
+        cache.end_step(st)
+        keys[slots[0]].append(k[: new[0]])
+        keys[slots[1]].append(k[new[0] :])
+    return slots, outs, keys
+
+
+def test_stored_keys_are_quantized_minus_the_first_steps_mean():
+    g = torch.Generator().manual_seed(0)
+    cache = _cache("int4", "auto")
+    assert cache.smooth_keys
+    slots, _, keys = _run(cache, [[30, 9], [1, 1], [4, 1]], g)
+    kc, _ = cache.kv(0)
+    ks, _ = cache.kv_scales(0)
+    means = cache.key_means(0)
+    for s in slots:
+        allk = torch.cat(keys[s])
+        first = keys[s][0]
+        torch.testing.assert_close(means[s], first.mean(0))
+        codes, _ = reference.quantize(allk - means[s], "int4")
+        assert torch.equal(kc[s, : allk.shape[0]], codes)
+        deq, _ = cache.kv(0, dequantize=True)  # adds the mean back
+        want = reference.dequantize(codes, ks[s, : allk.shape[0]], "int4", D, torch.float32) + means[s]
+        torch.testing.assert_close(deq[s, : allk.shape[0]], want)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3", "int8", ("int4", "int8")], ids=str)
+def test_attention_is_the_true_keys_attention_and_closer_with_smoothing(fmt):
+    errs = {}
+    for smooth in (False, True):
+        g = torch.Generator().manual_seed(1)
+        cache = _cache(fmt, smooth)
+        slots, outs, _ = _run(cache, [[40, 25], [1, 1], [1, 1]], g)
+        worst, worst_lse = 0.0, 0.0
+        # Reference over the TRUE keys and values (float64): what the model means.
+        hist_k = {s: [] for s in slots}
+        hist_v = {s: [] for s in slots}
+        for q, k, v, st, (out, lse) in outs:
+            off = 0
+            for i, s in enumerate(st.slots):
+                n = st.new_tokens[i]
+                hist_k[s].append(k[off : off + n])
+                hist_v[s].append(v[off : off + n])
+                off += n
+            kk = torch.nn.utils.rnn.pad_sequence([torch.cat(hist_k[s]) for s in slots], batch_first=True)
+            vv = torch.nn.utils.rnn.pad_sequence([torch.cat(hist_v[s]) for s in slots], batch_first=True)
+            want, want_lse = reference.attention(
+                q, kk, vv, st.seqlens, None if st.is_decode else st.cu_seqlens_q, torch.tensor([0, 1])
+            )
+            worst = max(worst, float((out.double() - want).abs().max()))
+            worst_lse = max(worst_lse, float((lse.double() - want_lse).abs().max()))
+        errs[smooth] = (worst, worst_lse)
+    # Outlier channels no longer set each key's scale: smaller output and lse errors. The lse with
+    # smoothing is the true keys' lse (corrected back by scale * q . mean), so its error is only the
+    # quantization's too (a missing correction would be off by ~ scale * q . mean, several units).
+    assert errs[True][0] < errs[False][0], errs
+    assert errs[True][1] < errs[False][1], errs
+    bits = formats.get(fmt if isinstance(fmt, str) else fmt[0]).bits
+    assert errs[True][1] < (0.5 if bits <= 4 else 0.1), errs
+
+
+def test_smoothing_is_exact_on_a_plain_cache_and_refuses_softcap():
+    outs = []
+    for smooth in (False, True):
+        g = torch.Generator().manual_seed(2)
+        cache = _cache("auto", smooth)
+        _, o, _ = _run(cache, [[20, 7], [1, 1]], g)
+        outs.append(o)
+    for (q, _, _, _, (a, la)), (_, _, _, _, (b, lb)) in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(la, lb, atol=2e-4, rtol=1e-5)
+    cache = _cache("int8", True)
+    s = cache.alloc()
+    st = cache.begin_step([s], [3])
+    vattn.append_kv(cache, 0, st, torch.randn(3, H, D), torch.randn(3, H, D))
+    with pytest.raises(ValueError, match="smooth_keys=False"):
+        vattn.attention(torch.randn(3, HQ, D), cache, 0, st, softcap=30.0)
+    cache.abort_step(st)
+    with pytest.raises(ValueError):
+        _cache("int8", "yes")
+
+
+def test_a_freed_slot_takes_a_new_mean():
+    g = torch.Generator().manual_seed(3)
+    cache = _cache("int8", True, layers=1)
+    s = cache.alloc()
+    st = cache.begin_step([s], [10])
+    k1 = _outlier_keys(10, g)
+    vattn.append_kv(cache, 0, st, k1, torch.randn(10, H, D))
+    cache.end_step(st)
+    torch.testing.assert_close(cache.key_means(0)[s], k1.mean(0))
+    cache.free(s)
+    s2 = cache.alloc()
+    st = cache.begin_step([s2], [6])
+    k2 = _outlier_keys(6, g) + 3.0
+    vattn.append_kv(cache, 0, st, k2, torch.randn(6, H, D))
+    cache.end_step(st)
+    torch.testing.assert_close(cache.key_means(0)[s2], k2.mean(0))
