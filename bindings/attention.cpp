@@ -131,7 +131,7 @@ AttentionParams make_attention_params(uintptr_t q, int64_t q_stride_tok, int64_t
 // "max_head_dim": n}, "decode": ..., "prefill": ..., "merge_states": ..., "compact_kv": ...},
 // "cuda": {...}}
 py::dict support_table() {
-  const char* ops[support::kNumOps] = {"append_kv", "decode", "prefill", "merge_states", "compact_kv"};
+  const char* ops[support::kNumOps] = {"append_kv", "decode", "prefill", "merge_states", "compact_kv", "sparse_decode"};
   const char* devices[] = {"cpu", "cuda"};
   auto codes = [](uint32_t mask) {
     py::list l;

@@ -89,4 +89,5 @@ PYBIND11_MODULE(_C, m) {
   vattn::bind_memory(m);
   vattn::bind_attention(m);
   vattn::bind_sparse(m);
+  vattn::bind_quest(m);
 }

@@ -26,6 +26,7 @@ __version__ = _C.__version__
 from . import ops  # noqa: E402,F401  registers torch.ops.vattn.*
 from .ops import append_kv_raw, decode_attention, prefill_attention, merge_states  # noqa: E402
 from .sparse_ops import compact_kv  # noqa: E402  registers torch.ops.vattn.compact_kv
+from .quest_ops import block_minmax, quest_select, sparse_decode_attention  # noqa: E402  Quest ops
 from .cache import KVCache, Step  # noqa: E402
 from ._C import OutOfMemoryError  # noqa: E402  (a MemoryError)
 from .api import append_kv, attention  # noqa: E402
@@ -43,5 +44,8 @@ __all__ = [
     "prefill_attention",
     "merge_states",
     "compact_kv",
+    "block_minmax",
+    "quest_select",
+    "sparse_decode_attention",
     "policies",
 ]

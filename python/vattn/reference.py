@@ -28,7 +28,17 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["append_kv", "attention", "merge_states", "quantize", "dequantize", "compact_kv"]
+__all__ = [
+    "append_kv",
+    "attention",
+    "merge_states",
+    "quantize",
+    "dequantize",
+    "compact_kv",
+    "block_minmax",
+    "quest_select",
+    "sparse_decode_attention",
+]
 
 # ----------------------------------------------------------------------------- KV formats
 # The exact definition of the quantized KV formats (cuda/include/vattn/quant.h computes the same
@@ -305,3 +315,151 @@ def compact_kv(
                     t[row, :n, h] = t[row, src, h].clone()
             if scores is not None:
                 scores[row, h, :n] = scores[row, h, src.to(scores.device)].clone()
+
+
+# ----------------------------------------------------------------------------- Quest (block-sparse decode)
+# The stored tokens of a (row, kv head) of length L form blocks of `block` consecutive tokens: block b
+# covers [b * block, min((b + 1) * block, L)), ceil(L / block) blocks, the last possibly partial.
+# Entry i reads cache row row_ids[i]; its length is lengths[i], or head_lengths[i, h] when given.
+
+
+def _quest_len(lengths, head_lengths, i: int, h: int) -> int:
+    return int(head_lengths[i][h]) if head_lengths is not None else int(lengths[i])
+
+
+def block_minmax(
+    k_cache: torch.Tensor,
+    meta: torch.Tensor,
+    row_ids: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+    first_block: torch.Tensor,
+    block: int,
+    k_scale: Optional[torch.Tensor] = None,
+    k_format: Optional[str] = None,
+    head_lengths: Optional[torch.Tensor] = None,
+) -> None:
+    """Recomputes Quest's per-block key metadata (in place).
+
+    meta [rows, max_blocks, kv_heads, 2, head_dim] float32: for entry i, kv head h and blocks
+    b = first_block[i] .. ceil(L / block) - 1 of row r = row_ids[i], meta[r, b, h, 0] is the per-channel
+    min and meta[r, b, h, 1] the max of the block's keys, in float32 (a quantized K side, k_format
+    given, is dequantized with its scales first). Every other entry of meta keeps what it holds."""
+    lens = None if lengths is None else lengths.tolist()
+    hl = None if head_lengths is None else head_lengths.tolist()
+    firsts = first_block.tolist()
+    for i, row in enumerate(row_ids.tolist()):
+        for h in range(k_cache.shape[2]):
+            n = _quest_len(lens, hl, i, h)
+            for b in range(int(firsts[i]), -(-n // block)):
+                t0, t1 = b * block, min((b + 1) * block, n)
+                x = k_cache[row, t0:t1, h]
+                if k_format is None:
+                    x = x.to(torch.float32)
+                else:
+                    x = dequantize(x.view(_storage_of(k_format)), k_scale[row, t0:t1, h], k_format)
+                meta[row, b, h, 0] = x.amin(dim=0).to(meta.device)
+                meta[row, b, h, 1] = x.amax(dim=0).to(meta.device)
+
+
+def _storage_of(kv_format: str) -> torch.dtype:
+    return {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}[kv_format]
+
+
+def quest_select(
+    q: torch.Tensor,
+    meta: torch.Tensor,
+    row_ids: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+    block: int,
+    token_budget: int,
+    max_sel: int,
+    head_lengths: Optional[torch.Tensor] = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quest's block choice for one decode query per entry (q [n, q_heads, dim]).
+
+    Returns (block_ids [n, kv_heads, max_sel] int32, block_counts [n, kv_heads] int32, scores
+    [n, kv_heads, max_blocks] in compute_dtype, -inf where a block was not scored). For entry i and kv
+    head h with nb = ceil(L / block) blocks: c = min(ceil(token_budget / block), nb, max_sel); all
+    blocks when c == nb, else the last block nb - 1 plus the c - 1 other blocks of highest score (ties:
+    lower block index; NaN ranks as -inf), ascending; entries past c are -1. The score of block b is
+    sum over the q heads g of h's GQA group and d < dim of max(q[i, g, d] * min[b, h, d],
+    q[i, g, d] * max[b, h, d]) (an upper bound of q.k over the block; the softmax scale, positive,
+    does not change the order)."""
+    n, hq, dim = q.shape
+    hkv = meta.shape[2]
+    group = hq // hkv
+    want = -(-int(token_budget) // block)
+    lens = None if lengths is None else lengths.tolist()
+    hl = None if head_lengths is None else head_lengths.tolist()
+    ids = torch.full((n, hkv, max_sel), -1, dtype=torch.int32)
+    counts = torch.zeros((n, hkv), dtype=torch.int32)
+    scores = torch.full((n, hkv, meta.shape[1]), float("-inf"), dtype=compute_dtype)
+    for i, row in enumerate(row_ids.tolist()):
+        for h in range(hkv):
+            nb = -(-_quest_len(lens, hl, i, h) // block)
+            c = min(want, nb, max_sel)
+            counts[i, h] = c
+            if c == 0:
+                continue
+            if c == nb:
+                ids[i, h, :c] = torch.arange(c, dtype=torch.int32)
+                continue
+            qg = q[i, h * group : (h + 1) * group].to(compute_dtype).cpu()  # [group, dim]
+            mn = meta[row, : nb - 1, h, 0].to(compute_dtype).cpu()  # [nb - 1, dim]
+            mx = meta[row, : nb - 1, h, 1].to(compute_dtype).cpu()
+            s = torch.maximum(qg[None] * mn[:, None], qg[None] * mx[:, None]).sum(dim=(1, 2))
+            s = torch.nan_to_num(s, nan=float("-inf"))
+            scores[i, h, : nb - 1] = s
+            order = sorted(range(nb - 1), key=lambda b: (-float(s[b]), b))[: c - 1]
+            ids[i, h, :c] = torch.tensor(sorted(order) + [nb - 1], dtype=torch.int32)
+    return ids.to(q.device), counts.to(q.device), scores
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_ids: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+    block_ids: torch.Tensor,
+    block_counts: torch.Tensor,
+    block: int,
+    head_lengths: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention (one query per entry, q [n, q_heads, dim]) over only the selected blocks.
+
+    Entry i, kv head h sees the tokens t < L of the blocks block_ids[i, h, :block_counts[i, h]] (block b:
+    tokens [b * block, (b + 1) * block)): exact softmax attention over their union, logits as in
+    attention(). Caches are dense float (dequantize a quantized one first). Returns (out [n, q_heads,
+    dim] in compute_dtype, lse [n, q_heads] float32; zeros and -inf where no token is selected)."""
+    n, hq, dim = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    lens = None if lengths is None else lengths.tolist()
+    hl = None if head_lengths is None else head_lengths.tolist()
+    ids, counts = block_ids.tolist(), block_counts.tolist()
+    out = torch.zeros(n, hq, dim, dtype=compute_dtype)
+    lse = torch.full((n, hq), float("-inf"), dtype=torch.float32)
+    for i, row in enumerate(row_ids.tolist()):
+        for h in range(hkv):
+            length = _quest_len(lens, hl, i, h)
+            tok = [t for b in ids[i][h][: counts[i][h]] for t in range(b * block, min((b + 1) * block, length))]
+            if not tok:
+                continue
+            idx = torch.tensor(tok, dtype=torch.long)
+            k = k_cache[row, idx.to(k_cache.device), h].to(compute_dtype).cpu()  # only the selected tokens
+            v = v_cache[row, idx.to(v_cache.device), h].to(compute_dtype).cpu()
+            qh = q[i, h * group : (h + 1) * group].to(compute_dtype).cpu()
+            logits = (qh @ k.T) * scale
+            if softcap > 0:
+                logits = softcap * torch.tanh(logits / softcap)
+            row_lse = torch.logsumexp(logits, dim=-1)
+            out[i, h * group : (h + 1) * group] = torch.softmax(logits, dim=-1) @ v
+            lse[i, h * group : (h + 1) * group] = row_lse.float()
+    return out, lse

@@ -114,6 +114,73 @@ struct CompactParams {
   void* stream = nullptr;
 };
 
+// Quest block-sparse decode (python/vattn/reference.py block_minmax, quest_select and
+// sparse_decode_attention are the definitions). The stored tokens of a (row, kv head) of length L
+// form blocks of `block` consecutive tokens: block b covers [b * block, min((b + 1) * block, L)),
+// so there are ceil(L / block) blocks, the last possibly partial. Entry i of a call reads cache row
+// row_ids[i]; its length is lengths[i], or head_lengths[i * num_kv_heads + h] when that is given.
+//
+// Per-block key metadata meta [num_rows, max_blocks, kv_heads, 2, head_dim] float32, head_dim
+// contiguous: [..., 0, :] the per-channel min, [..., 1, :] the max of the block's (dequantized) keys.
+struct BlockMetaView {
+  float* data = nullptr;
+  int64_t stride_row = 0, stride_block = 0, stride_head = 0, stride_side = 0;  // floats
+  int32_t num_rows = 0, max_blocks = 0;
+};
+
+// block_minmax: for i < n and h < num_kv_heads, recomputes the metadata of blocks
+// first_block[i] .. ceil(L / block) - 1 of (row_ids[i], h) from the K side of `cache` (k, its
+// strides, k_scale, k_format; the V fields are unused). Other blocks are left unchanged. The CPU op
+// checks every index before writing (rows in range and distinct, 0 <= L <= max_seq,
+// ceil(L / block) <= max_blocks, first_block >= 0); the CUDA op clamps instead (no host sync).
+struct BlockMinmaxParams {
+  KVCacheView cache;
+  BlockMetaView meta;
+  const int32_t* row_ids = nullptr;       // [n]
+  const int32_t* lengths = nullptr;       // [n], or null when head_lengths is given
+  const int32_t* head_lengths = nullptr;  // [n, num_kv_heads] or null
+  const int32_t* first_block = nullptr;   // [n]
+  int32_t n = 0, num_kv_heads = 0, head_dim = 0, block = 0;
+  void* stream = nullptr;
+};
+
+// quest_select: for each (i, kv head h), block_counts[i, h] = c = min(ceil(token_budget / block),
+// ceil(L / block), max_sel) and block_ids[i, h, :c] the selected blocks in ascending order: all
+// blocks when c = ceil(L / block), else the last block plus the c - 1 other blocks of highest
+// score (ties: lower block index; a NaN score ranks as -inf), where
+// score(b) = sum over the q heads g of h's GQA group, d < head_dim of max(q[i, g, d] * min[b, h, d],
+// q[i, g, d] * max[b, h, d]). block_ids[i, h, c:] = -1.
+struct QuestSelectParams {
+  const void* q = nullptr;  // [n, num_q_heads, head_dim], head_dim contiguous
+  int64_t q_stride_tok = 0, q_stride_head = 0;
+  int32_t dtype = 0;  // q dtype
+  BlockMetaView meta;
+  const int32_t* row_ids = nullptr;
+  const int32_t* lengths = nullptr;
+  const int32_t* head_lengths = nullptr;
+  int32_t* block_ids = nullptr;     // [n, num_kv_heads, max_sel] contiguous
+  int32_t* block_counts = nullptr;  // [n, num_kv_heads] contiguous
+  int32_t n = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0, block = 0;
+  int32_t token_budget = 0, max_sel = 0;
+  // CUDA scratch (block scores), sized by quest_select_workspace_bytes(); null on CPU.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  void* stream = nullptr;
+};
+
+// sparse_decode_attention: decode attention (attn: one query per row, cu_seqlens_q null,
+// seqlens_k / head_seqlens_k the lengths, row_ids, scale, softcap, impl, out, lse, workspace,
+// stream; window_left < 0 and no scores) over only the tokens < L of the blocks
+// block_ids[b, h, :block_counts[b, h]] (strictly increasing block indices < ceil(L / block)),
+// exact softmax over their union. The CPU op checks the block lists; the CUDA kernels skip
+// entries out of range (a repeated entry would count twice there).
+struct SparseDecodeParams {
+  AttentionParams attn;
+  const int32_t* block_ids = nullptr;     // [batch, num_kv_heads, max_sel] contiguous
+  const int32_t* block_counts = nullptr;  // [batch, num_kv_heads] contiguous, in [0, max_sel]
+  int32_t max_sel = 0, block = 0;
+};
+
 // Merge of two attention states over disjoint key sets: (o_a, lse_a) + (o_b, lse_b).
 // All contiguous: o [n, num_heads, head_dim] in dtype, lse [n, num_heads] float32 natural log.
 struct MergeParams {

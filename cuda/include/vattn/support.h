@@ -11,8 +11,8 @@
 namespace vattn {
 namespace support {
 
-enum Op : int32_t { kAppendKv = 0, kDecode = 1, kPrefill = 2, kMerge = 3, kCompactKv = 4 };
-constexpr int32_t kNumOps = 5;
+enum Op : int32_t { kAppendKv = 0, kDecode = 1, kPrefill = 2, kMerge = 3, kCompactKv = 4, kSparseDecode = 5 };
+constexpr int32_t kNumOps = 6;
 enum Device : int32_t { kCpu = 0, kCuda = 1 };
 
 constexpr uint32_t bit(int32_t code) { return 1u << code; }
@@ -28,13 +28,15 @@ struct Entry {
   int32_t max_head_dim;       // 0: no limit
 };
 
-// compact_kv moves stored bytes: every format, any head_dim, on both devices.
+// compact_kv moves stored bytes: every format, any head_dim, on both devices. sparse_decode
+// (Quest) reads every format; its CUDA kernels take head_dim <= 256.
 constexpr Entry entry(Device d, Op op) {
-  return op == kCompactKv ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, 0}
-         : d == kCpu      ? Entry{kAllDtypes, op == kMerge ? kPlainFormats : kPlainFormats | kQuantFormats, 1, 0}
-         : op == kPrefill ? Entry{kHalfDtypes, kPlainFormats | kQuantFormats, 8, 256}
-         : op == kMerge   ? Entry{kAllDtypes, kPlainFormats, 1, 0}
-                          : Entry{kAllDtypes, kPlainFormats | kQuantFormats, 8, 256};  // append_kv, decode
+  return op == kCompactKv      ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, 0}
+         : op == kSparseDecode ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, d == kCpu ? 0 : 256}
+         : d == kCpu           ? Entry{kAllDtypes, op == kMerge ? kPlainFormats : kPlainFormats | kQuantFormats, 1, 0}
+         : op == kPrefill      ? Entry{kHalfDtypes, kPlainFormats | kQuantFormats, 8, 256}
+         : op == kMerge        ? Entry{kAllDtypes, kPlainFormats, 1, 0}
+                               : Entry{kAllDtypes, kPlainFormats | kQuantFormats, 8, 256};  // append_kv, decode
 }
 
 constexpr bool supported(Device d, Op op, int32_t dtype, int32_t kv_format, int32_t head_dim) {
