@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/prefill_fa2.cuh"
@@ -42,8 +43,8 @@ int query_bound(const AttentionParams& p) {
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("vattn.prefill_attention: " + msg); }
 
 void validate(const AttentionParams& p) {
-  if (p.dtype != kFloat16 && p.dtype != kBFloat16)
-    bad("CUDA supports float16 and bfloat16 only (dtype code " + std::to_string(p.dtype) + ")");
+  if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
+    bad("dtype must be float16, bfloat16 or float32 (code " + std::to_string(p.dtype) + ")");
   const bool kq = kv_format_is_quantized(p.kv.k_format), vq = kv_format_is_quantized(p.kv.v_format);
   if (kq != vq) bad("K and V must be both plain or both quantized");
   if (!kq && (p.kv.k_format != p.dtype || p.kv.v_format != p.dtype))
@@ -143,8 +144,13 @@ void dispatch(const AttentionParams& p) {
 
 template <typename T>
 void dispatch_formats(const AttentionParams& p) {
-  dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "prefill_attention",
-                      [&](auto kf, auto vf) { dispatch<T, decltype(kf), decltype(vf)>(p); });
+  dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "prefill_attention", [&](auto kf, auto vf) {
+    // float32 q / out run the plain kernel only (mma.sync takes 16-bit operands).
+    if constexpr (std::is_same<T, float>::value)
+      launch_plain<T, decltype(kf), decltype(vf)>(p);
+    else
+      dispatch<T, decltype(kf), decltype(vf)>(p);
+  });
 }
 
 }  // namespace
@@ -156,8 +162,10 @@ void prefill_attention_cuda(const AttentionParams& p) {
   if (p.total_q > 0) {
     if (p.dtype == kFloat16)
       dispatch_formats<f16_t>(p);
-    else
+    else if (p.dtype == kBFloat16)
       dispatch_formats<bf16_t>(p);
+    else
+      dispatch_formats<float>(p);
   }
   launch_attention_scores(p);
 }

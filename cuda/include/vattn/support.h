@@ -34,7 +34,7 @@ constexpr Entry entry(Device d, Op op) {
   return op == kCompactKv      ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, 0}
          : op == kSparseDecode ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, d == kCpu ? 0 : 256}
          : d == kCpu           ? Entry{kAllDtypes, op == kMerge ? kPlainFormats : kPlainFormats | kQuantFormats, 1, 0}
-         : op == kPrefill      ? Entry{kHalfDtypes, kPlainFormats | kQuantFormats, 8, 256}
+         : op == kPrefill      ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 8, 256}  // fp32: plain kernel
          : op == kMerge        ? Entry{kAllDtypes, kPlainFormats, 1, 0}
                                : Entry{kAllDtypes, kPlainFormats | kQuantFormats, 8, 256};  // append_kv, decode
 }

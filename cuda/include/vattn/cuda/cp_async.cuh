@@ -48,8 +48,15 @@ __device__ __forceinline__ void st_shared_zero_16(uint32_t smem) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(smem), "r"(0) : "memory");
 }
 
+// A 16-byte-aligned global address that is always mapped: the source to give a zero-filling
+// copy that reads nothing (src-size 0). A cache address (say slot 0, token 0 of a vattn.KVCache
+// view) may be unmapped virtual memory; this static buffer never is. One copy per translation
+// unit (internal linkage), so no device symbol is shared across them.
+static __device__ __align__(16) unsigned char cp_async_zero_src_[16];
+__device__ __forceinline__ const void* cp_async_zero_src() { return cp_async_zero_src_; }
+
 // 16-byte copy when valid, else writes 16 zero bytes to smem and reads nothing from gmem
-// (src-size 0). gmem must still be a valid-looking address; pass any in-bounds pointer.
+// (src-size 0). gmem must still be a mapped address: pass cp_async_zero_src() when not valid.
 __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const int src_bytes = valid ? 16 : 0;

@@ -38,7 +38,7 @@ namespace vattn {
 namespace cuda {
 
 // 4-byte cp.async (scale words; .ca is the only cache mode for 4 bytes). Zero-fills dst and
-// reads nothing when !valid (src must still be a valid-looking address).
+// reads nothing when !valid (src must still be a mapped address: cp_async_zero_src()).
 __device__ __forceinline__ void cp_async_4_zfill(void* smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const int src_bytes = valid ? 4 : 0;
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
       const int j = tstart + r;
       const bool valid = j < end;
       const char* src = valid ? reinterpret_cast<const char*>(kbase + int64_t(j) * p.kv.k_stride_tok) + cc * 16
-                              : static_cast<const char*>(p.kv.k);
+                              : static_cast<const char*>(cp_async_zero_src());
       cp_async_16_zfill(sk + c * 16, src, valid);
     }
 #pragma unroll
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
       const int j = tstart + r;
       const bool valid = j < end;
       const char* src = valid ? reinterpret_cast<const char*>(vbase + int64_t(j) * p.kv.v_stride_tok) + cc * 16
-                              : static_cast<const char*>(p.kv.v);
+                              : static_cast<const char*>(cp_async_zero_src());
       cp_async_16_zfill(sv + c * 16, src, valid);
     }
     if constexpr (KW > 0) {
@@ -182,7 +182,10 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
         const int r = c / KW;
         const int j = tstart + r;
         const bool valid = j < end;
-        cp_async_4_zfill(wk + c, valid ? kw0 + int64_t(j) * p.kv.ks_stride_tok + (c - r * KW) : p.kv.k_scale, valid);
+        cp_async_4_zfill(wk + c,
+                         valid ? kw0 + int64_t(j) * p.kv.ks_stride_tok + (c - r * KW)
+                               : static_cast<const float*>(cp_async_zero_src()),
+                         valid);
       }
     }
     if constexpr (VW > 0) {
@@ -193,7 +196,10 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
         const int r = c / VW;
         const int j = tstart + r;
         const bool valid = j < end;
-        cp_async_4_zfill(wv + c, valid ? vw0 + int64_t(j) * p.kv.vs_stride_tok + (c - r * VW) : p.kv.v_scale, valid);
+        cp_async_4_zfill(wv + c,
+                         valid ? vw0 + int64_t(j) * p.kv.vs_stride_tok + (c - r * VW)
+                               : static_cast<const float*>(cp_async_zero_src()),
+                         valid);
       }
     }
   };
