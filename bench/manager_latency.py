@@ -53,6 +53,15 @@ def _summ(samples_s: List[float]) -> Dict[str, float]:
     }
 
 
+def _median_run(runs: List[Dict]) -> Dict:
+    """One row from repeated runs of a configuration: the median of each timing statistic."""
+    out = dict(runs[0])
+    for key in ("median_us", "mean_us", "p99_us", "max_us", "per_request_us"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["repeats"] = len(runs)
+    return out
+
+
 def make_cache(device: str, model: str, max_batch: int, max_seq_len: int, **opts):
     import vattn
 
@@ -79,22 +88,30 @@ def step_latency(
     mode: str = "step",
     gap_s: float = 0.0,
     pooled: bool = False,
+    warmup: int = 0,
 ) -> Dict:
     """Per-decode-step host latency for n_live requests. mode "step": begin_step + end_step;
     mode "reserve": reserve(slot, length + 1) for every slot (then end the step as usual, untimed).
     gap_s: untimed pause between steps standing in for the model's forward pass: the time in which
-    the background thread maps ahead in a real server (without it, it only competes for the lock)."""
+    the background thread maps ahead in a real server (without it, it only competes for the lock).
+    warmup: decode steps run (with the same pause) before the timed ones, so the background thread
+    reaches its steady state (its pool and lookahead filled) instead of being timed from a cold
+    start where every request needs a new page at once."""
     opts = {"background": background}
     if pooled:  # every page the run will need is created up front: growth is map + set-access only
         page = _page_bytes(device, model)
         tpp = max(1, page // _token_bytes(model))
-        opts["prealloc_bytes"] = n_live * (-(-(prompt + steps) // tpp) + 1) * page
+        opts["prealloc_bytes"] = n_live * (-(-(prompt + warmup + steps) // tpp) + 1) * page
         opts["reclaim_watermark_bytes"] = opts["prealloc_bytes"]
-    cache = make_cache(device, model, max(n_live, 1), prompt + steps + 64, **opts)
+    cache = make_cache(device, model, max(n_live, 1), prompt + warmup + steps + 64, **opts)
     try:
         slots = [cache.alloc() for _ in range(n_live)]
         st = cache.begin_step(slots=slots, new_tokens=[prompt] * n_live)
         cache.end_step(st)
+        for _ in range(warmup):
+            if gap_s > 0:
+                time.sleep(gap_s)
+            cache.end_step(cache.begin_step(slots=slots, new_tokens=[1] * n_live))
         s0 = cache.stats()
         samples = []
         for i in range(steps):
@@ -108,14 +125,16 @@ def step_latency(
             else:
                 t0 = time.perf_counter()
                 for s in slots:
-                    cache.reserve(s, prompt + i + 1)
+                    cache.reserve(s, prompt + warmup + i + 1)
                 samples.append(time.perf_counter() - t0)
                 st = cache.begin_step(slots=slots, new_tokens=[1] * n_live)
                 cache.end_step(st)
         s1 = cache.stats()
         lengths = cache.lengths
-        if int(lengths[slots[0]]) != prompt + steps:
-            raise AssertionError(f"length {int(lengths[slots[0]])} after {steps} steps, expected {prompt + steps}")
+        if int(lengths[slots[0]]) != prompt + warmup + steps:
+            raise AssertionError(
+                f"length {int(lengths[slots[0]])} after {warmup}+{steps} steps, expected {prompt + warmup + steps}"
+            )
         out = _summ(samples)
         pm0, pm1 = _stat(s0, "pages_mapped"), _stat(s1, "pages_mapped")
         out.update(
@@ -125,6 +144,7 @@ def step_latency(
                 "mode": mode,
                 "background": background,
                 "pooled": pooled,
+                "warmup": warmup,
                 "pages_mapped_during": int(pm1 - pm0),
                 "page_bytes": int(_stat(s1, "page_bytes")),
                 "per_request_us": out["mean_us"] / max(n_live, 1),
@@ -230,6 +250,18 @@ def main(argv=None) -> int:
         default=1000.0,
         help="untimed pause between decode steps (the model's forward pass), default 1000",
     )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=16,
+        help="untimed decode steps before the timed ones (background thread's steady state), default 16",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each configuration this many times and report the median of each statistic (a loaded machine)",
+    )
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args(argv)
@@ -257,11 +289,22 @@ def main(argv=None) -> int:
     for mode, background, pooled in configs:
         for n in lives:
             try:
-                rows.append(
+                runs = [
                     step_latency(
-                        args.device, args.model, n, steps, prompt, background, mode, args.gap_us * 1e-6, pooled
+                        args.device,
+                        args.model,
+                        n,
+                        steps,
+                        prompt,
+                        background,
+                        mode,
+                        args.gap_us * 1e-6,
+                        pooled,
+                        args.warmup,
                     )
-                )
+                    for _ in range(max(1, args.repeat))
+                ]
+                rows.append(_median_run(runs))
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{mode} bg={background} pool={pooled} n={n}: {type(e).__name__}: {e}")
     pages = []
@@ -284,8 +327,10 @@ def main(argv=None) -> int:
     lines = [
         f"cache geometry: {args.model} ({MODEL_LAYERS[args.model]} layers, kv heads/dim "
         f"{bu.MODELS[args.model][1]}x{bu.MODELS[args.model][2]}, bf16, token_major), device {args.device}; "
-        f"prompt {prompt} tokens then {steps} decode steps, {args.gap_us:.0f} us untimed pause between steps "
-        "(stands in for the forward pass; the background thread maps during it); host time, no device sync",
+        f"prompt {prompt} tokens, {args.warmup} untimed warm-up decode steps, then {steps} timed decode steps, "
+        f"{args.gap_us:.0f} us untimed pause between steps "
+        "(stands in for the forward pass; the background thread maps during it); host time, no device sync; "
+        f"each row the median over {max(1, args.repeat)} run(s)",
         "",
         "| path | live requests | median / step | mean / step | p99 / step | mean / request | pages mapped in loop |",
         "|---|---|---|---|---|---|---|",

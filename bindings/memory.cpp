@@ -19,9 +19,10 @@ using vattn::memory::CacheManager;
 
 namespace {
 
-// A writable buffer over one reserved region of a host-backend cache, for torch.frombuffer.
+// A writable buffer over one reserved region of a host-backend cache, for torch.frombuffer,
+// starting at the region's guard page (region_guard_base; the views start guard_bytes in).
 // It keeps the manager alive, so views outlive neither the mapping nor the reservation.
-// Only the mapped part may be touched: the rest of the range is PROT_NONE.
+// Only the mapped part may be written: the rest of the range is read-only zero memory.
 struct RegionBuffer {
   std::shared_ptr<CacheManager> manager;
   size_t region;
@@ -45,6 +46,25 @@ vattn::memory::Layout parse_layout(const std::string& s) {
   if (s == "token_major") return vattn::memory::Layout::kTokenMajor;
   if (s == "layer_major") return vattn::memory::Layout::kLayerMajor;
   throw std::invalid_argument("vattn: layout must be 'token_major' or 'layer_major', got '" + s + "'");
+}
+
+py::dict cuda_driver_status() {
+  py::dict d;
+#if defined(VATTN_WITH_CUDA)
+  const auto st = vattn::memory::CudaBackend::driver_status();
+  d["driver_version"] = st.driver_version;
+  d["runtime_version"] = st.runtime_version;
+  d["required_driver_version"] = st.required_driver_version;
+  d["ok"] = st.ok;
+  d["message"] = st.message;
+#else
+  d["driver_version"] = 0;
+  d["runtime_version"] = 0;
+  d["required_driver_version"] = 0;
+  d["ok"] = false;
+  d["message"] = std::string("vattn was built without CUDA");
+#endif
+  return d;
 }
 
 py::object page_granularity(int device) {
@@ -71,11 +91,14 @@ void bind_memory(py::module_& m) {
 
   m.def("page_granularity", &page_granularity, py::arg("device") = 0,
         "CUDA VMM allocation granularity of a device in bytes (None without a CUDA device)");
+  m.def("cuda_driver_status", &cuda_driver_status,
+        "driver_version (cudaDriverGetVersion, 0 without a driver), runtime_version (the CUDA runtime vattn "
+        "links statically), required_driver_version, ok, message (what is wrong and what is needed)");
   m.def("host_page_bytes", &memory::HostBackend::os_page_bytes, "The OS page size (host backend granularity)");
 
   py::class_<RegionBuffer>(m, "RegionBuffer", py::buffer_protocol()).def_buffer([](RegionBuffer& b) -> py::buffer_info {
-    const uintptr_t base = b.manager->region_base(b.region);
-    const size_t bytes = b.manager->region_bytes(b.region);
+    const uintptr_t base = b.manager->region_guard_base(b.region);
+    const size_t bytes = b.manager->guard_bytes() + b.manager->region_bytes(b.region);
     return py::buffer_info(reinterpret_cast<void*>(base), 1, py::format_descriptor<uint8_t>::format(), 1,
                            {static_cast<py::ssize_t>(bytes)}, {static_cast<py::ssize_t>(1)}, /*readonly=*/false);
   });
@@ -85,7 +108,8 @@ void bind_memory(py::module_& m) {
       .def(py::init([](const std::string& backend, int device, int64_t num_layers, int64_t k_record_bytes,
                        int64_t v_record_bytes, int64_t max_batch, int64_t max_seq_len, const std::string& layout,
                        size_t page_bytes, size_t max_physical_bytes, size_t prealloc_bytes,
-                       size_t reclaim_watermark_bytes, bool background, int64_t lookahead_tokens, bool host_commit) {
+                       size_t reclaim_watermark_bytes, bool background, int64_t lookahead_tokens, bool host_commit,
+                       bool scrub_freed, int map_guard) {
              memory::Geometry g;
              g.num_layers = num_layers;
              g.k_record_bytes = k_record_bytes;
@@ -98,6 +122,8 @@ void bind_memory(py::module_& m) {
              o.reclaim_watermark_bytes = reclaim_watermark_bytes;
              o.background = background;
              o.lookahead_tokens = lookahead_tokens;
+             o.scrub_freed = scrub_freed;
+             o.map_guard = map_guard;
              const memory::Layout l = parse_layout(layout);
              return std::make_shared<CacheManager>(make_backend(backend, device, page_bytes, host_commit), g, l, o);
            }),
@@ -105,12 +131,14 @@ void bind_memory(py::module_& m) {
            py::arg("v_record_bytes"), py::arg("max_batch"), py::arg("max_seq_len"), py::arg("layout") = "token_major",
            py::arg("page_bytes") = 0, py::arg("max_physical_bytes") = 0, py::arg("prealloc_bytes") = 0,
            py::arg("reclaim_watermark_bytes") = 0, py::arg("background") = false, py::arg("lookahead_tokens") = 0,
-           py::arg("host_commit") = true)
-      .def("alloc", &CacheManager::alloc, release())
+           py::arg("host_commit") = true, py::arg("scrub_freed") = false, py::arg("map_guard") = -1)
+      .def("alloc", &CacheManager::alloc, py::arg("stream") = 0, release())
       .def("free", &CacheManager::free, py::arg("slot"), release())
       .def("is_live", &CacheManager::is_live, py::arg("slot"), release())
       .def("live_slots", &CacheManager::live_slots, release())
-      .def("reserve", &CacheManager::reserve, py::arg("slots"), py::arg("tokens"), release())
+      .def("reserve", &CacheManager::reserve, py::arg("slots"), py::arg("tokens"), py::arg("stream") = 0, release())
+      .def("record_stream", &CacheManager::record_stream, py::arg("stream"), release(),
+           "Work on the cache's memory was enqueued on this CUstream: unmapping waits for it (an event)")
       .def("commit", &CacheManager::commit, py::arg("slots"), py::arg("new_tokens"), release())
       .def("shrink", &CacheManager::shrink, py::arg("slot"), py::arg("n"), release())
       .def("length", &CacheManager::length, py::arg("slot"), release())
@@ -152,6 +180,9 @@ void bind_memory(py::module_& m) {
              d["unmap_calls"] = s.unmap_calls;
              d["create_calls"] = s.create_calls;
              d["destroy_calls"] = s.destroy_calls;
+             d["guard_bytes"] = s.guard_bytes;
+             d["scrubbed_bytes"] = s.scrubbed_bytes;
+             d["pages_pending"] = s.pages_pending;
              return d;
            })
       .def_property_readonly("page_bytes", &CacheManager::page_bytes)
@@ -161,6 +192,10 @@ void bind_memory(py::module_& m) {
       .def_property_readonly("num_regions", &CacheManager::num_regions)
       .def("region_base", &CacheManager::region_base, py::arg("region"))
       .def("region_bytes", &CacheManager::region_bytes, py::arg("region"))
+      .def("region_guard_base", &CacheManager::region_guard_base, py::arg("region"),
+           "Address of region's guard page (region_base - guard_bytes): mapped on device backends")
+      .def_property_readonly("guard_bytes", &CacheManager::guard_bytes)
+      .def_property_readonly("guard_mapped", &CacheManager::guard_mapped)
       .def(
           "layer_view",
           [](const CacheManager& self, int64_t layer) {

@@ -57,7 +57,26 @@ CacheManager::CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geome
   }
 
   for (size_t r = 0; r < nregions; ++r) {
-    regions_.push_back(std::make_unique<VirtualBuffer>(*backend_, static_cast<size_t>(g.max_batch) * slot_stride_));
+    regions_.push_back(
+        std::make_unique<VirtualBuffer>(*backend_, static_cast<size_t>(g.max_batch) * slot_stride_, page_));
+  }
+  const bool map_guard = opt.map_guard < 0 ? backend_->is_device() : opt.map_guard != 0;
+  if (map_guard) {
+    guard_page_ = backend_->create_page();
+    size_t r = 0;
+    try {
+      for (; r < nregions; ++r) backend_->map(regions_[r]->lead_base(), guard_page_);
+      backend_->zero(regions_[0]->lead_base(), page_, 0, /*wait=*/true);  // reads of it give zeros
+    } catch (...) {
+      std::vector<PhysicalBackend::Range> ranges;
+      for (size_t j = 0; j < r; ++j) ranges.push_back({regions_[j]->lead_base(), page_});
+      try {
+        backend_->unmap(ranges.data(), ranges.size());
+      } catch (...) {}
+      backend_->destroy_page(guard_page_);
+      throw;
+    }
+    guard_page_mapped_ = true;
   }
   pool_ = std::make_unique<PagePool>(*backend_, cap_pages);
   if (!pool_->fill(prealloc_pages)) throw OutOfMemory("vattn: cannot pre-create prealloc_bytes of pages");
@@ -73,8 +92,12 @@ CacheManager::~CacheManager() {
   }
   work_cv_.notify_all();
   idle_cv_.notify_all();
+  created_cv_.notify_all();
   if (worker_.joinable()) worker_.join();
   // Unmap everything (after one synchronize), then destroy the pages, then the reservations.
+  // The cache is going away, so the whole device is drained once (kernels on a stream the cache
+  // was never told about may still read it); where that is refused (a graph being captured),
+  // the recorded stream uses are waited for instead (unmap does that anyway).
   std::vector<PhysicalBackend::Range> ranges;
   for (size_t i = 0; i < slots_.size(); ++i) {
     if (slots_[i].groups == 0) continue;
@@ -82,6 +105,12 @@ CacheManager::~CacheManager() {
       ranges.push_back({page_addr(r, static_cast<int64_t>(i), 0), slots_[i].groups * page_});
     }
   }
+  if (guard_page_mapped_) {
+    for (const auto& r : regions_) ranges.push_back({r->lead_base(), page_});
+  }
+  try {
+    backend_->synchronize();
+  } catch (...) {}
   try {
     backend_->unmap(ranges.data(), ranges.size());
   } catch (...) {  // nothing to report to from a destructor; the pages are destroyed regardless
@@ -91,6 +120,7 @@ CacheManager::~CacheManager() {
       for (PageHandle h : region_pages) pool_->destroy(h);
     }
   }
+  if (guard_page_mapped_) backend_->destroy_page(guard_page_);
   pool_.reset();
   regions_.clear();
 }
@@ -146,6 +176,13 @@ void CacheManager::update_peak() {
   peak_mapped_bytes_ = std::max<uint64_t>(peak_mapped_bytes_, mapped_groups_ * regions_.size() * page_);
 }
 
+void CacheManager::scrub(const std::vector<PhysicalBackend::Range>& ranges, uintptr_t stream, bool wait) {
+  for (const auto& r : ranges) {
+    backend_->zero(r.addr, r.bytes, stream, wait);
+    scrubbed_bytes_ += r.bytes;
+  }
+}
+
 void CacheManager::unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* out, std::vector<Taken>* stolen) {
   Slot& s = slots_[static_cast<size_t>(slot)];
   if (k == 0) return;
@@ -156,7 +193,7 @@ void CacheManager::unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* o
   for (size_t r = 0; r < regions_.size(); ++r) {
     for (size_t g = first; g < s.groups; ++g) {
       if (out) out->push_back(s.pages[r][g]);
-      if (stolen) stolen->push_back(Taken{s.pages[r][g], 2, slot, r, g});
+      if (stolen) stolen->push_back(Taken{s.pages[r][g], 2, slot, r, g, true});
     }
     s.pages[r].resize(first);
   }
@@ -168,9 +205,12 @@ void CacheManager::unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* o
 // pages of free slots and the mapped-ahead surplus of live slots not in `protect`. On failure the
 // caller undoes `taken`.
 void CacheManager::take_pages(size_t count, std::vector<Taken>& taken, bool allow_steal,
-                              const std::vector<int64_t>& protect) {
+                              const std::vector<char>& protect) {
   while (count > 0 && pool_->pooled() > 0) {
-    taken.push_back(Taken{pool_->acquire(), 0});
+    bool dirty = false;
+    const PageHandle h = pool_->acquire(&dirty);
+    taken.push_back(Taken{h, 0});
+    taken.back().dirty = dirty;
     --count;
   }
   while (count > 0 && pool_->creatable() > 0) {
@@ -182,6 +222,7 @@ void CacheManager::take_pages(size_t count, std::vector<Taken>& taken, bool allo
       break;  // the device is full: try the pages idle in free slots below
     }
     taken.push_back(Taken{h, 1});
+    taken.back().dirty = !backend_->created_pages_are_zero();
     --count;
   }
   if (count > 0 && allow_steal) {
@@ -189,7 +230,7 @@ void CacheManager::take_pages(size_t count, std::vector<Taken>& taken, bool allo
     std::vector<std::pair<size_t, int64_t>> victims;  // free slots (fewest pages first), then live surplus
     for (size_t i = 0; i < slots_.size(); ++i) {
       const Slot& s = slots_[i];
-      const bool is_protected = std::find(protect.begin(), protect.end(), static_cast<int64_t>(i)) != protect.end();
+      const bool is_protected = !protect.empty() && protect[i];
       if (is_protected || surplus_groups(s) == 0) continue;
       victims.push_back({(s.live ? (size_t(1) << 60) : 0) + s.groups, static_cast<int64_t>(i)});
     }
@@ -215,7 +256,7 @@ void CacheManager::undo(std::vector<Taken>& taken) noexcept {
   std::vector<Taken> stolen;
   for (const Taken& t : taken) {
     if (t.source == 0)
-      pool_->release(t.page);
+      pool_->release(t.page, t.dirty);
     else if (t.source == 1)
       pool_->destroy(t.page);
     else
@@ -229,14 +270,14 @@ void CacheManager::undo(std::vector<Taken>& taken) noexcept {
   for (const Taken& t : stolen) {
     Slot& s = slots_[static_cast<size_t>(t.victim)];
     if (t.victim == broken || t.group != s.groups || s.pages[t.region].size() != t.group) {
-      pool_->release(t.page);
+      pool_->release(t.page, true);
       continue;
     }
     try {
       backend_->map(page_addr(t.region, t.victim, t.group), t.page);
     } catch (...) {
       broken = t.victim;
-      pool_->release(t.page);
+      pool_->release(t.page, true);
       continue;
     }
     s.pages[t.region].push_back(t.page);
@@ -274,7 +315,7 @@ void CacheManager::enforce_watermark() {
 
 // ---------------------------------------------------------------- slots
 
-int64_t CacheManager::alloc() {
+int64_t CacheManager::alloc(uintptr_t stream) {
   std::lock_guard<std::mutex> lk(mu_);
   int64_t best = -1;
   for (size_t i = 0; i < slots_.size(); ++i) {
@@ -287,6 +328,13 @@ int64_t CacheManager::alloc() {
                              " slots are in use (max_batch); free a slot first");
   }
   Slot& s = slots_[static_cast<size_t>(best)];
+  if (opt_.scrub_freed && s.dirty && s.groups > 0) {
+    // The previous request's bytes go before the slot is handed out (a failure leaves it free).
+    std::vector<PhysicalBackend::Range> ranges;
+    for (size_t r = 0; r < regions_.size(); ++r) ranges.push_back({page_addr(r, best, 0), s.groups * page_});
+    scrub(ranges, stream, /*wait=*/false);
+  }
+  s.dirty = false;
   s.live = true;
   s.length = 0;
   s.target = 0;
@@ -300,6 +348,7 @@ void CacheManager::free(int64_t slot) {
   s.live = false;
   s.length = 0;
   s.target = 0;
+  s.dirty = true;
   // The pages stay mapped for the next alloc while idle pages stay under the watermark.
   try {
     enforce_watermark();
@@ -325,14 +374,17 @@ std::vector<int64_t> CacheManager::live_slots() const {
 
 // ---------------------------------------------------------------- growth / shrink
 
-void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens) {
-  std::lock_guard<std::mutex> lk(mu_);
+void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens, uintptr_t stream) {
+  std::unique_lock<std::mutex> lk(mu_);
   if (slots.size() != tokens.size()) {
     throw std::invalid_argument("vattn: reserve got " + std::to_string(slots.size()) + " slots and " +
                                 std::to_string(tokens.size()) + " token counts");
   }
   // Validate everything before touching anything; a slot given twice keeps its largest request.
+  // O(slots): a per-slot index into req instead of searching it.
   std::vector<std::pair<int64_t, int64_t>> req;
+  req.reserve(slots.size());
+  std::vector<int32_t> where(slots_.size(), -1);
   for (size_t i = 0; i < slots.size(); ++i) {
     live_slot(slots[i]);
     if (tokens[i] < 0 || tokens[i] > geom_.max_seq_len) {
@@ -340,29 +392,44 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
                                   std::to_string(slots[i]) +
                                   ": must be in [0, max_seq_len=" + std::to_string(geom_.max_seq_len) + "]");
     }
-    auto it = std::find_if(req.begin(), req.end(), [&](const auto& p) { return p.first == slots[i]; });
-    if (it == req.end())
+    int32_t& w = where[static_cast<size_t>(slots[i])];
+    if (w < 0) {
+      w = static_cast<int32_t>(req.size());
       req.push_back({slots[i], tokens[i]});
-    else
-      it->second = std::max(it->second, tokens[i]);
+    } else {
+      req[static_cast<size_t>(w)].second = std::max(req[static_cast<size_t>(w)].second, tokens[i]);
+    }
   }
   const size_t R = regions_.size();
   size_t total = 0;
-  std::vector<int64_t> protect;
   for (const auto& p : req) {
     const size_t want = groups_for(p.second);
     const size_t have = slots_[static_cast<size_t>(p.first)].groups;
     if (want > have) total += (want - have) * R;
-    protect.push_back(p.first);
   }
+  std::vector<char> protect;  // built only when pages must be found
 
   if (total > 0) {
+    protect.assign(slots_.size(), 0);
+    for (const auto& p : req) protect[static_cast<size_t>(p.first)] = 1;
     // Fail early, with nothing touched, when even the idle pages of other slots cannot cover it.
-    size_t available = pool_->pooled() + std::min(pool_->creatable(), total);
-    for (size_t i = 0; i < slots_.size() && available < total; ++i) {
-      if (std::find(protect.begin(), protect.end(), static_cast<int64_t>(i)) == protect.end()) {
-        available += surplus_groups(slots_[i]) * R;
+    auto available_pages = [&] {
+      size_t a = pool_->pooled() + std::min(pool_->creatable(), total);
+      for (size_t i = 0; i < slots_.size() && a < total; ++i) {
+        if (!protect[i]) a += surplus_groups(slots_[i]) * R;
       }
+      return a;
+    };
+    size_t available = available_pages();
+    // Pages the background thread is creating right now count against the cap but are not in
+    // the pool yet. Only when the call cannot be covered without them, wait for them (and let
+    // the thread start no new ones meanwhile) rather than fail; otherwise never wait for it.
+    if (available < total && pool_->pending() > 0) {
+      ++foreground_waiting_;
+      created_cv_.wait(lk, [&] { return stop_ || pool_->pending() == 0; });
+      --foreground_waiting_;
+      if (foreground_waiting_ == 0) work_cv_.notify_one();
+      available = available_pages();
     }
     if (available < total) {
       throw OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(total) + " pages of " +
@@ -375,26 +442,41 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
   std::vector<Taken> taken;
   std::vector<size_t> before(req.size());
   for (size_t i = 0; i < req.size(); ++i) before[i] = slots_[static_cast<size_t>(req[i].first)].groups;
-  size_t next = 0;
+  std::vector<PhysicalBackend::Range> dirty;  // pages this call mapped that must be zeroed
   try {
-    if (total > 0) take_pages(total, taken, /*allow_steal=*/true, protect);
-    for (const auto& p : req) {
-      Slot& s = slots_[static_cast<size_t>(p.first)];
-      const size_t want = groups_for(p.second);
-      while (s.groups < want) {
+    if (total > 0) {
+      take_pages(total, taken, /*allow_steal=*/true, protect);
+      // taken is consumed slot by slot, region by region: each (slot, region) gets one
+      // contiguous run of pages, mapped with one backend call.
+      size_t next = 0;
+      std::vector<PageHandle> run;
+      for (const auto& p : req) {
+        Slot& s = slots_[static_cast<size_t>(p.first)];
+        const size_t want = groups_for(p.second);
+        if (want <= s.groups) continue;
+        const size_t k = want - s.groups;
         for (size_t r = 0; r < R; ++r) {
-          const PageHandle h = taken[next].page;
-          backend_->map(page_addr(r, p.first, s.groups), h);
-          s.pages[r].push_back(h);
-          ++next;
+          run.clear();
+          for (size_t j = 0; j < k; ++j) {
+            const Taken& t = taken[next + j];
+            run.push_back(t.page);
+            if (opt_.scrub_freed && t.dirty) dirty.push_back({page_addr(r, p.first, s.groups + j), page_});
+          }
+          backend_->map(page_addr(r, p.first, s.groups), run.data(), k);
+          s.pages[r].insert(s.pages[r].end(), run.begin(), run.end());
+          next += k;
         }
-        ++s.groups;
-        ++mapped_groups_;
+        s.groups = want;
+        mapped_groups_ += k;
       }
+      if (!dirty.empty()) scrub(dirty, stream, /*wait=*/false);
+      // Pages stolen in whole groups may exceed what was needed: the rest goes to the pool.
+      for (; next < taken.size(); ++next) pool_->release(taken[next].page, true);
+      taken.clear();
     }
   } catch (...) {
-    // Undo: unmap what this call mapped (whole groups and a partly mapped last group), then
-    // give back every page taken.
+    // Undo: unmap what this call mapped (whole runs of each slot and region), then give back
+    // every page taken (taken still lists them all, mapped or not).
     std::vector<PhysicalBackend::Range> ranges;
     for (size_t i = 0; i < req.size(); ++i) {
       Slot& s = slots_[static_cast<size_t>(req[i].first)];
@@ -412,8 +494,6 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
     undo(taken);
     throw;
   }
-  // Pages stolen in whole groups may exceed what was needed: the rest goes to the pool.
-  for (; next < taken.size(); ++next) pool_->release(taken[next].page);
   for (const auto& p : req) {
     Slot& s = slots_[static_cast<size_t>(p.first)];
     s.target = std::max(s.target, p.second);
@@ -422,15 +502,21 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
   note_change();
 }
 
+void CacheManager::record_stream(uintptr_t stream) {
+  std::lock_guard<std::mutex> lk(mu_);
+  backend_->record_use(stream);
+}
+
 void CacheManager::commit(const std::vector<int64_t>& slots, const std::vector<int64_t>& new_tokens) {
   std::lock_guard<std::mutex> lk(mu_);
   if (slots.size() != new_tokens.size())
     throw std::invalid_argument("vattn: commit: slots and new_tokens differ in length");
+  std::vector<char> seen(slots_.size(), 0);
   for (size_t i = 0; i < slots.size(); ++i) {
     Slot& s = live_slot(slots[i]);
-    if (std::count(slots.begin(), slots.end(), slots[i]) > 1) {
-      throw std::invalid_argument("vattn: slot " + std::to_string(slots[i]) + " given twice");
-    }
+    char& once = seen[static_cast<size_t>(slots[i])];
+    if (once) throw std::invalid_argument("vattn: slot " + std::to_string(slots[i]) + " given twice");
+    once = 1;
     const int64_t n = s.length + new_tokens[i];
     const int64_t cap =
         std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
@@ -459,7 +545,7 @@ void CacheManager::shrink(int64_t slot, int64_t n) {
   if (s.groups > want) {
     std::vector<PageHandle> pages;
     unmap_tail(slot, s.groups - want, &pages, nullptr);
-    for (PageHandle h : pages) pool_->release(h);
+    for (PageHandle h : pages) pool_->release(h, true);
   }
   s.length = n;
   s.target = n;
@@ -533,17 +619,25 @@ Stats CacheManager::stats() const {
   st.idle_bytes = idle_pages() * page_;
   st.resident_bytes = backend_->resident_bytes();
   st.peak_mapped_bytes = peak_mapped_bytes_;
-  const BackendCounters& c = backend_->counters();
+  const BackendCounters c = backend_->counters();
   st.map_calls = c.maps;
   st.unmap_calls = c.unmaps;
   st.create_calls = c.creates;
   st.destroy_calls = c.destroys;
+  st.guard_bytes = guard_page_mapped_ ? page_ : 0;
+  st.scrubbed_bytes = scrubbed_bytes_;
+  st.pages_pending = pool_->pending();
   return st;
 }
 
 uintptr_t CacheManager::region_base(size_t r) const {
   if (r >= regions_.size()) throw std::out_of_range("vattn: region index out of range");
   return regions_[r]->base();
+}
+
+uintptr_t CacheManager::region_guard_base(size_t r) const {
+  if (r >= regions_.size()) throw std::out_of_range("vattn: region index out of range");
+  return regions_[r]->lead_base();
 }
 
 size_t CacheManager::region_bytes(size_t r) const {
@@ -595,42 +689,59 @@ void CacheManager::wait_background_idle() {
   idle_cv_.wait(lk, [&] { return stop_ || (worker_idle_ && worker_seen_epoch_ == epoch_); });
 }
 
-// One unit of background work under the mutex: top the pool up to prealloc, or map one page
-// group ahead for a live slot. Never steals pages and never throws; false when there is
-// nothing it can do until the state changes.
-bool CacheManager::worker_step() {
+// Pages the pool should hold (pooled + being created) for the background thread: what mapping
+// ahead for every live slot still needs, plus the prealloc reserve while idle pages stay under
+// the watermark. Bounded later by the cap (begin_create).
+size_t CacheManager::worker_pool_target() const {
   const size_t prealloc_pages = (opt_.prealloc_bytes + page_ - 1) / page_;
   const size_t limit = std::max(opt_.reclaim_watermark_bytes, opt_.prealloc_bytes) / page_;
-  if (pool_->pooled() < prealloc_pages && pool_->creatable() > 0 && idle_pages() < limit) {
-    try {
-      pool_->release(pool_->create());
-      return true;
-    } catch (...) { return false; }
+  size_t target = idle_pages() < limit ? prealloc_pages : 0;
+  if (opt_.lookahead_tokens > 0) {
+    for (const Slot& s : slots_) {
+      if (!s.live) continue;
+      const int64_t ahead = std::min<int64_t>(geom_.max_seq_len, std::max(s.length, s.target) + opt_.lookahead_tokens);
+      const size_t want = groups_for(ahead);
+      if (want > s.groups) target += (want - s.groups) * regions_.size();
+    }
   }
+  return target;
+}
+
+// Maps one page group ahead for the first live slot that wants one, from pooled pages only
+// (never creates under the mutex, never steals). False when no slot wants one or the pool lacks
+// the pages. Never throws.
+bool CacheManager::worker_map_ahead() {
   if (opt_.lookahead_tokens <= 0) return false;
   const size_t R = regions_.size();
+  if (pool_->pooled() < R) return false;
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
     if (!s.live) continue;
     const int64_t ahead = std::min<int64_t>(geom_.max_seq_len, std::max(s.length, s.target) + opt_.lookahead_tokens);
     if (s.groups >= groups_for(ahead)) continue;
     std::vector<Taken> taken;
+    size_t r = 0;
     try {
-      take_pages(R, taken, /*allow_steal=*/false, {});
-      size_t r = 0;
-      try {
-        for (; r < R; ++r) backend_->map(page_addr(r, static_cast<int64_t>(i), s.groups), taken[r].page);
-      } catch (...) {
-        std::vector<PhysicalBackend::Range> ranges;
-        for (size_t j = 0; j < r; ++j) ranges.push_back({page_addr(j, static_cast<int64_t>(i), s.groups), page_});
-        backend_->unmap(ranges.data(), ranges.size());
-        throw;
+      take_pages(R, taken, /*allow_steal=*/false, {});  // from the pool: pooled() >= R
+      for (; r < R; ++r) backend_->map(page_addr(r, static_cast<int64_t>(i), s.groups), taken[r].page);
+      if (opt_.scrub_freed) {
+        std::vector<PhysicalBackend::Range> dirty;
+        for (size_t j = 0; j < R; ++j) {
+          if (taken[j].dirty) dirty.push_back({page_addr(j, static_cast<int64_t>(i), s.groups), page_});
+        }
+        // No caller stream here: the backend's own stream, waited for (this thread only).
+        scrub(dirty, 0, /*wait=*/true);
       }
     } catch (...) {
+      std::vector<PhysicalBackend::Range> ranges;
+      for (size_t j = 0; j < r; ++j) ranges.push_back({page_addr(j, static_cast<int64_t>(i), s.groups), page_});
+      try {
+        backend_->unmap(ranges.data(), ranges.size());
+      } catch (...) {}
       undo(taken);
       return false;
     }
-    for (size_t r = 0; r < R; ++r) s.pages[r].push_back(taken[r].page);
+    for (size_t j = 0; j < R; ++j) s.pages[j].push_back(taken[j].page);
     ++s.groups;
     ++mapped_groups_;
     update_peak();
@@ -639,20 +750,43 @@ bool CacheManager::worker_step() {
   return false;
 }
 
+// The background thread. Each round, under the mutex: map one group ahead from the pool if a
+// slot wants one (fast); else, if the pool holds fewer pages than worker_pool_target, claim one
+// page of the cap and create it with the mutex released (the slow part), then put it in the
+// pool. A failed creation (device full, injected failure) is not retried until the state
+// changes. Sleeps on work_cv_ when there is nothing to do.
 void CacheManager::worker_main() {
   std::unique_lock<std::mutex> lk(mu_);
   while (!stop_) {
-    if (worker_step()) {
+    if (worker_map_ahead()) {
       // Let foreground calls in between units of work.
       lk.unlock();
       std::this_thread::yield();
       lk.lock();
       continue;
     }
+    const bool may_create = foreground_waiting_ == 0 && create_failed_epoch_ != epoch_;
+    if (may_create && pool_->pooled() + pool_->pending() < worker_pool_target() && pool_->begin_create()) {
+      lk.unlock();
+      PageHandle h = 0;
+      bool ok = true;
+      try {
+        h = backend_->create_page();
+      } catch (...) { ok = false; }
+      lk.lock();
+      if (ok) {
+        pool_->finish_create(h, !backend_->created_pages_are_zero());
+      } else {
+        pool_->abort_create();
+        create_failed_epoch_ = epoch_;
+      }
+      created_cv_.notify_all();
+      continue;
+    }
     worker_seen_epoch_ = epoch_;
     worker_idle_ = true;
     idle_cv_.notify_all();
-    work_cv_.wait(lk, [&] { return stop_ || epoch_ != worker_seen_epoch_; });
+    work_cv_.wait(lk, [&] { return stop_ || (epoch_ != worker_seen_epoch_ && foreground_waiting_ == 0); });
     worker_idle_ = false;
   }
 }

@@ -16,9 +16,24 @@
 // their own bytes per token, beside these.
 // Each slot's part of a region is padded to whole pages, so slots never share a page.
 //
-// Thread safety: every public method takes the manager's mutex; the optional background
-// thread maps ahead for live slots one page group at a time under the same mutex and sleeps on
-// a condition variable when there is nothing to do.
+// Thread safety: every public method takes the manager's mutex. The optional background thread
+// keeps the page pool filled ahead of demand and maps ahead for live slots: it creates pages
+// (the slow part: cuMemCreate, or fallocate on the host) outside the mutex, the created page
+// counting against max_physical_bytes from the moment its creation starts, and maps pooled pages
+// into slots one page group at a time under the mutex (fast), so a step's begin_step only maps
+// from the pool or finds its pages already mapped. It sleeps on a condition variable when there
+// is nothing to do. A foreground call that would run out of pages while the thread is creating
+// some waits for those (a condition variable too) instead of failing.
+//
+// Guard pages: each region is reserved with one page in front of it (VirtualBuffer's lead).
+// With map_guard (the default on device backends) one physical page, outside the pool and the
+// cap, is mapped at every region's guard, so a tensor view built from the guard address starts
+// at mapped memory whatever slot 0 holds (torch asks the CUDA driver about a view's first
+// address). On the host the guard is the reservation's read-only zero memory, which suffices.
+//
+// Scrubbing (scrub_freed): pages that held a request's tokens are zeroed before another request
+// can see them: a freed slot's pages when alloc hands the slot out again, and pooled or stolen
+// pages when they are mapped into a slot (on CUDA also fresh pages: cuMemCreate does not zero).
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -56,6 +71,8 @@ struct ManagerOptions {
   size_t reclaim_watermark_bytes = 0;  // idle pages (free slots + pool) kept beyond this go back
   bool background = false;             // background thread mapping ahead
   int64_t lookahead_tokens = 0;        // tokens mapped ahead of each live slot by that thread
+  bool scrub_freed = false;            // zero pages of finished requests before reuse
+  int map_guard = -1;                  // map a physical page at each region's guard: 1, 0, -1: device only
 };
 
 // Where layer l's K and V records live: region index, byte offset of the record of (slot 0,
@@ -80,6 +97,9 @@ struct Stats {
   uint64_t peak_mapped_bytes = 0;
   uint64_t live_slots = 0;
   uint64_t map_calls = 0, unmap_calls = 0, create_calls = 0, destroy_calls = 0;  // pages
+  uint64_t guard_bytes = 0;     // the guard page (mapped at every region's guard), outside the cap
+  uint64_t scrubbed_bytes = 0;  // zeroed by scrub_freed so far
+  uint64_t pages_pending = 0;   // being created by the background thread
 };
 
 class CacheManager {
@@ -89,14 +109,19 @@ class CacheManager {
   CacheManager(const CacheManager&) = delete;
   CacheManager& operator=(const CacheManager&) = delete;
 
-  // Slots. alloc throws std::runtime_error when all max_batch slots are live.
-  int64_t alloc();
+  // Slots. alloc throws std::runtime_error when all max_batch slots are live. stream: where a
+  // device backend enqueues the scrubbing of the slot's old pages (scrub_freed).
+  int64_t alloc(uintptr_t stream = 0);
   void free(int64_t slot);
   bool is_live(int64_t slot) const;
   std::vector<int64_t> live_slots() const;
 
   // Maps pages so that slot i holds >= tokens[i] tokens in every region. All or nothing.
-  void reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens);
+  // stream: as for alloc (scrubbing of reused pages).
+  void reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens, uintptr_t stream = 0);
+  // Work touching the cache's memory was enqueued on stream (device backends): unmapping waits
+  // for it (an event) instead of synchronizing the whole device.
+  void record_stream(uintptr_t stream);
   // Commits new tokens (length += n) after a step; they must already be mapped.
   void commit(const std::vector<int64_t>& slots, const std::vector<int64_t>& new_tokens);
   // Drops tokens beyond n (n <= length) and unmaps the pages no longer needed.
@@ -117,6 +142,11 @@ class CacheManager {
   size_t num_regions() const { return regions_.size(); }
   uintptr_t region_base(size_t r) const;
   size_t region_bytes(size_t r) const;
+  // The guard page just before region r's base (region_base(r) - guard_bytes()): always mapped
+  // on device backends (see above), where views start.
+  uintptr_t region_guard_base(size_t r) const;
+  size_t guard_bytes() const { return page_; }
+  bool guard_mapped() const { return guard_page_mapped_; }
   size_t slot_stride_bytes() const { return slot_stride_; }
   int64_t region_token_bytes() const { return region_token_bytes_; }
   LayerView layer_view(int64_t layer) const;
@@ -135,6 +165,7 @@ class CacheManager {
     int64_t length = 0;
     int64_t target = 0;                          // tokens the user asked to keep mapped (>= length)
     size_t groups = 0;                           // page groups mapped (pages per region)
+    bool dirty = false;                          // (free slot) its pages hold a finished request's bytes
     std::vector<std::vector<PageHandle>> pages;  // [region][group]
   };
   // Where a page of this call came from, to undo the call exactly.
@@ -143,6 +174,7 @@ class CacheManager {
     int source;           // 0: pool, 1: created, 2: stolen
     int64_t victim = -1;  // stolen from slot...
     size_t region = 0, group = 0;
+    bool dirty = false;  // may hold another request's bytes (scrubbed once mapped, with scrub_freed)
   };
 
   void check_slot(int64_t slot) const;      // index in range
@@ -152,9 +184,8 @@ class CacheManager {
   uintptr_t page_addr(size_t region, int64_t slot, size_t group) const;
   size_t surplus_groups(const Slot& s) const;  // mapped groups nobody asked for
   size_t idle_pages() const;
-  void map_groups(int64_t slot, size_t want, std::vector<Taken>& taken, bool allow_steal,
-                  const std::vector<int64_t>& protect);
-  void take_pages(size_t count, std::vector<Taken>& taken, bool allow_steal, const std::vector<int64_t>& protect);
+  // protect: one flag per slot (its pages may not be stolen), or empty: none protected.
+  void take_pages(size_t count, std::vector<Taken>& taken, bool allow_steal, const std::vector<char>& protect);
   void undo(std::vector<Taken>& taken) noexcept;
   // Unmaps the last k groups of a slot; the pages are returned in `out` (region-major order).
   void unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* out, std::vector<Taken>* stolen);
@@ -162,7 +193,9 @@ class CacheManager {
   void note_change();
   void update_peak();
   void worker_main();
-  bool worker_step();
+  bool worker_map_ahead();
+  size_t worker_pool_target() const;
+  void scrub(const std::vector<PhysicalBackend::Range>& ranges, uintptr_t stream, bool wait);
 
   std::unique_ptr<PhysicalBackend> backend_;
   Geometry geom_;
@@ -176,11 +209,17 @@ class CacheManager {
   std::vector<Slot> slots_;
   size_t mapped_groups_ = 0;
   uint64_t peak_mapped_bytes_ = 0;
+  uint64_t scrubbed_bytes_ = 0;
+  PageHandle guard_page_ = 0;
+  bool guard_page_mapped_ = false;
 
   mutable std::mutex mu_;
-  std::condition_variable work_cv_;  // wakes the worker: state changed or stop
-  std::condition_variable idle_cv_;  // wakes wait_background_idle
-  uint64_t epoch_ = 0;               // bumped on every change the worker may act on
+  std::condition_variable work_cv_;              // wakes the worker: state changed or stop
+  std::condition_variable idle_cv_;              // wakes wait_background_idle
+  std::condition_variable created_cv_;           // wakes a foreground call waiting for pending creations
+  int foreground_waiting_ = 0;                   // such calls: the worker starts no new creation meanwhile
+  uint64_t create_failed_epoch_ = ~uint64_t(0);  // epoch at the worker's last failed creation
+  uint64_t epoch_ = 0;                           // bumped on every change the worker may act on
   uint64_t worker_seen_epoch_ = ~uint64_t(0);
   bool worker_idle_ = false;
   bool stop_ = false;

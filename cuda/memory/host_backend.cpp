@@ -78,6 +78,7 @@ uintptr_t HostBackend::do_reserve(size_t bytes) {
 void HostBackend::do_release(uintptr_t addr, size_t bytes) noexcept { munmap(reinterpret_cast<void*>(addr), bytes); }
 
 PageHandle HostBackend::do_create_page() {
+  std::lock_guard<std::mutex> lk(mu_);
   size_t index;
   if (!free_offsets_.empty()) {
     index = free_offsets_.back();
@@ -103,16 +104,35 @@ PageHandle HostBackend::do_create_page() {
 }
 
 void HostBackend::do_destroy_page(PageHandle h) noexcept {
+  std::lock_guard<std::mutex> lk(mu_);
   // Punching the hole frees the memory; the file keeps its size (and stays sparse).
   fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(h * page_bytes()),
             static_cast<off_t>(page_bytes()));
   free_offsets_.push_back(h);
 }
 
-void HostBackend::do_map(uintptr_t addr, PageHandle h) {
-  void* p = mmap(reinterpret_cast<void*>(addr), page_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_,
-                 static_cast<off_t>(h * page_bytes()));
-  if (p == MAP_FAILED) throw_errno("mmap (map page)", errno);
+void HostBackend::do_map(uintptr_t addr, const PageHandle* pages, size_t n) {
+  // One mmap per run of pages that are also consecutive in the file.
+  const size_t page = page_bytes();
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i + 1;
+    while (j < n && pages[j] == pages[j - 1] + 1) ++j;
+    void* p = mmap(reinterpret_cast<void*>(addr + i * page), (j - i) * page, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_FIXED, fd_, static_cast<off_t>(pages[i] * page));
+    if (p == MAP_FAILED) {
+      const int err = errno;
+      if (i > 0) {  // all or nothing: put the zero memory back over what this call mapped
+        mmap(reinterpret_cast<void*>(addr), i * page, kUnmappedProt, kReserveFlags | MAP_FIXED, -1, 0);
+      }
+      throw_errno("mmap (map page)", err);
+    }
+    i = j;
+  }
+}
+
+void HostBackend::zero(uintptr_t addr, size_t bytes, uintptr_t, bool) {
+  std::memset(reinterpret_cast<void*>(addr), 0, bytes);
 }
 
 void HostBackend::do_unmap(uintptr_t addr, size_t bytes) {

@@ -7,6 +7,7 @@
 //   unmap    the same read-only anonymous mapping put back over the range (reads give zeros)
 //   destroy  fallocate(PUNCH_HOLE|KEEP_SIZE) on the offset: the memory really goes back
 #include <cstddef>
+#include <mutex>
 #include <vector>
 
 #include "memory/backend.h"
@@ -24,8 +25,10 @@ class HostBackend final : public PhysicalBackend {
 
   bool is_device() const override { return false; }
   std::string name() const override { return "host"; }
-  size_t resident_bytes() const override;  // memfd st_blocks * 512
-  void synchronize() override {}           // the CPU writes synchronously
+  bool created_pages_are_zero() const override { return true; }  // a new memfd block reads as zeros
+  size_t resident_bytes() const override;                        // memfd st_blocks * 512
+  void synchronize() override {}                                 // the CPU writes synchronously
+  void zero(uintptr_t addr, size_t bytes, uintptr_t stream, bool wait) override;
 
   static size_t os_page_bytes();
 
@@ -34,12 +37,15 @@ class HostBackend final : public PhysicalBackend {
   void do_release(uintptr_t addr, size_t bytes) noexcept override;
   PageHandle do_create_page() override;
   void do_destroy_page(PageHandle h) noexcept override;
-  void do_map(uintptr_t addr, PageHandle h) override;
+  void do_map(uintptr_t addr, const PageHandle* pages, size_t n) override;
   void do_unmap(uintptr_t addr, size_t bytes) override;
 
  private:
   int fd_ = -1;
   bool commit_;
+  // Guards the offset bookkeeping below: pages are created by the background thread while the
+  // manager's thread may destroy others.
+  std::mutex mu_;
   size_t file_pages_ = 0;                 // memfd size in pages (grows, stays sparse)
   std::vector<PageHandle> free_offsets_;  // page indices of the file not holding a page
   size_t next_offset_ = 0;                // first never-used page index

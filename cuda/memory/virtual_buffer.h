@@ -2,6 +2,8 @@
 // VirtualBuffer: one reserved virtual range (no memory behind it until pages are mapped),
 // given back when the buffer dies. Its address never changes, which is what keeps the views
 // handed to kernels (and captured CUDA graphs) valid while the cache grows and shrinks.
+// An optional lead (guard) of `lead` bytes is reserved just before base(): the cache manager
+// keeps a page mapped there so that tensor views can start at an always-mapped address.
 #include <cstddef>
 #include <cstdint>
 
@@ -12,18 +14,21 @@ namespace memory {
 
 class VirtualBuffer {
  public:
-  VirtualBuffer(PhysicalBackend& backend, size_t bytes)
-      : backend_(backend), bytes_(bytes), base_(backend.reserve(bytes)) {}
-  ~VirtualBuffer() { backend_.release(base_, bytes_); }
+  VirtualBuffer(PhysicalBackend& backend, size_t bytes, size_t lead = 0)
+      : backend_(backend), bytes_(bytes), lead_(lead), base_(backend.reserve(bytes + lead) + lead) {}
+  ~VirtualBuffer() { backend_.release(base_ - lead_, bytes_ + lead_); }
   VirtualBuffer(const VirtualBuffer&) = delete;
   VirtualBuffer& operator=(const VirtualBuffer&) = delete;
 
   uintptr_t base() const { return base_; }
   size_t bytes() const { return bytes_; }
+  uintptr_t lead_base() const { return base_ - lead_; }  // start of the guard
+  size_t lead() const { return lead_; }
 
  private:
   PhysicalBackend& backend_;
   size_t bytes_;
+  size_t lead_;
   uintptr_t base_;
 };
 

@@ -16,6 +16,19 @@ def info() -> dict[str, Any]:
         "cuda_runtime_version": int(_C.cuda_runtime_version),
         "cuda_devices": list(_C.cuda_devices()) if _C.built_with_cuda else [],
     }
+    # The CUDA runtime is linked statically, so the driver must support its version: with an older
+    # driver every CUDA call fails. Say which driver this machine has and what is needed.
+    if _C.built_with_cuda:
+        drv = dict(_C.cuda_driver_status())
+        out["cuda_driver_version"] = int(drv["driver_version"])  # cudaDriverGetVersion, 0: no driver
+        out["cuda_driver_required"] = int(drv["required_driver_version"])
+        out["cuda_driver_ok"] = bool(drv["ok"])
+        if not drv["ok"]:
+            out["cuda_driver_problem"] = str(drv["message"])
+    else:
+        out["cuda_driver_version"] = None
+        out["cuda_driver_required"] = None
+        out["cuda_driver_ok"] = None
     try:
         import torch
 

@@ -171,6 +171,17 @@ class KVCache:
                                are unmapped and destroyed (default 64 pages)
       background               a thread maps pages ahead of each live slot and refills the pool
       lookahead_tokens         how far ahead that thread maps (default one page of tokens)
+      scrub_freed              zero the pages of a finished request before another request can see
+                               them (a reused slot's pages at alloc, pooled / stolen pages when they
+                               are mapped into a slot). Default False: attention never reads past a
+                               row's length, so another request's bytes are visible only to code
+                               reading a view beyond a slot's length, within the same process; the
+                               price is a zeroing pass over every reused page, on the hot path (host:
+                               a memset; alloc of a slot whose last request held 512 tokens of
+                               Llama-3-8B, 32 pages of 2 MiB, took 27-31 ms instead of 1 us on a
+                               loaded 2-core machine; CUDA: cuMemsetD8Async on the current stream, no
+                               host wait). Turn it on where requests of different users must not see
+                               each other's bytes even through raw views.
       smooth_keys              quantized keys are stored minus a per-(slot, layer, kv head) channel
                                mean taken from the request's first step (its prompt). Softmax is
                                invariant to that shift, so attention outputs and scores do not change,
@@ -197,6 +208,7 @@ class KVCache:
         prealloc_bytes: int = 0,
         reclaim_watermark_bytes: Optional[int] = None,
         background: bool = False,
+        scrub_freed: bool = False,
         lookahead_tokens: Optional[int] = None,
         smooth_keys="auto",
         _host_commit: bool = True,
@@ -231,6 +243,9 @@ class KVCache:
                 raise RuntimeError(
                     "device='cuda' needs a CUDA build of vattn (this one was built without CUDA); use device='cpu'"
                 )
+            drv = _C.cuda_driver_status()
+            if not drv["ok"]:
+                raise RuntimeError(f"device='cuda': {drv['message']}")
             if not torch.cuda.is_available() or _C.cuda_device_count() == 0:
                 raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
             dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
@@ -284,10 +299,13 @@ class KVCache:
             background=bool(background),
             lookahead_tokens=lookahead,
             host_commit=bool(_host_commit),
+            scrub_freed=bool(scrub_freed),
         )
         self.page_bytes = int(self._m.page_bytes)
         self.token_bytes = int(self._m.token_bytes)  # one stored token, all layers, K and V, scales included
         self.background = bool(background)
+        self.scrub_freed = bool(scrub_freed)
+        self._cuda_scrub = self.scrub_freed and dev.type == "cuda"
         self._lengths_host = [0] * self.max_batch
         self._lengths = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
         self._lengths_np = self._lengths.numpy() if dev.type == "cpu" else None  # same memory (see _set_lengths)
@@ -325,7 +343,7 @@ class KVCache:
     def alloc(self) -> int:
         """A free slot (length 0). RuntimeError when all `max_batch` slots are live."""
         with self._lock:
-            slot = int(self._m.alloc())
+            slot = int(self._m.alloc(self._stream()))
             self._logical[slot] = 0
             if self._scores is not None:
                 self._scores[slot].zero_()
@@ -336,6 +354,7 @@ class KVCache:
         with self._lock:
             slot = self._live(slot)
             self._no_open_step(slot, "free")
+            self._record_use()
             self._m.free(slot)
             self._set_lengths({slot: 0})
             self._deficit.pop(slot, None)
@@ -349,7 +368,7 @@ class KVCache:
             raise ValueError(f"cannot reserve {n} tokens: must be in [0, max_seq_len={self.max_seq_len}]")
         with self._lock:
             slot = self._live(slot)
-            self._m.reserve([slot], [n])
+            self._m.reserve([slot], [n], self._stream())
 
     def shrink(self, slot: int, n: int) -> None:
         """Keeps the first n tokens of slot and unmaps the pages no longer needed."""
@@ -360,6 +379,7 @@ class KVCache:
             length = self._lengths_host[slot]
             if not 0 <= n <= length:
                 raise ValueError(f"cannot shrink slot {slot} to {n} tokens: must be in [0, length={length}]")
+            self._record_use()
             self._m.shrink(slot, n)
             self._set_lengths({slot: n})
             self._logical[slot] -= length - n
@@ -402,12 +422,15 @@ class KVCache:
         if len(set(slots)) != len(slots):
             raise ValueError(f"begin_step got a slot twice: {slots}")
         m = self._m
-        is_live, max_batch, max_seq = m.is_live, self.max_batch, self.max_seq_len
+        max_batch, max_seq = self.max_batch, self.max_seq_len
         lengths, open_steps = self._lengths_host, self._open
         start, ends = [], []
+        # Liveness is checked by m.reserve below (all slots before it maps anything: ValueError "slot
+        # s is not allocated"), not with one native call per slot here: that was the largest per-slot
+        # cost of a step.
         for s, n in zip(slots, new_tokens):
-            if not (0 <= s < max_batch and is_live(s)):
-                self._live(s)  # raises the error
+            if not 0 <= s < max_batch:
+                self._index(s)  # raises the error
             if s in open_steps:
                 raise RuntimeError(f"slot {s} already has an open step; end it with end_step first")
             if n < 0:
@@ -417,7 +440,10 @@ class KVCache:
                 raise ValueError(f"slot {s} holds {length} tokens; {n} more exceed max_seq_len={self.max_seq_len}")
             start.append(length)
             ends.append(length + n)
-        m.reserve(slots, ends)
+        if self._cuda_scrub:  # scrubbing of reused pages goes on the current stream
+            m.reserve(slots, ends, torch.cuda.current_stream(self.device).cuda_stream)
+        else:
+            m.reserve(slots, ends)
 
         b = len(slots)
         total = sum(new_tokens)
@@ -459,6 +485,7 @@ class KVCache:
             raise TypeError(f"abort_step expects a vattn.Step, got {type(step).__name__}")
         with self._lock:
             self._check_step(step)
+            self._record_use()
             self._close_step(step)
 
     def end_step(self, step: Step) -> None:
@@ -468,6 +495,7 @@ class KVCache:
         with self._lock:
             self._check_step(step)
             self._m.commit(step.slots, step.new_tokens)
+            self._record_use()  # the step's kernels are on the current stream: unmapping waits for them
             self._close_step(step)
             self._set_lengths(dict(zip(step.slots, [a + n for a, n in zip(step.start, step.new_tokens)])))
             logical = self._logical
@@ -557,6 +585,65 @@ class KVCache:
                     device=self.device,
                 )
 
+    def enable_quest(self, block: int = 16) -> None:
+        """Keeps Quest's per-block key metadata (per-channel min and max of the keys of every block of
+        `block` stored tokens, per slot, layer and kv head), updated by vattn.append_kv and compact(),
+        so that vattn.attention(..., token_budget=N) decodes over the best blocks only. Costs
+        max_batch * ceil(max_seq_len / block) * kv_heads * 2 * head_dim * 4 bytes per layer of ordinary
+        device memory (1/16 of an fp32 K cache at block 16... 1/8 of a bf16 one)."""
+        from .quest_ops import quest_max_blocks
+
+        block = _positive(block, "block")
+        with self._lock:
+            self._m
+            if self._quest_meta is not None:
+                if block != self.quest_block:
+                    raise ValueError(f"Quest metadata already kept for blocks of {self.quest_block} tokens")
+                return
+            nb = quest_max_blocks(self.max_seq_len, block)
+            self._quest_meta = [
+                torch.zeros((self.max_batch, nb, self.num_kv_heads, 2, self.head_dim), device=self.device)
+                for _ in range(self.num_layers)
+            ]
+            self.quest_block = block
+            for s in self.live_slots():  # tokens already stored get their metadata now
+                if self._lengths_host[s]:
+                    self._quest_refresh([s])
+
+    def quest_meta(self, layer: int) -> Optional[torch.Tensor]:
+        """float32 [max_batch, blocks, kv_heads, 2, head_dim] (min, max) of one layer; None if off."""
+        if self._quest_meta is None:
+            return None
+        return self._quest_meta[self._layer_index(layer)]
+
+    def _layer_index(self, layer) -> int:
+        layer = _int(layer, "layer")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        return layer
+
+    def _quest_refresh(self, slots: List[int]) -> None:
+        """Recomputes every block of these slots (after compaction or enable_quest)."""
+        from .quest_ops import block_minmax
+
+        rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
+        lengths = torch.tensor([self._lengths_host[s] for s in slots], dtype=torch.int32, device=self.device)
+        heads = torch.stack([torch.from_numpy(self._head_lengths_np(s)) for s in slots], dim=1)  # [L, n, H]
+        heads = heads.to(self.device)
+        for layer in range(self.num_layers):
+            k, _, ks, _, _ = self._ops_layer(layer)
+            block_minmax(
+                k,
+                self._quest_meta[layer],
+                rows,
+                lengths,
+                torch.zeros_like(rows),
+                head_lengths=heads[layer].contiguous(),
+                block=self.quest_block,
+                k_scale=ks,
+                check=False,
+            )
+
     def scores(self, layer: Optional[int] = None) -> Optional[torch.Tensor]:
         """The score buffer (enable_scores), all layers, or one layer's [max_batch, kv_heads, max_seq_len]
         view to pass to vattn.attention(..., scores=...). None when not enabled."""
@@ -630,6 +717,7 @@ class KVCache:
                     scores=None if self._scores is None else self._scores[:, layer],
                 )
             heads_after = keep_lens.to(torch.int32).numpy()
+            self._record_use()  # compact_kv ran on the current stream; shrink below unmaps
             for i, s in enumerate(slots):
                 new_len = int(heads_after[i].max())
                 if self._scores is not None:  # scores past each head's new length start from zero
@@ -638,6 +726,8 @@ class KVCache:
                 self._m.shrink(s, new_len)
                 self._set_lengths({s: new_len})
                 self._set_deficit(s, new_len, heads_after[i])
+            if self._quest_meta is not None:  # tokens moved: every block of these slots changed
+                self._quest_refresh(slots)
 
     # ------------------------------------------------------------------ views
 
@@ -807,6 +897,20 @@ class KVCache:
         # alive until the copy has run, and `host` is never written again.
         return host.pin_memory().to(self.device, non_blocking=True)
 
+    def _stream(self) -> int:
+        """The current CUDA stream of the cache's device as an int (0 on the host backend)."""
+        if self.device.type == "cpu":
+            return 0
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def _record_use(self) -> None:
+        """Tells the manager that work on the cache's memory was enqueued on the current stream, so
+        that unmapping (shrink, free, pages taken from free slots) waits for it with an event instead
+        of synchronizing the device. Work on other streams the cache never saw is the caller's to
+        finish before shrink / free (as with any memory torch frees)."""
+        if self.device.type != "cpu":
+            self._m.record_stream(torch.cuda.current_stream(self.device).cuda_stream)
+
     def _set_lengths(self, changes: Dict[int, int]) -> None:
         host = self._lengths_host
         if self.device.type == "cpu":
@@ -823,13 +927,19 @@ class KVCache:
             self._lengths.copy_(torch.tensor(host, dtype=torch.int32).pin_memory(), non_blocking=True)
 
     def _region(self, r: int) -> torch.Tensor:
-        """The whole reserved region r as a 1-D uint8 tensor (not a copy)."""
+        """Region r as a 1-D uint8 tensor (not a copy), starting at the region's guard page: the
+        region's own bytes begin guard_bytes in (_strided adds it). Torch asks the CUDA driver about
+        a tensor's first address when it builds it (cudaPointerGetAttributes), which fails on an
+        unmapped page, e.g. when slot 0 is free or was never used; the manager keeps one physical
+        page mapped at every region's guard on device backends, so building views never depends on
+        what the slots hold. (Host: the guard is read-only zero memory, enough for frombuffer.)"""
         t = self._regions.get(r)
         if t is None:
             if self.device.type == "cpu":
                 t = torch.frombuffer(self._m.region_buffer(r), dtype=torch.uint8)
             else:
-                rng = _CudaRange(self._m, self._m.region_base(r), (self._m.region_bytes(r),), None, "|u1")
+                size = self._m.guard_bytes + self._m.region_bytes(r)
+                rng = _CudaRange(self._m, self._m.region_guard_base(r), (size,), None, "|u1")
                 t = torch.as_tensor(rng, device=self.device)
             self._regions[r] = t
         return t
@@ -863,7 +973,7 @@ class KVCache:
 
     def _strided(self, geo, dtype: torch.dtype) -> torch.Tensor:
         region, offset, shape, strides, isz = geo
-        return self._region(region).view(dtype).as_strided(shape, strides, offset // isz)
+        return self._region(region).view(dtype).as_strided(shape, strides, (self._m.guard_bytes + offset) // isz)
 
     def _make_views(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
         out = []
@@ -901,10 +1011,17 @@ class KVCache:
                 "kv(like='cupy') needs CuPy: pip install cupy-cuda12x (or the build for your CUDA)"
             ) from None
         out = []
+        guard = self._m.guard_bytes
         for which, fmt in (("k", self.k_format), ("v", self.v_format)):
             (region, offset, shape, strides, isz), _ = self._geometry(layer, fmt, which)
             byte_strides = tuple(st * isz for st in strides)
-            rng = _CudaRange(self._m, self._m.region_base(region) + offset, shape, byte_strides, fmt.cupy_typestr)
+            # Like _region: CuPy queries the first address of the memory it wraps, so wrap the region
+            # from its (always mapped) guard page, then cut the strided view out of it.
+            size = guard + self._m.region_bytes(region)
+            rng = _CudaRange(self._m, self._m.region_guard_base(region), (size,), None, "|u1")
+            start = guard + offset
             with cupy.cuda.Device(self.device.index):
-                out.append(cupy.asarray(rng))
+                whole = cupy.asarray(rng)
+                flat = whole[start : start + (size - start) // isz * isz].view(cupy.dtype(fmt.cupy_typestr))
+                out.append(cupy.lib.stride_tricks.as_strided(flat, shape=shape, strides=byte_strides))
         return tuple(out)

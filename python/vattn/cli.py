@@ -172,6 +172,8 @@ def cmd_info(args) -> int:
         f"build:    {'CUDA' if cuda else 'CPU only'}"
         + (f" (runtime {rt // 1000}.{rt % 1000 // 10}, archs {archs})" if cuda else "")
     )
+    if info.get("cuda_driver_problem"):
+        print(f"driver:   {info['cuda_driver_problem']}")
     print(f"torch:    {info.get('torch')} (CUDA available: {info.get('torch_cuda_available', False)})")
     devices = info.get("cuda_devices") or []
     if devices:
