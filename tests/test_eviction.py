@@ -31,6 +31,7 @@ def _cache(fmt="auto", layout="token_major", max_batch=3, watermark=None, **kw):
         device="cpu",
         page_bytes=16384,
         reclaim_watermark_bytes=watermark,
+        smooth_keys=False,  # compare with the raw stored codes (tests/test_key_smoothing.py: smoothing)
         **kw,
     )
 

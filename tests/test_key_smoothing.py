@@ -1,7 +1,8 @@
-"""Key smoothing (KVCache(smooth_keys=...)): quantized keys are stored minus a per-(slot, layer,
-kv head) channel mean from the request's first step. Softmax ignores that shift, so attention is the
-same function of the true keys, the lse is corrected back, and outlier channels no longer inflate
-every key's scale."""
+"""Key smoothing (KVCache(smooth_keys=...)): quantized keys are stored as (key - mean) / scale with a
+per-(slot, layer, kv head) channel mean and scale from the request's first step, and attention
+multiplies q by the same scale. Softmax ignores the mean's shift, so attention is the same function
+of the true keys, the lse is corrected back, and outlier channels no longer inflate every key's
+quantization step."""
 
 from __future__ import annotations
 
@@ -59,15 +60,17 @@ def test_stored_keys_are_quantized_minus_the_first_steps_mean():
     slots, _, keys = _run(cache, [[30, 9], [1, 1], [4, 1]], g)
     kc, _ = cache.kv(0)
     ks, _ = cache.kv_scales(0)
-    means = cache.key_means(0)
+    means, scales = cache.key_means(0), cache.key_scales(0)
     for s in slots:
         allk = torch.cat(keys[s])
         first = keys[s][0]
         torch.testing.assert_close(means[s], first.mean(0))
-        codes, _ = reference.quantize(allk - means[s], "int4")
+        spread = (first - first.mean(0)).abs().amax(0).sqrt()
+        torch.testing.assert_close(scales[s], spread / spread.log().mean(-1, keepdim=True).exp())
+        codes, _ = reference.quantize((allk - means[s]) / scales[s], "int4")
         assert torch.equal(kc[s, : allk.shape[0]], codes)
-        deq, _ = cache.kv(0, dequantize=True)  # adds the mean back
-        want = reference.dequantize(codes, ks[s, : allk.shape[0]], "int4", D, torch.float32) + means[s]
+        deq, _ = cache.kv(0, dequantize=True)  # undoes the smoothing
+        want = reference.dequantize(codes, ks[s, : allk.shape[0]], "int4", D, torch.float32) * scales[s] + means[s]
         torch.testing.assert_close(deq[s, : allk.shape[0]], want)
 
 
@@ -143,3 +146,21 @@ def test_a_freed_slot_takes_a_new_mean():
     vattn.append_kv(cache, 0, st, k2, torch.randn(6, H, D))
     cache.end_step(st)
     torch.testing.assert_close(cache.key_means(0)[s2], k2.mean(0))
+
+
+def test_dequantize_kv_gives_the_appended_keys_back():
+    g = torch.Generator().manual_seed(5)
+    cache = _cache("int8", "auto")
+    assert cache.smooth_keys
+    slots, _, keys = _run(cache, [[30, 9]], g, return_lse=False)
+    kd, _ = vattn.dequantize_kv(cache, 0)
+    for s in slots:
+        allk = torch.cat(keys[s])
+        err = (kd[s, : allk.shape[0]] - allk).abs().max()
+        assert err < 0.2, err  # int8 quantization error of the smoothed keys, smoothing undone
+    kc, _ = cache.kv(0)
+    ks, _ = cache.kv_scales(0)
+    raw = vattn.dequantize_kv(kc, ks, "int8")
+    assert raw.shape == kc.shape and raw.dtype == torch.float32
+    with pytest.raises(ValueError):
+        vattn.dequantize_kv(kc, ks, "auto")

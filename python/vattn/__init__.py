@@ -29,7 +29,7 @@ from .sparse_ops import compact_kv  # noqa: E402  registers torch.ops.vattn.comp
 from .quest_ops import block_minmax, quest_select, sparse_decode_attention  # noqa: E402  Quest ops
 from .cache import KVCache, Step  # noqa: E402
 from ._C import OutOfMemoryError  # noqa: E402  (a MemoryError)
-from .api import append_kv, attention  # noqa: E402
+from .api import append_kv, attention, dequantize_kv  # noqa: E402
 from . import policies  # noqa: E402,F401  eviction policies (vattn.policies.SnapKV, ...)
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "OutOfMemoryError",
     "append_kv",
     "attention",
+    "dequantize_kv",
     "info",
     "append_kv_raw",
     "decode_attention",

@@ -18,7 +18,7 @@ import torch
 
 from . import ops  # registers torch.ops.vattn.*
 
-__all__ = ["append_kv", "attention"]
+__all__ = ["append_kv", "attention", "dequantize_kv"]
 
 
 def _check_layer(cache, layer) -> None:
@@ -89,6 +89,28 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
         ops.run_append(
             k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom, head_positions[layer]
         )
+    meta = cache.quest_meta(layer) if getattr(cache, "_quest_meta", None) is not None else None
+    if meta is not None:  # Quest: the blocks this step wrote into get their key min / max again
+        _quest_update(cache, layer, step, k_view, k_scale, meta)
+
+
+def _quest_update(cache, layer, step, k_view, k_scale, meta) -> None:
+    from .quest_ops import block_minmax
+
+    new = step.cu_seqlens_q[1:] - step.cu_seqlens_q[:-1]
+    head_seqlens = None if step.head_seqlens is None else step.head_seqlens[layer]
+    start = step.seqlens - new if head_seqlens is None else (head_seqlens - new[:, None]).amin(1)
+    block_minmax(
+        k_view,
+        meta,
+        step.slot_ids,
+        step.seqlens,
+        torch.div(start, cache.quest_block, rounding_mode="floor").to(torch.int32),
+        head_lengths=head_seqlens,
+        block=cache.quest_block,
+        k_scale=k_scale,
+        check=False,
+    )
 
 
 def attention(
@@ -104,6 +126,7 @@ def attention(
     scores: Optional[torch.Tensor] = None,
     score_mode: str = "add",
     score_last_queries: Optional[int] = None,
+    token_budget: Optional[int] = None,
 ):
     """Causal attention of the step's queries ([step.total_new, q_heads, head_dim]) over one layer.
 
@@ -111,6 +134,9 @@ def attention(
     must come first). Returns out like q, or (out, lse [total_new, q_heads] float32).
     scores: optional float32 [>= max_batch, kv_heads, >= max_seq_len] indexed by slot, updated in
     place with per-token attention probabilities (vattn.ops.decode_attention / prefill_attention).
+    token_budget: Quest block-sparse decode (cache.enable_quest() first): each (row, kv head) attends
+    only to the best blocks within this many tokens (the last block always); prefill steps and rows
+    shorter than the budget attend to everything.
     """
     _check_layer(cache, layer)
     _check_step(cache, step)
@@ -127,10 +153,20 @@ def attention(
             "softcap needs the true logits, but this cache stores smoothed keys (key - channel mean); "
             "create the KVCache with smooth_keys=False for a soft-capped model"
         )
+    q_true = q
+    if means is not None:  # stored keys are (k - mean) / scale: q * scale keeps q . k - q . mean
+        group = q.shape[1] // cache.num_kv_heads
+        ks = cache._key_scales[:, layer].index_select(0, step.token_slots)
+        q = (q.float() * (ks if group == 1 else ks.repeat_interleave(group, dim=1))).to(q.dtype)
     head_seqlens = getattr(step, "head_seqlens", None)
     if head_seqlens is not None:  # compacted slots: lengths per (row, kv head) of this layer
         head_seqlens = head_seqlens[layer]
-    if step.is_decode:
+    if token_budget is not None and step.is_decode and step.max_seqlen_k > token_budget:
+        if scores is not None:
+            raise ValueError("token_budget (Quest) and scores= cannot be combined")
+        out, lse = _quest_decode(cache, layer, step, q, k_view, v_view, k_scale, v_scale, head_seqlens,
+                                 token_budget, scale, softcap, return_lse)  # fmt: skip
+    elif step.is_decode:
         out, lse = ops.run_decode(
             q,
             k_view,
@@ -172,12 +208,57 @@ def attention(
             score_mode,
             score_last_queries,
         )
-    if return_lse and means is not None:
+    if return_lse and means is not None and lse is not None:
         # The stored keys are k - mu: every logit of a query is lower by scale * q . mu, which the
         # softmax ignores but the lse does not. Add it back, so lse is the true one (for merging).
         d = q.shape[-1]
         group = q.shape[1] // cache.num_kv_heads
         mu = means[:, layer].index_select(0, step.token_slots).repeat_interleave(group, dim=1)  # [n, Hq, D]
         sc = scale if scale is not None else d**-0.5
-        lse = lse + sc * (q.float() * mu).sum(-1)
+        lse = lse + sc * (q_true.float() * mu).sum(-1)
     return (out, lse) if return_lse else out
+
+
+def _quest_decode(cache, layer, step, q, k_view, v_view, k_scale, v_scale, head_seqlens, budget, scale, softcap,
+                  return_lse):  # fmt: skip
+    from .quest_ops import quest_select, sparse_decode_attention
+
+    meta = cache.quest_meta(layer) if getattr(cache, "quest_meta", None) is not None else None
+    if meta is None:
+        raise ValueError("token_budget= needs Quest metadata: call cache.enable_quest() first")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"token_budget must be a positive int, got {budget!r}")
+    block = cache.quest_block
+    ids, counts = quest_select(
+        q, meta, step.slot_ids, step.seqlens, token_budget=budget, block=block, head_lengths=head_seqlens,
+        max_blocks_hint=-(-int(step.max_seqlen_k) // block),
+    )  # fmt: skip
+    res = sparse_decode_attention(
+        q, k_view, v_view, step.slot_ids, step.seqlens, ids, counts, block=block, head_lengths=head_seqlens,
+        scale=scale, softcap=float(softcap), return_lse=return_lse, k_scale=k_scale, v_scale=v_scale, check=False,
+    )  # fmt: skip
+    return res if return_lse else (res, None)
+
+
+def dequantize_kv(cache_or_codes, layer_or_scales=None, kv_format: Optional[str] = None, dtype=None):
+    """A dequantized copy of K/V.
+
+    dequantize_kv(cache, layer) -> (K, V): cache.kv(layer, dequantize=True), [max_batch, max_seq_len,
+    kv_heads, head_dim] in the cache dtype, each live slot's stored tokens (zeros elsewhere), with
+    any key smoothing undone (the keys as appended).
+    dequantize_kv(codes, scales, kv_format, dtype=torch.float32) -> tensor: the codes of one side of
+    any quantized cache ([..., storage elems] with their fp32 scale words [..., words]) as values."""
+    if hasattr(cache_or_codes, "kv") and not isinstance(cache_or_codes, torch.Tensor):
+        if layer_or_scales is None:
+            raise TypeError("dequantize_kv(cache, layer): pass the layer")
+        return cache_or_codes.kv(layer_or_scales, dequantize=True)
+    from . import formats
+    from .reference import dequantize
+
+    if not isinstance(cache_or_codes, torch.Tensor) or not isinstance(layer_or_scales, torch.Tensor):
+        raise TypeError("dequantize_kv(codes, scales, kv_format): codes and scales must be tensors")
+    fmt = formats.get(kv_format)
+    if not fmt.quantized:
+        raise ValueError(f"{kv_format!r} is not a quantized format")
+    dim = cache_or_codes.shape[-1] * fmt.elems_per_storage
+    return dequantize(cache_or_codes, layer_or_scales, fmt.name, dim, dtype or torch.float32)

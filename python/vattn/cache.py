@@ -186,8 +186,8 @@ class KVCache:
                                mean taken from the request's first step (its prompt). Softmax is
                                invariant to that shift, so attention outputs and scores do not change,
                                but the outlier channels of keys stop dominating each vector's scale:
-                               int4 keys lose far less (bench/RESULTS.md). "auto" (default): on for
-                               int4 keys only (8-bit keys measured slightly worse with it). Any K
+                               int4 / int8 keys lose far less (bench/RESULTS.md). "auto" (default):
+                               on for int4 and int8 keys (fp8 keys measured worse with it). Any K
                                format takes True. Not compatible with logit soft-capping (raises).
     """
 
@@ -323,18 +323,20 @@ class KVCache:
         self._scores: Optional[torch.Tensor] = None  # [max_batch, layers, kv_heads, max_seq] (enable_scores)
         if smooth_keys not in ("auto", True, False):
             raise ValueError(f"smooth_keys must be 'auto', True or False, got {smooth_keys!r}")
-        # "auto": int4 keys only. Measured on SmolLM2 (bench/RESULTS.md) smoothing helps int4 keys a
-        # lot but slightly hurts int8 / fp8 keys: RoPE turns the outlier channels, so one mean per
-        # request is not each token's offset, and 8-bit keys have little error left to remove.
-        smooth = self.k_format.name == "int4" if smooth_keys == "auto" else bool(smooth_keys)
+        # "auto": int4 and int8 keys. Measured on SmolLM2 (bench/RESULTS.md, 8 x 1024 tokens): int4
+        # +9.55% -> +4.31% perplexity, int8 +0.060% -> +0.011%, but fp8 +0.44% -> +0.64% (a float
+        # format already adapts its step to each element's magnitude), so fp8 keys are left alone.
+        smooth = self.k_format.name in ("int4", "int8") if smooth_keys == "auto" else bool(smooth_keys)
         # Key smoothing: float32 [max_batch, layers, kv_heads, head_dim] channel means, and which
         # (slot, layer) has its mean (set by the slot's first append of that layer).
-        self._key_means = (
-            torch.zeros((self.max_batch, self.num_layers, self.num_kv_heads, self.head_dim), device=dev)
-            if smooth
-            else None
-        )
+        shape = (self.max_batch, self.num_layers, self.num_kv_heads, self.head_dim)
+        self._key_means = torch.zeros(shape, device=dev) if smooth else None
+        # and per-channel scales: stored key = (key - mean) / scale, and attention multiplies q by the
+        # same scale (q . k - q . mean is unchanged), so wide channels no longer set every key's step.
+        self._key_scales = torch.ones(shape, device=dev) if smooth else None
         self._mean_set = np.zeros((self.max_batch, self.num_layers), dtype=bool)
+        self._quest_meta: Optional[List[torch.Tensor]] = None  # per layer (enable_quest)
+        self.quest_block = 0
         self._trusted_positions: set = set()  # positions.data_ptr() of open steps (see _guard)
         _guard.register(self)
 
@@ -778,9 +780,19 @@ class KVCache:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
         return self._key_means[:, layer]
 
+    def key_scales(self, layer: int) -> Optional[torch.Tensor]:
+        """The per-channel key scales of one layer (smooth_keys), float32 [max_batch, num_kv_heads,
+        head_dim]: stored key = (key - mean) / scale; vattn.attention multiplies q by scale."""
+        if self._key_scales is None:
+            return None
+        self.key_means(layer)  # checks layer
+        return self._key_scales[:, layer]
+
     def _smooth(self, layer: int, step: Step, k: torch.Tensor) -> torch.Tensor:
-        """k minus its slot's channel mean (taken now from this step's keys for a slot's first step)."""
+        """(k - mean) / scale with its slot's channel statistics (taken now from this step's keys for a
+        slot's first step)."""
         means = self._key_means[:, layer]
+        scales = self._key_scales[:, layer]
         unset = [i for i, s in enumerate(step.slots) if not self._mean_set[s, layer]]
         if unset:
             off = 0
@@ -792,9 +804,18 @@ class KVCache:
                 s, n = step.slots[i], step.new_tokens[i]
                 if n == 0:
                     continue
-                means[s] = k[offsets[i] : offsets[i] + n].float().mean(0)
+                x = k[offsets[i] : offsets[i] + n].float()
+                mu = x.mean(0)
+                means[s] = mu
+                if n > 1:  # channel spread, normalized to geometric mean 1 (only ratios matter)
+                    spread = (x - mu).abs().amax(0).clamp_min(1e-6)
+                    spread = spread.sqrt()  # half the channel range moves into q (SmoothQuant's alpha 0.5)
+                    scales[s] = spread / spread.log().mean(-1, keepdim=True).exp()
+                else:
+                    scales[s] = 1.0
                 self._mean_set[s, layer] = True
-        return (k.float() - means.index_select(0, step.token_slots)).to(k.dtype)
+        rows = step.token_slots
+        return ((k.float() - means.index_select(0, rows)) / scales.index_select(0, rows)).to(k.dtype)
 
     def _dequantized(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
         from .reference import dequantize
@@ -814,7 +835,8 @@ class KVCache:
                 else:
                     dense[s, :n] = codes[s, :n]
                 if fmt is self.k_format and codes is k and self._key_means is not None:
-                    dense[s, :n] = (dense[s, :n].float() + self._key_means[s, layer]).to(self.dtype)
+                    kd = dense[s, :n].float() * self._key_scales[s, layer] + self._key_means[s, layer]
+                    dense[s, :n] = kd.to(self.dtype)
             out.append(dense)
         return out[0], out[1]
 

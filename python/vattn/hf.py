@@ -312,6 +312,8 @@ class VAttnCache(Cache):
         self.policy = policy
         if policy is not None and policy.needs_scores:
             self.kv.enable_scores()
+        if policy is not None and hasattr(policy, "prepare"):
+            policy.prepare(self.kv)
         self._decode_steps = 0  # decode forwards since the last prompt (policy.every)
         self._compacted = False  # a policy evicted tokens: stored tokens no longer follow columns
         self.compressions: list = []  # per prompt compression: {stat: (before, after)}

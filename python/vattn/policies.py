@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Policy", "StreamingLLM", "H2O", "TOVA", "SnapKV", "PyramidKV", "AdaKV", "DelayedEviction"]
+__all__ = ["Policy", "StreamingLLM", "H2O", "TOVA", "SnapKV", "PyramidKV", "AdaKV", "DelayedEviction", "Quest"]
 
 
 def _check_keep(keep) -> None:
@@ -446,6 +446,41 @@ class DelayedEviction(Policy):
         return f"DelayedEviction(window={self.window}, every={self.every})"
 
 
+class Quest(Policy):
+    """Quest (Tang et al., 2024): query-aware block-sparse decode. Nothing is evicted (all KV stays);
+    per block of `block` stored tokens the cache keeps the per-channel min and max of the keys
+    (KVCache.enable_quest), each decode query scores every block by an upper bound of q . k
+    (sum over channels of max(q * min, q * max), summed over its GQA group) and attends only to the
+    best blocks within `token_budget` tokens, the last block always included; at any batch size,
+    with ragged lengths. Prefill is dense."""
+
+    def __init__(self, token_budget: int, block: int = 16):
+        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget <= 0:
+            raise ValueError(f"Quest: token_budget must be a positive int, got {token_budget!r}")
+        if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+            raise ValueError(f"Quest: block must be a positive int, got {block!r}")
+        self.token_budget = token_budget
+        self.block = block
+        self.keep = token_budget
+        self.every = None
+
+    @property
+    def needs_scores(self) -> bool:
+        return False
+
+    def prepare(self, cache) -> None:
+        cache.enable_quest(self.block)
+
+    def attention_kwargs(self, cache, layer: int, step) -> dict:
+        return {"token_budget": self.token_budget} if step.is_decode else {}
+
+    def apply(self, cache, slots, *, only_over_budget: bool = False) -> List[int]:
+        return []  # Quest selects per query; it never drops tokens
+
+    def __repr__(self):
+        return f"Quest(token_budget={self.token_budget}, block={self.block})"
+
+
 def parse(spec: str) -> Policy:
     """A policy from a CLI spec: "name:keep[:key=value,...]", e.g. "snapkv:0.25", "h2o:512:recent=32"."""
     parts = spec.split(":")
@@ -460,8 +495,12 @@ def parse(spec: str) -> Policy:
             k, _, v = item.partition("=")
             kwargs[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
     classes = {"streamingllm": StreamingLLM, "h2o": H2O, "tova": TOVA, "snapkv": SnapKV, "pyramidkv": PyramidKV}
+    if name == "quest":
+        if not isinstance(keep, int):
+            raise ValueError("quest takes a token budget (an int), e.g. quest:512")
+        return Quest(keep, **{k: int(v) for k, v in kwargs.items()})
     if name == "adakv":
         return AdaKV(SnapKV(keep, **kwargs))
     if name not in classes:
-        raise ValueError(f"unknown policy {name!r}; one of {sorted(classes) + ['adakv']}")
+        raise ValueError(f"unknown policy {name!r}; one of {sorted(classes) + ['adakv', 'quest']}")
     return classes[name](keep, **kwargs)
