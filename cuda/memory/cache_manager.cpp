@@ -402,41 +402,38 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
   }
   const size_t R = regions_.size();
   size_t total = 0;
-  for (const auto& p : req) {
-    const size_t want = groups_for(p.second);
-    const size_t have = slots_[static_cast<size_t>(p.first)].groups;
-    if (want > have) total += (want - have) * R;
-  }
   std::vector<char> protect;  // built only when pages must be found
-
-  if (total > 0) {
+  for (;;) {
+    total = 0;
+    for (const auto& p : req) {
+      const size_t want = groups_for(p.second);
+      const size_t have = slots_[static_cast<size_t>(p.first)].groups;
+      if (want > have) total += (want - have) * R;
+    }
+    if (total == 0) break;
     protect.assign(slots_.size(), 0);
     for (const auto& p : req) protect[static_cast<size_t>(p.first)] = 1;
     // Fail early, with nothing touched, when even the idle pages of other slots cannot cover it.
-    auto available_pages = [&] {
-      size_t a = pool_->pooled() + std::min(pool_->creatable(), total);
-      for (size_t i = 0; i < slots_.size() && a < total; ++i) {
-        if (!protect[i]) a += surplus_groups(slots_[i]) * R;
-      }
-      return a;
-    };
-    size_t available = available_pages();
-    // Pages the background thread is creating right now count against the cap but are not in
-    // the pool yet. Only when the call cannot be covered without them, wait for them (and let
-    // the thread start no new ones meanwhile) rather than fail; otherwise never wait for it.
-    if (available < total && pool_->pending() > 0) {
-      ++foreground_waiting_;
-      created_cv_.wait(lk, [&] { return stop_ || pool_->pending() == 0; });
-      --foreground_waiting_;
-      if (foreground_waiting_ == 0) work_cv_.notify_one();
-      available = available_pages();
+    size_t available = pool_->pooled() + std::min(pool_->creatable(), total);
+    for (size_t i = 0; i < slots_.size() && available < total; ++i) {
+      if (!protect[i]) available += surplus_groups(slots_[i]) * R;
     }
-    if (available < total) {
+    if (available >= total) break;
+    if (pool_->pending() == 0) {
       throw OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(total) + " pages of " +
                         std::to_string(page_) + " bytes needed, " + std::to_string(available) + " available" +
                         (pool_->max_pages() ? " (max_physical_bytes=" + std::to_string(pool_->max_pages() * page_) + ")"
                                             : std::string()));
     }
+    // Pages the background thread is creating right now count against the cap but are not in
+    // the pool yet. Only when the call cannot be covered without them, wait for them (the thread
+    // starts no new ones meanwhile), then plan again: with the mutex released, the thread may
+    // have mapped them ahead into any slot, and other calls may have run (liveness is rechecked).
+    ++foreground_waiting_;
+    created_cv_.wait(lk, [&] { return stop_ || pool_->pending() == 0; });
+    --foreground_waiting_;
+    if (foreground_waiting_ == 0) work_cv_.notify_one();
+    for (const auto& p : req) live_slot(p.first);
   }
 
   std::vector<Taken> taken;
