@@ -1,0 +1,93 @@
+#pragma once
+// Readers of K/V cache rows as fp32 for the CPU attention loops (attention_kernels.h), shared by the
+// dense engine (attention_cpu.cpp) and the Quest sparse decode (quest_cpu.cpp). Header-only.
+#include <cstdint>
+
+#include "attention_kernels.h"
+#include "vattn/kv_format.h"
+
+namespace vattn {
+namespace cpu {
+
+// One KV head of one cache row as a reader sees it: data and (quantized formats) scale words.
+template <class Format>
+struct HeadRows {
+  const typename Format::storage_t* data;
+  int64_t stride_tok;  // storage elements
+  const float* scale;  // null for plain formats
+  int64_t scale_stride_tok;
+};
+
+// Reads nk rows of one KV head as fp32: a pointer into the cache itself for fp32 storage, else a
+// converted (dequantized) copy in buf. Specialized per format (kv_format.h) where a faster loop
+// exists; the generic one dequantizes element by element through the format trait.
+// kDirect: the rows point into the cache (prefetching ahead of the block pays off), else into buf.
+template <class Format>
+struct RowReader {
+  using S = typename Format::storage_t;
+  static constexpr bool kDirect = false;
+  static const float* rows(const HeadRows<Format>& h, int j0, int nk, int, int dim, float* buf, int64_t* stride) {
+    for (int j = 0; j < nk; ++j) {
+      const S* r = h.data + (int64_t)(j0 + j) * h.stride_tok;
+      const float* w = h.scale ? h.scale + (int64_t)(j0 + j) * h.scale_stride_tok : nullptr;
+      for (int d = 0; d < dim; ++d) buf[(int64_t)j * dim + d] = Format::dequant(r, w, d);
+    }
+    *stride = dim;
+    return buf;
+  }
+};
+template <>
+struct RowReader<PlainFormat<float>> {
+  static constexpr bool kDirect = true;
+  static const float* rows(const HeadRows<PlainFormat<float>>& h, int j0, int, int, int, float*, int64_t* stride) {
+    *stride = h.stride_tok;
+    return h.data + (int64_t)j0 * h.stride_tok;
+  }
+};
+// Quantized storage: a dequantized copy through the instruction-set-dispatched row converters
+// (attention_kernels.h), which prefetch the codes and scales of the rows ahead of the block.
+template <class Format, typename S, void (*Convert)(const S*, int64_t, const float*, int64_t, int, int, int, float*)>
+struct RowReaderQuant {
+  static constexpr bool kDirect = false;
+  static const float* rows(const HeadRows<Format>& h, int j0, int nk, int avail, int dim, float* buf, int64_t* stride) {
+    Convert(h.data + (int64_t)j0 * h.stride_tok, h.stride_tok, h.scale + (int64_t)j0 * h.scale_stride_tok,
+            h.scale_stride_tok, nk, avail, dim, buf);
+    *stride = dim;
+    return buf;
+  }
+};
+template <>
+struct RowReader<Int8Format> : RowReaderQuant<Int8Format, int8_t, cpu::int8_rows_to_float> {};
+template <>
+struct RowReader<Fp8E4M3Format> : RowReaderQuant<Fp8E4M3Format, uint8_t, cpu::fp8_e4m3_rows_to_float> {};
+template <>
+struct RowReader<Int4Format> : RowReaderQuant<Int4Format, uint8_t, cpu::int4_rows_to_float> {};
+// Plain 16-bit storage: a converted copy through the instruction-set-dispatched row converter.
+template <typename S, void (*Convert)(const uint16_t*, int64_t, int, int, int, float*)>
+struct RowReader16 {
+  static constexpr bool kDirect = false;
+  static const float* rows(const HeadRows<PlainFormat<S>>& h, int j0, int nk, int avail, int dim, float* buf,
+                           int64_t* stride) {
+    Convert(reinterpret_cast<const uint16_t*>(h.data + (int64_t)j0 * h.stride_tok), h.stride_tok, nk, avail, dim, buf);
+    *stride = dim;
+    return buf;
+  }
+};
+template <>
+struct RowReader<PlainFormat<bf16_t>> : RowReader16<bf16_t, cpu::bf16_rows_to_float> {};
+template <>
+struct RowReader<PlainFormat<f16_t>> : RowReader16<f16_t, cpu::f16_rows_to_float> {};
+
+template <class Format>
+HeadRows<Format> head_rows_of(const void* base, int64_t s_row, int64_t s_tok, int64_t s_head, const float* scale,
+                              int64_t ss_row, int64_t ss_tok, int64_t ss_head, int64_t row, int64_t h) {
+  HeadRows<Format> r;
+  r.data = static_cast<const typename Format::storage_t*>(base) + row * s_row + h * s_head;
+  r.stride_tok = s_tok;
+  r.scale = Format::kScaleWords > 0 ? scale + row * ss_row + h * ss_head : nullptr;
+  r.scale_stride_tok = ss_tok;
+  return r;
+}
+
+}  // namespace cpu
+}  // namespace vattn
