@@ -296,6 +296,24 @@ class Runner:
             work = bu.decode_bytes([ctx] * batch, hq, hkv, d, es, es) + 2 * batch * hkv * ctx * 4
             anchor = bu.Anchor("decode without scores", full, lambda x: x, note="ratio < 1: the emission cost")
             self.add(kind, shape, vt, anchor, ft, "GB/s", work, params=params)
+        elif kind == "decode[quest]":
+            # Quest with 1/8 of the blocks (keep = 1/8): block scores + selection + sparse decode,
+            # timed together, vs the dense decode over everything.
+            block = 16
+            meta = torch.zeros(batch, -(-ctx // block), hkv, 2, d, device=dev)
+            rows = torch.arange(batch, dtype=torch.int32, device=dev)
+            vattn.block_minmax(k, meta, rows, lens, torch.zeros_like(rows), block=block)
+            budget = max(block, int(ctx * keep))
+
+            def quest():
+                ids, counts = vattn.quest_select(
+                    q, meta, rows, lens, token_budget=budget, block=block, max_blocks_hint=-(-ctx // block)
+                )
+                return vattn.sparse_decode_attention(q, k, v, rows, lens, ids, counts, block=block, check=False)
+
+            vt = self.time(quest)
+            work = batch * budget * hkv * d * 2 * es + meta.numel() * 4  # chosen K/V + block metadata read
+            self.add(kind, shape, vt, anchor, ft, "GB/s", work, note="select + sparse decode", params=params)
         else:  # compact_kv
             rows = torch.arange(batch, dtype=torch.int32, device=dev)
             keep_idx = torch.stack(
@@ -431,14 +449,15 @@ class Runner:
         ev = [("llama3-8b", 4, 16384), ("llama3-8b", 1, 32768)] if not self.quick else [("llama3-8b", 1, 4096)]
         if self.device == "cuda":
             ev = [("llama3-8b", 16, 16384), ("llama3-8b", 4, 32768)] if not self.quick else [("llama3-8b", 4, 8192)]
-        for kind in ("decode[evicted]", "decode[scores]", "compact_kv"):
+        for kind in ("decode[evicted]", "decode[scores]", "compact_kv", "decode[quest]"):
+            keep = 0.125 if kind == "decode[quest]" else 0.25
             for m, b, c in ev:
                 jobs.append(
                     (
                         kind,
-                        f"{m} b={b} ctx={c} keep=0.25",
+                        f"{m} b={b} ctx={c} keep={keep}",
                         "GB/s",
-                        lambda kind=kind, m=m, b=b, c=c: self.eviction(kind, m, b, c, 0.25),
+                        lambda kind=kind, m=m, b=b, c=c, keep=keep: self.eviction(kind, m, b, c, keep),
                     )
                 )
         if self.only:
