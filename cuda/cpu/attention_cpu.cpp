@@ -142,7 +142,7 @@ void validate(const AttentionParams& p, bool decode) {
 
 template <class KF, class VF, typename T>
 void run_items(const AttentionParams& p, const std::vector<Item>& items, int max_rows, int max_heads, float* part_o,
-               float* part_lse) {
+               float* part_lse, float* stage = nullptr, int64_t stage_ld = 0) {
   const int dim = p.head_dim;
   const int group = p.num_q_heads / p.num_kv_heads;
   const bool capped = p.softcap > 0.f;
@@ -225,6 +225,10 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             }
             if (capped)
               for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
+            if (stage != nullptr && w.nq == 1) {  // decode scores: keep the exp2-domain logits
+              float* st = stage + ((int64_t)w.b * p.num_q_heads + (int64_t)w.h0 * group + r) * stage_ld + jb;
+              for (int j = a; j < e; ++j) st[j] = s[j];
+            }
             const float bm = cpu::max_of(s, a, e);
             const float f = sc.st[r].rescale_to(bm);
             if (f != 1.f) {
@@ -412,8 +416,48 @@ void emit_scores(const AttentionParams& p, const float* lse) {
   }
 }
 
+// Decode scores from the logits the attention pass kept (stage [batch, q_heads, ld], exp2 domain):
+// p = 2^(x - lse2) summed over the group, for the keys the row's query sees. Work items are
+// (batch row, kv head, key chunk), each owning scores[row, h, c0:c1): no write races.
+inline void emit_decode_scores(const AttentionParams& p, const float* lse, const float* stage, int64_t ld) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  std::vector<ScoreItem> items;
+  int64_t work = 0;
+  for (int b = 0; b < p.batch; ++b)
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int len = kv_length(p, b, h);
+      for (int c0 = 0; c0 < len; c0 += kScoreChunk)
+        items.push_back(ScoreItem{b, h, c0, std::min(len, c0 + kScoreChunk)});
+      work += (int64_t)len * group;
+    }
+  const int64_t n_items = (int64_t)items.size();
+#pragma omp parallel for schedule(dynamic, 1) if (n_items > 1 && work > (1 << 16))
+  for (int64_t it = 0; it < n_items; ++it) {
+    const ScoreItem& w = items[it];
+    const int len = kv_length(p, w.b, w.h), row = cache_row(p, w.b);
+    int lo, hi;
+    visible_range(p, len - 1, len, &lo, &hi);
+    const int a = std::max(lo, w.c0), e = std::min(hi, w.c1);
+    float* dst = score_row(p, row, w.h);
+    float col[kScoreChunk];
+    std::fill(col, col + (w.c1 - w.c0), 0.f);
+    for (int g = 0; g < group; ++g) {
+      const int hq = w.h * group + g;
+      const float lq = lse[(int64_t)w.b * p.num_q_heads + hq];
+      if (!(lq > -INFINITY)) continue;
+      const float lse2 = lq * kLog2e;
+      const float* x = stage + ((int64_t)w.b * p.num_q_heads + hq) * ld;
+      for (int j = a; j < e; ++j) col[j - w.c0] += std::exp2(x[j] - lse2);
+    }
+    if (p.score_mode == kScoreReplace)
+      for (int j = w.c0; j < w.c1; ++j) dst[j] = col[j - w.c0];
+    else
+      for (int j = w.c0; j < w.c1; ++j) dst[j] += col[j - w.c0];
+  }
+}
+
 template <class KF, class VF, typename T>
-void decode_impl(const AttentionParams& p) {
+void decode_impl(const AttentionParams& p, float* stage = nullptr, int64_t stage_ld = 0) {
   const int rows = p.num_q_heads;  // one item covers every head of its batch row
   const int threads = cpu::max_threads();
   // Enough items to keep every thread busy even when a few rows are much longer than the rest.
@@ -456,7 +500,7 @@ void decode_impl(const AttentionParams& p) {
     }
   }
   std::vector<float> part_o((size_t)parts * rows * p.head_dim), part_lse((size_t)parts * rows);
-  run_items<KF, VF, T>(p, items, rows, p.num_kv_heads, part_o.data(), part_lse.data());
+  run_items<KF, VF, T>(p, items, rows, p.num_kv_heads, part_o.data(), part_lse.data(), stage, stage_ld);
   if (!split_groups.empty()) merge_splits<T>(p, items, split_groups, rows, part_o.data(), part_lse.data());
 }
 
@@ -501,6 +545,17 @@ void attention_cpu(const AttentionParams& p_in) {
   cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
     using T = decltype(t);
     dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "attention", [&](auto kf, auto vf) {
+      if (kDecode && scores && p.total_q > 0) {
+        // Decode scores, fused: the attention pass keeps each visible key's logit, and the
+        // probabilities are formed from them once every split is merged (no second read of K).
+        int64_t ld = 1;
+        for (int b = 0; b < p.batch; ++b)
+          for (int h = 0; h < p.num_kv_heads; ++h) ld = std::max<int64_t>(ld, kv_length(p, b, h));
+        std::vector<float> stage((size_t)p.batch * p.num_q_heads * ld);
+        decode_impl<decltype(kf), decltype(vf), T>(p, stage.data(), ld);
+        emit_decode_scores(p, p.lse, stage.data(), ld);
+        return;
+      }
       if (p.total_q > 0) {
         if (kDecode)
           decode_impl<decltype(kf), decltype(vf), T>(p);
