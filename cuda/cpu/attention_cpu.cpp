@@ -419,7 +419,7 @@ void emit_scores(const AttentionParams& p, const float* lse) {
 // Decode scores from the logits the attention pass kept (stage [batch, q_heads, ld], exp2 domain):
 // p = 2^(x - lse2) summed over the group, for the keys the row's query sees. Work items are
 // (batch row, kv head, key chunk), each owning scores[row, h, c0:c1): no write races.
-inline void emit_decode_scores(const AttentionParams& p, const float* lse, const float* stage, int64_t ld) {
+inline void emit_decode_scores(const AttentionParams& p, const float* lse, float* stage, int64_t ld) {
   const int group = p.num_q_heads / p.num_kv_heads;
   std::vector<ScoreItem> items;
   int64_t work = 0;
@@ -445,9 +445,11 @@ inline void emit_decode_scores(const AttentionParams& p, const float* lse, const
       const int hq = w.h * group + g;
       const float lq = lse[(int64_t)w.b * p.num_q_heads + hq];
       if (!(lq > -INFINITY)) continue;
-      const float lse2 = lq * kLog2e;
-      const float* x = stage + ((int64_t)w.b * p.num_q_heads + hq) * ld;
-      for (int j = a; j < e; ++j) col[j - w.c0] += std::exp2(x[j] - lse2);
+      if (a >= e) continue;
+      // The vectorized exp2 of the attention pass, in place on the kept logits (used once).
+      float* x = stage + ((int64_t)w.b * p.num_q_heads + hq) * ld + a;
+      cpu::exp2_weights(x, e - a, 0, e - a, lq * kLog2e);
+      for (int j = a; j < e; ++j) col[j - w.c0] += x[j - a];
     }
     if (p.score_mode == kScoreReplace)
       for (int j = w.c0; j < w.c1; ++j) dst[j] = col[j - w.c0];
