@@ -16,20 +16,8 @@ namespace py = pybind11;
 namespace vattn {
 namespace {
 
-// A pointer field as a Python int property.
-#define VATTN_PTR(Cls, field)                                                    \
-  def_property(                                                                  \
-      #field, [](const Cls& s) { return reinterpret_cast<uintptr_t>(s.field); }, \
-      [](Cls& s, uintptr_t v) { s.field = reinterpret_cast<decltype(Cls::field)>(v); })
-#define VATTN_RW(Cls, field) def_readwrite(#field, &Cls::field)
-
-// The compute functions run without the GIL so other Python threads can go on.
-using nogil = py::call_guard<py::gil_scoped_release>;
-
-template <class T>
-T* as_ptr(uintptr_t v) {
-  return reinterpret_cast<T*>(v);
-}
+using bindings::as_ptr;
+using bindings::nogil;
 
 // One-call constructors of the parameter structs, for the per-layer per-token hot path: filling a
 // struct attribute by attribute from Python costs one pybind11 call per field (~30 for attention).

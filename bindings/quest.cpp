@@ -14,18 +14,8 @@ namespace py = pybind11;
 namespace vattn {
 namespace {
 
-#define VATTN_PTR(Cls, field)                                                    \
-  def_property(                                                                  \
-      #field, [](const Cls& s) { return reinterpret_cast<uintptr_t>(s.field); }, \
-      [](Cls& s, uintptr_t v) { s.field = reinterpret_cast<decltype(Cls::field)>(v); })
-#define VATTN_RW(Cls, field) def_readwrite(#field, &Cls::field)
-
-using nogil = py::call_guard<py::gil_scoped_release>;
-
-template <class T>
-T* as_ptr(uintptr_t v) {
-  return reinterpret_cast<T*>(v);
-}
+using bindings::as_ptr;
+using bindings::nogil;
 
 BlockMetaView make_block_meta(uintptr_t data, int64_t stride_row, int64_t stride_block, int64_t stride_head,
                               int64_t stride_side, int32_t num_rows, int32_t max_blocks) {

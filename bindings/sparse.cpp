@@ -13,18 +13,8 @@ namespace py = pybind11;
 namespace vattn {
 namespace {
 
-#define VATTN_PTR(Cls, field)                                                    \
-  def_property(                                                                  \
-      #field, [](const Cls& s) { return reinterpret_cast<uintptr_t>(s.field); }, \
-      [](Cls& s, uintptr_t v) { s.field = reinterpret_cast<decltype(Cls::field)>(v); })
-#define VATTN_RW(Cls, field) def_readwrite(#field, &Cls::field)
-
-using nogil = py::call_guard<py::gil_scoped_release>;
-
-template <class T>
-T* as_ptr(uintptr_t v) {
-  return reinterpret_cast<T*>(v);
-}
+using bindings::as_ptr;
+using bindings::nogil;
 
 CompactParams make_compact_params(const KVCacheView& cache, uintptr_t row_ids, uintptr_t keep, uintptr_t keep_lens,
                                   uintptr_t scores, int64_t sc_stride_row, int64_t sc_stride_head,
