@@ -194,8 +194,14 @@ class Policy:
         return f"{type(self).__name__}(keep={self.keep!r})"
 
 
-def _group_size(cache, q_heads: Optional[int]) -> int:
-    return 1 if q_heads is None else q_heads // cache.num_kv_heads
+def _kept_indices(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(indices [H, max kept] ascending, zero-padded; counts [H]) of the True entries of a bool [H, n]."""
+    lens = mask.sum(-1)
+    idx = torch.zeros((mask.shape[0], int(lens.max()) if mask.shape[0] else 0), dtype=torch.int64)
+    for h in range(mask.shape[0]):
+        pos = torch.nonzero(mask[h]).flatten()
+        idx[h, : pos.numel()] = pos
+    return idx, lens.to(torch.int64)
 
 
 class StreamingLLM(Policy):
@@ -358,13 +364,7 @@ class AdaKV(Policy):
         mask = torch.zeros(H * n, dtype=torch.bool)
         mask[chosen] = True
         mask = mask.view(H, n) & (torch.arange(n)[None, :] < heads[:, None])
-        lens = mask.sum(-1)
-        kmax = int(lens.max()) if H else 0
-        idx = torch.zeros((H, kmax), dtype=torch.int64)
-        for h in range(H):
-            pos = torch.nonzero(mask[h]).flatten()
-            idx[h, : pos.numel()] = pos
-        return idx, lens.to(torch.int64)
+        return _kept_indices(mask)
 
     def __repr__(self):
         return f"AdaKV({self.inner!r}, alpha_safeguard={self.alpha_safeguard})"
@@ -434,13 +434,7 @@ class DelayedEviction(Policy):
         H, n = scores.shape
         keep = scores > -0.5  # unmarked, sinks-free; the recent window was raised by _forced
         keep &= torch.arange(n)[None, :] < heads[:, None]
-        lens = keep.sum(-1)
-        kmax = int(lens.max()) if H else 0
-        idx = torch.zeros((H, kmax), dtype=torch.int64)
-        for h in range(H):
-            pos = torch.nonzero(keep[h]).flatten()
-            idx[h, : pos.numel()] = pos
-        return idx, lens.to(torch.int64)
+        return _kept_indices(keep)
 
     def __repr__(self):
         return f"DelayedEviction(window={self.window}, every={self.every})"
