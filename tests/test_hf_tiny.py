@@ -412,3 +412,42 @@ def test_tiny_bf16_cuda(layout):
     # and free-running greedy generation through the cache agrees on most tokens
     out = generate(model, enc, 64, _cache(model, 4, layout), logits=False)
     assert (out.sequences == ref.sequences).float().mean().item() > 0.8
+
+
+def test_softcapped_model_with_quantized_keys_turns_smoothing_off():
+    """A Gemma-2-style model soft-caps its attention logits, which key smoothing (a shift of every
+    logit by q . mean) would change: for_model leaves smoothing off there, so an int8 cache works
+    and stays close to the default cache; asking for it explicitly still raises."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from vattn._models import ByteTokenizer
+
+    cfg = Gemma2Config(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        attn_logit_softcapping=20.0,
+        final_logit_softcapping=None,
+        sliding_window=512,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+        attn_implementation="eager",
+    )
+    cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    enc = ByteTokenizer()(["a soft-capped prompt"])
+    ref = generate(model, enc, 8)
+    cache = vhf.VAttnCache.for_model(model, max_batch=1, max_seq_len=64, kv_format="int8")
+    assert not cache.kv.smooth_keys
+    out = generate(model, enc, 8, cache)
+    assert max_logit_diff(ref, out, 8) < 0.5
+    forced = vhf.VAttnCache.for_model(model, max_batch=1, max_seq_len=64, kv_format="int8", smooth_keys=True)
+    with pytest.raises(ValueError, match="smooth_keys=False"):
+        generate(model, enc, 2, forced)

@@ -361,6 +361,8 @@ class VAttnCache(Cache):
             dtype = model.dtype
         if device is None:
             device = model.device
+        if getattr(config, "attn_logit_softcapping", None) and cache_options.get("smooth_keys", "auto") == "auto":
+            cache_options["smooth_keys"] = False  # key smoothing shifts the logits a soft-cap sees
         cache = cls(
             model.config,
             max_batch=max_batch,
