@@ -141,6 +141,14 @@ void bind_memory(py::module_& m) {
            "Work on the cache's memory was enqueued on this CUstream: unmapping waits for it (an event)")
       .def("commit", &CacheManager::commit, py::arg("slots"), py::arg("new_tokens"), release())
       .def("shrink", &CacheManager::shrink, py::arg("slot"), py::arg("n"), release())
+      .def("shrink_regions", &CacheManager::shrink_regions, py::arg("slot"), py::arg("n"), py::arg("region_tokens"),
+           release(),
+           "Eviction: length becomes n and region r keeps its first region_tokens[r] tokens; unmaps every page "
+           "beyond what each region needs (later growth maps only each region's missing pages)")
+      .def("region_pages", &CacheManager::region_pages, py::arg("slot"), release(),
+           "Pages mapped in each region for slot")
+      .def("region_tokens", &CacheManager::region_tokens, py::arg("slot"), release(),
+           "Tokens each region stores for slot (length minus the region's eviction deficit)")
       .def("length", &CacheManager::length, py::arg("slot"), release())
       .def("lengths", &CacheManager::lengths, release())
       .def("mapped_tokens", &CacheManager::mapped_tokens, py::arg("slot"), release())

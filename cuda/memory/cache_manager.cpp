@@ -81,7 +81,10 @@ CacheManager::CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geome
   pool_ = std::make_unique<PagePool>(*backend_, cap_pages);
   if (!pool_->fill(prealloc_pages)) throw OutOfMemory("vattn: cannot pre-create prealloc_bytes of pages");
   slots_.resize(static_cast<size_t>(g.max_batch));
-  for (Slot& s : slots_) s.pages.resize(nregions);
+  for (Slot& s : slots_) {
+    s.pages.resize(nregions);
+    s.deficit.assign(nregions, 0);
+  }
   if (opt.background) worker_ = std::thread([this] { worker_main(); });
 }
 
@@ -100,9 +103,9 @@ CacheManager::~CacheManager() {
   // the recorded stream uses are waited for instead (unmap does that anyway).
   std::vector<PhysicalBackend::Range> ranges;
   for (size_t i = 0; i < slots_.size(); ++i) {
-    if (slots_[i].groups == 0) continue;
     for (size_t r = 0; r < regions_.size(); ++r) {
-      ranges.push_back({page_addr(r, static_cast<int64_t>(i), 0), slots_[i].groups * page_});
+      const size_t k = slots_[i].pages[r].size();
+      if (k > 0) ranges.push_back({page_addr(r, static_cast<int64_t>(i), 0), k * page_});
     }
   }
   if (guard_page_mapped_) {
@@ -144,27 +147,85 @@ CacheManager::Slot& CacheManager::live_slot(int64_t slot) {
   return s;
 }
 
-size_t CacheManager::groups_for(int64_t tokens) const {
+size_t CacheManager::pages_for(int64_t tokens) const {
   const size_t bytes = static_cast<size_t>(tokens) * static_cast<size_t>(region_token_bytes_);
   return (bytes + page_ - 1) / page_;
 }
 
-uintptr_t CacheManager::page_addr(size_t region, int64_t slot, size_t group) const {
-  return regions_[region]->base() + static_cast<size_t>(slot) * slot_stride_ + group * page_;
+size_t CacheManager::region_need(const Slot& s, size_t r, int64_t tokens) const {
+  return pages_for(std::max<int64_t>(0, tokens - s.deficit[r]));
 }
 
-size_t CacheManager::surplus_groups(const Slot& s) const {
-  if (!s.live) return s.groups;
-  const size_t need = need_groups(s);
-  return s.groups > need ? s.groups - need : 0;
+int64_t CacheManager::capacity(const Slot& s) const {
+  int64_t cap = geom_.max_seq_len;
+  for (size_t r = 0; r < regions_.size(); ++r) {
+    const int64_t held = static_cast<int64_t>(s.pages[r].size() * page_ / static_cast<size_t>(region_token_bytes_));
+    cap = std::min(cap, held + s.deficit[r]);
+  }
+  return cap;
+}
+
+uintptr_t CacheManager::page_addr(size_t region, int64_t slot, size_t index) const {
+  return regions_[region]->base() + static_cast<size_t>(slot) * slot_stride_ + index * page_;
+}
+
+size_t CacheManager::surplus_pages(const Slot& s) const {
+  if (!s.live) return s.mapped;
+  size_t surplus = 0;
+  for (size_t r = 0; r < regions_.size(); ++r) {
+    const size_t need = need_pages(s, r);
+    if (s.pages[r].size() > need) surplus += s.pages[r].size() - need;
+  }
+  return surplus;
+}
+
+std::vector<size_t> CacheManager::plan_drop(const Slot& s, size_t count) const {
+  const size_t R = regions_.size();
+  std::vector<size_t> spare(R), drop(R, 0);
+  if (count == 0) return drop;
+  for (size_t r = 0; r < R; ++r) {
+    const size_t need = need_pages(s, r);
+    spare[r] = s.pages[r].size() > need ? s.pages[r].size() - need : 0;
+  }
+  size_t total = 0, top = 0;
+  for (size_t x : spare) {
+    total += x;
+    top = std::max(top, x);
+  }
+  if (count >= total) return spare;
+  // Water-filling: above(h) = pages beyond level h over the regions. Find the largest h with
+  // above(h) >= count (above(0) = total > count), lower every region to h + 1, then take the rest
+  // one page each from regions still above h.
+  auto above = [&](size_t h) {
+    size_t n = 0;
+    for (size_t x : spare) n += x > h ? x - h : 0;
+    return n;
+  };
+  size_t lo = 0, hi = top;  // above(lo) >= count > above(hi)
+  while (hi - lo > 1) {
+    const size_t mid = lo + (hi - lo) / 2;
+    (above(mid) >= count ? lo : hi) = mid;
+  }
+  size_t taken = 0;
+  for (size_t r = 0; r < R; ++r) {
+    drop[r] = spare[r] > lo + 1 ? spare[r] - (lo + 1) : 0;
+    taken += drop[r];
+  }
+  for (size_t r = 0; r < R && taken < count; ++r) {
+    if (spare[r] > lo) {
+      ++drop[r];
+      ++taken;
+    }
+  }
+  return drop;
 }
 
 size_t CacheManager::idle_pages() const {
-  size_t groups = 0;
+  size_t pages = 0;
   for (const Slot& s : slots_) {
-    if (!s.live) groups += s.groups;
+    if (!s.live) pages += s.mapped;
   }
-  return pool_->pooled() + groups * regions_.size();
+  return pool_->pooled() + pages;
 }
 
 void CacheManager::note_change() {
@@ -172,9 +233,7 @@ void CacheManager::note_change() {
   if (worker_.joinable()) work_cv_.notify_one();
 }
 
-void CacheManager::update_peak() {
-  peak_mapped_bytes_ = std::max<uint64_t>(peak_mapped_bytes_, mapped_groups_ * regions_.size() * page_);
-}
+void CacheManager::update_peak() { peak_mapped_bytes_ = std::max<uint64_t>(peak_mapped_bytes_, mapped_pages_ * page_); }
 
 void CacheManager::scrub(const std::vector<PhysicalBackend::Range>& ranges, uintptr_t stream, bool wait) {
   for (const auto& r : ranges) {
@@ -183,22 +242,25 @@ void CacheManager::scrub(const std::vector<PhysicalBackend::Range>& ranges, uint
   }
 }
 
-void CacheManager::unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* out, std::vector<Taken>* stolen) {
+void CacheManager::unmap_pages(int64_t slot, const std::vector<size_t>& drop, std::vector<PageHandle>* out,
+                               std::vector<Taken>* stolen) {
   Slot& s = slots_[static_cast<size_t>(slot)];
-  if (k == 0) return;
-  const size_t first = s.groups - k;
   std::vector<PhysicalBackend::Range> ranges;
-  for (size_t r = 0; r < regions_.size(); ++r) ranges.push_back({page_addr(r, slot, first), k * page_});
+  for (size_t r = 0; r < regions_.size(); ++r) {
+    if (drop[r] > 0) ranges.push_back({page_addr(r, slot, s.pages[r].size() - drop[r]), drop[r] * page_});
+  }
+  if (ranges.empty()) return;
   backend_->unmap(ranges.data(), ranges.size());
   for (size_t r = 0; r < regions_.size(); ++r) {
-    for (size_t g = first; g < s.groups; ++g) {
-      if (out) out->push_back(s.pages[r][g]);
-      if (stolen) stolen->push_back(Taken{s.pages[r][g], 2, slot, r, g, true});
+    const size_t first = s.pages[r].size() - drop[r];
+    for (size_t j = first; j < s.pages[r].size(); ++j) {
+      if (out) out->push_back(s.pages[r][j]);
+      if (stolen) stolen->push_back(Taken{s.pages[r][j], 2, slot, r, j, true});
     }
     s.pages[r].resize(first);
+    s.mapped -= drop[r];
+    mapped_pages_ -= drop[r];
   }
-  s.groups = first;
-  mapped_groups_ -= k;
 }
 
 // Collects `count` unmapped pages: pool first, then new pages under the cap, then (when allowed)
@@ -226,20 +288,20 @@ void CacheManager::take_pages(size_t count, std::vector<Taken>& taken, bool allo
     --count;
   }
   if (count > 0 && allow_steal) {
-    const size_t R = regions_.size();
     std::vector<std::pair<size_t, int64_t>> victims;  // free slots (fewest pages first), then live surplus
     for (size_t i = 0; i < slots_.size(); ++i) {
       const Slot& s = slots_[i];
       const bool is_protected = !protect.empty() && protect[i];
-      if (is_protected || surplus_groups(s) == 0) continue;
-      victims.push_back({(s.live ? (size_t(1) << 60) : 0) + s.groups, static_cast<int64_t>(i)});
+      if (is_protected || surplus_pages(s) == 0) continue;
+      victims.push_back({(s.live ? (size_t(1) << 60) : 0) + s.mapped, static_cast<int64_t>(i)});
     }
     std::sort(victims.begin(), victims.end());
     for (const auto& v : victims) {
       if (count == 0) break;
-      const size_t k = std::min(surplus_groups(slots_[static_cast<size_t>(v.second)]), (count + R - 1) / R);
-      unmap_tail(v.second, k, nullptr, &taken);
-      count -= std::min(count, k * R);
+      const std::vector<size_t> drop = plan_drop(slots_[static_cast<size_t>(v.second)], count);
+      const size_t before = taken.size();
+      unmap_pages(v.second, drop, nullptr, &taken);
+      count -= std::min(count, taken.size() - before);
     }
   }
   if (count > 0) {
@@ -264,27 +326,25 @@ void CacheManager::undo(std::vector<Taken>& taken) noexcept {
   }
   taken.clear();
   std::sort(stolen.begin(), stolen.end(), [](const Taken& a, const Taken& b) {
-    return std::make_tuple(a.victim, a.group, a.region) < std::make_tuple(b.victim, b.group, b.region);
+    return std::make_tuple(a.victim, a.region, a.index) < std::make_tuple(b.victim, b.region, b.index);
   });
   int64_t broken = -1;  // a victim whose restore failed: the rest of its pages go to the pool
   for (const Taken& t : stolen) {
     Slot& s = slots_[static_cast<size_t>(t.victim)];
-    if (t.victim == broken || t.group != s.groups || s.pages[t.region].size() != t.group) {
+    if (t.victim == broken || s.pages[t.region].size() != t.index) {
       pool_->release(t.page, true);
       continue;
     }
     try {
-      backend_->map(page_addr(t.region, t.victim, t.group), t.page);
+      backend_->map(page_addr(t.region, t.victim, t.index), t.page);
     } catch (...) {
       broken = t.victim;
       pool_->release(t.page, true);
       continue;
     }
     s.pages[t.region].push_back(t.page);
-    if (t.region + 1 == regions_.size()) {
-      ++s.groups;
-      ++mapped_groups_;
-    }
+    ++s.mapped;
+    ++mapped_pages_;
   }
 }
 
@@ -297,19 +357,17 @@ void CacheManager::enforce_watermark() {
   pool_->trim(pool_->pooled() - from_pool);
   excess -= from_pool;
   if (excess == 0) return;
-  const size_t R = regions_.size();
   std::vector<std::pair<size_t, int64_t>> victims;
   for (size_t i = 0; i < slots_.size(); ++i) {
-    if (!slots_[i].live && slots_[i].groups > 0) victims.push_back({slots_[i].groups, static_cast<int64_t>(i)});
+    if (!slots_[i].live && slots_[i].mapped > 0) victims.push_back({slots_[i].mapped, static_cast<int64_t>(i)});
   }
   std::sort(victims.begin(), victims.end());
   for (const auto& v : victims) {
     if (excess == 0) break;
-    const size_t k = std::min(v.first, (excess + R - 1) / R);
     std::vector<PageHandle> pages;
-    unmap_tail(v.second, k, &pages, nullptr);
+    unmap_pages(v.second, plan_drop(slots_[static_cast<size_t>(v.second)], excess), &pages, nullptr);
     for (PageHandle h : pages) pool_->destroy(h);
-    excess -= std::min(excess, k * R);
+    excess -= std::min(excess, pages.size());
   }
 }
 
@@ -321,23 +379,26 @@ int64_t CacheManager::alloc(uintptr_t stream) {
   for (size_t i = 0; i < slots_.size(); ++i) {
     if (slots_[i].live) continue;
     // The free slot holding the most pages: its mapping is reused as is.
-    if (best < 0 || slots_[i].groups > slots_[static_cast<size_t>(best)].groups) best = static_cast<int64_t>(i);
+    if (best < 0 || slots_[i].mapped > slots_[static_cast<size_t>(best)].mapped) best = static_cast<int64_t>(i);
   }
   if (best < 0) {
     throw std::runtime_error("vattn: all " + std::to_string(geom_.max_batch) +
                              " slots are in use (max_batch); free a slot first");
   }
   Slot& s = slots_[static_cast<size_t>(best)];
-  if (opt_.scrub_freed && s.dirty && s.groups > 0) {
+  if (opt_.scrub_freed && s.dirty && s.mapped > 0) {
     // The previous request's bytes go before the slot is handed out (a failure leaves it free).
     std::vector<PhysicalBackend::Range> ranges;
-    for (size_t r = 0; r < regions_.size(); ++r) ranges.push_back({page_addr(r, best, 0), s.groups * page_});
+    for (size_t r = 0; r < regions_.size(); ++r) {
+      if (!s.pages[r].empty()) ranges.push_back({page_addr(r, best, 0), s.pages[r].size() * page_});
+    }
     scrub(ranges, stream, /*wait=*/false);
   }
   s.dirty = false;
   s.live = true;
   s.length = 0;
   s.target = 0;
+  std::fill(s.deficit.begin(), s.deficit.end(), 0);
   note_change();
   return best;
 }
@@ -349,6 +410,7 @@ void CacheManager::free(int64_t slot) {
   s.length = 0;
   s.target = 0;
   s.dirty = true;
+  std::fill(s.deficit.begin(), s.deficit.end(), 0);
   // The pages stay mapped for the next alloc while idle pages stay under the watermark.
   try {
     enforce_watermark();
@@ -406,9 +468,11 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
   for (;;) {
     total = 0;
     for (const auto& p : req) {
-      const size_t want = groups_for(p.second);
-      const size_t have = slots_[static_cast<size_t>(p.first)].groups;
-      if (want > have) total += (want - have) * R;
+      const Slot& s = slots_[static_cast<size_t>(p.first)];
+      for (size_t r = 0; r < R; ++r) {
+        const size_t want = region_need(s, r, p.second);
+        if (want > s.pages[r].size()) total += want - s.pages[r].size();
+      }
     }
     if (total == 0) break;
     protect.assign(slots_.size(), 0);
@@ -416,7 +480,7 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
     // Fail early, with nothing touched, when even the idle pages of other slots cannot cover it.
     size_t available = pool_->pooled() + std::min(pool_->creatable(), total);
     for (size_t i = 0; i < slots_.size() && available < total; ++i) {
-      if (!protect[i]) available += surplus_groups(slots_[i]) * R;
+      if (!protect[i]) available += surplus_pages(slots_[i]);
     }
     if (available >= total) break;
     if (pool_->pending() == 0) {
@@ -437,8 +501,11 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
   }
 
   std::vector<Taken> taken;
-  std::vector<size_t> before(req.size());
-  for (size_t i = 0; i < req.size(); ++i) before[i] = slots_[static_cast<size_t>(req[i].first)].groups;
+  std::vector<size_t> before(req.size() * R);  // [slot][region] pages held before this call
+  for (size_t i = 0; i < req.size(); ++i) {
+    const Slot& s = slots_[static_cast<size_t>(req[i].first)];
+    for (size_t r = 0; r < R; ++r) before[i * R + r] = s.pages[r].size();
+  }
   std::vector<PhysicalBackend::Range> dirty;  // pages this call mapped that must be zeroed
   try {
     if (total > 0) {
@@ -449,25 +516,25 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
       std::vector<PageHandle> run;
       for (const auto& p : req) {
         Slot& s = slots_[static_cast<size_t>(p.first)];
-        const size_t want = groups_for(p.second);
-        if (want <= s.groups) continue;
-        const size_t k = want - s.groups;
         for (size_t r = 0; r < R; ++r) {
+          const size_t want = region_need(s, r, p.second), have = s.pages[r].size();
+          if (want <= have) continue;
+          const size_t k = want - have;
           run.clear();
           for (size_t j = 0; j < k; ++j) {
             const Taken& t = taken[next + j];
             run.push_back(t.page);
-            if (opt_.scrub_freed && t.dirty) dirty.push_back({page_addr(r, p.first, s.groups + j), page_});
+            if (opt_.scrub_freed && t.dirty) dirty.push_back({page_addr(r, p.first, have + j), page_});
           }
-          backend_->map(page_addr(r, p.first, s.groups), run.data(), k);
+          backend_->map(page_addr(r, p.first, have), run.data(), k);
           s.pages[r].insert(s.pages[r].end(), run.begin(), run.end());
+          s.mapped += k;
+          mapped_pages_ += k;
           next += k;
         }
-        s.groups = want;
-        mapped_groups_ += k;
       }
       if (!dirty.empty()) scrub(dirty, stream, /*wait=*/false);
-      // Pages stolen in whole groups may exceed what was needed: the rest goes to the pool.
+      // Anything taken beyond what was mapped (none: stealing is exact) goes to the pool.
       for (; next < taken.size(); ++next) pool_->release(taken[next].page, true);
       taken.clear();
     }
@@ -478,12 +545,12 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
     for (size_t i = 0; i < req.size(); ++i) {
       Slot& s = slots_[static_cast<size_t>(req[i].first)];
       for (size_t r = 0; r < R; ++r) {
-        const size_t extra = s.pages[r].size() - before[i];
-        if (extra > 0) ranges.push_back({page_addr(r, req[i].first, before[i]), extra * page_});
-        s.pages[r].resize(before[i]);
+        const size_t had = before[i * R + r], extra = s.pages[r].size() - had;
+        if (extra > 0) ranges.push_back({page_addr(r, req[i].first, had), extra * page_});
+        s.pages[r].resize(had);
+        s.mapped -= extra;
+        mapped_pages_ -= extra;
       }
-      mapped_groups_ -= s.groups - before[i];
-      s.groups = before[i];
     }
     try {
       backend_->unmap(ranges.data(), ranges.size());
@@ -515,8 +582,7 @@ void CacheManager::commit(const std::vector<int64_t>& slots, const std::vector<i
     if (once) throw std::invalid_argument("vattn: slot " + std::to_string(slots[i]) + " given twice");
     once = 1;
     const int64_t n = s.length + new_tokens[i];
-    const int64_t cap =
-        std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
+    const int64_t cap = capacity(s);
     if (new_tokens[i] < 0 || n > cap) {
       throw std::invalid_argument("vattn: cannot commit " + std::to_string(new_tokens[i]) + " tokens to slot " +
                                   std::to_string(slots[i]) + " (length " + std::to_string(s.length) + ", " +
@@ -538,14 +604,49 @@ void CacheManager::shrink(int64_t slot, int64_t n) {
     throw std::invalid_argument("vattn: cannot shrink slot " + std::to_string(slot) + " to " + std::to_string(n) +
                                 " tokens: must be in [0, length=" + std::to_string(s.length) + "]");
   }
-  const size_t want = groups_for(n);
-  if (s.groups > want) {
-    std::vector<PageHandle> pages;
-    unmap_tail(slot, s.groups - want, &pages, nullptr);
-    for (PageHandle h : pages) pool_->release(h, true);
+  std::vector<int64_t> keep(regions_.size());
+  for (size_t r = 0; r < keep.size(); ++r) keep[r] = std::min(s.length - s.deficit[r], n);
+  shrink_locked(slot, n, keep);
+}
+
+void CacheManager::shrink_regions(int64_t slot, int64_t n, const std::vector<int64_t>& region_tokens) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Slot& s = live_slot(slot);
+  if (n < 0 || n > s.length) {
+    throw std::invalid_argument("vattn: cannot shrink slot " + std::to_string(slot) + " to " + std::to_string(n) +
+                                " tokens: must be in [0, length=" + std::to_string(s.length) + "]");
   }
+  if (region_tokens.size() != regions_.size()) {
+    throw std::invalid_argument("vattn: shrink_regions got " + std::to_string(region_tokens.size()) +
+                                " token counts for " + std::to_string(regions_.size()) + " regions");
+  }
+  for (size_t r = 0; r < regions_.size(); ++r) {
+    const int64_t stored = s.length - s.deficit[r];
+    if (region_tokens[r] < 0 || region_tokens[r] > std::min(stored, n)) {
+      throw std::invalid_argument("vattn: shrink_regions: region " + std::to_string(r) + " of slot " +
+                                  std::to_string(slot) + " cannot keep " + std::to_string(region_tokens[r]) +
+                                  " tokens: must be in [0, min(n=" + std::to_string(n) +
+                                  ", stored=" + std::to_string(stored) + ")]");
+    }
+  }
+  shrink_locked(slot, n, region_tokens);
+}
+
+// Validated: n <= length, region_tokens[r] <= min(n, stored in r). Unmaps first (one backend call;
+// a failure there changes nothing), then sets the length and the deficits.
+void CacheManager::shrink_locked(int64_t slot, int64_t n, const std::vector<int64_t>& region_tokens) {
+  Slot& s = slots_[static_cast<size_t>(slot)];
+  std::vector<size_t> drop(regions_.size(), 0);
+  for (size_t r = 0; r < regions_.size(); ++r) {
+    const size_t want = pages_for(region_tokens[r]);
+    if (s.pages[r].size() > want) drop[r] = s.pages[r].size() - want;
+  }
+  std::vector<PageHandle> pages;
+  unmap_pages(slot, drop, &pages, nullptr);
+  for (PageHandle h : pages) pool_->release(h, true);
   s.length = n;
   s.target = n;
+  for (size_t r = 0; r < regions_.size(); ++r) s.deficit[r] = n - region_tokens[r];
   try {
     enforce_watermark();
   } catch (...) {}
@@ -568,8 +669,25 @@ std::vector<int64_t> CacheManager::lengths() const {
 int64_t CacheManager::mapped_tokens(int64_t slot) const {
   std::lock_guard<std::mutex> lk(mu_);
   check_slot(slot);
+  return capacity(slots_[static_cast<size_t>(slot)]);
+}
+
+std::vector<int64_t> CacheManager::region_pages(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
   const Slot& s = slots_[static_cast<size_t>(slot)];
-  return std::min<int64_t>(geom_.max_seq_len, static_cast<int64_t>(s.groups * page_ / region_token_bytes_));
+  std::vector<int64_t> out(regions_.size());
+  for (size_t r = 0; r < out.size(); ++r) out[r] = static_cast<int64_t>(s.pages[r].size());
+  return out;
+}
+
+std::vector<int64_t> CacheManager::region_tokens(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  const Slot& s = slots_[static_cast<size_t>(slot)];
+  std::vector<int64_t> out(regions_.size());
+  for (size_t r = 0; r < out.size(); ++r) out[r] = s.live ? s.length - s.deficit[r] : 0;
+  return out;
 }
 
 int64_t CacheManager::first_unmapped(const int64_t* addrs, int64_t n, int64_t span) const {
@@ -578,12 +696,13 @@ int64_t CacheManager::first_unmapped(const int64_t* addrs, int64_t n, int64_t sp
   for (int64_t i = 0; i < n; ++i) {
     const uintptr_t a = static_cast<uintptr_t>(addrs[i]);
     bool ok = false;
-    for (const auto& r : regions_) {
-      if (a < r->base() || a - r->base() >= r->bytes()) continue;
-      const size_t off = a - r->base();
+    for (size_t r = 0; r < regions_.size(); ++r) {
+      const VirtualBuffer& b = *regions_[r];
+      if (a < b.base() || a - b.base() >= b.bytes()) continue;
+      const size_t off = a - b.base();
       const size_t slot = off / slot_stride_;
       const size_t end = off - slot * slot_stride_ + static_cast<size_t>(span);  // within the slot
-      ok = slot < slots_.size() && end <= slots_[slot].groups * page_;
+      ok = slot < slots_.size() && end <= slots_[slot].pages[r].size() * page_;
       break;
     }
     if (!ok) return i;
@@ -596,23 +715,22 @@ int64_t CacheManager::first_unmapped(const int64_t* addrs, int64_t n, int64_t sp
 Stats CacheManager::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   Stats st;
-  const uint64_t R = regions_.size();
   for (const auto& r : regions_) st.reserved_bytes += r->bytes();
   st.page_bytes = page_;
-  st.pages_mapped = mapped_groups_ * R;
+  st.pages_mapped = mapped_pages_;
   st.mapped_bytes = st.pages_mapped * page_;
   st.pages_pooled = pool_->pooled();
   st.pages_created = pool_->created();
   st.physical_bytes = st.pages_created * page_;
-  uint64_t tokens = 0, live_groups = 0;
+  uint64_t tokens = 0, live_pages = 0;
   for (const Slot& s : slots_) {
     if (!s.live) continue;
     tokens += static_cast<uint64_t>(s.length);
-    live_groups += s.groups;
+    live_pages += s.mapped;
     ++st.live_slots;
   }
   st.used_bytes = tokens * static_cast<uint64_t>(geom_.token_bytes());
-  st.live_mapped_bytes = live_groups * R * page_;
+  st.live_mapped_bytes = live_pages * page_;
   st.idle_bytes = idle_pages() * page_;
   st.resident_bytes = backend_->resident_bytes();
   st.peak_mapped_bytes = peak_mapped_bytes_;
@@ -697,50 +815,60 @@ size_t CacheManager::worker_pool_target() const {
     for (const Slot& s : slots_) {
       if (!s.live) continue;
       const int64_t ahead = std::min<int64_t>(geom_.max_seq_len, std::max(s.length, s.target) + opt_.lookahead_tokens);
-      const size_t want = groups_for(ahead);
-      if (want > s.groups) target += (want - s.groups) * regions_.size();
+      for (size_t r = 0; r < regions_.size(); ++r) {
+        const size_t want = region_need(s, r, ahead);
+        if (want > s.pages[r].size()) target += want - s.pages[r].size();
+      }
     }
   }
   return target;
 }
 
-// Maps one page group ahead for the first live slot that wants one, from pooled pages only
-// (never creates under the mutex, never steals). False when no slot wants one or the pool lacks
-// the pages. Never throws.
+// Maps one page ahead in each region that lacks one, for the first live slot that wants any, from
+// pooled pages only (never creates under the mutex, never steals). False when no slot wants one
+// or the pool lacks the pages. Never throws.
 bool CacheManager::worker_map_ahead() {
   if (opt_.lookahead_tokens <= 0) return false;
   const size_t R = regions_.size();
-  if (pool_->pooled() < R) return false;
+  std::vector<size_t> lacking;
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
     if (!s.live) continue;
     const int64_t ahead = std::min<int64_t>(geom_.max_seq_len, std::max(s.length, s.target) + opt_.lookahead_tokens);
-    if (s.groups >= groups_for(ahead)) continue;
+    lacking.clear();
+    for (size_t r = 0; r < R; ++r) {
+      if (s.pages[r].size() < region_need(s, r, ahead)) lacking.push_back(r);
+    }
+    if (lacking.empty()) continue;
+    if (pool_->pooled() < lacking.size()) return false;
+    const int64_t slot = static_cast<int64_t>(i);
     std::vector<Taken> taken;
-    size_t r = 0;
+    size_t j = 0;
     try {
-      take_pages(R, taken, /*allow_steal=*/false, {});  // from the pool: pooled() >= R
-      for (; r < R; ++r) backend_->map(page_addr(r, static_cast<int64_t>(i), s.groups), taken[r].page);
+      take_pages(lacking.size(), taken, /*allow_steal=*/false, {});  // from the pool
+      for (; j < lacking.size(); ++j) {
+        backend_->map(page_addr(lacking[j], slot, s.pages[lacking[j]].size()), taken[j].page);
+      }
       if (opt_.scrub_freed) {
         std::vector<PhysicalBackend::Range> dirty;
-        for (size_t j = 0; j < R; ++j) {
-          if (taken[j].dirty) dirty.push_back({page_addr(j, static_cast<int64_t>(i), s.groups), page_});
+        for (size_t q = 0; q < lacking.size(); ++q) {
+          if (taken[q].dirty) dirty.push_back({page_addr(lacking[q], slot, s.pages[lacking[q]].size()), page_});
         }
         // No caller stream here: the backend's own stream, waited for (this thread only).
         scrub(dirty, 0, /*wait=*/true);
       }
     } catch (...) {
       std::vector<PhysicalBackend::Range> ranges;
-      for (size_t j = 0; j < r; ++j) ranges.push_back({page_addr(j, static_cast<int64_t>(i), s.groups), page_});
+      for (size_t q = 0; q < j; ++q) ranges.push_back({page_addr(lacking[q], slot, s.pages[lacking[q]].size()), page_});
       try {
         backend_->unmap(ranges.data(), ranges.size());
       } catch (...) {}
       undo(taken);
       return false;
     }
-    for (size_t j = 0; j < R; ++j) s.pages[j].push_back(taken[j].page);
-    ++s.groups;
-    ++mapped_groups_;
+    for (size_t q = 0; q < lacking.size(); ++q) s.pages[lacking[q]].push_back(taken[q].page);
+    s.mapped += lacking.size();
+    mapped_pages_ += lacking.size();
     update_peak();
     return true;
   }

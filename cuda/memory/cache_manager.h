@@ -5,13 +5,17 @@
 //
 // The manager knows bytes, not formats: a token of one layer is a K record and a V record of
 // a given number of bytes (all kv heads, data and any scales; python/vattn/formats.py lays out
-// what is inside a record). Pages are mapped in "groups": one page in every region at the same
-// offset of a slot. Every region stores the same bytes per token, so a slot holding n tokens
-// needs pages_for(n) pages in each region.
+// what is inside a record). Every region stores the same bytes per token; each (slot, region)
+// holds its own number of pages from the start of the slot's part of the region:
 //   token_major: 1 region  [slot, token, layer, K record | V record]
-//   layer_major: 2L regions, K and V of each layer: [slot, token, record]; both regions of a
-//                layer use the larger of the two record sizes (K and V in different formats
-//                waste the difference there; token_major wastes nothing).
+//   layer_major: 2L regions, K and V of each layer: [slot, token, record] (region 2l: K of layer
+//                l, 2l + 1: V); both regions of a layer use the larger of the two record sizes (K
+//                and V in different formats waste the difference there; token_major wastes nothing).
+// Usually every region of a slot holding n tokens stores n tokens and needs pages_for(n) pages.
+// After eviction (shrink_regions) a region may store fewer tokens than the slot's length: its
+// deficit (length - tokens it stores), fixed until the next shrink or free, since appends grow
+// every region alike. Region r of a slot asked to hold n tokens then needs pages_for(n - deficit_r)
+// pages, and growth (reserve, the background thread) maps exactly the missing pages of each region.
 // Other areas (per-block metadata, per-head lengths) are planned as regions of their own with
 // their own bytes per token, beside these.
 // Each slot's part of a region is padded to whole pages, so slots never share a page.
@@ -20,10 +24,10 @@
 // keeps the page pool filled ahead of demand and maps ahead for live slots: it creates pages
 // (the slow part: cuMemCreate, or fallocate on the host) outside the mutex, the created page
 // counting against max_physical_bytes from the moment its creation starts, and maps pooled pages
-// into slots one page group at a time under the mutex (fast), so a step's begin_step only maps
-// from the pool or finds its pages already mapped. It sleeps on a condition variable when there
-// is nothing to do. A foreground call that would run out of pages while the thread is creating
-// some waits for those (a condition variable too) instead of failing.
+// into slots under the mutex (fast; per round one page in each region of one slot that lacks
+// one), so a step's begin_step only maps from the pool or finds its pages already mapped. It sleeps on a condition
+// variable when there is nothing to do. A foreground call that would run out of pages while the thread is creating some
+// waits for those (a condition variable too) instead of failing.
 //
 // Guard pages: each region is reserved with one page in front of it (VirtualBuffer's lead).
 // With map_guard (the default on device backends) one physical page, outside the pool and the
@@ -124,11 +128,22 @@ class CacheManager {
   void record_stream(uintptr_t stream);
   // Commits new tokens (length += n) after a step; they must already be mapped.
   void commit(const std::vector<int64_t>& slots, const std::vector<int64_t>& new_tokens);
-  // Drops tokens beyond n (n <= length) and unmaps the pages no longer needed.
+  // Drops tokens beyond n (n <= length) and unmaps the pages no longer needed: region r keeps
+  // min(tokens it stores, n) tokens (a region with a deficit keeps its shorter content).
   void shrink(int64_t slot, int64_t n);
+  // Eviction: the slot's length becomes n (n <= length) and region r keeps its first
+  // region_tokens[r] tokens (<= n and <= the tokens it stores now; one entry per region); every
+  // page beyond what each region's tokens need is unmapped. Later growth maps for region r only
+  // the tokens beyond region_tokens[r]. All checks first: a bad call throws and changes nothing.
+  void shrink_regions(int64_t slot, int64_t n, const std::vector<int64_t>& region_tokens);
+  // Pages mapped in each region for slot ([num_regions]), and the tokens each region stores
+  // (length - deficit).
+  std::vector<int64_t> region_pages(int64_t slot) const;
+  std::vector<int64_t> region_tokens(int64_t slot) const;
   int64_t length(int64_t slot) const;
   std::vector<int64_t> lengths() const;  // [max_batch], 0 for free slots
-  // Tokens slot can hold without mapping more (capacity of its mapped pages).
+  // Tokens slot can hold without mapping more (capacity of its mapped pages; the least over its
+  // regions, each counted with its deficit).
   int64_t mapped_tokens(int64_t slot) const;
   // Index of the first i whose byte range [addrs[i], addrs[i] + span) is not entirely inside the
   // mapped pages of one slot of one region, or -1 when all are. Lets the raw ops refuse a write
@@ -164,31 +179,41 @@ class CacheManager {
     bool live = false;
     int64_t length = 0;
     int64_t target = 0;                          // tokens the user asked to keep mapped (>= length)
-    size_t groups = 0;                           // page groups mapped (pages per region)
+    size_t mapped = 0;                           // pages mapped over all regions
     bool dirty = false;                          // (free slot) its pages hold a finished request's bytes
-    std::vector<std::vector<PageHandle>> pages;  // [region][group]
+    std::vector<std::vector<PageHandle>> pages;  // [region][page]: region r holds pages[r].size()
+    std::vector<int64_t> deficit;                // [region] tokens it stores fewer than length (<= length)
   };
   // Where a page of this call came from, to undo the call exactly.
   struct Taken {
     PageHandle page;
-    int source;           // 0: pool, 1: created, 2: stolen
-    int64_t victim = -1;  // stolen from slot...
-    size_t region = 0, group = 0;
-    bool dirty = false;  // may hold another request's bytes (scrubbed once mapped, with scrub_freed)
+    int source;                    // 0: pool, 1: created, 2: stolen
+    int64_t victim = -1;           // stolen from slot...
+    size_t region = 0, index = 0;  // ... region, page index there
+    bool dirty = false;            // may hold another request's bytes (scrubbed once mapped, with scrub_freed)
   };
 
-  void check_slot(int64_t slot) const;      // index in range
-  Slot& live_slot(int64_t slot);            // in range and live
-  size_t groups_for(int64_t tokens) const;  // page groups needed for tokens
-  size_t need_groups(const Slot& s) const { return groups_for(s.target); }
-  uintptr_t page_addr(size_t region, int64_t slot, size_t group) const;
-  size_t surplus_groups(const Slot& s) const;  // mapped groups nobody asked for
+  void check_slot(int64_t slot) const;     // index in range
+  Slot& live_slot(int64_t slot);           // in range and live
+  size_t pages_for(int64_t tokens) const;  // pages one region needs for tokens
+  // Pages region r of s needs to hold `tokens` tokens of the slot (its deficit counted).
+  size_t region_need(const Slot& s, size_t r, int64_t tokens) const;
+  size_t need_pages(const Slot& s, size_t r) const { return s.live ? region_need(s, r, s.target) : 0; }
+  int64_t capacity(const Slot& s) const;  // tokens the slot can hold with its mapped pages
+  uintptr_t page_addr(size_t region, int64_t slot, size_t index) const;
+  size_t surplus_pages(const Slot& s) const;  // mapped pages nobody asked for (all of a free slot's)
+  // Pages to unmap from each region of s to free min(count, surplus) pages, from the regions with
+  // the most surplus first (a free slot's regions stay balanced).
+  std::vector<size_t> plan_drop(const Slot& s, size_t count) const;
   size_t idle_pages() const;
   // protect: one flag per slot (its pages may not be stolen), or empty: none protected.
   void take_pages(size_t count, std::vector<Taken>& taken, bool allow_steal, const std::vector<char>& protect);
   void undo(std::vector<Taken>& taken) noexcept;
-  // Unmaps the last k groups of a slot; the pages are returned in `out` (region-major order).
-  void unmap_tail(int64_t slot, size_t k, std::vector<PageHandle>* out, std::vector<Taken>* stolen);
+  // Unmaps the last drop[r] pages of each region r of a slot (one backend call; on failure nothing
+  // changes); the pages are returned in `out` (region-major order) or recorded as stolen.
+  void unmap_pages(int64_t slot, const std::vector<size_t>& drop, std::vector<PageHandle>* out,
+                   std::vector<Taken>* stolen);
+  void shrink_locked(int64_t slot, int64_t n, const std::vector<int64_t>& region_tokens);
   void enforce_watermark();
   void note_change();
   void update_peak();
@@ -207,7 +232,7 @@ class CacheManager {
   std::vector<std::unique_ptr<VirtualBuffer>> regions_;
   std::unique_ptr<PagePool> pool_;
   std::vector<Slot> slots_;
-  size_t mapped_groups_ = 0;
+  size_t mapped_pages_ = 0;  // over all slots and regions
   uint64_t peak_mapped_bytes_ = 0;
   uint64_t scrubbed_bytes_ = 0;
   PageHandle guard_page_ = 0;

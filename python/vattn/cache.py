@@ -373,7 +373,9 @@ class KVCache:
             self._m.reserve([slot], [n], self._stream())
 
     def shrink(self, slot: int, n: int) -> None:
-        """Keeps the first n tokens of slot and unmaps the pages no longer needed."""
+        """Keeps the first n tokens of slot and unmaps the pages no longer needed. After compact(),
+        each (layer, kv head) keeps the first min(n, tokens it stores), and in layer_major each layer
+        keeps only the pages its longest head needs."""
         n = _int(n, "n")
         with self._lock:
             slot = self._live(slot)
@@ -725,11 +727,22 @@ class KVCache:
                 if self._scores is not None:  # scores past each head's new length start from zero
                     stale = torch.arange(self.max_seq_len, device=self.device) >= lens_dev[i][..., None]
                     self._scores[s].masked_fill_(stale, 0.0)
-                self._m.shrink(s, new_len)
+                # Unmaps every page no head needs: token_major, beyond the longest head of all;
+                # layer_major, per layer beyond that layer's longest head (its K and V regions).
+                self._m.shrink_regions(s, new_len, self._region_tokens(heads_after[i]))
                 self._set_lengths({s: new_len})
                 self._set_deficit(s, new_len, heads_after[i])
             if self._quest_meta is not None:  # tokens moved: every block of these slots changed
                 self._quest_refresh(slots)
+
+    def _region_tokens(self, heads: np.ndarray) -> List[int]:
+        """Tokens each manager region must keep for per-(layer, kv head) stored counts [L, H]:
+        token_major one region (the longest head of all), layer_major regions 2l (K) and 2l + 1 (V)
+        of layer l (its longest head)."""
+        if self.layout == "token_major":
+            return [int(heads.max())]
+        per_layer = heads.max(axis=1).astype(np.int64)
+        return np.repeat(per_layer, 2).tolist()
 
     # ------------------------------------------------------------------ views
 
