@@ -33,3 +33,36 @@ def test_emulation_constants_come_from_the_headers():
     tiles = emulate_headers.template_instances("cuda/include/vattn/cuda/decode_args.cuh", "DecodeSplitConfigFor")
     head_dims = sorted({t[0] for t in tiles})
     assert head_dims == sorted({c["HD"] for c in emulate_decode_split.CASES}), head_dims
+
+
+def _decode_split():
+    sys.path.insert(0, str(TOOLS))
+    import emulate_decode_split
+
+    return emulate_decode_split
+
+
+def test_decode_split_plan_checks():
+    # choose_splits (decode.cu) as ported: bounds, whole / half-full waves, coverage of every row
+    # exactly once, and its candidate search against the exhaustive rule, for one row of 32K keys
+    # with 8 kv heads on 1 / 78 / 108 / 132 SMs at occupancies 1..8 and a random sweep of grids.
+    problems = _decode_split().check_plans(verbose=False)
+    assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.parametrize("sms", [1, 78, 108, 132])
+@pytest.mark.parametrize("occ", range(1, 9))
+def test_decode_split_long_row_fills_every_sm(sms, occ):
+    # Single-row long-context decode (Llama-3-8B shape: 32 q / 8 kv heads, head_dim 128, 32K
+    # keys): every SM gets work, and a whole wave of CTAs (occupancy x SMs) unless the length
+    # bound (kMinSplitKeys per split) or kDecodeMaxSplits stops the splits first.
+    e = _decode_split()
+    n = 32768
+    gb, chunks, splits, chunk = e.make_plan(1, 32, 8, 128, n, n, -1, sms, occ)
+    tile = e.cfg(128)["TILE"]
+    top = e.real_splits(n, max(1, min(e.cdiv(n, max(e.MIN_SPLIT_KEYS, tile)), e.MAX_SPLITS)), tile)
+    ctas = 8 * chunks * splits
+    assert ctas >= sms
+    assert ctas >= sms * occ or splits == top
+    assert splits <= min(e.MAX_SPLITS, e.cdiv(n, e.MIN_SPLIT_KEYS)) and chunk % tile == 0
+    assert e.cdiv(n, chunk) == splits

@@ -2,6 +2,9 @@
 # A line-by-line numpy port of make_plan (cuda/kernels/decode.cu), decode_split_kernel
 # (cuda/include/vattn/cuda/decode_split_kernel.cuh) and decode_split_merge_kernel, run per CTA
 # and compared with a float64 reference. Keep it in step when the kernels change.
+# The plan (check_plans): choose_splits ported with the SM count and the occupancy of the
+# launched instance as inputs, checked for bounds, whole (or at least half-full) waves of
+# occupancy x SMs CTAs, a single long row filling every SM, and against an exhaustive search.
 # What it checks beyond the math: the split ranges cover [lo, L) exactly once whatever the host
 # length hint; no K/V slot outside [lo, L) of the row is read (the cache holds NaN there);
 # padded GQA heads never write; the cp.async pipeline: a stage being refilled reads as NaN
@@ -48,7 +51,7 @@ assert FMT["f16"]["epc"] == H["elems_per_chunk"]
 NEG = -np.inf
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MIN_SPLIT_KEYS, CTAS_PER_SM, MAX_SPLITS = H["min_split_keys"], H["ctas_per_sm"], H["max_splits"]
+MIN_SPLIT_KEYS, MAX_SPLITS = H["min_split_keys"], H["max_splits"]
 
 
 def next_pow2(x):
@@ -87,23 +90,81 @@ def cdiv(a, b):
 MAX_GROUP_BLOCK = 8  # decode_split_max_group_block (decode_args.cuh), every format pair
 
 
-def make_plan(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms, kf="f16", vf="f16"):
+def split_chunk(n, s, tile):
+    return cdiv(cdiv(n, s), tile) * tile
+
+
+def real_splits(n, s, tile):
+    return cdiv(n, split_chunk(n, s, tile))
+
+
+def choose_splits(base_ctas, n, tile, sm_count, occupancy):
+    """choose_splits (decode.cu): (splits, chunk) from the grid without splits, the planned keys
+    per row, the tile, the SM count and the occupancy of the launched instance."""
+    wave = max(occupancy, 1) * max(sm_count, 1)
+    max_s = cdiv(n, max(MIN_SPLIT_KEYS, tile))
+    max_s = min(max_s, MAX_SPLITS)
+    max_s = max(max_s, 1)
+    top = real_splits(n, max_s, tile)
+    best = top
+    if base_ctas * top > wave:
+        full = cdiv(wave, base_ctas)
+        s = full
+        while real_splits(n, s, tile) < full:
+            s += 1
+        first = real_splits(n, s, tile)
+        cap = min(top, 2 * first)
+
+        def waves(r):
+            return cdiv(base_ctas * r, wave)
+
+        best = first
+        w = waves(first)
+        while True:
+            fit = w * wave // base_ctas
+            r = real_splits(n, min(fit, cap), tile)
+            if r * waves(best) > best * waves(r):
+                best = r
+            if fit >= cap:
+                break
+            w = waves(fit + 1)
+    chunk = split_chunk(n, best, tile)
+    return cdiv(n, chunk), chunk
+
+
+def choose_splits_exhaustive(base_ctas, n, tile, sm_count, occupancy):
+    """The rule of choose_splits by brute force over every split count (an independent check of
+    its candidate search): reachable counts r (real_splits(r) == r) within the bounds; if none
+    exceeds one wave, the largest; else the smallest that fills one wave (first), then the one
+    in [first, min(top, 2 * first)] with the fullest waves (r / waves(r)), the smaller on a tie."""
+    wave = max(occupancy, 1) * max(sm_count, 1)
+    max_s = max(1, min(cdiv(n, max(MIN_SPLIT_KEYS, tile)), MAX_SPLITS))
+    reach = [r for r in range(1, max_s + 1) if real_splits(n, r, tile) == r]
+    top = reach[-1]
+    if base_ctas * top <= wave:
+        return top
+    first = min(r for r in reach if base_ctas * r >= wave)
+    cands = [r for r in reach if first <= r <= min(top, 2 * first)]
+    return max(cands, key=lambda r: (r / cdiv(base_ctas * r, wave), -r))
+
+
+def plan_n(max_seqlen_k, max_seq, window):
+    n = max_seqlen_k if max_seqlen_k > 0 else max_seq
+    n = min(n, max_seq)
+    if window >= 0 and n > window + 1:
+        n = window + 1
+    return max(n, 1)
+
+
+def make_plan(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms, occ, kf="f16", vf="f16"):
     group = hq // hkv
     gb = 1 if group <= 1 else 2 if group <= 2 else 4 if group <= 4 else 8
     gb = min(gb, MAX_GROUP_BLOCK)
     chunks = cdiv(group, gb)
     tile = cfg(HD, kf, vf)["TILE"]
-    n = max_seqlen_k if max_seqlen_k > 0 else max_seq
-    n = min(n, max_seq)
-    if window >= 0 and n > window + 1:
-        n = window + 1
-    n = max(n, 1)
+    n = plan_n(max_seqlen_k, max_seq, window)
     base = batch * hkv * chunks
-    splits = cdiv(CTAS_PER_SM * sms, base)
-    splits = min(splits, cdiv(n, max(MIN_SPLIT_KEYS, tile)), MAX_SPLITS)
-    splits = max(splits, 1)
-    chunk = cdiv(cdiv(n, splits), tile) * tile
-    splits = cdiv(n, chunk)
+    splits, chunk = choose_splits(base, n, tile, sms, occ)
     return gb, chunks, splits, chunk
 
 
@@ -247,6 +308,16 @@ class Pipe:
                 s.m[name][idx] = val
 
 
+def split_range(lo, L, split, ns, chunk_host, TILE):
+    """Keys [start, end) of one split (decode_split_kernel): from the real length L, the chunk
+    grows when L exceeds the host hint."""
+    n = L - lo
+    need = cdiv(cdiv(n, ns), TILE) * TILE
+    chunk = max(chunk_host, need)
+    start64 = lo + split * chunk
+    return min(start64, L), min(start64 + chunk, L)
+
+
 def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
     """One CTA of decode_split_kernel. K / V: dict(fmt, data, words): plain data holds the
     elements [rows, seq, kv_heads, HD]; quantized data the stored bytes [rows, seq, kv_heads,
@@ -271,12 +342,7 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
     gcount = min(GB, a["group"] - g0)
     qh0 = kvh * a["group"] + g0
     row, lo, L = key_range(a, b, kvh)
-    n = L - lo
-    need = cdiv(cdiv(n, ns), TILE) * TILE
-    chunk = max(a["chunk_host"], need)
-    start64 = lo + split * chunk
-    start = min(start64, L)
-    end = min(start64 + chunk, L)
+    start, end = split_range(lo, L, split, ns, a["chunk_host"], TILE)
     ntiles = cdiv(end - start, TILE)
     a["covered"][b, kvh, start:end] += 1 if g0 == 0 else 0
 
@@ -480,6 +546,7 @@ def run(
     softcap=0.0,
     hint=-1,
     sms=132,
+    occ=4,
     row_ids=None,
     head_lens=None,
     seed=0,
@@ -499,7 +566,7 @@ def run(
     scale = 1 / math.sqrt(HD)
     group = HQ // HKV
     maxk = hint if hint >= 0 else max([0] + [x for x in (lens if head_lens is None else sum(head_lens, []))])
-    GB, chunks, ns, chunk_host = make_plan(B, HQ, HKV, HD, maxk, max_seq, window, sms, kf, vf)
+    GB, chunks, ns, chunk_host = make_plan(B, HQ, HKV, HD, maxk, max_seq, window, sms, occ, kf, vf)
     a = dict(
         HD=HD,
         group=group,
@@ -550,7 +617,8 @@ def run(
     ok = ok and err < 1e-9 and lerr < 1e-9
     fmts = "" if kf == vf == "f16" else f" K={kf} V={vf} sm_{arch}"
     print(
-        f"{name}: HD={HD} B={B} HQ={HQ} HKV={HKV}{fmts} GB={GB} chunks={chunks} splits={ns} chunk={chunk_host} "
+        f"{name}: HD={HD} B={B} HQ={HQ} HKV={HKV}{fmts} sms={sms} occ={occ} GB={GB} chunks={chunks} splits={ns} "
+        f"chunk={chunk_host} "
         f"err {err:.1e} lse {lerr:.1e} {'OK' if ok else 'FAIL'}",
         flush=True,
     )
@@ -663,10 +731,129 @@ CASES = [
         arch=80,
     ),
     dict(name="int4 HD 96, GQA 8", HD=96, B=1, HQ=8, HKV=1, lens=[100], max_seq=128, sms=1, kf="int4", vf="int4"),
+    # Split counts from the occupancy (choose_splits): one exact wave, two whole waves, and a grid
+    # wider than a wave split once more for fuller waves; real lengths below and above the hint.
+    dict(name="occ 2: one whole wave", HD=128, B=1, HQ=8, HKV=2, lens=[2500], max_seq=2600, sms=3, occ=2),
+    dict(name="occ 5: two whole waves", HD=96, B=2, HQ=6, HKV=2, lens=[1500, 700], max_seq=1600, sms=2, occ=5),
+    dict(
+        name="occ 1: wider than a wave, hint low",
+        HD=64,
+        B=1,
+        HQ=4,
+        HKV=4,
+        lens=[1900],
+        max_seq=2048,
+        hint=1500,
+        sms=3,
+        occ=1,
+    ),
 ]
+
+# The plan checks: SM counts of the GPUs the plan must serve (1 = a tiny part, A100 108, H100 /
+# H200 132, a 78-SM part) and every occupancy an instance can have up to 8.
+PLAN_SMS = (1, 78, 108, 132)
+PLAN_OCCS = tuple(range(1, 9))
+
+
+def plan_problems(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms, occ, kf="f16", vf="f16"):
+    """What is wrong with the plan of one call (an empty list when nothing): bounds, whole waves,
+    the split ranges covering every row exactly once, agreement with the exhaustive rule."""
+    gb, chunks, splits, chunk = make_plan(batch, hq, hkv, HD, max_seqlen_k, max_seq, window, sms, occ, kf, vf)
+    tile = cfg(HD, kf, vf)["TILE"]
+    n = plan_n(max_seqlen_k, max_seq, window)
+    base = batch * hkv * chunks
+    wave = occ * sms
+    max_s = max(1, min(cdiv(n, max(MIN_SPLIT_KEYS, tile)), MAX_SPLITS))
+    top = real_splits(n, max_s, tile)  # the most splits the bounds allow
+    ctas = base * splits
+    bad = []
+    if not 1 <= splits <= max_s:
+        bad.append(f"splits {splits} outside [1, {max_s}]")
+    if chunk % tile or cdiv(n, chunk) != splits or (splits - 1) * chunk >= n:
+        bad.append(f"chunk {chunk} (tile {tile}) does not give {splits} non-empty splits of {n} keys")
+    if ctas < wave and splits != top:
+        bad.append(f"{ctas} CTAs < one wave of {wave} though the bounds allow {top} splits")
+    if ctas < min(sms, base * top):
+        bad.append(f"{ctas} CTAs leave SMs of {sms} idle")
+
+    # Whole waves, or the last wave at least half full where the bounds allow it: where some
+    # split count the rule may take (reachable with whole tiles, within the length bound and
+    # kDecodeMaxSplits, filling one wave, at most twice the first that does) gives such a wave.
+    def last_wave(r):
+        return base * r - (cdiv(base * r, wave) - 1) * wave
+
+    last = last_wave(splits)
+    if base * top > wave and 2 * last < wave:
+        first = min(r for r in range(1, top + 1) if real_splits(n, r, tile) == r and base * r >= wave)
+        window_ = [r for r in range(first, min(top, 2 * first) + 1) if real_splits(n, r, tile) == r]
+        if any(2 * last_wave(r) >= wave for r in window_):
+            bad.append(f"last wave {last} / {wave} CTAs, less than half full")
+    want = choose_splits_exhaustive(base, n, tile, sms, occ)
+    if splits != want:
+        bad.append(f"splits {splits}, the exhaustive rule gives {want}")
+    # Coverage: rows as long as the hint, shorter, longer (the kernel grows the chunk), windowed.
+    for L in sorted({n, max(n - 1000, 0), n // 3, n + 4097, 1}):
+        lo = max(L - 1 - window, 0) if window >= 0 else 0
+        pos = lo
+        for split in range(splits):
+            start, end = split_range(lo, L, split, splits, chunk, tile)
+            if start != pos or end < start:
+                bad.append(f"L={L}: split {split} covers [{start}, {end}), expected to start at {pos}")
+                break
+            pos = end
+        if pos != L:
+            bad.append(f"L={L}: splits end at {pos}, not {L}")
+    return bad, dict(gb=gb, chunks=chunks, splits=splits, chunk=chunk, ctas=ctas, wave=wave, last=last, top=top)
+
+
+def check_plans(verbose=True):
+    """Plan checks: a single row of 32K keys with 8 kv heads (every group size, head dim and
+    format tile) on every SM count and occupancy, must fill every SM (one whole wave of CTAs
+    unless the length bound binds) with whole or at least half-full waves, stay in bounds and
+    cover the row exactly once; plus a random sweep of grids and lengths against the exhaustive
+    rule. Returns the list of problems."""
+    problems, rows = [], []
+    for HD in (64, 96, 128, 256):
+        for kf, vf in (("f16", "f16"), ("int8", "int8"), ("int4", "int4")):
+            for hq in (8, 24, 32, 64, 96):
+                for sms in PLAN_SMS:
+                    for occ in PLAN_OCCS:
+                        args = (1, hq, 8, HD, 32768, 32768, -1, sms, occ, kf, vf)
+                        bad, pl = plan_problems(*args)
+                        problems += [f"{args}: {b}" for b in bad]
+                        if HD == 128 and kf == "f16" and hq == 32:
+                            rows.append((sms, occ, pl))
+    rng = np.random.default_rng(12)
+    for _ in range(1500):
+        HD = int(rng.choice([64, 96, 128, 256]))
+        kf, vf = [str(x) for x in rng.choice(["f16", "int8", "int4", "fp8"], 2)]
+        hkv = int(rng.choice([1, 2, 4, 8]))
+        hq = hkv * int(rng.choice([1, 2, 3, 4, 5, 8, 12, 16]))
+        batch = int(rng.choice([1, 1, 2, 3, 7, 16, 64, 300]))
+        max_seq = int(rng.integers(1, 200000))
+        hint = int(rng.integers(0, max_seq + 1))
+        window = int(rng.choice([-1, -1, 0, int(rng.integers(0, max_seq + 1))]))
+        sms, occ = int(rng.choice(PLAN_SMS)), int(rng.choice(PLAN_OCCS))
+        args = (batch, hq, hkv, HD, hint, max_seq, window, sms, occ, kf, vf)
+        bad, _ = plan_problems(*args)
+        problems += [f"{args}: {b}" for b in bad]
+    if verbose:
+        print("plan (1 row, 32K keys, 32 q / 8 kv heads, HD 128 f16): sms occ -> splits chunk CTAs waves last-wave")
+        for sms, occ, pl in rows:
+            waves = cdiv(pl["ctas"], pl["wave"])
+            print(
+                f"  sms={sms:3d} occ={occ}: splits={pl['splits']:3d} chunk={pl['chunk']:5d} ctas={pl['ctas']:5d} "
+                f"waves={waves} last={pl['last']}/{pl['wave']}"
+            )
+        for b in problems[:20]:
+            print("  PLAN PROBLEM:", b)
+        print(f"plan checks: {'OK' if not problems else f'{len(problems)} problems, FAIL'}", flush=True)
+    return problems
+
 
 if __name__ == "__main__":
     sel = CASES if len(sys.argv) < 2 else [CASES[int(i)] for i in sys.argv[1:]]
     allok = check_decoders()
+    allok = not check_plans() and allok
     allok = all([run(seed=i, **c) for i, c in enumerate(sel)]) and allok
     print("ALL OK" if allok else "SOME FAILED")

@@ -57,7 +57,6 @@ def decode_split():
         stages=constant(args, "kStages", "DecodeSplitConfig"),
         max_splits=constant(args, "kDecodeMaxSplits"),
         min_split_keys=constant("cuda/kernels/decode.cu", "kMinSplitKeys"),
-        ctas_per_sm=constant("cuda/kernels/decode.cu", "kCtasPerSm"),
         elems_per_chunk=constant(f"{CUDA_INC}/vec.cuh", "kChunkBytes") // 2,
     )
 

@@ -11,9 +11,14 @@
 // sized by decode_workspace_bytes() with the same plan.
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/decode_args.cuh"
@@ -36,13 +41,41 @@ __global__ void __launch_bounds__(128)
   merge_split_row<T>(p, a, num_splits);
 }
 
+int decode_split_kernel_occupancy(const void* kernel, int threads, size_t dyn_smem, int hd, int group_block) {
+  auto where = [&] {
+    return "decode_split_kernel (head_dim " + std::to_string(hd) + ", group block " + std::to_string(group_block) +
+           ", " + std::to_string(threads) + " threads, " + std::to_string(dyn_smem) + " B dynamic shared memory)";
+  };
+  auto check = [&](cudaError_t err, const char* call) {
+    if (err == cudaSuccess) return;
+    (void)cudaGetLastError();  // not left behind for the next launch check to report
+    throw std::runtime_error(std::string("decode_attention: ") + call + " for " + where() + ": " +
+                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  };
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, int> cache;  // (device, instance) -> CTAs per SM
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(dev, kernel);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, dyn_smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (n < 1)
+    throw std::runtime_error("decode_attention: " + where() + " fits no CTA on an SM of device " + std::to_string(dev) +
+                             " (occupancy 0)");
+  cache.emplace(key, n);
+  return n;
+}
+
 }  // namespace cuda
 
 namespace {
 
 using cuda::DecodePlanArgs;
 
-constexpr int kCtasPerSm = 4;       // split target: about this many CTAs per SM in the grid
 constexpr int kMinSplitKeys = 256;  // a split smaller than this is not worth its merge
 constexpr int kMaxGridYZ = 65535;
 
@@ -50,6 +83,8 @@ struct DecodePlan {
   bool fast = false;
   int group_block = 1;  // q heads per CTA
   int num_splits = 1;
+  int sm_count = 0;        // fast path: multiprocessors of the device
+  int occupancy = 0;       // fast path: max resident CTAs per SM of the split-kernel instance
   int64_t lse_offset = 0;  // byte offset of lse_part in the workspace
   int64_t bytes = 0;       // workspace bytes
   DecodePlanArgs args;     // what the kernels read beside AttentionParams (o_part / lse_part
@@ -151,10 +186,91 @@ bool fast_supported(const AttentionParams& p) {
 
 int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The one plan of a call: validates p, then (fast path) splits from the host's length hint and
-// the SM count: enough CTAs to fill the GPU, no split shorter than kMinSplitKeys, each split a
-// whole number of tiles. The kernel re-derives the real split ranges from the device lengths,
-// so a longer row is still covered completely.
+// Keys per split when s splits share n keys: ceil(n / s) rounded up to whole tiles.
+int64_t split_chunk(int64_t n, int64_t s, int tile) { return ceil_div64(ceil_div64(n, s), tile) * tile; }
+
+// The splits that asking for s really gives once the chunk is whole tiles: <= s, none empty.
+// It is the largest count reachable with at most s splits (and real_splits(r) == r exactly for
+// the reachable counts r).
+int64_t real_splits(int64_t n, int64_t s, int tile) { return ceil_div64(n, split_chunk(n, s, tile)); }
+
+struct SplitChoice {
+  int64_t splits = 1;
+  int64_t chunk = 1;  // keys per split, a multiple of tile; splits == ceil(n / chunk)
+};
+
+// Number of KV splits of the split kernel, a pure function of the grid without splits
+// (base_ctas = batch * kv heads * head chunks), the planned keys per row n, the kernel's tile,
+// the SM count and the occupancy of the launched instance (max resident CTAs per SM), so that
+// tools/emulate_decode_split.py can port it line by line. A wave is occupancy * sm_count CTAs:
+// all the GPU holds at once. The rule:
+//   1. bounds: at most ceil(n / max(kMinSplitKeys, tile)) splits (a shorter split is not worth
+//      its merge) and kDecodeMaxSplits; top = the most splits the bounds allow once the chunk is
+//      whole tiles. If top splits give at most one wave of CTAs, take top: every split we may
+//      add fills a CTA slot that would otherwise idle (e.g. the length bound binds).
+//   2. else the smallest reachable count `first` whose CTAs fill one whole wave: every SM then
+//      holds as many CTAs as it can (a single long row keeps all SMs streaming K/V).
+//   3. more splits shorten every CTA but may leave the last wave partly empty, which costs as
+//      much time as a full one: the time of the grid is about waves * chunk, i.e. inversely
+//      proportional to the fill base_ctas * r / (waves(r) * wave) of its waves. Among the
+//      reachable counts in [first, min(top, 2 * first)] (at most twice the CTAs of `first`, so
+//      the merge stays cheap) take the one with the fullest waves, the smaller on a tie. Within a
+//      number of waves w the fill grows with r, so the candidates are only, for each w, the most
+//      splits whose CTAs fit in w waves.
+SplitChoice choose_splits(int64_t base_ctas, int64_t n, int tile, int sm_count, int occupancy) {
+  const int64_t wave = int64_t(occupancy > 1 ? occupancy : 1) * (sm_count > 1 ? sm_count : 1);
+  int64_t max_s = ceil_div64(n, kMinSplitKeys > tile ? kMinSplitKeys : tile);
+  if (max_s > cuda::kDecodeMaxSplits) max_s = cuda::kDecodeMaxSplits;
+  if (max_s < 1) max_s = 1;
+  const int64_t top = real_splits(n, max_s, tile);
+  int64_t best = top;
+  if (base_ctas * top > wave) {
+    const int64_t full = ceil_div64(wave, base_ctas);  // splits of one full wave (<= top)
+    int64_t s = full;
+    while (real_splits(n, s, tile) < full) ++s;  // stops at top at the latest
+    const int64_t first = real_splits(n, s, tile);
+    const int64_t cap = top < 2 * first ? top : 2 * first;
+    auto waves = [&](int64_t r) { return ceil_div64(base_ctas * r, wave); };
+    best = first;
+    for (int64_t w = waves(first);;) {
+      const int64_t fit = w * wave / base_ctas;  // most splits within w waves (>= first)
+      const int64_t r = real_splits(n, fit < cap ? fit : cap, tile);
+      if (r * waves(best) > best * waves(r)) best = r;  // fuller waves: r / waves(r) larger
+      if (fit >= cap) break;
+      w = waves(fit + 1);  // the next wave count with a new candidate (> w)
+    }
+  }
+  SplitChoice c;
+  c.chunk = split_chunk(n, best, tile);
+  c.splits = ceil_div64(n, c.chunk);  // == best (a reachable count)
+  return c;
+}
+
+// VATTN_LOG_DECODE_PLAN=1: every fast-path launch prints its plan to stderr (bench/gpu_check.sh).
+bool log_plans() {
+  static const bool on = [] {
+    const char* v = std::getenv("VATTN_LOG_DECODE_PLAN");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return on;
+}
+
+// Real occupancy of the split-kernel instance launch_split will launch for p and group_block.
+int split_occupancy(const AttentionParams& p, int group_block) {
+  switch (p.head_dim) {
+    case 64: return cuda::decode_split_occupancy_hd64(p, group_block);
+    case 96: return cuda::decode_split_occupancy_hd96(p, group_block);
+    case 128: return cuda::decode_split_occupancy_hd128(p, group_block);
+    case 256: return cuda::decode_split_occupancy_hd256(p, group_block);
+    default: throw std::logic_error("decode_attention: no split kernel for this head_dim");
+  }
+}
+
+// The one plan of a call: validates p, then (fast path) splits from the host's length hint, the
+// SM count and the real occupancy of the instance to launch (choose_splits: whole waves of CTAs,
+// no split shorter than kMinSplitKeys, each split a whole number of tiles). The kernel
+// re-derives the real split ranges from the device lengths, so a longer row is still covered
+// completely. decode_workspace_bytes() sizes the workspace from this same plan.
 DecodePlan make_plan(const AttentionParams& p) {
   validate(p);
   DecodePlan pl;
@@ -184,16 +300,12 @@ DecodePlan make_plan(const AttentionParams& p) {
   if (n < 1) n = 1;
 
   const int64_t base_ctas = int64_t(p.batch) * p.num_kv_heads * pl.args.head_chunks;
-  const int64_t target = int64_t(kCtasPerSm) * current_device_sm_count();
-  int64_t splits = ceil_div64(target, base_ctas);
-  const int64_t by_len = ceil_div64(n, kMinSplitKeys > tile ? kMinSplitKeys : tile);
-  if (splits > by_len) splits = by_len;
-  if (splits > cuda::kDecodeMaxSplits) splits = cuda::kDecodeMaxSplits;
-  if (splits < 1) splits = 1;
-  const int64_t chunk = ceil_div64(ceil_div64(n, splits), tile) * tile;
-  splits = ceil_div64(n, chunk);  // no split left empty by the rounding
+  pl.sm_count = current_device_sm_count();
+  pl.occupancy = split_occupancy(p, pl.group_block);
+  const SplitChoice c = choose_splits(base_ctas, n, tile, pl.sm_count, pl.occupancy);
+  const int64_t splits = c.splits;
   pl.num_splits = int(splits);
-  pl.args.chunk_host = int(chunk);
+  pl.args.chunk_host = int(c.chunk);
   if (pl.num_splits > 1) {
     const int64_t states = splits * p.batch * p.num_q_heads;
     pl.lse_offset = ceil_div64(states * p.head_dim * int64_t(sizeof(float)), 256) * 256;
@@ -246,6 +358,18 @@ void decode_attention_cuda(const AttentionParams& p) {
   if (!pl.fast) {
     launch_plain(p, pl.args);
     return launch_attention_scores(p);
+  }
+  if (log_plans()) {
+    const int64_t ctas = int64_t(pl.num_splits) * p.batch * p.num_kv_heads * pl.args.head_chunks;
+    const int64_t wave = int64_t(pl.occupancy) * pl.sm_count;
+    const int64_t waves = ceil_div64(ctas, wave);
+    std::fprintf(stderr,
+                 "vattn decode plan: batch=%d q_heads=%d kv_heads=%d head_dim=%d max_seqlen_k=%lld "
+                 "group_block=%d head_chunks=%d sms=%d occupancy=%d wave=%lld splits=%d chunk=%d ctas=%lld "
+                 "waves=%lld fill=%.1f%%\n",
+                 p.batch, p.num_q_heads, p.num_kv_heads, p.head_dim, (long long)p.max_seqlen_k, pl.group_block,
+                 pl.args.head_chunks, pl.sm_count, pl.occupancy, (long long)wave, pl.num_splits, pl.args.chunk_host,
+                 (long long)ctas, (long long)waves, 100.0 * double(ctas) / double(waves * wave));
   }
   DecodePlanArgs a = pl.args;
   if (pl.num_splits > 1) {

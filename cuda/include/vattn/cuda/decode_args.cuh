@@ -2,6 +2,7 @@
 // Shared pieces of the CUDA decode kernels: the plan-derived kernel arguments (beside the
 // AttentionParams every decode kernel receives as they are), the fast kernel's tile geometry,
 // and the launchers of the per-head-dim instantiation files (decode_hd*.cu).
+#include <cstddef>
 #include <cstdint>
 
 #include "vattn/cuda/kv_device_format.cuh"
@@ -81,6 +82,11 @@ constexpr int decode_split_max_group_block() {
 
 constexpr int kDecodeMaxSplits = 256;
 
+// Dynamic shared memory of a split-kernel launch: none. The kernel's shared memory is static
+// (<= 48 KiB, static_assert in decode_split_kernel), so no cudaFuncAttributeMaxDynamicSharedMemorySize
+// is set; the launch and the occupancy query both pass this constant.
+constexpr size_t kDecodeSplitDynSmem = 0;
+
 // Launchers of the split kernel, one per head dim (separate files compile in parallel).
 // group_block: q heads per CTA (1, 2, 4 or 8, at most decode_split_max_group_block); num_splits:
 // gridDim.x. Dtype, K/V formats and stream come from p.
@@ -88,6 +94,20 @@ void launch_decode_split_hd64(const AttentionParams& p, const DecodePlanArgs& a,
 void launch_decode_split_hd96(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits);
 void launch_decode_split_hd128(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits);
 void launch_decode_split_hd256(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits);
+
+// Max resident CTAs per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor) of the split-kernel
+// instance the launcher of the same head dim would launch for p (dtype, K/V formats) and
+// group_block, at its block size and kDecodeSplitDynSmem, on the current device. Cached per
+// (device, instance); thread-safe; CUDA errors and an instance that fits no CTA on an SM throw
+// std::runtime_error.
+int decode_split_occupancy_hd64(const AttentionParams& p, int group_block);
+int decode_split_occupancy_hd96(const AttentionParams& p, int group_block);
+int decode_split_occupancy_hd128(const AttentionParams& p, int group_block);
+int decode_split_occupancy_hd256(const AttentionParams& p, int group_block);
+
+// The cached query behind decode_split_occupancy_hd*: kernel is the instance's address; hd and
+// group_block only name it in error messages (decode.cu).
+int decode_split_kernel_occupancy(const void* kernel, int threads, size_t dyn_smem, int hd, int group_block);
 
 }  // namespace cuda
 }  // namespace vattn

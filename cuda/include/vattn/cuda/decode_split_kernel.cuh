@@ -360,20 +360,19 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
   }
 }
 
-// Launches decode_split_kernel for one head dim: picks the element type, the K/V format pair
-// (dispatch_kv_pair: the plain format of the q dtype, or any pair of quantized formats; the
-// caller validated them) and the group block.
-template <int HD>
-void launch_decode_split(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits) {
-  const dim3 grid(unsigned(num_splits), unsigned(p.batch), unsigned(p.num_kv_heads * a.head_chunks));
-  cudaStream_t s = as_stream(p.stream);
+// Calls f(kernel, threads) with the decode_split_kernel instance that serves p at this head dim
+// and group block: the element type, the K/V format pair (dispatch_kv_pair: the plain format of
+// the q dtype, or any pair of quantized formats; the caller validated them) and GB. The launch
+// and the occupancy query both go through here, so they always see the same instance.
+template <int HD, typename F>
+void with_decode_split_kernel(const AttentionParams& p, int group_block, F&& f) {
   auto go = [&](auto tag, auto kf, auto vf, auto gb) {
     using T = decltype(tag);
     using KF = decltype(kf);
     using VF = decltype(vf);
     constexpr int GB = decltype(gb)::value;
     if constexpr (GB <= decode_split_max_group_block<KF, VF>()) {
-      decode_split_kernel<HD, T, KF, VF, GB><<<grid, DecodeSplitConfigFor<HD, KF, VF>::kThreads, 0, s>>>(p, a);
+      f(&decode_split_kernel<HD, T, KF, VF, GB>, DecodeSplitConfigFor<HD, KF, VF>::kThreads);
     } else {
       throw std::logic_error("decode_attention: group block above the split kernel's maximum for these formats");
     }
@@ -395,14 +394,40 @@ void launch_decode_split(const AttentionParams& p, const DecodePlanArgs& a, int 
   } else {
     by_gb(f16_t{});
   }
+}
+
+// Launches decode_split_kernel for one head dim: grid (num_splits, batch, kv heads x head chunks),
+// kDecodeSplitDynSmem bytes of dynamic shared memory (none: see decode_args.cuh).
+template <int HD>
+void launch_decode_split(const AttentionParams& p, const DecodePlanArgs& a, int group_block, int num_splits) {
+  const dim3 grid(unsigned(num_splits), unsigned(p.batch), unsigned(p.num_kv_heads * a.head_chunks));
+  cudaStream_t s = as_stream(p.stream);
+  with_decode_split_kernel<HD>(
+      p, group_block, [&](auto kernel, int threads) { kernel<<<grid, threads, kDecodeSplitDynSmem, s>>>(p, a); });
   cuda_check_launch("decode_split_kernel");
 }
 
-// Body of one decode_hd<HD>.cu file: the launcher declared in decode_args.cuh.
+// Max resident CTAs per SM of the instance launch_decode_split<HD> would launch for p and
+// group_block, on the current device (cached per device and instance: decode.cu).
+template <int HD>
+int decode_split_occupancy(const AttentionParams& p, int group_block) {
+  int occ = 0;
+  with_decode_split_kernel<HD>(p, group_block, [&](auto kernel, int threads) {
+    occ = decode_split_kernel_occupancy(reinterpret_cast<const void*>(kernel), threads, kDecodeSplitDynSmem, HD,
+                                        group_block);
+  });
+  return occ;
+}
+
+// Body of one decode_hd<HD>.cu file: the launcher and the occupancy query declared in
+// decode_args.cuh.
 #define VATTN_DECODE_SPLIT_LAUNCHER(HD)                                                               \
   void launch_decode_split_hd##HD(const AttentionParams& p, const DecodePlanArgs& a, int group_block, \
                                   int num_splits) {                                                   \
     launch_decode_split<HD>(p, a, group_block, num_splits);                                           \
+  }                                                                                                   \
+  int decode_split_occupancy_hd##HD(const AttentionParams& p, int group_block) {                      \
+    return decode_split_occupancy<HD>(p, group_block);                                                \
   }
 
 }  // namespace cuda
