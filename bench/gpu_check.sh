@@ -126,6 +126,23 @@ else
 fi
 
 if ((BUILD_OK)); then
+  # ---------------------------------------------------------------- decode plan
+  # The split-KV decode plan of single-row long-context decode (32K keys), printed by the library
+  # (VATTN_LOG_DECODE_PLAN=1): SM count, the real occupancy of the launched instance, splits, waves.
+  if ((DRY)); then
+    skip decode-plan "dry run"
+  else
+    (cd /tmp && VATTN_LOG_DECODE_PLAN=1 run_step decode-plan 60 190 TERM "$LOGS/decode_plan.txt" "$PY" -c '
+import torch, vattn
+n = 32768
+for hq, hkv, d in ((32, 8, 128), (32, 8, 64), (64, 8, 128), (28, 4, 128)):
+    k = torch.randn(1, n, hkv, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, hq, d, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((1,), n, dtype=torch.int32, device="cuda")
+    vattn.decode_attention(q, k, torch.randn_like(k), lens, max_seqlen_k=n)
+torch.cuda.synchronize()
+')
+  fi
   # ---------------------------------------------------------------- tests
   if ((DRY)); then
     # shellcheck disable=SC2086  # a list of paths
@@ -177,7 +194,7 @@ if ((BUILD_OK)); then
     skip ptxas-report "bench/ptxas_report.sh not present"
   fi
 else
-  for s in tests memcheck racecheck bench manager-latency ptxas-report; do skip "$s" "build failed"; done
+  for s in decode-plan tests memcheck racecheck bench manager-latency ptxas-report; do skip "$s" "build failed"; done
 fi
 
 # ---------------------------------------------------------------- report
@@ -223,6 +240,11 @@ for tool in ("memcheck", "racecheck"):
     m = re.findall(r"(ERROR SUMMARY: .*|RACECHECK SUMMARY: .*)", text)
     cases = re.findall(r"sanitizer_cases: .*", text)
     notes[tool] = "; ".join(m[-1:] + cases[-1:])
+plans = re.findall(r"vattn decode plan: .*", read("decode_plan.txt") or "")
+if plans:
+    m = re.search(r"occupancy=(\d+).*splits=(\d+).*waves=(\d+) fill=([\d.]+%)", plans[0])
+    notes["decode-plan"] = (f"32K row, 32 q / 8 kv heads, d=128: occupancy {m[1]}, {m[2]} splits, {m[3]} waves, "
+                            f"fill {m[4]}" if m else plans[0])
 if read("sanitizer_cpu.log"):
     notes["sanitizer-cases-cpu"] = "; ".join(re.findall(r"sanitizer_cases: .*", read("sanitizer_cpu.log")))
 bench = None
@@ -257,6 +279,8 @@ if build_failed and read("build.log") is not None:
     lines += ["", "## Build log (tail)", "", "```", read("build.log", tail=80), "```"]
 if read("import.log") is not None and any(s[0] == "import" and s[1] != "ok" for s in steps):
     lines += ["", "## Import log", "", "```", read("import.log", tail=40), "```"]
+if plans:
+    lines += ["", "## Decode split plans (32K keys, one row)", "", "```"] + plans + ["```"]
 if read("tests.log") is not None:
     lines += ["", "## Tests", "", notes.get("tests", ""), "", "```", read("tests.log", tail=60), "```"]
 for tool in ("memcheck", "racecheck", "sanitizer_cpu"):
