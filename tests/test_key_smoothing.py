@@ -55,7 +55,7 @@ def _run(cache, steps, g, return_lse=True):
 
 def test_stored_keys_are_quantized_minus_the_first_steps_mean():
     g = torch.Generator().manual_seed(0)
-    cache = _cache("int4", "auto")
+    cache = _cache("int4_tok", "auto")  # per-token int4 keys: smoothed by default
     assert cache.smooth_keys
     slots, _, keys = _run(cache, [[30, 9], [1, 1], [4, 1]], g)
     kc, _ = cache.kv(0)
@@ -74,7 +74,7 @@ def test_stored_keys_are_quantized_minus_the_first_steps_mean():
         torch.testing.assert_close(deq[s, : allk.shape[0]], want)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3", "int8", ("int4", "int8")], ids=str)
+@pytest.mark.parametrize("fmt", ["int4_tok", "fp8_e4m3", "int8", ("int4_tok", "int8")], ids=str)
 def test_attention_is_the_true_keys_attention_and_closer_with_smoothing(fmt):
     errs = {}
     for smooth in (False, True):
@@ -105,7 +105,7 @@ def test_attention_is_the_true_keys_attention_and_closer_with_smoothing(fmt):
     # quantization's too (a missing correction would be off by ~ scale * q . mean, several units).
     assert errs[True][0] < errs[False][0], errs
     assert errs[True][1] < errs[False][1], errs
-    bits = formats.get(fmt if isinstance(fmt, str) else fmt[0]).bits
+    bits = formats.resolve(fmt, torch.float32)[0].bits
     assert errs[True][1] < (0.5 if bits <= 4 else 0.1), errs
 
 

@@ -290,7 +290,8 @@ def test_reference_format_definitions():
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
 def test_physical_memory_per_format(layout):
     """The same tokens map the expected fraction of a bf16 cache's pages: fp8 / int8 about 1/2, int4
-    about 1/4 plus its scale words (heads x 2 fp32 per token), a (int8, int4) pair in between."""
+    about 1/4 plus its scale words (heads x 2 fp32 per token, keys int4_ch 4), a (int8, int4) pair
+    in between."""
     heads, dim, layers, n = 4, 128, 4, 3000
     mapped = {}
     for spec in ["auto", "fp8_e4m3", "int8", "int4", ("int8", "int4")]:
@@ -310,7 +311,7 @@ def test_physical_memory_per_format(layout):
         c.reserve(s, n)
         mapped[_spec_id(spec)] = c.stats()["mapped_bytes"]
         if spec != "auto":
-            kf, vf = (formats.get(x) for x in _pair(spec))
+            kf, vf = formats.resolve(spec, torch.bfloat16)  # "int4": keys int4_ch, values int4
             assert c.token_bytes == layers * (kf.record_bytes(heads, dim) + vf.record_bytes(heads, dim))
         c.close()
     page = 64 << 10
@@ -322,7 +323,7 @@ def test_physical_memory_per_format(layout):
     for name, (kb, vb) in {
         "fp8_e4m3": (dim + 4, dim + 4),
         "int8": (dim + 4, dim + 4),
-        "int4": (dim // 2 + 8, dim // 2 + 8),
+        "int4": (dim // 2 + 16, dim // 2 + 8),  # keys int4_ch: 4 words per token
         "int8-int4": (dim + 4, dim // 2 + 8),
     }.items():
         per = heads * (kb + vb) if layout == "token_major" else 2 * heads * max(kb, vb)
@@ -371,14 +372,28 @@ def test_kvcache_steps_quantized(spec, layout):
             assert torch.equal(out, want)
         hist[a].append(k[: new[0]])
         hist[b].append(k[new[0] :])
-    kf = formats.get(_pair(spec)[0])
+    kf = c.k_format  # "int4" stores keys as int4_ch (per channel over token groups)
     kd, _ = c.kv(1, dequantize=True)
     kv_k, _ = c.kv(1)
     ks, _ = c.kv_scales(1)
     for s in (a, b):
         allk = torch.cat(hist[s])
-        codes, sc = reference.quantize(allk, kf.name)
         n = allk.shape[0]
+        if kf.name == "int4_ch":  # the reference's appends of the same steps into a fresh row
+            codes = torch.zeros(1, c.max_seq_len, heads, dim // 2, dtype=torch.uint8)
+            words = torch.zeros(1, c.max_seq_len, heads, 4)
+            vdummy, vwords = torch.zeros_like(codes), torch.zeros(1, c.max_seq_len, heads, 2)
+            t = 0
+            for chunk in hist[s]:
+                m = chunk.shape[0]
+                if m:
+                    rows, pos = torch.zeros(m, dtype=torch.long), torch.arange(t, t + m)
+                    reference.append_kv(codes, vdummy, chunk, chunk, rows, pos, words, vwords, "int4_ch", "int4")
+                t += m
+            assert torch.equal(kv_k[s, :n].view(torch.uint8), codes[0, :n])
+            assert torch.equal(kd[s, :n], reference.dequantize(codes[0, :n], words[0], kf.name, dim, torch.bfloat16))
+            continue
+        codes, sc = reference.quantize(allk, kf.name)
         assert torch.equal(kv_k[s, :n].view(torch.uint8), codes.view(torch.uint8))
         assert torch.equal(kd[s, :n], reference.dequantize(codes, sc, kf.name, dim, torch.bfloat16))
     st = c.stats()

@@ -140,7 +140,7 @@ def test_block_minmax_kvcache_views(device, layout, kv_format):
             per_slot = {s: [n] * heads for s, n in zip(slots, lens)}
             row_ids = [slots[2], slots[0], slots[1]]
             full = {**{r: [0] * heads for r in range(cache.max_batch)}, **per_slot}
-            name = "float16" if kname == "auto" else kname
+            name = "float16" if kname == "auto" else cache.k_format.name  # "int4": keys int4_ch
             want = _run_minmax(kd, ks, name, meta, row_ids, full, [0, 1, 2], False, device)
             torch.testing.assert_close(meta.cpu(), want, rtol=1e-6, atol=1e-6)
     finally:

@@ -2,12 +2,20 @@
 // head at head_positions[i, h] when given), in each side's storage format (a quantized side is
 // encoded with quant.h, the same code as on CUDA, so both store the same bytes). Every index is
 // checked before the first write, so a failed call leaves the cache unchanged.
+//
+// int4_ch (keys per channel over groups of G = head_dim / 2 tokens, kv_format.h) is not written
+// token by token: each (row, kv head, group) the call writes into is re-encoded whole, from the
+// exact values of its tokens before the call's first one (quant::int4_ch_value) and the call's
+// tokens, which must be consecutive positions (python/vattn/reference.py _append_int4_ch).
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_util.h"
+#include "row_reader.h"
 #include "vattn/ops.h"
 
 namespace vattn {
@@ -22,6 +30,99 @@ struct Side {
   const void* src;
   int64_t src_tok, src_head;  // elements of the input dtype
 };
+
+// The (row, kv head, group) units of an int4_ch append: tokens[begin, end) of `order` are the
+// call's (token, head) entries th = i * heads + h of the unit, by position (consecutive, checked).
+struct GroupUnit {
+  int32_t row, head, group, first, last;  // first / last: positions of the unit's new tokens
+  int64_t begin, end;                     // range in GroupPlan::order
+};
+struct GroupPlan {
+  bool built = false;
+  std::vector<int64_t> order;  // (token, head) entries sorted by (row, head, position)
+  std::vector<GroupUnit> units;
+};
+
+int32_t position_of(const AppendParams& p, int64_t th) {
+  return p.head_positions ? p.head_positions[th] : p.positions[th / p.num_kv_heads];
+}
+
+// Groups the call's entries into units and checks them (positions are already inside [0, seq)).
+void build_group_plan(const AppendParams& p, GroupPlan* plan) {
+  if (plan->built) return;
+  const int64_t heads = p.num_kv_heads, n = int64_t(p.num_tokens) * heads;
+  const int32_t G = Int4ChannelFormat::group(p.head_dim);
+  plan->order.resize(size_t(n));
+  for (int64_t th = 0; th < n; ++th) plan->order[size_t(th)] = th;
+  auto key = [&](int64_t th) {
+    return std::make_tuple(p.row_ids[th / heads], int32_t(th % heads), position_of(p, th));
+  };
+  std::sort(plan->order.begin(), plan->order.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
+  plan->units.clear();
+  for (int64_t a = 0; a < n;) {
+    const int64_t th = plan->order[size_t(a)];
+    const int32_t row = p.row_ids[th / heads], h = int32_t(th % heads), pos = position_of(p, th), g = pos / G;
+    int64_t e = a + 1;
+    int32_t prev = pos;
+    for (; e < n; ++e) {
+      const int64_t te = plan->order[size_t(e)];
+      const int32_t pe = position_of(p, te);
+      if (p.row_ids[te / heads] != row || int32_t(te % heads) != h || pe / G != g) break;
+      if (pe != prev + 1)
+        cpu::fail("append_kv: int4_ch keys: the new tokens of a group (row " + std::to_string(row) + ", kv head " +
+                  std::to_string(h) + ", tokens " + std::to_string(int64_t(g) * G) + ".." +
+                  std::to_string(int64_t(g) * G + G - 1) + ") must be consecutive positions, got " +
+                  std::to_string(prev) + (pe == prev ? " twice" : " then " + std::to_string(pe)));
+      prev = pe;
+    }
+    plan->units.push_back(GroupUnit{row, h, g, pos, prev, a, e});
+    a = e;
+  }
+  plan->built = true;
+}
+
+// int4_ch side: re-encodes every unit of the plan (disjoint groups: parallel over units).
+template <typename T>
+void append_grouped(const AppendParams& p, const Side& s, const GroupPlan& plan) {
+  const int dim = p.head_dim;
+  const int32_t G = Int4ChannelFormat::group(dim);
+  const int64_t heads = p.num_kv_heads;
+  auto one = [&](const GroupUnit& u, float* x) {  // x: G * dim values, then 2 * dim parameters
+    const int64_t lo = int64_t(u.group) * G;
+    uint8_t* codes = static_cast<uint8_t*>(s.data) + u.row * s.stride_row + u.head * s.stride_head;
+    float* words = s.scale + u.row * s.ss_row + u.head * s.ss_head;
+    float* gw = words + lo * s.ss_tok;
+    if (u.first > lo) {                   // the group's old tokens, exactly as stored
+      float* prm = x + int64_t(G) * dim;  // scales, then zeros
+      cpu::int4_ch_load_params(gw, s.ss_tok, dim, prm, prm + dim);
+      for (int64_t t = lo; t < u.first; ++t) {
+        const uint8_t* r = codes + t * s.stride_tok;
+        float* o = x + (t - lo) * dim;
+        for (int d = 0; d < dim; ++d) o[d] = quant::int4_ch_value(quant::int4_code(r, d), prm[d], prm[dim + d]);
+      }
+    }
+    for (int64_t e = u.begin; e < u.end; ++e) {
+      const int64_t th = plan.order[size_t(e)];
+      const T* src = static_cast<const T*>(s.src) + (th / heads) * s.src_tok + (th % heads) * s.src_head;
+      float* o = x + (u.first + (e - u.begin) - lo) * dim;
+      for (int d = 0; d < dim; ++d) o[d] = to_float(src[d]);
+    }
+    quant::encode_int4_ch_group(x, dim, int(u.last + 1 - lo), dim, codes + lo * s.stride_tok, s.stride_tok, gw,
+                                s.ss_tok);
+  };
+  const int64_t nu = int64_t(plan.units.size());
+  if (int64_t(p.num_tokens) * heads * dim <= (1 << 16)) {  // small appends (a decode step)
+    std::vector<float> x(size_t(G + 2) * dim);
+    for (int64_t i = 0; i < nu; ++i) one(plan.units[size_t(i)], x.data());
+    return;
+  }
+#pragma omp parallel
+  {
+    std::vector<float> x(size_t(G + 2) * dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nu; ++i) one(plan.units[size_t(i)], x.data());
+  }
+}
 
 template <class Format, typename T>
 void append_side(const AppendParams& p, const Side& s) {
@@ -57,17 +158,31 @@ void append_side(const AppendParams& p, const Side& s) {
 }
 
 // Checks one side (write == false) or writes it; both sides are checked before either is written.
-void append_one(const AppendParams& p, int32_t format, const Side& s, const char* what, bool write) {
+// An int4_ch side also checks (and builds once for both sides) the plan of its groups.
+void append_one(const AppendParams& p, int32_t format, const Side& s, const char* what, bool write, GroupPlan* plan) {
   dispatch_kv_format(format, what, [&](auto fmt) {
     using Format = decltype(fmt);
+    constexpr bool kGrouped = is_grouped_format<Format>::value;
     if (Format::kScaleWords > 0 && s.scale == nullptr)
       cpu::fail(std::string(what) + ": a quantized cache needs its scales");
     if (!dim_ok<Format>(p.head_dim)) cpu::fail(std::string(what) + ": head_dim does not fit the storage format");
+    if (kGrouped) {
+      const int32_t G = Int4ChannelFormat::group(p.head_dim);
+      if (p.cache.max_seq % G != 0)
+        cpu::fail(std::string(what) + ": an int4_ch cache holds whole groups of " + std::to_string(G) +
+                  " tokens: its seq (" + std::to_string(p.cache.max_seq) + ") must be a multiple");
+      build_group_plan(p, plan);
+    }
     cpu::dispatch_dtype(p.dtype, "append_kv k/v", [&](auto t) {
       using T = decltype(t);
       if (Format::kScaleWords == 0 && !std::is_same<typename Format::storage_t, T>::value)
         cpu::fail(std::string(what) + ": k/v dtype must equal the cache dtype of a plain cache");
-      if (write) append_side<Format, T>(p, s);
+      if (write) {
+        if constexpr (kGrouped)
+          append_grouped<T>(p, s, *plan);
+        else
+          append_side<Format, T>(p, s);
+      }
     });
   });
 }
@@ -113,10 +228,11 @@ void append_kv_cpu(const AppendParams& p) {
     });
     return;
   }
-  append_one(p, c.k_format, k, "append_kv (K)", false);
-  append_one(p, c.v_format, v, "append_kv (V)", false);
-  append_one(p, c.k_format, k, "append_kv (K)", true);
-  append_one(p, c.v_format, v, "append_kv (V)", true);
+  GroupPlan plan;
+  append_one(p, c.k_format, k, "append_kv (K)", false, &plan);
+  append_one(p, c.v_format, v, "append_kv (V)", false, &plan);
+  append_one(p, c.k_format, k, "append_kv (K)", true, &plan);
+  append_one(p, c.v_format, v, "append_kv (V)", true, &plan);
 }
 
 }  // namespace vattn

@@ -95,6 +95,8 @@ void validate(const AttentionParams& p, bool decode) {
     require(p.kv.k_format == p.dtype && p.kv.v_format == p.dtype, "attention: a plain cache must store the q dtype");
   else
     require(p.kv.k_scale && p.kv.v_scale, "attention: a quantized cache needs its scales");
+  cpu::check_groups(p.kv.k_format, p.head_dim, p.kv.max_seq, "attention (K)");
+  cpu::check_groups(p.kv.v_format, p.head_dim, p.kv.max_seq, "attention (V)");
   if (decode) {
     require(p.cu_seqlens_q == nullptr, "decode_attention: cu_seqlens_q must be null");
     require(p.total_q == p.batch, "decode_attention: total_q must equal batch (one query per row)");

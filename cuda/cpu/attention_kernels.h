@@ -38,6 +38,11 @@ void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* sca
                             int n_avail, int dim, float* dst);
 void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, int64_t scale_stride, int n,
                         int n_avail, int dim, float* dst);
+// int4_ch (keys per channel, kv_format.h Int4ChannelFormat): n rows of packed codes sharing one
+// group's per-channel parameters, element d = code * scale[d] + zero[d], product and sum rounded
+// apart (= quant::int4_ch_value, exact); dim even.
+void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, const float* zero, int n,
+                           int n_avail, int dim, float* dst);
 
 // Max of s[a:e).
 float max_of(const float* s, int a, int e);

@@ -330,3 +330,28 @@ void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, 
     int4_row(r, w[0], w[1], dim, dst + (int64_t)j * dim);
   }
 }
+
+// int4_ch: as int4_row, with the group's per-channel scale and zero vectors instead of one pair.
+static inline void int4_ch_row(const uint8_t* r, const float* scale, const float* zero, int dim, float* o) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i nib = _mm256_set1_epi32(0xf);
+  int d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    int32_t w;
+    std::memcpy(&w, r + d / 2, 4);
+    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shifts), nib);
+    __m256 prod = _mm256_mul_ps(_mm256_cvtepi32_ps(c), _mm256_loadu_ps(scale + d));
+    __asm__("" : "+x"(prod));
+    _mm256_storeu_ps(o + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
+  }
+  for (; d < dim; ++d) o[d] = int4_elem(quant::int4_code(r, d), scale[d], zero[d]);
+}
+
+void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, const float* zero, int n,
+                           int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail) prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim / 2, scale);
+    int4_ch_row(r, scale, zero, dim, dst + (int64_t)j * dim);
+  }
+}

@@ -196,6 +196,20 @@ void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, 
   }
 }
 
+void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, const float* zero, int n,
+                           int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail) prefetch_quant_row(r + kPrefetchRowsQuant * stride, dim / 2, scale);
+    float* o = dst + (int64_t)j * dim;
+#pragma omp simd
+    for (int i = 0; i < dim / 2; ++i) {
+      o[2 * i] = int4_elem(r[i] & 0xf, scale[2 * i], zero[2 * i]);
+      o[2 * i + 1] = int4_elem(r[i] >> 4, scale[2 * i + 1], zero[2 * i + 1]);
+    }
+  }
+}
+
 float max_of(const float* s, int a, int e) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)

@@ -28,6 +28,17 @@ inline int max_threads() {
 #endif
 }
 
+// A side stored as int4_ch keeps each group's parameters in the words of the group's G tokens, so
+// a cache of it holds whole groups: its seq must be a multiple of G = head_dim / 2.
+inline void check_groups(int32_t format, int32_t head_dim, int64_t max_seq, const char* what) {
+  if (format != kKvInt4Channel) return;
+  if (head_dim <= 0 || head_dim % 2) fail(std::string(what) + ": int4_ch needs an even head_dim");
+  const int32_t G = quant::int4_ch_group(head_dim);
+  if (max_seq % G != 0)
+    fail(std::string(what) + ": an int4_ch cache holds whole groups of " + std::to_string(G) + " tokens: its seq (" +
+         std::to_string(max_seq) + ") must be a multiple");
+}
+
 // Calls f(T{}) with the storage type of a dtype code.
 template <typename F>
 decltype(auto) dispatch_dtype(int32_t code, const char* what, F&& f) {

@@ -113,6 +113,7 @@ void block_minmax_cpu(const BlockMinmaxParams& p) {
     using S = typename Format::storage_t;
     if (!dim_ok<Format>(p.head_dim)) fail("block_minmax: head_dim does not fit the storage format");
     if (Format::kScaleWords > 0 && c.k_scale == nullptr) fail("block_minmax: a quantized cache needs its scales");
+    cpu::check_groups(c.k_format, p.head_dim, c.max_seq, "block_minmax");
     const int64_t heads = p.num_kv_heads, B = p.block, dim = p.head_dim;
     // ---- checks, before any write
     check_rows_and_lengths("block_minmax", p.row_ids, p.lengths, p.head_lengths, p.n, heads, c.num_rows, c.max_seq, B,
@@ -141,13 +142,32 @@ void block_minmax_cpu(const BlockMinmaxParams& p) {
           mn[d] = INFINITY;
           mx[d] = -INFINITY;
         }
-        for (int64_t t = t0; t < t1; ++t) {
-          const S* kr = base + t * c.k_stride_tok;
-          const float* w = sbase ? sbase + t * c.ks_stride_tok : nullptr;
-          for (int64_t d = 0; d < dim; ++d) {
-            const float x = Format::dequant(kr, w, int(d));
-            if (x < mn[d]) mn[d] = x;
-            if (x > mx[d]) mx[d] = x;
+        if constexpr (is_grouped_format<Format>::value) {
+          // int4_ch: the row reader's exact values (the group's parameters loaded once), in runs.
+          constexpr int kRun = 64;
+          thread_local std::vector<float> vals;
+          vals.resize(size_t(kRun) * dim);
+          const cpu::HeadRows<Format> hr{base, c.k_stride_tok, sbase, c.ks_stride_tok};
+          for (int64_t ta = t0; ta < t1; ta += kRun) {
+            const int nk = int(std::min<int64_t>(kRun, t1 - ta));
+            int64_t st;
+            const float* x = cpu::RowReader<Format>::rows(hr, int(ta), nk, int(t1 - ta), int(dim), vals.data(), &st);
+            for (int j = 0; j < nk; ++j)
+              for (int64_t d = 0; d < dim; ++d) {
+                const float v = x[j * st + d];
+                if (v < mn[d]) mn[d] = v;
+                if (v > mx[d]) mx[d] = v;
+              }
+          }
+        } else {
+          for (int64_t t = t0; t < t1; ++t) {
+            const S* kr = base + t * c.k_stride_tok;
+            const float* w = sbase ? sbase + t * c.ks_stride_tok : nullptr;
+            for (int64_t d = 0; d < dim; ++d) {
+              const float x = Format::dequant(kr, w, int(d));
+              if (x < mn[d]) mn[d] = x;
+              if (x > mx[d]) mx[d] = x;
+            }
           }
         }
       }
@@ -477,6 +497,8 @@ void sparse_decode_attention_cpu(const SparseDecodeParams& sp) {
   require(p.kv.num_rows >= 0 && p.kv.max_seq >= 0, "sparse_decode_attention: negative cache shape");
   if (kv_format_is_quantized(p.kv.k_format) || kv_format_is_quantized(p.kv.v_format))
     require(p.kv.k_scale && p.kv.v_scale, "sparse_decode_attention: a quantized cache needs its scales");
+  cpu::check_groups(p.kv.k_format, p.head_dim, p.kv.max_seq, "sparse_decode_attention (K)");
+  cpu::check_groups(p.kv.v_format, p.head_dim, p.kv.max_seq, "sparse_decode_attention (V)");
   const int64_t heads = p.num_kv_heads, B = sp.block;
   const int32_t* rows = p.row_ids;
   std::vector<int32_t> identity;

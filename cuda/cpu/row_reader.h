@@ -1,7 +1,9 @@
 #pragma once
 // Readers of K/V cache rows as fp32 for the CPU attention loops (attention_kernels.h), shared by the
 // dense engine (attention_cpu.cpp) and the Quest sparse decode (quest_cpu.cpp). Header-only.
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "attention_kernels.h"
 #include "vattn/kv_format.h"
@@ -62,6 +64,41 @@ template <>
 struct RowReader<Fp8E4M3Format> : RowReaderQuant<Fp8E4M3Format, uint8_t, cpu::fp8_e4m3_rows_to_float> {};
 template <>
 struct RowReader<Int4Format> : RowReaderQuant<Int4Format, uint8_t, cpu::int4_rows_to_float> {};
+// int4_ch (keys per channel over groups of G = head_dim / 2 tokens): the 2 * dim parameters of
+// group g (scale of channel c at index c, zero at dim + c) sit in the words of its tokens, from
+// the words of token g * G on (quant::int4_ch_param). Loads them into scale[dim], zero[dim].
+inline void int4_ch_load_params(const float* gw, int64_t ws_tok, int dim, float* scale, float* zero) {
+  for (int i = 0; i < dim; ++i) {
+    scale[i] = gw[quant::int4_ch_param(i, ws_tok)];
+    zero[i] = gw[quant::int4_ch_param(dim + i, ws_tok)];
+  }
+}
+// A reader walks the rows group by group: the group's parameters are loaded once, then its rows
+// convert through the instruction-set-dispatched int4_ch_rows_to_float (exact:
+// quant::int4_ch_value per element). A group's words may sit in tokens past the row's length (the
+// cache maps whole groups), which is why readers take them from the group's first token.
+template <>
+struct RowReader<Int4ChannelFormat> {
+  static constexpr bool kDirect = false;
+  static const float* rows(const HeadRows<Int4ChannelFormat>& h, int j0, int nk, int avail, int dim, float* buf,
+                           int64_t* stride) {
+    thread_local std::vector<float> params;
+    if (params.size() < size_t(2) * dim) params.resize(size_t(2) * dim);
+    float* scale = params.data();
+    float* zero = scale + dim;
+    const int G = Int4ChannelFormat::group(dim);
+    for (int j = 0; j < nk;) {
+      const int t = j0 + j, g = t / G;
+      const int n = std::min(nk - j, (g + 1) * G - t);
+      int4_ch_load_params(h.scale + int64_t(g) * G * h.scale_stride_tok, h.scale_stride_tok, dim, scale, zero);
+      cpu::int4_ch_rows_to_float(h.data + int64_t(t) * h.stride_tok, h.stride_tok, scale, zero, n, avail - j, dim,
+                                 buf + int64_t(j) * dim);
+      j += n;
+    }
+    *stride = dim;
+    return buf;
+  }
+};
 // Plain 16-bit storage: a converted copy through the instruction-set-dispatched row converter.
 template <typename S, void (*Convert)(const uint16_t*, int64_t, int, int, int, float*)>
 struct RowReader16 {

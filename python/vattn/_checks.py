@@ -114,7 +114,7 @@ def _cache_format(c: Tensor, scale: Optional[Tensor], name: str) -> formats.KVFo
                 f"storage dtype ({', '.join(str(d) for d in formats.QUANTIZED_BY_STORAGE)}) with scales"
             )
         return fmt
-    fmt = formats.QUANTIZED_BY_STORAGE.get(c.dtype)
+    fmt = formats.by_storage(c.dtype, scale.shape[-1] if isinstance(scale, torch.Tensor) and scale.dim() else None)
     if fmt is None:
         raise TypeError(
             f"{name} has dtype {c.dtype} but a {name[0]}_scale was given; quantized caches are stored as "
@@ -185,6 +185,9 @@ def _check_cache(
         want = (rows, seq, heads, fmt.scale_words)
         if tuple(sc.shape) != want:
             raise ValueError(f"{name} must have shape {list(want)} for kv_format {fmt.name!r}, got {list(sc.shape)}")
+        g = formats.group_tokens(fmt, dim)
+        if g > 1 and seq % g:
+            raise ValueError(f"a {fmt.name} cache holds whole groups of {g} tokens: its seq ({seq}) must be a multiple")
         _check_device(sc, name, device)
         _check_last_contiguous(sc, name)
     return _KVGeom(

@@ -238,6 +238,13 @@ class KVCache:
             raise ValueError(f"device must be cpu or cuda, got {dev}")
         self.k_format, self.v_format = formats.resolve(kv_format, dtype)
         check_cache_supported(dev.type, dtype, self.k_format, self.v_format, self.head_dim)
+        # int4_ch keys keep their parameters in the scale words of whole groups of tokens: rows
+        # hold whole groups and every slot maps its last group completely (_group_end).
+        self._group = formats.group_tokens(self.k_format, self.head_dim)
+        if self._group > 1:
+            if self.head_dim % 2:
+                raise ValueError(f"int4 keys (int4_ch) need an even head_dim, got {self.head_dim}")
+            self.max_seq_len = -(-self.max_seq_len // self._group) * self._group
         if dev.type == "cuda":
             if not _C.built_with_cuda:
                 raise RuntimeError(
@@ -363,6 +370,11 @@ class KVCache:
             self._logical[slot] = 0
             self._mean_set[slot] = False
 
+    def _group_end(self, n: int) -> int:
+        """Tokens a slot of n tokens maps: n, rounded up to whole int4_ch groups."""
+        g = self._group
+        return n if g == 1 else -(-n // g) * g
+
     def reserve(self, slot: int, n: int) -> None:
         """Maps pages so that slot holds >= n tokens in every layer (lengths do not change)."""
         n = _int(n, "n")
@@ -384,7 +396,7 @@ class KVCache:
             if not 0 <= n <= length:
                 raise ValueError(f"cannot shrink slot {slot} to {n} tokens: must be in [0, length={length}]")
             self._record_use()
-            self._m.shrink(slot, n)
+            self._m.shrink(slot, self._group_end(n))  # int4_ch keys: the last group's words stay mapped
             self._set_lengths({slot: n})
             self._logical[slot] -= length - n
             d = self._deficit.get(slot)
@@ -444,10 +456,11 @@ class KVCache:
                 raise ValueError(f"slot {s} holds {length} tokens; {n} more exceed max_seq_len={self.max_seq_len}")
             start.append(length)
             ends.append(length + n)
+        mapped = ends if self._group == 1 else [self._group_end(e) for e in ends]
         if self._cuda_scrub:  # scrubbing of reused pages goes on the current stream
-            m.reserve(slots, ends, torch.cuda.current_stream(self.device).cuda_stream)
+            m.reserve(slots, mapped, torch.cuda.current_stream(self.device).cuda_stream)
         else:
-            m.reserve(slots, ends)
+            m.reserve(slots, mapped)
 
         b = len(slots)
         total = sum(new_tokens)
@@ -740,9 +753,10 @@ class KVCache:
         token_major one region (the longest head of all), layer_major regions 2l (K) and 2l + 1 (V)
         of layer l (its longest head)."""
         if self.layout == "token_major":
-            return [int(heads.max())]
-        per_layer = heads.max(axis=1).astype(np.int64)
-        return np.repeat(per_layer, 2).tolist()
+            return [self._group_end(int(heads.max()))]
+        per_layer = heads.max(axis=1).astype(np.int64).tolist()
+        # int4_ch keys keep their last group's parameter words mapped (K regions only).
+        return [t for n in per_layer for t in (self._group_end(n), n)]
 
     # ------------------------------------------------------------------ views
 
@@ -843,7 +857,9 @@ class KVCache:
                 n = self._lengths_host[s]
                 if n == 0:
                     continue
-                if fmt.quantized:
+                if fmt.name == "int4_ch":  # parameters in the words of the row's whole groups
+                    dense[s, :n] = dequantize(codes[s, :n], scales[s], fmt.name, self.head_dim, self.dtype)
+                elif fmt.quantized:
                     dense[s, :n] = dequantize(codes[s, :n], scales[s, :n], fmt.name, self.head_dim, self.dtype)
                 else:
                     dense[s, :n] = codes[s, :n]

@@ -102,14 +102,42 @@ _TABLE = (
         "two codes per byte; fp32 (scale, zero) per (token, kv_head): (max - min) / 15, min",
         "|u1",
     ),
+    # Keys per channel (KIVI): what a KVCache stores for K when kv_format says "int4" (values stay
+    # per token). Its 4 words per token hold the parameters of the token's group (reference.py).
+    KVFormat(
+        "int4_ch",
+        6,
+        torch.uint8,
+        2,
+        4,
+        4,
+        "two codes per byte; fp32 (scale, zero) per (kv_head, channel) over groups of head_dim / 2 tokens",
+        "|u1",
+    ),
 )
 
 FORMATS: Dict[str, KVFormat] = {f.name: f for f in _TABLE}
 BY_CODE: Dict[int, KVFormat] = {f.code: f for f in _TABLE}
 # The plain (unquantized) format of each q / out dtype.
 PLAIN: Dict[torch.dtype, KVFormat] = {f.storage_dtype: f for f in _TABLE if not f.quantized}
-# The quantized format a user's cache tensor of this dtype (with a scale tensor) holds.
-QUANTIZED_BY_STORAGE: Dict[torch.dtype, KVFormat] = {f.storage_dtype: f for f in _TABLE if f.quantized}
+# The quantized format a user's cache tensor of this dtype (with a scale tensor) holds: uint8 is int4
+# with 2 scale words per (token, head), int4_ch with 4 (by_storage picks by the scale tensor).
+QUANTIZED_BY_STORAGE: Dict[torch.dtype, KVFormat] = {
+    f.storage_dtype: f for f in _TABLE if f.quantized and f.name != "int4_ch"
+}
+
+
+def by_storage(dtype: torch.dtype, scale_words: Optional[int] = None) -> Optional[KVFormat]:
+    """The quantized format of a cache tensor of `dtype` whose scale tensor has `scale_words` words."""
+    if dtype == torch.uint8 and scale_words == FORMATS["int4_ch"].scale_words:
+        return FORMATS["int4_ch"]
+    return QUANTIZED_BY_STORAGE.get(dtype)
+
+
+def group_tokens(fmt: KVFormat, head_dim: int) -> int:
+    """Tokens per parameter group of a grouped format (int4_ch: head_dim / 2), 1 for the others."""
+    return head_dim // 2 if fmt.name == "int4_ch" else 1
+
 
 FormatSpec = Union[str, Tuple[str, str]]
 
@@ -144,13 +172,21 @@ def _one(name, dtype: torch.dtype) -> KVFormat:
 
 
 def resolve(kv_format: FormatSpec, dtype: torch.dtype) -> Tuple[KVFormat, KVFormat]:
-    """(K format, V format) of a KVCache's kv_format argument: "auto", a name, or a (k, v) pair."""
+    """(K format, V format) of a KVCache's kv_format argument: "auto", a name, or a (k, v) pair.
+    int4 keys are stored per channel (int4_ch, KIVI: the outlier channels of keys are what int4
+    per token loses, bench/RESULTS.md); "int4_tok" asks for int4 keys per token; values are always
+    per token."""
     if isinstance(kv_format, (tuple, list)):
         if len(kv_format) != 2:
             raise ValueError(f"a kv_format pair must be (k_format, v_format), got {kv_format!r}")
-        return _one(kv_format[0], dtype), _one(kv_format[1], dtype)
-    fmt = _one(kv_format, dtype)
-    return fmt, fmt
+        k, v = kv_format
+    else:
+        k = v = kv_format
+    if v == "int4_ch":
+        raise ValueError("int4_ch groups keys per channel; values are stored per token (use 'int4')")
+    k = "int4_ch" if k == "int4" else "int4" if k == "int4_tok" else k
+    v = "int4" if v == "int4_tok" else v
+    return _one(k, dtype), _one(v, dtype)
 
 
 def of_tensor(t: torch.Tensor) -> Optional[KVFormat]:

@@ -54,6 +54,15 @@ __all__ = [
 # int4:     asymmetric over the whole vector: scale = (max - min) / 15, zero = min,
 #           code = round((x - min) * (15 / (max - min))) in [0, 15]; x ~ code * scale + zero; two codes
 #           per byte, element 2i in the low nibble; +inf -> 15, -inf -> 0; words = (scale, zero).
+# int4_ch:  keys per channel (KIVI): asymmetric int4 as above, but the min / max are taken per
+#           (kv_head, channel) over a group of G = head_dim // 2 consecutive tokens of one row (group
+#           g holds tokens g*G .. g*G + G - 1). The group's 2 * head_dim fp32 parameters -- scale of
+#           channel c at index c, zero (min) of channel c at index head_dim + c -- are spread over the
+#           4 scale words of its G tokens: parameter i is word i % 4 of token g*G + i // 4. A group
+#           that is not full yet (the row's last) is quantized over the tokens it holds; an append
+#           into it re-encodes the whole group from its old tokens' dequantized values and the new
+#           tokens (so the codes of a partial group change as it fills; a full group never changes).
+#           Its parameter words live in tokens past the row's length: a cache maps whole groups.
 
 _TINY = 1.0e-18
 _F32_MIN_NORMAL = 2.0**-126
@@ -95,6 +104,13 @@ def quantize(x: torch.Tensor, kv_format: str) -> Tuple[torch.Tensor, torch.Tenso
 
 
 def _int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    c, scale, lo = _int4_codes(x)
+    packed = c[..., 0::2] | (c[..., 1::2] << 4)
+    return packed, torch.cat([scale, lo], dim=-1)
+
+
+def _int4_codes(x: torch.Tensor):
+    """(codes [..., n] uint8 unpacked, scale [..., 1], zero [..., 1]) of asymmetric int4 over the last dim."""
     x = _clean(x)
     fin = torch.isfinite(x)
     lo = torch.where(fin, x, torch.full_like(x, float("inf"))).amin(dim=-1, keepdim=True)
@@ -109,9 +125,49 @@ def _int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     codes = torch.where(flat, torch.zeros_like(codes), codes)
     codes = torch.where(fin, codes, torch.where(x > 0, 15.0, 0.0))
     c = codes.to(torch.uint8)
-    packed = c[..., 0::2] | (c[..., 1::2] << 4)
     scale = torch.where(flat, 0.0, rng / torch.tensor(15.0, dtype=torch.float32))
-    return packed, torch.cat([scale, lo], dim=-1)
+    return c, scale, lo
+
+
+INT4_CH_WORDS = 4  # fp32 scale words per (token, kv_head) of int4_ch
+
+
+def int4_ch_group(head_dim: int) -> int:
+    """Tokens per int4_ch parameter group (2 * head_dim parameters in 4 words per token)."""
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"int4_ch needs an even head_dim, got {head_dim}")
+    return head_dim // 2
+
+
+def quantize_int4_ch_group(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One int4_ch group: x [m, head_dim] (1 <= m <= G tokens, oldest first) -> (packed codes
+    [m, head_dim // 2] uint8, parameter words [G, 4] fp32: the scales then the zeros, see above)."""
+    m, d = x.shape
+    g = int4_ch_group(d)
+    if not 1 <= m <= g:
+        raise ValueError(f"an int4_ch group holds 1..{g} tokens, got {m}")
+    c, scale, zero = _int4_codes(x.transpose(0, 1))  # [d, m]: per channel over the group's tokens
+    c = c.transpose(0, 1).contiguous()  # [m, d]
+    packed = c[:, 0::2] | (c[:, 1::2] << 4)
+    words = torch.cat([scale[:, 0], zero[:, 0]]).reshape(g, INT4_CH_WORDS)
+    return packed, words
+
+
+def dequantize_int4_ch(codes: torch.Tensor, words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int4_ch values of one row and kv head: codes [n, head_dim // 2] of tokens 0 .. n - 1 and the
+    scale words [>= ceil(n / G) * G, 4] of the same row and head -> [n, head_dim]."""
+    n = codes.shape[0]
+    d = codes.shape[-1] * 2
+    g = int4_ch_group(d)
+    lo, hi = (codes & 0xF).to(torch.float32), (codes >> 4).to(torch.float32)
+    c = torch.stack([lo, hi], dim=-1).flatten(-2)  # [n, d]
+    ng = -(-n // g)
+    if words.shape[0] < ng * g:
+        raise ValueError(f"int4_ch: {n} tokens need the scale words of {ng * g} tokens, got {words.shape[0]}")
+    p = words[: ng * g].to(torch.float32).reshape(ng, 2 * d)
+    scale = p[:, :d].repeat_interleave(g, 0)[:n]
+    zero = p[:, d:].repeat_interleave(g, 0)[:n]
+    return (c * scale + zero).to(dtype)
 
 
 def dequantize(
@@ -121,7 +177,20 @@ def dequantize(
     head_dim: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The values a quantized vector stands for: [..., head_dim] in dtype."""
+    """The values a quantized vector stands for: [..., head_dim] in dtype. int4_ch (a per-group
+    format): codes [..., n, kv_heads, head_dim // 2] are tokens 0 .. n - 1 of their rows and scales
+    [..., >= ceil(n / G) * G, kv_heads, 4] those rows' scale words."""
+    if kv_format == "int4_ch":
+        lead = codes.shape[:-3]
+        c = codes.reshape(-1, *codes.shape[-3:])
+        w = scales.reshape(-1, *scales.shape[-3:])
+        out = torch.stack(
+            [
+                torch.stack([dequantize_int4_ch(c[r, :, h], w[r, :, h], dtype) for h in range(c.shape[2])], 1)
+                for r in range(c.shape[0])
+            ]
+        )
+        return out.reshape(*lead, *out.shape[1:])
     if kv_format in ("fp8_e4m3", "int8"):
         return (codes.to(torch.float32) * scales[..., :1]).to(dtype)
     if kv_format == "int4":
@@ -159,10 +228,41 @@ def append_kv(
     for cache, scales, x, fmt in ((k_cache, k_scale, k, k_format), (v_cache, v_scale, v, v_format)):
         if fmt is None:
             cache[r, pos, hidx] = x.to(cache.dtype)
+        elif fmt == "int4_ch":
+            _append_int4_ch(cache, scales, x, rows, pos)
         else:
             codes, sc = quantize(x, fmt)
             cache[r, pos, hidx] = codes.view(cache.dtype) if codes.dtype.itemsize == cache.dtype.itemsize else codes
             scales[r, pos, hidx] = sc
+
+
+def _append_int4_ch(cache, scales, x, rows, pos) -> None:
+    """int4_ch append: each (row, kv head, group) the call writes into is re-encoded whole, from the
+    dequantized values of its tokens before the call's first one and the call's tokens. The call's
+    tokens of one (row, head, group) must be consecutive positions (in any order of the call); the
+    group then holds the tokens up to the last of them."""
+    n, heads, d = x.shape
+    g = int4_ch_group(d)
+    rl, pl = rows.tolist(), pos.tolist()
+    done = set()
+    for i in range(n):
+        for h in range(heads):
+            r, grp = rl[i], pl[i][h] // g
+            if (r, h, grp) in done:
+                continue
+            done.add((r, h, grp))
+            new = {pl[j][h]: j for j in range(n) if rl[j] == r and pl[j][h] // g == grp}
+            first, last = min(new), max(new)
+            if len(new) != last - first + 1:
+                raise ValueError("int4_ch append: the new tokens of a group must be consecutive positions")
+            lo = grp * g
+            parts = []
+            if first > lo:
+                parts.append(dequantize_int4_ch(cache[r, lo:first, h], scales[r, lo : lo + g, h]))
+            parts.append(x[[new[t] for t in range(first, last + 1)], h].to(torch.float32))
+            packed, words = quantize_int4_ch_group(torch.cat(parts))
+            cache[r, lo : last + 1, h] = packed
+            scales[r, lo : lo + g, h] = words
 
 
 def attention(
@@ -293,6 +393,7 @@ def compact_kv(
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
     scores: Optional[torch.Tensor] = None,
+    k_format: Optional[str] = None,
 ) -> None:
     """Moves the kept tokens of each (row, kv_head) to the front, in order (in place; KV eviction).
 
@@ -302,7 +403,10 @@ def compact_kv(
     cache[row_ids[i], j, h] = old cache[row_ids[i], keep[i, h, j], h], for k_cache, v_cache (any
     storage format), their scale words k_scale / v_scale [rows, seq, kv_heads, words] when given,
     and scores[row_ids[i], h, j] (a per-token score buffer [>= rows, kv_heads, >= seq]) when given.
-    Positions >= keep_lens[i, h] and all other (row, head) pairs keep what they hold."""
+    Positions >= keep_lens[i, h] and all other (row, head) pairs keep what they hold.
+    k_format "int4_ch" (keys per channel over groups of tokens): the kept keys are dequantized and
+    re-encoded in the groups of their new positions (codes of [0, n), scale words of the tokens of
+    those groups, [0, ceil(n / G) * G)); a head keeping nothing keeps what it holds."""
     lens = keep_lens.tolist()
     kept = keep.tolist()
     for i, row in enumerate(row_ids.tolist()):
@@ -310,8 +414,16 @@ def compact_kv(
             if n == 0:
                 continue
             src = torch.tensor(kept[i][h][:n], dtype=torch.long, device=k_cache.device)
+            if k_format == "int4_ch":
+                g = int4_ch_group(k_cache.shape[-1] * 2)
+                stored = int(src.max()) + 1
+                vals = dequantize_int4_ch(k_cache[row, :stored, h], k_scale[row, :, h])[src]
+                for lo in range(0, n, g):
+                    packed, words = quantize_int4_ch_group(vals[lo : lo + g])
+                    k_cache[row, lo : lo + packed.shape[0], h] = packed
+                    k_scale[row, lo : lo + g, h] = words
             for t in (k_cache, v_cache, k_scale, v_scale):
-                if t is not None:
+                if t is not None and not (k_format == "int4_ch" and (t is k_cache or t is k_scale)):
                     t[row, :n, h] = t[row, src, h].clone()
             if scores is not None:
                 scores[row, h, :n] = scores[row, h, src.to(scores.device)].clone()
@@ -355,6 +467,8 @@ def block_minmax(
                 x = k_cache[row, t0:t1, h]
                 if k_format is None:
                     x = x.to(torch.float32)
+                elif k_format == "int4_ch":
+                    x = dequantize_int4_ch(k_cache[row, :n, h].view(torch.uint8), k_scale[row, :, h])[t0:t1]
                 else:
                     x = dequantize(x.view(_storage_of(k_format)), k_scale[row, t0:t1, h], k_format)
                 meta[row, b, h, 0] = x.amin(dim=0).to(meta.device)
@@ -362,7 +476,7 @@ def block_minmax(
 
 
 def _storage_of(kv_format: str) -> torch.dtype:
-    return {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}[kv_format]
+    return {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8, "int4_ch": torch.uint8}[kv_format]
 
 
 def quest_select(

@@ -32,6 +32,7 @@ enum KvFormatCode : int32_t {
   kKvFp8E4M3 = 3,
   kKvInt8 = 4,
   kKvInt4 = 5,
+  kKvInt4Channel = 6,
 };
 
 template <typename Storage>
@@ -85,7 +86,43 @@ struct Int4Format {
   VATTN_HD static void encode(const float* x, int n, storage_t* p, float* w) { quant::encode_int4(x, n, p, w); }
 };
 
-constexpr bool kv_format_is_quantized(int32_t code) { return code == kKvFp8E4M3 || code == kKvInt8 || code == kKvInt4; }
+// int4_ch: asymmetric int4 keys per (kv_head, channel) over groups of G = head_dim / 2 tokens
+// (KIVI; quant.h has the layout). Not a per-vector format: it has no dequant(p, w, i). A reader
+// finds the parameters of token t's group from the words of the group's first token, t - t % G:
+//   dequant_grouped(p, gw, ws_tok, i, head_dim)   element i of the token with codes p, gw = words
+//                                                 of its group's first token, ws_tok = word stride
+// and append / compaction re-encode whole groups (quant::encode_int4_ch_group).
+struct Int4ChannelFormat {
+  using storage_t = uint8_t;
+  static constexpr int32_t kCode = kKvInt4Channel;
+  static constexpr int kElemsPerStorage = 2;
+  static constexpr int kScaleWords = quant::kInt4ChWords;
+  VATTN_HD static int group(int head_dim) { return quant::int4_ch_group(head_dim); }
+  VATTN_HD static float dequant_grouped(const storage_t* p, const float* gw, int64_t ws_tok, int i, int head_dim) {
+    return quant::int4_ch_value(quant::int4_code(p, i), gw[quant::int4_ch_param(i, ws_tok)],
+                                gw[quant::int4_ch_param(head_dim + i, ws_tok)]);
+  }
+};
+
+// Whether a format's parameters are per group of tokens (int4_ch) rather than per vector.
+template <class Format>
+struct is_grouped_format : std::false_type {};
+template <>
+struct is_grouped_format<Int4ChannelFormat> : std::true_type {};
+
+constexpr bool kv_format_is_quantized(int32_t code) {
+  return code == kKvFp8E4M3 || code == kKvInt8 || code == kKvInt4 || code == kKvInt4Channel;
+}
+
+// int4_ch in the CUDA kernels: until every CUDA kernel reads it, the dispatchers compiled by nvcc
+// leave it out (a clear "not supported on CUDA" error); the CPU code has it.
+#if !defined(__CUDACC__) || defined(VATTN_CUDA_INT4_CH)
+#define VATTN_KV_INT4_CH_CASE(f) \
+  case kKvInt4Channel: return f(Int4ChannelFormat{});
+#else
+#define VATTN_KV_INT4_CH_CASE(f) \
+  case kKvInt4Channel: throw std::invalid_argument("vattn: int4_ch keys are not supported by the CUDA kernels yet");
+#endif
 
 // Calls f(Format{}) for a quantized KvFormatCode only (throws for any other).
 template <typename F>
@@ -93,7 +130,7 @@ decltype(auto) dispatch_quantized_format(int32_t code, const char* what, F&& f) 
   switch (code) {
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
-    case kKvInt4: return f(Int4Format{});
+    case kKvInt4: return f(Int4Format{}); VATTN_KV_INT4_CH_CASE(f)
     default:
       throw std::invalid_argument(std::string("vattn: ") + what + ": not a quantized KV format code " +
                                   std::to_string(code));
@@ -128,6 +165,7 @@ inline const char* kv_format_name(int32_t code) {
     case kKvFp8E4M3: return "fp8_e4m3";
     case kKvInt8: return "int8";
     case kKvInt4: return "int4";
+    case kKvInt4Channel: return "int4_ch";
     default: return "unknown";
   }
 }
@@ -142,7 +180,7 @@ decltype(auto) dispatch_kv_format(int32_t code, const char* what, F&& f) {
     case kKvBFloat16: return f(PlainFormat<bf16_t>{});
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
-    case kKvInt4: return f(Int4Format{});
+    case kKvInt4: return f(Int4Format{}); VATTN_KV_INT4_CH_CASE(f)
     default:
       throw std::invalid_argument(std::string("vattn: ") + what + ": unknown KV format code " + std::to_string(code));
   }

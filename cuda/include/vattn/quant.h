@@ -209,5 +209,49 @@ VATTN_HD void encode_int4(const float* x, int n, uint8_t* packed, float* w) {
 // Code of element i of a packed int4 vector.
 VATTN_HD int int4_code(const uint8_t* packed, int i) { return (packed[i >> 1] >> ((i & 1) * 4)) & 0xf; }
 
+// ---- int4_ch: keys per (kv_head, channel) over groups of G = head_dim / 2 tokens (KIVI) ----------
+// Same codes, rules and packing as int4, but the min / max run over the group's tokens for each
+// channel. The group's 2 * head_dim fp32 parameters (scale of channel c at index c, zero at index
+// head_dim + c) are spread over the kInt4ChWords words of its G tokens: parameter i is word i % 4 of
+// the group's token i / 4, so every token still carries 16 bytes of scale words and a cache maps
+// them with its tokens (whole groups). reference.py holds the definition.
+constexpr int kInt4ChWords = 4;
+VATTN_HD int int4_ch_group(int head_dim) { return head_dim / 2; }
+// Offset (in floats) of parameter i from the group's first token's words; ws_tok: the word stride
+// of one token.
+VATTN_HD int64_t int4_ch_param(int i, int64_t ws_tok) { return int64_t(i >> 2) * ws_tok + (i & 3); }
+// The value of a code, product and sum rounded apart (the reference's c * scale + zero): the
+// re-encoding of a partial group dequantizes its old tokens with this, so CPU and CUDA agree.
+VATTN_HD float int4_ch_value(int code, float scale, float zero) { return add_rn(mul_rn(float(code), scale), zero); }
+
+// Encodes one group of m (1..G) tokens: x(t, c) = x[t * x_stride + c], fp32, oldest first; writes
+// the packed codes of token t at codes + t * code_stride (head_dim / 2 bytes) and the group's
+// parameters at gw (the group's first token's words, token word stride ws_tok). One thread; a
+// CUDA kernel runs the same per-channel-pair body (encode_int4_ch_pair) on its threads.
+VATTN_HD void encode_int4_ch_pair(const float* x, int64_t x_stride, int m, int head_dim, int c, uint8_t* codes,
+                                  int64_t code_stride, float* gw, int64_t ws_tok) {
+  float lo0 = INFINITY, hi0 = -INFINITY, lo1 = INFINITY, hi1 = -INFINITY;
+  for (int t = 0; t < m; ++t) {
+    const float a = x[t * x_stride + c], b = x[t * x_stride + c + 1];
+    lo0 = fminf(lo0, min_term(a));
+    hi0 = fmaxf(hi0, max_term(a));
+    lo1 = fminf(lo1, min_term(b));
+    hi1 = fmaxf(hi1, max_term(b));
+  }
+  const AsymParams p0 = int4_params(lo0, hi0), p1 = int4_params(lo1, hi1);
+  for (int t = 0; t < m; ++t)
+    codes[t * code_stride + (c >> 1)] =
+        uint8_t(int4_code_of(x[t * x_stride + c], p0) | (int4_code_of(x[t * x_stride + c + 1], p1) << 4));
+  gw[int4_ch_param(c, ws_tok)] = p0.scale;
+  gw[int4_ch_param(c + 1, ws_tok)] = p1.scale;
+  gw[int4_ch_param(head_dim + c, ws_tok)] = p0.zero;
+  gw[int4_ch_param(head_dim + c + 1, ws_tok)] = p1.zero;
+}
+VATTN_HD void encode_int4_ch_group(const float* x, int64_t x_stride, int m, int head_dim, uint8_t* codes,
+                                   int64_t code_stride, float* gw, int64_t ws_tok) {
+  for (int c = 0; c < head_dim; c += 2)
+    encode_int4_ch_pair(x, x_stride, m, head_dim, c, codes, code_stride, gw, ws_tok);
+}
+
 }  // namespace quant
 }  // namespace vattn
