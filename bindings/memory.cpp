@@ -109,13 +109,16 @@ void bind_memory(py::module_& m) {
                        int64_t v_record_bytes, int64_t max_batch, int64_t max_seq_len, const std::string& layout,
                        size_t page_bytes, size_t max_physical_bytes, size_t prealloc_bytes,
                        size_t reclaim_watermark_bytes, bool background, int64_t lookahead_tokens, bool host_commit,
-                       bool scrub_freed, int map_guard) {
+                       bool scrub_freed, int map_guard, int64_t align_tokens) {
              memory::Geometry g;
              g.num_layers = num_layers;
              g.k_record_bytes = k_record_bytes;
              g.v_record_bytes = v_record_bytes;
              g.max_batch = max_batch;
              g.max_seq_len = max_seq_len;
+             if (align_tokens < 1 || max_seq_len % align_tokens != 0)
+               throw std::invalid_argument("vattn: align_tokens must be >= 1 and divide max_seq_len");
+             g.align_tokens = align_tokens;
              memory::ManagerOptions o;
              o.max_physical_bytes = max_physical_bytes;
              o.prealloc_bytes = prealloc_bytes;
@@ -131,7 +134,8 @@ void bind_memory(py::module_& m) {
            py::arg("v_record_bytes"), py::arg("max_batch"), py::arg("max_seq_len"), py::arg("layout") = "token_major",
            py::arg("page_bytes") = 0, py::arg("max_physical_bytes") = 0, py::arg("prealloc_bytes") = 0,
            py::arg("reclaim_watermark_bytes") = 0, py::arg("background") = false, py::arg("lookahead_tokens") = 0,
-           py::arg("host_commit") = true, py::arg("scrub_freed") = false, py::arg("map_guard") = -1)
+           py::arg("host_commit") = true, py::arg("scrub_freed") = false, py::arg("map_guard") = -1,
+           py::arg("align_tokens") = 1)
       .def("alloc", &CacheManager::alloc, py::arg("stream") = 0, release())
       .def("free", &CacheManager::free, py::arg("slot"), release())
       .def("is_live", &CacheManager::is_live, py::arg("slot"), release())

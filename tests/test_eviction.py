@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vattn
-from vattn import policies, reference
+from vattn import formats, policies, reference
 
 L, H, D, HQ = 2, 2, 64, 6
 FORMATS = ["auto", "fp8_e4m3", "int8", "int4", ("int8", "int4")]
@@ -88,6 +88,16 @@ def test_compact_keeps_exactly_the_chosen_tokens(fmt, layout):
     scores_before = cache.scores().clone()
     keep, lens = _random_keep(slots, n)
     cache.compact(slots, keep, lens)
+    grouped = cache.k_format.name == "int4_ch"  # int4 keys per channel are re-encoded, not moved
+    if grouped:
+        g = formats.group_tokens(cache.k_format, D)
+        want_k = []
+        for layer in range(L):
+            k, v, ks, vs = (t.clone() for t in before[layer])
+            reference.compact_kv(
+                k, v, torch.tensor(slots), keep[:, layer], lens[:, layer], k_scale=ks, v_scale=vs, k_format="int4_ch"
+            )
+            want_k.append((k, ks))
     for i, s in enumerate(slots):
         assert cache.position(s) == n[i]  # logical length unchanged
         assert cache.length(s) == int(lens[i].max())
@@ -97,8 +107,13 @@ def test_compact_keeps_exactly_the_chosen_tokens(fmt, layout):
             for h in range(H):
                 k = int(lens[i, layer, h])
                 idx = keep[i, layer, h, :k]
-                for t_before, t_after in zip(before[layer], after):
+                for which, (t_before, t_after) in enumerate(zip(before[layer], after)):
                     if t_before is None:
+                        continue
+                    if grouped and which in (0, 2):  # K codes / K words: the reference's re-encoding
+                        want = want_k[layer][which // 2]
+                        end = k if which == 0 else -(-k // g) * g
+                        assert torch.equal(t_after[s, :end, h], want[s, :end, h]), (i, layer, h, which)
                         continue
                     assert torch.equal(t_after[s, :k, h].view(torch.uint8), t_before[s, idx, h].view(torch.uint8)), (
                         i,

@@ -519,3 +519,30 @@ def test_kvcache_int4_is_int4_ch_keys(layout):
 def test_kvcache_int4_tok_is_per_token_keys():
     c = vattn.KVCache(1, 1, 64, 1, 40, dtype=torch.float32, kv_format="int4_tok", device="cpu")
     assert c.k_format.name == "int4" and c.v_format.name == "int4"
+
+
+def test_slots_map_whole_groups_of_int4_ch_keys():
+    # The parameters of a partial group live in the scale words of all its tokens, so a slot maps its
+    # last group completely: after 1 token (and after shrinking to G + 1) the mapped pages hold the
+    # whole group, with pages smaller than a group.
+    cache = vattn.KVCache(
+        num_layers=2, num_kv_heads=2, head_dim=64, max_batch=2, max_seq_len=100, dtype=torch.float32,
+        kv_format="int4", device="cpu", page_bytes=4096,
+    )  # fmt: skip
+    g = 32
+    assert cache.max_seq_len == 128  # rounded up to whole groups
+    per_page = cache.page_bytes // cache.token_bytes
+    assert per_page < g
+    s = cache.alloc()
+    st = cache.begin_step([s], [1])
+    vattn.append_kv(cache, 0, st, torch.randn(1, 2, 64), torch.randn(1, 2, 64))
+    vattn.append_kv(cache, 1, st, torch.randn(1, 2, 64), torch.randn(1, 2, 64))
+    cache.end_step(st)
+    assert cache.stats()["pages_mapped"] == -(-g * cache.token_bytes // cache.page_bytes)
+    st = cache.begin_step([s], [g + 4])
+    for layer in range(2):
+        vattn.append_kv(cache, layer, st, torch.randn(g + 4, 2, 64), torch.randn(g + 4, 2, 64))
+    cache.end_step(st)
+    cache.shrink(s, g + 1)
+    assert cache.length(s) == g + 1
+    assert cache.stats()["pages_mapped"] == -(-2 * g * cache.token_bytes // cache.page_bytes)

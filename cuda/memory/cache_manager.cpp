@@ -148,6 +148,8 @@ CacheManager::Slot& CacheManager::live_slot(int64_t slot) {
 }
 
 size_t CacheManager::pages_for(int64_t tokens) const {
+  const int64_t a = geom_.align_tokens;
+  if (a > 1) tokens = (tokens + a - 1) / a * a;  // whole groups (Geometry::align_tokens)
   const size_t bytes = static_cast<size_t>(tokens) * static_cast<size_t>(region_token_bytes_);
   return (bytes + page_ - 1) / page_;
 }

@@ -61,6 +61,10 @@ struct Geometry {
   int64_t k_record_bytes = 0;  // one token's K of one layer: all kv heads, data + scales
   int64_t v_record_bytes = 0;  // the same for V
   int64_t max_batch = 0, max_seq_len = 0;
+  // Tokens are mapped in whole multiples of this (1: any count). int4_ch keys keep each group's
+  // parameters in the scale words of all its tokens, so a slot maps its last group completely;
+  // max_seq_len must be a multiple.
+  int64_t align_tokens = 1;
   // Bytes of one token over all layers, K and V (what used_bytes counts per stored token).
   int64_t token_bytes() const { return num_layers * (k_record_bytes + v_record_bytes); }
   // Bytes of one token in one region of a layout.

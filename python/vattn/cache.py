@@ -239,7 +239,8 @@ class KVCache:
         self.k_format, self.v_format = formats.resolve(kv_format, dtype)
         check_cache_supported(dev.type, dtype, self.k_format, self.v_format, self.head_dim)
         # int4_ch keys keep their parameters in the scale words of whole groups of tokens: rows
-        # hold whole groups and every slot maps its last group completely (_group_end).
+        # hold whole groups and every slot maps its last group completely (the manager's
+        # align_tokens).
         self._group = formats.group_tokens(self.k_format, self.head_dim)
         if self._group > 1:
             if self.head_dim % 2:
@@ -307,6 +308,7 @@ class KVCache:
             lookahead_tokens=lookahead,
             host_commit=bool(_host_commit),
             scrub_freed=bool(scrub_freed),
+            align_tokens=self._group,  # int4_ch keys: slots map whole groups of tokens
         )
         self.page_bytes = int(self._m.page_bytes)
         self.token_bytes = int(self._m.token_bytes)  # one stored token, all layers, K and V, scales included
@@ -370,11 +372,6 @@ class KVCache:
             self._logical[slot] = 0
             self._mean_set[slot] = False
 
-    def _group_end(self, n: int) -> int:
-        """Tokens a slot of n tokens maps: n, rounded up to whole int4_ch groups."""
-        g = self._group
-        return n if g == 1 else -(-n // g) * g
-
     def reserve(self, slot: int, n: int) -> None:
         """Maps pages so that slot holds >= n tokens in every layer (lengths do not change)."""
         n = _int(n, "n")
@@ -396,7 +393,7 @@ class KVCache:
             if not 0 <= n <= length:
                 raise ValueError(f"cannot shrink slot {slot} to {n} tokens: must be in [0, length={length}]")
             self._record_use()
-            self._m.shrink(slot, self._group_end(n))  # int4_ch keys: the last group's words stay mapped
+            self._m.shrink(slot, n)
             self._set_lengths({slot: n})
             self._logical[slot] -= length - n
             d = self._deficit.get(slot)
@@ -456,11 +453,10 @@ class KVCache:
                 raise ValueError(f"slot {s} holds {length} tokens; {n} more exceed max_seq_len={self.max_seq_len}")
             start.append(length)
             ends.append(length + n)
-        mapped = ends if self._group == 1 else [self._group_end(e) for e in ends]
         if self._cuda_scrub:  # scrubbing of reused pages goes on the current stream
-            m.reserve(slots, mapped, torch.cuda.current_stream(self.device).cuda_stream)
+            m.reserve(slots, ends, torch.cuda.current_stream(self.device).cuda_stream)
         else:
-            m.reserve(slots, mapped)
+            m.reserve(slots, ends)
 
         b = len(slots)
         total = sum(new_tokens)
@@ -753,10 +749,9 @@ class KVCache:
         token_major one region (the longest head of all), layer_major regions 2l (K) and 2l + 1 (V)
         of layer l (its longest head)."""
         if self.layout == "token_major":
-            return [self._group_end(int(heads.max()))]
-        per_layer = heads.max(axis=1).astype(np.int64).tolist()
-        # int4_ch keys keep their last group's parameter words mapped (K regions only).
-        return [t for n in per_layer for t in (self._group_end(n), n)]
+            return [int(heads.max())]
+        per_layer = heads.max(axis=1).astype(np.int64)
+        return np.repeat(per_layer, 2).tolist()
 
     # ------------------------------------------------------------------ views
 
