@@ -12,6 +12,12 @@
 //   same parameters, and each element's code comes from the same per-element function as on the
 //   CPU, so the bytes are bit-identical to append_kv_cpu. A plain side of a mixed pair is an
 //   element copy.
+//   A grouped side (int4_ch keys: parameters per channel over groups of G = head_dim / 2 tokens;
+//   reference.py _append_int4_ch) re-encodes every group the call writes into, whole:
+//   append_grouped_kernel, one block per group (its leading entry, below), stages the group's old
+//   tokens (their exact values, int4_ch_value) and the call's new tokens as fp32 in shared memory, a
+//   channel slice at a time, and its threads encode channel pairs with quant.h's
+//   encode_int4_ch_pair, the CPU's function: bit-identical bytes again.
 // Out-of-range rows or positions are skipped: the kernels never write outside the cache
 // whatever the indices hold (the CPU op rejects them; checking here would need a host sync).
 #include <cstdint>
@@ -20,6 +26,7 @@
 #include <type_traits>
 
 #include "vattn/cuda/check.cuh"
+#include "vattn/cuda/kv_device_format.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/kv_format.h"
@@ -200,10 +207,97 @@ __global__ void __launch_bounds__(kSideThreads)
   }
 }
 
+// ---- a grouped side (int4_ch): one block per group the call writes into --------------------
+
+constexpr int kGroupThreads = 128;
+constexpr int kGroupStageFloats = 8192;               // 32 KiB of fp32: G (<= 128) tokens x a channel slice
+constexpr int kGroupMaxTokens = kSideMaxHeadDim / 2;  // G of the largest head_dim (checked on the host)
+
+// Blocks stride over the call's (entry t, kv head h) pairs (block-uniform, so the barriers are
+// safe). The unit of work is a (row, h, group) the call writes into; its leader is the call's
+// entry of the smallest position in the group (the lowest entry among equal ones), so exactly one
+// block writes each group. Entry t is found not to lead in O(1) when entry t - 1 holds position
+// pos - 1 of the same row and group (the step layout: a row's new tokens are consecutive entries
+// at consecutive positions); otherwise the block scans the call once, which also collects the
+// group's entries by position (any order of the call, like the CPU op). The leader re-encodes the
+// group [lo, lo + G), lo = pos - pos % G: tokens lo .. pos - 1 from the cache (exact values) and
+// the call's tokens pos, pos + 1, ... (consecutive positions: the CPU op rejects gaps, here the
+// run stops at the first one); it writes their codes and the words of the whole group. A row,
+// position or group outside the cache is skipped (never read, never written).
+template <typename T, bool kHeadPos>
+__global__ void __launch_bounds__(kGroupThreads)
+    append_grouped_kernel(const SideArgs s, const int32_t* __restrict__ row_ids, const int32_t* __restrict__ positions,
+                          int32_t num_rows, int32_t max_seq, int32_t num_heads, int32_t head_dim, int32_t num_tokens) {
+  using F = Int4ChannelFormat;
+  __shared__ float x_s[kGroupStageFloats];  // [token of the group][channel of the slice]
+  __shared__ int entry_s[kGroupMaxTokens];  // call entry of group position k (-1: none)
+  __shared__ int lead_s, run_s;
+  const int G = F::group(head_dim);
+  const int slice = min(head_dim, (kGroupStageFloats / G) & ~3);  // whole slices start at multiples of 4
+  const int tid = threadIdx.x;
+  const int64_t num_vecs = int64_t(num_tokens) * num_heads;
+  for (int64_t vec = blockIdx.x; vec < num_vecs; vec += gridDim.x) {
+    const int64_t t = vec / num_heads;
+    const int h = int(vec - t * num_heads);
+    auto pos_of = [&](int64_t i) -> int32_t { return kHeadPos ? positions[i * num_heads + h] : positions[i]; };
+    const int32_t row = row_ids[t];
+    const int32_t pos = pos_of(t);
+    if (row < 0 || row >= num_rows || pos < 0 || pos >= max_seq || int64_t(pos - pos % G) + G > max_seq) continue;
+    if (t > 0 && pos % G != 0 && row_ids[t - 1] == row && pos_of(t - 1) == pos - 1) continue;  // not the leader
+    const int32_t lo = pos - pos % G;
+    const int old = pos - lo;
+    __syncthreads();  // the shared arrays of the previous pair are consumed
+    for (int k = tid; k < G; k += kGroupThreads) entry_s[k] = -1;
+    if (tid == 0) lead_s = 1;
+    __syncthreads();
+    for (int64_t j = tid; j < num_tokens; j += kGroupThreads) {
+      if (row_ids[j] != row) continue;
+      const int32_t pj = pos_of(j);
+      if (pj < lo || pj - lo >= G) continue;
+      if (pj < pos || (pj == pos && j < t)) {
+        lead_s = 0;  // an earlier entry leads the group
+      } else {
+        entry_s[pj - lo] = int(j);  // (a repeated position: any of its entries)
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      int run = 0;
+      if (lead_s)
+        while (old + run < G && entry_s[old + run] >= 0) ++run;
+      run_s = run;
+    }
+    __syncthreads();
+    const int run = run_s;
+    if (run == 0) continue;   // block-uniform
+    const int m = old + run;  // tokens of the group once the call is done (<= G)
+    uint8_t* codes =
+        static_cast<uint8_t*>(s.data) + row * s.stride_row + int64_t(lo) * s.stride_tok + h * s.stride_head;
+    float* gw = s.scale + row * s.ss_row + int64_t(lo) * s.ss_tok + h * s.ss_head;  // the group's first token's words
+    const T* src = static_cast<const T*>(s.src) + h * s.src_head;
+    for (int c0 = 0; c0 < head_dim; c0 += slice) {
+      const int cw = min(slice, head_dim - c0);  // even: head_dim and c0 are
+      if (c0 > 0) __syncthreads();               // x_s of the previous slice is consumed
+      for (int e = tid; e < m * cw; e += kGroupThreads) {
+        const int k = e / cw, c = c0 + (e - k * cw);
+        x_s[e] = k < old ? F::dequant_grouped(codes + int64_t(k) * s.stride_tok, gw, s.ss_tok, c, head_dim)
+                         : in_float(src + int64_t(entry_s[k]) * s.src_tok, c);
+      }
+      __syncthreads();
+      // Channel pairs c0 + 2 * pr of the slice. Parameter i of the group is word i % 4 of token
+      // i / 4, so with c0 a multiple of 4 the slice's parameters are those of channel 2 * pr
+      // relative to the words of token c0 / 4 (and its codes bytes start at c0 / 2).
+      for (int pr = tid; 2 * pr < cw; pr += kGroupThreads)
+        quant::encode_int4_ch_pair(x_s, cw, m, head_dim, 2 * pr, codes + c0 / 2, s.stride_tok,
+                                   gw + int64_t(c0 / 4) * s.ss_tok, s.ss_tok);
+    }
+  }
+}
+
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("append_kv: " + msg); }
 
 // Checks one side's format against the parameters (before anything is launched).
-void check_side(const AppendParams& p, int32_t format, const float* scale, const char* side) {
+void check_side(const AppendParams& p, int32_t format, const float* scale, int64_t ss_tok, const char* side) {
   dispatch_kv_format(format, "append_kv", [&](auto fmt) {
     using Format = decltype(fmt);
     if constexpr (Format::kScaleWords == 0) {
@@ -217,6 +311,7 @@ void check_side(const AppendParams& p, int32_t format, const float* scale, const
     }
     if (!dim_ok<Format>(p.head_dim)) bad(std::string(side) + ": head_dim does not fit the storage format");
   });
+  cuda::check_grouped_side(format, p.cache.max_seq, p.head_dim, ss_tok, "append_kv", side);
 }
 
 void launch_side(const AppendParams& p, int32_t format, const SideArgs& s, const char* what) {
@@ -229,7 +324,13 @@ void launch_side(const AppendParams& p, int32_t format, const SideArgs& s, const
     using T = decltype(tag);
     dispatch_kv_format(format, "append_kv", [&](auto fmt) {
       using Format = decltype(fmt);
-      if constexpr (Format::kScaleWords == 0 && !std::is_same<typename Format::storage_t, T>::value) {
+      if constexpr (is_grouped_format<Format>::value) {
+        const int64_t gblocks = num_vecs < 65535 * 8 ? num_vecs : 65535 * 8;
+        auto kernel = p.head_positions ? append_grouped_kernel<T, true> : append_grouped_kernel<T, false>;
+        kernel<<<unsigned(gblocks), kGroupThreads, 0, st>>>(
+            s, p.row_ids, p.head_positions ? p.head_positions : p.positions, p.cache.num_rows, p.cache.max_seq,
+            p.num_kv_heads, p.head_dim, p.num_tokens);
+      } else if constexpr (Format::kScaleWords == 0 && !std::is_same<typename Format::storage_t, T>::value) {
         throw std::logic_error("append_kv: plain side of another dtype (checked before)");
       } else {
         auto kernel = p.head_positions ? append_side_kernel<T, Format, true> : append_side_kernel<T, Format, false>;
@@ -255,8 +356,8 @@ void append_kv_cuda(const AppendParams& p) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     throw std::invalid_argument("append_kv: dtype must be float16, bfloat16 or float32 (code " +
                                 std::to_string(p.dtype) + ")");
-  check_side(p, p.cache.k_format, p.cache.k_scale, "K");
-  check_side(p, p.cache.v_format, p.cache.v_scale, "V");
+  check_side(p, p.cache.k_format, p.cache.k_scale, p.cache.ks_stride_tok, "K");
+  check_side(p, p.cache.v_format, p.cache.v_scale, p.cache.vs_stride_tok, "V");
   if (p.num_tokens == 0) return;
   if (!p.cache.k || !p.cache.v || !p.k || !p.v || !p.row_ids || (!p.positions && !p.head_positions))
     throw std::invalid_argument("append_kv: null pointer");

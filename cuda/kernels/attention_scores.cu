@@ -51,11 +51,11 @@ __global__ void __launch_bounds__(kScoreWarps * 32) attention_scores_kernel(cons
     __syncthreads();  // k_s and red of the previous tile are consumed
     for (int e = tid; e < cnt * D; e += blockDim.x) {
       const int jj = e / D, d = e % D;
-      const float* kw = nullptr;  // the vector's scale words (quantized formats)
+      const float* kw = nullptr;  // the vector's scale words (quantized formats; int4_ch: its group's)
       if constexpr (KF::kScaleWords > 0)
-        kw = p.kv.k_scale + rk.row * p.kv.ks_stride_row + int64_t(c0 + jj) * p.kv.ks_stride_tok +
+        kw = p.kv.k_scale + rk.row * p.kv.ks_stride_row + words_token<KF>(c0 + jj, D) * p.kv.ks_stride_tok +
              int64_t(h) * p.kv.ks_stride_head;
-      k_s[jj][d] = DeviceKvFormat<KF>::dequant(kbase + int64_t(c0 + jj) * p.kv.k_stride_tok, kw, d);
+      k_s[jj][d] = dequant_elem<KF>(kbase + int64_t(c0 + jj) * p.kv.k_stride_tok, kw, p.kv.ks_stride_tok, d, D);
     }
     __syncthreads();
     // Scoring queries whose keys reach into the tile: position L_b - n + i >= c0 (causal) and,
@@ -116,6 +116,7 @@ void validate_attention_scores(const AttentionParams& p) {
   if (!p.seqlens_k && !p.head_seqlens_k) bad("seqlens_k (or head_seqlens_k) is required");
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     bad("dtype must be float16, bfloat16 or float32");
+  cuda::check_grouped_side(p.kv.k_format, p.kv.max_seq, p.head_dim, p.kv.ks_stride_tok, "attention scores", "K");
 }
 
 void launch_attention_scores(const AttentionParams& p) {

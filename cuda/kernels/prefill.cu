@@ -1,7 +1,8 @@
 // Prefill / chunked-prefill attention on CUDA: parameter checks, the choice between the
 // tensor-core kernel (impl 0) and the plain kernel (impl 1, and the fallback), and launches.
 // K/V formats: the plain format of the q dtype on both sides, or any pair of quantized formats
-// (fp8_e4m3, int8, int4; dispatch_kv_pair in kv_format.h), in both kernels.
+// (fp8_e4m3, int8, int4; dispatch_kv_pair in kv_format.h), in both kernels; a grouped format
+// (int4_ch keys, parameters per channel over groups of tokens) in the plain kernel only.
 // No host synchronization and no allocation: everything runs on p.stream.
 // Per-token attention scores (p.scores, score_mode): after either kernel, the score kernel of
 // scores.cuh (attention_scores.cu) turns the final LSE into per-key probabilities ("replace"
@@ -66,6 +67,7 @@ void validate(const AttentionParams& p) {
   if (!p.seqlens_k && !p.head_seqlens_k) bad("seqlens_k (or head_seqlens_k) must not be null");
   if (p.kv.num_rows <= 0 || p.kv.max_seq <= 0) bad("the K/V view needs num_rows > 0 and max_seq > 0");
   if (!(p.scale == p.scale)) bad("scale is NaN");
+  cuda::check_grouped_kv(p.kv, p.head_dim, "vattn.prefill_attention");
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -127,7 +129,10 @@ void launch_plain(const AttentionParams& p) {
 template <typename T, typename KF, typename VF>
 void dispatch(const AttentionParams& p) {
   constexpr bool kQuant = KF::kScaleWords > 0 || VF::kScaleWords > 0;
-  if (p.impl == 0 && fast_path_ok<KF, VF>(p)) {
+  // The tile loaders have no grouped format (int4_ch): the plain kernel serves it.
+  if constexpr (is_grouped_format<KF>::value || is_grouped_format<VF>::value) {
+    return launch_plain<T, KF, VF>(p);
+  } else if (p.impl == 0 && fast_path_ok<KF, VF>(p)) {
     if (p.head_dim == 64) {
       // Quantized K/V at D = 64 always use BM = 64 (see CfgQ64 above).
       if constexpr (kQuant)
@@ -144,7 +149,7 @@ void dispatch(const AttentionParams& p) {
 
 template <typename T>
 void dispatch_formats(const AttentionParams& p) {
-  dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "prefill_attention", [&](auto kf, auto vf) {
+  cuda::dispatch_attention_kv_pair<T>(p.kv.k_format, p.kv.v_format, "prefill_attention", [&](auto kf, auto vf) {
     // float32 q / out run the plain kernel only (mma.sync takes 16-bit operands).
     if constexpr (std::is_same<T, float>::value)
       launch_plain<T, decltype(kf), decltype(vf)>(p);

@@ -3,7 +3,8 @@
 // sparse_decode_attention are the definitions).
 //   block_minmax            grid (entry * kv head, y): threads over (block, channel) of the blocks
 //                           to recompute; each reads the block's tokens through the format's scalar
-//                           dequant (DeviceKvFormat<F>::dequant, the CPU's values).
+//                           dequant (dequant_elem<F>: the CPU's values; int4_ch keys with the words of
+//                           each token's group).
 //   quest_select            one CTA per (entry, kv head): a warp per block computes the upper-bound
 //                           score (lanes over head_dim, the GQA group's q in shared memory) into the
 //                           workspace as an order-preserving uint32 key; a 4-pass 8-bit radix select
@@ -63,7 +64,6 @@ __device__ __forceinline__ int64_t ceil_div_dev(int64_t a, int64_t b) { return (
 
 template <typename KF>
 __global__ void __launch_bounds__(kMinmaxThreads) block_minmax_kernel(const BlockMinmaxParams p) {
-  using KD = DeviceKvFormat<KF>;
   using KS = typename KF::storage_t;
   const int heads = p.num_kv_heads;
   const int64_t ih = blockIdx.x;
@@ -89,8 +89,9 @@ __global__ void __launch_bounds__(kMinmaxThreads) block_minmax_kernel(const Bloc
     const int64_t t1 = t0 + p.block < len ? t0 + p.block : len;
     float mn = INFINITY, mx = -INFINITY;
     for (int64_t t = t0; t < t1; ++t) {
-      const float* w = plain_scale_words<KF>(c.k_scale, row, t, h, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head);
-      const float x = KD::dequant(base + t * c.k_stride_tok, w, d);
+      const float* w =
+          plain_scale_words<KF>(c.k_scale, row, t, h, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, dim);
+      const float x = dequant_elem<KF>(base + t * c.k_stride_tok, w, c.ks_stride_tok, d, dim);
       mn = x < mn ? x : mn;
       mx = x > mx ? x : mx;
     }
@@ -269,8 +270,6 @@ __device__ __forceinline__ int64_t slot_token(const SparseRow& r, int64_t t, int
 template <typename Q, typename KF, typename VF>
 __global__ void __launch_bounds__(kSparseThreads)
     sparse_decode_plain_kernel(const SparseDecodeParams sp, const DecodePlanArgs a) {
-  using KD = DeviceKvFormat<KF>;
-  using VD = DeviceKvFormat<VF>;
   using KS = typename KF::storage_t;
   using VS = typename VF::storage_t;
   const AttentionParams& p = sp.attn;
@@ -298,9 +297,9 @@ __global__ void __launch_bounds__(kSparseThreads)
     if (j < 0) continue;
     const KS* kp = kbase + j * c.k_stride_tok;
     const float* kw =
-        plain_scale_words<KF>(c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head);
+        plain_scale_words<KF>(c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
     float dot = 0.f;
-    for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], KD::dequant(kp, kw, d), dot);
+    for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], dequant_elem<KF>(kp, kw, c.ks_stride_tok, d, HD), dot);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     const float s = a.cap2 > 0.f ? a.cap2 * softcap_tanh(dot) : dot;
@@ -309,11 +308,11 @@ __global__ void __launch_bounds__(kSparseThreads)
     st.add(w);
     const VS* vp = vbase + j * c.v_stride_tok;
     const float* vw =
-        plain_scale_words<VF>(c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head);
+        plain_scale_words<VF>(c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
 #pragma unroll
     for (int i = 0; i < kSparsePerLane; ++i) {
       const int d = lane + 32 * i;
-      if (d < HD) o[i] = fmaf(w, VD::dequant(vp, vw, d), o[i] * f);
+      if (d < HD) o[i] = fmaf(w, dequant_elem<VF>(vp, vw, c.vs_stride_tok, d, HD), o[i] * f);
     }
   }
   if (lane == 0) {
@@ -339,8 +338,6 @@ __global__ void __launch_bounds__(kSparseThreads)
 template <typename Q, typename KF, typename VF>
 __global__ void __launch_bounds__(kSparseThreads)
     sparse_decode_split_kernel(const SparseDecodeParams sp, const DecodePlanArgs a, int num_splits) {
-  using KD = DeviceKvFormat<KF>;
-  using VD = DeviceKvFormat<VF>;
   using KS = typename KF::storage_t;
   using VS = typename VF::storage_t;
   constexpr int GB = kSparseGroupBlock;
@@ -382,12 +379,12 @@ __global__ void __launch_bounds__(kSparseThreads)
     if (j < 0) continue;
     const KS* kp = kbase + j * c.k_stride_tok;
     const float* kw =
-        plain_scale_words<KF>(c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head);
+        plain_scale_words<KF>(c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
     float kx[kSparsePerLane];
 #pragma unroll
     for (int i = 0; i < kSparsePerLane; ++i) {
       const int d = lane + 32 * i;
-      kx[i] = d < HD ? KD::dequant(kp, kw, d) : 0.f;
+      kx[i] = d < HD ? dequant_elem<KF>(kp, kw, c.ks_stride_tok, d, HD) : 0.f;
     }
     float dot[GB];
 #pragma unroll
@@ -403,12 +400,12 @@ __global__ void __launch_bounds__(kSparseThreads)
       for (int g = 0; g < GB; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], off);
     const VS* vp = vbase + j * c.v_stride_tok;
     const float* vw =
-        plain_scale_words<VF>(c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head);
+        plain_scale_words<VF>(c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
     float vx[kSparsePerLane];
 #pragma unroll
     for (int i = 0; i < kSparsePerLane; ++i) {
       const int d = lane + 32 * i;
-      vx[i] = d < HD ? VD::dequant(vp, vw, d) : 0.f;
+      vx[i] = d < HD ? dequant_elem<VF>(vp, vw, c.vs_stride_tok, d, HD) : 0.f;
     }
 #pragma unroll
     for (int g = 0; g < GB; ++g) {
@@ -507,6 +504,7 @@ void validate_minmax(const BlockMinmaxParams& p) {
     if (!dim_ok<F>(p.head_dim)) bad("head_dim does not fit the storage format");
     if (F::kScaleWords > 0 && p.cache.k_scale == nullptr) bad("a quantized cache needs its scales");
   });
+  cuda::check_grouped_side(p.cache.k_format, p.cache.max_seq, p.head_dim, p.cache.ks_stride_tok, "block_minmax", "K");
 }
 
 // ---- quest_select
@@ -551,8 +549,10 @@ SparsePlan make_sparse_plan(const SparseDecodeParams& sp) {
   if (!std::isfinite(p.scale) || !std::isfinite(p.softcap)) bad("scale and softcap must be finite");
   if (p.impl != 0 && p.impl != 1) bad("impl must be 0 (fast) or 1 (plain)");
   if (p.kv.num_rows < 0 || p.kv.max_seq < 0) bad("negative cache shape");
+  cuda::check_grouped_kv(p.kv, p.head_dim, "sparse_decode_attention");
   dispatch_q_dtype(p.dtype, "sparse_decode_attention", [&](auto t) {
-    dispatch_kv_pair<decltype(t)>(p.kv.k_format, p.kv.v_format, "sparse_decode_attention", [](auto, auto) {});
+    cuda::dispatch_attention_kv_pair<decltype(t)>(p.kv.k_format, p.kv.v_format, "sparse_decode_attention",
+                                                  [](auto, auto) {});
   });
   SparsePlan pl;
   if (p.softcap > 0.f) {
@@ -640,9 +640,11 @@ void sparse_decode_attention_cuda(const SparseDecodeParams& sp) {
     const dim3 grid(unsigned(p.num_q_heads), unsigned(p.batch));
     dispatch_q_dtype(p.dtype, "sparse_decode_attention", [&](auto t) {
       using Q = decltype(t);
-      dispatch_kv_pair<Q>(p.kv.k_format, p.kv.v_format, "sparse_decode_attention", [&](auto kf, auto vf) {
-        cuda::sparse_decode_plain_kernel<Q, decltype(kf), decltype(vf)><<<grid, cuda::kSparseThreads, 0, s>>>(sp, a);
-      });
+      cuda::dispatch_attention_kv_pair<Q>(p.kv.k_format, p.kv.v_format, "sparse_decode_attention",
+                                          [&](auto kf, auto vf) {
+                                            cuda::sparse_decode_plain_kernel<Q, decltype(kf), decltype(vf)>
+                                                <<<grid, cuda::kSparseThreads, 0, s>>>(sp, a);
+                                          });
     });
     cuda_check_launch("sparse_decode_plain_kernel");
     return;
@@ -659,7 +661,7 @@ void sparse_decode_attention_cuda(const SparseDecodeParams& sp) {
   const dim3 grid(unsigned(pl.num_splits), unsigned(p.num_kv_heads * a.head_chunks), unsigned(p.batch));
   auto split = [&](auto t) {
     using Q = decltype(t);
-    dispatch_kv_pair<Q>(p.kv.k_format, p.kv.v_format, "sparse_decode_attention", [&](auto kf, auto vf) {
+    cuda::dispatch_attention_kv_pair<Q>(p.kv.k_format, p.kv.v_format, "sparse_decode_attention", [&](auto kf, auto vf) {
       cuda::sparse_decode_split_kernel<Q, decltype(kf), decltype(vf)>
           <<<grid, cuda::kSparseThreads, 0, s>>>(sp, a, pl.num_splits);
     });

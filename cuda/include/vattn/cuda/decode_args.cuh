@@ -74,10 +74,11 @@ constexpr int decode_split_tile(int head_dim) {
   }
 }
 
-// Largest q-head block (GB) the split kernel is instantiated with for K in KF and V in VF.
+// Largest q-head block (GB) the split kernel is instantiated with for K in KF and V in VF; 0 (no
+// instance) for a format without the chunk interface (int4_ch: the plain kernel serves it).
 template <typename KF, typename VF>
 constexpr int decode_split_max_group_block() {
-  return 8;
+  return DeviceKvFormat<KF>::kChunked && DeviceKvFormat<VF>::kChunked ? 8 : 0;
 }
 
 constexpr int kDecodeMaxSplits = 256;

@@ -4,8 +4,9 @@
 // gives the logit, and each warp keeps its own online-softmax state (vattn::SoftmaxState)
 // and fp32 output; the warps are merged in shared memory at the end (merge_partials). Every
 // element is read through the format's scalar dequant with the vector's scale words, for any
-// format (DeviceKvFormat<F>::dequant: kv_format.h's definition, the CPU's values, with the
-// intrinsic fp16 -> fp32 conversion where one is needed).
+// format (dequant_elem<F> of kv_device_format.cuh: kv_format.h's definition, the CPU's values,
+// with the intrinsic fp16 -> fp32 conversion where one is needed; int4_ch with the words of the
+// key's group).
 // It is the reference for the fast kernel (impl = 1) and the fallback for head dims or
 // alignments the fast kernel does not cover; any head_dim <= kMaxHeadDim works.
 #include <cstdint>
@@ -24,27 +25,27 @@ namespace cuda {
 constexpr int kPlainDecodeThreads = 128;
 constexpr int kPlainDecodeMaxHeadDim = 256;
 
-// Scale words of vector (row, tok, head) of one side; null for a format without scales.
+// Scale words a reader of vector (row, tok, head) of one side passes to dequant_elem: those of
+// the token itself, or of its group's first token for a grouped format (int4_ch); null for a
+// format without scales.
 template <typename Fmt>
 __device__ __forceinline__ const float* plain_scale_words(const float* base, int64_t row, int64_t tok, int64_t head,
-                                                          int64_t s_row, int64_t s_tok, int64_t s_head) {
+                                                          int64_t s_row, int64_t s_tok, int64_t s_head, int head_dim) {
   if constexpr (Fmt::kScaleWords == 0) {
     return nullptr;
   } else {
-    return base + row * s_row + tok * s_tok + head * s_head;
+    return base + row * s_row + words_token<Fmt>(tok, head_dim) * s_tok + head * s_head;
   }
 }
 
 // Q: q/out element type (f16_t, bf16_t or float); KF / VF: K / V storage formats (kv_format.h:
-// the plain format of Q, or any quantized format; the launcher validated the pair and the
-// scale pointers).
+// the plain format of Q, or any quantized format, int4_ch included; the launcher validated the
+// pair, the scale pointers and, for int4_ch, whole groups in the cache).
 template <typename Q, typename KF, typename VF>
 __global__ void __launch_bounds__(kPlainDecodeThreads)
     decode_plain_kernel(const AttentionParams p, const DecodePlanArgs a) {
   constexpr int kWarps = kPlainDecodeThreads / 32;
   constexpr int kPerLane = kPlainDecodeMaxHeadDim / 32;  // dims lane, lane + 32, ...
-  using KD = DeviceKvFormat<KF>;                         // scalar dequant of each format (kv_device_format.cuh)
-  using VD = DeviceKvFormat<VF>;
   using KS = typename KF::storage_t;
   using VS = typename VF::storage_t;
   __shared__ float q_s[kPlainDecodeMaxHeadDim];
@@ -77,9 +78,10 @@ __global__ void __launch_bounds__(kPlainDecodeThreads)
 
   for (int j = lo + warp; j < L; j += kWarps) {
     const KS* kp = kbase + int64_t(j) * p.kv.k_stride_tok;
-    const float* kw = plain_scale_words<KF>(c.k_scale, row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head);
+    const float* kw =
+        plain_scale_words<KF>(c.k_scale, row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
     float dot = 0.f;
-    for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], KD::dequant(kp, kw, d), dot);
+    for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], dequant_elem<KF>(kp, kw, c.ks_stride_tok, d, HD), dot);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     const float s = a.cap2 > 0.f ? a.cap2 * softcap_tanh(dot) : dot;  // log2 units
@@ -87,11 +89,12 @@ __global__ void __launch_bounds__(kPlainDecodeThreads)
     const float w = st.weight(s);
     st.add(w);
     const VS* vp = vbase + int64_t(j) * p.kv.v_stride_tok;
-    const float* vw = plain_scale_words<VF>(c.v_scale, row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head);
+    const float* vw =
+        plain_scale_words<VF>(c.v_scale, row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int d = lane + 32 * i;
-      if (d < HD) o[i] = fmaf(w, VD::dequant(vp, vw, d), o[i] * f);
+      if (d < HD) o[i] = fmaf(w, dequant_elem<VF>(vp, vw, c.vs_stride_tok, d, HD), o[i] * f);
     }
   }
 

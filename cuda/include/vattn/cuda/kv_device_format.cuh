@@ -26,13 +26,27 @@
 //   The kernels never multiply element by element: the key's scale multiplies the dot product
 //   q.r and the value's scale multiplies the softmax weight; a zero point z adds z * sum(q) to
 //   the logit and p * z to a per-head scalar added to every output dim at the end.
+// Grouped formats (int4_ch: parameters per channel over groups of G tokens, kv_format.h) have no
+// per-vector dequant and no chunk interface (kChunked is false: the split decode and tensor-core
+// prefill kernels are never instantiated for them). Scalar kernels read every format through
+//   words_token<F>(j, head_dim)      the token whose scale words a reader of token j passes:
+//                                    j, or j - j % G for a grouped format
+//   dequant_elem<F>(v, w, ws_tok, i, head_dim)
+//                                    element i of vector v, w = the words of words_token(j),
+//                                    ws_tok = the word stride of one token (floats)
+// and the launchers check check_grouped_kv (whole groups in the cache) on the host. The attention
+// kernels take a grouped format as K only (dispatch_attention_kv_pair).
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/kv_format.h"
+#include "vattn/params.h"
 #include "vattn/quant.h"
 
 namespace vattn {
@@ -195,6 +209,69 @@ struct DeviceKvFormat<Int4Format> {
   __device__ __forceinline__ static float scale(const float* w) { return w[0]; }
   __device__ __forceinline__ static float zero(const float* w) { return w[1]; }
 };
+
+// ---- scalar reads for every format, grouped ones included -------------------------------------
+
+template <typename Format>
+__device__ __forceinline__ int64_t words_token(int64_t j, int head_dim) {
+  if constexpr (is_grouped_format<Format>::value) {
+    return j - j % Format::group(head_dim);
+  } else {
+    return j;
+  }
+}
+
+// Element i of the stored vector v (a token j); w: the scale words of token words_token<F>(j)
+// (null or ignored for plain formats), ws_tok: their token stride.
+template <typename Format>
+__device__ __forceinline__ float dequant_elem(const typename Format::storage_t* v, const float* w, int64_t ws_tok,
+                                              int i, int head_dim) {
+  if constexpr (is_grouped_format<Format>::value) {
+    // Format::dequant_grouped's value, its parameter offsets (int4_ch_param) in 32 bits, which
+    // check_grouped_side guarantees: fewer live 64-bit offsets once the compiler hoists them.
+    static_assert(std::is_same<Format, Int4ChannelFormat>::value, "int4_ch is the grouped format");
+    const int32_t ws = int32_t(ws_tok);
+    const int z = head_dim + i;
+    return quant::int4_ch_value(quant::int4_code(v, i), w[(i >> 2) * ws + (i & 3)], w[(z >> 2) * ws + (z & 3)]);
+  } else {
+    return DeviceKvFormat<Format>::dequant(v, w, i);
+  }
+}
+
+// Host check of one side of a cache for a grouped format: an even head_dim, whole groups
+// (max_seq a multiple of G, so the parameter words of any token < max_seq lie below max_seq) and
+// a word stride ws_tok (floats per token) that keeps a group's parameter offsets in 32 bits.
+// Throws std::invalid_argument naming `what`; nothing for the other formats.
+inline void check_grouped_side(int32_t format, int64_t max_seq, int head_dim, int64_t ws_tok, const char* what,
+                               const char* side) {
+  if (format != kKvInt4Channel) return;
+  auto bad = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": " + side + ": " + m); };
+  if (head_dim < 2 || head_dim % 2 != 0) bad("int4_ch needs an even head_dim, got " + std::to_string(head_dim));
+  const int g = Int4ChannelFormat::group(head_dim);
+  if (max_seq % g != 0)
+    bad("an int4_ch cache holds whole groups of " + std::to_string(g) + " tokens: its seq (" + std::to_string(max_seq) +
+        ") must be a multiple");
+  if (ws_tok < 0 || ws_tok > (int64_t(1) << 30) / g) bad("int4_ch scale token stride out of range");
+}
+inline void check_grouped_kv(const KVCacheView& c, int head_dim, const char* what) {
+  check_grouped_side(c.k_format, c.max_seq, head_dim, c.ks_stride_tok, what, "K");
+  check_grouped_side(c.v_format, c.max_seq, head_dim, c.vs_stride_tok, what, "V");
+}
+
+// dispatch_kv_pair (kv_format.h) for the CUDA attention kernels: a grouped format (int4_ch) as K
+// only -- values are stored per token (vattn.formats rejects int4_ch values), so no kernel is
+// instantiated for a grouped V and such a call throws std::invalid_argument before any launch.
+template <typename T, typename F>
+void dispatch_attention_kv_pair(int32_t k_code, int32_t v_code, const char* what, F&& f) {
+  dispatch_kv_pair<T>(k_code, v_code, what, [&](auto kf, auto vf) {
+    if constexpr (is_grouped_format<decltype(vf)>::value) {
+      throw std::invalid_argument(std::string("vattn: ") + what +
+                                  ": int4_ch is a key format (values are stored per token) on CUDA");
+    } else {
+      f(kf, vf);
+    }
+  });
+}
 
 }  // namespace cuda
 }  // namespace vattn

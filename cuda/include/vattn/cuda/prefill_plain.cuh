@@ -4,7 +4,9 @@
 // fp32 throughout, straightforward loops, meant to be obviously right rather than fast.
 // K and V may be stored in any format pair (KF, VF) of kv_format.h: plain 16-bit formats are
 // read with the device conversions of kv_device_format.cuh, quantized ones element by element
-// through the format trait's own dequant with the vector's scale words (the CPU definition).
+// through the format trait's own dequant with the vector's scale words (the CPU definition);
+// a grouped format (int4_ch keys) with the words of the key's group (Format::dequant_grouped).
+// It is the only prefill kernel for grouped formats (prefill.cu never picks the tensor-core one).
 //
 // Keys of one query form one contiguous range [lo, hi], so no per-key mask is needed: the
 // loop only ever touches keys inside the range (never a slot >= the row's length).
@@ -20,23 +22,28 @@ constexpr int kPlainThreads = 128;  // 4 warps
 constexpr int kPlainTile = 64;      // keys scored per pass (16 per warp)
 constexpr int kPlainMaxDim = 256;   // 2 output dims per thread
 
-// Element i of one stored vector v with its scale words w (null for plain formats), as fp32.
+// Element i of one stored vector v with its scale words w (vec_scales: null for plain formats,
+// the group's first token's words for a grouped one; s_tok their token stride), as fp32.
 template <typename Format>
-__device__ __forceinline__ float kv_elem(const typename Format::storage_t* v, const float* w, int i) {
+__device__ __forceinline__ float kv_elem(const typename Format::storage_t* v, const float* w, int64_t s_tok, int i,
+                                         int D) {
   if constexpr (Format::kScaleWords == 0)
     return cuda::DeviceKvFormat<Format>::load(v, i);
+  else if constexpr (is_grouped_format<Format>::value)
+    return Format::dequant_grouped(v, w, s_tok, i, D);
   else
     return Format::dequant(v, w, i);
 }
 
-// Scale words of token j of one (cache row, kv head), given the head's token-0 words; null
-// for a format without scale words.
+// Scale words a reader of token j of one (cache row, kv head) passes to kv_elem, given the
+// head's token-0 words: token j's, or those of j's group's first token for a grouped format
+// (int4_ch, kv_device_format.cuh words_token); null for a format without scale words.
 template <typename Format>
-__device__ __forceinline__ const float* vec_scales(const float* head, int64_t s_tok, int j) {
+__device__ __forceinline__ const float* vec_scales(const float* head, int64_t s_tok, int j, int D) {
   if constexpr (Format::kScaleWords == 0)
     return nullptr;
   else
-    return head + int64_t(j) * s_tok;
+    return head + cuda::words_token<Format>(j, D) * s_tok;
 }
 
 template <typename T, typename KF, typename VF>
@@ -82,13 +89,13 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
     // Scores: warp w handles keys w, w+4, ...; lanes split the head dim, then reduce.
     for (int jj = warp; jj < cnt; jj += kPlainThreads / 32) {
       const KS* krow = kbase + int64_t(j0 + jj) * p.kv.k_stride_tok;
-      const float* kw = vec_scales<KF>(ks_head, p.kv.ks_stride_tok, j0 + jj);
+      const float* kw = vec_scales<KF>(ks_head, p.kv.ks_stride_tok, j0 + jj, D);
       float dot = 0.f;
       // Unroll factors of this loop (1) and of the V loop below (4): with the default unrolling
       // ptxas spills a few bytes for some quantized pairs (int4 K: 16 B on sm_80, int4 K with
       // fp8 V: 4 B on sm_90a); these keep every instantiation spill-free on sm_80 and sm_90a.
 #pragma unroll 1
-      for (int d = lane; d < D; d += 32) dot += q_s[d] * kv_elem<KF>(krow, kw, d);
+      for (int d = lane; d < D; d += 32) dot += q_s[d] * kv_elem<KF>(krow, kw, p.kv.ks_stride_tok, d, D);
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (lane == 0) {
@@ -107,9 +114,9 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
       const float w = st.weight(s_s[jj]);
       st.add(w);
       const VS* vrow = vbase + int64_t(j0 + jj) * p.kv.v_stride_tok;
-      const float* vw = vec_scales<VF>(vs_head, p.kv.vs_stride_tok, j0 + jj);
-      if (tid < D) acc0 += w * kv_elem<VF>(vrow, vw, tid);
-      if (tid + kPlainThreads < D) acc1 += w * kv_elem<VF>(vrow, vw, tid + kPlainThreads);
+      const float* vw = vec_scales<VF>(vs_head, p.kv.vs_stride_tok, j0 + jj, D);
+      if (tid < D) acc0 += w * kv_elem<VF>(vrow, vw, p.kv.vs_stride_tok, tid, D);
+      if (tid + kPlainThreads < D) acc1 += w * kv_elem<VF>(vrow, vw, p.kv.vs_stride_tok, tid + kPlainThreads, D);
     }
     __syncthreads();  // s_s is rewritten by the next pass
   }
