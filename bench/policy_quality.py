@@ -49,12 +49,19 @@ POLICIES = {
 }
 
 
-def run_sample(model, sample, policy, layout):
+def run_sample(model, sample, policy, layout, page_bytes=None, kv_format="auto"):
     """(score dict, mapped bytes after the prompt, stats) of one sample with one policy (None: full)."""
     ctx = torch.tensor([sample["context"]])
     cont = torch.tensor([sample["continuation"][:-1]])
     cache = vhf.VAttnCache.for_model(
-        model, max_batch=1, max_seq_len=qs.SPAN + 8, policy=policy, layout=layout, reclaim_watermark_bytes=0
+        model,
+        max_batch=1,
+        max_seq_len=qs.SPAN + 8,
+        policy=policy,
+        layout=layout,
+        reclaim_watermark_bytes=0,
+        page_bytes=page_bytes,
+        kv_format=kv_format,
     )
     try:
         with torch.inference_mode():
@@ -76,6 +83,10 @@ def main(argv=None):
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--layout", default="token_major", choices=["token_major", "layer_major"])
     ap.add_argument("--text", default=qs.DEFAULT_TEXT)
+    ap.add_argument("--page-bytes", type=int, default=None, help="KVCache page_bytes (default: the backend's)")
+    ap.add_argument(
+        "--kv-format", default="auto", help="KVCache kv_format (e.g. int8, int4: a policy on a quantized cache)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=DEFAULT_JSON)
     args = ap.parse_args(argv)
@@ -87,14 +98,15 @@ def main(argv=None):
     model.eval()
     samples, spec = qs.make_samples(tok, qs.read_text(args.text), args.samples)
     t0 = time.time()
-    full = [run_sample(model, s, None, args.layout) for s in samples]
+    kv_format = tuple(args.kv_format.split(",")) if "," in args.kv_format else args.kv_format
+    full = [run_sample(model, s, None, args.layout, args.page_bytes, kv_format) for s in samples]
     rows = []
     for name in names:
         make, press = POLICIES[name]
         for keep in budgets:
             per = []
             for s, (ref, ref_stats) in zip(samples, full):
-                got, st = run_sample(model, s, make(keep), args.layout)
+                got, st = run_sample(model, s, make(keep), args.layout, args.page_bytes, kv_format)
                 per.append(
                     {
                         "nll_increase": got["nll"] - ref["nll"],
@@ -128,6 +140,8 @@ def main(argv=None):
     result = {
         "spec": spec,
         "layout": args.layout,
+        "page_bytes": args.page_bytes,
+        "kv_format": args.kv_format,
         "full_nll": [f[0]["nll"] for f in full],
         "rows": rows,
         "seconds": time.time() - t0,

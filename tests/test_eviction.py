@@ -155,7 +155,7 @@ def _check_attention_after(cache, slots, new, seed=5):
 
 
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
-@pytest.mark.parametrize("fmt", ["auto", "int8", ("int8", "int4")], ids=str)
+@pytest.mark.parametrize("fmt", ["auto", "int8", ("int8", "int4"), "int4"], ids=str)
 @pytest.mark.parametrize("new", [[1, 1], [7, 3]], ids=["decode", "prefill"])
 def test_attention_after_compaction_uses_per_head_lengths(fmt, layout, new):
     cache = _cache(fmt, layout)
@@ -382,8 +382,9 @@ def test_policies_at_batch_above_one_with_ragged_lengths_and_during_decode():
     assert cache.length(slots[1]) == 52  # never over budget
 
 
-def test_policy_on_a_quantized_cache():
-    cache = _cache(("int8", "int4"))
+@pytest.mark.parametrize("fmt", [("int8", "int4"), "int4"], ids=str)
+def test_policy_on_a_quantized_cache(fmt):
+    cache = _cache(fmt)
     cache.enable_scores()
     s = cache.alloc()
     _fill(cache, [s], [120], scores=True)

@@ -849,7 +849,9 @@ class KVCache:
         for codes, scales, fmt in ((k, ks, self.k_format), (v, vs, self.v_format)):
             dense = torch.zeros(shape, dtype=self.dtype, device=self.device)
             for s in self.live_slots():
-                n = self._lengths_host[s]
+                # This layer's longest head: after a per-layer compaction (layer_major) the pages of a
+                # shorter layer past it are unmapped (on CUDA, not even readable).
+                n = int(self._head_lengths_np(s)[layer].max())
                 if n == 0:
                     continue
                 if fmt.name == "int4_ch":  # parameters in the words of the row's whole groups

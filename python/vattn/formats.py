@@ -143,6 +143,8 @@ FormatSpec = Union[str, Tuple[str, str]]
 
 
 def get(name: str) -> KVFormat:
+    if name == "int4_tok":  # the spelling of per-token int4 keys in a kv_format (see resolve)
+        name = "int4"
     try:
         return FORMATS[name]
     except (KeyError, TypeError):
