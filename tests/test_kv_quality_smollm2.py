@@ -34,8 +34,9 @@ pytestmark = [
 TEXT = os.path.join(os.path.dirname(__file__), "data", "shakespeare_excerpt.txt")
 WINDOWS, WINDOW_LEN = 2, 512
 # Allowed perplexity increase (%) over the unquantized cache on this short text.
-BOUNDS = {"int8": 0.6, "fp8_e4m3": 1.2, ("int8", "int4"): 3.0, "int4": 16.0}
-# Measured here on 2026-12-01: int8 +0.14%, fp8_e4m3 +0.23%, (int8, int4) +1.14%, int4 +11.6%.
+BOUNDS = {"int8": 0.6, "fp8_e4m3": 1.2, ("int8", "int4"): 3.0, "int4": 3.5, "int4_tok": 16.0}
+# Measured here on 2026-12-02 (int8 keys smoothed, int4 keys per channel): int8 -0.002%, fp8_e4m3
+# -0.12%, (int8, int4) +0.93%, int4 (int4_ch keys) +1.33%, int4_tok (int4 keys per token) +6.0%.
 
 
 @pytest.fixture(scope="module")
@@ -67,5 +68,6 @@ def test_quantized_formats_perplexity_bounds(smollm2):
     for spec, bound in BOUNDS.items():
         inc[spec] = 100.0 * (_ppl(model, windows, spec) / base - 1.0)
         assert inc[spec] <= bound, f"{spec}: perplexity +{inc[spec]:.3f}% > {bound}% (baseline {base:.3f})"
-    # Precision order: 8-bit K and V < int8 K with int4 V < int4 everywhere.
-    assert inc["int8"] < inc[("int8", "int4")] < inc["int4"], inc
+    # Precision order: 8-bit K and V < int8 K with int4 V < int4 everywhere; int4 keys per channel
+    # beat int4 keys per token by far (the outlier channels of keys).
+    assert inc["int8"] < inc[("int8", "int4")] < inc["int4"] < inc["int4_tok"], inc
