@@ -437,7 +437,7 @@ class Runner:
                 ("merge_states", f"n={n} heads={h} d={d}", "GB/s", lambda n=n, h=h, d=d: self.merge(n, h, d, dt))
             )
         for op, model, b, ctx, qlen in bu.quantized_cases(self.device, self.quick):
-            for fmt in ("fp8_e4m3", "int8", "int4", "int8,int4"):
+            for fmt in ("fp8_e4m3", "int8", "int4", "int8,int4", "int4_ch,int4"):  # int4_ch,int4: KVCache "int4"
                 jobs.append(
                     (
                         op + "[quant]",
