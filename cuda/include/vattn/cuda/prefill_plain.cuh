@@ -4,7 +4,9 @@
 // fp32 throughout, straightforward loops, meant to be obviously right rather than fast.
 // K and V may be stored in any format pair (KF, VF) of kv_format.h: plain 16-bit formats are
 // read with the device conversions of kv_device_format.cuh, quantized ones element by element
-// through the format trait's own dequant with the vector's scale words (the CPU definition);
+// through DeviceKvFormat<F>::dequant with the vector's scale words (kv_format.h's values, the
+// CPU's; fp8 through the exact intrinsic conversion, which also keeps every instantiation
+// spill-free on sm_90a where the portable branchy one spilled 8 B with fp32 q, int8 K, fp8 V);
 // a grouped format (int4_ch keys) with the words of the key's group (Format::dequant_grouped).
 // It is the only prefill kernel for grouped formats (prefill.cu never picks the tensor-core one).
 //
@@ -32,7 +34,7 @@ __device__ __forceinline__ float kv_elem(const typename Format::storage_t* v, co
   else if constexpr (is_grouped_format<Format>::value)
     return Format::dequant_grouped(v, w, s_tok, i, D);
   else
-    return Format::dequant(v, w, i);
+    return cuda::DeviceKvFormat<Format>::dequant(v, w, i);  // Format::dequant's value (fp8: the exact intrinsic)
 }
 
 // Scale words a reader of token j of one (cache row, kv head) passes to kv_elem, given the
