@@ -140,6 +140,21 @@ def kivi_keys_static(x, group=32):
     return torch.cat([q, x[:, :, n:]], 2)
 
 
+def kivi_keys_all(x, group=32):
+    """KIVI keys with no full-precision tail: every group of `group` tokens, the last partial one
+    included, quantized per (kv_head, channel) with its own min / max (the partial group's codes are
+    re-encoded as it fills, so a query sees its own group quantized too)."""
+    s = x.shape[2]
+    n = s // group * group
+    b, h, _, d = x.shape
+    parts = []
+    if n:
+        parts.append(_asym(x[:, :, :n].reshape(b, h, n // group, group, d), 3).reshape(b, h, n, d))
+    if n < s:
+        parts.append(_asym(x[:, :, n:], 2))
+    return torch.cat(parts, 2)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Schemes: name -> (K function, V function, effective bits K, effective bits V (each (fp32, fp16)), text).
 # --------------------------------------------------------------------------------------------------------
@@ -194,6 +209,20 @@ def fq_ksmooth(inner, n=32):
     return f
 
 
+def fq_ksmooth_sqrt(inner):
+    """What KVCache(smooth_keys=True) stores: (k - mean) / s with the per-(kv_head, channel) mean over the
+    whole window and s = sqrt(channel range) normalized to geometric mean 1; q is multiplied by s (q.k
+    unchanged up to q.mean, which softmax ignores), so the key seen by attention is s * fq((k - m) / s)."""
+
+    def f(x):
+        mu = x.mean(2, keepdim=True)
+        spread = (x - mu).abs().amax(2, keepdim=True).clamp_min(1e-6).sqrt()
+        s = spread / spread.log().mean(-1, keepdim=True).exp()
+        return inner((x - mu) / s) * s
+
+    return f
+
+
 Q_KS_TOK = fq_ksmooth(Q_TOK)
 Q_KS_HTOK = fq_ksmooth(Q_HTOK)
 
@@ -235,6 +264,57 @@ SCHEMES = {
     "ksmooth+int4_tok": (Q_KS_TOK, Q_TOK, B_TOK, B_TOK, "smooth K + int4 per-token K and V"),
     "ksmooth+had_int4_tok": (Q_KS_HTOK, Q_HTOK, B_TOK, B_TOK, "smooth K + Hadamard int4 per-token K and V"),
     "ksmooth+int4_g32": (fq_ksmooth(Q_G32), Q_G32, B_G32, B_G32, "smooth K + int4 g32 K and V"),
+    "ksmooth+fp8_k_only": (fq_ksmooth(fq_fp8_e4m3), fq_identity, B_FP8, B16, "smooth K (mean of 32) + fp8 K"),
+    "ksmooth_all+fp8_k_only": (
+        fq_ksmooth(fq_fp8_e4m3, 1 << 30),
+        fq_identity,
+        B_FP8,
+        B16,
+        "K minus window mean + fp8 K",
+    ),
+    "had_fp8_k_only": (fq_hadamard(fq_fp8_e4m3), fq_identity, B_FP8, B16, "Hadamard fp8 K"),
+    "ksqrt+fp8_k_only": (fq_ksmooth_sqrt(fq_fp8_e4m3), fq_identity, B_FP8, B16, "KVCache smoothing + fp8 K"),
+    "ksqrt+int4_tok": (fq_ksmooth_sqrt(Q_TOK), Q_TOK, B_TOK, B_TOK, "KVCache smoothing + int4 per-token K and V"),
+    "ksqrt+had_int4_tok": (fq_ksmooth_sqrt(Q_HTOK), Q_TOK, B_TOK, B_TOK, "KVCache smoothing + Hadamard int4 K"),
+    "ksqrt+int4_tok_k_only": (fq_ksmooth_sqrt(Q_TOK), fq_identity, B_TOK, B16, "KVCache smoothing + int4 K only"),
+    "ksqrt+had_int4_tok_k_only": (
+        fq_ksmooth_sqrt(Q_HTOK),
+        fq_identity,
+        B_TOK,
+        B16,
+        "KVCache smoothing + Hadamard int4 K only",
+    ),
+    "ksqrt+had_both": (
+        fq_ksmooth_sqrt(Q_HTOK),
+        Q_HTOK,
+        B_TOK,
+        B_TOK,
+        "KVCache smoothing + Hadamard int4 K, Hadamard int4 V",
+    ),
+    "kmean+had_both": (
+        fq_ksmooth(Q_HTOK, 1 << 30),
+        Q_HTOK,
+        B_TOK,
+        B_TOK,
+        "K minus window mean + Hadamard int4 K and V",
+    ),
+    "ksqrt+had_g32_both": (
+        fq_ksmooth_sqrt(Q_HG32),
+        Q_HG32,
+        B_G32,
+        B_G32,
+        "KVCache smoothing + Hadamard int4 g32 K and V",
+    ),
+    "kivi_all_k_only": (kivi_keys_all, fq_identity, B_KIVI, B16, "KIVI K, every group quantized (no fp tail)"),
+    "kivi_all+int4_tok_v": (kivi_keys_all, Q_TOK, B_KIVI, B_TOK, "KIVI K (no fp tail) + int4 V per token"),
+    "kivi_all+had_int4_tok_v": (
+        kivi_keys_all,
+        Q_HTOK,
+        B_KIVI,
+        B_TOK,
+        "KIVI K (no fp tail) + Hadamard int4 V per token",
+    ),
+    "kmean+fp8": (fq_ksmooth(fq_fp8_e4m3, 1 << 30), fq_fp8_e4m3, B_FP8, B_FP8, "K minus window mean + fp8 K and V"),
 }
 
 # The extra diagnostics (where the error comes from) are left out of the default run to keep it short.
