@@ -205,6 +205,34 @@ class _Forward:
         self.done = set()  # layers already processed
 
 
+class _Core:
+    """What a VAttnCache and its shallow copies (`copy.copy`) share: the vattn.KVCache the cache
+    created, and the handles (VAttnCache objects) alive on it. The KVCache is closed when the last
+    handle goes (its finalizer here), never by a copy that is dropped while another handle lives."""
+
+    __slots__ = ("kv", "handles", "__weakref__")
+
+    def __init__(self, kv):
+        self.kv = kv
+        self.handles = weakref.WeakSet()
+
+    def handle(self) -> "VAttnCache":
+        for h in self.handles:
+            return h
+        raise ReferenceError("vattn: the VAttnCache of this layer is gone")
+
+    def close(self) -> None:
+        kv, self.kv = self.kv, None
+        if kv is not None:
+            kv.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # never raise from a finalizer
+            pass
+
+
 class VAttnLayer(CacheLayerMixin):
     """One model layer's view of a VAttnCache (transformers' Cache is a list of layers)."""
 
@@ -213,11 +241,18 @@ class VAttnLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, parent: "VAttnCache", layer_idx: int):
+    def __init__(self, core: _Core, layer_idx: int):
         super().__init__()
-        self._parent = weakref.proxy(parent)
+        self._core = weakref.ref(core)  # weak: a layer someone keeps does not keep the K/V mapped
         self.layer_idx = layer_idx
         self.is_initialized = True
+
+    @property
+    def _parent(self) -> "VAttnCache":
+        core = self._core()
+        if core is None:
+            raise ReferenceError("vattn: the VAttnCache of this layer is gone")
+        return core.handle()
 
     def lazy_initialization(self, key_states, value_states) -> None:  # storage lives in vattn.KVCache
         return None
@@ -309,6 +344,8 @@ class VAttnCache(Cache):
             max_physical_bytes=max_physical_bytes,
             **cache_options,
         )
+        self._core = _Core(self.kv)  # owns the KVCache: closed when the last handle on it goes
+        self._core.handles.add(self)
         self.policy = policy
         if policy is not None and policy.needs_scores:
             self.kv.enable_scores()
@@ -317,7 +354,7 @@ class VAttnCache(Cache):
         self._decode_steps = 0  # decode forwards since the last prompt (policy.every)
         self._compacted = False  # a policy evicted tokens: stored tokens no longer follow columns
         self.compressions: list = []  # per prompt compression: {stat: (before, after)}
-        super().__init__(layers=[VAttnLayer(self, i) for i in range(self.num_layers)])
+        super().__init__(layers=[VAttnLayer(self._core, i) for i in range(self.num_layers)])
         self._slots: Optional[list[int]] = None  # vattn slot of each batch row
         self._lengths: list[int] = []  # real tokens stored per batch row (host mirror)
         # host bool [batch, max_seq_len]: which columns are real tokens (numpy: host bookkeeping only,
@@ -504,20 +541,23 @@ class VAttnCache(Cache):
         finally:
             # The last reference to the vattn.KVCache: its manager unmaps and destroys every page.
             self.kv = None
-            for name in ("release", "close"):
-                fn = getattr(kv, name, None)
-                if callable(fn):
-                    fn()
-                    break
             del kv
+            self._core.close()
 
     close = release
 
-    def __del__(self):
-        try:
-            self.release()
-        except Exception:  # never raise from a finalizer
-            pass
+    # No __del__: the vattn.KVCache is closed by _Core's finalizer when the last handle on it goes
+    # (a shallow copy that is dropped must not close the storage the original still uses).
+
+    def __copy__(self) -> "VAttnCache":
+        """`copy.copy(cache)`: another handle on the same cache, not a new one (like a shallow copy of a
+        DynamicCache, which shares its layers): both see every token stored through either, and the
+        storage is released when the last handle is dropped (or at `release()` of any). For an
+        independent cache use `copy.deepcopy`."""
+        new = type(self).__new__(type(self))
+        new.__dict__ = self.__dict__  # one state: a copy's length / position can never go stale
+        self._core.handles.add(new)
+        return new
 
     def __repr__(self):
         return (
