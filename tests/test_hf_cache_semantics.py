@@ -180,3 +180,64 @@ def test_deepcopy_prefix_reuse_smollm2():
         vhf.enable(model)
         out = generate(model, full, 8, copy.deepcopy(prompt_cache), logits=False).sequences
         assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------- layers[i].keys / values
+
+
+def _dynamic(model, enc):
+    from transformers import DynamicCache
+
+    vhf.disable(model)
+    cache = DynamicCache(config=model.config)
+    mask = enc["attention_mask"]
+    with torch.inference_mode():
+        model(**enc, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1), **{cache_kwarg(model): cache})
+    return cache
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_layer_keys_values_match_dynamic_cache(tiny, layout):
+    model, tok = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    ref = _dynamic(model, enc)
+    cache = _prefill(model, enc, _cache(model, 3, layout))
+    real = enc["attention_mask"].bool()
+    for i in range(model.config.num_hidden_layers):
+        k, v = cache.layers[i].keys, cache.layers[i].values
+        assert k.shape == v.shape == ref.layers[i].keys.shape  # [B, H, S, D], padding columns included
+        assert k.dtype == cache.dtype
+        for got, want in ((k, ref.layers[i].keys), (v, ref.layers[i].values)):
+            for b in range(3):
+                torch.testing.assert_close(got[b][:, real[b]], want[b][:, real[b]], rtol=1e-5, atol=1e-5)
+                assert not got[b][:, ~real[b]].any()  # vattn stores no padding: zeros there
+    assert cache.layers[0].keys.shape[2] == cache.get_seq_length()
+
+
+def test_layer_keys_zero_copy_without_padding(tiny):
+    model, tok = tiny
+    enc = tok(["abcdefgh", "12345678"], return_tensors="pt", padding=True)
+    assert enc["attention_mask"].all()
+    ref = _dynamic(model, enc)
+    cache = _prefill(model, enc, _cache(model, 2))
+    k = cache.layers[1].keys
+    torch.testing.assert_close(k, ref.layers[1].keys, rtol=1e-5, atol=1e-5)
+    raw = cache.kv.kv(1)[0]
+    assert k.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()  # a view, not a copy
+    torch.testing.assert_close(cache.layers[1].values, ref.layers[1].values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AttributeError, match="read-only"):
+        cache.layers[0].keys = k
+
+
+def test_layer_keys_quantized_and_before_first_forward(tiny):
+    model, tok = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    ref = _dynamic(model, enc)
+    cache = _cache(model, 3, kv_format="int8")
+    assert cache.layers[0].keys is None and cache.layers[0].values is None
+    _prefill(model, enc, cache)
+    real = enc["attention_mask"].bool()
+    k = cache.layers[0].keys  # a dequantized copy
+    for b in range(3):
+        want = ref.layers[0].keys[b][:, real[b]]
+        assert (k[b][:, real[b]] - want).abs().max() < 0.05 * want.abs().max()

@@ -255,6 +255,27 @@ class VAttnLayer(CacheLayerMixin):
             raise ReferenceError("vattn: the VAttnCache of this layer is gone")
         return core.handle()
 
+    # keys / values: what transformers code reads from a layer, [batch, kv_heads, positions, head_dim]
+    # in the cache dtype (VAttnCache.layer_kv says when it is a zero-copy view and when a copy).
+    # Read-only: the storage is the vattn.KVCache; transformers' base __init__ assigns None, ignored.
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        return self._parent.layer_kv(self.layer_idx)[0]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("vattn: VAttnLayer.keys is a view of the vattn.KVCache (read-only)")
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        return self._parent.layer_kv(self.layer_idx)[1]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("vattn: VAttnLayer.values is a view of the vattn.KVCache (read-only)")
+
     def lazy_initialization(self, key_states, value_states) -> None:  # storage lives in vattn.KVCache
         return None
 
@@ -519,6 +540,61 @@ class VAttnCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._slots is not None and repeats != 1:
             raise NotImplementedError("vattn: expanding a filled VAttnCache (contrastive search, ...) is not supported")
+
+    def layer_kv(self, layer_idx: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The stored K/V of one layer as transformers code expects them (`layers[i].keys` /
+        `.values`): [batch, kv_heads, get_seq_length(), head_dim] in the cache dtype, each token at its
+        column, zeros at left-padding columns (vattn stores no padding; a mask hides those columns
+        anyway). (None, None) before the first forward.
+
+        Zero-copy (a strided view of `cache.kv.kv(layer)`, writes go to the cache) when the format is
+        plain without key smoothing, no row has padding, and the batch's slots are consecutive and in
+        batch order (a batch without padding in a fresh cache); otherwise a gathered copy (always for
+        quantized or smoothed keys: a dequantized copy). After an eviction policy dropped tokens the
+        columns no longer map to tokens: each row's stored tokens, oldest first, [batch, kv_heads,
+        longest head, head_dim], zeros past each head's length (a copy)."""
+        if self.kv is None:
+            raise RuntimeError("vattn: this VAttnCache was released")
+        layer_idx = int(layer_idx)
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer {layer_idx} out of range [0, {self.num_layers})")
+        if self._slots is None:
+            return None, None
+        kv, slots, cols = self.kv, self._slots, self._columns
+        plain = not (kv.k_format.quantized or kv.v_format.quantized) and kv._key_means is None
+        k_all, v_all = kv.kv(layer_idx) if plain else kv.kv(layer_idx, dequantize=True)
+        batch, heads, dim = len(slots), self.num_kv_heads, self.head_dim
+        first = slots[0]
+        if (
+            plain
+            and not self._compacted
+            and slots == list(range(first, first + batch))
+            and bool(self._real[:, :cols].all())
+        ):
+            return tuple(x[first : first + batch, :cols].permute(0, 2, 1, 3) for x in (k_all, v_all))
+        if self._compacted:
+            lengths = [kv.head_lengths(s)[layer_idx] for s in slots]  # [heads] per row
+            width = max(int(n.max()) for n in lengths)
+            out = []
+            for x in (k_all, v_all):
+                y = x.new_zeros(batch, width, heads, dim)
+                for b, (s, n) in enumerate(zip(slots, lengths)):
+                    m = int(n.max())
+                    y[b, :m] = x[s, :m]
+                    keep = torch.arange(width)[:, None] < n[None, :].long()  # [width, heads]
+                    y[b] *= keep[..., None].to(device=y.device, dtype=y.dtype)
+                out.append(y.permute(0, 2, 1, 3))
+            return out[0], out[1]
+        out = []
+        for x in (k_all, v_all):
+            y = x.new_zeros(batch, cols, heads, dim)
+            for b, s in enumerate(slots):
+                n = self._lengths[b]
+                if n:
+                    where = torch.from_numpy(np.flatnonzero(self._real[b, :cols])).to(y.device)
+                    y[b].index_copy_(0, where, x[s, :n])
+            out.append(y.permute(0, 2, 1, 3))
+        return out[0], out[1]
 
     # ---- memory
 
