@@ -241,3 +241,44 @@ def test_layer_keys_quantized_and_before_first_forward(tiny):
     for b in range(3):
         want = ref.layers[0].keys[b][:, real[b]]
         assert (k[b][:, real[b]] - want).abs().max() < 0.05 * want.abs().max()
+
+
+# ---------------------------------------------------------------------------- update() outside vattn attention
+
+
+def test_update_outside_vattn_attention_raises(tiny):
+    model, tok = tiny
+    cache = _cache(model, 1)
+    cfg = model.config
+    k = torch.randn(1, cfg.num_key_value_heads, 3, cfg.head_dim)
+    cache.update(k, k, 0)  # parked for vattn attention, which never runs
+    with pytest.raises(RuntimeError, match="not consumed by vattn's attention"):
+        cache.update(k, k, 1)
+    # the error cleared the parked entry: the cache works again and stored nothing of the direct calls
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    ref = generate(model, enc, 4, logits=False).sequences
+    vhf.enable(model)
+    assert torch.equal(generate(model, enc, 4, cache, logits=False).sequences, ref)
+    assert cache.get_seq_length() == ref.shape[1] - 1
+
+
+def test_forward_ending_with_unconsumed_kv_is_detected(tiny):
+    """A forward whose last update was not consumed (e.g. a patched last layer) fails at the next call."""
+    model, tok = tiny
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    cache = _prefill(model, enc, _cache(model, 1))
+    cfg = model.config
+    k = torch.randn(1, cfg.num_key_value_heads, 1, cfg.head_dim)
+    cache.update(k, k, cfg.num_hidden_layers - 1)
+    with pytest.raises(RuntimeError, match="never stored"):
+        generate(model, enc, 2, cache, logits=False)
+
+
+def test_update_with_another_attention_implementation_raises(tiny):
+    model, _ = tiny
+    cache = _cache(model, 1)
+    vhf.disable(model)
+    k = torch.randn(1, model.config.num_key_value_heads, 1, model.config.head_dim)
+    with pytest.raises(RuntimeError, match="needs 'vattn'"):
+        cache.update(k, k, 0)
+    vhf.enable(model)

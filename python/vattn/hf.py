@@ -441,7 +441,11 @@ class VAttnCache(Cache):
     # ---- what transformers calls
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Parks the new K/V for the attention function of this layer (see the module docstring)."""
+        """Parks the new K/V for the attention function of this layer (see the module docstring).
+
+        Only vattn's attention function stores them: called outside it (custom attention code, direct
+        use), update raises RuntimeError, at the latest on the next update of this cache, instead of
+        silently dropping the tokens. The K/V returned are the new ones only, not the layer's history."""
         if self.kv is None:
             raise RuntimeError("vattn: this VAttnCache was released")
         impl = getattr(getattr(self, "_model_config", self.config), "_attn_implementation", None)
@@ -461,6 +465,20 @@ class VAttnCache(Cache):
                 f"vattn: K/V dtype {key_states.dtype}, the cache was made for {self.dtype} "
                 "(create the cache after moving the model, or pass dtype=)"
             )
+        entry = getattr(_pending, "entry", None)
+        if entry is not None:
+            parked = entry[0]()
+            if parked is not None and getattr(parked, "__dict__", None) is self.__dict__:
+                # The K/V parked by the previous update were never stored: refuse rather than lose them.
+                _pending.entry = None
+                self._abort_forward()
+                raise RuntimeError(
+                    f"vattn: VAttnCache.update(layer {layer_idx}) while the K/V of the previous update (layer "
+                    f"{entry[1]}) were not consumed by vattn's attention function, so they were never stored. "
+                    "VAttnCache stores K/V only through attn_implementation='vattn' (VAttnCache.for_model or "
+                    "vattn.hf.enable(model)), whose attention function must run right after each update; "
+                    "custom attention code calling cache.update directly needs another Cache (DynamicCache)"
+                )
         _pending.entry = (weakref.ref(self), layer_idx, key_states)
         return key_states, value_states
 
