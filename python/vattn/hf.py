@@ -319,6 +319,15 @@ class VAttnCache(Cache):
 
     Use `VAttnCache.for_model(model, ...)`: it sizes the cache from the model and switches the model's
     attention to vattn's kernels. One batch row of transformers is one vattn slot.
+
+    Pass the cache itself (`past_key_values=cache`, or `cache=` in transformers >= 5.2x):
+    `generate(..., cache_implementation="vattn")` is not possible, since transformers (checked in 5.24)
+    has no registry for cache implementations; GenerationConfig.validate accepts only its fixed
+    ALL_CACHE_IMPLEMENTATIONS (+ "paged") and generate builds those caches itself.
+
+    Copies: `copy.copy(cache)` is another handle on the same cache (the storage goes with the last
+    handle); `copy.deepcopy(cache)` an independent cache with the same tokens (a full K/V copy until
+    page sharing exists). `layers[i].keys` / `.values` read the stored K/V (see `layer_kv`).
     """
 
     def __init__(
