@@ -183,46 +183,71 @@ def test_prompt_lookup_decoding_crops_correctly(tiny):
         cache.crop(3)  # transformers' convention: a negative count
 
 
-def test_sliding_window_model_matches():
-    """A Mistral-style model with a sliding window (8) shorter than the sequence: the window reaches
-    vattn.attention (window_left) and the tokens equal transformers' own sliding-window cache."""
+def _mistral(window):
+    """A tiny Mistral-style model with a sliding window of `window` positions (None: none)."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from vattn._models import ByteTokenizer
 
-    def build(window):
-        cfg = MistralConfig(
-            vocab_size=ByteTokenizer.vocab_size,
-            hidden_size=192,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            num_key_value_heads=1,
-            head_dim=64,
-            sliding_window=window,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=None,
-            attn_implementation="sdpa",
-        )
-        gen = torch.Generator().manual_seed(0)
-        model = MistralForCausalLM(cfg).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.ndim == 2:
-                    std = (3.0 if name.startswith("lm_head") else 1.0) / p.shape[1] ** 0.5
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-        return model
+    cfg = MistralConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=64,
+        sliding_window=window,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    gen = torch.Generator().manual_seed(0)
+    model = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                std = (3.0 if name.startswith("lm_head") else 1.0) / p.shape[1] ** 0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def test_sliding_window_model_matches():
+    """A Mistral-style model with a sliding window (8) shorter than the sequence: the window reaches
+    vattn.attention (window_left) and the tokens equal transformers' own sliding-window cache."""
+    from vattn._models import ByteTokenizer
 
     enc = ByteTokenizer()(["Hi there, a prompt longer than the window", "x"])
-    model = build(8)
+    model = _mistral(8)
     ref = generate(model, enc, 30)
     out = generate(model, enc, 30, _cache(model, 2, "token_major"))
     assert torch.equal(out.sequences, ref.sequences)
     assert max_logit_diff(ref, out, 30) < LOGIT_TOL
-    unwindowed = generate(build(None), enc, 30)
+    unwindowed = generate(_mistral(None), enc, 30)
     assert max_logit_diff(ref, unwindowed, 1) > 1e-2  # the window does change the result
+
+
+def test_sliding_window_with_holes_in_the_mask_is_a_clear_error():
+    """Right padding puts pads after real tokens: vattn's window would count stored tokens where
+    transformers counts positions, so a sliding-window model refuses such a mask (and the cache stays
+    usable); without a window, or with left padding, the same cache works."""
+    from vattn.generation import cache_kwarg
+
+    model = _mistral(8)
+    ids = torch.randint(3, 200, (2, 12))
+    right = torch.ones(2, 12, dtype=torch.long)
+    right[1, 9:] = 0  # row 1: three pads after its real tokens
+    cache = _cache(model, 2, "token_major")
+    with torch.inference_mode(), pytest.raises(ValueError, match="padding after real tokens"):
+        model(input_ids=ids, attention_mask=right, use_cache=True, **{cache_kwarg(model): cache})
+    left = torch.ones(2, 12, dtype=torch.long)
+    left[1, :3] = 0
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=left, use_cache=True, **{cache_kwarg(model): cache})
+    assert out.logits.shape == (2, 12, model.config.vocab_size)
+    assert cache.get_seq_length() == 12
 
 
 def test_plain_forward_loop(tiny):

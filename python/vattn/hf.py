@@ -194,7 +194,7 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, kwargs)
 class _Forward:
     """Bookkeeping of one model forward: the vattn step and how batch rows map to packed rows."""
 
-    __slots__ = ("batch", "q_len", "real", "new_tokens", "step", "flat_idx", "all_real", "done")
+    __slots__ = ("batch", "q_len", "real", "new_tokens", "step", "flat_idx", "all_real", "done", "holes")
 
     def __init__(self, batch, q_len, real, new_tokens, step, flat_idx, all_real):
         self.batch, self.q_len = batch, q_len
@@ -204,6 +204,7 @@ class _Forward:
         self.flat_idx = flat_idx  # device int64 [total_new]: packed row -> b * q_len + j
         self.all_real = all_real
         self.done = set()  # layers already processed
+        self.holes = None  # whether a row has a pad after a real token (VAttnCache._has_holes)
 
 
 class _Core:
@@ -825,6 +826,15 @@ class VAttnCache(Cache):
         self._forward = fw
         return fw
 
+    def _has_holes(self, fw: _Forward) -> bool:
+        """Whether some row has a padding column after a real token (right padding, packed
+        sequences), counting the cached columns and this forward's; computed once per forward."""
+        if fw.holes is None:
+            full = np.concatenate([self._real[:, : self._columns], fw.real.numpy()], axis=1)
+            seen = np.logical_or.accumulate(full, axis=1)
+            fw.holes = bool((seen & ~full).any())
+        return fw.holes
+
     def _abort_forward(self) -> None:
         """Drops a forward that raised half-way: its step is aborted, so the slots keep their
         previous lengths and nothing of it stays."""
@@ -884,7 +894,16 @@ class VAttnCache(Cache):
             # A new forward (a previous one that raised half-way is dropped uncommitted).
             self._abort_forward()
             fw = self._begin_forward(batch, q_len, mask2d, query.device)
-        fw.done.add(layer)
+        fw.done.add(layer)  # (before any raise below: the next forward then drops this one)
+        window_left = _sliding_window(module, kwargs)
+        if window_left >= 0 and self._has_holes(fw):
+            # vattn stores no padding, so its window counts stored tokens; transformers counts
+            # positions, holes included. Left padding (holes only before the first real token) agrees.
+            raise ValueError(
+                "vattn: sliding-window attention with padding after real tokens (right padding or "
+                "packed sequences) is not supported: the window would count stored tokens, not "
+                "positions; pad on the left (tokenizer.padding_side = 'left')"
+            )
         if fw.step is None:
             out = query.new_zeros(batch, q_len, hq, dim)
         else:
@@ -900,7 +919,7 @@ class VAttnCache(Cache):
                 layer,
                 fw.step,
                 scale=scaling,
-                window_left=_sliding_window(module, kwargs),
+                window_left=window_left,
                 softcap=float(kwargs.get("softcap") or 0.0),
                 **extra,
             )
