@@ -546,3 +546,54 @@ def test_slots_map_whole_groups_of_int4_ch_keys():
     cache.shrink(s, g + 1)
     assert cache.length(s) == g + 1
     assert cache.stats()["pages_mapped"] == -(-2 * g * cache.token_bytes // cache.page_bytes)
+
+
+def test_raw_append_whose_group_reaches_unmapped_memory_is_refused():
+    # A raw append at a mapped position re-encodes its whole group, whose parameter words reach the
+    # group's last token: when that token is not mapped, the guard refuses (no fault, no change).
+    cache = vattn.KVCache(
+        num_layers=2, num_kv_heads=2, head_dim=64, max_batch=1, max_seq_len=128, dtype=torch.float32,
+        kv_format="int4", device="cpu", page_bytes=4096,
+    )  # fmt: skip
+    s = cache.alloc()
+    st = cache.begin_step([s], [1])
+    for layer in range(2):
+        vattn.append_kv(cache, layer, st, torch.randn(1, 2, 64), torch.randn(1, 2, 64))
+    cache.end_step(st)
+    mapped_tokens = cache.stats()["mapped_bytes"] // cache.token_bytes
+    assert 32 < mapped_tokens < 63  # slack past the first group, but not the second group's end
+    k, v = cache.kv(0)
+    ks, vs = cache.kv_scales(0)
+    before = [t.clone() for t in (k[s, :64], ks[s, :mapped_tokens])]
+    one = torch.tensor([s], dtype=torch.int32)
+    with pytest.raises(ValueError, match="unmapped"):
+        vattn.append_kv_raw(
+            k, v, torch.randn(1, 2, 64), torch.randn(1, 2, 64), one, torch.tensor([33], dtype=torch.int32),
+            k_scale=ks, v_scale=vs,
+        )  # fmt: skip
+    assert torch.equal(k[s, :mapped_tokens], before[0][:mapped_tokens])
+    assert torch.equal(ks[s, :mapped_tokens], before[1])
+
+
+def test_raw_compaction_whose_group_reaches_unmapped_memory_is_refused():
+    # compact_kv re-encodes kept int4_ch keys into groups whose parameter words reach each group's
+    # last token: keeping 34 tokens writes words up to token 63, unmapped here, so it is refused.
+    cache = vattn.KVCache(
+        num_layers=2, num_kv_heads=2, head_dim=64, max_batch=1, max_seq_len=128, dtype=torch.float32,
+        kv_format="int4", device="cpu", page_bytes=4096,
+    )  # fmt: skip
+    s = cache.alloc()
+    st = cache.begin_step([s], [1])
+    for layer in range(2):
+        vattn.append_kv(cache, layer, st, torch.randn(1, 2, 64), torch.randn(1, 2, 64))
+    cache.end_step(st)
+    mapped_tokens = cache.stats()["mapped_bytes"] // cache.token_bytes
+    assert 34 <= mapped_tokens < 63
+    k, v = cache.kv(0)
+    ks, vs = cache.kv_scales(0)
+    keep = torch.arange(34, dtype=torch.int32).expand(1, 2, 34).contiguous()
+    lens = torch.full((1, 2), 34, dtype=torch.int32)
+    before = k[s, :mapped_tokens].clone()
+    with pytest.raises(ValueError, match="unmapped"):
+        vattn.compact_kv(k, v, torch.tensor([s], dtype=torch.int32), keep, lens, k_scale=ks, v_scale=vs)
+    assert torch.equal(k[s, :mapped_tokens], before)

@@ -82,10 +82,18 @@ def check_append(
         heads = k_cache.shape[2]
         rows = rows.repeat_interleave(heads)
         pos = head_positions.to("cpu", torch.int64).reshape(-1)
+    # An int4_ch side (uint8 codes with 4-word scales) re-encodes the whole group of each written
+    # position, parameter words up to the group's last token included: check that token instead
+    # (a slot's pages are mapped from token 0 on, so the group's earlier tokens are mapped too).
+    grouped = {}
+    for codes, sc in ((k_cache, k_scale), (v_cache, v_scale)):
+        if sc is not None and codes.dtype == torch.uint8 and sc.dim() == 4 and sc.shape[-1] == 4:
+            g = codes.shape[3]  # G = head_dim / 2 = codes per vector
+            grouped[id(codes)] = grouped[id(sc)] = pos - pos % g + (g - 1)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is None or owner(t) is not cache:
             continue
-        addrs, span = _token_addrs(t, rows, pos)
+        addrs, span = _token_addrs(t, rows, grouped.get(id(t), pos))
         if heads is not None:
             isz = t.element_size()
             addrs = addrs + torch.arange(heads).repeat(addrs.numel() // heads) * t.stride(2) * isz

@@ -132,14 +132,23 @@ def _check_mapped(k_cache, v_cache, k_scale, v_scale, row_ids, keep, keep_lens, 
     rr, pos = rr[ok], pos[ok]
     if rr.numel() == 0:
         return
+    # An int4_ch side (uint8 codes with 4-word scales) writes the parameter words of each new
+    # group up to its last token: check that token too (pages are mapped from token 0 on).
+    grouped = {}
+    for codes, sc in ((k_cache, k_scale), (v_cache, v_scale)):
+        if sc is not None and codes.dtype == torch.uint8 and sc.dim() == 4 and sc.shape[-1] == 4:
+            g = codes.shape[3]  # G = head_dim / 2 = codes per vector
+            ends = torch.clamp(pos - pos % g + (g - 1), max=seq - 1)
+            grouped[id(codes)] = grouped[id(sc)] = (torch.cat([rr, rr]), torch.cat([pos, ends]))
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is None or owner(t) is not cache:
             continue
-        addrs, span = _guard._token_addrs(t, rr, pos)
+        t_rows, t_pos = grouped.get(id(t), (rr, pos))
+        addrs, span = _guard._token_addrs(t, t_rows, t_pos)
         bad = int(cache._m.first_unmapped(addrs.data_ptr(), addrs.numel(), span))
         if bad >= 0:
             raise ValueError(
-                f"compact_kv: row {int(rr[bad])}, position {int(pos[bad])} of {name} lies in unmapped memory of "
+                f"compact_kv: row {int(t_rows[bad])}, position {int(t_pos[bad])} of {name} lies in unmapped memory of "
                 "a vattn.KVCache; compact only tokens the cache holds"
             )
 
