@@ -23,9 +23,15 @@ _WORKER = textwrap.dedent(
     r"""
     import json, sys, threading, torch, vattn
 
+    FORMAT = sys.argv[1] if len(sys.argv) > 1 else "auto"  # "int4": int4_ch keys, whole-group mapping
+
     def make(seed):
         return vattn.KVCache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=3, max_seq_len=256,
-                             dtype=torch.float32, device="cpu", page_bytes=16384, reclaim_watermark_bytes=0)
+                             dtype=torch.float32, device="cpu", page_bytes=16384, reclaim_watermark_bytes=0,
+                             kv_format=FORMAT)
+
+    def scales(c, layer):
+        return c.kv_scales(layer) if FORMAT != "auto" else (None, None)
 
     def consistent(c):
         if c.closed:
@@ -77,10 +83,13 @@ _WORKER = textwrap.dedent(
                     v.abs().max()
                 elif op == "raw_append":
                     k, v = c.kv(b % 2)
-                    vattn.ops.append_kv_raw(k, v, torch.randn(1, 2, 64), torch.randn(1, 2, 64), [a % 3], [(b * 37) % 256])
+                    ks, vs = scales(c, b % 2)
+                    vattn.ops.append_kv_raw(k, v, torch.randn(1, 2, 64), torch.randn(1, 2, 64), [a % 3], [(b * 37) % 256],
+                                            k_scale=ks, v_scale=vs)
                 elif op == "raw_decode":
                     k, v = c.kv(b % 2)
-                    vattn.decode_attention(torch.randn(3, 4, 64), k, v, [(a * 91) % 257, b % 257, 256])
+                    ks, vs = scales(c, b % 2)
+                    vattn.decode_attention(torch.randn(3, 4, 64), k, v, [(a * 91) % 257, b % 257, 256], k_scale=ks, v_scale=vs)
                 elif op == "compact" and live:
                     s = live[a % len(live)]
                     n = c.length(s)
@@ -140,13 +149,14 @@ _OPS = [
 
 
 class _Worker:
-    def __init__(self):
+    def __init__(self, kv_format="auto"):
         self.proc = None
+        self.kv_format = kv_format
 
     def start(self):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
+            [sys.executable, "-c", _WORKER, self.kv_format],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -180,6 +190,13 @@ def worker():
     w.stop()
 
 
+@pytest.fixture(scope="module")
+def worker_int4():
+    w = _Worker("int4")
+    yield w
+    w.stop()
+
+
 _op = st.tuples(st.sampled_from(_OPS), st.integers(0, 1000), st.integers(0, 1000))
 
 
@@ -187,6 +204,15 @@ _op = st.tuples(st.sampled_from(_OPS), st.integers(0, 1000), st.integers(0, 1000
 @given(ops=st.lists(_op, min_size=1, max_size=30))
 def test_random_call_sequences_never_crash(worker, ops):
     r = worker.run([list(o) for o in ops])
+    assert r["ok"], f"{r['why']}\nsequence: {ops}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, min_size=1, max_size=30))
+def test_random_call_sequences_never_crash_int4(worker_int4, ops):
+    # The same on an int4 cache (int4_ch keys): groups re-encoded by appends and compaction, the
+    # parameter words of whole groups mapped, raw ops with scales.
+    r = worker_int4.run([list(o) for o in ops])
     assert r["ok"], f"{r['why']}\nsequence: {ops}"
 
 
