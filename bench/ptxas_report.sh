@@ -17,7 +17,7 @@ trap 'rm -rf "$work"' EXIT
 
 # Same flags as CMakeLists.txt uses for the module.
 flags=(-std=c++17 -O3 --expt-relaxed-constexpr -lineinfo --use_fast_math -Xptxas=-v -Xptxas=-warn-spills
-       -DVATTN_WITH_CUDA=1 -DVATTN_CUDA_INT4_CH=1 "-DVATTN_CUDA_ARCHS=\"report\"" -I"$root/cuda/include" -I"$root/cuda" ${VATTN_PTXAS_EXTRA:-})
+       -DVATTN_WITH_CUDA=1 "-DVATTN_CUDA_ARCHS=\"report\"" -I"$root/cuda/include" -I"$root/cuda" ${VATTN_PTXAS_EXTRA:-})
 
 compile_one() {  # arch file -> $work/<arch>__<name>.log (and .fail on error)
   local arch=$1 file=$2 log

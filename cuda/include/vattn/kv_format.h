@@ -114,23 +114,14 @@ constexpr bool kv_format_is_quantized(int32_t code) {
   return code == kKvFp8E4M3 || code == kKvInt8 || code == kKvInt4 || code == kKvInt4Channel;
 }
 
-// int4_ch in the CUDA kernels: until every CUDA kernel reads it, the dispatchers compiled by nvcc
-// leave it out (a clear "not supported on CUDA" error); the CPU code has it.
-#if !defined(__CUDACC__) || defined(VATTN_CUDA_INT4_CH)
-#define VATTN_KV_INT4_CH_CASE(f) \
-  case kKvInt4Channel: return f(Int4ChannelFormat{});
-#else
-#define VATTN_KV_INT4_CH_CASE(f) \
-  case kKvInt4Channel: throw std::invalid_argument("vattn: int4_ch keys are not supported by the CUDA kernels yet");
-#endif
-
 // Calls f(Format{}) for a quantized KvFormatCode only (throws for any other).
 template <typename F>
 decltype(auto) dispatch_quantized_format(int32_t code, const char* what, F&& f) {
   switch (code) {
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
-    case kKvInt4: return f(Int4Format{}); VATTN_KV_INT4_CH_CASE(f)
+    case kKvInt4: return f(Int4Format{});
+    case kKvInt4Channel: return f(Int4ChannelFormat{});
     default:
       throw std::invalid_argument(std::string("vattn: ") + what + ": not a quantized KV format code " +
                                   std::to_string(code));
@@ -180,7 +171,8 @@ decltype(auto) dispatch_kv_format(int32_t code, const char* what, F&& f) {
     case kKvBFloat16: return f(PlainFormat<bf16_t>{});
     case kKvFp8E4M3: return f(Fp8E4M3Format{});
     case kKvInt8: return f(Int8Format{});
-    case kKvInt4: return f(Int4Format{}); VATTN_KV_INT4_CH_CASE(f)
+    case kKvInt4: return f(Int4Format{});
+    case kKvInt4Channel: return f(Int4ChannelFormat{});
     default:
       throw std::invalid_argument(std::string("vattn: ") + what + ": unknown KV format code " + std::to_string(code));
   }

@@ -19,14 +19,7 @@ constexpr uint32_t bit(int32_t code) { return 1u << code; }
 constexpr uint32_t kAllDtypes = bit(kFloat32) | bit(kFloat16) | bit(kBFloat16);
 constexpr uint32_t kHalfDtypes = bit(kFloat16) | bit(kBFloat16);
 constexpr uint32_t kPlainFormats = bit(kKvFloat32) | bit(kKvFloat16) | bit(kKvBFloat16);
-constexpr uint32_t kQuantFormats = bit(kKvFp8E4M3) | bit(kKvInt8) | bit(kKvInt4);
-// int4_ch (keys per channel over token groups): every CPU op; on CUDA once its kernels read it.
-#if defined(VATTN_CUDA_INT4_CH)
-constexpr uint32_t kCudaGroupedFormats = bit(kKvInt4Channel);
-#else
-constexpr uint32_t kCudaGroupedFormats = 0;
-#endif
-constexpr uint32_t kCpuGroupedFormats = bit(kKvInt4Channel);
+constexpr uint32_t kQuantFormats = bit(kKvFp8E4M3) | bit(kKvInt8) | bit(kKvInt4) | bit(kKvInt4Channel);
 
 struct Entry {
   uint32_t dtypes;            // bit set of DType codes (q / out; k / v for append_kv)
@@ -37,16 +30,12 @@ struct Entry {
 
 // compact_kv moves stored bytes: every format, any head_dim, on both devices. sparse_decode
 // (Quest) reads every format; its CUDA kernels take head_dim <= 256.
-constexpr Entry entry_kv(Device d, Op op, uint32_t grouped) {
-  return op == kCompactKv      ? Entry{kAllDtypes, kPlainFormats | kQuantFormats | grouped, 1, 0}
-         : op == kSparseDecode ? Entry{kAllDtypes, kPlainFormats | kQuantFormats | grouped, 1, d == kCpu ? 0 : 256}
-         : d == kCpu           ? Entry{kAllDtypes, kPlainFormats | kQuantFormats | grouped, 1, 0}
-         : op == kPrefill ? Entry{kAllDtypes, kPlainFormats | kQuantFormats | grouped, 8, 256}   // fp32: plain kernel
-                          : Entry{kAllDtypes, kPlainFormats | kQuantFormats | grouped, 8, 256};  // append_kv, decode
-}
 constexpr Entry entry(Device d, Op op) {
-  return op == kMerge ? Entry{kAllDtypes, kPlainFormats, 1, 0}
-                      : entry_kv(d, op, d == kCpu ? kCpuGroupedFormats : kCudaGroupedFormats);
+  return op == kMerge          ? Entry{kAllDtypes, kPlainFormats, 1, 0}
+         : op == kCompactKv    ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, 0}
+         : op == kSparseDecode ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, d == kCpu ? 0 : 256}
+         : d == kCpu           ? Entry{kAllDtypes, kPlainFormats | kQuantFormats, 1, 0}
+                               : Entry{kAllDtypes, kPlainFormats | kQuantFormats, 8, 256};  // append, decode, prefill
 }
 
 constexpr bool supported(Device d, Op op, int32_t dtype, int32_t kv_format, int32_t head_dim) {
