@@ -226,3 +226,15 @@ def skip_unsupported(device: str, dtype: torch.dtype, dim: int, prefill: bool = 
         pytest.skip(
             f"{device} {op}: {', '.join(str(d) for d in e.dtypes)}, {e.head_dim_rule()}, formats {e.kv_formats}"
         )
+
+
+def assert_same_kv_bytes(got, want, what):
+    """(k codes, v codes, k words, v words) of two quantized caches hold the same bits (float words
+    compared as int32, so NaN payloads and signed zeros count; any device)."""
+
+    def bits(t):
+        t = t.detach().cpu().contiguous()
+        return t if t.dtype == torch.uint8 else t.view(torch.int32)
+
+    for name, a, b in zip(("k codes", "v codes", "k words", "v words"), got, want):
+        assert torch.equal(bits(a), bits(b)), f"{what}: {name} differ"

@@ -13,7 +13,7 @@ import torch
 
 import vattn
 from vattn import formats, reference
-from helpers import Case, assert_attention_close, case_queries_and_kwargs, case_rows, randn
+from helpers import Case, assert_attention_close, assert_same_kv_bytes, case_queries_and_kwargs, case_rows, randn
 
 KF, VF = formats.get("int4_ch"), formats.get("int4")
 LAYOUTS = ("plain", "record", "head_major")
@@ -56,15 +56,6 @@ def _clone(caches):
         base = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0).clone()
         out.append(base.as_strided(t.shape, t.stride(), t.storage_offset()))
     return out
-
-
-def _bits(t):
-    return t.contiguous().view(torch.uint8) if t.dtype == torch.uint8 else t.contiguous().view(torch.int32)
-
-
-def _assert_same(got, want, what):
-    for name, a, b in zip(("k codes", "v codes", "k words", "v words"), got, want):
-        assert torch.equal(_bits(a), _bits(b)), f"{what}: {name} differ"
 
 
 def _append_both(caches, ref, k, v, row_ids, pos, head_positions=None):
@@ -118,7 +109,7 @@ def test_append_steps_bit_identical(dim, dtype, layout):
         k = randn((len(row_ids), heads, dim), gen, dtype) * (1 + 4 * torch.rand(1, 1, dim, generator=gen)).to(dtype)
         v = randn((len(row_ids), heads, dim), gen, dtype)
         _append_both(caches, ref, k, v, torch.tensor(row_ids, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32))
-        _assert_same(caches, ref, f"step {i}")
+        assert_same_kv_bytes(caches, ref, f"step {i}")
     kd = reference.dequantize(caches[0][0, : lens[0]], caches[2][0], "int4_ch", dim)
     assert torch.isfinite(kd).all()
 
@@ -141,7 +132,7 @@ def test_append_token_order_and_large_parallel():
     k = randn((len(pos), heads, dim), gen, torch.bfloat16)
     v = randn((len(pos), heads, dim), gen, torch.bfloat16)
     _append_both(caches, ref, k, v, torch.tensor(row_ids, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32))
-    _assert_same(caches, ref, "shuffled prefill")
+    assert_same_kv_bytes(caches, ref, "shuffled prefill")
 
 
 def test_append_head_positions_bit_identical():
@@ -174,7 +165,7 @@ def test_append_head_positions_bit_identical():
             torch.zeros(len(row_ids), dtype=torch.int32),
             torch.tensor(hp, dtype=torch.int32),
         )
-        _assert_same(caches, ref, f"fill {t}")
+        assert_same_kv_bytes(caches, ref, f"fill {t}")
     for step in range(2):
         hp = [[x + step for x in head_lens[r]] for r in range(rows)]
         k = randn((rows, heads, dim), gen)
@@ -188,7 +179,7 @@ def test_append_head_positions_bit_identical():
             torch.zeros(rows, dtype=torch.int32),
             torch.tensor(hp, dtype=torch.int32),
         )
-        _assert_same(caches, ref, f"decode {step}")
+        assert_same_kv_bytes(caches, ref, f"decode {step}")
 
 
 def test_append_edge_values_bit_identical():
@@ -212,7 +203,7 @@ def test_append_edge_values_bit_identical():
             torch.zeros(b - a, dtype=torch.int32),
             torch.arange(a, b, dtype=torch.int32),
         )
-        _assert_same(caches, ref, f"tokens {a}..{b}")
+        assert_same_kv_bytes(caches, ref, f"tokens {a}..{b}")
     assert torch.isfinite(caches[2]).all()
 
 
@@ -232,7 +223,7 @@ def test_append_rejects_bad_calls_and_changes_nothing():
     # Out of range (checked before anything is written).
     with pytest.raises(ValueError):
         vattn.append_kv_raw(kc, vc, k, k, [0, 0, 0], [0, 1, 2 * g], k_scale=ks, v_scale=vs)
-    _assert_same(caches, before, "after failed calls")
+    assert_same_kv_bytes(caches, before, "after failed calls")
     # A seq that is not a multiple of the group.
     kc2 = torch.zeros(1, g + 1, heads, dim // 2, dtype=torch.uint8)
     ks2 = torch.zeros(1, g + 1, heads, 4)
@@ -405,7 +396,7 @@ def test_compact_bit_identical(dim, layout):
     reference.compact_kv(
         rk, rv, torch.tensor(sel), keep, keep_lens, k_scale=rks, v_scale=rvs, scores=ref_scores, k_format="int4_ch"
     )
-    _assert_same(caches, ref, "compact")
+    assert_same_kv_bytes(caches, ref, "compact")
     assert torch.equal(scores, ref_scores)
 
 
@@ -548,9 +539,9 @@ def test_slots_map_whole_groups_of_int4_ch_keys():
     assert cache.stats()["pages_mapped"] == -(-2 * g * cache.token_bytes // cache.page_bytes)
 
 
-def test_raw_append_whose_group_reaches_unmapped_memory_is_refused():
-    # A raw append at a mapped position re-encodes its whole group, whose parameter words reach the
-    # group's last token: when that token is not mapped, the guard refuses (no fault, no change).
+def _one_token_on_small_pages():
+    """(cache, slot, tokens mapped) of an int4 cache with 4 KiB pages whose one slot holds 1 token:
+    its first group is mapped whole, with a few tokens of slack past it."""
     cache = vattn.KVCache(
         num_layers=2, num_kv_heads=2, head_dim=64, max_batch=1, max_seq_len=128, dtype=torch.float32,
         kv_format="int4", device="cpu", page_bytes=4096,
@@ -560,7 +551,13 @@ def test_raw_append_whose_group_reaches_unmapped_memory_is_refused():
     for layer in range(2):
         vattn.append_kv(cache, layer, st, torch.randn(1, 2, 64), torch.randn(1, 2, 64))
     cache.end_step(st)
-    mapped_tokens = cache.stats()["mapped_bytes"] // cache.token_bytes
+    return cache, s, cache.stats()["mapped_bytes"] // cache.token_bytes
+
+
+def test_raw_append_whose_group_reaches_unmapped_memory_is_refused():
+    # A raw append at a mapped position re-encodes its whole group, whose parameter words reach the
+    # group's last token: when that token is not mapped, the guard refuses (no fault, no change).
+    cache, s, mapped_tokens = _one_token_on_small_pages()
     assert 32 < mapped_tokens < 63  # slack past the first group, but not the second group's end
     k, v = cache.kv(0)
     ks, vs = cache.kv_scales(0)
@@ -578,16 +575,7 @@ def test_raw_append_whose_group_reaches_unmapped_memory_is_refused():
 def test_raw_compaction_whose_group_reaches_unmapped_memory_is_refused():
     # compact_kv re-encodes kept int4_ch keys into groups whose parameter words reach each group's
     # last token: keeping 34 tokens writes words up to token 63, unmapped here, so it is refused.
-    cache = vattn.KVCache(
-        num_layers=2, num_kv_heads=2, head_dim=64, max_batch=1, max_seq_len=128, dtype=torch.float32,
-        kv_format="int4", device="cpu", page_bytes=4096,
-    )  # fmt: skip
-    s = cache.alloc()
-    st = cache.begin_step([s], [1])
-    for layer in range(2):
-        vattn.append_kv(cache, layer, st, torch.randn(1, 2, 64), torch.randn(1, 2, 64))
-    cache.end_step(st)
-    mapped_tokens = cache.stats()["mapped_bytes"] // cache.token_bytes
+    cache, s, mapped_tokens = _one_token_on_small_pages()
     assert 34 <= mapped_tokens < 63
     k, v = cache.kv(0)
     ks, vs = cache.kv_scales(0)

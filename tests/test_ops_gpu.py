@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vattn
-from helpers import Case, assert_attention_close, build, randn
+from helpers import Case, assert_attention_close, assert_same_kv_bytes, build, randn
 
 IMPLS = ["fast", "simple"]
 
@@ -180,16 +180,6 @@ def _i4_caches(rows, seq, heads, dim):
     return [kc, vc, ks, vs]
 
 
-def _i4_bits(t):
-    t = t.detach().cpu().contiguous()
-    return t if t.dtype == torch.uint8 else t.view(torch.int32)
-
-
-def _i4_same(gpu, cpu, what):
-    for name, a, b in zip(("k codes", "v codes", "k words", "v words"), gpu, cpu):
-        assert torch.equal(_i4_bits(a), _i4_bits(b)), f"{what}: {name} differ"
-
-
 def _i4_append(cpu, gpu, k, v, row_ids, pos, head_positions=None):
     kc, vc, ks, vs = cpu
     vattn.append_kv_raw(kc, vc, k, v, row_ids, pos, k_scale=ks, v_scale=vs, head_positions=head_positions)
@@ -242,13 +232,13 @@ def test_int4_ch_append_bit_identical_to_cpu(dim, dtype):
         k = randn((len(pos), heads, dim), gen, dtype) * (1 + 4 * torch.rand(1, 1, dim, generator=gen)).to(dtype)
         v = randn((len(pos), heads, dim), gen, dtype)
         _i4_append(cpu, gpu, k, v, torch.tensor(row_ids, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32))
-        _i4_same(gpu, cpu, f"step {i}")
+        assert_same_kv_bytes(gpu, cpu, f"step {i}")
     # Per-head positions (heads of a row at different lengths), two decode steps.
     for step in range(2):
         hp = torch.tensor([[lens[r] + step + h for h in range(heads)] for r in range(rows)], dtype=torch.int32)
         k = randn((rows, heads, dim), gen, dtype)
         _i4_append(cpu, gpu, k, k, torch.arange(rows, dtype=torch.int32), torch.zeros(rows, dtype=torch.int32), hp)
-        _i4_same(gpu, cpu, f"head positions {step}")
+        assert_same_kv_bytes(gpu, cpu, f"head positions {step}")
 
 
 @pytest.mark.gpu
@@ -266,7 +256,7 @@ def test_int4_ch_append_edge_values_and_rejects():
         _i4_append(
             cpu, gpu, x[a:b], x[a:b], torch.zeros(b - a, dtype=torch.int32), torch.arange(a, b, dtype=torch.int32)
         )
-        _i4_same(gpu, cpu, f"tokens {a}..{b}")
+        assert_same_kv_bytes(gpu, cpu, f"tokens {a}..{b}")
     # A seq that is not a multiple of the group: rejected on the host.
     kc = torch.zeros(1, g + 1, heads, dim // 2, dtype=torch.uint8, device="cuda")
     ks = torch.zeros(1, g + 1, heads, 4, device="cuda")
@@ -389,7 +379,7 @@ def test_int4_ch_compact_bit_identical_to_cpu(dim):
     kc, vc, ks, vs = gpu
     vattn.compact_kv(kc, vc, torch.tensor(sel, dtype=torch.int32, device="cuda"), keep.cuda(), keep_lens.cuda(),
                      k_scale=ks, v_scale=vs, scores=s_gpu)  # fmt: skip
-    _i4_same(gpu, cpu, "compact")
+    assert_same_kv_bytes(gpu, cpu, "compact")
     assert torch.equal(s_gpu.cpu(), scores)
 
 
