@@ -163,6 +163,16 @@ void bind_memory(py::module_& m) {
           },
           py::arg("addrs_ptr"), py::arg("n"), py::arg("span"), release(),
           "first i whose [addrs[i], addrs[i] + span) (addrs: int64 host array) is not mapped, or -1")
+      .def("share", &CacheManager::share, py::arg("src"), py::arg("dst"), py::arg("length"), py::arg("region_tokens"),
+           py::arg("share_tokens"), py::arg("stream") = 0, release(),
+           "Prefix sharing: empty dst gets length tokens (region_tokens[r] in region r) of src; the pages wholly "
+           "inside share_tokens[r] are src's pages mapped again, the rest private copies")
+      .def("make_private", &CacheManager::make_private, py::arg("slot"), py::arg("from_tokens"), py::arg("stream") = 0,
+           release(),
+           "Copy-on-write: shared pages of slot from token from_tokens[r] of region r on get private copies; "
+           "returns the shared pages the slot still maps")
+      .def("shared_pages", &CacheManager::shared_pages, py::arg("slot"), release(),
+           "Pages of slot that are mapped in another slot too")
       .def("wait_background_idle", &CacheManager::wait_background_idle, release())
       .def("synchronize", &CacheManager::synchronize, release())
       .def("_inject_failure", &CacheManager::inject_failure, py::arg("kind"), py::arg("n"), release(),
@@ -195,6 +205,8 @@ void bind_memory(py::module_& m) {
              d["guard_bytes"] = s.guard_bytes;
              d["scrubbed_bytes"] = s.scrubbed_bytes;
              d["pages_pending"] = s.pages_pending;
+             d["pages_shared"] = s.pages_shared;
+             d["shared_mappings"] = s.shared_mappings;
              return d;
            })
       .def_property_readonly("page_bytes", &CacheManager::page_bytes)

@@ -120,7 +120,9 @@ CacheManager::~CacheManager() {
   }
   for (Slot& s : slots_) {
     for (auto& region_pages : s.pages) {
-      for (PageHandle h : region_pages) pool_->destroy(h);
+      for (PageHandle h : region_pages) {
+        if (drop_ref(h)) pool_->destroy(h);  // a shared page once, with its last mapping
+      }
     }
   }
   if (guard_page_mapped_) backend_->destroy_page(guard_page_);
@@ -235,7 +237,32 @@ void CacheManager::note_change() {
   if (worker_.joinable()) work_cv_.notify_one();
 }
 
-void CacheManager::update_peak() { peak_mapped_bytes_ = std::max<uint64_t>(peak_mapped_bytes_, mapped_pages_ * page_); }
+void CacheManager::update_peak() {
+  peak_mapped_bytes_ = std::max<uint64_t>(peak_mapped_bytes_, (mapped_pages_ - shared_extra_) * page_);
+}
+
+size_t CacheManager::first_written_page(int64_t tokens) const {
+  const int64_t a = geom_.align_tokens;
+  const int64_t start = tokens / a * a;  // a write re-encodes its whole group (int4_ch keys)
+  return static_cast<size_t>(start) * static_cast<size_t>(region_token_bytes_) / page_;
+}
+
+size_t CacheManager::slot_shared_pages(const Slot& s) const {
+  if (refs_.empty()) return 0;
+  size_t n = 0;
+  for (const auto& region_pages : s.pages) {
+    for (PageHandle h : region_pages) n += is_shared(h) ? 1 : 0;
+  }
+  return n;
+}
+
+bool CacheManager::drop_ref(PageHandle h) {
+  auto it = refs_.find(h);
+  if (it == refs_.end()) return true;
+  --shared_extra_;
+  if (--it->second == 1) refs_.erase(it);
+  return false;
+}
 
 void CacheManager::scrub(const std::vector<PhysicalBackend::Range>& ranges, uintptr_t stream, bool wait) {
   for (const auto& r : ranges) {
@@ -256,6 +283,7 @@ void CacheManager::unmap_pages(int64_t slot, const std::vector<size_t>& drop, st
   for (size_t r = 0; r < regions_.size(); ++r) {
     const size_t first = s.pages[r].size() - drop[r];
     for (size_t j = first; j < s.pages[r].size(); ++j) {
+      if (!drop_ref(s.pages[r][j])) continue;  // still mapped in another slot
       if (out) out->push_back(s.pages[r][j]);
       if (stolen) stolen->push_back(Taken{s.pages[r][j], 2, slot, r, j, true});
     }
@@ -408,6 +436,15 @@ int64_t CacheManager::alloc(uintptr_t stream) {
 void CacheManager::free(int64_t slot) {
   std::lock_guard<std::mutex> lk(mu_);
   Slot& s = live_slot(slot);
+  if (slot_shared_pages(s) > 0) {
+    // Idle slots hold only private pages (their pages are handed to the next request as they are):
+    // a slot that shares pages gives back all of its mappings now (shared ones lose a reference).
+    std::vector<size_t> drop(regions_.size());
+    for (size_t r = 0; r < drop.size(); ++r) drop[r] = s.pages[r].size();
+    std::vector<PageHandle> pages;
+    unmap_pages(slot, drop, &pages, nullptr);
+    for (PageHandle h : pages) pool_->release(h, true);
+  }
   s.live = false;
   s.length = 0;
   s.target = 0;
@@ -712,6 +749,189 @@ int64_t CacheManager::first_unmapped(const int64_t* addrs, int64_t n, int64_t sp
   return -1;
 }
 
+// ---------------------------------------------------------------- prefix sharing
+
+void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::vector<int64_t>& region_tokens,
+                         const std::vector<int64_t>& share_tokens, uintptr_t stream) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Slot& a = live_slot(src);
+  Slot& b = live_slot(dst);
+  if (src == dst) throw std::invalid_argument("vattn: share: source and destination are the same slot");
+  if (b.length != 0) {
+    throw std::invalid_argument("vattn: share: destination slot " + std::to_string(dst) + " stores " +
+                                std::to_string(b.length) + " tokens; it must be empty");
+  }
+  const size_t R = regions_.size();
+  if (region_tokens.size() != R || share_tokens.size() != R) {
+    throw std::invalid_argument("vattn: share needs one token count per region (" + std::to_string(R) + ")");
+  }
+  if (length < 0 || length > a.length) {
+    throw std::invalid_argument("vattn: share: length " + std::to_string(length) + " must be in [0, " +
+                                std::to_string(a.length) + "] (the tokens of slot " + std::to_string(src) + ")");
+  }
+  std::vector<size_t> nshare(R), ntotal(R);
+  size_t copies = 0;
+  for (size_t r = 0; r < R; ++r) {
+    const int64_t stored = a.length - a.deficit[r];
+    if (region_tokens[r] < 0 || region_tokens[r] > std::min(length, stored)) {
+      throw std::invalid_argument(
+          "vattn: share: region " + std::to_string(r) + " cannot take " + std::to_string(region_tokens[r]) +
+          " tokens: must be in [0, min(length=" + std::to_string(length) + ", stored=" + std::to_string(stored) + ")]");
+    }
+    if (share_tokens[r] < 0 || share_tokens[r] > region_tokens[r]) {
+      throw std::invalid_argument("vattn: share: region " + std::to_string(r) + " cannot share " +
+                                  std::to_string(share_tokens[r]) + " of its " + std::to_string(region_tokens[r]) +
+                                  " tokens");
+    }
+    ntotal[r] = pages_for(region_tokens[r]);
+    nshare[r] = std::min(first_written_page(share_tokens[r]), ntotal[r]);
+    if (a.pages[r].size() < ntotal[r]) throw std::logic_error("vattn: share: source pages missing");
+    copies += ntotal[r] - nshare[r];
+  }
+  // dst stores nothing: its idle pages go to the pool (it gets src's page layout instead).
+  if (b.mapped > 0) {
+    std::vector<size_t> drop(R);
+    for (size_t r = 0; r < R; ++r) drop[r] = b.pages[r].size();
+    std::vector<PageHandle> pages;
+    unmap_pages(dst, drop, &pages, nullptr);
+    for (PageHandle h : pages) pool_->release(h, true);
+  }
+  std::vector<Taken> taken;
+  std::vector<char> protect(slots_.size(), 0);
+  protect[static_cast<size_t>(src)] = protect[static_cast<size_t>(dst)] = 1;
+  try {
+    take_pages(copies, taken, /*allow_steal=*/true, protect);
+    size_t next = 0;
+    std::vector<PageHandle> run;
+    for (size_t r = 0; r < R; ++r) {
+      if (nshare[r] > 0) {
+        backend_->map(page_addr(r, dst, 0), a.pages[r].data(), nshare[r]);
+        b.pages[r].assign(a.pages[r].begin(), a.pages[r].begin() + static_cast<std::ptrdiff_t>(nshare[r]));
+      }
+      const size_t k = ntotal[r] - nshare[r];
+      if (k == 0) continue;
+      run.clear();
+      for (size_t j = 0; j < k; ++j) run.push_back(taken[next + j].page);
+      backend_->map(page_addr(r, dst, nshare[r]), run.data(), k);
+      b.pages[r].insert(b.pages[r].end(), run.begin(), run.end());
+      next += k;
+    }
+    // Whole pages: the partly filled one (and, for a group or an evicted region, what lies past the
+    // shared part) holds the same bytes in dst as in src.
+    for (size_t r = 0; r < R; ++r) {
+      const size_t k = ntotal[r] - nshare[r];
+      if (k > 0) backend_->copy(page_addr(r, dst, nshare[r]), page_addr(r, src, nshare[r]), k * page_, stream, false);
+    }
+    if (copies > 0) backend_->record_use(stream);  // an unmap of either slot waits for the copies
+  } catch (...) {
+    std::vector<PhysicalBackend::Range> ranges;
+    for (size_t r = 0; r < R; ++r) {
+      if (!b.pages[r].empty()) ranges.push_back({page_addr(r, dst, 0), b.pages[r].size() * page_});
+      b.pages[r].clear();
+    }
+    try {
+      backend_->unmap(ranges.data(), ranges.size());
+    } catch (...) {}
+    undo(taken);
+    throw;
+  }
+  size_t total = 0;
+  for (size_t r = 0; r < R; ++r) {
+    for (size_t j = 0; j < nshare[r]; ++j) {
+      auto it = refs_.find(a.pages[r][j]);
+      if (it == refs_.end())
+        refs_.emplace(a.pages[r][j], 2u);
+      else
+        ++it->second;
+      ++shared_extra_;
+    }
+    total += b.pages[r].size();
+    b.deficit[r] = length - region_tokens[r];
+  }
+  b.mapped = total;
+  mapped_pages_ += total;
+  b.length = length;
+  b.target = length;
+  b.dirty = false;
+  update_peak();
+  note_change();
+}
+
+int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Slot& s = live_slot(slot);
+  const size_t R = regions_.size();
+  if (from_tokens.size() != R) {
+    throw std::invalid_argument("vattn: make_private needs one token count per region (" + std::to_string(R) + ")");
+  }
+  std::vector<std::pair<size_t, size_t>> todo;  // (region, page index)
+  for (size_t r = 0; r < R; ++r) {
+    if (from_tokens[r] < 0) throw std::invalid_argument("vattn: make_private: token counts must be >= 0");
+    if (refs_.empty()) break;
+    for (size_t j = first_written_page(from_tokens[r]); j < s.pages[r].size(); ++j) {
+      if (is_shared(s.pages[r][j])) todo.push_back({r, j});
+    }
+  }
+  if (todo.empty()) return static_cast<int64_t>(slot_shared_pages(s));
+  const size_t n = todo.size();
+  // The copies are made in a scratch range first: the slot's own address holds the shared page
+  // until the copy is complete.
+  VirtualBuffer scratch(*backend_, n * page_);
+  std::vector<Taken> taken;
+  std::vector<char> protect(slots_.size(), 0);
+  protect[static_cast<size_t>(slot)] = 1;
+  std::vector<PageHandle> fresh;
+  try {
+    take_pages(n, taken, /*allow_steal=*/true, protect);
+    for (const Taken& t : taken) fresh.push_back(t.page);
+    backend_->map(scratch.base(), fresh.data(), n);
+  } catch (...) {
+    undo(taken);
+    throw;
+  }
+  const PhysicalBackend::Range all{scratch.base(), n * page_};
+  size_t done = 0;
+  try {
+    for (size_t i = 0; i < n; ++i) {
+      backend_->copy(scratch.base() + i * page_, page_addr(todo[i].first, slot, todo[i].second), page_, stream, false);
+    }
+    backend_->record_use(stream);  // the unmaps below wait for the copies
+    for (; done < n; ++done) {
+      const size_t r = todo[done].first, j = todo[done].second;
+      const PhysicalBackend::Range one{page_addr(r, slot, j), page_};
+      backend_->unmap(&one, 1);
+      try {
+        backend_->map(one.addr, fresh[done]);
+      } catch (...) {
+        try {
+          backend_->map(one.addr, s.pages[r][j]);  // the shared page goes back where it was
+        } catch (...) {}
+        throw;
+      }
+      drop_ref(s.pages[r][j]);  // still mapped in the slot(s) it was shared with
+      s.pages[r][j] = fresh[done];
+    }
+  } catch (...) {
+    try {
+      backend_->unmap(&all, 1);
+    } catch (...) {}
+    std::vector<Taken> unused(taken.begin() + static_cast<std::ptrdiff_t>(done), taken.end());
+    undo(unused);
+    throw;
+  }
+  try {
+    backend_->unmap(&all, 1);
+  } catch (...) {}
+  note_change();
+  return static_cast<int64_t>(slot_shared_pages(s));
+}
+
+int64_t CacheManager::shared_pages(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  return static_cast<int64_t>(slot_shared_pages(slots_[static_cast<size_t>(slot)]));
+}
+
 // ---------------------------------------------------------------- introspection
 
 Stats CacheManager::stats() const {
@@ -719,7 +939,7 @@ Stats CacheManager::stats() const {
   Stats st;
   for (const auto& r : regions_) st.reserved_bytes += r->bytes();
   st.page_bytes = page_;
-  st.pages_mapped = mapped_pages_;
+  st.pages_mapped = mapped_pages_ - shared_extra_;  // physical pages, a shared one once
   st.mapped_bytes = st.pages_mapped * page_;
   st.pages_pooled = pool_->pooled();
   st.pages_created = pool_->created();
@@ -732,7 +952,7 @@ Stats CacheManager::stats() const {
     ++st.live_slots;
   }
   st.used_bytes = tokens * static_cast<uint64_t>(geom_.token_bytes());
-  st.live_mapped_bytes = live_pages * page_;
+  st.live_mapped_bytes = (live_pages - shared_extra_) * page_;  // shared pages are all in live slots
   st.idle_bytes = idle_pages() * page_;
   st.resident_bytes = backend_->resident_bytes();
   st.peak_mapped_bytes = peak_mapped_bytes_;
@@ -744,6 +964,8 @@ Stats CacheManager::stats() const {
   st.guard_bytes = guard_page_mapped_ ? page_ : 0;
   st.scrubbed_bytes = scrubbed_bytes_;
   st.pages_pending = pool_->pending();
+  st.pages_shared = refs_.size();
+  st.shared_mappings = shared_extra_;
   return st;
 }
 

@@ -35,6 +35,15 @@
 // at mapped memory whatever slot 0 holds (torch asks the CUDA driver about a view's first
 // address). On the host the guard is the reservation's read-only zero memory, which suffices.
 //
+// Prefix sharing (share, make_private): one physical page may be mapped into several slots at the
+// same offset (fork, share_prefix: the full pages of a request's prefix are mapped again, not
+// copied). Such pages are reference-counted by their mappings: unmapping one mapping (shrink,
+// eviction, free) releases the page only when it was the last. Nothing the manager or the library
+// writes goes into a shared page: the page the next token lands in is always private (share copies
+// the partly filled page), and the caller asks make_private before any write below a slot's end
+// (a shrink followed by appends, compaction). A freed slot unmaps every page it shared, so idle
+// slots hold only private pages and page reuse (alloc, stealing) never reaches a shared one.
+//
 // Scrubbing (scrub_freed): pages that held a request's tokens are zeroed before another request
 // can see them: a freed slot's pages when alloc hands the slot out again, and pooled or stolen
 // pages when they are mapped into a slot (on CUDA also fresh pages: cuMemCreate does not zero).
@@ -45,6 +54,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "memory/backend.h"
@@ -105,9 +115,11 @@ struct Stats {
   uint64_t peak_mapped_bytes = 0;
   uint64_t live_slots = 0;
   uint64_t map_calls = 0, unmap_calls = 0, create_calls = 0, destroy_calls = 0;  // pages
-  uint64_t guard_bytes = 0;     // the guard page (mapped at every region's guard), outside the cap
-  uint64_t scrubbed_bytes = 0;  // zeroed by scrub_freed so far
-  uint64_t pages_pending = 0;   // being created by the background thread
+  uint64_t guard_bytes = 0;      // the guard page (mapped at every region's guard), outside the cap
+  uint64_t scrubbed_bytes = 0;   // zeroed by scrub_freed so far
+  uint64_t pages_pending = 0;    // being created by the background thread
+  uint64_t pages_shared = 0;     // physical pages mapped into more than one slot (counted once above)
+  uint64_t shared_mappings = 0;  // mappings beyond the first of those pages: memory sharing saves
 };
 
 class CacheManager {
@@ -153,6 +165,23 @@ class CacheManager {
   // mapped pages of one slot of one region, or -1 when all are. Lets the raw ops refuse a write
   // into an unmapped (read-only) part of the cache instead of faulting.
   int64_t first_unmapped(const int64_t* addrs, int64_t n, int64_t span) const;
+
+  // Prefix sharing. dst (live, storing nothing) becomes a slot of `length` tokens whose region r
+  // stores region_tokens[r] tokens (<= length and <= what src stores there). The pages of region
+  // r wholly inside its first share_tokens[r] tokens (<= region_tokens[r]; rounded down to whole
+  // groups of align_tokens) are src's physical pages mapped again; the rest, up to the pages
+  // region_tokens[r] needs, are private copies of src's pages (copied on `stream`). dst's idle
+  // pages are unmapped first. All checks first; on failure dst stores nothing and src is untouched.
+  void share(int64_t src, int64_t dst, int64_t length, const std::vector<int64_t>& region_tokens,
+             const std::vector<int64_t>& share_tokens, uintptr_t stream);
+  // Copy-on-write before writing into a slot below its end: every page of region r from the one
+  // holding token from_tokens[r] (rounded down to a whole group) on that is shared with another
+  // slot is replaced by a private copy. Returns how many shared pages the slot still maps (those
+  // below from_tokens). A failure (no memory) leaves every page mapped as it was, except copies
+  // already made (they hold the same bytes).
+  int64_t make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream);
+  // Pages of slot that are mapped in some other slot too.
+  int64_t shared_pages(int64_t slot) const;
 
   Stats stats() const;
   const Geometry& geometry() const { return geom_; }
@@ -225,6 +254,13 @@ class CacheManager {
   bool worker_map_ahead();
   size_t worker_pool_target() const;
   void scrub(const std::vector<PhysicalBackend::Range>& ranges, uintptr_t stream, bool wait);
+  // First page index of a region at or after which writes from token `tokens` on may land (the
+  // page holding the start of its group).
+  size_t first_written_page(int64_t tokens) const;
+  bool is_shared(PageHandle h) const { return refs_.find(h) != refs_.end(); }
+  size_t slot_shared_pages(const Slot& s) const;
+  // One mapping of h went away: false if h is still mapped elsewhere (not to be released).
+  bool drop_ref(PageHandle h);
 
   std::unique_ptr<PhysicalBackend> backend_;
   Geometry geom_;
@@ -236,7 +272,11 @@ class CacheManager {
   std::vector<std::unique_ptr<VirtualBuffer>> regions_;
   std::unique_ptr<PagePool> pool_;
   std::vector<Slot> slots_;
-  size_t mapped_pages_ = 0;  // over all slots and regions
+  size_t mapped_pages_ = 0;  // mappings over all slots and regions (a shared page counts per mapping)
+  // Mappings of each page mapped into more than one slot (absent: one); shared_extra_ = sum of
+  // (count - 1), so physical pages mapped = mapped_pages_ - shared_extra_.
+  std::unordered_map<PageHandle, uint32_t> refs_;
+  size_t shared_extra_ = 0;
   uint64_t peak_mapped_bytes_ = 0;
   uint64_t scrubbed_bytes_ = 0;
   PageHandle guard_page_ = 0;

@@ -38,6 +38,7 @@ struct DriverApi {
   decltype(&::cuMemUnmap) mem_unmap = nullptr;
   decltype(&::cuMemSetAccess) mem_set_access = nullptr;
   decltype(&::cuMemsetD8Async) memset_d8_async = nullptr;
+  decltype(&::cuMemcpyDtoDAsync) memcpy_dtod_async = nullptr;
   decltype(&::cuEventCreate) event_create = nullptr;
   decltype(&::cuEventRecord) event_record = nullptr;
   decltype(&::cuEventSynchronize) event_synchronize = nullptr;
@@ -114,6 +115,7 @@ DriverApi load_api() {
   resolve("cuMemUnmap", a.mem_unmap);
   resolve("cuMemSetAccess", a.mem_set_access);
   resolve("cuMemsetD8Async", a.memset_d8_async);
+  resolve("cuMemcpyDtoDAsync", a.memcpy_dtod_async);
   resolve("cuEventCreate", a.event_create);
   resolve("cuEventRecord", a.event_record);
   resolve("cuEventSynchronize", a.event_synchronize);
@@ -326,6 +328,25 @@ void CudaBackend::zero(uintptr_t addr, size_t bytes, uintptr_t stream, bool wait
   }
   // Ordered before every later kernel on the caller's stream: no host wait.
   check(api_, api_.memset_d8_async(static_cast<CUdeviceptr>(addr), 0, bytes, s), "cuMemsetD8Async");
+}
+
+void CudaBackend::copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream, bool wait) {
+  CtxScope scope(api_, ctx_);
+  CUstream s = reinterpret_cast<CUstream>(stream);
+  // A copy recorded into a graph would run at replay, long after the mapping it was made for.
+  if (capturing(api_, s))
+    throw std::runtime_error("vattn: cannot copy a shared page while a CUDA graph is being captured");
+  const auto d = static_cast<CUdeviceptr>(dst), from = static_cast<CUdeviceptr>(src);
+  if (wait) {
+    if (zero_stream_ == nullptr)
+      check(api_, api_.stream_create(&zero_stream_, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+    check(api_, api_.stream_synchronize(s), "cuStreamSynchronize");  // the writes of src before the copy
+    check(api_, api_.memcpy_dtod_async(d, from, bytes, zero_stream_), "cuMemcpyDtoDAsync");
+    check(api_, api_.stream_synchronize(zero_stream_), "cuStreamSynchronize");
+    return;
+  }
+  // Ordered after the caller's writes of src and before its later work on the same stream.
+  check(api_, api_.memcpy_dtod_async(d, from, bytes, s), "cuMemcpyDtoDAsync");
 }
 
 uintptr_t CudaBackend::do_reserve(size_t bytes) {

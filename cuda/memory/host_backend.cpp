@@ -135,6 +135,10 @@ void HostBackend::zero(uintptr_t addr, size_t bytes, uintptr_t, bool) {
   std::memset(reinterpret_cast<void*>(addr), 0, bytes);
 }
 
+void HostBackend::copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t, bool) {
+  std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
+}
+
 void HostBackend::do_unmap(uintptr_t addr, size_t bytes) {
   // Mapping the reservation's read-only zero memory back (instead of munmap) keeps the address
   // range ours, so no other allocation can land inside the cache, and reads there stay safe.

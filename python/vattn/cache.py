@@ -344,6 +344,7 @@ class KVCache:
         # same scale (q . k - q . mean is unchanged), so wide channels no longer set every key's step.
         self._key_scales = torch.ones(shape, device=dev) if smooth else None
         self._mean_set = np.zeros((self.max_batch, self.num_layers), dtype=bool)
+        self._shared: set = set()  # slots that may map pages shared with another slot (fork)
         self._quest_meta: Optional[List[torch.Tensor]] = None  # per layer (enable_quest)
         self.quest_block = 0
         self._trusted_positions: set = set()  # positions.data_ptr() of open steps (see _guard)
@@ -367,6 +368,7 @@ class KVCache:
             self._no_open_step(slot, "free")
             self._record_use()
             self._m.free(slot)
+            self._shared.discard(slot)
             self._set_lengths({slot: 0})
             self._deficit.pop(slot, None)
             self._logical[slot] = 0
@@ -453,6 +455,10 @@ class KVCache:
                 raise ValueError(f"slot {s} holds {length} tokens; {n} more exceed max_seq_len={self.max_seq_len}")
             start.append(length)
             ends.append(length + n)
+        if self._shared:  # copy-on-write: the step writes from each head's stored length on
+            for s in slots:
+                if s in self._shared:
+                    self._unshare(s, self._head_lengths_np(s))
         if self._cuda_scrub:  # scrubbing of reused pages goes on the current stream
             m.reserve(slots, ends, torch.cuda.current_stream(self.device).cuda_stream)
         else:
@@ -714,6 +720,12 @@ class KVCache:
                 rising = keep[..., 1:] > keep[..., :-1]
                 if bool((~rising & valid[..., 1:]).any()):
                     raise ValueError("compact: kept indices must be strictly increasing per (slot, layer, head)")
+            if self._shared:  # the gather rewrites each head from its first dropped token on
+                for i, s in enumerate(slots):
+                    if s in self._shared:
+                        same = keep[i] == torch.arange(kmax)
+                        lead = (same & valid[i]).int().cumprod(-1).sum(-1)  # [L, H] tokens left in place
+                        self._unshare(s, lead.numpy().astype(np.int32))
             rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
             keep_dev = keep.to(self.device, torch.int32)
             lens_dev = keep_lens.to(self.device, torch.int32)
@@ -743,6 +755,107 @@ class KVCache:
                 self._set_deficit(s, new_len, heads_after[i])
             if self._quest_meta is not None:  # tokens moved: every block of these slots changed
                 self._quest_refresh(slots)
+
+    # ------------------------------------------------------------------ prefix sharing
+
+    def fork(self, slot: int) -> int:
+        """A new slot holding exactly what `slot` holds (same lengths, per-head lengths, positions,
+        key statistics, scores and Quest metadata) that shares its physical pages: every full page
+        is mapped again, not copied; only the partly filled last page (group) is copied, so later
+        appends to either slot never touch a shared page. O(pages) map calls. A shared page is
+        released only when its last slot lets go of it (shrink, compact, free); a write below a
+        slot's end (after shrink or compact) first gives that slot a private copy. stats() counts a
+        shared page once (pages_shared, shared_mappings). Raw writes through kv() views or the torch
+        ops on the cache's tensors bypass this and reach every slot that shares the page. All or
+        nothing (MemoryError, RuntimeError when no slot is free). Not while slot has an open step."""
+        with self._lock:
+            slot = self._live(slot)
+            self._no_open_step(slot, "fork")
+            heads = self._head_lengths_np(slot)
+            length = self._lengths_host[slot]
+            new = self.alloc()
+            try:
+                self._m.share(
+                    slot,
+                    new,
+                    length,
+                    list(self._m.region_tokens(slot)),
+                    self._region_min_tokens(heads),
+                    self._stream(),
+                )
+            except BaseException:
+                self._m.free(new)
+                raise
+            self._copy_slot_state(slot, new, length, heads)
+            self._logical[new] = self._logical[slot]
+            if self._quest_meta is not None:
+                for meta in self._quest_meta:
+                    meta[new] = meta[slot]
+            self._shared.update((slot, new))
+            return new
+
+    def share_prefix(self, src: int, dst: int, n: int) -> None:
+        """dst (a live slot that stores nothing) starts with the first n tokens of src: the pages
+        wholly inside them are src's pages mapped again, the remainder is copied. src must not have
+        been compacted (its stored tokens must be its positions). See fork() for how shared pages
+        behave. All or nothing."""
+        n = _int(n, "n")
+        with self._lock:
+            src, dst = self._live(src), self._live(dst)
+            if src == dst:
+                raise ValueError("share_prefix: src and dst are the same slot")
+            self._no_open_step(src, "share_prefix from")
+            self._no_open_step(dst, "share_prefix into")
+            if self._lengths_host[dst] != 0:
+                raise ValueError(f"share_prefix: slot {dst} stores {self._lengths_host[dst]} tokens; it must be empty")
+            length = self._lengths_host[src]
+            if not 0 <= n <= length:
+                raise ValueError(f"share_prefix: n={n} must be in [0, length of slot {src}={length}]")
+            if src in self._deficit or self._logical[src] != length:
+                raise ValueError(
+                    f"share_prefix: slot {src} was compacted (it stores {length} of {self._logical[src]} "
+                    "positions), so its first n stored tokens are not a prefix; use fork()"
+                )
+            regions = [n] * self._m.num_regions
+            self._m.share(src, dst, n, regions, regions, self._stream())
+            heads = np.full((self.num_layers, self.num_kv_heads), n, dtype=np.int32)
+            self._copy_slot_state(src, dst, n, heads)
+            self._logical[dst] = n
+            if self._scores is not None:
+                self._scores[dst, :, :, n:] = 0.0
+            if self._quest_meta is not None and n:
+                self._quest_refresh([dst])  # the last block may be partial: from dst's own keys
+            self._shared.update((src, dst))
+
+    def shared_pages(self, slot: int) -> int:
+        """Pages of slot that are mapped into another slot too (fork, share_prefix)."""
+        with self._lock:
+            return int(self._m.shared_pages(self._index(slot)))
+
+    def _copy_slot_state(self, src: int, dst: int, length: int, heads: np.ndarray) -> None:
+        self._set_lengths({dst: length})
+        self._set_deficit(dst, length, heads)
+        if self._key_means is not None:
+            self._key_means[dst] = self._key_means[src]
+            self._key_scales[dst] = self._key_scales[src]
+            self._mean_set[dst] = self._mean_set[src]
+        if self._scores is not None:
+            self._scores[dst] = self._scores[src]
+
+    def _region_min_tokens(self, heads: np.ndarray) -> List[int]:
+        """Per manager region, the tokens every head of it stores (the shortest head): writes to the
+        region (appends, compaction) land at or beyond them."""
+        if self.layout == "token_major":
+            return [int(heads.min())]
+        return np.repeat(heads.min(axis=1).astype(np.int64), 2).tolist()
+
+    def _unshare(self, slot: int, from_heads: np.ndarray) -> None:
+        """Copy-on-write: private copies of the shared pages of slot that writes from per-(layer,
+        head) token from_heads on may touch."""
+        if slot in self._shared:
+            left = self._m.make_private(slot, self._region_min_tokens(from_heads), self._stream())
+            if left == 0:
+                self._shared.discard(slot)
 
     def _region_tokens(self, heads: np.ndarray) -> List[int]:
         """Tokens each manager region must keep for per-(layer, kv head) stored counts [L, H]:

@@ -1,0 +1,349 @@
+"""Prefix sharing by aliasing physical pages (issue 13): KVCache.fork / share_prefix map a request's
+full pages into another slot instead of copying them, pages are reference-counted by their
+mappings, and every write below a slot's end (appends after shrink, compaction) first gives the
+writer a private copy.
+
+The strongest check is a replay: random sequences of appends, forks, prefix shares, shrinks,
+compactions and frees run on one cache, and every live slot must then hold exactly what a fresh
+cache holds after replaying that slot's own history (its ancestors' operations up to each fork,
+then its own) with no sharing at all. Memory is measured (mapped / resident bytes), not inferred."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import vattn
+
+L, H, D = 2, 2, 64
+PAGE = 4096
+
+
+def make(layout="token_major", kv_format="auto", device="cpu", max_batch=6, max_seq_len=512, **kw):
+    if device == "cpu":
+        kw.setdefault("page_bytes", PAGE)
+    kw.setdefault("reclaim_watermark_bytes", 0)
+    return vattn.KVCache(
+        num_layers=L,
+        num_kv_heads=H,
+        head_dim=D,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        dtype=torch.float32,
+        kv_format=kv_format,
+        layout=layout,
+        device=device,
+        **kw,
+    )
+
+
+def append(cache, slot, kvs):
+    """One step of len(kvs[0][0]) tokens for slot; kvs: per layer (k, v)."""
+    n = kvs[0][0].shape[0]
+    st = cache.begin_step([slot], [n])
+    for layer, (k, v) in enumerate(kvs):
+        vattn.append_kv(cache, layer, st, k.to(cache.device), v.to(cache.device))
+    cache.end_step(st)
+
+
+def chunk(rng: torch.Generator, n: int):
+    return [(torch.randn(n, H, D, generator=rng), torch.randn(n, H, D, generator=rng)) for _ in range(L)]
+
+
+def content(cache, slot):
+    """What a slot stores: per-(layer, head) lengths, position, and the dequantized K / V of every
+    head up to its own length."""
+    heads = cache.head_lengths(slot)
+    out = {"heads": heads.clone(), "position": cache.position(slot), "length": cache.length(slot), "kv": []}
+    for layer in range(L):
+        k, v = cache.kv(layer, dequantize=True)
+        for h in range(H):
+            n = int(heads[layer, h])
+            out["kv"].append((k[slot, :n, h].cpu().clone(), v[slot, :n, h].cpu().clone()))
+    return out
+
+
+def assert_same_content(got, want, what):
+    assert torch.equal(got["heads"], want["heads"]), f"{what}: head lengths {got['heads']} != {want['heads']}"
+    assert got["position"] == want["position"] and got["length"] == want["length"], what
+    for i, ((kg, vg), (kw, vw)) in enumerate(zip(got["kv"], want["kv"])):
+        assert torch.equal(kg, kw), f"{what}: K of (layer, head) #{i} differs"
+        assert torch.equal(vg, vw), f"{what}: V of (layer, head) #{i} differs"
+
+
+def random_keep(r: random.Random, heads: torch.Tensor):
+    """A random compaction of each (layer, head): keep a random subset (order preserved)."""
+    kmax = int(heads.max())
+    keep = torch.zeros((1, L, H, max(kmax, 1)), dtype=torch.int64)
+    lens = torch.zeros((1, L, H), dtype=torch.int64)
+    for layer in range(L):
+        for h in range(H):
+            n = int(heads[layer, h])
+            m = r.randint(0, n)
+            idx = sorted(r.sample(range(n), m))
+            keep[0, layer, h, :m] = torch.tensor(idx, dtype=torch.int64)
+            lens[0, layer, h] = m
+    return keep, lens
+
+
+def replay(history, layout, kv_format, device):
+    c = make(layout, kv_format, device=device, max_batch=1)
+    s = c.alloc()
+    for op in history:
+        if op[0] == "append":
+            append(c, s, op[1])
+        elif op[0] == "shrink":
+            c.shrink(s, op[1])
+        elif op[0] == "compact":
+            c.compact([s], op[1], op[2])
+    out = content(c, s)
+    c.close()
+    return out
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "int8", "int4"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_sharing_matches_replay(layout, kv_format, seed):
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    c = make(layout, kv_format)
+    hist = {}
+    s = c.alloc()
+    hist[s] = []
+    for _ in range(24):
+        live = list(hist)
+        op = r.choice(["append", "append", "fork", "share", "shrink", "compact", "free"])
+        s = r.choice(live)
+        n = c.length(s)
+        if op == "append" and n < 400:
+            kv = chunk(g, r.choice([1, 1, 3, 17, 40]))
+            append(c, s, kv)
+            hist[s].append(("append", kv))
+        elif op == "fork" and len(live) < c.max_batch:
+            t = c.fork(s)
+            hist[t] = list(hist[s])
+        elif op == "share" and len(live) < c.max_batch and all(o[0] != "compact" for o in hist[s]):
+            if c.position(s) != n:
+                continue
+            m = r.randint(0, n)
+            t = c.alloc()
+            c.share_prefix(s, t, m)
+            hist[t] = list(hist[s]) + [("shrink", m)]
+        elif op == "shrink" and n:
+            m = r.randint(0, n)
+            c.shrink(s, m)
+            hist[s].append(("shrink", m))
+        elif op == "compact" and n:
+            keep, lens = random_keep(r, c.head_lengths(s))
+            c.compact([s], keep, lens)
+            hist[s].append(("compact", keep, lens))
+        elif op == "free" and len(live) > 1:
+            c.free(s)
+            del hist[s]
+        for t, h in hist.items():
+            assert_same_content(content(c, t), replay(h, layout, kv_format, "cpu"), f"slot {t} after {op}")
+    st = c.stats()
+    assert st["pages_mapped"] * st["page_bytes"] == st["mapped_bytes"]
+    for t in list(hist):
+        c.free(t)
+    st = c.stats()
+    assert st["pages_shared"] == 0 and st["shared_mappings"] == 0 and st["live_mapped_bytes"] == 0
+    c.close()
+
+
+def test_fork_shares_full_pages_and_copies_the_last():
+    c = make(kv_format="auto")
+    g = torch.Generator().manual_seed(0)
+    a = c.alloc()
+    append(c, a, chunk(g, 101))
+    tok = c.token_bytes
+    before = c.stats()
+    b = c.fork(a)
+    after = c.stats()
+    full = 101 * tok // PAGE  # pages wholly inside the 101 tokens
+    total = -(-101 * tok // PAGE)
+    assert c.shared_pages(a) == c.shared_pages(b) == full == after["pages_shared"]
+    assert after["shared_mappings"] == full
+    # Physical memory grows by the copied partial page only, measured by the host backend.
+    assert after["mapped_bytes"] - before["mapped_bytes"] == (total - full) * PAGE
+    assert after["resident_bytes"] - before["resident_bytes"] == (total - full) * PAGE
+    assert_same_content(content(c, b), content(c, a), "fork")
+    # The fork attends exactly like its source.
+    q = torch.randn(2, 2 * H, D, generator=g)
+    st = c.begin_step([a, b], [1, 1])
+    outs = []
+    kv = chunk(g, 1)
+    for layer in range(L):
+        k, v = kv[layer]
+        vattn.append_kv(c, layer, st, torch.cat([k, k]), torch.cat([v, v]))
+        outs.append(vattn.attention(q[[0, 0]], c, layer, st))
+    c.end_step(st)
+    for o in outs:
+        assert torch.equal(o[0], o[1])
+    # Freeing one keeps the other intact; pages go only with their last mapping.
+    want = content(c, b)
+    c.free(a)
+    assert c.stats()["pages_shared"] == 0 and c.shared_pages(b) == 0
+    assert_same_content(content(c, b), want, "after freeing the source")
+    c.free(b)
+    assert c.stats()["live_mapped_bytes"] == 0
+    c.close()
+
+
+def test_share_prefix_on_page_boundary_copies_nothing():
+    c = make(kv_format="auto")
+    g = torch.Generator().manual_seed(1)
+    a = c.alloc()
+    append(c, a, chunk(g, 200))
+    per_page = PAGE // c.token_bytes
+    n = 3 * per_page
+    d = c.alloc()
+    before = c.stats()
+    c.share_prefix(a, d, n)
+    after = c.stats()
+    assert after["mapped_bytes"] == before["mapped_bytes"]  # three whole shared pages, no copy
+    assert c.shared_pages(d) == 3 and c.length(d) == n and c.position(d) == n
+    append(c, d, chunk(g, 5))  # lands on a fresh page of d's own
+    assert c.shared_pages(d) == 3
+    kd, _ = c.kv(0)
+    ka, _ = c.kv(0)
+    assert torch.equal(kd[d, :n], ka[a, :n])
+
+
+def test_share_prefix_refusals():
+    c = make()
+    g = torch.Generator().manual_seed(2)
+    a, b = c.alloc(), c.alloc()
+    append(c, a, chunk(g, 50))
+    append(c, b, chunk(g, 3))
+    free = c.alloc()
+    with pytest.raises(ValueError, match="must be empty"):
+        c.share_prefix(a, b, 10)
+    with pytest.raises(ValueError, match="must be in"):
+        c.share_prefix(a, free, 51)
+    with pytest.raises(ValueError, match="same slot"):
+        c.share_prefix(a, a, 1)
+    keep = torch.arange(50).repeat(1, L, H, 1)
+    lens = torch.full((1, L, H), 40)
+    c.compact([a], keep, lens)
+    with pytest.raises(ValueError, match="compacted"):
+        c.share_prefix(a, free, 10)
+    st = c.begin_step([a], [1])
+    with pytest.raises(RuntimeError, match="open step"):
+        c.fork(a)
+    c.abort_step(st)
+    assert c.length(free) == 0 and c.shared_pages(free) == 0
+
+
+def test_fork_out_of_memory_leaves_nothing_behind():
+    tok_pages = 3
+    c = make(max_physical_bytes=PAGE * 8)
+    g = torch.Generator().manual_seed(3)
+    a = c.alloc()
+    n = (tok_pages * PAGE) // c.token_bytes + 1  # 3 full pages and a partial one
+    append(c, a, chunk(g, n))
+    b = c.alloc()
+    append(c, b, chunk(g, n))  # 8 pages in use: nothing left for the copy of a's partial page
+    want = content(c, a)
+    before = c.stats()
+    live = sorted(c.live_slots())
+    with pytest.raises(MemoryError):
+        c.fork(a)
+    assert sorted(c.live_slots()) == live
+    after = c.stats()
+    assert after["mapped_bytes"] == before["mapped_bytes"] and after["pages_shared"] == 0
+    assert_same_content(content(c, a), want, "source after a failed fork")
+    c.free(b)
+    t = c.fork(a)  # now it fits
+    assert_same_content(content(c, t), want, "fork")
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_fork_map_failure_leaves_nothing_behind(layout):
+    c = make(layout)
+    g = torch.Generator().manual_seed(4)
+    a = c.alloc()
+    append(c, a, chunk(g, 150))
+    want = content(c, a)
+    before = c.stats()
+    c._inject_failure("map", 2)
+    with pytest.raises(RuntimeError, match="injected"):
+        c.fork(a)
+    c._inject_failure("none", 0)
+    assert c.live_slots() == [a]
+    after = c.stats()
+    assert after["mapped_bytes"] == before["mapped_bytes"] and after["shared_mappings"] == 0
+    assert_same_content(content(c, a), want, "source after a failed fork")
+
+
+def test_copy_on_write_failure_keeps_both_slots():
+    """A write below the end of a shared slot needs a private page; without memory the step fails
+    with MemoryError and both slots still hold what they held."""
+    c = make(max_physical_bytes=PAGE * 6)
+    g = torch.Generator().manual_seed(5)
+    a = c.alloc()
+    n = 4 * PAGE // c.token_bytes
+    append(c, a, chunk(g, n))  # 4 full pages
+    b = c.fork(a)  # shares all 4
+    c.shrink(b, 1)  # b keeps page 0 (shared); its next token lands inside it
+    filler = c.alloc()
+    append(c, filler, chunk(g, 2 * PAGE // c.token_bytes))  # the last 2 pages of the budget
+    want_a, want_b = content(c, a), content(c, b)
+    with pytest.raises(MemoryError):
+        c.begin_step([b], [1])
+    assert_same_content(content(c, a), want_a, "a")
+    assert_same_content(content(c, b), want_b, "b")
+    c.free(filler)
+    append(c, b, chunk(g, 1))  # now b gets its private copy of page 0
+    assert c.shared_pages(b) == 0
+    assert_same_content(content(c, a), want_a, "a after b's copy-on-write")
+
+
+def test_compaction_of_a_fork_leaves_the_source_alone():
+    c = make(layout="layer_major", kv_format="int8")
+    g = torch.Generator().manual_seed(6)
+    a = c.alloc()
+    append(c, a, chunk(g, 300))
+    b = c.fork(a)
+    want = content(c, a)
+    keep = torch.arange(300)[::3].repeat(1, L, H, 1)
+    lens = torch.full((1, L, H), 100)
+    c.compact([b], keep, lens)
+    assert_same_content(content(c, a), want, "source after the fork's compaction")
+    assert c.length(b) == 100 and c.position(b) == 300
+    for layer in range(L):
+        kk, vv = c.kv(layer, dequantize=True)
+        for h in range(H):
+            ka, va = want["kv"][layer * H + h]
+            assert torch.equal(kk[b, :100, h], ka[::3][:100])
+            assert torch.equal(vv[b, :100, h], va[::3][:100])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_fork_on_cuda(layout):
+    c = make(layout, "int8", device="cuda", max_seq_len=4096)
+    g = torch.Generator().manual_seed(7)
+    a = c.alloc()
+    append(c, a, chunk(g, 1500))
+    before = c.stats()
+    b = c.fork(a)
+    after = c.stats()
+    assert after["pages_shared"] > 0
+    assert after["mapped_bytes"] - before["mapped_bytes"] <= c.stats()["page_bytes"] * len(c._m.region_pages(a))
+    assert_same_content(content(c, b), content(c, a), "cuda fork")
+    want = content(c, a)
+    c.shrink(b, 10)
+    append(c, b, chunk(g, 30))
+    append(c, a, chunk(g, 1))
+    torch.cuda.synchronize()
+    got = content(c, a)
+    for (kg, vg), (kw, vw) in zip(got["kv"], want["kv"]):
+        assert torch.equal(kg[:1500], kw) and torch.equal(vg[:1500], vw)
+    c.free(a)
+    c.free(b)
+    assert c.stats()["pages_shared"] == 0
+    c.close()
