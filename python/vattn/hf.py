@@ -207,16 +207,52 @@ class _Forward:
         self.holes = None  # whether a row has a pad after a real token (VAttnCache._has_holes)
 
 
-class _Core:
-    """What a VAttnCache and its shallow copies (`copy.copy`) share: the vattn.KVCache the cache
-    created, and the handles (VAttnCache objects) alive on it. The KVCache is closed when the last
-    handle goes (its finalizer here), never by a copy that is dropped while another handle lives."""
+class _Storage:
+    """The vattn.KVCache behind one or more families of VAttnCache handles: a deep copy that forks
+    the original's slots (copy.deepcopy with free slots) is a family of its own on the same storage.
+    Closed with the last family (or when it is collected)."""
 
-    __slots__ = ("kv", "handles", "__weakref__")
+    __slots__ = ("kv", "families")
 
     def __init__(self, kv):
         self.kv = kv
+        self.families = 0
+
+    def detach(self) -> None:
+        self.families -= 1
+        if self.families <= 0:
+            self.close()
+
+    def close(self) -> None:
+        kv, self.kv = self.kv, None
+        if kv is not None:
+            kv.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # never raise from a finalizer
+            pass
+
+
+class _Core:
+    """What a VAttnCache and its shallow copies (`copy.copy`) share: the storage, the batch rows'
+    slots, and the handles (VAttnCache objects) alive on it. When the last handle goes (the core's
+    finalizer) the family's slots are freed and the storage closes if no other family uses it; a
+    shallow copy that is dropped while another handle lives closes nothing."""
+
+    __slots__ = ("storage", "handles", "slots", "closed", "__weakref__")
+
+    def __init__(self, storage: _Storage):
+        self.storage = storage
+        storage.families += 1
         self.handles = weakref.WeakSet()
+        self.slots: Optional[list] = None  # vattn slot of each batch row (VAttnCache._slots)
+        self.closed = False
+
+    @property
+    def kv(self):
+        return self.storage.kv
 
     def handle(self) -> "VAttnCache":
         for h in self.handles:
@@ -224,9 +260,17 @@ class _Core:
         raise ReferenceError("vattn: the VAttnCache of this layer is gone")
 
     def close(self) -> None:
-        kv, self.kv = self.kv, None
-        if kv is not None:
-            kv.close()
+        if self.closed:
+            return
+        self.closed = True
+        kv, slots, self.slots = self.storage.kv, self.slots, None
+        if kv is not None and not kv.closed and slots:
+            for s in slots:  # another family may go on using the storage
+                try:
+                    kv.free(s)
+                except Exception:
+                    pass
+        self.storage.detach()
 
     def __del__(self):
         try:
@@ -327,8 +371,11 @@ class VAttnCache(Cache):
     ALL_CACHE_IMPLEMENTATIONS (+ "paged") and generate builds those caches itself.
 
     Copies: `copy.copy(cache)` is another handle on the same cache (the storage goes with the last
-    handle); `copy.deepcopy(cache)` an independent cache with the same tokens (a full K/V copy until
-    page sharing exists). `layers[i].keys` / `.values` read the stored K/V (see `layer_kv`).
+    handle); `copy.deepcopy(cache)` an independent cache with the same tokens: its rows are forks of
+    the original's (full pages shared, see vattn.KVCache.fork) when the vattn.KVCache has free slots
+    for them (max_batch >= twice the batch), else a full copy into a new vattn.KVCache. Beam search
+    (`reorder_cache`), `batch_select_indices` with repeated rows and `batch_repeat_interleave` fork
+    rows the same way. `layers[i].keys` / `.values` read the stored K/V (see `layer_kv`).
     """
 
     def __init__(
@@ -377,7 +424,7 @@ class VAttnCache(Cache):
             **cache_options,
         )
         self._cache_options = dict(cache_options)  # for copy.deepcopy: a new KVCache of the same options
-        self._core = _Core(self.kv)  # owns the KVCache: closed when the last handle on it goes
+        self._core = _Core(_Storage(self.kv))  # the KVCache is closed when the last handle on it goes
         self._core.handles.add(self)
         self.policy = policy
         if policy is not None and policy.needs_scores:
@@ -388,13 +435,21 @@ class VAttnCache(Cache):
         self._compacted = False  # a policy evicted tokens: stored tokens no longer follow columns
         self.compressions: list = []  # per prompt compression: {stat: (before, after)}
         super().__init__(layers=[VAttnLayer(self._core, i) for i in range(self.num_layers)])
-        self._slots: Optional[list[int]] = None  # vattn slot of each batch row
         self._lengths: list[int] = []  # real tokens stored per batch row (host mirror)
         # host bool [batch, max_seq_len]: which columns are real tokens (numpy: host bookkeeping only,
         # free of torch's inference-mode rules)
         self._real: Optional[np.ndarray] = None
         self._columns = 0  # positions seen by transformers, padding included
         self._forward: Optional[_Forward] = None
+
+    @property
+    def _slots(self) -> Optional[list]:
+        """The vattn slot of each batch row (kept by the core, so the family's finalizer frees them)."""
+        return self._core.slots
+
+    @_slots.setter
+    def _slots(self, value) -> None:
+        self._core.slots = value
 
     # ---- construction
 
@@ -540,34 +595,80 @@ class VAttnCache(Cache):
         self._columns = new_columns
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keeps only the given batch rows (their slots are kept as they are, the others freed)."""
+        """Keeps the given batch rows, in that order; a row given twice is forked (its full pages
+        shared, see vattn.KVCache.fork), rows not given are freed."""
         if self._slots is None:
             return
-        self._abort_forward()
-        keep = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
-        if len(set(keep)) != len(keep):
-            raise NotImplementedError("vattn: selecting a batch row twice would need a slot copy")
-        for b, slot in enumerate(self._slots):
-            if b not in keep:
-                self.kv.free(slot)
-        self._slots = [self._slots[i] for i in keep]
-        self._lengths = [self._lengths[i] for i in keep]
-        self._real = self._real[keep].copy()
+        self._select_rows([int(i) for i in torch.as_tensor(indices).flatten().tolist()])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        order = [int(i) for i in beam_idx.flatten().tolist()]
+        """Beam search: row i becomes a copy of row beam_idx[i]. A surviving beam keeps its slot;
+        a beam chosen twice is forked (shared pages, one partial page copied); dropped beams are
+        freed."""
         if self._slots is None:
             return
-        if sorted(order) != list(range(len(self._slots))):
-            raise NotImplementedError(
-                "vattn: beam search (rows copied between beams) is not supported by "
-                "VAttnCache; use greedy or sampled generation"
-            )
-        self.batch_select_indices(torch.tensor(order))
+        self._select_rows([int(i) for i in torch.as_tensor(beam_idx).flatten().tolist()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._slots is not None and repeats != 1:
-            raise NotImplementedError("vattn: expanding a filled VAttnCache (contrastive search, ...) is not supported")
+        """Each row repeated `repeats` times in place (contrastive search, num_return_sequences after a
+        shared prefill): the repeats are forks of the row."""
+        repeats = int(repeats)
+        if repeats < 1:
+            raise ValueError(f"batch_repeat_interleave: repeats must be >= 1, got {repeats}")
+        if self._slots is None or repeats == 1:
+            return
+        self._select_rows([b for b in range(len(self._slots)) for _ in range(repeats)])
+
+    def _select_rows(self, order: list) -> None:
+        """Row i of the new batch is old row order[i]. The first use of an old row keeps its slot,
+        later uses fork it, unused rows are freed. All or nothing when the cache has free slots for
+        the forks; otherwise the dropped rows are freed first to make room, and a fork that still
+        fails (MemoryError) resets the cache."""
+        self._abort_forward()
+        kv, slots = self.kv, self._slots
+        rows = len(slots)
+        bad = [j for j in order if not 0 <= j < rows]
+        if bad:
+            raise IndexError(f"vattn: batch row {bad[0]} out of range [0, {rows})")
+        used = set()
+        plan = []  # (old row, fork?)
+        for j in order:
+            plan.append((j, j in used))
+            used.add(j)
+        forks = sum(f for _, f in plan)
+        unused = [slots[b] for b in range(rows) if b not in used]
+        free_now = kv.max_batch - len(kv.live_slots())
+        if forks > free_now + len(unused):
+            raise RuntimeError(
+                f"vattn: the new batch of {len(order)} rows needs {len(order)} slots; the cache has "
+                f"max_batch={kv.max_batch} (pass a larger max_batch to VAttnCache.for_model)"
+            )
+        made = []
+        early = forks > free_now
+        if early:  # the rows that go away make room
+            for s in unused:
+                kv.free(s)
+            unused = []
+        try:
+            new_slots = []
+            for j, fork in plan:
+                if fork:
+                    made.append(kv.fork(slots[j]))
+                    new_slots.append(made[-1])
+                else:
+                    new_slots.append(slots[j])
+        except BaseException:
+            for t in made:
+                kv.free(t)
+            if early:
+                self.reset()
+                raise MemoryError("vattn: a beam fork failed after dropped beams were freed; the cache was reset")
+            raise
+        for s in unused:
+            kv.free(s)
+        self._slots = new_slots
+        self._lengths = [self._lengths[j] for j in order]
+        self._real = self._real[order].copy()
 
     def layer_kv(self, layer_idx: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The stored K/V of one layer as transformers code expects them (`layers[i].keys` /
@@ -669,17 +770,21 @@ class VAttnCache(Cache):
         """`copy.deepcopy(cache)`: an independent cache holding the same tokens (transformers'
         prefix-reuse recipe: prefill a prompt once, deepcopy, continue from each copy).
 
-        Until page sharing (`fork`, issue 13) exists this is a full copy: a new vattn.KVCache of the
-        same geometry and options, into which every row's stored K/V (codes and scale words for
-        quantized formats, bit for bit), key-smoothing statistics, scores and Quest metadata are
-        copied; lengths, positions and padding columns are reproduced. Costs the rows' memory again.
-        Refused (NotImplementedError) after an eviction policy dropped tokens or with a policy holding
-        tokens (its per-request state is not copyable), and during a forward (RuntimeError)."""
+        When the vattn.KVCache has a free slot for every row, the copy lives on the same storage and
+        each row is a fork (vattn.KVCache.fork: full pages shared, the partly filled one copied; a
+        row's per-head lengths, positions, key statistics, scores and Quest metadata go with it),
+        so it costs about one page per row; the storage closes with the last copy. Otherwise this is
+        a full copy: a new vattn.KVCache of the same geometry and options, into which every row's
+        stored K/V (codes and scale words, bit for bit), key-smoothing statistics, scores and Quest
+        metadata are copied, refused (NotImplementedError) after an eviction policy dropped tokens or
+        with a policy holding tokens. RuntimeError during a forward."""
         if self.kv is None:
             raise RuntimeError("vattn: this VAttnCache was released")
         if self._forward is not None:
             raise RuntimeError("vattn: deepcopy of a VAttnCache in the middle of a forward")
         src = self.kv
+        if self._slots is not None and len(self._slots) <= src.max_batch - len(src.live_slots()):
+            return self._fork_copy(memo)
         holds = self._slots is not None and any(self._lengths)
         if self._compacted or any(s in src._deficit for s in self._slots or ()):
             raise NotImplementedError(
@@ -714,6 +819,31 @@ class VAttnCache(Cache):
         except BaseException:
             new.release()
             raise
+        return new
+
+    def _fork_copy(self, memo) -> "VAttnCache":
+        """deepcopy on the same vattn.KVCache: every row forked (full pages shared, not copied)."""
+        kv = self.kv
+        made = []
+        try:
+            for s in self._slots:
+                made.append(kv.fork(s))
+        except BaseException:
+            for t in made:
+                kv.free(t)
+            raise
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__ = dict(self.__dict__)
+        new._core = _Core(self._core.storage)  # a family of its own: its slots go with its last handle
+        new._core.handles.add(new)
+        new._slots = made
+        new._lengths = list(self._lengths)
+        new._real = self._real.copy()
+        new._forward = None
+        new.policy = copy.deepcopy(self.policy, memo)
+        new.compressions = copy.deepcopy(self.compressions, memo)
+        new.layers = [VAttnLayer(new._core, i) for i in range(self.num_layers)]
         return new
 
     def _copy_rows_into(self, new: "VAttnCache") -> None:
