@@ -206,3 +206,26 @@ def test_beam_search_smollm2():
     out = generate(model, enc, 16, cache, logits=False, num_beams=4, num_return_sequences=2).sequences
     assert torch.equal(out, ref)
     assert cache.stats()["pages_shared"] > 0
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_repeated_prompt_is_stored_once(tiny, share):
+    """num_return_sequences repeats the prompt before the prefill; rows whose stored bytes are equal
+    become forks of one, so the prompt's full pages are held once (share_duplicates)."""
+    model, tok = tiny
+    enc = tok(["Virtual memory maps pages on demand, " * 6], return_tensors="pt")
+    n, rows, new = enc["input_ids"].shape[1], 4, 6
+    ref = generate(model, enc, new, logits=False, sample=True, seed=5, num_return_sequences=rows).sequences
+    cache = _cache(model, 8)
+    cache.share_duplicates = share
+    out = generate(model, enc, new, cache, logits=False, sample=True, seed=5, num_return_sequences=rows).sequences
+    assert torch.equal(out, ref)
+    st = cache.stats()
+    page, tb = st["page_bytes"], cache.kv.token_bytes
+    one_row = -(-(n + new) * tb // page)
+    if share:
+        assert st["pages_shared"] >= (n * tb) // page - 1 > 0
+        # the prompt once, plus each row's own pages from its first copied page on
+        assert st["live_mapped_bytes"] <= (one_row + (rows - 1) * (-(-(new + 1) * tb // page) + 1)) * page
+    else:
+        assert st["pages_shared"] == 0 and st["live_mapped_bytes"] >= rows * (n + new) * tb

@@ -431,6 +431,9 @@ class VAttnCache(Cache):
             self.kv.enable_scores()
         if policy is not None and hasattr(policy, "prepare"):
             policy.prepare(self.kv)
+        # After the first prompt, rows holding byte-identical tokens (beam search and
+        # num_return_sequences repeat the prompt) become forks of one row: the prompt is held once.
+        self.share_duplicates = True
         self._decode_steps = 0  # decode forwards since the last prompt (policy.every)
         self._compacted = False  # a policy evicted tokens: stored tokens no longer follow columns
         self.compressions: list = []  # per prompt compression: {stat: (before, after)}
@@ -974,6 +977,7 @@ class VAttnCache(Cache):
         self.kv.abort_step(fw.step)
 
     def _end_forward(self, fw: _Forward) -> None:
+        first = self._columns == 0
         if fw.step is not None:
             self.kv.end_step(fw.step)
         self._real[:, self._columns : self._columns + fw.q_len] = fw.real.numpy()
@@ -981,8 +985,44 @@ class VAttnCache(Cache):
             self._lengths[b] += n
         self._columns += fw.q_len
         self._forward = None
+        if first and fw.q_len > 1 and fw.batch > 1 and self.policy is None and self.share_duplicates:
+            self._share_duplicate_rows()
         if self.policy is not None and fw.step is not None:
             self._apply_policy(fw.step)
+
+    def _share_duplicate_rows(self) -> None:
+        """After the first prompt: rows that stored exactly the same tokens (generate() repeats each
+        prompt num_beams or num_return_sequences times before the prefill) are turned into forks of
+        the first such row, so the prompt's pages are held once. Bytes are compared (every layer,
+        codes and scale words), so rows that merely look alike are never merged."""
+        kv, slots, lengths, real = self.kv, self._slots, self._lengths, self._real
+        cols = self._columns
+        group = kv._group
+        views = None
+        leader = 0
+        for b in range(1, len(slots)):
+            n = lengths[b]
+            if n == 0 or n != lengths[leader] or not np.array_equal(real[b, :cols], real[leader, :cols]):
+                leader = b
+                continue
+            if views is None:
+                views = [kv.kv(layer) + kv.kv_scales(layer) for layer in range(self.num_layers)]
+            m = -(-n // group) * group  # int4 keys: the last group's parameters span the whole group
+            a, d = slots[leader], slots[b]
+            same = all(x is None or torch.equal(x[a, :m], x[d, :m]) for vs in views for x in vs)
+            if same and kv._key_means is not None:
+                same = torch.equal(kv._key_means[a], kv._key_means[d]) and torch.equal(
+                    kv._key_scales[a], kv._key_scales[d]
+                )
+            if not same:
+                leader = b
+                continue
+            kv.free(d)  # then a slot is free for the fork, and the duplicate's pages for its copy
+            try:
+                slots[b] = kv.fork(a)
+            except BaseException:
+                self.reset()
+                raise
 
     def _apply_policy(self, step) -> None:
         """End of a prompt: every row of it is compressed; decode (policy.every): every N steps, the
