@@ -3,7 +3,7 @@
 real English text (public-domain Shakespeare, ../shared/data/tinyshakespeare.txt), against the
 unquantized vattn cache on the same tokens; plus greedy generation agreement.
 
-    python bench/kv_quality.py                          # 8 windows of 1024 tokens, every format
+    python bench/kv_quality.py                          # 64 windows of 1024 tokens, every format
     python bench/kv_quality.py --windows 2 --formats auto int8 --gen-tokens 0
 
 Each window is one prefill through the cache: every query reads the K/V the cache stores, so every
@@ -95,7 +95,7 @@ def greedy(model, tok, prompt: str, new_tokens: int, kv_format):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", default=DEFAULT_TEXT)
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=64)
     ap.add_argument(
         "--smooth-keys",
         choices=["auto", "on", "off"],
@@ -160,10 +160,10 @@ def main(argv=None) -> int:
     )
     print()
     print(
-        "| kv_format | bits/elem K / V | ppl | rel. increase | target | greedy same prefix (of "
+        "| kv_format | bits/elem K / V | ppl | rel. increase | +- s.e. | target | greedy same prefix (of "
         f"{args.gen_tokens}) | greedy position match |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         inc = 100.0 * (r["ppl"] / base["ppl"] - 1.0) if base else float("nan")
         r["rel_increase_pct"] = inc
@@ -171,7 +171,16 @@ def main(argv=None) -> int:
         target = f"<= {TARGETS[name]}%" if name in TARGETS else "-"
         gp = ", ".join(str(x) for x in r.get("greedy_same_prefix", [])) or "-"
         gm = ", ".join(f"{x:.2f}" for x in r.get("greedy_position_match", [])) or "-"
-        print(f"| {name} | {bits} | {r['ppl']:.4f} | {inc:+.3f}% | {target} | {gp} | {gm} |")
+        # standard error of the mean per-window NLL difference to the unquantized cache (paired), in %
+        se = float("nan")
+        if base and len(r["per_window"]) > 1:
+            d = [a - b for a, b in zip(r["per_window"], base["per_window"])]
+            mu = sum(d) / len(d)
+            se = 100.0 * math.sqrt(sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d))
+        r["se_pct"] = se
+        if name in TARGETS:
+            target += " (met)" if inc <= TARGETS[name] else " (missed)"
+        print(f"| {name} | {bits} | {r['ppl']:.4f} | {inc:+.3f}% | {se:.3f} | {target} | {gp} | {gm} |")
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:

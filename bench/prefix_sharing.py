@@ -180,10 +180,10 @@ def main(argv=None) -> int:
             )
         same = {m: results[name][m]["tokens"] == results[name]["DynamicCache"]["tokens"] for m in modes[1:]}
         print(f"{name:8s} tokens identical to DynamicCache: {same}", flush=True)
+        want = results[name]["DynamicCache"]["tokens"]
         for m in modes:
-            results[name][m]["same_tokens_as_dynamic"] = (
-                results[name][m]["tokens"] == results[name]["DynamicCache"]["tokens"]
-            )
+            results[name][m]["same_tokens_as_dynamic"] = results[name][m]["tokens"] == want
+        for m in modes:
             del results[name][m]["tokens"]
     token_bytes = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * 64 * 4
     results["meta"] = {"token_bytes": token_bytes, "page_bytes": args.page_bytes or 2 * MIB, "threads": args.threads}

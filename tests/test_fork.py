@@ -107,9 +107,27 @@ def replay(history, layout, kv_format, device):
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "int8", "int4"])
 @pytest.mark.parametrize("seed", range(4))
 def test_random_sharing_matches_replay(layout, kv_format, seed):
+    _random_sharing(layout, kv_format, seed, {})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(background=True, lookahead_tokens=64),
+        dict(scrub_freed=True),
+        dict(reclaim_watermark_bytes=1 << 20, max_physical_bytes=1 << 20),
+    ],
+    ids=["background", "scrub", "watermark-cap"],
+)
+@pytest.mark.parametrize("kv_format", ["auto", "int4"])
+def test_random_sharing_with_manager_options(options, kv_format):
+    _random_sharing("token_major", kv_format, 11, dict(options))
+
+
+def _random_sharing(layout, kv_format, seed, options):
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    c = make(layout, kv_format)
+    c = make(layout, kv_format, **options)
     hist = {}
     s = c.alloc()
     hist[s] = []
@@ -147,6 +165,7 @@ def test_random_sharing_matches_replay(layout, kv_format, seed):
             assert_same_content(content(c, t), replay(h, layout, kv_format, "cpu"), f"slot {t} after {op}")
     st = c.stats()
     assert st["pages_mapped"] * st["page_bytes"] == st["mapped_bytes"]
+    c.wait_background()
     for t in list(hist):
         c.free(t)
     st = c.stats()

@@ -35,8 +35,10 @@ TEXT = os.path.join(os.path.dirname(__file__), "data", "shakespeare_excerpt.txt"
 WINDOWS, WINDOW_LEN = 2, 512
 # Allowed perplexity increase (%) over the unquantized cache on this short text.
 BOUNDS = {"int8": 0.6, "fp8_e4m3": 1.2, ("int8", "int4"): 3.0, "int4": 3.5, "int4_tok": 16.0}
-# Measured here on 2026-12-02 (int8 keys smoothed, int4 keys per channel): int8 -0.002%, fp8_e4m3
-# -0.12%, (int8, int4) +0.93%, int4 (int4_ch keys) +1.33%, int4_tok (int4 keys per token) +6.0%.
+# Measured on 2026-12-02 (int8 keys smoothed, int4 keys per channel, fp8 keys unsmoothed): int8
+# -0.002%, fp8_e4m3 -0.12%, (int8, int4) +0.93%, int4 (int4_ch keys) +1.33%, int4_tok +6.0%; on
+# another machine the same day, fp8 keys smoothed too: int8 -0.067%, fp8 +0.817%, (int8, int4) +0.727%,
+# int4 +0.537%, int4_tok +5.145%. Two short windows: the 64-window figures are in bench/RESULTS.md.
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,11 @@ def test_quantized_formats_perplexity_bounds(smollm2):
     for spec, bound in BOUNDS.items():
         inc[spec] = 100.0 * (_ppl(model, windows, spec) / base - 1.0)
         assert inc[spec] <= bound, f"{spec}: perplexity +{inc[spec]:.3f}% > {bound}% (baseline {base:.3f})"
-    # Precision order: 8-bit K and V < int8 K with int4 V < int4 everywhere; int4 keys per channel
-    # beat int4 keys per token by far (the outlier channels of keys).
-    assert inc["int8"] < inc[("int8", "int4")] < inc["int4"] < inc["int4_tok"], inc
+    # Precision order, where the gaps are far above the noise of two short windows (a flipped code
+    # moves these by tenths of a percent): int8 K and V beat both int4 variants, and int4 keys per
+    # channel beat int4 keys per token by far (the outlier channels of keys). (int8, int4) against
+    # int4 (int4_ch keys) is within that noise here: measured 0.93 / 1.33 on one machine, 0.73 / 0.54
+    # on another.
+    assert inc["int8"] < min(inc[("int8", "int4")], inc["int4"]), inc
+    assert max(inc[("int8", "int4")], inc["int4"]) < inc["int4_tok"] / 2, inc
+    print("perplexity increase %:", {str(k): round(v, 3) for k, v in inc.items()})

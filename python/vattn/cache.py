@@ -186,8 +186,8 @@ class KVCache:
                                mean taken from the request's first step (its prompt). Softmax is
                                invariant to that shift, so attention outputs and scores do not change,
                                but the outlier channels of keys stop dominating each vector's scale:
-                               int4 / int8 keys lose far less (bench/RESULTS.md). "auto" (default):
-                               on for int4 and int8 keys (fp8 keys measured worse with it). Any K
+                               int4 / int8 / fp8 keys lose far less (bench/RESULTS.md). "auto"
+                               (default): on for int4 (per token), int8 and fp8_e4m3 keys. Any K
                                format takes True. Not compatible with logit soft-capping (raises).
     """
 
@@ -332,10 +332,12 @@ class KVCache:
         self._scores: Optional[torch.Tensor] = None  # [max_batch, layers, kv_heads, max_seq] (enable_scores)
         if smooth_keys not in ("auto", True, False):
             raise ValueError(f"smooth_keys must be 'auto', True or False, got {smooth_keys!r}")
-        # "auto": int4 and int8 keys. Measured on SmolLM2 (bench/RESULTS.md, 8 x 1024 tokens): int4
-        # +9.55% -> +4.31% perplexity, int8 +0.060% -> +0.011%, but fp8 +0.44% -> +0.64% (a float
-        # format already adapts its step to each element's magnitude), so fp8 keys are left alone.
-        smooth = self.k_format.name in ("int4", "int8") if smooth_keys == "auto" else bool(smooth_keys)
+        # "auto": every quantized key format. Measured on SmolLM2 (bench/RESULTS.md): int4 per token
+        # +9.55% -> +4.31% perplexity, int8 +0.060% -> +0.011% (8 x 1024 tokens), fp8 +0.451% ->
+        # +0.312% (64 windows not used to choose it; paired difference -0.0014 nats, s.e. 0.0005: an
+        # earlier 8-window reading in the other direction was noise). int4_ch keys carry per-channel
+        # offsets of their own and are not smoothed.
+        smooth = self.k_format.name in ("int4", "int8", "fp8_e4m3") if smooth_keys == "auto" else bool(smooth_keys)
         # Key smoothing: float32 [max_batch, layers, kv_heads, head_dim] channel means, and which
         # (slot, layer) has its mean (set by the slot's first append of that layer).
         shape = (self.max_batch, self.num_layers, self.num_kv_heads, self.head_dim)
