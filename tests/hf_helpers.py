@@ -70,3 +70,20 @@ def teacher_forced_logits(model, enc, sequences, cache):
             out = model(input_ids=sequences[:, t : t + 1], attention_mask=mask, position_ids=pos, **kw)
             steps.append(out.logits[:, -1].float())
     return torch.stack(steps)
+
+
+def prefill(model, enc, cache):
+    """One forward of the (left-padded) prompt into `cache`, at the positions generate() gives them."""
+    vhf.enable(model)  # a reference generate() switched the model back to sdpa
+    with torch.inference_mode():
+        mask = enc["attention_mask"]
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        model(**enc, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True)
+    return cache
+
+
+def extend(enc, extra):
+    """enc with the token ids `extra` [batch, n] appended (all real)."""
+    ids = torch.cat([enc["input_ids"], extra], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(extra)], 1)
+    return {"input_ids": ids, "attention_mask": mask}

@@ -17,6 +17,7 @@ import vattn.hf as vhf  # noqa: E402
 from vattn._models import tiny_llama  # noqa: E402
 
 from hf_helpers import _one_thread, cache_kwarg, generate  # noqa: E402,F401
+from hf_helpers import extend as _extend, prefill as _prefill  # noqa: E402
 
 PROMPTS = ["Hi", "A longer prompt, so that the other rows are left padded.", "Virtual memory."]
 
@@ -79,21 +80,6 @@ def test_shallow_copy_release_releases_for_all(tiny):
 
 
 # ---------------------------------------------------------------------------- copy.deepcopy
-
-
-def _prefill(model, enc, cache):
-    vhf.enable(model)  # a reference generate() switched the model back to sdpa
-    with torch.inference_mode():
-        mask = enc["attention_mask"]
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # the positions generate() gives them
-        model(**enc, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True)
-    return cache
-
-
-def _extend(enc, extra):
-    ids = torch.cat([enc["input_ids"], extra], 1)
-    mask = torch.cat([enc["attention_mask"], torch.ones_like(extra)], 1)
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])

@@ -20,6 +20,7 @@ import vattn.hf as vhf  # noqa: E402
 from vattn._models import tiny_llama  # noqa: E402
 
 from hf_helpers import _one_thread, cache_kwarg, generate  # noqa: E402,F401
+from hf_helpers import extend as _extend, prefill as _prefill  # noqa: E402
 
 PROMPTS = ["Hi", "A longer prompt, so that the other rows are left padded.", "Virtual memory."]
 
@@ -113,21 +114,6 @@ def test_select_rows_refuses_without_slots(tiny):
     assert cache.batch_size == 2  # unchanged
     with pytest.raises(ValueError):
         cache.batch_repeat_interleave(0)
-
-
-def _prefill(model, enc, cache):
-    vhf.enable(model)
-    with torch.inference_mode():
-        mask = enc["attention_mask"]
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        model(**enc, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True)
-    return cache
-
-
-def _extend(enc, extra):
-    ids = torch.cat([enc["input_ids"], extra], 1)
-    mask = torch.cat([enc["attention_mask"], torch.ones_like(extra)], 1)
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.mark.parametrize("kv_format", ["auto", "int4"])
