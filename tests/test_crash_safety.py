@@ -43,6 +43,9 @@ _WORKER = textwrap.dedent(
             assert int(c.lengths[s]) == n, ("lengths tensor", s)
             assert n <= c._m.mapped_tokens(s) or not live, ("unmapped tokens", s)
             assert int(c.head_lengths(s).max()) == n or n == 0
+            assert live or c._m.shared_pages(s) == 0, ("an idle slot maps shared pages", s)
+        st = c.stats()
+        assert st["pages_mapped"] * st["page_bytes"] == st["mapped_bytes"]
 
     def run(ops):
         torch.manual_seed(0)
@@ -112,6 +115,12 @@ _WORKER = textwrap.dedent(
                     ts = [threading.Thread(target=work) for _ in range(3)]
                     [t.start() for t in ts]
                     [t.join() for t in ts]
+                elif op == "fork" and live:
+                    c.fork(live[a % len(live)])
+                elif op == "share" and live:
+                    d = c.alloc()
+                    src = live[a % len(live)]
+                    c.share_prefix(src, d, b % (c.length(src) + 2))  # n past the length: ValueError
                 elif op == "close":
                     c.close()
             except (ValueError, TypeError, RuntimeError, IndexError, MemoryError) as e:
@@ -144,6 +153,8 @@ _OPS = [
     "raw_decode",
     "compact",
     "threads",
+    "fork",
+    "share",
     "close",
 ]
 
