@@ -742,7 +742,8 @@ class VAttnCache(Cache):
         return batch * seq_len * formats.token_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     def release(self) -> None:
-        """Frees the slots and releases the physical memory now (the cache is unusable afterwards)."""
+        """Frees the slots and releases the physical memory now (the cache is unusable afterwards).
+        Pages a deep copy on the same storage still maps (forked rows) stay until that copy goes."""
         kv = getattr(self, "kv", None)
         if kv is None:
             return
