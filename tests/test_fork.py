@@ -88,8 +88,8 @@ def random_keep(r: random.Random, heads: torch.Tensor):
     return keep, lens
 
 
-def replay(history, layout, kv_format, device):
-    c = make(layout, kv_format, device=device, max_batch=1)
+def replay(history, layout, kv_format, device, max_seq_len=512):
+    c = make(layout, kv_format, device=device, max_batch=1, max_seq_len=max_seq_len)
     s = c.alloc()
     for op in history:
         if op[0] == "append":
@@ -124,10 +124,19 @@ def test_random_sharing_with_manager_options(options, kv_format):
     _random_sharing("token_major", kv_format, 11, dict(options))
 
 
-def _random_sharing(layout, kv_format, seed, options):
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("kv_format", ["auto", "int8", "int4"])
+def test_random_sharing_matches_replay_cuda(layout, kv_format):
+    """The same on the CUDA driver backend: one physical page cuMemMap-ed at several addresses,
+    copies with cuMemcpyDtoDAsync; pages of the device granularity (2 MiB), so rows are longer."""
+    _random_sharing(layout, kv_format, 21, {}, device="cuda", scale=8)
+
+
+def _random_sharing(layout, kv_format, seed, options, device="cpu", scale=1):
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    c = make(layout, kv_format, **options)
+    c = make(layout, kv_format, device=device, max_seq_len=512 * scale, **options)
     hist = {}
     s = c.alloc()
     hist[s] = []
@@ -136,8 +145,8 @@ def _random_sharing(layout, kv_format, seed, options):
         op = r.choice(["append", "append", "fork", "share", "shrink", "compact", "free"])
         s = r.choice(live)
         n = c.length(s)
-        if op == "append" and n < 400:
-            kv = chunk(g, r.choice([1, 1, 3, 17, 40]))
+        if op == "append" and n < 400 * scale:
+            kv = chunk(g, r.choice([1, 1, 3, 17, 40]) * (1 if r.random() < 0.5 else scale))
             append(c, s, kv)
             hist[s].append(("append", kv))
         elif op == "fork" and len(live) < c.max_batch:
@@ -162,7 +171,8 @@ def _random_sharing(layout, kv_format, seed, options):
             c.free(s)
             del hist[s]
         for t, h in hist.items():
-            assert_same_content(content(c, t), replay(h, layout, kv_format, "cpu"), f"slot {t} after {op}")
+            want = replay(h, layout, kv_format, device, 512 * scale)
+            assert_same_content(content(c, t), want, f"slot {t} after {op}")
     st = c.stats()
     assert st["pages_mapped"] * st["page_bytes"] == st["mapped_bytes"]
     c.wait_background()
