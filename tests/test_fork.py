@@ -129,8 +129,9 @@ def test_random_sharing_with_manager_options(options, kv_format):
 @pytest.mark.parametrize("kv_format", ["auto", "int8", "int4"])
 def test_random_sharing_matches_replay_cuda(layout, kv_format):
     """The same on the CUDA driver backend: one physical page cuMemMap-ed at several addresses,
-    copies with cuMemcpyDtoDAsync; pages of the device granularity (2 MiB), so rows are longer."""
-    _random_sharing(layout, kv_format, 21, {}, device="cuda", scale=8)
+    copies with cuMemcpyDtoDAsync; pages of the device granularity (2 MiB, 1000-4000 tokens of these
+    rows), so rows are longer."""
+    _random_sharing(layout, kv_format, 21, {}, device="cuda", scale=24)
 
 
 def _random_sharing(layout, kv_format, seed, options, device="cpu", scale=1):
@@ -354,10 +355,13 @@ def test_compaction_of_a_fork_leaves_the_source_alone():
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
 def test_fork_on_cuda(layout):
-    c = make(layout, "int8", device="cuda", max_seq_len=4096)
+    # int8 rows of 2 kv heads x 64: 2 MiB device pages hold ~3900 tokens (token_major, all layers)
+    # or ~15400 (layer_major, one region): enough tokens for whole pages to share.
+    n = 6000 if layout == "token_major" else 20000
+    c = make(layout, "int8", device="cuda", max_seq_len=24576)
     g = torch.Generator().manual_seed(7)
     a = c.alloc()
-    append(c, a, chunk(g, 1500))
+    append(c, a, chunk(g, n))
     before = c.stats()
     b = c.fork(a)
     after = c.stats()
@@ -371,7 +375,7 @@ def test_fork_on_cuda(layout):
     torch.cuda.synchronize()
     got = content(c, a)
     for (kg, vg), (kw, vw) in zip(got["kv"], want["kv"]):
-        assert torch.equal(kg[:1500], kw) and torch.equal(vg[:1500], vw)
+        assert torch.equal(kg[:n], kw) and torch.equal(vg[:n], vw)
     c.free(a)
     c.free(b)
     assert c.stats()["pages_shared"] == 0
