@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention_kernels.h"
@@ -214,10 +215,15 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
               head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head, p.kv.k_scale,
                                p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head, row, h);
           const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
-          int64_t ks;
-          const float* kp = RowReader<KF>::rows(kh, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
-          cpu::qk_block(&sc.q[(size_t)hh * head_rows * dim], head_rows, kp, ks, je - ja,
-                        RowReader<KF>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
+          if constexpr (std::is_same<KF, Int4ChannelFormat>::value) {
+            int4_ch_qk(kh, &sc.q[(size_t)hh * head_rows * dim], head_rows, ja, je, avail, dim, sc.kbuf.data(),
+                       s_head + (ja - jb), kKeyBlock);
+          } else {
+            int64_t ks;
+            const float* kp = RowReader<KF>::rows(kh, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
+            cpu::qk_block(&sc.q[(size_t)hh * head_rows * dim], head_rows, kp, ks, je - ja,
+                          RowReader<KF>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
+          }
           for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
             float* s = &sc.s[(size_t)r * kKeyBlock];
             const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;

@@ -347,6 +347,26 @@ static inline void int4_ch_row(const uint8_t* r, const float* scale, const float
   for (; d < dim; ++d) o[d] = int4_elem(quant::int4_code(r, d), scale[d], zero[d]);
 }
 
+void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i nib = _mm256_set1_epi32(0xf);
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail) {
+      for (int o = 0; o < dim / 2; o += 64) __builtin_prefetch(r + kPrefetchRowsQuant * stride + o, 0, 3);
+    }
+    float* o = dst + (int64_t)j * dim;
+    int d = 0;
+    for (; d + 8 <= dim; d += 8) {
+      int32_t w;
+      std::memcpy(&w, r + d / 2, 4);
+      const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shifts), nib);
+      _mm256_storeu_ps(o + d, _mm256_cvtepi32_ps(c));
+    }
+    for (; d < dim; ++d) o[d] = float(quant::int4_code(r, d));
+  }
+}
+
 void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, const float* zero, int n,
                            int n_avail, int dim, float* dst) {
   for (int j = 0; j < n; ++j) {

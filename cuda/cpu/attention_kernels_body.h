@@ -196,6 +196,21 @@ void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, 
   }
 }
 
+void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * stride;
+    if (j + kPrefetchRowsQuant < n_avail) {
+      for (int o = 0; o < dim / 2; o += 64) __builtin_prefetch(r + kPrefetchRowsQuant * stride + o, 0, 3);
+    }
+    float* o = dst + (int64_t)j * dim;
+#pragma omp simd
+    for (int i = 0; i < dim / 2; ++i) {
+      o[2 * i] = float(r[i] & 0xf);
+      o[2 * i + 1] = float(r[i] >> 4);
+    }
+  }
+}
+
 void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, const float* zero, int n,
                            int n_avail, int dim, float* dst) {
   for (int j = 0; j < n; ++j) {

@@ -99,6 +99,46 @@ struct RowReader<Int4ChannelFormat> {
     return buf;
   }
 };
+// Logits of nq query rows against int4_ch keys ja..je-1 of one head, into s[r * lds + (j - ja)]:
+// per group q . (scale * c + zero) = (q * scale) . c + q . zero, so q is scaled by the group's
+// channel scales once and the codes only become floats (no per-element multiply-add, which made
+// the int4_ch reader the bound of decode). Equal to q . dequantized key up to fp32 rounding (the
+// dequantized values themselves stay exact: RowReader above, dequantize_kv).
+inline void int4_ch_qk(const HeadRows<Int4ChannelFormat>& h, const float* q, int nq, int ja, int je, int avail, int dim,
+                       float* kbuf, float* s, int lds) {
+  thread_local std::vector<float> work;
+  const size_t need = size_t(nq) * dim + size_t(2) * dim + size_t(nq);
+  if (work.size() < need) work.resize(need);
+  float* qf = work.data();
+  float* scale = qf + size_t(nq) * dim;
+  float* zero = scale + dim;
+  float* bias = zero + dim;
+  const int G = Int4ChannelFormat::group(dim);
+  for (int j = ja; j < je;) {
+    const int g = j / G;
+    const int n = std::min(je - j, (g + 1) * G - j);
+    int4_ch_load_params(h.scale + int64_t(g) * G * h.scale_stride_tok, h.scale_stride_tok, dim, scale, zero);
+    for (int r = 0; r < nq; ++r) {
+      const float* qr = q + size_t(r) * dim;
+      float* fr = qf + size_t(r) * dim;
+      float b = 0.f;
+      for (int d = 0; d < dim; ++d) {
+        fr[d] = qr[d] * scale[d];
+        b += qr[d] * zero[d];
+      }
+      bias[r] = b;
+    }
+    cpu::int4_codes_to_float(h.data + int64_t(j) * h.stride_tok, h.stride_tok, n, avail - (j - ja), dim, kbuf);
+    float* sj = s + (j - ja);
+    cpu::qk_block(qf, nq, kbuf, dim, n, n, dim, sj, lds);
+    for (int r = 0; r < nq; ++r) {
+      float* sr = sj + size_t(r) * lds;
+      for (int t = 0; t < n; ++t) sr[t] += bias[r];
+    }
+    j += n;
+  }
+}
+
 // Plain 16-bit storage: a converted copy through the instruction-set-dispatched row converter.
 template <typename S, void (*Convert)(const uint16_t*, int64_t, int, int, int, float*)>
 struct RowReader16 {
