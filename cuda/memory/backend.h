@@ -106,9 +106,10 @@ class PhysicalBackend {
   // backend's own stream and waited for (the background thread). The host writes synchronously.
   virtual void zero(uintptr_t addr, size_t bytes, uintptr_t stream, bool wait) = 0;
   // Copies [src, src + bytes) to [dst, dst + bytes), both mapped, not overlapping: the private copy
-  // of a shared page (prefix sharing). Ordered like zero: on `stream` without a host wait, or on the
-  // backend's own stream and waited for (wait, or a stream being captured). The host copies at once.
-  virtual void copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream, bool wait) = 0;
+  // of a shared page (prefix sharing). The device backend enqueues it on `stream` (after the writes
+  // of src there, before later work; no host wait) and refuses while a graph is being captured. The
+  // host copies at once.
+  virtual void copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream) = 0;
 
   // Bytes of physical memory really held (measured where the backend can, e.g. memfd blocks).
   virtual size_t resident_bytes() const = 0;

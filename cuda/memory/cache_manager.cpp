@@ -293,6 +293,15 @@ void CacheManager::unmap_pages(int64_t slot, const std::vector<size_t>& drop, st
   }
 }
 
+void CacheManager::unmap_all(int64_t slot) {
+  const Slot& s = slots_[static_cast<size_t>(slot)];
+  std::vector<size_t> drop(regions_.size());
+  for (size_t r = 0; r < drop.size(); ++r) drop[r] = s.pages[r].size();
+  std::vector<PageHandle> pages;
+  unmap_pages(slot, drop, &pages, nullptr);
+  for (PageHandle h : pages) pool_->release(h, true);
+}
+
 // Collects `count` unmapped pages: pool first, then new pages under the cap, then (when allowed)
 // pages of free slots and the mapped-ahead surplus of live slots not in `protect`. On failure the
 // caller undoes `taken`.
@@ -436,15 +445,9 @@ int64_t CacheManager::alloc(uintptr_t stream) {
 void CacheManager::free(int64_t slot) {
   std::lock_guard<std::mutex> lk(mu_);
   Slot& s = live_slot(slot);
-  if (slot_shared_pages(s) > 0) {
-    // Idle slots hold only private pages (their pages are handed to the next request as they are):
-    // a slot that shares pages gives back all of its mappings now (shared ones lose a reference).
-    std::vector<size_t> drop(regions_.size());
-    for (size_t r = 0; r < drop.size(); ++r) drop[r] = s.pages[r].size();
-    std::vector<PageHandle> pages;
-    unmap_pages(slot, drop, &pages, nullptr);
-    for (PageHandle h : pages) pool_->release(h, true);
-  }
+  // Idle slots hold only private pages (their pages are handed to the next request as they are):
+  // a slot that shares pages gives back all of its mappings now (shared ones lose a reference).
+  if (slot_shared_pages(s) > 0) unmap_all(slot);
   s.live = false;
   s.length = 0;
   s.target = 0;
@@ -789,13 +792,7 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
     copies += ntotal[r] - nshare[r];
   }
   // dst stores nothing: its idle pages go to the pool (it gets src's page layout instead).
-  if (b.mapped > 0) {
-    std::vector<size_t> drop(R);
-    for (size_t r = 0; r < R; ++r) drop[r] = b.pages[r].size();
-    std::vector<PageHandle> pages;
-    unmap_pages(dst, drop, &pages, nullptr);
-    for (PageHandle h : pages) pool_->release(h, true);
-  }
+  if (b.mapped > 0) unmap_all(dst);
   std::vector<Taken> taken;
   std::vector<char> protect(slots_.size(), 0);
   protect[static_cast<size_t>(src)] = protect[static_cast<size_t>(dst)] = 1;
@@ -820,7 +817,7 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
     // shared part) holds the same bytes in dst as in src.
     for (size_t r = 0; r < R; ++r) {
       const size_t k = ntotal[r] - nshare[r];
-      if (k > 0) backend_->copy(page_addr(r, dst, nshare[r]), page_addr(r, src, nshare[r]), k * page_, stream, false);
+      if (k > 0) backend_->copy(page_addr(r, dst, nshare[r]), page_addr(r, src, nshare[r]), k * page_, stream);
     }
     if (copies > 0) backend_->record_use(stream);  // an unmap of either slot waits for the copies
   } catch (...) {
@@ -893,7 +890,7 @@ int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& fro
   size_t done = 0;
   try {
     for (size_t i = 0; i < n; ++i) {
-      backend_->copy(scratch.base() + i * page_, page_addr(todo[i].first, slot, todo[i].second), page_, stream, false);
+      backend_->copy(scratch.base() + i * page_, page_addr(todo[i].first, slot, todo[i].second), page_, stream);
     }
     backend_->record_use(stream);  // the unmaps below wait for the copies
     for (; done < n; ++done) {

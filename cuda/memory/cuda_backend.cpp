@@ -330,23 +330,15 @@ void CudaBackend::zero(uintptr_t addr, size_t bytes, uintptr_t stream, bool wait
   check(api_, api_.memset_d8_async(static_cast<CUdeviceptr>(addr), 0, bytes, s), "cuMemsetD8Async");
 }
 
-void CudaBackend::copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream, bool wait) {
+void CudaBackend::copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream) {
   CtxScope scope(api_, ctx_);
   CUstream s = reinterpret_cast<CUstream>(stream);
   // A copy recorded into a graph would run at replay, long after the mapping it was made for.
   if (capturing(api_, s))
     throw std::runtime_error("vattn: cannot copy a shared page while a CUDA graph is being captured");
-  const auto d = static_cast<CUdeviceptr>(dst), from = static_cast<CUdeviceptr>(src);
-  if (wait) {
-    if (zero_stream_ == nullptr)
-      check(api_, api_.stream_create(&zero_stream_, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
-    check(api_, api_.stream_synchronize(s), "cuStreamSynchronize");  // the writes of src before the copy
-    check(api_, api_.memcpy_dtod_async(d, from, bytes, zero_stream_), "cuMemcpyDtoDAsync");
-    check(api_, api_.stream_synchronize(zero_stream_), "cuStreamSynchronize");
-    return;
-  }
   // Ordered after the caller's writes of src and before its later work on the same stream.
-  check(api_, api_.memcpy_dtod_async(d, from, bytes, s), "cuMemcpyDtoDAsync");
+  check(api_, api_.memcpy_dtod_async(static_cast<CUdeviceptr>(dst), static_cast<CUdeviceptr>(src), bytes, s),
+        "cuMemcpyDtoDAsync");
 }
 
 uintptr_t CudaBackend::do_reserve(size_t bytes) {

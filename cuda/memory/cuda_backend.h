@@ -33,7 +33,7 @@ class CudaBackend final : public PhysicalBackend {
   void record_use(uintptr_t stream) override;
   void wait_uses() override;
   void zero(uintptr_t addr, size_t bytes, uintptr_t stream, bool wait) override;
-  void copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream, bool wait) override;
+  void copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream) override;
   int device() const { return ordinal_; }
   size_t granularity() const { return granularity_; }
 
@@ -68,7 +68,7 @@ class CudaBackend final : public PhysicalBackend {
   // The last event recorded on each stream that used the memory (record_use); unmap waits on
   // these. Accessed under the manager's mutex only.
   std::vector<std::pair<uintptr_t, CUevent>> uses_;
-  CUstream zero_stream_ = nullptr;  // zero / copy (wait = true): the backend's own non-blocking stream
+  CUstream zero_stream_ = nullptr;  // zero(wait = true): the backend's own non-blocking stream
 };
 
 }  // namespace memory

@@ -135,7 +135,7 @@ void HostBackend::zero(uintptr_t addr, size_t bytes, uintptr_t, bool) {
   std::memset(reinterpret_cast<void*>(addr), 0, bytes);
 }
 
-void HostBackend::copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t, bool) {
+void HostBackend::copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t) {
   std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
 }
 

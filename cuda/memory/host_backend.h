@@ -29,7 +29,7 @@ class HostBackend final : public PhysicalBackend {
   size_t resident_bytes() const override;                        // memfd st_blocks * 512
   void synchronize() override {}                                 // the CPU writes synchronously
   void zero(uintptr_t addr, size_t bytes, uintptr_t stream, bool wait) override;
-  void copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream, bool wait) override;
+  void copy(uintptr_t dst, uintptr_t src, size_t bytes, uintptr_t stream) override;
 
   static size_t os_page_bytes();
 
