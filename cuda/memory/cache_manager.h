@@ -246,6 +246,8 @@ class CacheManager {
   // changes); the pages are returned in `out` (region-major order) or recorded as stolen.
   void unmap_pages(int64_t slot, const std::vector<size_t>& drop, std::vector<PageHandle>* out,
                    std::vector<Taken>* stolen);
+  // Unmaps every page of a slot (one backend call); private pages go to the pool (dirty).
+  void unmap_all(int64_t slot);
   void shrink_locked(int64_t slot, int64_t n, const std::vector<int64_t>& region_tokens);
   void enforce_watermark();
   void note_change();
