@@ -300,20 +300,22 @@ void fp8_e4m3_rows_to_float(const uint8_t* src, int64_t stride, const float* sca
   }
 }
 
-// int4: the four bytes of eight codes broadcast to every lane; lane k shifts right by 4k, so
-// nibble k (element k: bytes hold elements 2i, 2i + 1 in their low, high nibbles) ends in its
-// low bits. Product and sum are rounded apart, as in Format::dequant: the empty asm keeps the
-// compiler from fusing them into an FMA (the build contracts a * b + c by default).
+// int4 elements d..d+7 of a packed row (p = row + d / 2) as floats 0..15: the four bytes of eight
+// codes broadcast to every lane; lane k shifts right by 4k, so nibble k (element k: bytes hold
+// elements 2i, 2i + 1 in their low, high nibbles) ends in its low bits.
+static inline __m256 int4_codes8(const uint8_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shifts), _mm256_set1_epi32(0xf)));
+}
+// int4: product and sum are rounded apart, as in Format::dequant: the empty asm keeps the compiler
+// from fusing them into an FMA (the build contracts a * b + c by default).
 static inline void int4_row(const uint8_t* r, float s, float z, int dim, float* o) {
   const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i nib = _mm256_set1_epi32(0xf);
   int d = 0;
   for (; d + 8 <= dim; d += 8) {
-    int32_t w;
-    std::memcpy(&w, r + d / 2, 4);
-    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shifts), nib);
-    __m256 prod = _mm256_mul_ps(_mm256_cvtepi32_ps(c), sv);
+    __m256 prod = _mm256_mul_ps(int4_codes8(r + d / 2), sv);
     __asm__("" : "+x"(prod));
     _mm256_storeu_ps(o + d, _mm256_add_ps(prod, zv));
   }
@@ -333,14 +335,9 @@ void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, 
 
 // int4_ch: as int4_row, with the group's per-channel scale and zero vectors instead of one pair.
 static inline void int4_ch_row(const uint8_t* r, const float* scale, const float* zero, int dim, float* o) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i nib = _mm256_set1_epi32(0xf);
   int d = 0;
   for (; d + 8 <= dim; d += 8) {
-    int32_t w;
-    std::memcpy(&w, r + d / 2, 4);
-    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shifts), nib);
-    __m256 prod = _mm256_mul_ps(_mm256_cvtepi32_ps(c), _mm256_loadu_ps(scale + d));
+    __m256 prod = _mm256_mul_ps(int4_codes8(r + d / 2), _mm256_loadu_ps(scale + d));
     __asm__("" : "+x"(prod));
     _mm256_storeu_ps(o + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
   }
@@ -348,21 +345,12 @@ static inline void int4_ch_row(const uint8_t* r, const float* scale, const float
 }
 
 void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i nib = _mm256_set1_epi32(0xf);
   for (int j = 0; j < n; ++j) {
     const uint8_t* r = src + j * stride;
-    if (j + kPrefetchRowsQuant < n_avail) {
-      for (int o = 0; o < dim / 2; o += 64) __builtin_prefetch(r + kPrefetchRowsQuant * stride + o, 0, 3);
-    }
+    if (j + kPrefetchRowsQuant < n_avail) prefetch_bytes(r + kPrefetchRowsQuant * stride, dim / 2);
     float* o = dst + (int64_t)j * dim;
     int d = 0;
-    for (; d + 8 <= dim; d += 8) {
-      int32_t w;
-      std::memcpy(&w, r + d / 2, 4);
-      const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shifts), nib);
-      _mm256_storeu_ps(o + d, _mm256_cvtepi32_ps(c));
-    }
+    for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(o + d, int4_codes8(r + d / 2));
     for (; d < dim; ++d) o[d] = float(quant::int4_code(r, d));
   }
 }

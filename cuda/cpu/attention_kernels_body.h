@@ -29,9 +29,13 @@ static inline float half_to_float(uint16_t h) {
   return bits_to_float(u | (uint32_t(h & 0x8000u) << 16));
 }
 
-// Prefetch of a quantized row (bytes) and of its scale words, `kPrefetchRowsQuant` rows ahead.
-static inline void prefetch_quant_row(const void* row, int bytes, const float* scale) {
+// Prefetch of `bytes` of a quantized row, and (prefetch_quant_row) of its scale words,
+// `kPrefetchRowsQuant` rows ahead.
+static inline void prefetch_bytes(const void* row, int bytes) {
   for (int o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(row) + o, 0, 3);
+}
+static inline void prefetch_quant_row(const void* row, int bytes, const float* scale) {
+  prefetch_bytes(row, bytes);
   __builtin_prefetch(scale, 0, 3);
 }
 
@@ -199,9 +203,7 @@ void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, 
 void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
   for (int j = 0; j < n; ++j) {
     const uint8_t* r = src + j * stride;
-    if (j + kPrefetchRowsQuant < n_avail) {
-      for (int o = 0; o < dim / 2; o += 64) __builtin_prefetch(r + kPrefetchRowsQuant * stride + o, 0, 3);
-    }
+    if (j + kPrefetchRowsQuant < n_avail) prefetch_bytes(r + kPrefetchRowsQuant * stride, dim / 2);
     float* o = dst + (int64_t)j * dim;
 #pragma omp simd
     for (int i = 0; i < dim / 2; ++i) {

@@ -73,6 +73,13 @@ inline void int4_ch_load_params(const float* gw, int64_t ws_tok, int dim, float*
     zero[i] = gw[quant::int4_ch_param(dim + i, ws_tok)];
   }
 }
+// The group of int4_ch token t: loads its parameters and returns how many of the tokens t..end-1
+// belong to it (its rows share them).
+inline int int4_ch_group_at(const HeadRows<Int4ChannelFormat>& h, int t, int end, int dim, float* scale, float* zero) {
+  const int G = Int4ChannelFormat::group(dim), g = t / G;
+  int4_ch_load_params(h.scale + int64_t(g) * G * h.scale_stride_tok, h.scale_stride_tok, dim, scale, zero);
+  return std::min(end - t, (g + 1) * G - t);
+}
 // A reader walks the rows group by group: the group's parameters are loaded once, then its rows
 // convert through the instruction-set-dispatched int4_ch_rows_to_float (exact:
 // quant::int4_ch_value per element). A group's words may sit in tokens past the row's length (the
@@ -86,11 +93,9 @@ struct RowReader<Int4ChannelFormat> {
     if (params.size() < size_t(2) * dim) params.resize(size_t(2) * dim);
     float* scale = params.data();
     float* zero = scale + dim;
-    const int G = Int4ChannelFormat::group(dim);
     for (int j = 0; j < nk;) {
-      const int t = j0 + j, g = t / G;
-      const int n = std::min(nk - j, (g + 1) * G - t);
-      int4_ch_load_params(h.scale + int64_t(g) * G * h.scale_stride_tok, h.scale_stride_tok, dim, scale, zero);
+      const int t = j0 + j;
+      const int n = int4_ch_group_at(h, t, j0 + nk, dim, scale, zero);
       cpu::int4_ch_rows_to_float(h.data + int64_t(t) * h.stride_tok, h.stride_tok, scale, zero, n, avail - j, dim,
                                  buf + int64_t(j) * dim);
       j += n;
@@ -113,11 +118,8 @@ inline void int4_ch_qk(const HeadRows<Int4ChannelFormat>& h, const float* q, int
   float* scale = qf + size_t(nq) * dim;
   float* zero = scale + dim;
   float* bias = zero + dim;
-  const int G = Int4ChannelFormat::group(dim);
   for (int j = ja; j < je;) {
-    const int g = j / G;
-    const int n = std::min(je - j, (g + 1) * G - j);
-    int4_ch_load_params(h.scale + int64_t(g) * G * h.scale_stride_tok, h.scale_stride_tok, dim, scale, zero);
+    const int n = int4_ch_group_at(h, j, je, dim, scale, zero);
     for (int r = 0; r < nq; ++r) {
       const float* qr = q + size_t(r) * dim;
       float* fr = qf + size_t(r) * dim;
