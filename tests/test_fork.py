@@ -238,9 +238,8 @@ def test_share_prefix_on_page_boundary_copies_nothing():
     assert c.shared_pages(d) == 3 and c.length(d) == n and c.position(d) == n
     append(c, d, chunk(g, 5))  # lands on a fresh page of d's own
     assert c.shared_pages(d) == 3
-    kd, _ = c.kv(0)
-    ka, _ = c.kv(0)
-    assert torch.equal(kd[d, :n], ka[a, :n])
+    k0, _ = c.kv(0)
+    assert torch.equal(k0[d, :n], k0[a, :n])
 
 
 def test_share_prefix_refusals():

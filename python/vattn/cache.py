@@ -245,7 +245,7 @@ class KVCache:
         if self._group > 1:
             if self.head_dim % 2:
                 raise ValueError(f"int4 keys (int4_ch) need an even head_dim, got {self.head_dim}")
-            self.max_seq_len = -(-self.max_seq_len // self._group) * self._group
+            self.max_seq_len = self._group_end(self.max_seq_len)
         if dev.type == "cuda":
             if not _C.built_with_cuda:
                 raise RuntimeError(
@@ -844,6 +844,11 @@ class KVCache:
         if self._scores is not None:
             self._scores[dst] = self._scores[src]
 
+    def _group_end(self, n: int) -> int:
+        """n rounded up to whole groups of int4_ch keys (n itself for other formats): a group's
+        parameters live in the scale words of all its tokens."""
+        return -(-n // self._group) * self._group
+
     def _region_min_tokens(self, heads: np.ndarray) -> List[int]:
         """Per manager region, the tokens every head of it stores (the shortest head): writes to the
         region (appends, compaction) land at or beyond them."""
@@ -852,12 +857,11 @@ class KVCache:
         return np.repeat(heads.min(axis=1).astype(np.int64), 2).tolist()
 
     def _unshare(self, slot: int, from_heads: np.ndarray) -> None:
-        """Copy-on-write: private copies of the shared pages of slot that writes from per-(layer,
-        head) token from_heads on may touch."""
-        if slot in self._shared:
-            left = self._m.make_private(slot, self._region_min_tokens(from_heads), self._stream())
-            if left == 0:
-                self._shared.discard(slot)
+        """Copy-on-write for a slot in self._shared: private copies of its shared pages that writes
+        from per-(layer, head) token from_heads on may touch."""
+        left = self._m.make_private(slot, self._region_min_tokens(from_heads), self._stream())
+        if left == 0:
+            self._shared.discard(slot)
 
     def _region_tokens(self, heads: np.ndarray) -> List[int]:
         """Tokens each manager region must keep for per-(layer, kv head) stored counts [L, H]:

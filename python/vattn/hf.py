@@ -646,30 +646,21 @@ class VAttnCache(Cache):
                 f"vattn: the new batch of {len(order)} rows needs {len(order)} slots; the cache has "
                 f"max_batch={kv.max_batch} (pass a larger max_batch to VAttnCache.for_model)"
             )
-        made = []
         early = forks > free_now
         if early:  # the rows that go away make room
             for s in unused:
                 kv.free(s)
             unused = []
         try:
-            new_slots = []
-            for j, fork in plan:
-                if fork:
-                    made.append(kv.fork(slots[j]))
-                    new_slots.append(made[-1])
-                else:
-                    new_slots.append(slots[j])
+            made = iter(self._fork_slots([slots[j] for j, fork in plan if fork]))
         except BaseException:
-            for t in made:
-                kv.free(t)
             if early:
                 self.reset()
                 raise MemoryError("vattn: a beam fork failed after dropped beams were freed; the cache was reset")
             raise
         for s in unused:
             kv.free(s)
-        self._slots = new_slots
+        self._slots = [next(made) if fork else slots[j] for j, fork in plan]
         self._lengths = [self._lengths[j] for j in order]
         self._real = self._real[order].copy()
 
@@ -825,17 +816,21 @@ class VAttnCache(Cache):
             raise
         return new
 
-    def _fork_copy(self, memo) -> "VAttnCache":
-        """deepcopy on the same vattn.KVCache: every row forked (full pages shared, not copied)."""
-        kv = self.kv
-        made = []
+    def _fork_slots(self, slots: list) -> list:
+        """A fork of each slot (vattn.KVCache.fork), all or nothing."""
+        kv, made = self.kv, []
         try:
-            for s in self._slots:
+            for s in slots:
                 made.append(kv.fork(s))
         except BaseException:
             for t in made:
                 kv.free(t)
             raise
+        return made
+
+    def _fork_copy(self, memo) -> "VAttnCache":
+        """deepcopy on the same vattn.KVCache: every row forked (full pages shared, not copied)."""
+        made = self._fork_slots(self._slots)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__ = dict(self.__dict__)
@@ -859,7 +854,6 @@ class VAttnCache(Cache):
         rows = [(s, d, n) for s, d, n in zip(self._slots, new._slots, self._lengths) if n > 0]
         if not rows:
             return
-        group = src._group  # int4_ch keys: a group's parameters live in the scale words of all its tokens
         step = dst.begin_step(slots=[d for _, d, _ in rows], new_tokens=[n for _, _, n in rows])
         try:
             for layer in range(self.num_layers):
@@ -868,7 +862,7 @@ class VAttnCache(Cache):
                     if a is None:
                         continue
                     for s, d, n in rows:
-                        m = -(-n // group) * group
+                        m = src._group_end(n)  # int4_ch: the last group's parameters too
                         b[d, :m].copy_(a[s, :m])
         except BaseException:
             dst.abort_step(step)
@@ -998,7 +992,6 @@ class VAttnCache(Cache):
         codes and scale words), so rows that merely look alike are never merged."""
         kv, slots, lengths, real = self.kv, self._slots, self._lengths, self._real
         cols = self._columns
-        group = kv._group
         views = None
         leader = 0
         for b in range(1, len(slots)):
@@ -1008,7 +1001,7 @@ class VAttnCache(Cache):
                 continue
             if views is None:
                 views = [kv.kv(layer) + kv.kv_scales(layer) for layer in range(self.num_layers)]
-            m = -(-n // group) * group  # int4 keys: the last group's parameters span the whole group
+            m = kv._group_end(n)  # int4 keys: the last group's parameters span the whole group
             a, d = slots[leader], slots[b]
             same = all(x is None or torch.equal(x[a, :m], x[d, :m]) for vs in views for x in vs)
             if same and kv._key_means is not None:
