@@ -146,3 +146,18 @@ def test_edge_cases(device, impl):
         empty_q = q[:0]
         out = vattn.decode_attention(empty_q, kc, vc, torch.zeros(0, dtype=torch.int32, device=device))
         assert out.shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [8, 40, 72, 128])
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("window", [-1, 37])
+def test_prefill_gemm_tiles_cpu(dtype, dim, group, window):
+    """CPU prefill tiles of many rows take the packed GEMM path (attention_kernels_avx2.h): rows not
+    a multiple of the 6-row tile, key blocks cut short by lengths, the causal diagonal and a window
+    (blocks that start inside a 16-key panel), head dims below, between and at whole 16-lane panels,
+    and a cached prefix under the chunk; bf16 / fp16 K and V are converted rows fed to the same tiles."""
+    case = Case(lens=[131, 300, 17, 64], hkv=2, group=group, dim=dim, q_lens=[131, 97, 17, 1], window_left=window)
+    q, kc, vc, kw = build(case, dtype, "token_major", "cpu", seed=dim * 10 + group)
+    out, lse = _run("prefill", q, kc, vc, kw)
+    assert_attention_close(out, lse, q, kc, vc, kw, f"gemm-{dim}-{group}-{window}")

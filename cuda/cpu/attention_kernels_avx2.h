@@ -74,8 +74,214 @@ static inline void qk_rows(const float* q, int dim, const float* k, int64_t ks, 
   for (; j < nk; ++j) qk_tile<R, 1>(q, dim, k + j * ks, ks, s + j, lds);
 }
 
+// ---- GEMM-style QK and PV for query tiles of many rows (prefill) -------------------------------
+// S = Q K^T and O += P V as matrix products over chunks of up to kGemmKeys keys. Each chunk is
+// first packed into panels of 16 columns (K^T: 16 keys x head_dim; V: head_dim in slices of 16
+// lanes x the keys), contiguous, zero-padded: the cache's rows are a power of two of bytes apart
+// (heads, layers), so reading the same slice of many rows directly would fall into a few L1 sets.
+// Then a 6 x 16 register tile (12 accumulators) walks the panel with one broadcast element of q
+// (or of P) and two panel vectors per step: 12 FMAs per 8 loads and no horizontal sums. Packing
+// is one pass over the chunk, shared by every row of the tile.
+constexpr int kGemmKeys = 64;
+constexpr int kPanel = 16;
+
+static inline int round_panel(int n) { return (n + kPanel - 1) / kPanel * kPanel; }
+
+// r[c] = column c of the 8 x 8 block whose rows are r[0..7] (an in-register transpose).
+static inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// K^T panels of nk keys: panel c holds keys [16c, 16c + 16) as kt[(c * dim + d) * 16 + j % 16];
+// keys past nk are 0. Rows past nk and lanes past dim are never read.
+static inline void pack_kt(const float* k, int64_t ks, int nk, int dim, float* kt) {
+  for (int j0 = 0; j0 < round_panel(nk); j0 += 8) {
+    const int rows = nk - j0 >= 8 ? 8 : (nk - j0 > 0 ? nk - j0 : 0);
+    float* panel = kt + (int64_t)(j0 / kPanel) * dim * kPanel + j0 % kPanel;
+    for (int d0 = 0; d0 < dim; d0 += 8) {
+      const int w = dim - d0 < 8 ? dim - d0 : 8;
+      const __m256i m = lane_mask(w);
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const float* src = k + (j0 + i) * ks + d0;
+        r[i] = i >= rows ? _mm256_setzero_ps() : (w == 8 ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m));
+      }
+      transpose8(r);
+      for (int i = 0; i < w; ++i) _mm256_storeu_ps(panel + (int64_t)(d0 + i) * kPanel, r[i]);
+    }
+  }
+}
+
+// V panels of n keys: panel c holds lanes [16c, 16c + 16) of every key, vp[(c * n + j) * 16 + l];
+// lanes past dim are 0.
+static inline void pack_v(const float* v, int64_t vs, int n, int dim, float* vp) {
+  for (int j = 0; j < n; ++j) {
+    const float* src = v + j * vs;
+    for (int d0 = 0; d0 < dim; d0 += kPanel) {
+      float* dst = vp + ((int64_t)(d0 / kPanel) * n + j) * kPanel;
+      const int w = dim - d0;
+      if (w >= 16) {
+        _mm256_storeu_ps(dst, _mm256_loadu_ps(src + d0));
+        _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + d0 + 8));
+      } else {
+        _mm256_storeu_ps(dst, _mm256_maskload_ps(src + d0, lane_mask(w < 8 ? w : 8)));
+        _mm256_storeu_ps(dst + 8, _mm256_maskload_ps(src + d0 + 8, lane_mask(w > 8 ? w - 8 : 0)));
+      }
+    }
+  }
+}
+
+// s[r * lds + c] = q[r] . K^T[:, c] for R <= 6 rows and the 16 columns of one K^T panel; only the
+// first ncols (<= 16) columns are stored.
+template <int R>
+static inline void qk_gemm_tile(const float* q, int dim, const float* panel, float* s, int lds, int ncols) {
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int d = 0; d < dim; ++d) {
+    const __m256 b0 = _mm256_loadu_ps(panel + d * kPanel), b1 = _mm256_loadu_ps(panel + d * kPanel + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(q + (int64_t)r * dim + d);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  if (ncols == kPanel) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(s + (int64_t)r * lds, c0[r]);
+      _mm256_storeu_ps(s + (int64_t)r * lds + 8, c1[r]);
+    }
+    return;
+  }
+  const __m256i m0 = lane_mask(ncols < 8 ? ncols : 8), m1 = lane_mask(ncols > 8 ? ncols - 8 : 0);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm256_maskstore_ps(s + (int64_t)r * lds, m0, c0[r]);
+    _mm256_maskstore_ps(s + (int64_t)r * lds + 8, m1, c1[r]);
+  }
+}
+
+// acc[r][0:w) += sum_j p[r * ldp + j] * panel[j][0:w) for R <= 6 rows, n keys and one V panel
+// (w <= 16 valid lanes; kFull: w == 16).
+template <int R, bool kFull>
+static inline void pv_gemm_tile(const float* p, int ldp, const float* panel, int n, float* acc, int dim, int w) {
+  const __m256i m0 = lane_mask(w < 8 ? w : 8), m1 = lane_mask(w > 8 ? w - 8 : 0);
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float* a = acc + (int64_t)r * dim;
+    c0[r] = kFull ? _mm256_loadu_ps(a) : _mm256_maskload_ps(a, m0);
+    c1[r] = kFull ? _mm256_loadu_ps(a + 8) : _mm256_maskload_ps(a + 8, m1);
+  }
+  for (int j = 0; j < n; ++j) {
+    const __m256 v0 = _mm256_loadu_ps(panel + j * kPanel), v1 = _mm256_loadu_ps(panel + j * kPanel + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(p + (int64_t)r * ldp + j);
+      c0[r] = _mm256_fmadd_ps(a, v0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, v1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* a = acc + (int64_t)r * dim;
+    if (kFull) {
+      _mm256_storeu_ps(a, c0[r]);
+      _mm256_storeu_ps(a + 8, c1[r]);
+    } else {
+      _mm256_maskstore_ps(a, m0, c0[r]);
+      _mm256_maskstore_ps(a + 8, m1, c1[r]);
+    }
+  }
+}
+
+// Calls tile(std::integral_constant<int, R>{}, i) for row tiles [i, i + R) covering [0, nq): sixes,
+// then one tile of the rest.
+template <class Tile>
+static inline void row_tiles(int nq, Tile&& tile) {
+  int i = 0;
+  for (; i + 6 <= nq; i += 6) tile(std::integral_constant<int, 6>{}, i);
+  switch (nq - i) {
+    case 5: tile(std::integral_constant<int, 5>{}, i); break;
+    case 4: tile(std::integral_constant<int, 4>{}, i); break;
+    case 3: tile(std::integral_constant<int, 3>{}, i); break;
+    case 2: tile(std::integral_constant<int, 2>{}, i); break;
+    case 1: tile(std::integral_constant<int, 1>{}, i); break;
+    default: break;
+  }
+}
+
+// Scratch of the packed panels, per thread.
+static inline float* gemm_scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+static void qk_gemm(const float* q, int nq, const float* k, int64_t k_stride, int nk, int dim, float* s, int lds) {
+  float* kt = gemm_scratch((size_t)kGemmKeys * dim);
+  for (int j0 = 0; j0 < nk; j0 += kGemmKeys) {
+    const int n = nk - j0 < kGemmKeys ? nk - j0 : kGemmKeys;
+    pack_kt(k + j0 * k_stride, k_stride, n, dim, kt);
+    // Panels outer (one panel, 16 x head_dim floats, stays in L1), row tiles inner.
+    for (int c0 = 0; c0 < n; c0 += kPanel) {
+      const float* panel = kt + (int64_t)(c0 / kPanel) * dim * kPanel;
+      const int ncols = n - c0 < kPanel ? n - c0 : kPanel;
+      row_tiles(nq, [&](auto R, int i) {
+        qk_gemm_tile<R>(q + (int64_t)i * dim, dim, panel, s + (int64_t)i * lds + j0 + c0, lds, ncols);
+      });
+    }
+  }
+}
+
+static void pv_gemm(const float* p, int ldp, int nq, const float* v, int64_t v_stride, int nk, int dim, float* acc) {
+  float* vp = gemm_scratch((size_t)kGemmKeys * round_panel(dim));
+  for (int j0 = 0; j0 < nk; j0 += kGemmKeys) {
+    const int n = nk - j0 < kGemmKeys ? nk - j0 : kGemmKeys;
+    pack_v(v + j0 * v_stride, v_stride, n, dim, vp);
+    // Panels outer (kGemmKeys x 16 floats stay in L1), row tiles inner.
+    for (int d0 = 0; d0 < dim; d0 += kPanel) {
+      const float* panel = vp + (int64_t)(d0 / kPanel) * n * kPanel;
+      const int w = dim - d0 < kPanel ? dim - d0 : kPanel;
+      row_tiles(nq, [&](auto R, int i) {
+        const float* pi = p + (int64_t)i * ldp + j0;
+        float* ai = acc + (int64_t)i * dim + d0;
+        if (w == kPanel)
+          pv_gemm_tile<R, true>(pi, ldp, panel, n, ai, dim, w);
+        else
+          pv_gemm_tile<R, false>(pi, ldp, panel, n, ai, dim, w);
+      });
+    }
+  }
+}
+
+// Query tiles from this many rows on take the GEMM path (prefill); decode tiles (one GQA group)
+// keep the dot-product tiles below, for which packing would cost as much as the products.
+constexpr int kGemmMinRows = 12;
+
 void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s,
               int lds) {
+  if (nq >= kGemmMinRows) {
+    qk_gemm(q, nq, k, k_stride, nk, dim, s, lds);
+    return;
+  }
   // Row tiles of 3 rows x 4 keys (GQA groups of 3, 6, ...) or 4 rows x 2 keys (groups of 4, 8,
   // and prefill tiles): at most 16 live registers. The first row tile walks the block first and
   // prefetches ahead of it.
@@ -108,7 +314,9 @@ template <int R, int W, bool kMask>
 static inline void pv_tile(const float* p, int ldp, const float* v, int64_t vs, int nk, int nk_avail, bool prefetch,
                            int dim, float* acc, int d0, __m256i m) {
   __m256 a[R][W];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int w = 0; w < W; ++w) {
       const float* src = acc + (int64_t)r * dim + d0 + 8 * w;
       a[r][w] = (kMask && w == W - 1) ? _mm256_maskload_ps(src, m) : _mm256_loadu_ps(src);
@@ -116,15 +324,34 @@ static inline void pv_tile(const float* p, int ldp, const float* v, int64_t vs, 
   for (int j = 0; j < nk; ++j) {
     const float* vj = v + j * vs + d0;
     if (prefetch && j + kPrefetchRows < nk_avail) prefetch_row(v + (j + kPrefetchRows) * vs, dim);
-    // Registers: R broadcast weights + one V vector + R * W accumulators <= 16.
-    __m256 pw[R];
-    for (int r = 0; r < R; ++r) pw[r] = _mm256_broadcast_ss(p + (int64_t)r * ldp + j);
-    for (int w = 0; w < W; ++w) {
-      const __m256 vv = (kMask && w == W - 1) ? _mm256_maskload_ps(vj + 8 * w, m) : _mm256_loadu_ps(vj + 8 * w);
-      for (int r = 0; r < R; ++r) a[r][w] = _mm256_fmadd_ps(pw[r], vv, a[r][w]);
+    if constexpr (W <= 2) {
+      // Registers: W V vectors + one broadcast weight + R * W accumulators <= 16 (R <= 6).
+      __m256 vv[W];
+#pragma GCC unroll 8
+      for (int w = 0; w < W; ++w)
+        vv[w] = (kMask && w == W - 1) ? _mm256_maskload_ps(vj + 8 * w, m) : _mm256_loadu_ps(vj + 8 * w);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 pw = _mm256_broadcast_ss(p + (int64_t)r * ldp + j);
+#pragma GCC unroll 8
+        for (int w = 0; w < W; ++w) a[r][w] = _mm256_fmadd_ps(pw, vv[w], a[r][w]);
+      }
+    } else {
+      // Registers: R broadcast weights + one V vector + R * W accumulators <= 16.
+      __m256 pw[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) pw[r] = _mm256_broadcast_ss(p + (int64_t)r * ldp + j);
+#pragma GCC unroll 8
+      for (int w = 0; w < W; ++w) {
+        const __m256 vv = (kMask && w == W - 1) ? _mm256_maskload_ps(vj + 8 * w, m) : _mm256_loadu_ps(vj + 8 * w);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) a[r][w] = _mm256_fmadd_ps(pw[r], vv, a[r][w]);
+      }
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int w = 0; w < W; ++w) {
       float* dst = acc + (int64_t)r * dim + d0 + 8 * w;
       if (kMask && w == W - 1)
@@ -159,6 +386,10 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
   // Keys go in runs of kRun: a tile makes one pass per slice of head_dim, and a run's V rows stay
   // in L1 (and its pages in the TLB: rows can be a page apart) across those passes; the
   // accumulators are loaded and stored once per run.
+  if (nq >= kGemmMinRows) {
+    pv_gemm(p, ldp, nq, v, v_stride, nk, dim, acc);
+    return;
+  }
   constexpr int kRun = 16;
   const bool threes = nq % 3 == 0 && nq % 4 != 0;
   for (int j0 = 0; j0 < nk; j0 += kRun) {
