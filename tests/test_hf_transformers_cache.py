@@ -6,7 +6,7 @@ SyntheticCacheTest) and the cache parts of tests/generation/test_utils.py (Gener
 Where transformers checks a cache against expected text, here VAttnCache is checked against
 transformers' DynamicCache on the same inputs (token-identical, logits / K/V within fp32 noise).
 Behaviours that cannot apply to VAttnCache (offloading, transformers' QuantizedCache, StaticCache
-and sliding-window storage, torch.compile / torch.export, `cache_implementation=` strings, strategies
+and sliding-window storage, torch.export, `cache_implementation=` strings, strategies
 transformers 5.x moved to the Hub) are explicit skips with their reason, so this file lists them.
 
 Tiny random Llama (no download); SmolLM2 (the model of transformers' CacheIntegrationTest) where
@@ -326,7 +326,9 @@ def test_data_parallel_dynamic_cache():
 
 def test_static_cache_no_cuda_graph_skips():
     pytest.skip(
-        "StaticCache + automatic torch.compile CUDA graphs: VAttnCache is not compileable (is_compileable False)"
+        "StaticCache + automatic torch.compile with no CUDA graph skipped: needs CUDA; VAttnCache's per-layer op "
+        "(torch.ops.vattn.hf_attend) maps pages on the host, so it is tagged cudagraph_unsafe and inductor keeps "
+        "it out of its CUDA graphs (compiled decode on CPU: tests/test_hf_compile.py)"
     )
 
 
@@ -346,8 +348,9 @@ def test_cache_gptj_model():
 
 def test_dynamic_cache_exportability():
     pytest.skip(
-        "torch.export of a model with its cache: VAttnCache keeps host-side bookkeeping (numpy masks, slot "
-        "lists) and calls vattn's native ops, so it is not traceable (is_compileable False)"
+        "torch.export of a model with its cache: a traced VAttnCache forward calls torch.ops.vattn.hf_attend on "
+        "the live cache (named by a process-local handle, its host bookkeeping inside the op), so an exported "
+        "program cannot outlive that cache (torch.compile of the decode step: tests/test_hf_compile.py)"
     )
 
 
@@ -775,24 +778,41 @@ def test_generate_with_quant_cache():
 
 
 def test_generate_compile_model_forward_not_compiled(tiny):
-    """GenerationTesterMixin.test_generate_compile_model_forward, eager half: a cache that is not
-    compileable (DynamicCache there, VAttnCache here) does not trigger generate's automatic compile,
-    and two generations in a row on different inputs both equal DynamicCache's."""
+    """GenerationTesterMixin.test_generate_compile_model_forward, eager half: without a compile_config
+    generate compiles nothing on CPU (transformers auto-compiles only on accelerators, even for a
+    compileable cache such as VAttnCache), and two generations in a row on different inputs both equal
+    DynamicCache's."""
     model, tok = tiny
     sets = [tok(["abc", "defgh"]), tok(["xyzzy", "uv"])]
     for enc in sets:
         cache = _cache(model, 2)
-        assert cache.is_compileable is False
+        assert cache.is_compileable is True
         out = _gen(model, enc, 5, cache, logits=False)
         assert not hasattr(model, "_compiled_call")
         assert torch.equal(out.sequences, _gen(model, enc, 5, logits=False).sequences)
 
 
-def test_generate_compile_model_forward_compiled():
-    pytest.skip(
-        "compiled decode (cache_implementation='static' + torch.compile fullgraph): VAttnCache.is_compileable is "
-        "False today (host-side bookkeeping and vattn native ops in the attention path)"
-    )
+def test_generate_compile_model_forward_compiled(tiny):
+    """GenerationTesterMixin.test_generate_compile_model_forward, compiled half: with a compile_config
+    (fullgraph; _compile_all_devices so that it applies on CPU) generate runs the decode forwards
+    compiled, and two generations in a row on different inputs both equal DynamicCache's
+    (more in tests/test_hf_compile.py)."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    model, tok = tiny
+    config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        for enc in (tok(["abc", "defgh"]), tok(["xyzzy", "uv"])):
+            out = _gen(model, enc, 5, _cache(model, 2), logits=False, compile_config=config)
+            assert hasattr(model, "_compiled_call")
+            assert torch.equal(out.sequences, _gen(model, enc, 5, logits=False).sequences)
+    finally:
+        model.__dict__.pop("_compiled_call", None)
+        model.__dict__.pop("_last_compile_config", None)
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("mode", ["greedy", "assisted"])

@@ -22,11 +22,26 @@ How it plugs in (supported extension points only, no model code is patched):
 - Positions as transformers sees them ("columns", padding included) are tracked separately from the
   tokens each slot really holds, so `get_seq_length()` and continuing `generate` on the same cache
   behave exactly like `DynamicCache`.
+- torch.compile (`is_compileable` is True): traced, the attention function records one opaque op per
+  layer, `torch.ops.vattn.hf_attend`, whose implementation is the eager code above (mapping pages,
+  MemoryError, commit after the last layer included), so a compiled forward (fullgraph=True) behaves
+  exactly like an eager one. The op names the cache by a host int64 handle tensor (a graph input: a
+  new cache of the same shape reuses the graph) and is declared to mutate it, which keeps every call
+  and their order; tagged cudagraph_unsafe, so inductor keeps it out of CUDA graphs. With the default
+  dynamic=None the second compiled step recompiles once (mask width and column count turn symbolic),
+  later steps never; dynamic=True compiles once. dynamic=False does not work: the mask grows and
+  transformers' mask code reads the column count as a Python int (get_mask_sizes / get_query_offset),
+  so every step recompiles until dynamo's recompile limit (as with DynamicCache).
+  generate() compiles the decode forward itself for a compileable cache on CUDA (transformers'
+  default CompileConfig; `disable_compile=True` turns that off), on CPU only with a compile_config
+  whose `_compile_all_devices` is set.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import itertools
 import threading
 import weakref
 from typing import Any, Optional
@@ -188,6 +203,54 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, kwargs)
 
 
 # --------------------------------------------------------------------------------------------
+# torch.compile: the per-layer work of a VAttnCache as one opaque op
+
+
+_op_ids = itertools.count(1)
+_op_cores: "weakref.WeakValueDictionary[int, _Core]" = weakref.WeakValueDictionary()  # op_handle -> _Core
+
+# Not capturable in a CUDA graph (it maps pages and reads the mask on the host): with the tag (torch
+# >= 2.8) inductor keeps it out of its CUDA graphs (graph partitions around it, or no CUDA graph).
+_HF_ATTEND_TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+_HF_ATTEND_OPTIONS = (
+    {"tags": _HF_ATTEND_TAGS} if "tags" in inspect.signature(torch.library.custom_op).parameters else {}
+)
+
+
+# `handle` is declared mutated (the op never writes it): it stands for the cache state the op reads and
+# writes, which the schema cannot name. So the compiler keeps every call (a mutating op is never dead
+# code) and keeps the calls on one cache in program order (each reads the handle "written" by the one
+# before), while calls on different caches stay independent.
+@torch.library.custom_op("vattn::hf_attend", mutates_args=("handle",), **_HF_ATTEND_OPTIONS)
+def _op_attend(
+    handle: torch.Tensor,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scaling: Optional[float],
+    window_left: int,
+    softcap: float,
+) -> torch.Tensor:
+    """One layer of a forward on the VAttnCache family named by `handle` (_Core.op_handle): exactly
+    VAttnCache._attend_eager (opens the vattn step at the first layer, maps pages, stores K/V, attends,
+    commits after the last layer). This is what a torch.compile'd forward records per layer: the
+    cache's host bookkeeping stays out of the graph, the graph sees a function of q/k/v and the mask.
+    Internal to vattn.hf (its state is the cache, which the schema cannot name)."""
+    core = _op_cores.get(int(handle))
+    if core is None or core.closed:
+        raise RuntimeError("vattn: the VAttnCache this compiled forward was called with is gone")
+    return core.handle()._attend_eager(layer, query, key, value, mask, scaling, window_left, softcap)
+
+
+@_op_attend.register_fake
+def _(handle, layer, query, key, value, mask, scaling, window_left, softcap):
+    batch, heads, q_len, dim = query.shape
+    return query.new_empty((batch, q_len, heads, dim))
+
+
+# --------------------------------------------------------------------------------------------
 # the Cache
 
 
@@ -241,7 +304,7 @@ class _Core:
     finalizer) the family's slots are freed and the storage closes if no other family uses it; a
     shallow copy that is dropped while another handle lives closes nothing."""
 
-    __slots__ = ("storage", "handles", "slots", "closed", "__weakref__")
+    __slots__ = ("storage", "handles", "slots", "closed", "op_handle", "__weakref__")
 
     def __init__(self, storage: _Storage):
         self.storage = storage
@@ -249,6 +312,12 @@ class _Core:
         self.handles = weakref.WeakSet()
         self.slots: Optional[list] = None  # vattn slot of each batch row (VAttnCache._slots)
         self.closed = False
+        # What a compiled forward passes to torch.ops.vattn.hf_attend to name this family (see _op_attend):
+        # a host int64 scalar, so a graph input rather than a constant the graph would be specialized on.
+        op_id = next(_op_ids)
+        _op_cores[op_id] = self
+        with torch.inference_mode(False):  # a normal tensor even if made under inference_mode
+            self.op_handle = torch.tensor(op_id, dtype=torch.int64, device="cpu")
 
     @property
     def kv(self):
@@ -282,7 +351,7 @@ class _Core:
 class VAttnLayer(CacheLayerMixin):
     """One model layer's view of a VAttnCache (transformers' Cache is a list of layers)."""
 
-    is_compileable = False
+    is_compileable = True
     is_croppable = True
     is_sliding = False
     supports_early_init = False
@@ -369,6 +438,9 @@ class VAttnCache(Cache):
     `generate(..., cache_implementation="vattn")` is not possible, since transformers (checked in 5.24)
     has no registry for cache implementations; GenerationConfig.validate accepts only its fixed
     ALL_CACHE_IMPLEMENTATIONS (+ "paged") and generate builds those caches itself.
+
+    torch.compile: a compiled forward (or generate's auto-compile) runs the same cache code per layer
+    through one opaque op (see the module docstring); is_compileable is True.
 
     Copies: `copy.copy(cache)` is another handle on the same cache (the storage goes with the last
     handle); `copy.deepcopy(cache)` an independent cache with the same tokens: its rows are forks of
@@ -1052,6 +1124,17 @@ class VAttnCache(Cache):
         return x.index_select(0, fw.flat_idx)
 
     def _attend(self, module, layer: int, query, key, value, mask2d, scaling, kwargs):
+        window_left = _sliding_window(module, kwargs)
+        softcap = float(kwargs.get("softcap") or 0.0)
+        if vattn.ops._direct_ok(query, key, value):
+            return self._attend_eager(layer, query, key, value, mask2d, scaling, window_left, softcap), None
+        # Traced (torch.compile, export) or another non-plain mode: one opaque op per layer.
+        out = torch.ops.vattn.hf_attend(
+            self._core.op_handle, layer, query, key, value, mask2d, scaling, window_left, softcap
+        )
+        return out, None
+
+    def _attend_eager(self, layer: int, query, key, value, mask2d, scaling, window_left: int, softcap: float):
         batch, hq, q_len, dim = query.shape
         fw = self._forward
         if fw is None or layer in fw.done or fw.batch != batch or fw.q_len != q_len:
@@ -1059,7 +1142,6 @@ class VAttnCache(Cache):
             self._abort_forward()
             fw = self._begin_forward(batch, q_len, mask2d, query.device)
         fw.done.add(layer)  # (before any raise below: the next forward then drops this one)
-        window_left = _sliding_window(module, kwargs)
         if window_left >= 0 and self._has_holes(fw):
             # vattn stores no padding, so its window counts stored tokens; transformers counts
             # positions, holes included. Left padding (holes only before the first real token) agrees.
@@ -1084,7 +1166,7 @@ class VAttnCache(Cache):
                 fw.step,
                 scale=scaling,
                 window_left=window_left,
-                softcap=float(kwargs.get("softcap") or 0.0),
+                softcap=softcap,
                 **extra,
             )
             if fw.all_real:
@@ -1094,4 +1176,4 @@ class VAttnCache(Cache):
                 out = out.view(batch, q_len, hq, dim)
         if len(fw.done) == self.num_layers:
             self._end_forward(fw)
-        return out, None
+        return out
