@@ -271,7 +271,11 @@ I4_ATTN_CASES = [
     Case(lens=[64, 129], hkv=2, group=1, dim=64, softcap=30.0),
     Case(lens=[300, 17, 90], hkv=2, group=2, dim=128, head_lens=[[300, 7], [0, 17], [45, 90]]),
     Case(lens=[2000], hkv=1, group=8, dim=256, scale=0.3),
+    Case(lens=[1, 31, 32, 33, 200], hkv=2, group=3, dim=64),
 ]
+# q dtype per case: 16-bit ones reach the fast kernels (split-KV decode at head dims 64-256,
+# tensor-core prefill at 64 / 128) under impl "fast"; float32 runs the plain kernels.
+I4_ATTN_DTYPES = [torch.bfloat16, torch.float16, torch.bfloat16, torch.float16, torch.bfloat16, torch.float32]
 
 
 @pytest.mark.gpu
@@ -279,9 +283,10 @@ I4_ATTN_CASES = [
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
 @pytest.mark.parametrize("idx", range(len(I4_ATTN_CASES)))
 def test_int4_ch_attention_matches_cpu(impl, prefill, idx):
-    """Decode / prefill over int4_ch keys (both impls run the plain kernels): the CPU op's values."""
+    """Decode / prefill over int4_ch keys, fast (split-KV decode folding the group parameters into
+    q, the tensor-core prefill's int4_ch tile loader) and plain kernels: the CPU op's values."""
     case = I4_ATTN_CASES[idx]
-    dtype = [torch.float32, torch.float16, torch.bfloat16][idx % 3]
+    dtype = I4_ATTN_DTYPES[idx]
     lens = case.lens
     heads, dim = case.hkv, case.dim
     cpu, gpu = _i4_filled(len(lens), lens, heads, dim, seed=idx, dtype=dtype)

@@ -18,6 +18,12 @@
 # nibble into the mantissa of 2^23); scales apply per key (logit = scale * q.raw + zero * sum(q),
 # o += (p * scale) * raw, zero points through a per-head scalar). The reference dequantizes the
 # stored bytes independently (kv_format.h's definition), in float64.
+# int4_ch keys ("int4ch": int4 codes, a scale and a zero per channel over groups of G = HD / 2
+# tokens, parameter i of a group in word i % 4 of its token i / 4): no words travel with the
+# tiles; each key group's lanes fold the parameters of the group of the key they read into q
+# (q * s, and q . z added to the dot product) when the key passes the folded group, reading them
+# from the cache -- only inside the row's mapped whole groups. The reference dequantizes code * s
+# + z in float64 (the kernel's fold equals it up to fp32 rounding, which a GPU test bounds).
 import math
 import pathlib
 import struct
@@ -35,6 +41,7 @@ _FMT_STRUCT = {
     "fp8": "DeviceKvFormat<Fp8E4M3Format>",
     "int8": "DeviceKvFormat<Int8Format>",
     "int4": "DeviceKvFormat<Int4Format>",
+    "int4ch": "DeviceKvFormat<Int4ChannelFormat>",
 }
 # Per format: elements per 16-byte chunk, bytes of one lane piece, scale words, zero point.
 FMT = {
@@ -46,6 +53,8 @@ FMT = {
     )
     for k, v in _FMT_STRUCT.items()
 }
+CH_WORDS = constant("cuda/include/vattn/quant.h", "kInt4ChWords")  # cache words per int4ch token
+assert FMT["int4ch"]["words"] == 0  # no words in the tiles: the kernel folds the group into q
 assert FMT["f16"]["epc"] == H["elems_per_chunk"]
 
 NEG = -np.inf
@@ -225,7 +234,7 @@ def decode_piece(fmt, piece, arch):
             biased = w ^ 0x80808080
             for i in range(4):
                 out.append(float(np.float32(f32(byte_perm(biased, 0x4B000000, 0x7540 | i))) - np.float32(8388736.0)))
-    elif fmt == "int4":
+    elif fmt in ("int4", "int4ch"):
         (w,) = words
         for i in range(8):
             out.append(float(np.float32(f32(0x4B000000 | ((w >> (4 * i)) & 0xF))) - np.float32(8388608.0)))
@@ -252,7 +261,20 @@ def dequant_row(fmt, row_bytes, words, HD):
 
 
 def row_bytes(fmt, HD):
-    return HD // 2 if fmt == "int4" else HD
+    return HD // 2 if fmt in ("int4", "int4ch") else HD
+
+
+def group_size(HD):
+    """G of int4_ch (quant::int4_ch_group): head_dim / 2 tokens."""
+    return HD // 2
+
+
+def group_params(words, row, gi, kvh, HD):
+    """Scales and zeros [HD] of group gi of one (row, kv head) of an int4ch side, read as the
+    kernel reads them: parameter i at word (i & 3) of the group's token (i >> 2)."""
+    G = group_size(HD)
+    par = np.array([words[row, gi * G + (i >> 2), kvh, i & 3] for i in range(2 * HD)])
+    return par[:HD], par[HD:]
 
 
 def random_side(rng, fmt, shape_tok, HD):
@@ -390,10 +412,25 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
         return np.concatenate([decode_piece(fmt, m[dl * pb : (dl + 1) * pb], arch) for dl in range(NP)])
 
     def scale_zero(fmt, name, W, stg, r):
-        if fmt == "f16":
+        if fmt in ("f16", "int4ch"):
             return 1.0, 0.0
         w = pipe.m[name][stg]
         return w[r * W] * decode_mul(fmt, arch), (w[r * W + 1] if FMT[fmt]["zero"] else 0.0)
+
+    # int4ch K: per key group, q * s of the folded group, q . z, and the first key past it.
+    G = group_size(HD)
+    qs = np.zeros((KPI, GB, HD))
+    qz = np.zeros((KPI, GB))
+    knext = np.zeros(KPI, np.int64)
+
+    def fold(grp, j):
+        gi = j // G
+        assert gi * G + G <= cdiv(L, G) * G, f"group {gi} of key {j} is past the row's mapped groups"
+        sc, ze = group_params(K["words"], row, gi, kvh, HD)
+        assert not (np.isnan(sc).any() or np.isnan(ze).any()), f"read unwritten parameters of group {gi}"
+        qs[grp] = qv * sc
+        qz[grp] = qv @ ze
+        knext[grp] = (gi + 1) * G
 
     m = np.full((KPI, GB), NEG)
     d = np.zeros((KPI, GB))
@@ -418,7 +455,12 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
                 for kk in range(NK):
                     r = (u * NK + kk) * KPI + grp
                     j = tstart + r
-                    dot = qv @ raw(kf, "k", stg, r)
+                    if kf == "int4ch":
+                        if j < end and j >= knext[grp]:
+                            fold(grp, j)
+                        dot = qs[grp] @ raw(kf, "k", stg, r) + qz[grp]
+                    else:
+                        dot = qv @ raw(kf, "k", stg, r)
                     ks, kz = scale_zero(kf, "kw", KW, stg, r)
                     x = dot * ks + kz * qsum
                     if a["cap2"] > 0:
@@ -495,6 +537,15 @@ def dequant_side(side, HD):
         return side["data"].astype(np.float64)
     data, words = side["data"], side["words"]
     outv = np.full(data.shape[:3] + (HD,), np.nan)
+    if side["fmt"] == "int4ch":
+        G = group_size(HD)
+        for row, t, kvh in np.ndindex(*data.shape[:3]):
+            if not np.isnan(data[row, t, kvh]).any():
+                b = data[row, t, kvh].astype(np.int64)
+                codes = np.array([(int(b[i >> 1]) >> (4 * (i & 1))) & 0xF for i in range(HD)], np.float64)
+                sc, ze = group_params(words, row, t // G, kvh, HD)
+                outv[row, t, kvh] = codes * sc + ze
+        return outv
     for idx in np.ndindex(*data.shape[:3]):
         if not np.isnan(data[idx]).any():
             outv[idx] = dequant_row(side["fmt"], data[idx].astype(np.int64), words[idx], HD)
@@ -529,6 +580,19 @@ def make_side(rng, fmt, rows, max_seq, HKV, HD, written):
             data[r, :n] = rng.standard_normal((n, HKV, HD)).astype(np.float16)
         return dict(fmt=fmt, data=data, words=None)
     data = np.full((rows, max_seq, HKV, row_bytes(fmt, HD)), np.nan)
+    if fmt == "int4ch":  # codes of the written tokens, parameters of every group they touch
+        G = group_size(HD)
+        assert max_seq % G == 0, "an int4_ch cache holds whole groups"
+        words = np.full((rows, max_seq, HKV, CH_WORDS), np.nan)
+        for r, n in written:
+            data[r, :n] = rng.integers(0, 256, size=(n, HKV, row_bytes(fmt, HD)))
+            for gi in range(cdiv(n, G)):
+                sc = rng.uniform(0.1, 0.6, size=(HKV, HD))
+                ze = rng.uniform(-4, 0, size=(HKV, HD))
+                par = np.concatenate([sc, ze], -1).astype(np.float32).astype(np.float64)  # [HKV, 2 HD]
+                for i in range(2 * HD):
+                    words[r, gi * G + (i >> 2), :, i & 3] = par[:, i]
+        return dict(fmt=fmt, data=data, words=words)
     words = np.full((rows, max_seq, HKV, FMT[fmt]["words"]), np.nan)
     for r, n in written:
         data[r, :n], words[r, :n] = random_side(rng, fmt, (n, HKV), HD)
@@ -731,6 +795,49 @@ CASES = [
         arch=80,
     ),
     dict(name="int4 HD 96, GQA 8", HD=96, B=1, HQ=8, HKV=1, lens=[100], max_seq=128, sms=1, kf="int4", vf="int4"),
+    # int4_ch keys: splits and tiles that start inside a group, windows, per-head lengths, G = 48.
+    dict(
+        name="int4ch K, int4 V, splits",
+        HD=64,
+        B=2,
+        HQ=4,
+        HKV=2,
+        lens=[470, 33],
+        max_seq=512,
+        sms=8,
+        kf="int4ch",
+        vf="int4",
+    ),
+    dict(
+        name="int4ch K, int8 V, window + softcap, GQA 3 -> 4",
+        HD=128,
+        B=1,
+        HQ=6,
+        HKV=2,
+        lens=[555],
+        max_seq=640,
+        window=301,
+        softcap=25.0,
+        sms=4,
+        kf="int4ch",
+        vf="int8",
+    ),
+    dict(
+        name="int4ch K, fp8 V, per-head lengths, hint low",
+        HD=96,
+        B=2,
+        HQ=16,
+        HKV=2,
+        lens=[0, 0],
+        head_lens=[[200, 7], [0, 150]],
+        max_seq=240,
+        hint=60,
+        sms=2,
+        kf="int4ch",
+        vf="fp8",
+        arch=90,
+    ),
+    dict(name="int4ch HD 256, GQA 8", HD=256, B=1, HQ=8, HKV=1, lens=[300], max_seq=384, sms=2, kf="int4ch", vf="int4"),
     # Split counts from the occupancy (choose_splits): one exact wave, two whole waves, and a grid
     # wider than a wave split once more for fuller waves; real lengths below and above the hint.
     dict(name="occ 2: one whole wave", HD=128, B=1, HQ=8, HKV=2, lens=[2500], max_seq=2600, sms=3, occ=2),
@@ -814,7 +921,7 @@ def check_plans(verbose=True):
     rule. Returns the list of problems."""
     problems, rows = [], []
     for HD in (64, 96, 128, 256):
-        for kf, vf in (("f16", "f16"), ("int8", "int8"), ("int4", "int4")):
+        for kf, vf in (("f16", "f16"), ("int8", "int8"), ("int4", "int4"), ("int4ch", "int8")):
             for hq in (8, 24, 32, 64, 96):
                 for sms in PLAN_SMS:
                     for occ in PLAN_OCCS:
@@ -826,7 +933,11 @@ def check_plans(verbose=True):
     rng = np.random.default_rng(12)
     for _ in range(1500):
         HD = int(rng.choice([64, 96, 128, 256]))
-        kf, vf = [str(x) for x in rng.choice(["f16", "int8", "int4", "fp8"], 2)]
+        kf, vf = [str(x) for x in rng.choice(["f16", "int8", "int4", "fp8", "int4ch"], 2)]
+        if vf == "int4ch":  # values are stored per token
+            vf = "int4"
+        if kf == "int4ch" and vf == "f16" or kf == "f16" and vf != "f16":  # both plain or both quantized
+            vf = "int8" if kf != "f16" else "f16"
         hkv = int(rng.choice([1, 2, 4, 8]))
         hq = hkv * int(rng.choice([1, 2, 3, 4, 5, 8, 12, 16]))
         batch = int(rng.choice([1, 1, 2, 3, 7, 16, 64, 300]))

@@ -3,7 +3,9 @@
 # Line-by-line numpy port of prefill_fa2_kernel (addresses, ldmatrix, mma fragments, masks,
 # online softmax, epilogue), run per CTA, compared with a float64 reference. Quantized K/V
 # (fp8 / int8 / int4) go through a model of QuantTileLoader (unit -> thread mapping, swizzled
-# chunk offsets, row masks, the bit operations of the code conversions).
+# chunk offsets, row masks, the bit operations of the code conversions); int4_ch keys ("int4ch")
+# through a model of Int4ChTileLoader (each row's group parameters, 4 words a load, from the
+# words of the group's tokens; code * scale rounded, + zero rounded).
 import numpy as np
 import math
 import pathlib
@@ -97,7 +99,12 @@ def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=NT_CTA):
 # A quantized cache side is (codes uint8 [max_seq, D * bits / 8], words float32 [max_seq, n]).
 # The loader is synchronous: its shared stores land at once (no sm.pending), which is what the
 # kernel's schedule must tolerate. Conversions mirror the CUDA bit operations.
-QUANT = {"fp8": dict(bits=8, words=1), "int8": dict(bits=8, words=1), "int4": dict(bits=4, words=2)}
+QUANT = {
+    "fp8": dict(bits=8, words=1),
+    "int8": dict(bits=8, words=1),
+    "int4": dict(bits=4, words=2),
+    "int4ch": dict(bits=4, words=4),  # words of a token; a group's 2 * D parameters span its G tokens
+}
 TWO23 = np.float32(8388608.0)
 
 
@@ -168,6 +175,44 @@ def load_tile_quant(sm, base_off, rows, D, side, fmt, row0, lo, hi, NT=NT_CTA):
                 sm.m[dst : dst + 8] = np.array(vals, np.float32).astype(np.float16)  # rounded to T once
 
 
+def load_tile_int4ch(sm, base_off, rows, D, side, row0, lo, hi, NT=NT_CTA):
+    """Int4ChTileLoader::load: units of 32 codes per thread as QuantTileLoader's; a live row's
+    group parameters (scale i at word i % 4 of the group's token i / 4, zero i at parameter D + i)
+    read 4 at a time."""
+    codes, words = side
+    G = D // 2
+    upr = D // 32
+    assert (rows * upr) % NT == 0
+    kch = D // 8
+    for it in range(rows * upr // NT):
+        for tid in range(NT):
+            idx = it * NT + tid
+            r, u = idx // upr, idx % upr
+            for c in range(4):
+                dst = (base_off + offset(r, u * 4 + c, kch)) // 2
+                if not lo <= r < hi:
+                    sm.m[dst : dst + 8] = 0.0
+                    continue
+                tok = row0 + r
+                assert 0 <= tok < codes.shape[0], "read invalid row %d" % tok
+                gtok = tok - tok % G
+                cw = int(codes[tok, u * 16 + 4 * c : u * 16 + 4 * c + 4].view("<u4")[0])
+                e0 = u * 32 + c * 8
+
+                def par4(i):
+                    w = words[gtok + (i >> 2)]
+                    assert not np.isnan(w).any(), "read unwritten parameters of token %d's group" % tok
+                    return list(w)
+
+                sc = par4(e0) + par4(e0 + 4)
+                ze = par4(D + e0) + par4(D + e0 + 4)
+                vals = []
+                for k in range(8):
+                    code = small_uint_to_float((cw >> (4 * k)) & 0xF)
+                    vals.append(np.float32(np.float32(code * np.float32(sc[k])) + np.float32(ze[k])))
+                sm.m[dst : dst + 8] = np.array(vals, np.float32).astype(np.float16)  # rounded to T once
+
+
 def fp8_value(b):  # e4m3fn by definition (independent of the bit trick)
     sgn = -1.0 if b & 0x80 else 1.0
     e = (b >> 3) & 0xF
@@ -182,6 +227,20 @@ def quant_side(rng, fmt, L, max_seq, D):
     codes = np.full((max_seq, D * bits // 8), 0xFF, np.uint8)
     words = np.full((max_seq, QUANT[fmt]["words"]), np.nan, np.float32)
     vals = np.zeros((L, D), np.float32)
+    if fmt == "int4ch":  # codes of tokens < L, the parameters of every group they touch
+        G = D // 2
+        assert max_seq % G == 0
+        c = rng.integers(0, 16, (L, D))
+        codes[:L] = (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
+        for gi in range(-(-L // G)):
+            sc = rng.uniform(0.1, 0.4, D).astype(np.float32)
+            ze = rng.uniform(-2, -0.5, D).astype(np.float32)
+            par = np.concatenate([sc, ze])
+            for i in range(2 * D):  # quant.h int4_ch_param: word i % 4 of token i / 4
+                words[gi * G + i // 4, i % 4] = par[i]
+            t = slice(gi * G, min(L, gi * G + G))
+            vals[t] = (c[t].astype(np.float32) * sc).astype(np.float32) + ze
+        return (codes, words), vals
     for j in range(L):
         if fmt == "int8":
             c = rng.integers(-127, 128, D)
@@ -209,6 +268,8 @@ def quant_side(rng, fmt, L, max_seq, D):
 def load_kv(sm, base_off, rows, D, src, fmt, row0, lo, hi):
     if fmt is None:
         load_tile(sm, base_off, rows, D, src, row0, lo, hi)
+    elif fmt == "int4ch":
+        load_tile_int4ch(sm, base_off, rows, D, src, row0, lo, hi)
     else:
         load_tile_quant(sm, base_off, rows, D, src, fmt, row0, lo, hi)
 
@@ -397,6 +458,8 @@ def reference(q, K, V, n_b, L, scale, softcap, wl):
 def run(D, MT, BN, n_b, L, wl, softcap, seed, kfmt=None, vfmt=None, max_seq=None):
     rng = np.random.default_rng(seed)
     max_seq = max_seq or L + 37
+    if kfmt == "int4ch":  # whole groups
+        max_seq = -(-max_seq // (D // 2)) * (D // 2)
     q = rng.standard_normal((n_b, D)).astype(np.float16).astype(np.float32)
     K = np.full((max_seq, D), np.nan, np.float32)
     V = np.full((max_seq, D), np.nan, np.float32)
@@ -447,6 +510,10 @@ if __name__ == "__main__":
         (64, 1, 64, 70, 150, 40, 0, 11, "int4", "int8"),
         (128, 1, 64, 30, 95, -1, 0, 12, "fp8", "int4"),
         (64, 1, 64, 20, 20, -1, 10.0, 13, "int8", "fp8"),
+        # int4_ch keys: G = 32 (two groups a tile) and 64 (one), windows, a partial last group.
+        (64, 1, 64, 70, 150, 40, 0, 14, "int4ch", "int4"),
+        (128, 1, 64, 65, 300, 100, 5.0, 15, "int4ch", "int8"),
+        (128, 1, 64, 3, 77, -1, 0, 16, "int4ch", "fp8"),
     ]
     # The cases run exactly the (D, MT, BN) configurations prefill.cu instantiates.
     assert sorted({c[:3] for c in cases}) == H["configs"], (sorted({c[:3] for c in cases}), H["configs"])

@@ -6,8 +6,8 @@
 // Per-token attention scores (p.scores, score_mode): after either kernel, the score kernel of
 // scores.cuh (attention_scores.cu) turns the final LSE into per-key probabilities.
 // K/V formats (both kernels): the plain format of the q dtype, or any pair of quantized formats
-// (fp8_e4m3 / int8 / int4, K and V apart) with their fp32 scale words; int4_ch keys (parameters
-// per channel over groups of tokens) in the plain kernel only (no chunk interface: split_tile 0).
+// (fp8_e4m3 / int8 / int4, K and V apart) with their fp32 scale words, and int4_ch keys
+// (parameters per channel over groups of tokens; the split kernel folds them into q).
 // No host synchronization and no allocation: split partials live in the caller's workspace,
 // sized by decode_workspace_bytes() with the same plan.
 #include <cmath>
@@ -128,7 +128,7 @@ void validate(const AttentionParams& p) {
   dispatch_dtype(p.dtype, [&](auto t) {
     cuda::dispatch_attention_kv_pair<decltype(t)>(p.kv.k_format, p.kv.v_format, "decode_attention", [](auto, auto) {});
   });
-  cuda::check_grouped_kv(p.kv, p.head_dim, "decode_attention");  // int4_ch: whole groups (plain kernel only)
+  cuda::check_grouped_kv(p.kv, p.head_dim, "decode_attention");  // int4_ch: whole groups, 32-bit offsets
   if (p.kv.num_rows < 0 || p.kv.max_seq < 0) bad("cache num_rows and max_seq must be >= 0");
   if (!std::isfinite(p.scale)) bad("scale must be finite");
   if (!std::isfinite(p.softcap)) bad("softcap must be finite");

@@ -1,8 +1,8 @@
 // Prefill / chunked-prefill attention on CUDA: parameter checks, the choice between the
 // tensor-core kernel (impl 0) and the plain kernel (impl 1, and the fallback), and launches.
 // K/V formats: the plain format of the q dtype on both sides, or any pair of quantized formats
-// (fp8_e4m3, int8, int4; dispatch_kv_pair in kv_format.h), in both kernels; a grouped format
-// (int4_ch keys, parameters per channel over groups of tokens) in the plain kernel only.
+// (fp8_e4m3, int8, int4; dispatch_kv_pair in kv_format.h), and int4_ch keys (parameters per
+// channel over groups of tokens: their own tile loader), in both kernels.
 // No host synchronization and no allocation: everything runs on p.stream.
 // Per-token attention scores (p.scores, score_mode): after either kernel, the score kernel of
 // scores.cuh (attention_scores.cu) turns the final LSE into per-key probabilities ("replace"
@@ -83,7 +83,9 @@ bool stride_ok(int64_t s, int elem_bytes) { return (s * elem_bytes) % 16 == 0; }
 //    head_dim * bits / 8 bytes, 32..128 for the head dims of the fast path (64, 128): always
 //    whole 16-byte units, so no load crosses a vector's end. vattn.KVCache records are padded
 //    to 16 bytes, so its views always qualify.
-//  - scale words are read one float at a time: any float-aligned scale tensor works.
+//  - scale words are read one float at a time: any float-aligned scale tensor works; except
+//    int4_ch keys, whose loader reads a group's words 4 at a time (16-byte aligned k_scale and
+//    scale strides).
 // Anything else (8- or 4-byte aligned user tensors, other head dims) runs the plain kernel,
 // which reads element by element: slower, but no 8- / 4-byte variants of the tile loader to
 // instantiate and test.
@@ -102,6 +104,12 @@ bool fast_path_ok(const AttentionParams& p) {
     if (!stride_ok(s, kb)) return false;
   for (int64_t s : v_strides)
     if (!stride_ok(s, vb)) return false;
+  if constexpr (is_grouped_format<KF>::value) {  // int4_ch keys: float4 loads of the group's words
+    if (!aligned16(p.kv.k_scale)) return false;
+    const int64_t ks_strides[] = {p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head};
+    for (int64_t s : ks_strides)
+      if (!stride_ok(s, 4)) return false;
+  }
   return true;
 }
 
@@ -129,10 +137,7 @@ void launch_plain(const AttentionParams& p) {
 template <typename T, typename KF, typename VF>
 void dispatch(const AttentionParams& p) {
   constexpr bool kQuant = KF::kScaleWords > 0 || VF::kScaleWords > 0;
-  // The tile loaders have no grouped format (int4_ch): the plain kernel serves it.
-  if constexpr (is_grouped_format<KF>::value || is_grouped_format<VF>::value) {
-    return launch_plain<T, KF, VF>(p);
-  } else if (p.impl == 0 && fast_path_ok<KF, VF>(p)) {
+  if (p.impl == 0 && fast_path_ok<KF, VF>(p)) {
     if (p.head_dim == 64) {
       // Quantized K/V at D = 64 always use BM = 64 (see CfgQ64 above).
       if constexpr (kQuant)

@@ -97,7 +97,7 @@ struct Int4ChannelFormat {
   static constexpr int32_t kCode = kKvInt4Channel;
   static constexpr int kElemsPerStorage = 2;
   static constexpr int kScaleWords = quant::kInt4ChWords;
-  VATTN_HD static int group(int head_dim) { return quant::int4_ch_group(head_dim); }
+  VATTN_HD static constexpr int group(int head_dim) { return quant::int4_ch_group(head_dim); }
   VATTN_HD static float dequant_grouped(const storage_t* p, const float* gw, int64_t ws_tok, int i, int head_dim) {
     return quant::int4_ch_value(quant::int4_code(p, i), gw[quant::int4_ch_param(i, ws_tok)],
                                 gw[quant::int4_ch_param(head_dim + i, ws_tok)]);

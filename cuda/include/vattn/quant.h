@@ -216,7 +216,7 @@ VATTN_HD int int4_code(const uint8_t* packed, int i) { return (packed[i >> 1] >>
 // the group's token i / 4, so every token still carries 16 bytes of scale words and a cache maps
 // them with its tokens (whole groups). reference.py holds the definition.
 constexpr int kInt4ChWords = 4;
-VATTN_HD int int4_ch_group(int head_dim) { return head_dim / 2; }
+VATTN_HD constexpr int int4_ch_group(int head_dim) { return head_dim / 2; }
 // Offset (in floats) of parameter i from the group's first token's words; ws_tok: the word stride
 // of one token.
 VATTN_HD int64_t int4_ch_param(int i, int64_t ws_tok) { return int64_t(i >> 2) * ws_tok + (i & 3); }

@@ -59,11 +59,18 @@ template <int HD, typename KF, typename VF>
 using DecodeSplitConfigFor =
     DecodeSplitConfig<HD, DeviceKvFormat<KF>::kElemsPerChunk, DeviceKvFormat<VF>::kElemsPerChunk>;
 
+// Whether the split kernel is instantiated for K in KF and V in VF: both with the chunk
+// interface, and V not grouped (values are stored per token: dispatch_attention_kv_pair).
+template <typename KF, typename VF>
+constexpr bool decode_split_formats_ok() {
+  return DeviceKvFormat<KF>::kChunked && DeviceKvFormat<VF>::kChunked && !is_grouped_format<VF>::value;
+}
+
 // Tile (keys) of the split kernel for a head dim and K/V formats; 0 when not instantiated
-// (head dim, or a format without the chunk interface).
+// (head dim, or formats outside decode_split_formats_ok).
 template <typename KF, typename VF>
 constexpr int decode_split_tile(int head_dim) {
-  if constexpr (!DeviceKvFormat<KF>::kChunked || !DeviceKvFormat<VF>::kChunked) {
+  if constexpr (!decode_split_formats_ok<KF, VF>()) {
     return 0;
   } else {
     return head_dim == 64    ? DecodeSplitConfigFor<64, KF, VF>::kTile
@@ -75,10 +82,10 @@ constexpr int decode_split_tile(int head_dim) {
 }
 
 // Largest q-head block (GB) the split kernel is instantiated with for K in KF and V in VF; 0 (no
-// instance) for a format without the chunk interface (int4_ch: the plain kernel serves it).
+// instance) for a format without the chunk interface.
 template <typename KF, typename VF>
 constexpr int decode_split_max_group_block() {
-  return DeviceKvFormat<KF>::kChunked && DeviceKvFormat<VF>::kChunked ? 8 : 0;
+  return decode_split_formats_ok<KF, VF>() ? 8 : 0;
 }
 
 constexpr int kDecodeMaxSplits = 256;

@@ -19,6 +19,15 @@
 // (4-byte cp.async into the same stage); the scales apply per key, never per element: logit =
 // scale_k * (q . code) (+ zero_k * sum(q) for int4), and V accumulates (p * scale_v) * code
 // (+ p * zero_v into one scalar per head, added to every dim before the merge).
+// int4_ch keys (a scale s_c and zero z_c per channel over groups of G = HD / 2 tokens): the
+// group's parameters fold into q instead, logit = sum_c (q_c s_c) code_c + sum_c q_c z_c, which is
+// q . (code * s + z) up to the rounding of the stored value's product and sum (reference.py
+// rounds code * s, then + z, in fp32; the fold rounds q_c s_c instead). Each lane keeps q_c s_c
+// for its 8 channels and its part of sum q_c z_c for the group of the key it last read, and
+// refolds (the group's 2 x 8 parameters of its channels, read from the cache, and q from shared
+// memory) when its next key lies in another group: once per G / kKeysPerIter keys of a lane.
+// The partial sums of q z join the dot product before the reduction over the key's lanes, so
+// they cost no shuffle.
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
@@ -49,8 +58,17 @@ __device__ __forceinline__ void cp_async_4_zfill(void* smem, const void* gmem, b
 #endif
 }
 
+// Minimum resident CTAs per SM the kernel's registers are sized for: 0 (ptxas's own choice) for
+// every format but int4_ch keys, where ptxas's occupancy-driven register target (80 at GB = 2
+// with int8 V on sm_90a) spilled; 1 lets it take the registers it needs (122 there). The
+// decode plan reads the real occupancy of each instance, so the split count follows.
+template <typename KF>
+constexpr int decode_split_min_blocks() {
+  return is_grouped_format<KF>::value ? 1 : 0;
+}
+
 template <int HD, typename T, typename KF, typename VF, int GB>
-__global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
+__global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, decode_split_min_blocks<KF>())
     decode_split_kernel(const AttentionParams p, const DecodePlanArgs a) {
   using KD = DeviceKvFormat<KF>;
   using VD = DeviceKvFormat<VF>;
@@ -69,7 +87,8 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
   constexpr int TILE = Cfg::kTile;
   constexpr int STAGES = Cfg::kStages;
   constexpr int NT = Cfg::kThreads;
-  constexpr int KW = KD::kScaleWords;  // scale words per K / V vector
+  constexpr bool KG = is_grouped_format<KF>::value;  // int4_ch keys: parameters folded into q
+  constexpr int KW = KD::kScaleWords;                // scale words per K / V vector
   constexpr int VW = VD::kScaleWords;
   constexpr int NGRP = KPI;        // independent key groups (softmax states)
   constexpr int kRowK = CHK * 16;  // bytes of one K (V) vector
@@ -144,6 +163,48 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
 #pragma unroll
       for (int g = 0; g < GB; ++g) qsum[g] += __shfl_xor_sync(0xffffffffu, qsum[g], off);
   }
+
+  // int4_ch keys: q[g][] becomes q * s of the lane's channels for the group before knext, qz[g]
+  // this lane's part of q . z (both 0 until the lane's first key in range folds a group). The
+  // scaled q of the CTA's heads waits in shared memory (q_sm, written once by the lanes of key
+  // group 0) so a fold holds only one parameter pair and one q value beyond the kernel's own
+  // registers.
+  constexpr int kQsm = KG ? GB * HD : 1;
+  static_assert(kSmemBytes + kQsm * 4 <= 48 * 1024, "static shared memory limit");
+  __shared__ float q_sm[kQsm];
+  float qz[GB];
+#pragma unroll
+  for (int g = 0; g < GB; ++g) qz[g] = 0.f;
+  int knext = 0;  // first key past the folded group (a lane's keys only grow)
+  const float* kgw_head = KG ? p.kv.k_scale + row * p.kv.ks_stride_row + int64_t(kvh) * p.kv.ks_stride_head : nullptr;
+  if constexpr (KG) {
+    if (grp == 0 && dim_active) {
+#pragma unroll
+      for (int g = 0; g < GB; ++g)
+#pragma unroll
+        for (int i = 0; i < LE; ++i) q_sm[g * HD + dl * LE + i] = q[g][i];  // 0 for padded heads
+    }
+    __syncthreads();
+  }
+  auto fold_group = [&](int gi) {
+    constexpr int G = KG ? Int4ChannelFormat::group(HD) : 1;
+    const int32_t ws = int32_t(p.kv.ks_stride_tok);  // check_grouped_kv: offsets fit 32 bits
+    const float* gw = kgw_head + int64_t(gi) * G * p.kv.ks_stride_tok;
+#pragma unroll
+    for (int g = 0; g < GB; ++g) qz[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < LE; ++i) {
+      const int c = dl * LE + i, cz = HD + c;
+      const float sc = __ldg(gw + (c >> 2) * ws + (c & 3));
+      const float ze = __ldg(gw + (cz >> 2) * ws + (cz & 3));
+#pragma unroll
+      for (int g = 0; g < GB; ++g) {
+        const float qi = q_sm[g * HD + c];
+        q[g][i] = qi * sc;
+        qz[g] = fmaf(qi, ze, qz[g]);
+      }
+    }
+  };
 
   const KS* kbase = static_cast<const KS*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
   const VS* vbase = static_cast<const VS*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
@@ -243,9 +304,19 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
       for (int kk = 0; kk < NK; ++kk) {
         const int r = (u * NK + kk) * KPI + grp;
         const int j = tstart + r;
+        if constexpr (KG) {
+          // Every lane of the key takes the same branch (same j); a key past the end keeps the
+          // lane's last group (its logit is masked below), so nothing past the row is read. A
+          // lane's keys grow (sub-tiles, then tiles), so a key at or past knext is a new group.
+          if (dim_active && j < end && j >= knext) {
+            const int gi = j / Int4ChannelFormat::group(HD);
+            fold_group(gi);
+            knext = (gi + 1) * Int4ChannelFormat::group(HD);
+          }
+        }
         float dot[GB];
 #pragma unroll
-        for (int g = 0; g < GB; ++g) dot[g] = 0.f;
+        for (int g = 0; g < GB; ++g) dot[g] = KG ? qz[g] : 0.f;
         if (dim_active) {
           float kf[LE];
           KD::decode(sk + r * kRowK + dl * KD::kPieceBytes, kf);
@@ -361,9 +432,10 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads)
 }
 
 // Calls f(kernel, threads) with the decode_split_kernel instance that serves p at this head dim
-// and group block: the element type, the K/V format pair (dispatch_kv_pair: the plain format of
-// the q dtype, or any pair of quantized formats; the caller validated them) and GB. The launch
-// and the occupancy query both go through here, so they always see the same instance.
+// and group block: the element type, the K/V format pair (dispatch_attention_kv_pair: the plain
+// format of the q dtype, or any pair of quantized formats, int4_ch as K only; the caller
+// validated them) and GB. The launch and the occupancy query both go through here, so they
+// always see the same instance.
 template <int HD, typename F>
 void with_decode_split_kernel(const AttentionParams& p, int group_block, F&& f) {
   auto go = [&](auto tag, auto kf, auto vf, auto gb) {
@@ -379,7 +451,7 @@ void with_decode_split_kernel(const AttentionParams& p, int group_block, F&& f) 
   };
   auto by_gb = [&](auto tag) {
     using T = decltype(tag);
-    dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "decode_attention", [&](auto kf, auto vf) {
+    dispatch_attention_kv_pair<T>(p.kv.k_format, p.kv.v_format, "decode_attention", [&](auto kf, auto vf) {
       switch (group_block) {
         case 1: go(tag, kf, vf, std::integral_constant<int, 1>{}); break;
         case 2: go(tag, kf, vf, std::integral_constant<int, 2>{}); break;

@@ -27,8 +27,9 @@
 //   q.r and the value's scale multiplies the softmax weight; a zero point z adds z * sum(q) to
 //   the logit and p * z to a per-head scalar added to every output dim at the end.
 // Grouped formats (int4_ch: parameters per channel over groups of G tokens, kv_format.h) have no
-// per-vector dequant and no chunk interface (kChunked is false: the split decode and tensor-core
-// prefill kernels are never instantiated for them). Scalar kernels read every format through
+// per-vector dequant; their chunk interface leaves the parameters to the kernel (see the
+// specialization below: the split decode kernel folds them into q). Scalar kernels read every
+// format through
 //   words_token<F>(j, head_dim)      the token whose scale words a reader of token j passes:
 //                                    j, or j - j % G for a grouped format
 //   dequant_elem<F>(v, w, ws_tok, i, head_dim)
@@ -208,6 +209,31 @@ struct DeviceKvFormat<Int4Format> {
   }
   __device__ __forceinline__ static float scale(const float* w) { return w[0]; }
   __device__ __forceinline__ static float zero(const float* w) { return w[1]; }
+};
+
+// int4_ch keys (kv_format.h: the codes and packing of int4, a scale and a zero per channel over
+// groups of G = head_dim / 2 tokens). Its chunk interface serves the split decode kernel, which
+// folds the group's parameters into q instead of scaling per key: logit = sum_i (q_i s_i) c_i +
+// sum_i q_i z_i (decode_split_kernel.cuh). So the pieces decode like int4's, no scale words
+// travel with the tiles (kScaleWords 0: the kernel reads each group's parameters when a lane's
+// key enters it) and scale / zero are neutral. The prefill tile loader has its own
+// specialization (prefill_tile.cuh).
+template <>
+struct DeviceKvFormat<Int4ChannelFormat> {
+  using storage_t = uint8_t;
+  static constexpr bool kChunked = true;
+  static constexpr int kElemsPerChunk = 32;
+  static constexpr int kPieceBytes = 4;
+  static constexpr int kScaleWords = 0;
+  static constexpr bool kZero = false;
+  __device__ __forceinline__ static void decode_words(const uint32_t* w, float (&x)[kLaneElems]) {
+    DeviceKvFormat<Int4Format>::decode_words(w, x);
+  }
+  __device__ __forceinline__ static void decode(const void* piece, float (&x)[kLaneElems]) {
+    decode_words(static_cast<const uint32_t*>(piece), x);
+  }
+  __device__ __forceinline__ static float scale(const float*) { return 1.f; }
+  __device__ __forceinline__ static float zero(const float*) { return 0.f; }
 };
 
 // ---- scalar reads for every format, grouped ones included -------------------------------------

@@ -8,7 +8,7 @@
 //
 // Loaders are chosen by the KV storage format (kv_format.h) and the q dtype T (the tile's
 // element type): the plain 16-bit format copies rows with cp.async (kAsync = true); a quantized
-// format (fp8_e4m3, int8, int4) loads its codes with ordinary 16-byte global loads and
+// format (fp8_e4m3, int8, int4, int4_ch keys) loads its codes with ordinary 16-byte global loads and
 // dequantizes them into the same swizzled tile with ordinary shared stores (kAsync = false: the
 // data is in shared memory when load() returns; the kernel's __syncthreads publishes it).
 //
@@ -160,9 +160,92 @@ struct QuantTileLoader {
   }
 };
 
+// int4_ch tile loader (keys; kv_format.h: int4 codes, a scale and a zero per channel over groups
+// of G = D / 2 tokens). Like QuantTileLoader it issues all code loads of a thread first, then
+// converts unit by unit; each tile row reads its group's parameters (the words of the group's
+// first token and the ones after it: parameter i is word i % 4 of token i / 4) with float4 loads
+// -- 4 channels' scales or zeros each -- straight from the cache, and computes every value as
+// reference.py does (quant::int4_ch_value: code * scale rounded, + zero rounded), rounded to T
+// once. Needs, beyond QuantTileLoader's code alignment, a 16-byte aligned scale pointer and token
+// stride (prefill.cu's fast_path_ok checks them; vattn.KVCache's records always qualify). Rows
+// outside [lo, hi) read nothing and store +0.
+template <typename T>
+struct Int4ChTileLoader {
+  static_assert(sizeof(T) == 2, "the tile holds 16-bit q dtype elements");
+  static constexpr bool kAsync = false;
+  static constexpr int kUnitBytes = 16;
+  static constexpr int kElemsPerUnit = 32;
+
+  template <int D, int ROWS, int NT>
+  static __device__ __forceinline__ void load(uint32_t smem, const void* base, int64_t stride, const float* scale,
+                                              int64_t scale_stride, int row0, int lo, int hi, int tid) {
+    using L = TileLayout<D>;
+    constexpr int G = Int4ChannelFormat::group(D);
+    static_assert(D % kElemsPerUnit == 0, "a row must be whole 16-byte units of codes");
+    constexpr int kUnitsPerRow = D / kElemsPerUnit;
+    static_assert((ROWS * kUnitsPerRow) % NT == 0, "tile units must split evenly over the threads");
+    constexpr int kIters = ROWS * kUnitsPerRow / NT;
+    const uint8_t* codes = static_cast<const uint8_t*>(base);
+
+    uint4 raw[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int idx = it * NT + tid;
+      const int r = idx / kUnitsPerRow, u = idx % kUnitsPerRow;
+      raw[it] = make_uint4(0u, 0u, 0u, 0u);
+      if (r >= lo && r < hi) raw[it] = cuda::ld_global_16_nc(codes + (int64_t(row0) + r) * stride + u * kUnitBytes);
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int idx = it * NT + tid;
+      const int r = idx / kUnitsPerRow, u = idx % kUnitsPerRow;
+      const uint32_t cw[4] = {raw[it].x, raw[it].y, raw[it].z, raw[it].w};
+      const bool live = r >= lo && r < hi;
+      const int64_t tok = int64_t(row0) + r;
+      const float* gw = live ? scale + (tok - tok % G) * scale_stride : nullptr;
+      const int32_t ss = int32_t(scale_stride);
+      // One chunk at a time (not unrolled): the loop runs between the two matrix products of
+      // the kernel, where all 255 registers are taken, so at most one chunk's 16 parameters
+      // may be in flight (unrolled, ptxas hoisted all 64 and spilled).
+#pragma unroll 1
+      for (int c = 0; c < 4; ++c) {  // 8 channels e0 .. e0 + 7 a chunk, 4 at a time
+        const uint32_t word = c == 0 ? cw[0] : c == 1 ? cw[1] : c == 2 ? cw[2] : cw[3];
+        uint32_t packed[4] = {0u, 0u, 0u, 0u};
+        if (live) {
+          const int e0 = u * kElemsPerUnit + c * 8;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float4 s4 = ld_param4(gw, e0 + 4 * h, ss);
+            const float4 z4 = ld_param4(gw, D + e0 + 4 * h, ss);
+            const float sc[4] = {s4.x, s4.y, s4.z, s4.w}, ze[4] = {z4.x, z4.y, z4.z, z4.w};
+#pragma unroll
+            for (int pr = 0; pr < 2; ++pr) {
+              const int k = 4 * h + 2 * pr;  // elements k, k + 1 of the chunk: nibbles k, k + 1 of its word
+              const float lo_v = quant::int4_ch_value(int((word >> (4 * k)) & 0xfu), sc[2 * pr], ze[2 * pr]);
+              const float hi_v =
+                  quant::int4_ch_value(int((word >> (4 * k + 4)) & 0xfu), sc[2 * pr + 1], ze[2 * pr + 1]);
+              packed[2 * h + pr] = cuda::pack2<T>(lo_v, hi_v);
+            }
+          }
+        }
+        st_shared_16(smem + L::offset(r, u * 4 + c), make_uint4(packed[0], packed[1], packed[2], packed[3]));
+      }
+    }
+  }
+
+ private:
+  // Parameters i .. i + 3 (i a multiple of 4): the 4 words of token i / 4 of the group (32-bit
+  // offsets: check_grouped_kv bounds the stride).
+  static __device__ __forceinline__ float4 ld_param4(const float* gw, int i, int32_t ss) {
+    return __ldg(reinterpret_cast<const float4*>(gw + (i >> 2) * ss));
+  }
+};
+
 // K/V tile loader by storage format and q dtype T.
 template <typename Format, typename T>
 struct KVTileLoader : QuantTileLoader<Format, T> {};
+template <typename T>
+struct KVTileLoader<Int4ChannelFormat, T> : Int4ChTileLoader<T> {};
 template <typename T>
 struct KVTileLoader<PlainFormat<T>, T> {
   static_assert(sizeof(T) == 2, "plain tile loader is for 16-bit storage");
