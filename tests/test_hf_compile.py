@@ -252,6 +252,37 @@ def test_generate_auto_compile(tiny):
     assert cache.get_seq_length() == got.sequences.shape[1] - 1
 
 
+def test_generate_auto_compile_with_decode_eviction(tiny):
+    """An eviction policy that also runs during decode (H2O every 3 steps: decode attention emits the
+    scores it reads, compaction drops tokens mid-generation) works the same in compiled steps: the
+    same tokens, compressions and stored lengths as eager generate."""
+    from transformers import CompileConfig
+
+    from vattn import policies
+
+    model, tok = tiny
+    enc = tok(PROMPTS[1:3])
+    config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    runs = []
+    try:
+        for compile_config in (None, config):
+            cache = _cache(model, 2, policy=policies.H2O(keep=0.5, recent=2, every=3))
+            extra = {} if compile_config is None else {"compile_config": compile_config}
+            before = counters["stats"]["unique_graphs"]
+            out = generate(model, enc, 12, cache, logits=False, **extra)
+            compiled = counters["stats"]["unique_graphs"] - before
+            assert (compiled > 0) == (compile_config is not None)
+            runs.append((out.sequences, [cache.kv.length(s) for s in cache._slots], len(cache.compressions)))
+    finally:
+        model.__dict__.pop("_compiled_call", None)
+        model.__dict__.pop("_last_compile_config", None)
+    (eager_seq, eager_len, eager_comp), (seq, lengths, comp) = runs
+    assert torch.equal(seq, eager_seq)
+    assert lengths == eager_len and comp == eager_comp > 0
+    assert all(n < m for n, m in zip(lengths, (enc["attention_mask"].sum(1) + 11).tolist()))  # tokens were evicted
+
+
 @pytest.mark.gpu
 def test_generate_auto_compile_cuda():
     """CUDA: generate() compiles the decode forward by itself for a compileable cache (transformers'
