@@ -7,16 +7,24 @@
 Prints a markdown table: tokens/s (batch x new tokens / wall time of generate, prefill included) of
 each cache, their ratio, whether the greedy tokens are identical, and the KV memory each one held at
 the end (DynamicCache: batch x positions, padding included; vattn: physical pages mapped).
+
+With --split, one more run of each cache per batch measures where the time goes, by wall-clock
+timers around the functions each cache's forward calls (no profiler): attention (vattn.attention;
+torch's scaled_dot_product_attention for the default cache), append (vattn.append_kv; DynamicLayer.update),
+cache bookkeeping (VAttnCache's per-forward step open / commit and the packing of padded rows; none
+for the default cache) and the model (everything else: wall time minus the three).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 
 import torch
+import transformers.cache_utils as hf_cache_utils
 
 import vattn
 import vattn.hf as vhf
@@ -45,6 +53,58 @@ def run_once(model, enc, new_tokens, device, cache):
     return out, time.perf_counter() - t
 
 
+# (owner, attribute, category) of the functions the --split run times, per cache.
+_SPLIT_TARGETS = {
+    "vattn": [
+        (vattn, "attention", "attention"),
+        (vattn, "append_kv", "append"),
+        (vhf.VAttnCache, "_begin_forward", "bookkeeping"),
+        (vhf.VAttnCache, "_end_forward", "bookkeeping"),
+        (vhf.VAttnCache, "_abort_forward", "bookkeeping"),
+        (vhf.VAttnCache, "_pack", "bookkeeping"),
+    ],
+    "default": [
+        (torch.nn.functional, "scaled_dot_product_attention", "attention"),
+        (hf_cache_utils.DynamicLayer, "update", "append"),
+    ],
+}
+SPLIT_KEYS = ("attention", "append", "bookkeeping")
+
+
+@contextlib.contextmanager
+def timed_calls(which, device, acc):
+    """Wraps the functions of _SPLIT_TARGETS[which] with wall-clock timers adding into acc[category]
+    (outermost call only, so nested timed calls are not counted twice; CUDA synchronized around each)."""
+    depth = [0]
+    saved = []
+
+    def wrap(fn, cat):
+        def timed(*a, **k):
+            if depth[0]:
+                return fn(*a, **k)
+            depth[0] += 1
+            _sync(device)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                _sync(device)
+                acc[cat] += time.perf_counter() - t
+                depth[0] -= 1
+
+        return timed
+
+    for owner, name, cat in _SPLIT_TARGETS[which]:
+        fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        saved.append((owner, name, fn))
+        setattr(owner, name, wrap(fn, cat))
+    try:
+        yield
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2")
@@ -55,6 +115,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cache (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--split", action="store_true", help="one more timed run per cache: where the time goes")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +132,7 @@ def main(argv=None):
         name, chat = "SmolLM2-135M-Instruct", True
 
     rows = []
+    splits = []
     for batch in args.batches:
         enc = encode_prompts(tok, PROMPTS[:batch], chat)
         enc = {k: v.to(device) for k, v in enc.items()}
@@ -106,6 +168,15 @@ def main(argv=None):
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         mem["default"] = batch * positions * vattn.formats.token_bytes(cfg.num_hidden_layers, kvh, hd, dtype)
         rows.append((batch, width, tps["default"], tps["vattn"], same, mem["default"], mem["vattn"]))
+        if args.split:
+            for which in ("default", "vattn"):
+                acc = dict.fromkeys(SPLIT_KEYS, 0.0)
+                cache = fresh_cache() if which == "vattn" else None
+                with timed_calls(which, device, acc):
+                    _, dt = run_once(model, enc, args.max_new_tokens, device, cache)
+                if cache is not None:
+                    cache.release()
+                splits.append((batch, which, dt, acc))
 
     info = vattn.info()
     print()
@@ -126,6 +197,17 @@ def main(argv=None):
             f"| {batch} | {width} | {d:.1f} | {v:.1f} | {v / d:.2f} | {'yes' if same else 'NO'} "
             f"| {md / 2**20:.1f} MiB | {mv / 2**20:.1f} MiB |"
         )
+    if splits:
+        print()
+        print("Where the time goes (one more run per cache; ms per generated token of the batch, share of the run):")
+        print()
+        print("| batch | cache | wall s | attention | append | cache bookkeeping | model |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
+        for batch, which, dt, acc in splits:
+            model_t = dt - sum(acc.values())
+            per = 1e3 / (batch * args.max_new_tokens)
+            cells = [f"{t * per:.2f} ms ({100 * t / dt:.0f}%)" for t in [*(acc[k] for k in SPLIT_KEYS), model_t]]
+            print(f"| {batch} | {which} | {dt:.2f} | " + " | ".join(cells) + " |")
     return 0
 
 
