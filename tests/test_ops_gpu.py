@@ -107,6 +107,76 @@ def test_cuda_graph_decode_replayed_with_growing_lengths(impl):
                 vc[r, n0[0] : n0[1]] = randn((n0[1] - n0[0], hkv, dim), gen, dtype).to(dev)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_graph_compaction_then_decode_replayed(impl):
+    """compact_kv + decode over the per-head lengths it leaves, captured once with fixed device
+    buffers (keep, keep_lens, head lengths); each replay compacts a fresh copy of the cache with
+    other kept tokens: the moved records equal reference.compact_kv's, decode the reference's."""
+    from vattn import reference
+
+    dtype, dev = torch.bfloat16, "cuda"
+    rows, seq, hkv, group, dim, max_keep = 3, 1024, 2, 4, 128, 256
+    gen = torch.Generator().manual_seed(11)
+    k0 = randn((rows, seq, hkv, dim), gen, dtype)
+    v0 = randn((rows, seq, hkv, dim), gen, dtype)
+    kc, vc = k0.to(dev, copy=True), v0.to(dev, copy=True)
+    row_ids = torch.tensor([2, 0, 1], dtype=torch.int32, device=dev)
+    stored = [1000, 700, 300]  # tokens per row (every head) before compaction
+    keep = torch.zeros(rows, hkv, max_keep, dtype=torch.int32, device=dev)
+    keep_lens = torch.zeros(rows, hkv, dtype=torch.int32, device=dev)
+    head_lens = torch.zeros(rows, hkv, dtype=torch.int32, device=dev)
+    seqlens = torch.zeros(rows, dtype=torch.int32, device=dev)
+    q = torch.zeros(rows, hkv * group, dim, dtype=dtype, device=dev)
+
+    def new_request(step):
+        kc.copy_(k0.to(dev))
+        vc.copy_(v0.to(dev))
+        kp = torch.zeros(rows, hkv, max_keep, dtype=torch.int32)
+        kl = torch.zeros(rows, hkv, dtype=torch.int32)
+        for b, r in enumerate(row_ids.tolist()):
+            for h in range(hkv):
+                n = int(torch.randint(0 if step else 1, max_keep + 1, (1,), generator=gen))
+                idx = torch.randperm(stored[r], generator=gen)[:n].sort().values
+                kp[b, h, : idx.numel()] = idx.to(torch.int32)
+                kl[b, h] = idx.numel()
+        keep.copy_(kp)
+        keep_lens.copy_(kl)
+        seqlens.copy_(kl.amax(1))
+        q.copy_(randn(q.shape, gen, dtype))
+        return kp, kl
+
+    def body():
+        torch.ops.vattn.compact_kv(kc, vc, row_ids, keep, keep_lens)
+        head_lens.copy_(keep_lens)
+        return torch.ops.vattn.decode_attention(q, kc, vc, seqlens, row_ids, head_lens, None, -1, 0.0, seq)
+
+    with vattn.ops.attention_impl(impl):
+        new_request(0)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            body()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = body()
+        for step in range(4):
+            kp, kl = new_request(step)
+            graph.replay()
+            torch.cuda.synchronize()
+            rk, rv = k0.clone(), v0.clone()
+            reference.compact_kv(rk, rv, row_ids.cpu(), kp, kl)
+            got_k, got_v = kc.cpu(), vc.cpu()
+            for b, r in enumerate(row_ids.tolist()):
+                for h in range(hkv):
+                    n = int(kl[b, h])
+                    assert torch.equal(got_k[r, :n, h], rk[r, :n, h]), f"step {step}: K of row {r} head {h}"
+                    assert torch.equal(got_v[r, :n, h], rv[r, :n, h]), f"step {step}: V of row {r} head {h}"
+            kw = dict(seqlens_k=kl.amax(1), row_ids=row_ids, head_seqlens_k=kl, scale=None, window_left=-1)
+            assert_attention_close(out.clone(), lse.clone(), q, rk, rv, kw, f"graph step {step}")
+
+
 def _compile_devices():
     return [
         pytest.param("cpu", "aot_eager", id="cpu-aot_eager"),
