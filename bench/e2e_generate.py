@@ -40,7 +40,8 @@ def _sync(device):
 
 
 def run_once(model, enc, new_tokens, device, cache):
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    # Both caches eager (VAttnCache is compileable: on CUDA generate would compile its decode forward).
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, disable_compile=True)
     if cache is None:
         vhf.disable(model)
     else:

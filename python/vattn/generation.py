@@ -162,7 +162,11 @@ def run_generation(
         policy=policy,
     )
     streamer = _Progress(max_new_tokens) if progress else None
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample)
+    # Eager decode: VAttnCache is compileable, so generate would compile the decode forward on CUDA
+    # by default; the demo times and reports the cache as it is, not a compilation.
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample, disable_compile=True
+    )
     if sample:
         gen_kwargs.update(temperature=0.8, top_p=0.95)
         torch.manual_seed(seed)
