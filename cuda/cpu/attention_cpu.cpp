@@ -158,125 +158,126 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
   for (const Item& w : items) work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nh * w.nq * group * dim;
   const bool parallel = n_items > 1 && work > (1 << 18);
 
-#pragma omp parallel if (parallel)
-  {
-    Scratch sc;
-    sc.reserve(max_rows, max_heads, dim);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < n_items; ++it) {
-      const Item& w = items[it];
-      const int head_rows = w.nq * group;  // rows of one kv head: position i, q head g -> i * group + g
-      const int rows = w.nh * head_rows;
-      const int nq_row = queries_of(p, w.b);
-      const int t0 = first_query(p, w.b) + w.q0;
-      // Load and pre-scale the query tile.
-      for (int hh = 0; hh < w.nh; ++hh) {
-        const int h = w.h0 + hh;
-        const int len = kv_length(p, w.b, h);
-        sc.head_lo[hh] = INT32_MAX;
-        sc.head_hi[hh] = 0;
-        for (int i = 0; i < w.nq; ++i) {
-          int lo, hi;
-          visible_range(p, len - nq_row + w.q0 + i, len, &lo, &hi);
-          if (lo < hi) {
-            sc.head_lo[hh] = std::min(sc.head_lo[hh], lo);
-            sc.head_hi[hh] = std::max(sc.head_hi[hh], hi);
-          }
-          for (int g = 0; g < group; ++g) {
-            const int r = hh * head_rows + i * group + g;
-            const T* qr = static_cast<const T*>(p.q) + (int64_t)(t0 + i) * p.q_stride_tok +
-                          (int64_t)(h * group + g) * p.q_stride_head;
-            float* dst = &sc.q[(size_t)r * dim];
-            for (int d = 0; d < dim; ++d) dst[d] = to_float(qr[d]) * qscale;
-            sc.lo[r] = lo;
-            sc.hi[r] = hi;
-            sc.st[r] = SoftmaxState{};
-          }
-        }
-        // Keys this head reads: what its queries see, within the item's range.
-        sc.head_lo[hh] = std::max(sc.head_lo[hh], w.k0);
-        sc.head_hi[hh] = std::min(sc.head_hi[hh], w.k1);
-      }
-      std::fill(sc.acc.begin(), sc.acc.begin() + (size_t)rows * dim, 0.f);
-
-      const int row = cache_row(p, w.b);
-      for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
-        const int nk = std::min(kKeyBlock, w.k1 - jb);
+  cpu::parallel_items(
+      n_items, parallel,
+      [&] {
+        Scratch sc;
+        sc.reserve(max_rows, max_heads, dim);
+        return sc;
+      },
+      [&](Scratch& sc, int64_t it) {
+        const Item& w = items[it];
+        const int head_rows = w.nq * group;  // rows of one kv head: position i, q head g -> i * group + g
+        const int rows = w.nh * head_rows;
+        const int nq_row = queries_of(p, w.b);
+        const int t0 = first_query(p, w.b) + w.q0;
+        // Load and pre-scale the query tile.
         for (int hh = 0; hh < w.nh; ++hh) {
-          // This head's part of the block; its rows' other columns stay masked (weight 0).
-          const int ja = std::max(jb, sc.head_lo[hh]), je = std::min(jb + nk, sc.head_hi[hh]);
-          float* s_head = &sc.s[(size_t)hh * head_rows * kKeyBlock];
-          if (ja >= je) {
-            std::fill(s_head, s_head + (size_t)head_rows * kKeyBlock, 0.f);
-            continue;
-          }
           const int h = w.h0 + hh;
-          const HeadRows<KF> kh =
-              head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head, p.kv.k_scale,
-                               p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head, row, h);
-          const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
-          if constexpr (std::is_same<KF, Int4ChannelFormat>::value) {
-            int4_ch_qk(kh, &sc.q[(size_t)hh * head_rows * dim], head_rows, ja, je, avail, dim, sc.kbuf.data(),
-                       s_head + (ja - jb), kKeyBlock);
-          } else {
-            int64_t ks;
-            const float* kp = RowReader<KF>::rows(kh, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
-            cpu::qk_block(&sc.q[(size_t)hh * head_rows * dim], head_rows, kp, ks, je - ja,
-                          RowReader<KF>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
+          const int len = kv_length(p, w.b, h);
+          sc.head_lo[hh] = INT32_MAX;
+          sc.head_hi[hh] = 0;
+          for (int i = 0; i < w.nq; ++i) {
+            int lo, hi;
+            visible_range(p, len - nq_row + w.q0 + i, len, &lo, &hi);
+            if (lo < hi) {
+              sc.head_lo[hh] = std::min(sc.head_lo[hh], lo);
+              sc.head_hi[hh] = std::max(sc.head_hi[hh], hi);
+            }
+            for (int g = 0; g < group; ++g) {
+              const int r = hh * head_rows + i * group + g;
+              const T* qr = static_cast<const T*>(p.q) + (int64_t)(t0 + i) * p.q_stride_tok +
+                            (int64_t)(h * group + g) * p.q_stride_head;
+              float* dst = &sc.q[(size_t)r * dim];
+              for (int d = 0; d < dim; ++d) dst[d] = to_float(qr[d]) * qscale;
+              sc.lo[r] = lo;
+              sc.hi[r] = hi;
+              sc.st[r] = SoftmaxState{};
+            }
           }
-          for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
-            float* s = &sc.s[(size_t)r * kKeyBlock];
-            const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
-            if (a >= e) {
-              std::fill(s, s + nk, 0.f);
-              continue;
-            }
-            if (capped)
-              for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
-            if (stage != nullptr && w.nq == 1) {  // decode scores: keep the exp2-domain logits
-              float* st = stage + ((int64_t)w.b * p.num_q_heads + (int64_t)w.h0 * group + r) * stage_ld + jb;
-              for (int j = a; j < e; ++j) st[j] = s[j];
-            }
-            const float bm = cpu::max_of(s, a, e);
-            const float f = sc.st[r].rescale_to(bm);
-            if (f != 1.f) {
-              float* ar = &sc.acc[(size_t)r * dim];
-              for (int d = 0; d < dim; ++d) ar[d] *= f;
-            }
-            if (sc.st[r].m == -INFINITY) {
-              std::fill(s, s + nk, 0.f);
-              continue;
-            }  // only -inf logits so far
-            sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
-          }
-          const HeadRows<VF> vh =
-              head_rows_of<VF>(p.kv.v, p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head, p.kv.v_scale,
-                               p.kv.vs_stride_row, p.kv.vs_stride_tok, p.kv.vs_stride_head, row, h);
-          int64_t vs;
-          const float* vp = RowReader<VF>::rows(vh, ja, je - ja, avail, dim, sc.vbuf.data(), &vs);
-          cpu::pv_block(s_head + (ja - jb), kKeyBlock, head_rows, vp, vs, je - ja,
-                        RowReader<VF>::kDirect ? avail : je - ja, dim, &sc.acc[(size_t)hh * head_rows * dim]);
+          // Keys this head reads: what its queries see, within the item's range.
+          sc.head_lo[hh] = std::max(sc.head_lo[hh], w.k0);
+          sc.head_hi[hh] = std::min(sc.head_hi[hh], w.k1);
         }
-      }
+        std::fill(sc.acc.begin(), sc.acc.begin() + (size_t)rows * dim, 0.f);
 
-      for (int r = 0; r < rows; ++r) {
-        const float inv = sc.st[r].inv_sum();
-        const float* ar = &sc.acc[(size_t)r * dim];
-        const float lse = sc.st[r].lse();
-        if (w.part >= 0) {
-          float* o = part_o + ((size_t)w.part * max_rows + r) * dim;
-          for (int d = 0; d < dim; ++d) o[d] = ar[d] * inv;
-          part_lse[(size_t)w.part * max_rows + r] = lse;
-        } else {
-          const int hh = r / head_rows, i = (r % head_rows) / group, g = r % group;
-          const int hq = (w.h0 + hh) * group + g;
-          T* o = static_cast<T*>(p.out) + (int64_t)(t0 + i) * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
-          for (int d = 0; d < dim; ++d) o[d] = from_float<T>(ar[d] * inv);
-          if (p.lse) p.lse[(int64_t)(t0 + i) * p.num_q_heads + hq] = lse;
+        const int row = cache_row(p, w.b);
+        for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
+          const int nk = std::min(kKeyBlock, w.k1 - jb);
+          for (int hh = 0; hh < w.nh; ++hh) {
+            // This head's part of the block; its rows' other columns stay masked (weight 0).
+            const int ja = std::max(jb, sc.head_lo[hh]), je = std::min(jb + nk, sc.head_hi[hh]);
+            float* s_head = &sc.s[(size_t)hh * head_rows * kKeyBlock];
+            if (ja >= je) {
+              std::fill(s_head, s_head + (size_t)head_rows * kKeyBlock, 0.f);
+              continue;
+            }
+            const int h = w.h0 + hh;
+            const HeadRows<KF> kh =
+                head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head, p.kv.k_scale,
+                                 p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head, row, h);
+            const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
+            if constexpr (std::is_same<KF, Int4ChannelFormat>::value) {
+              int4_ch_qk(kh, &sc.q[(size_t)hh * head_rows * dim], head_rows, ja, je, avail, dim, sc.kbuf.data(),
+                         s_head + (ja - jb), kKeyBlock);
+            } else {
+              int64_t ks;
+              const float* kp = RowReader<KF>::rows(kh, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
+              cpu::qk_block(&sc.q[(size_t)hh * head_rows * dim], head_rows, kp, ks, je - ja,
+                            RowReader<KF>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
+            }
+            for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
+              float* s = &sc.s[(size_t)r * kKeyBlock];
+              const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
+              if (a >= e) {
+                std::fill(s, s + nk, 0.f);
+                continue;
+              }
+              if (capped)
+                for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
+              if (stage != nullptr && w.nq == 1) {  // decode scores: keep the exp2-domain logits
+                float* st = stage + ((int64_t)w.b * p.num_q_heads + (int64_t)w.h0 * group + r) * stage_ld + jb;
+                for (int j = a; j < e; ++j) st[j] = s[j];
+              }
+              const float bm = cpu::max_of(s, a, e);
+              const float f = sc.st[r].rescale_to(bm);
+              if (f != 1.f) {
+                float* ar = &sc.acc[(size_t)r * dim];
+                for (int d = 0; d < dim; ++d) ar[d] *= f;
+              }
+              if (sc.st[r].m == -INFINITY) {
+                std::fill(s, s + nk, 0.f);
+                continue;
+              }  // only -inf logits so far
+              sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
+            }
+            const HeadRows<VF> vh =
+                head_rows_of<VF>(p.kv.v, p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head, p.kv.v_scale,
+                                 p.kv.vs_stride_row, p.kv.vs_stride_tok, p.kv.vs_stride_head, row, h);
+            int64_t vs;
+            const float* vp = RowReader<VF>::rows(vh, ja, je - ja, avail, dim, sc.vbuf.data(), &vs);
+            cpu::pv_block(s_head + (ja - jb), kKeyBlock, head_rows, vp, vs, je - ja,
+                          RowReader<VF>::kDirect ? avail : je - ja, dim, &sc.acc[(size_t)hh * head_rows * dim]);
+          }
         }
-      }
-    }
-  }
+
+        for (int r = 0; r < rows; ++r) {
+          const float inv = sc.st[r].inv_sum();
+          const float* ar = &sc.acc[(size_t)r * dim];
+          const float lse = sc.st[r].lse();
+          if (w.part >= 0) {
+            float* o = part_o + ((size_t)w.part * max_rows + r) * dim;
+            for (int d = 0; d < dim; ++d) o[d] = ar[d] * inv;
+            part_lse[(size_t)w.part * max_rows + r] = lse;
+          } else {
+            const int hh = r / head_rows, i = (r % head_rows) / group, g = r % group;
+            const int hq = (w.h0 + hh) * group + g;
+            T* o = static_cast<T*>(p.out) + (int64_t)(t0 + i) * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
+            for (int d = 0; d < dim; ++d) o[d] = from_float<T>(ar[d] * inv);
+            if (p.lse) p.lse[(int64_t)(t0 + i) * p.num_q_heads + hq] = lse;
+          }
+        }
+      });
 }
 
 // Combines the split partials of decode rows: items [first, first + n) hold one row's splits, all
@@ -287,30 +288,27 @@ void merge_splits(const AttentionParams& p, const std::vector<Item>& items,
                   const float* part_lse) {
   const int dim = p.head_dim;
   const int64_t ng = (int64_t)groups.size();
-#pragma omp parallel if (ng * p.num_q_heads * dim > (1 << 14))
-  {
-    std::vector<float> o(dim);
-#pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < ng; ++gi) {
-      const int first = groups[gi].first, n = groups[gi].second;
-      const int b = items[first].b;
-      for (int hq = 0; hq < p.num_q_heads; ++hq) {
-        float lse = -INFINITY;
-        std::fill(o.begin(), o.end(), 0.f);
-        for (int s = 0; s < n; ++s) {
-          const int slot = items[first + s].part;
-          const float* po = part_o + ((size_t)slot * max_rows + hq) * dim;
-          float wa, wb;
-          const float merged = merge_weights(lse, part_lse[(size_t)slot * max_rows + hq], &wa, &wb);
-          merge_vectors(wa, o.data(), wb, po, o.data(), dim);
-          lse = merged;
+  cpu::parallel_items(
+      ng, ng > 1 && ng * p.num_q_heads * dim > (1 << 14), [&] { return std::vector<float>(dim); },
+      [&](std::vector<float>& o, int64_t gi) {
+        const int first = groups[gi].first, n = groups[gi].second;
+        const int b = items[first].b;
+        for (int hq = 0; hq < p.num_q_heads; ++hq) {
+          float lse = -INFINITY;
+          std::fill(o.begin(), o.end(), 0.f);
+          for (int s = 0; s < n; ++s) {
+            const int slot = items[first + s].part;
+            const float* po = part_o + ((size_t)slot * max_rows + hq) * dim;
+            float wa, wb;
+            const float merged = merge_weights(lse, part_lse[(size_t)slot * max_rows + hq], &wa, &wb);
+            merge_vectors(wa, o.data(), wb, po, o.data(), dim);
+            lse = merged;
+          }
+          T* out = static_cast<T*>(p.out) + (int64_t)b * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
+          for (int d = 0; d < dim; ++d) out[d] = from_float<T>(o[d]);
+          if (p.lse) p.lse[(int64_t)b * p.num_q_heads + hq] = lse;
         }
-        T* out = static_cast<T*>(p.out) + (int64_t)b * p.o_stride_tok + (int64_t)hq * p.o_stride_head;
-        for (int d = 0; d < dim; ++d) out[d] = from_float<T>(o[d]);
-        if (p.lse) p.lse[(int64_t)b * p.num_q_heads + hq] = lse;
-      }
-    }
-  }
+      });
 }
 
 // Per-token scores (params.h scores / score_mode), after the attention pass. The probability
