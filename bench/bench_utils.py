@@ -297,6 +297,8 @@ def decode_cases(device: str, quick: bool) -> List[DecodeCase]:
             DecodeCase("llama3-8b", 4, 4096, f32, ragged=True),
             DecodeCase("smollm2", 1, 8192, f32),
             DecodeCase("smollm2", 16, 2048, f32),
+            DecodeCase("smollm2", 32, 1024, f32),  # issue 12's batched-decode case
+            DecodeCase("smollm2", 8, 4096, f32),
             DecodeCase("llama3-8b", 1, 8192, bf),
         ]
         if quick:
@@ -352,9 +354,11 @@ def prefill_cases(device: str, quick: bool) -> List[PrefillCase]:
         f32 = torch.float32
         cases = [
             PrefillCase("llama3-8b", [512], [0], f32),
+            PrefillCase("llama3-8b", [2048], [0], f32),
             PrefillCase("llama3-8b", [256], [2048], f32),  # chunked prefill on a prefix
             PrefillCase("llama3-8b", [100, 300, 37, 75], [0, 0, 500, 64], f32),  # ragged batch
             PrefillCase("smollm2", [1024], [0], f32),
+            PrefillCase("llama3-8b", [512], [0], torch.bfloat16),
         ]
         if quick:
             cases = [PrefillCase("llama3-8b", [256], [0], f32), PrefillCase("llama3-8b", [128], [1024], f32)]

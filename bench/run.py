@@ -587,6 +587,22 @@ def _cpu_name() -> str:
     return platform.processor() or "?"
 
 
+def start_spinners(n: int) -> list:
+    """n processes that spin (pure Python loop), each pinned to one of the last n CPUs: the
+    "one core busy" condition of a shared machine. The caller kills them."""
+    import subprocess
+
+    procs = []
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    for i in range(n):
+        cpu = cpus[-1 - (i % len(cpus))]
+        code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+        procs.append(subprocess.Popen([sys.executable, "-c", code]))
+    if procs:
+        time.sleep(0.5)  # let them start spinning
+    return procs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -602,6 +618,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention anchors (each shape compiles)")
     ap.add_argument("--only", help="regex on 'op shape': run only the matching cases")
     ap.add_argument("--impl", choices=["fast", "simple"], default="fast", help="vattn attention kernel variant")
+    ap.add_argument(
+        "--busy-cores",
+        type=int,
+        default=0,
+        help="start this many processes that spin on the last CPUs (one each, pinned) for the whole run: "
+        "the contention case (vattn and its anchor both measured under it)",
+    )
     args = ap.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -622,11 +645,17 @@ def main(argv=None) -> int:
             (args.device, args.quick)
         ]
     load_start = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
-    t0 = time.perf_counter()
-    runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex, only=args.only)
-    runner.measure_ceilings()
-    runner.run_all()
-    elapsed = time.perf_counter() - t0
+    spinners = start_spinners(args.busy_cores)
+    try:
+        t0 = time.perf_counter()
+        runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex, only=args.only)
+        runner.measure_ceilings()
+        runner.run_all()
+        elapsed = time.perf_counter() - t0
+    finally:
+        for sp in spinners:
+            sp.kill()
+            sp.wait()
 
     with_graph = args.device == "cuda"
     bw, fl = runner.ceilings["bandwidth"], runner.ceilings["compute"]
@@ -640,6 +669,7 @@ def main(argv=None) -> int:
     print(f"ratio = anchor time / vattn time (> 1: vattn faster); run took {elapsed:.0f} s")
     info = machine_info(args.device)
     info["loadavg_1m_start"] = load_start
+    info["busy_cores"] = str(args.busy_cores)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
