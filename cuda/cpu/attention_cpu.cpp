@@ -31,8 +31,12 @@ namespace {
 using cpu::fail;
 using cpu::require;
 
-constexpr int kKeyBlock = 64;       // keys per online-softmax step (K and V blocks stay in L1/L2)
-constexpr int kQueryRows = 64;      // target rows (positions x group heads) of a prefill tile
+constexpr int kKeyBlock = 64;    // keys per online-softmax step (K and V blocks stay in L1/L2)
+constexpr int kQueryRows = 128;  // target rows (positions x group heads) of a prefill tile
+// ... and of a chunk whose queries sit on a cached prefix at least as long as the chunk: its tiles
+// walk mostly unmasked keys, so a taller tile (each K / V block packed once for more rows) pays,
+// where on a causal diagonal the masked part of the taller tile would cost more.
+constexpr int kQueryRowsLong = 256;
 constexpr int kMinSplitKeys = 512;  // decode: never split a row into ranges shorter than this
 
 // HeadRows, RowReader, head_rows_of: row_reader.h.
@@ -515,12 +519,15 @@ void decode_impl(const AttentionParams& p, float* stage = nullptr, int64_t stage
 template <class KF, class VF, typename T>
 void prefill_impl(const AttentionParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  const int block_q = std::max(1, kQueryRows / group);
+  const int block_short = std::max(1, kQueryRows / group), block_long = std::max(1, kQueryRowsLong / group);
+  int max_block = 1;
   std::vector<Item> items;
   for (int b = 0; b < p.batch; ++b) {
     const int n = queries_of(p, b);
     for (int h = 0; h < p.num_kv_heads; ++h) {
       const int len = kv_length(p, b, h);
+      const int block_q = len - n >= n ? block_long : block_short;
+      max_block = std::max(max_block, std::min(block_q, n));
       for (int q0 = 0; q0 < n; q0 += block_q) {
         const int nq = std::min(block_q, n - q0);
         // Keys any query of the tile sees: from the first one's left edge to the last one's position.
@@ -533,7 +540,7 @@ void prefill_impl(const AttentionParams& p) {
   }
   // Longest key ranges first so the dynamic schedule ends with short items.
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.k1 - x.k0 > y.k1 - y.k0; });
-  run_items<KF, VF, T>(p, items, block_q * group, 1, nullptr, nullptr);
+  run_items<KF, VF, T>(p, items, max_block * group, 1, nullptr, nullptr);
 }
 
 template <bool kDecode>
