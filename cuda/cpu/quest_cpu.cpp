@@ -344,19 +344,6 @@ namespace {
 
 constexpr int kKeyRun = 64;  // keys per online-softmax step: adjacent chosen blocks are walked together
 
-// Prefetch of n rows of one head from t0 on (storage and scale words): the chosen blocks are far
-// apart, which neither the hardware prefetcher nor the row loops' own prefetching follow.
-template <class Format>
-void prefetch_rows(const cpu::HeadRows<Format>& h, int64_t t0, int n, int dim) {
-  using S = typename Format::storage_t;
-  const int bytes = int(dim / Format::kElemsPerStorage * int64_t(sizeof(S)));
-  for (int j = 0; j < n; ++j) {
-    const char* r = reinterpret_cast<const char*>(h.data + (t0 + j) * h.stride_tok);
-    for (int o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
-    if (Format::kScaleWords > 0) __builtin_prefetch(h.scale + (t0 + j) * h.scale_stride_tok, 0, 3);
-  }
-}
-
 // Keys [begin, end) of one online-softmax step.
 struct Stretch {
   int64_t begin, end;
@@ -438,8 +425,8 @@ void sparse_decode_run(const SparseDecodeParams& sp) {
       // 3.9 vs 4.1-4.6 ms at 32K keys, 1/8 chosen) while this one runs.
       const Stretch nx = (ahead = cur).next();
       if (nx.begin < nx.end) {
-        prefetch_rows(kh, nx.begin, int(nx.end - nx.begin), dim);
-        prefetch_rows(vh, nx.begin, int(nx.end - nx.begin), dim);
+        cpu::prefetch_rows(kh, nx.begin, int(nx.end - nx.begin), dim);
+        cpu::prefetch_rows(vh, nx.begin, int(nx.end - nx.begin), dim);
       }
       const int64_t ja = st.begin, je = st.end;
       const int nk = int(je - ja);
