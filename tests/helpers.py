@@ -238,3 +238,17 @@ def assert_same_kv_bytes(got, want, what):
 
     for name, a, b in zip(("k codes", "v codes", "k words", "v words"), got, want):
         assert torch.equal(bits(a), bits(b)), f"{what}: {name} differ"
+
+
+def capture_cuda_graph(body):
+    """(graph, outputs): body() warmed up once on a side stream (allocations, lazy init, as CUDA
+    graphs require), then captured; graph.replay() reruns it on the captured buffers."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        body()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = body()
+    return graph, outputs

@@ -15,6 +15,7 @@ from vattn import formats, reference
 from helpers import (
     Case,
     assert_attention_close,
+    capture_cuda_graph,
     case_queries_and_kwargs,
     case_rows,
     device_impls,
@@ -511,14 +512,7 @@ def test_cuda_graph_quantized_append_decode(impl, spec):
         return torch.ops.vattn.decode_attention(q, kc, vc, lens, row_ids, None, None, -1, 0.0, seq, ks, vs)
 
     with vattn.ops.attention_impl(impl):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            body()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, lse = body()
+        graph, (out, lse) = capture_cuda_graph(body)
         cur = list(start)
         for step in range(4):
             positions.copy_(torch.tensor(cur, dtype=torch.int32))

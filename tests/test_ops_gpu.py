@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vattn
-from helpers import Case, assert_attention_close, assert_same_kv_bytes, build, randn
+from helpers import Case, assert_attention_close, assert_same_kv_bytes, build, capture_cuda_graph, randn
 
 IMPLS = ["fast", "simple"]
 
@@ -81,15 +81,7 @@ def test_cuda_graph_decode_replayed_with_growing_lengths(impl):
         return torch.ops.vattn.decode_attention(q, kc, vc, lens, row_ids, None, None, -1, 0.0, seq)
 
     with vattn.ops.attention_impl(impl):
-        # Warm up on a side stream (allocations, lazy init) as CUDA graphs require.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            body()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, lse = body()
+        graph, (out, lse) = capture_cuda_graph(body)
         for step in range(6):
             positions.copy_(torch.tensor(cur, dtype=torch.int32))
             lens.copy_(torch.tensor([c + 1 for c in cur], dtype=torch.int32))
@@ -153,14 +145,7 @@ def test_cuda_graph_compaction_then_decode_replayed(impl):
 
     with vattn.ops.attention_impl(impl):
         new_request(0)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            body()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, lse = body()
+        graph, (out, lse) = capture_cuda_graph(body)
         for step in range(4):
             kp, kl = new_request(step)
             graph.replay()
