@@ -24,6 +24,16 @@ struct KVCacheView {
   int32_t max_seq = 0;   // capacity in tokens per row
   int32_t k_format = 0;  // storage format codes (kv_format.h KvFormatCode), K and V apart
   int32_t v_format = 0;
+  // Paged view (vLLM's block tables), or null for the contiguous view. When block_table is set,
+  // the k / v / scale tensors are [num_blocks, block_size, kv_heads, ...] (the *_stride_row
+  // strides step from one physical block to the next, *_stride_tok within a block) and token t
+  // of cache row r lives in physical block block_table[r * bt_stride_row + t / block_size] at
+  // offset t % block_size. num_rows is then the number of block-table rows and max_seq the
+  // tokens a row can address (blocks per row x block_size). kv_paging.h is the one address rule.
+  const int32_t* block_table = nullptr;
+  int64_t bt_stride_row = 0;
+  int32_t block_size = 0;  // tokens per block, > 0 when paged
+  int32_t num_blocks = 0;  // physical blocks; ids outside [0, num_blocks) never address memory
 };
 
 // append_kv: write num_tokens new tokens into the cache at (row_ids[i], positions[i]).
