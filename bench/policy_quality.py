@@ -81,7 +81,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=qs.DEFAULT_SAMPLES)
     ap.add_argument("--budgets", default="0.5,0.25")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--layout", default="token_major", choices=["token_major", "layer_major"])
+    ap.add_argument("--layout", default="token_major", choices=["token_major", "layer_major", "head_major"])
     ap.add_argument("--text", default=qs.DEFAULT_TEXT)
     ap.add_argument("--page-bytes", type=int, default=None, help="KVCache page_bytes (default: the backend's)")
     ap.add_argument(

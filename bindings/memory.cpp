@@ -26,6 +26,7 @@ namespace {
 struct RegionBuffer {
   std::shared_ptr<CacheManager> manager;
   size_t region;
+  size_t count = 1;  // consecutive regions (head_major spans a layer's heads)
 };
 
 std::unique_ptr<vattn::memory::PhysicalBackend> make_backend(const std::string& kind, int device, size_t page_bytes,
@@ -45,7 +46,8 @@ std::unique_ptr<vattn::memory::PhysicalBackend> make_backend(const std::string& 
 vattn::memory::Layout parse_layout(const std::string& s) {
   if (s == "token_major") return vattn::memory::Layout::kTokenMajor;
   if (s == "layer_major") return vattn::memory::Layout::kLayerMajor;
-  throw std::invalid_argument("vattn: layout must be 'token_major' or 'layer_major', got '" + s + "'");
+  if (s == "head_major") return vattn::memory::Layout::kHeadMajor;
+  throw std::invalid_argument("vattn: layout must be 'token_major', 'layer_major' or 'head_major', got '" + s + "'");
 }
 
 py::dict cuda_driver_status() {
@@ -98,7 +100,7 @@ void bind_memory(py::module_& m) {
 
   py::class_<RegionBuffer>(m, "RegionBuffer", py::buffer_protocol()).def_buffer([](RegionBuffer& b) -> py::buffer_info {
     const uintptr_t base = b.manager->region_guard_base(b.region);
-    const size_t bytes = b.manager->guard_bytes() + b.manager->region_bytes(b.region);
+    const size_t bytes = b.manager->region_span_bytes(b.region, b.count);
     return py::buffer_info(reinterpret_cast<void*>(base), 1, py::format_descriptor<uint8_t>::format(), 1,
                            {static_cast<py::ssize_t>(bytes)}, {static_cast<py::ssize_t>(1)}, /*readonly=*/false);
   });
@@ -109,9 +111,10 @@ void bind_memory(py::module_& m) {
                        int64_t v_record_bytes, int64_t max_batch, int64_t max_seq_len, const std::string& layout,
                        size_t page_bytes, size_t max_physical_bytes, size_t prealloc_bytes,
                        size_t reclaim_watermark_bytes, bool background, int64_t lookahead_tokens, bool host_commit,
-                       bool scrub_freed, int map_guard, int64_t align_tokens) {
+                       bool scrub_freed, int map_guard, int64_t align_tokens, int64_t head_regions) {
              memory::Geometry g;
              g.num_layers = num_layers;
+             g.head_regions = head_regions;
              g.k_record_bytes = k_record_bytes;
              g.v_record_bytes = v_record_bytes;
              g.max_batch = max_batch;
@@ -135,7 +138,7 @@ void bind_memory(py::module_& m) {
            py::arg("page_bytes") = 0, py::arg("max_physical_bytes") = 0, py::arg("prealloc_bytes") = 0,
            py::arg("reclaim_watermark_bytes") = 0, py::arg("background") = false, py::arg("lookahead_tokens") = 0,
            py::arg("host_commit") = true, py::arg("scrub_freed") = false, py::arg("map_guard") = -1,
-           py::arg("align_tokens") = 1)
+           py::arg("align_tokens") = 1, py::arg("head_regions") = 1)
       .def("alloc", &CacheManager::alloc, py::arg("stream") = 0, release())
       .def("free", &CacheManager::free, py::arg("slot"), release())
       .def("is_live", &CacheManager::is_live, py::arg("slot"), release())
@@ -231,17 +234,20 @@ void bind_memory(py::module_& m) {
             d["v_offset_bytes"] = v.v_offset_bytes;
             d["stride_row_bytes"] = v.stride_row_bytes;
             d["stride_tok_bytes"] = v.stride_tok_bytes;
+            d["stride_head_bytes"] = v.stride_head_bytes;
             return d;
           },
           py::arg("layer"))
       .def(
           "region_buffer",
-          [](std::shared_ptr<CacheManager> self, size_t region) {
+          [](std::shared_ptr<CacheManager> self, size_t region, size_t count) {
             if (self->is_device()) throw std::invalid_argument("vattn: region_buffer is for host-backend caches");
-            self->region_base(region);  // range check
-            return RegionBuffer{std::move(self), region};
+            self->region_span_bytes(region, count);  // range check
+            return RegionBuffer{std::move(self), region, count};
           },
-          py::arg("region"));
+          py::arg("region"), py::arg("count") = 1,
+          "Regions region .. region + count - 1 (count > 1: head_major) from the first one's guard page")
+      .def("region_span_bytes", &CacheManager::region_span_bytes, py::arg("region"), py::arg("count"));
 }
 
 }  // namespace vattn

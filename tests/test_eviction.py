@@ -76,7 +76,7 @@ def _raw(cache, layer):
     return [t.clone() if t is not None else None for t in (k, v, ks, vs)]
 
 
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_compact_keeps_exactly_the_chosen_tokens(fmt, layout):
     cache = _cache(fmt, layout)
@@ -154,7 +154,7 @@ def _check_attention_after(cache, slots, new, seed=5):
     cache.end_step(st)
 
 
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 @pytest.mark.parametrize("fmt", ["auto", "int8", ("int8", "int4"), "int4"], ids=str)
 @pytest.mark.parametrize("new", [[1, 1], [7, 3]], ids=["decode", "prefill"])
 def test_attention_after_compaction_uses_per_head_lengths(fmt, layout, new):

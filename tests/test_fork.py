@@ -103,7 +103,7 @@ def replay(history, layout, kv_format, device, max_seq_len=512):
     return out
 
 
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "int8", "int4"])
 @pytest.mark.parametrize("seed", range(4))
 def test_random_sharing_matches_replay(layout, kv_format, seed):
@@ -125,7 +125,7 @@ def test_random_sharing_with_manager_options(options, kv_format):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 @pytest.mark.parametrize("kv_format", ["auto", "int8", "int4"])
 def test_random_sharing_matches_replay_cuda(layout, kv_format):
     """The same on the CUDA driver backend: one physical page cuMemMap-ed at several addresses,
@@ -290,7 +290,7 @@ def test_fork_out_of_memory_leaves_nothing_behind():
     assert_same_content(content(c, t), want, "fork")
 
 
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 def test_fork_map_failure_leaves_nothing_behind(layout):
     c = make(layout)
     g = torch.Generator().manual_seed(4)
@@ -352,7 +352,7 @@ def test_compaction_of_a_fork_leaves_the_source_alone():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 def test_fork_on_cuda(layout):
     # int8 rows of 2 kv heads x 64: 2 MiB device pages hold ~3900 tokens (token_major, all layers)
     # or ~15400 (layer_major, one region): enough tokens for whole pages to share.

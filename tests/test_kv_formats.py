@@ -288,7 +288,7 @@ def test_reference_format_definitions():
 # ----------------------------------------------------------------------------- KVCache: memory and steps
 
 
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 def test_physical_memory_per_format(layout):
     """The same tokens map the expected fraction of a bf16 cache's pages: fp8 / int8 about 1/2, int4
     about 1/4 plus its scale words (heads x 2 fp32 per token, keys int4_ch 4), a (int8, int4) pair
@@ -313,10 +313,14 @@ def test_physical_memory_per_format(layout):
         mapped[_spec_id(spec)] = c.stats()["mapped_bytes"]
         if spec != "auto":
             kf, vf = formats.resolve(spec, torch.bfloat16)  # "int4": keys int4_ch, values int4
-            assert c.token_bytes == layers * (kf.record_bytes(heads, dim) + vf.record_bytes(heads, dim))
+            if layout == "head_major":  # a record per head, each padded to 16 bytes
+                assert c.token_bytes == layers * heads * (kf.record_bytes(1, dim) + vf.record_bytes(1, dim))
+            else:
+                assert c.token_bytes == layers * (kf.record_bytes(heads, dim) + vf.record_bytes(heads, dim))
         c.close()
     page = 64 << 10
-    slack = (1 if layout == "token_major" else 2 * layers) * page  # at most one partial page per region
+    regions = {"token_major": 1, "layer_major": 2 * layers, "head_major": 2 * layers * heads}[layout]
+    slack = regions * page  # at most one partial page per region
     base = mapped["auto"]
     # Bytes of one token-layer: K record + V record (layer_major pads both regions to the larger one).
     bf16 = 2 * heads * dim * 2
@@ -327,15 +331,19 @@ def test_physical_memory_per_format(layout):
         "int4": (dim // 2 + 16, dim // 2 + 8),  # keys int4_ch: 4 words per token
         "int8-int4": (dim + 4, dim // 2 + 8),
     }.items():
-        per = heads * (kb + vb) if layout == "token_major" else 2 * heads * max(kb, vb)
+        if layout == "head_major":  # per-head records, padded to 16 bytes, both sides to the larger
+            per = 2 * heads * max(-(-kb // 16) * 16, -(-vb // 16) * 16)
+        else:
+            per = heads * (kb + vb) if layout == "token_major" else 2 * heads * max(kb, vb)
         expect[name] = per / bf16
     for name, frac in expect.items():
         assert abs(mapped[name] - frac * base) <= slack + 16 * layers * n, (name, mapped[name], base)
-    assert mapped["int4"] < 0.35 * base and mapped["int8"] < 0.55 * base
+    # head_major pads each head's record to 16 bytes (int8 at dim 128: 132 -> 144 bytes).
+    assert mapped["int4"] < 0.35 * base and mapped["int8"] < (0.6 if layout == "head_major" else 0.55) * base
 
 
 @pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
-@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
 def test_kvcache_steps_quantized(spec, layout):
     """A quantized KVCache through prefill + decode steps: attention equals the op run on the cache's
     own views with their scales, the stored codes are the reference's, and kv(dequantize=True) gives

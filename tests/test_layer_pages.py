@@ -19,7 +19,21 @@ L, H, D = 4, 2, 64
 PAGE = 64 * 1024
 
 
-def make(layout="layer_major", kv_format="auto", **kw):
+# Every test runs in layer_major (a region per layer side) and head_major (a region per (layer
+# side, kv head)); tests that ask for a layout by name keep it.
+_layout = "layer_major"
+
+
+@pytest.fixture(autouse=True, params=["layer_major", "head_major"])
+def region_layout(request):
+    global _layout
+    _layout = request.param
+    yield request.param
+    _layout = "layer_major"
+
+
+def make(layout=None, kv_format="auto", **kw):
+    layout = layout or _layout
     kw.setdefault("reclaim_watermark_bytes", 0)
     return vattn.KVCache(
         num_layers=L,
@@ -37,9 +51,16 @@ def make(layout="layer_major", kv_format="auto", **kw):
 
 
 def region_token_bytes(c) -> int:
-    k = c.k_format.record_bytes(c.num_kv_heads, c.head_dim)
-    v = c.v_format.record_bytes(c.num_kv_heads, c.head_dim)
+    heads = 1 if c.layout == "head_major" else c.num_kv_heads
+    k = c.k_format.record_bytes(heads, c.head_dim)
+    v = c.v_format.record_bytes(heads, c.head_dim)
     return c.num_layers * (k + v) if c.layout == "token_major" else max(k, v)
+
+
+def regions(c) -> int:
+    n = c._m.num_regions
+    c.close()
+    return n
 
 
 def pages_for(c, tokens: int) -> int:
@@ -51,6 +72,8 @@ def expected_region_pages(c, heads) -> list:
     heads = np.asarray(heads)
     if c.layout == "token_major":
         return [pages_for(c, int(heads.max()))]
+    if c.layout == "head_major":  # region (2l + side) H + h
+        return [pages_for(c, int(n)) for layer in heads for n in np.concatenate([layer, layer])]
     return [pages_for(c, int(n)) for n in np.repeat(heads.max(axis=1), 2)]
 
 
@@ -114,7 +137,7 @@ def test_compact_unmaps_per_layer(kv_format):
     n = 1500
     fill(c, s, n)
     before = c.stats()
-    assert before["mapped_bytes"] == 2 * L * pages_for(c, n) * c.page_bytes
+    assert before["mapped_bytes"] == c._m.num_regions * pages_for(c, n) * c.page_bytes
     raw = raw_heads(c, s)
     keep, lens = pyramid_keep(n, [1500, 700, 300, 90])
     c.compact([s], keep, lens)
@@ -179,7 +202,8 @@ def test_decode_after_compaction_grows_each_layer():
     want = check_pages(c, s, heads)
     assert c.stats()["mapped_bytes"] == sum(want) * c.page_bytes
     # the layer that kept 100 tokens needs 2 pages of 128 tokens for 400, not the 11 of the longest
-    assert want[6] == pages_for(c, 400) < want[0]
+    k3 = 6 if c.layout == "layer_major" else 6 * H  # the K region (of head 0) of layer 3
+    assert want[k3] == pages_for(c, 400) < want[0]
     for layer in range(L):
         k, v = c.kv(layer)
         for h in range(H):
@@ -234,7 +258,7 @@ def test_reserve_maps_missing_pages_per_region():
     check_pages(c, s, hs)
     assert c.stats()["mapped_bytes"] == sum(expected_region_pages(c, hs)) * c.page_bytes
     c.shrink(s, 0)
-    assert c._m.region_pages(s) == [0] * (2 * L)
+    assert c._m.region_pages(s) == [0] * c._m.num_regions
     fill(c, s, 10)  # an emptied slot is plain again
     check_pages(c, s, np.full((L, H), 10))
     c.close()
@@ -273,7 +297,7 @@ def test_second_compaction_and_free_slot_reuse():
     st = c.stats()
     # kept under the watermark: the free slot's pages and the pooled ones compaction unmapped
     assert st["mapped_bytes"] == mapped and st["idle_bytes"] == mapped + st["pages_pooled"] * PAGE
-    assert st["pages_pooled"] == 2 * L * pages_for(c, 1000) - mapped // PAGE
+    assert st["pages_pooled"] == c._m.num_regions * pages_for(c, 1000) - mapped // PAGE
     t = c.alloc()
     assert t == s  # the free slot holding pages is reused, ragged as it is
     fill(c, t, 700, seed=5)
@@ -286,9 +310,9 @@ def test_second_compaction_and_free_slot_reuse():
 
 
 def test_steal_from_ragged_free_slot_and_undo():
-    # Cap: 2 * L regions x 8 pages. Slot a is compacted ragged and freed (pages kept), then slot b
+    # Cap: all regions x 8 pages. Slot a is compacted ragged and freed (pages kept), then slot b
     # needs pages that only a's idle pages can give.
-    cap = 2 * L * 8 * PAGE
+    cap = regions(make()) * 8 * PAGE
     c = make(max_physical_bytes=cap, reclaim_watermark_bytes=cap)
     a = c.alloc()
     fill(c, a, 1000)  # 8 pages per region: the whole cap
@@ -304,12 +328,12 @@ def test_steal_from_ragged_free_slot_and_undo():
     with pytest.raises(RuntimeError):
         c.reserve(b, 900)
     c._inject_failure("none", 0)
-    assert c._m.region_pages(a) == idle_pages and c._m.region_pages(b) == [0] * (2 * L)
+    assert c._m.region_pages(a) == idle_pages and c._m.region_pages(b) == [0] * c._m.num_regions
     st1 = c.stats()
     for key in ("pages_mapped", "pages_pooled", "pages_created", "mapped_bytes"):
         assert st1[key] == st0[key], key
     c.reserve(b, 900)
-    assert c._m.region_pages(b) == [pages_for(c, 900)] * (2 * L)
+    assert c._m.region_pages(b) == [pages_for(c, 900)] * c._m.num_regions
     st = c.stats()
     assert st["pages_created"] * PAGE <= cap
     assert st["pages_mapped"] == sum(c._m.region_pages(a)) + sum(c._m.region_pages(b))
@@ -318,7 +342,7 @@ def test_steal_from_ragged_free_slot_and_undo():
     before = raw_heads(c, b)
     with pytest.raises(MemoryError):
         c.reserve(b, 4096)
-    assert c._m.region_pages(b) == [pages_for(c, 900)] * (2 * L)
+    assert c._m.region_pages(b) == [pages_for(c, 900)] * c._m.num_regions
     after = raw_heads(c, b)
     for key, parts in after.items():
         for x, y in zip(parts, before[key]):
@@ -328,7 +352,7 @@ def test_steal_from_ragged_free_slot_and_undo():
 
 
 def test_memory_error_after_compaction_loses_nothing():
-    cap = 2 * L * 8 * PAGE
+    cap = regions(make()) * 8 * PAGE
     c = make(max_physical_bytes=cap)
     s = c.alloc()
     fill(c, s, 1000)
@@ -360,7 +384,7 @@ def test_shrink_regions_validation_changes_nothing():
     fill(c, s, 500)
     m = c._m
     pages = m.region_pages(s)
-    R = 2 * L
+    R = m.num_regions
     bad = [
         (s, 600, [500] * R),  # n > length
         (s, 500, [500] * (R - 1)),  # wrong count
@@ -371,10 +395,12 @@ def test_shrink_regions_validation_changes_nothing():
         with pytest.raises(ValueError):
             m.shrink_regions(*args)
         assert m.region_pages(s) == pages and m.length(s) == 500
-    m.shrink_regions(s, 500, [500, 500, 100, 100, 500, 500, 500, 500])
+    keep = [500] * R
+    keep[2] = keep[3] = 100
+    m.shrink_regions(s, 500, keep)
     with pytest.raises(ValueError):  # a region cannot keep more than it stores
-        m.shrink_regions(s, 500, [500, 500, 200, 100, 500, 500, 500, 500])
-    assert m.region_tokens(s) == [500, 500, 100, 100, 500, 500, 500, 500]
+        m.shrink_regions(s, 500, keep[:2] + [200] + keep[3:])
+    assert m.region_tokens(s) == keep
     with pytest.raises(ValueError):
         m.shrink_regions(c.alloc() + 1, 0, [0] * R)  # not allocated
     c.close()
@@ -402,7 +428,7 @@ def test_background_maps_ahead_per_region():
     s = c.alloc()
     fill(c, s, 1000)
     c.wait_background()
-    assert c._m.region_pages(s) == [pages_for(c, 1200)] * (2 * L)
+    assert c._m.region_pages(s) == [pages_for(c, 1200)] * c._m.num_regions
     keep, lens = pyramid_keep(1000, [1000, 500, 250, 100])
     c.compact([s], keep, lens)
     c.wait_background()

@@ -39,7 +39,11 @@ CacheManager::CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geome
   page_ = backend_->page_bytes();
   region_token_bytes_ = g.region_token_bytes(layout == Layout::kTokenMajor);
   const long double slot_bytes = static_cast<long double>(g.max_seq_len) * region_token_bytes_;
-  const size_t nregions = layout == Layout::kTokenMajor ? 1 : static_cast<size_t>(2 * g.num_layers);
+  require_positive(g.head_regions, "head_regions");
+  if (layout != Layout::kHeadMajor && g.head_regions != 1) {
+    throw std::invalid_argument("vattn: head_regions must be 1 outside head_major");
+  }
+  const size_t nregions = layout == Layout::kTokenMajor ? 1 : static_cast<size_t>(2 * g.num_layers * g.head_regions);
   if (slot_bytes * g.max_batch * nregions > static_cast<long double>(size_t(1) << 62)) {
     throw std::invalid_argument("vattn: the cache geometry needs more virtual address space than exists");
   }
@@ -56,9 +60,19 @@ CacheManager::CacheManager(std::unique_ptr<PhysicalBackend> backend, const Geome
     throw std::invalid_argument("vattn: prealloc_bytes exceeds max_physical_bytes");
   }
 
-  for (size_t r = 0; r < nregions; ++r) {
-    regions_.push_back(
-        std::make_unique<VirtualBuffer>(*backend_, static_cast<size_t>(g.max_batch) * slot_stride_, page_));
+  const size_t region_bytes = static_cast<size_t>(g.max_batch) * slot_stride_;
+  if (layout == Layout::kHeadMajor) {
+    region_spacing_ = page_ + region_bytes;
+    arena_ = std::make_unique<VirtualBuffer>(*backend_, nregions * region_spacing_);
+    for (size_t r = 0; r < nregions; ++r) {
+      const uintptr_t base = arena_->base() + r * region_spacing_ + page_;
+      regions_.push_back(
+          std::make_unique<VirtualBuffer>(*backend_, VirtualBuffer::Borrowed{}, base, region_bytes, page_));
+    }
+  } else {
+    for (size_t r = 0; r < nregions; ++r) {
+      regions_.push_back(std::make_unique<VirtualBuffer>(*backend_, region_bytes, page_));
+    }
   }
   const bool map_guard = opt.map_guard < 0 ? backend_->is_device() : opt.map_guard != 0;
   if (map_guard) {
@@ -128,6 +142,7 @@ CacheManager::~CacheManager() {
   if (guard_page_mapped_) backend_->destroy_page(guard_page_);
   pool_.reset();
   regions_.clear();
+  arena_.reset();
 }
 
 // ---------------------------------------------------------------- helpers
@@ -981,6 +996,16 @@ size_t CacheManager::region_bytes(size_t r) const {
   return regions_[r]->bytes();
 }
 
+size_t CacheManager::region_span_bytes(size_t r, size_t count) const {
+  if (count == 0 || r >= regions_.size() || count > regions_.size() - r) {
+    throw std::out_of_range("vattn: region span out of range");
+  }
+  if (count > 1 && layout_ != Layout::kHeadMajor) {
+    throw std::invalid_argument("vattn: only head_major regions form spans");
+  }
+  return (count - 1) * region_spacing_ + page_ + regions_[r]->bytes();
+}
+
 LayerView CacheManager::layer_view(int64_t layer) const {
   if (layer < 0 || layer >= geom_.num_layers) {
     throw std::out_of_range("vattn: layer " + std::to_string(layer) + " out of range [0, " +
@@ -993,9 +1018,13 @@ LayerView CacheManager::layer_view(int64_t layer) const {
     v.k_region = v.v_region = 0;
     v.k_offset_bytes = layer * (geom_.k_record_bytes + geom_.v_record_bytes);
     v.v_offset_bytes = v.k_offset_bytes + geom_.k_record_bytes;
-  } else {
+  } else if (layout_ == Layout::kLayerMajor) {
     v.k_region = static_cast<int32_t>(2 * layer);
     v.v_region = static_cast<int32_t>(2 * layer + 1);
+  } else {
+    v.k_region = static_cast<int32_t>(2 * layer * geom_.head_regions);
+    v.v_region = static_cast<int32_t>((2 * layer + 1) * geom_.head_regions);
+    v.stride_head_bytes = static_cast<int64_t>(region_spacing_);
   }
   return v;
 }

@@ -64,11 +64,17 @@
 namespace vattn {
 namespace memory {
 
-enum class Layout { kTokenMajor = 0, kLayerMajor = 1 };
+// head_major: 2 L H regions, one per (layer, K|V, kv head), [slot, token, one head's record], in
+// one reservation at a fixed spacing so that a layer's heads are a constant stride apart (the
+// kernels see a plain strided view). Pages then follow each head's own length after eviction
+// (AdaKV's per-head budgets).
+enum class Layout { kTokenMajor = 0, kLayerMajor = 1, kHeadMajor = 2 };
 
 struct Geometry {
   int64_t num_layers = 0;
-  int64_t k_record_bytes = 0;  // one token's K of one layer: all kv heads, data + scales
+  // Records per layer and side: 1, or num_kv_heads in head_major (the records are then one head's).
+  int64_t head_regions = 1;
+  int64_t k_record_bytes = 0;  // one token's K of one layer: all kv heads (head_major: one), data + scales
   int64_t v_record_bytes = 0;  // the same for V
   int64_t max_batch = 0, max_seq_len = 0;
   // Tokens are mapped in whole multiples of this (1: any count). int4_ch keys keep each group's
@@ -76,7 +82,7 @@ struct Geometry {
   // max_seq_len must be a multiple.
   int64_t align_tokens = 1;
   // Bytes of one token over all layers, K and V (what used_bytes counts per stored token).
-  int64_t token_bytes() const { return num_layers * (k_record_bytes + v_record_bytes); }
+  int64_t token_bytes() const { return num_layers * head_regions * (k_record_bytes + v_record_bytes); }
   // Bytes of one token in one region of a layout.
   int64_t region_token_bytes(bool token_major) const {
     return token_major ? token_bytes() : (k_record_bytes > v_record_bytes ? k_record_bytes : v_record_bytes);
@@ -96,9 +102,10 @@ struct ManagerOptions {
 // Where layer l's K and V records live: region index, byte offset of the record of (slot 0,
 // token 0) inside it, and byte strides between slots and tokens (shared by K and V).
 struct LayerView {
-  int32_t k_region = 0, v_region = 0;
+  int32_t k_region = 0, v_region = 0;  // head_major: the region of kv head 0 (head h: + h)
   int64_t k_offset_bytes = 0, v_offset_bytes = 0;
   int64_t stride_row_bytes = 0, stride_tok_bytes = 0;
+  int64_t stride_head_bytes = 0;  // head_major: between the regions of two heads; 0: heads share a record
 };
 
 struct Stats {
@@ -193,6 +200,9 @@ class CacheManager {
   // The guard page just before region r's base (region_base(r) - guard_bytes()): always mapped
   // on device backends (see above), where views start.
   uintptr_t region_guard_base(size_t r) const;
+  // Bytes from region r's guard to the end of region r + count - 1: one span over count
+  // consecutive regions (head_major keeps them a fixed spacing apart; other layouts: count 1).
+  size_t region_span_bytes(size_t r, size_t count) const;
   size_t guard_bytes() const { return page_; }
   bool guard_mapped() const { return guard_page_mapped_; }
   size_t slot_stride_bytes() const { return slot_stride_; }
@@ -271,6 +281,8 @@ class CacheManager {
   size_t page_ = 0;
   size_t slot_stride_ = 0;
   int64_t region_token_bytes_ = 0;
+  std::unique_ptr<VirtualBuffer> arena_;  // head_major: the one reservation its regions are parts of
+  size_t region_spacing_ = 0;             // head_major: guard + region bytes, from one region to the next
   std::vector<std::unique_ptr<VirtualBuffer>> regions_;
   std::unique_ptr<PagePool> pool_;
   std::vector<Slot> slots_;

@@ -15,8 +15,15 @@ namespace memory {
 class VirtualBuffer {
  public:
   VirtualBuffer(PhysicalBackend& backend, size_t bytes, size_t lead = 0)
-      : backend_(backend), bytes_(bytes), lead_(lead), base_(backend.reserve(bytes + lead) + lead) {}
-  ~VirtualBuffer() { backend_.release(base_ - lead_, bytes_ + lead_); }
+      : backend_(backend), bytes_(bytes), lead_(lead), base_(backend.reserve(bytes + lead) + lead), owner_(true) {}
+  // A part of a range reserved by another VirtualBuffer (which must outlive this one): base is
+  // where its bytes begin, the lead lies just before it. Releases nothing.
+  struct Borrowed {};
+  VirtualBuffer(PhysicalBackend& backend, Borrowed, uintptr_t base, size_t bytes, size_t lead)
+      : backend_(backend), bytes_(bytes), lead_(lead), base_(base), owner_(false) {}
+  ~VirtualBuffer() {
+    if (owner_) backend_.release(base_ - lead_, bytes_ + lead_);
+  }
   VirtualBuffer(const VirtualBuffer&) = delete;
   VirtualBuffer& operator=(const VirtualBuffer&) = delete;
 
@@ -30,6 +37,7 @@ class VirtualBuffer {
   size_t bytes_;
   size_t lead_;
   uintptr_t base_;
+  bool owner_;
 };
 
 }  // namespace memory

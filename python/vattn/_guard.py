@@ -47,12 +47,22 @@ def owner(t: Optional[torch.Tensor]):
     return None
 
 
-def _token_addrs(t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """int64 [n] start addresses of each (row, position) record of a [rows, seq, heads, elems] view
-    and the bytes one record spans (all heads)."""
+def _token_addrs(
+    t: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, head: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, int]:
+    """int64 start addresses of the (row, position) records of a [rows, seq, heads, elems] view and
+    the bytes each spans. Usually one address per entry spanning all heads; with `head` (one kv
+    head per entry) one vector each. A view whose heads lie further apart than its tokens
+    (layout="head_major": a region per head) gets one address per (entry, head), entry-major, so
+    entry i is address i // (addrs.numel() // rows.numel())."""
     isz = t.element_size()
     s_row, s_tok, s_head, _ = t.stride()
     addrs = t.data_ptr() + (rows * s_row + pos * s_tok) * isz
+    if head is not None:
+        return (addrs + head * s_head * isz).contiguous(), t.shape[3] * isz
+    if s_head > s_tok:
+        heads = torch.arange(t.shape[2], dtype=torch.int64) * (s_head * isz)
+        return (addrs[:, None] + heads[None, :]).reshape(-1).contiguous(), t.shape[3] * isz
     span = ((t.shape[2] - 1) * s_head + t.shape[3]) * isz
     return addrs.contiguous(), span
 
@@ -93,13 +103,14 @@ def check_append(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is None or owner(t) is not cache:
             continue
-        addrs, span = _token_addrs(t, rows, grouped.get(id(t), pos))
-        if heads is not None:
-            isz = t.element_size()
-            addrs = addrs + torch.arange(heads).repeat(addrs.numel() // heads) * t.stride(2) * isz
-            span = t.shape[3] * isz
+        if heads is not None:  # rows / pos are per (token, head), head-minor
+            head = torch.arange(heads).repeat(rows.numel() // heads)
+            addrs, span = _token_addrs(t, rows, grouped.get(id(t), pos), head)
+        else:
+            addrs, span = _token_addrs(t, rows, grouped.get(id(t), pos))
         bad = int(cache._m.first_unmapped(addrs.data_ptr(), addrs.numel(), span))
         if bad >= 0:
+            bad //= addrs.numel() // rows.numel()
             raise ValueError(
                 f"append_kv: token {bad} (row {int(rows[bad])}, position {int(pos[bad])}) would be written into "
                 f"unmapped memory of a vattn.KVCache ({name}); map it first (cache.reserve / cache.begin_step) "

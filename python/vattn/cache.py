@@ -44,7 +44,7 @@ from ._support import check_cache_supported
 
 __all__ = ["KVCache", "Step"]
 
-_LAYOUTS = ("token_major", "layer_major")
+_LAYOUTS = ("token_major", "layer_major", "head_major")
 _INT32_MAX = 2**31 - 1
 _HOST_DEFAULT_PAGE = 2 << 20  # mirrors CUDA's usual granularity
 _DEFAULT_WATERMARK_PAGES = 64  # idle pages kept for reuse by the next request
@@ -279,8 +279,11 @@ class KVCache:
             watermark = _int(reclaim_watermark_bytes, "reclaim_watermark_bytes")
             if watermark < 0:
                 raise ValueError(f"reclaim_watermark_bytes must be >= 0, got {watermark}")
-        k_record = self.k_format.record_bytes(self.num_kv_heads, self.head_dim)
-        v_record = self.v_format.record_bytes(self.num_kv_heads, self.head_dim)
+        # head_major: a region per (layer, K|V, kv head), each holding one head's records.
+        record_heads = 1 if layout == "head_major" else self.num_kv_heads
+        head_regions = self.num_kv_heads if layout == "head_major" else 1
+        k_record = self.k_format.record_bytes(record_heads, self.head_dim)
+        v_record = self.v_format.record_bytes(record_heads, self.head_dim)
         region_token_bytes = (
             self.num_layers * (k_record + v_record) if layout == "token_major" else max(k_record, v_record)
         )
@@ -309,6 +312,7 @@ class KVCache:
             host_commit=bool(_host_commit),
             scrub_freed=bool(scrub_freed),
             align_tokens=self._group,  # int4_ch keys: slots map whole groups of tokens
+            head_regions=head_regions,
         )
         self.page_bytes = int(self._m.page_bytes)
         self.token_bytes = int(self._m.token_bytes)  # one stored token, all layers, K and V, scales included
@@ -388,7 +392,7 @@ class KVCache:
     def shrink(self, slot: int, n: int) -> None:
         """Keeps the first n tokens of slot and unmaps the pages no longer needed. After compact(),
         each (layer, kv head) keeps the first min(n, tokens it stores), and in layer_major each layer
-        keeps only the pages its longest head needs."""
+        keeps only the pages its longest head needs (head_major: each head its own)."""
         n = _int(n, "n")
         with self._lock:
             slot = self._live(slot)
@@ -751,7 +755,8 @@ class KVCache:
                     stale = torch.arange(self.max_seq_len, device=self.device) >= lens_dev[i][..., None]
                     self._scores[s].masked_fill_(stale, 0.0)
                 # Unmaps every page no head needs: token_major, beyond the longest head of all;
-                # layer_major, per layer beyond that layer's longest head (its K and V regions).
+                # layer_major, per layer beyond that layer's longest head (its K and V regions);
+                # head_major, per (layer, kv head) beyond that head's own tokens.
                 self._m.shrink_regions(s, new_len, self._region_tokens(heads_after[i]))
                 self._set_lengths({s: new_len})
                 self._set_deficit(s, new_len, heads_after[i])
@@ -854,6 +859,8 @@ class KVCache:
         region (appends, compaction) land at or beyond them."""
         if self.layout == "token_major":
             return [int(heads.min())]
+        if self.layout == "head_major":
+            return self._per_head_regions(heads)
         return np.repeat(heads.min(axis=1).astype(np.int64), 2).tolist()
 
     def _unshare(self, slot: int, from_heads: np.ndarray) -> None:
@@ -866,11 +873,20 @@ class KVCache:
     def _region_tokens(self, heads: np.ndarray) -> List[int]:
         """Tokens each manager region must keep for per-(layer, kv head) stored counts [L, H]:
         token_major one region (the longest head of all), layer_major regions 2l (K) and 2l + 1 (V)
-        of layer l (its longest head)."""
+        of layer l (its longest head), head_major regions (2l + side) H + h (the head itself)."""
         if self.layout == "token_major":
             return [int(heads.max())]
+        if self.layout == "head_major":
+            return self._per_head_regions(heads)
         per_layer = heads.max(axis=1).astype(np.int64)
         return np.repeat(per_layer, 2).tolist()
+
+    @staticmethod
+    def _per_head_regions(heads: np.ndarray) -> List[int]:
+        """head_major: per-(layer, kv head) counts [L, H] as one entry per region, region
+        (2l + side) H + h (K and V of a head alike)."""
+        h = heads.astype(np.int64)
+        return np.stack([h, h], axis=1).reshape(-1).tolist()
 
     # ------------------------------------------------------------------ views
 
@@ -969,16 +985,28 @@ class KVCache:
             dense = torch.zeros(shape, dtype=self.dtype, device=self.device)
             for s in self.live_slots():
                 # This layer's longest head: after a per-layer compaction (layer_major) the pages of a
-                # shorter layer past it are unmapped (on CUDA, not even readable).
-                n = int(self._head_lengths_np(s)[layer].max())
-                if n == 0:
-                    continue
-                if fmt.name == "int4_ch":  # parameters in the words of the row's whole groups
-                    dense[s, :n] = dequantize(codes[s, :n], scales[s], fmt.name, self.head_dim, self.dtype)
-                elif fmt.quantized:
-                    dense[s, :n] = dequantize(codes[s, :n], scales[s, :n], fmt.name, self.head_dim, self.dtype)
-                else:
-                    dense[s, :n] = codes[s, :n]
+                # shorter layer past it are unmapped (on CUDA, not even readable); in head_major each
+                # head's own length, for the same reason.
+                lens = self._head_lengths_np(s)[layer]
+                parts = (
+                    [(slice(h, h + 1), int(lens[h])) for h in range(len(lens))]
+                    if self.layout == "head_major"
+                    else [(slice(None), int(lens.max()))]
+                )
+                for hs, n in parts:
+                    if n == 0:
+                        continue
+                    if fmt.name == "int4_ch":  # parameters in the words of the row's whole groups
+                        dense[s, :n, hs] = dequantize(
+                            codes[s, :n, hs], scales[s, :, hs], fmt.name, self.head_dim, self.dtype
+                        )
+                    elif fmt.quantized:
+                        dense[s, :n, hs] = dequantize(
+                            codes[s, :n, hs], scales[s, :n, hs], fmt.name, self.head_dim, self.dtype
+                        )
+                    else:
+                        dense[s, :n, hs] = codes[s, :n, hs]
+                n = int(lens.max())
                 if fmt is self.k_format and codes is k and self._key_means is not None:
                     kd = dense[s, :n].float() * self._key_scales[s, layer] + self._key_means[s, layer]
                     dense[s, :n] = kd.to(self.dtype)
@@ -1102,10 +1130,12 @@ class KVCache:
         what the slots hold. (Host: the guard is read-only zero memory, enough for frombuffer.)"""
         t = self._regions.get(r)
         if t is None:
+            # head_major: a layer's K (or V) view spans the regions of all its heads.
+            count = self.num_kv_heads if self.layout == "head_major" else 1
             if self.device.type == "cpu":
-                t = torch.frombuffer(self._m.region_buffer(r), dtype=torch.uint8)
+                t = torch.frombuffer(self._m.region_buffer(r, count), dtype=torch.uint8)
             else:
-                size = self._m.guard_bytes + self._m.region_bytes(r)
+                size = self._m.region_span_bytes(r, count)
                 rng = _CudaRange(self._m, self._m.region_guard_base(r), (size,), None, "|u1")
                 t = torch.as_tensor(rng, device=self.device)
             self._regions[r] = t
@@ -1119,21 +1149,26 @@ class KVCache:
         region, offset = lv[which + "_region"], lv[which + "_offset_bytes"]
         row, tok = lv["stride_row_bytes"], lv["stride_tok_bytes"]
         heads, dim = self.num_kv_heads, self.head_dim
+        # head_major: each head is its own region (records of one head), a fixed spacing apart.
+        head_step = lv["stride_head_bytes"]
+        record_heads = 1 if head_step else heads
+        data_head = head_step or fmt.data_bytes(dim)
+        scale_head = head_step or fmt.scale_words * 4
         isz = _itemsize(fmt.storage_dtype)
         data = (
             region,
             offset,
             (self.max_batch, self.max_seq_len, heads, fmt.storage_elems(dim)),
-            (row // isz, tok // isz, fmt.data_bytes(dim) // isz, 1),
+            (row // isz, tok // isz, data_head // isz, 1),
             isz,
         )
         scales = None
         if fmt.quantized:
             scales = (
                 region,
-                offset + fmt.scale_offset(heads, dim),
+                offset + fmt.scale_offset(record_heads, dim),
                 (self.max_batch, self.max_seq_len, heads, fmt.scale_words),
-                (row // 4, tok // 4, fmt.scale_words, 1),
+                (row // 4, tok // 4, scale_head // 4, 1),
                 4,
             )
         return data, scales

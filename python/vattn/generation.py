@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-LAYOUTS = ("token_major", "layer_major")
+LAYOUTS = ("token_major", "layer_major", "head_major")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 DEMO_PROMPTS = (

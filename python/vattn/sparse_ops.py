@@ -126,10 +126,11 @@ def _check_mapped(k_cache, v_cache, k_scale, v_scale, row_ids, keep, keep_lens, 
     k = keep.to("cpu", torch.int64)
     live = torch.arange(max_keep)[None, None, :] < keep_lens.to("cpu", torch.int64)[..., None]
     r = row_ids.to("cpu", torch.int64)[:, None, None].expand(n, heads, max_keep)[live]
+    h = torch.arange(heads)[None, :, None].expand(n, heads, max_keep)[live]
     dst = torch.arange(max_keep)[None, None, :].expand(n, heads, max_keep)[live]
-    rr, pos = torch.cat([r, r]), torch.cat([k[live], dst])
+    rr, hh, pos = torch.cat([r, r]), torch.cat([h, h]), torch.cat([k[live], dst])
     ok = (rr >= 0) & (rr < k_cache.shape[0]) & (pos >= 0) & (pos < seq)  # the rest is rejected later
-    rr, pos = rr[ok], pos[ok]
+    rr, hh, pos = rr[ok], hh[ok], pos[ok]
     if rr.numel() == 0:
         return
     # An int4_ch side (uint8 codes with 4-word scales) writes the parameter words of each new
@@ -139,12 +140,12 @@ def _check_mapped(k_cache, v_cache, k_scale, v_scale, row_ids, keep, keep_lens, 
         if sc is not None and codes.dtype == torch.uint8 and sc.dim() == 4 and sc.shape[-1] == 4:
             g = codes.shape[3]  # G = head_dim / 2 = codes per vector
             ends = torch.clamp(pos - pos % g + (g - 1), max=seq - 1)
-            grouped[id(codes)] = grouped[id(sc)] = (torch.cat([rr, rr]), torch.cat([pos, ends]))
+            grouped[id(codes)] = grouped[id(sc)] = (torch.cat([rr, rr]), torch.cat([pos, ends]), torch.cat([hh, hh]))
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is None or owner(t) is not cache:
             continue
-        t_rows, t_pos = grouped.get(id(t), (rr, pos))
-        addrs, span = _guard._token_addrs(t, t_rows, t_pos)
+        t_rows, t_pos, t_heads = grouped.get(id(t), (rr, pos, hh))
+        addrs, span = _guard._token_addrs(t, t_rows, t_pos, t_heads)
         bad = int(cache._m.first_unmapped(addrs.data_ptr(), addrs.numel(), span))
         if bad >= 0:
             raise ValueError(
