@@ -254,6 +254,18 @@ def test_demo_with_a_policy_prints_the_memory_before_and_after():
     assert "before eviction" in proc.stdout and "after eviction" in proc.stdout
 
 
+def test_demo_head_major_small_pages_releases_memory_after_adakv():
+    proc = run_inproc(
+        "demo", "--tiny", "--device", "cpu", "--layout", "head_major", "--page-bytes", "4KiB",
+        "--policy", "adakv:0.25", "--max-new-tokens", "4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "pages of 4.0 KiB" in proc.stdout
+    row = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if "eviction" in ln}
+    before, after = (float(row[k].split()[2]) for k in ("before", "after"))  # KiB: 4 rows, small prompts
+    assert "KiB" in row["before"] and "KiB" in row["after"] and after < before / 2
+
+
 def test_error_bad_option_console():
     """The same through the interpreter entry point (python -m vattn): exit status and one line."""
     one_line_error(run("demo", "--layout", "diagonal"), 2, "--layout")

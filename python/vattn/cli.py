@@ -241,6 +241,7 @@ def cmd_demo(args) -> int:
         max_new_tokens=args.max_new_tokens,
         max_seq_len=args.max_seq_len,
         max_physical_bytes=args.max_physical_bytes,
+        page_bytes=args.page_bytes,
         sample=args.sample,
         seed=args.seed,
         chat=chat,
@@ -275,6 +276,7 @@ def cmd_generate(args) -> int:
         max_new_tokens=args.max_new_tokens,
         max_seq_len=args.max_seq_len,
         max_physical_bytes=args.max_physical_bytes,
+        page_bytes=args.page_bytes,
         sample=args.sample,
         seed=args.seed,
         chat=not args.no_chat_template,
@@ -317,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--max-physical-bytes", type=_bytes_arg, default=None, help="cap on physical KV-cache memory, e.g. 512MiB"
+        )
+        sp.add_argument(
+            "--page-bytes",
+            type=_bytes_arg,
+            default=None,
+            help="physical page size of the cache, e.g. 64KiB (CPU; default 2 MiB). Small pages let "
+            "head_major / layer_major release each head's / layer's own pages after eviction",
         )
         sp.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.95) instead of greedy")
         sp.add_argument("--seed", type=int, default=0)

@@ -129,6 +129,7 @@ def run_generation(
     max_new_tokens: int,
     max_seq_len: Optional[int] = None,
     max_physical_bytes: Optional[int] = None,
+    page_bytes: Optional[int] = None,
     sample: bool = False,
     seed: int = 0,
     chat: bool = True,
@@ -158,6 +159,7 @@ def run_generation(
         max_seq_len=max_seq_len,
         layout=layout,
         max_physical_bytes=max_physical_bytes,
+        page_bytes=page_bytes,
         kv_format=kv_format,
         policy=policy,
     )
