@@ -20,6 +20,10 @@
 //   encode_int4_ch_pair, the CPU's function: bit-identical bytes again.
 // Out-of-range rows or positions are skipped: the kernels never write outside the cache
 // whatever the indices hold (the CPU op rejects them; checking here would need a host sync).
+// Paged views (a block table per row): every kernel locates its token once (kv_paged.cuh
+// kv_locate: the physical block and the offset in it; a block id outside [0, num_blocks) writes
+// block 0, never outside the storage) and forms the K, V and scale-word addresses from it; rows
+// are block-table rows and positions < max_seq = blocks per row x block_size.
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -27,6 +31,7 @@
 
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/kv_format.h"
@@ -44,7 +49,7 @@ __global__ void append_kv_kernel(Word* __restrict__ ck, Word* __restrict__ cv, c
                                  const int32_t* __restrict__ positions, int64_t c_k_row, int64_t c_k_tok,
                                  int64_t c_k_head, int64_t c_v_row, int64_t c_v_tok, int64_t c_v_head, int64_t k_tok,
                                  int64_t k_head, int64_t v_tok, int64_t v_head, int32_t num_rows, int32_t max_seq,
-                                 int32_t num_heads, int32_t words_per_vec, int64_t total) {
+                                 int32_t num_heads, int32_t words_per_vec, int64_t total, const KVCacheView pv) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t w = idx % words_per_vec;
@@ -54,8 +59,9 @@ __global__ void append_kv_kernel(Word* __restrict__ ck, Word* __restrict__ cv, c
     const int32_t row = row_ids[t];
     const int32_t pos = kHeadPos ? positions[th] : positions[t];  // positions: head_positions when kHeadPos
     if (row < 0 || row >= num_rows || pos < 0 || pos >= max_seq) continue;
-    ck[row * c_k_row + pos * c_k_tok + h * c_k_head + w] = k[t * k_tok + h * k_head + w];
-    cv[row * c_v_row + pos * c_v_tok + h * c_v_head + w] = v[t * v_tok + h * v_head + w];
+    const cuda::KvLoc l = cuda::kv_locate(pv, row, pos);  // pv: the view's paging (strides here are words)
+    ck[l.at(c_k_row, c_k_tok) + h * c_k_head + w] = k[t * k_tok + h * k_head + w];
+    cv[l.at(c_v_row, c_v_tok) + h * c_v_head + w] = v[t * v_tok + h * v_head + w];
   }
 }
 
@@ -78,7 +84,7 @@ void launch(const AppendParams& p, int esize) {
       p.row_ids, p.head_positions ? p.head_positions : p.positions, c.k_stride_row / s, c.k_stride_tok / s,
       c.k_stride_head / s, c.v_stride_row / s, c.v_stride_tok / s, c.v_stride_head / s, p.k_stride_tok / s,
       p.k_stride_head / s, p.v_stride_tok / s, p.v_stride_head / s, c.num_rows, c.max_seq, p.num_kv_heads,
-      words_per_vec, total);
+      words_per_vec, total, c);
   cuda_check_launch("append_kv_kernel");
 }
 
@@ -189,7 +195,8 @@ __device__ __forceinline__ void encode_vector(int lane, const T* x, int n, typen
 template <typename T, typename Format, bool kHeadPos>
 __global__ void __launch_bounds__(kSideThreads)
     append_side_kernel(const SideArgs s, const int32_t* __restrict__ row_ids, const int32_t* __restrict__ positions,
-                       int32_t num_rows, int32_t max_seq, int32_t num_heads, int32_t head_dim, int64_t num_vecs) {
+                       int32_t num_rows, int32_t max_seq, int32_t num_heads, int32_t head_dim, int64_t num_vecs,
+                       const KVCacheView pv) {
   using S = typename Format::storage_t;
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (kSideThreads / 32);
@@ -200,9 +207,10 @@ __global__ void __launch_bounds__(kSideThreads)
     const int32_t pos = kHeadPos ? positions[vec] : positions[t];  // positions: head_positions when kHeadPos
     if (row < 0 || row >= num_rows || pos < 0 || pos >= max_seq) continue;
     const T* x = static_cast<const T*>(s.src) + t * s.src_tok + h * s.src_head;
-    S* dst = static_cast<S*>(s.data) + row * s.stride_row + pos * s.stride_tok + h * s.stride_head;
+    const cuda::KvLoc l = cuda::kv_locate(pv, row, pos);
+    S* dst = static_cast<S*>(s.data) + l.at(s.stride_row, s.stride_tok) + h * s.stride_head;
     float* w = nullptr;
-    if constexpr (Format::kScaleWords > 0) w = s.scale + row * s.ss_row + pos * s.ss_tok + h * s.ss_head;
+    if constexpr (Format::kScaleWords > 0) w = s.scale + l.at(s.ss_row, s.ss_tok) + h * s.ss_head;
     encode_vector<T, Format>(lane, x, head_dim, dst, w);
   }
 }
@@ -227,7 +235,8 @@ constexpr int kGroupMaxTokens = kSideMaxHeadDim / 2;  // G of the largest head_d
 template <typename T, bool kHeadPos>
 __global__ void __launch_bounds__(kGroupThreads)
     append_grouped_kernel(const SideArgs s, const int32_t* __restrict__ row_ids, const int32_t* __restrict__ positions,
-                          int32_t num_rows, int32_t max_seq, int32_t num_heads, int32_t head_dim, int32_t num_tokens) {
+                          int32_t num_rows, int32_t max_seq, int32_t num_heads, int32_t head_dim, int32_t num_tokens,
+                          const KVCacheView pv) {
   using F = Int4ChannelFormat;
   __shared__ float x_s[kGroupStageFloats];  // [token of the group][channel of the slice]
   __shared__ int entry_s[kGroupMaxTokens];  // call entry of group position k (-1: none)
@@ -271,9 +280,12 @@ __global__ void __launch_bounds__(kGroupThreads)
     const int run = run_s;
     if (run == 0) continue;   // block-uniform
     const int m = old + run;  // tokens of the group once the call is done (<= G)
-    uint8_t* codes =
-        static_cast<uint8_t*>(s.data) + row * s.stride_row + int64_t(lo) * s.stride_tok + h * s.stride_head;
-    float* gw = s.scale + row * s.ss_row + int64_t(lo) * s.ss_tok + h * s.ss_head;  // the group's first token's words
+    // The group from its first token on. A paged view holds whole groups in each block
+    // (check_grouped_paged: block_size % G == 0), so the group's G tokens -- their codes and the
+    // words of its parameters -- follow its first token in one block at the token strides.
+    const cuda::KvLoc l = cuda::kv_locate(pv, row, lo);
+    uint8_t* codes = static_cast<uint8_t*>(s.data) + l.at(s.stride_row, s.stride_tok) + h * s.stride_head;
+    float* gw = s.scale + l.at(s.ss_row, s.ss_tok) + h * s.ss_head;  // the group's first token's words
     const T* src = static_cast<const T*>(s.src) + h * s.src_head;
     for (int c0 = 0; c0 < head_dim; c0 += slice) {
       const int cw = min(slice, head_dim - c0);  // even: head_dim and c0 are
@@ -312,6 +324,7 @@ void check_side(const AppendParams& p, int32_t format, const float* scale, int64
     if (!dim_ok<Format>(p.head_dim)) bad(std::string(side) + ": head_dim does not fit the storage format");
   });
   cuda::check_grouped_side(format, p.cache.max_seq, p.head_dim, ss_tok, "append_kv", side);
+  cuda::check_grouped_paged(format, p.cache, p.head_dim, "append_kv", side);
 }
 
 void launch_side(const AppendParams& p, int32_t format, const SideArgs& s, const char* what) {
@@ -329,14 +342,14 @@ void launch_side(const AppendParams& p, int32_t format, const SideArgs& s, const
         auto kernel = p.head_positions ? append_grouped_kernel<T, true> : append_grouped_kernel<T, false>;
         kernel<<<unsigned(gblocks), kGroupThreads, 0, st>>>(
             s, p.row_ids, p.head_positions ? p.head_positions : p.positions, p.cache.num_rows, p.cache.max_seq,
-            p.num_kv_heads, p.head_dim, p.num_tokens);
+            p.num_kv_heads, p.head_dim, p.num_tokens, p.cache);
       } else if constexpr (Format::kScaleWords == 0 && !std::is_same<typename Format::storage_t, T>::value) {
         throw std::logic_error("append_kv: plain side of another dtype (checked before)");
       } else {
         auto kernel = p.head_positions ? append_side_kernel<T, Format, true> : append_side_kernel<T, Format, false>;
         kernel<<<blocks, kSideThreads, 0, st>>>(s, p.row_ids, p.head_positions ? p.head_positions : p.positions,
-                                                p.cache.num_rows, p.cache.max_seq, p.num_kv_heads, p.head_dim,
-                                                num_vecs);
+                                                p.cache.num_rows, p.cache.max_seq, p.num_kv_heads, p.head_dim, num_vecs,
+                                                p.cache);
       }
     });
   };
@@ -356,6 +369,7 @@ void append_kv_cuda(const AppendParams& p) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     throw std::invalid_argument("append_kv: dtype must be float16, bfloat16 or float32 (code " +
                                 std::to_string(p.dtype) + ")");
+  cuda::check_paged_view(p.cache, "append_kv");
   check_side(p, p.cache.k_format, p.cache.k_scale, p.cache.ks_stride_tok, "K");
   check_side(p, p.cache.v_format, p.cache.v_scale, p.cache.vs_stride_tok, "V");
   if (p.num_tokens == 0) return;

@@ -7,6 +7,7 @@
 
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/cuda/scores.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/key_range.h"
@@ -30,6 +31,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) attention_scores_kernel(cons
   __shared__ float k_s[kScoreTile][kScoreMaxDim + 1];  // +1: lanes read rows without bank conflicts
   __shared__ float q_s[kScoreWarps][kScoreMaxDim];
   __shared__ float red[kScoreWarps][kScoreTile];
+  __shared__ int64_t koff_s[kScoreTile], kwoff_s[kScoreTile];  // the tile's key / word offsets
   const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int D = p.head_dim;
@@ -43,19 +45,32 @@ __global__ void __launch_bounds__(kScoreWarps * 32) attention_scores_kernel(cons
     if (t0 < 0 || n < 0 || int64_t(t0) + n > p.total_q) n = 0;  // malformed: score nothing
   }
   const int first = first_scoring_query(p, n);
-  const KS* kbase = static_cast<const KS*>(p.kv.k) + rk.row * p.kv.k_stride_row + int64_t(h) * p.kv.k_stride_head;
+  // K of (row, kv head) through kv_paged.cuh (contiguous or paged view): head bases, then each
+  // key's offset (paged: its block) once per staged key.
+  const KVCacheView& c = p.kv;
+  const KS* kbase = kv_head_base(static_cast<const KS*>(c.k), c, rk.row, h, c.k_stride_row, c.k_stride_head);
+  const float* kwbase = KF::kScaleWords > 0 ? kv_head_base(c.k_scale, c, rk.row, h, c.ks_stride_row, c.ks_stride_head)
+                                            : static_cast<const float*>(nullptr);
   float* out = score_row(p, rk.row, h);
 
   for (int c0 = blockIdx.x * kScoreTile; c0 < L; c0 += gridDim.x * kScoreTile) {
     const int cnt = min(kScoreTile, L - c0);
-    __syncthreads();  // k_s and red of the previous tile are consumed
+    __syncthreads();  // k_s, red and the offsets of the previous tile are consumed
+    // Each key's offsets once (paged: one block lookup per key): its vector's, and its scale
+    // words' (quantized formats; int4_ch: its group's, from the group's first token -- a paged
+    // view holds whole groups in each block, check_grouped_paged, so the words dequant_elem reads
+    // at ks_stride_tok steps lie in that block).
+    if (tid < cnt) {
+      koff_s[tid] = kv_head_tok(c, rk.row, c0 + tid, c.k_stride_row, c.k_stride_tok);
+      if constexpr (KF::kScaleWords > 0)
+        kwoff_s[tid] = kv_head_tok(c, rk.row, int(words_token<KF>(c0 + tid, D)), c.ks_stride_row, c.ks_stride_tok);
+    }
+    __syncthreads();
     for (int e = tid; e < cnt * D; e += blockDim.x) {
       const int jj = e / D, d = e % D;
-      const float* kw = nullptr;  // the vector's scale words (quantized formats; int4_ch: its group's)
-      if constexpr (KF::kScaleWords > 0)
-        kw = p.kv.k_scale + rk.row * p.kv.ks_stride_row + words_token<KF>(c0 + jj, D) * p.kv.ks_stride_tok +
-             int64_t(h) * p.kv.ks_stride_head;
-      k_s[jj][d] = dequant_elem<KF>(kbase + int64_t(c0 + jj) * p.kv.k_stride_tok, kw, p.kv.ks_stride_tok, d, D);
+      const float* kw = nullptr;
+      if constexpr (KF::kScaleWords > 0) kw = kwbase + kwoff_s[jj];
+      k_s[jj][d] = dequant_elem<KF>(kbase + koff_s[jj], kw, c.ks_stride_tok, d, D);
     }
     __syncthreads();
     // Scoring queries whose keys reach into the tile: position L_b - n + i >= c0 (causal) and,
@@ -117,6 +132,8 @@ void validate_attention_scores(const AttentionParams& p) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16 && p.dtype != kFloat32)
     bad("dtype must be float16, bfloat16 or float32");
   cuda::check_grouped_side(p.kv.k_format, p.kv.max_seq, p.head_dim, p.kv.ks_stride_tok, "attention scores", "K");
+  cuda::check_grouped_paged(p.kv.k_format, p.kv, p.head_dim, "attention scores", "K");
+  cuda::check_paged_view(p.kv, "attention scores");
 }
 
 void launch_attention_scores(const AttentionParams& p) {

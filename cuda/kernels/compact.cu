@@ -24,6 +24,7 @@
 
 #include "vattn/cuda/check.cuh"
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/kv_format.h"
 #include "vattn/ops.h"
 #include "vattn/quant.h"
@@ -259,6 +260,8 @@ void launch_part(const CompactParams& p, const IndexArgs& ix, const Part& q, cha
 }  // namespace
 
 int64_t compact_workspace_bytes(const CompactParams& p) {
+  // Compaction gathers tokens within one contiguous row; a paged view has no kernel here.
+  cuda::reject_paged_view(p.cache, "compact_kv");
   if (p.n < 0 || p.max_keep < 0) bad("n and max_keep must be >= 0");
   if (p.n == 0 || p.max_keep == 0) return 0;
   Part parts[5];

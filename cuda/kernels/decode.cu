@@ -8,6 +8,8 @@
 // K/V formats (both kernels): the plain format of the q dtype, or any pair of quantized formats
 // (fp8_e4m3 / int8 / int4, K and V apart) with their fp32 scale words, and int4_ch keys
 // (parameters per channel over groups of tokens; the split kernel folds them into q).
+// KV views (both kernels): contiguous, or paged (a block table per row; kv_paged.cuh), every
+// format pair.
 // No host synchronization and no allocation: split partials live in the caller's workspace,
 // sized by decode_workspace_bytes() with the same plan.
 #include <cmath>
@@ -25,6 +27,7 @@
 #include "vattn/cuda/decode_args.cuh"
 #include "vattn/cuda/split_merge.cuh"
 #include "vattn/cuda/decode_plain_kernel.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/cuda/scores.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
@@ -129,6 +132,7 @@ void validate(const AttentionParams& p) {
     cuda::dispatch_attention_kv_pair<decltype(t)>(p.kv.k_format, p.kv.v_format, "decode_attention", [](auto, auto) {});
   });
   cuda::check_grouped_kv(p.kv, p.head_dim, "decode_attention");  // int4_ch: whole groups, 32-bit offsets
+  cuda::check_paged_view(p.kv, "decode_attention");              // block size, blocks, table alignment
   if (p.kv.num_rows < 0 || p.kv.max_seq < 0) bad("cache num_rows and max_seq must be >= 0");
   if (!std::isfinite(p.scale)) bad("scale must be finite");
   if (!std::isfinite(p.softcap)) bad("softcap must be finite");
@@ -170,7 +174,9 @@ int split_max_group_block(const AttentionParams& p) {
 // The split kernel covers 16-bit q, K/V formats with the chunk interface at its instantiated
 // head dims (split_tile != 0: the vector bytes head_dim * bits / 8 are whole 16-byte chunks),
 // and 16-byte aligned q, K, V vectors (out and lse are written element by element, so they
-// need no alignment; scale words are copied 4 bytes at a time).
+// need no alignment; scale words are copied 4 bytes at a time). A paged view's vectors are
+// aligned when its storage and its block, token and head strides are (k_stride_row is the
+// block stride there), so the same check serves both kinds of view.
 bool fast_supported(const AttentionParams& p) {
   if (p.impl != 0) return false;
   if (p.dtype != kFloat16 && p.dtype != kBFloat16) return false;

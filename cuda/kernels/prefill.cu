@@ -3,6 +3,7 @@
 // K/V formats: the plain format of the q dtype on both sides, or any pair of quantized formats
 // (fp8_e4m3, int8, int4; dispatch_kv_pair in kv_format.h), and int4_ch keys (parameters per
 // channel over groups of tokens: their own tile loader), in both kernels.
+// KV views: contiguous, or paged (a block table per row; kv_paged.cuh), in both kernels.
 // No host synchronization and no allocation: everything runs on p.stream.
 // Per-token attention scores (p.scores, score_mode): after either kernel, the score kernel of
 // scores.cuh (attention_scores.cu) turns the final LSE into per-key probabilities ("replace"
@@ -68,6 +69,7 @@ void validate(const AttentionParams& p) {
   if (p.kv.num_rows <= 0 || p.kv.max_seq <= 0) bad("the K/V view needs num_rows > 0 and max_seq > 0");
   if (!(p.scale == p.scale)) bad("scale is NaN");
   cuda::check_grouped_kv(p.kv, p.head_dim, "vattn.prefill_attention");
+  cuda::check_paged_view(p.kv, "vattn.prefill_attention");
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -86,6 +88,10 @@ bool stride_ok(int64_t s, int elem_bytes) { return (s * elem_bytes) % 16 == 0; }
 //  - scale words are read one float at a time: any float-aligned scale tensor works; except
 //    int4_ch keys, whose loader reads a group's words 4 at a time (16-byte aligned k_scale and
 //    scale strides).
+// Paged views (a block table): the same rules hold per block. k_stride_row / v_stride_row (and the
+// scale row strides) are the block strides there, so checking the storage pointers and all three
+// strides of each side makes every token of every block aligned; the tile loaders form each tile
+// row's address from its block, so nothing else is needed.
 // Anything else (8- or 4-byte aligned user tensors, other head dims) runs the plain kernel,
 // which reads element by element: slower, but no 8- / 4-byte variants of the tile loader to
 // instantiate and test.

@@ -33,6 +33,7 @@
 #include "vattn/cuda/split_merge.cuh"
 #include "vattn/cuda/decode_plain_kernel.cuh"
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/key_range.h"
 #include "vattn/kv_format.h"
@@ -90,7 +91,7 @@ __global__ void __launch_bounds__(kMinmaxThreads) block_minmax_kernel(const Bloc
     float mn = INFINITY, mx = -INFINITY;
     for (int64_t t = t0; t < t1; ++t) {
       const float* w =
-          plain_scale_words<KF>(c.k_scale, row, t, h, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, dim);
+          plain_scale_words<KF>(c, c.k_scale, row, t, h, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, dim);
       const float x = dequant_elem<KF>(base + t * c.k_stride_tok, w, c.ks_stride_tok, d, dim);
       mn = x < mn ? x : mn;
       mx = x > mx ? x : mx;
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(kSparseThreads)
     if (j < 0) continue;
     const KS* kp = kbase + j * c.k_stride_tok;
     const float* kw =
-        plain_scale_words<KF>(c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
+        plain_scale_words<KF>(c, c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
     float dot = 0.f;
     for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], dequant_elem<KF>(kp, kw, c.ks_stride_tok, d, HD), dot);
 #pragma unroll
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(kSparseThreads)
     st.add(w);
     const VS* vp = vbase + j * c.v_stride_tok;
     const float* vw =
-        plain_scale_words<VF>(c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
+        plain_scale_words<VF>(c, c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
 #pragma unroll
     for (int i = 0; i < kSparsePerLane; ++i) {
       const int d = lane + 32 * i;
@@ -379,7 +380,7 @@ __global__ void __launch_bounds__(kSparseThreads)
     if (j < 0) continue;
     const KS* kp = kbase + j * c.k_stride_tok;
     const float* kw =
-        plain_scale_words<KF>(c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
+        plain_scale_words<KF>(c, c.k_scale, r.row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
     float kx[kSparsePerLane];
 #pragma unroll
     for (int i = 0; i < kSparsePerLane; ++i) {
@@ -400,7 +401,7 @@ __global__ void __launch_bounds__(kSparseThreads)
       for (int g = 0; g < GB; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], off);
     const VS* vp = vbase + j * c.v_stride_tok;
     const float* vw =
-        plain_scale_words<VF>(c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
+        plain_scale_words<VF>(c, c.v_scale, r.row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
     float vx[kSparsePerLane];
 #pragma unroll
     for (int i = 0; i < kSparsePerLane; ++i) {
@@ -492,6 +493,7 @@ void check_meta(const BlockMetaView& m, const char* what) {
 
 void validate_minmax(const BlockMinmaxParams& p) {
   auto bad = [](const std::string& m) { throw std::invalid_argument("block_minmax: " + m); };
+  cuda::reject_paged_view(p.cache, "block_minmax");  // Quest's kernels read contiguous views only
   if (p.n < 0) bad("n must be >= 0");
   if (p.n == 0) return;
   if (p.num_kv_heads <= 0 || p.head_dim <= 0 || p.block <= 0) bad("num_kv_heads, head_dim and block must be positive");
@@ -538,6 +540,7 @@ struct SparsePlan {
 SparsePlan make_sparse_plan(const SparseDecodeParams& sp) {
   const AttentionParams& p = sp.attn;
   auto bad = [](const std::string& m) { throw std::invalid_argument("sparse_decode_attention: " + m); };
+  cuda::reject_paged_view(p.kv, "sparse_decode_attention");  // Quest's kernels read contiguous views only
   if (p.batch < 0 || sp.max_sel < 0) bad("batch and max_sel must be >= 0");
   if (p.batch > kMaxGridYZ) bad("batch must be <= 65535");
   if (p.num_q_heads <= 0 || p.num_kv_heads <= 0) bad("num_q_heads and num_kv_heads must be > 0");

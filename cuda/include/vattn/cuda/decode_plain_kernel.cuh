@@ -13,6 +13,7 @@
 
 #include "vattn/cuda/decode_args.cuh"
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/key_range.h"
 #include "vattn/kv_format.h"
@@ -25,16 +26,21 @@ namespace cuda {
 constexpr int kPlainDecodeThreads = 128;
 constexpr int kPlainDecodeMaxHeadDim = 256;
 
-// Scale words a reader of vector (row, tok, head) of one side passes to dequant_elem: those of
-// the token itself, or of its group's first token for a grouped format (int4_ch); null for a
-// format without scales.
+// Scale words a reader of vector (row, tok, head) of one side of view c passes to dequant_elem:
+// those of the token itself, or of its group's first token for a grouped format (int4_ch; a
+// paged view holds whole groups in each block, check_grouped_kv, so the words of the group's
+// other tokens that dequant_elem reads lie in the same block at s_tok steps); null for a format
+// without scales. base: the side's scale tensor (k_scale / v_scale); the address is
+// kv_paging.h's rule.
 template <typename Fmt>
-__device__ __forceinline__ const float* plain_scale_words(const float* base, int64_t row, int64_t tok, int64_t head,
-                                                          int64_t s_row, int64_t s_tok, int64_t s_head, int head_dim) {
+__device__ __forceinline__ const float* plain_scale_words(const KVCacheView& c, const float* base, int64_t row,
+                                                          int64_t tok, int64_t head, int64_t s_row, int64_t s_tok,
+                                                          int64_t s_head, int head_dim) {
   if constexpr (Fmt::kScaleWords == 0) {
     return nullptr;
   } else {
-    return base + row * s_row + words_token<Fmt>(tok, head_dim) * s_tok + head * s_head;
+    return kv_head_base(base, c, row, int(head), s_row, s_head) +
+           kv_head_tok(c, row, int(words_token<Fmt>(tok, head_dim)), s_row, s_tok);
   }
 }
 
@@ -67,9 +73,10 @@ __global__ void __launch_bounds__(kPlainDecodeThreads)
   for (int d = tid; d < HD; d += kPlainDecodeThreads) q_s[d] = to_float(qp[d]) * a.q_scale;
   __syncthreads();
 
-  const KS* kbase = static_cast<const KS*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
-  const VS* vbase = static_cast<const VS*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
   const KVCacheView& c = p.kv;
+  // Head bases and per-key token offsets: kv_paged.cuh (contiguous or paged).
+  const KS* kbase = kv_head_base(static_cast<const KS*>(c.k), c, row, kvh, c.k_stride_row, c.k_stride_head);
+  const VS* vbase = kv_head_base(static_cast<const VS*>(c.v), c, row, kvh, c.v_stride_row, c.v_stride_head);
 
   SoftmaxState st;
   float o[kPerLane];
@@ -77,9 +84,9 @@ __global__ void __launch_bounds__(kPlainDecodeThreads)
   for (int i = 0; i < kPerLane; ++i) o[i] = 0.f;
 
   for (int j = lo + warp; j < L; j += kWarps) {
-    const KS* kp = kbase + int64_t(j) * p.kv.k_stride_tok;
+    const KS* kp = kbase + kv_head_tok(c, row, j, c.k_stride_row, c.k_stride_tok);
     const float* kw =
-        plain_scale_words<KF>(c.k_scale, row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
+        plain_scale_words<KF>(c, c.k_scale, row, j, kvh, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, HD);
     float dot = 0.f;
     for (int d = lane; d < HD; d += 32) dot = fmaf(q_s[d], dequant_elem<KF>(kp, kw, c.ks_stride_tok, d, HD), dot);
 #pragma unroll
@@ -88,9 +95,9 @@ __global__ void __launch_bounds__(kPlainDecodeThreads)
     const float f = st.rescale_to(s);
     const float w = st.weight(s);
     st.add(w);
-    const VS* vp = vbase + int64_t(j) * p.kv.v_stride_tok;
+    const VS* vp = vbase + kv_head_tok(c, row, j, c.v_stride_row, c.v_stride_tok);
     const float* vw =
-        plain_scale_words<VF>(c.v_scale, row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
+        plain_scale_words<VF>(c, c.v_scale, row, j, kvh, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head, HD);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int d = lane + 32 * i;

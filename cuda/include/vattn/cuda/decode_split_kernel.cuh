@@ -28,6 +28,11 @@
 // memory) when its next key lies in another group: once per G / kKeysPerIter keys of a lane.
 // The partial sums of q z join the dot product before the reduction over the key's lanes, so
 // they cost no shuffle.
+// KV views (kPaged, chosen at launch): contiguous, or paged (a block table per row). A paged
+// instance forms each key's address from its block (kv_paged.cuh: one table lookup per key and
+// side, only for keys inside the split), so block boundaries may fall anywhere in a tile or a
+// split; int4_ch groups never cross a block (check_grouped_kv), so a group's words are addressed
+// from its first token. The contiguous instance is the kernel as it was before paged views.
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
@@ -36,6 +41,7 @@
 #include "vattn/cuda/cp_async.cuh"
 #include "vattn/cuda/decode_args.cuh"
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/key_range.h"
@@ -59,16 +65,21 @@ __device__ __forceinline__ void cp_async_4_zfill(void* smem, const void* gmem, b
 }
 
 // Minimum resident CTAs per SM the kernel's registers are sized for: 0 (ptxas's own choice) for
-// every format but int4_ch keys, where ptxas's occupancy-driven register target (80 at GB = 2
-// with int8 V on sm_90a) spilled; 1 lets it take the registers it needs (122 there). The
-// decode plan reads the real occupancy of each instance, so the split count follows.
-template <typename KF>
+// contiguous views of every format but int4_ch keys, where ptxas's occupancy-driven register
+// target (80 at GB = 2 with int8 V on sm_90a) spilled; 1 lets it take the registers it needs (122
+// there). Paged instances take 1 too (ptxas aimed at 64 registers for fp8 K / int4 V at GB = 1
+// and spilled 8 B). The decode plan reads the real occupancy of each instance, so the split
+// count follows.
+template <typename KF, bool kPaged>
 constexpr int decode_split_min_blocks() {
-  return is_grouped_format<KF>::value ? 1 : 0;
+  return (is_grouped_format<KF>::value || kPaged) ? 1 : 0;
 }
 
-template <int HD, typename T, typename KF, typename VF, int GB>
-__global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, decode_split_min_blocks<KF>())
+// kPaged: the view has a block table (p.kv.block_table set; the launcher picks the instance), so
+// the contiguous instance is the code it was before paged views existed (its registers and
+// occupancy unchanged) and the paged one pays for its table lookups alone.
+template <int HD, typename T, typename KF, typename VF, int GB, bool kPaged>
+__global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, decode_split_min_blocks<KF, kPaged>())
     decode_split_kernel(const AttentionParams p, const DecodePlanArgs a) {
   using KD = DeviceKvFormat<KF>;
   using VD = DeviceKvFormat<VF>;
@@ -176,7 +187,16 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, de
 #pragma unroll
   for (int g = 0; g < GB; ++g) qz[g] = 0.f;
   int knext = 0;  // first key past the folded group (a lane's keys only grow)
-  const float* kgw_head = KG ? p.kv.k_scale + row * p.kv.ks_stride_row + int64_t(kvh) * p.kv.ks_stride_head : nullptr;
+  // Head bases and token offsets (kv_paged.cuh): the row term in the base when contiguous; when
+  // paged, each key's block from the table (one lookup per key and side, keys in range only; a
+  // block boundary may fall anywhere in a tile or split).
+  auto head = [&](auto* data, int64_t s_row, int64_t s_head) {
+    return kv_head_base_as<kPaged>(data, row, kvh, s_row, s_head);
+  };
+  auto tok_off = [&](int j, int64_t s_row, int64_t s_tok) {
+    return kv_head_tok_as<kPaged>(p.kv, row, j, s_row, s_tok);
+  };
+  const float* kgw_head = KG ? head(p.kv.k_scale, p.kv.ks_stride_row, p.kv.ks_stride_head) : nullptr;
   if constexpr (KG) {
     if (grp == 0 && dim_active) {
 #pragma unroll
@@ -189,7 +209,9 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, de
   auto fold_group = [&](int gi) {
     constexpr int G = KG ? Int4ChannelFormat::group(HD) : 1;
     const int32_t ws = int32_t(p.kv.ks_stride_tok);  // check_grouped_kv: offsets fit 32 bits
-    const float* gw = kgw_head + int64_t(gi) * G * p.kv.ks_stride_tok;
+    // The group's words from its first token on: a paged view holds whole groups in each block
+    // (check_grouped_kv: block_size % G == 0), so all G tokens of the group share that block.
+    const float* gw = kgw_head + tok_off(gi * G, p.kv.ks_stride_row, p.kv.ks_stride_tok);
 #pragma unroll
     for (int g = 0; g < GB; ++g) qz[g] = 0.f;
 #pragma unroll
@@ -206,11 +228,12 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, de
     }
   };
 
-  const KS* kbase = static_cast<const KS*>(p.kv.k) + row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
-  const VS* vbase = static_cast<const VS*>(p.kv.v) + row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
+  const KS* kbase = head(static_cast<const KS*>(p.kv.k), p.kv.k_stride_row, p.kv.k_stride_head);
+  const VS* vbase = head(static_cast<const VS*>(p.kv.v), p.kv.v_stride_row, p.kv.v_stride_head);
 
   // Issues the cp.async copies of tile t into pipeline stage st (keys past end: zero fill, so
-  // bytes and scale words of those slots read as 0 and nothing past the row is touched).
+  // bytes and scale words of those slots read as 0 and nothing past the row is touched; a paged
+  // view looks up blocks of keys in range only).
   auto load_tile = [&](int t, int st) {
     unsigned char* sk = smem + st * kStageBytes;
     unsigned char* sv = sk + kTileK;
@@ -221,8 +244,9 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, de
       const int cc = c - r * CHK;
       const int j = tstart + r;
       const bool valid = j < end;
-      const char* src = valid ? reinterpret_cast<const char*>(kbase + int64_t(j) * p.kv.k_stride_tok) + cc * 16
-                              : static_cast<const char*>(cp_async_zero_src());
+      const char* src = static_cast<const char*>(cp_async_zero_src());
+      if (valid)
+        src = reinterpret_cast<const char*>(kbase + tok_off(j, p.kv.k_stride_row, p.kv.k_stride_tok)) + cc * 16;
       cp_async_16_zfill(sk + c * 16, src, valid);
     }
 #pragma unroll
@@ -231,36 +255,35 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, de
       const int cc = c - r * CHV;
       const int j = tstart + r;
       const bool valid = j < end;
-      const char* src = valid ? reinterpret_cast<const char*>(vbase + int64_t(j) * p.kv.v_stride_tok) + cc * 16
-                              : static_cast<const char*>(cp_async_zero_src());
+      const char* src = static_cast<const char*>(cp_async_zero_src());
+      if (valid)
+        src = reinterpret_cast<const char*>(vbase + tok_off(j, p.kv.v_stride_row, p.kv.v_stride_tok)) + cc * 16;
       cp_async_16_zfill(sv + c * 16, src, valid);
     }
     if constexpr (KW > 0) {
       float* wk = reinterpret_cast<float*>(sv + kTileV);
-      const float* kw0 = p.kv.k_scale + row * p.kv.ks_stride_row + int64_t(kvh) * p.kv.ks_stride_head;
+      const float* kw0 = head(p.kv.k_scale, p.kv.ks_stride_row, p.kv.ks_stride_head);
 #pragma unroll
       for (int c = tid; c < TILE * KW; c += NT) {
         const int r = c / KW;
         const int j = tstart + r;
         const bool valid = j < end;
-        cp_async_4_zfill(wk + c,
-                         valid ? kw0 + int64_t(j) * p.kv.ks_stride_tok + (c - r * KW)
-                               : static_cast<const float*>(cp_async_zero_src()),
-                         valid);
+        const float* src = static_cast<const float*>(cp_async_zero_src());
+        if (valid) src = kw0 + tok_off(j, p.kv.ks_stride_row, p.kv.ks_stride_tok) + (c - r * KW);
+        cp_async_4_zfill(wk + c, src, valid);
       }
     }
     if constexpr (VW > 0) {
       float* wv = reinterpret_cast<float*>(sv + kTileV + kWordsK);
-      const float* vw0 = p.kv.v_scale + row * p.kv.vs_stride_row + int64_t(kvh) * p.kv.vs_stride_head;
+      const float* vw0 = head(p.kv.v_scale, p.kv.vs_stride_row, p.kv.vs_stride_head);
 #pragma unroll
       for (int c = tid; c < TILE * VW; c += NT) {
         const int r = c / VW;
         const int j = tstart + r;
         const bool valid = j < end;
-        cp_async_4_zfill(wv + c,
-                         valid ? vw0 + int64_t(j) * p.kv.vs_stride_tok + (c - r * VW)
-                               : static_cast<const float*>(cp_async_zero_src()),
-                         valid);
+        const float* src = static_cast<const float*>(cp_async_zero_src());
+        if (valid) src = vw0 + tok_off(j, p.kv.vs_stride_row, p.kv.vs_stride_tok) + (c - r * VW);
+        cp_async_4_zfill(wv + c, src, valid);
       }
     }
   };
@@ -434,7 +457,7 @@ __global__ void __launch_bounds__(DecodeSplitConfigFor<HD, KF, VF>::kThreads, de
 // Calls f(kernel, threads) with the decode_split_kernel instance that serves p at this head dim
 // and group block: the element type, the K/V format pair (dispatch_attention_kv_pair: the plain
 // format of the q dtype, or any pair of quantized formats, int4_ch as K only; the caller
-// validated them) and GB. The launch and the occupancy query both go through here, so they
+// validated them), GB and the kind of view (kPaged). The launch and the occupancy query both go through here, so they
 // always see the same instance.
 template <int HD, typename F>
 void with_decode_split_kernel(const AttentionParams& p, int group_block, F&& f) {
@@ -444,7 +467,10 @@ void with_decode_split_kernel(const AttentionParams& p, int group_block, F&& f) 
     using VF = decltype(vf);
     constexpr int GB = decltype(gb)::value;
     if constexpr (GB <= decode_split_max_group_block<KF, VF>()) {
-      f(&decode_split_kernel<HD, T, KF, VF, GB>, DecodeSplitConfigFor<HD, KF, VF>::kThreads);
+      if (p.kv.block_table != nullptr)
+        f(&decode_split_kernel<HD, T, KF, VF, GB, true>, DecodeSplitConfigFor<HD, KF, VF>::kThreads);
+      else
+        f(&decode_split_kernel<HD, T, KF, VF, GB, false>, DecodeSplitConfigFor<HD, KF, VF>::kThreads);
     } else {
       throw std::logic_error("decode_attention: group block above the split kernel's maximum for these formats");
     }

@@ -279,9 +279,24 @@ inline void check_grouped_side(int32_t format, int64_t max_seq, int head_dim, in
         ") must be a multiple");
   if (ws_tok < 0 || ws_tok > (int64_t(1) << 30) / g) bad("int4_ch scale token stride out of range");
 }
+// A paged view with a grouped format: whole groups in every block (block_size a multiple of G), so
+// a group's tokens -- its codes and the scale words that hold its parameters -- never cross a
+// block and the kernels address a group from its first token (the Python layer guarantees it;
+// checked here because the kernels rely on it).
+inline void check_grouped_paged(int32_t format, const KVCacheView& c, int head_dim, const char* what,
+                                const char* side) {
+  if (format != kKvInt4Channel || c.block_table == nullptr || head_dim < 2) return;
+  const int g = Int4ChannelFormat::group(head_dim);
+  if (c.block_size % g != 0)
+    throw std::invalid_argument(std::string(what) + ": " + side + ": a paged int4_ch cache needs block_size (" +
+                                std::to_string(c.block_size) + ") a multiple of the group of " + std::to_string(g) +
+                                " tokens");
+}
 inline void check_grouped_kv(const KVCacheView& c, int head_dim, const char* what) {
   check_grouped_side(c.k_format, c.max_seq, head_dim, c.ks_stride_tok, what, "K");
   check_grouped_side(c.v_format, c.max_seq, head_dim, c.vs_stride_tok, what, "V");
+  check_grouped_paged(c.k_format, c, head_dim, what, "K");
+  check_grouped_paged(c.v_format, c, head_dim, what, "V");
 }
 
 // dispatch_kv_pair (kv_format.h) for the CUDA attention kernels: a grouped format (int4_ch) as K

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/dtypes.h"
 #include "vattn/key_range.h"
@@ -30,14 +31,15 @@ __device__ __forceinline__ int find_batch_row(const int32_t* __restrict__ cu, in
   return lo;
 }
 
-// Scale words of (cache row, kv head) at token 0, or null for a format without them.
+// Head base (kv_paged.cuh kv_head_base: contiguous or paged view c) of the scale words of
+// (cache row, kv head), or null for a format without them.
 template <typename Format>
-__device__ __forceinline__ const float* head_scales(const float* base, int64_t row, int kvh, int64_t s_row,
-                                                    int64_t s_head) {
+__device__ __forceinline__ const float* head_scales(const KVCacheView& c, const float* base, int64_t row, int kvh,
+                                                    int64_t s_row, int64_t s_head) {
   if constexpr (Format::kScaleWords == 0)
     return nullptr;
   else
-    return base + row * s_row + int64_t(kvh) * s_head;
+    return cuda::kv_head_base(base, c, row, kvh, s_row, s_head);
 }
 
 }  // namespace prefill

@@ -8,6 +8,10 @@
 // FA2 schedule). S, the online-softmax state and O stay in registers; P is rounded to 16 bits
 // in registers and fed to the second mma directly (the C layout of S is the A layout of P).
 //
+// KV views: contiguous, or paged (block tables): the tile loaders locate every tile row's token
+// (kv_paged.cuh; a block boundary may fall inside a tile), branching once per tile on the kind
+// of view, so the contiguous loop is unchanged.
+//
 // K/V storage: KF / VF are the formats of K and V (kv_format.h): the plain format of T on both
 // sides (tiles copied with cp.async), or quantized formats (each tile dequantized into the same
 // swizzled 16-bit tile with ordinary loads and shared stores; prefill_tile.cuh). The schedule
@@ -94,20 +98,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
 
   const uint16_t* q_blk =
       static_cast<const uint16_t*>(p.q) + int64_t(q_start + m0) * p.q_stride_tok + int64_t(h) * p.q_stride_head;
-  const auto* k_head = static_cast<const typename KF::storage_t*>(p.kv.k) + rk.row * p.kv.k_stride_row +
-                       int64_t(kvh) * p.kv.k_stride_head;
-  const auto* v_head = static_cast<const typename VF::storage_t*>(p.kv.v) + rk.row * p.kv.v_stride_row +
-                       int64_t(kvh) * p.kv.v_stride_head;
-  const float* ks_head = head_scales<KF>(p.kv.k_scale, rk.row, kvh, p.kv.ks_stride_row, p.kv.ks_stride_head);
-  const float* vs_head = head_scales<VF>(p.kv.v_scale, rk.row, kvh, p.kv.vs_stride_row, p.kv.vs_stride_head);
-  const int64_t ks_tok = p.kv.ks_stride_tok, vs_tok = p.kv.vs_stride_tok;
+  // K / V sides of (row, kv head): head bases (kv_paged.cuh; contiguous or paged views) and the
+  // strides the loaders form each tile row's address from.
+  const KVCacheView& kv = p.kv;
+  const int64_t row = rk.row;
+  const KvTileSide kside{cuda::kv_head_base(static_cast<const typename KF::storage_t*>(kv.k), kv, row, kvh,
+                                            kv.k_stride_row, kv.k_stride_head),
+                         kv.k_stride_row,
+                         kv.k_stride_tok,
+                         head_scales<KF>(kv, kv.k_scale, row, kvh, kv.ks_stride_row, kv.ks_stride_head),
+                         kv.ks_stride_row,
+                         kv.ks_stride_tok};
+  const KvTileSide vside{cuda::kv_head_base(static_cast<const typename VF::storage_t*>(kv.v), kv, row, kvh,
+                                            kv.v_stride_row, kv.v_stride_head),
+                         kv.v_stride_row,
+                         kv.v_stride_tok,
+                         head_scales<VF>(kv, kv.v_scale, row, kvh, kv.vs_stride_row, kv.vs_stride_head),
+                         kv.vs_stride_row,
+                         kv.vs_stride_tok};
 
   const int t_first = k_lo / BN, t_last = k_hi / BN;
 
   // Prologue: Q block (rows >= m_valid zero-filled) and the first K tile.
   load_tile_16bit<D, BM, NT>(sQ, q_blk, p.q_stride_tok, 0, 0, m_valid, tid);
-  KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, t_first * BN, k_lo - t_first * BN,
-                                    k_hi + 1 - t_first * BN, tid);
+  KLoader::template load<D, BN, NT>(sK, kv, row, kside, t_first * BN, k_lo - t_first * BN, k_hi + 1 - t_first * BN,
+                                    tid);
   cuda::cp_async_commit();
   cuda::cp_async_wait<0>();
   __syncthreads();
@@ -161,8 +176,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
       if constexpr (kAsyncKV) cuda::cp_async_wait<0>();
       __syncthreads();
     }
-    VLoader::template load<D, BN, NT>(sV, v_head, p.kv.v_stride_tok, vs_head, vs_tok, n0, k_lo - n0, k_hi + 1 - n0,
-                                      tid);
+    VLoader::template load<D, BN, NT>(sV, kv, row, vside, n0, k_lo - n0, k_hi + 1 - n0, tid);
     if constexpr (kAsyncKV) cuda::cp_async_commit();
 
     // S = Q K^T. K tile rows are keys. For key pair-tile np (keys 16np..16np+15) and k step kk:
@@ -249,8 +263,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) prefill_fa2_ke
     __syncthreads();                                   // ... for every thread, and every warp is done reading K(t)
     if (t < t_last) {
       const int n1 = n0 + BN;
-      KLoader::template load<D, BN, NT>(sK, k_head, p.kv.k_stride_tok, ks_head, ks_tok, n1, k_lo - n1, k_hi + 1 - n1,
-                                        tid);
+      KLoader::template load<D, BN, NT>(sK, kv, row, kside, n1, k_lo - n1, k_hi + 1 - n1, tid);
       if constexpr (kAsyncKV) cuda::cp_async_commit();
     }
 

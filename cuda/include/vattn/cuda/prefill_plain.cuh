@@ -37,19 +37,27 @@ __device__ __forceinline__ float kv_elem(const typename Format::storage_t* v, co
     return cuda::DeviceKvFormat<Format>::dequant(v, w, i);  // Format::dequant's value (fp8: the exact intrinsic)
 }
 
-// Scale words a reader of token j of one (cache row, kv head) passes to kv_elem, given the
-// head's token-0 words: token j's, or those of j's group's first token for a grouped format
-// (int4_ch, kv_device_format.cuh words_token); null for a format without scale words.
+// Scale words a reader of a token located at l (kv_paged.cuh kv_locate) passes to kv_elem, given
+// the side's words of the kv head (scale + kvh * s_head, no row term): the token's own, or those
+// of its group's first token for a grouped format (int4_ch, kv_device_format.cuh words_token: the
+// in-block offset rounded down to a multiple of G -- a paged view holds whole groups in each
+// block, check_grouped_kv, so the group's first token and the words kv_elem reads at s_tok
+// steps lie in the token's block); null for a format without scale words.
 template <typename Format>
-__device__ __forceinline__ const float* vec_scales(const float* head, int64_t s_tok, int j, int D) {
-  if constexpr (Format::kScaleWords == 0)
+__device__ __forceinline__ const float* vec_scales(const float* head, cuda::KvLoc l, int64_t s_row, int64_t s_tok,
+                                                   int D) {
+  if constexpr (Format::kScaleWords == 0) {
     return nullptr;
-  else
-    return head + cuda::words_token<Format>(j, D) * s_tok;
+  } else {
+    if constexpr (is_grouped_format<Format>::value) l.t -= l.t % Format::group(D);
+    return head + l.at(s_row, s_tok);
+  }
 }
 
+// Min blocks 1: with ptxas's own occupancy target (48 registers) the paged-view key lookups made
+// int4-V instances spill 4 B on sm_80; at 1 it takes 44-56 registers and spills nothing.
 template <typename T, typename KF, typename VF>
-__global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kPlainThreads, 1) prefill_plain_kernel(const AttentionParams p) {
   using KS = typename KF::storage_t;
   using VS = typename VF::storage_t;
   __shared__ float q_s[kPlainMaxDim];
@@ -74,11 +82,15 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
   const T* q = static_cast<const T*>(p.q) + int64_t(t) * p.q_stride_tok + int64_t(h) * p.q_stride_head;
   for (int d = tid; d < D; d += kPlainThreads) q_s[d] = cuda::elem_to_float(q[d]);
 
-  const KS* kbase = static_cast<const KS*>(p.kv.k) + rk.row * p.kv.k_stride_row + int64_t(kvh) * p.kv.k_stride_head;
-  const VS* vbase = static_cast<const VS*>(p.kv.v) + rk.row * p.kv.v_stride_row + int64_t(kvh) * p.kv.v_stride_head;
-  // Scale words of the head (quantized formats; the launcher checks the pointers are set).
-  const float* ks_head = head_scales<KF>(p.kv.k_scale, rk.row, kvh, p.kv.ks_stride_row, p.kv.ks_stride_head);
-  const float* vs_head = head_scales<VF>(p.kv.v_scale, rk.row, kvh, p.kv.vs_stride_row, p.kv.vs_stride_head);
+  // The kv head's K / V and scale words (the launcher checks the scale pointers of quantized
+  // formats are set); each key is located once (kv_paged.cuh kv_locate: its row and token, or its
+  // physical block and the offset in it) and every side's address formed from that.
+  const KVCacheView& c = p.kv;
+  const int64_t row = rk.row;
+  const KS* kbase = static_cast<const KS*>(c.k) + int64_t(kvh) * c.k_stride_head;
+  const VS* vbase = static_cast<const VS*>(c.v) + int64_t(kvh) * c.v_stride_head;
+  const float* ks_head = KF::kScaleWords > 0 ? c.k_scale + int64_t(kvh) * c.ks_stride_head : nullptr;
+  const float* vs_head = VF::kScaleWords > 0 ? c.v_scale + int64_t(kvh) * c.vs_stride_head : nullptr;
   const float scale_log2 = p.scale * kLog2e;
   const bool capped = p.softcap > 0.f;
 
@@ -90,8 +102,9 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
     const int cnt = min(kPlainTile, hi - j0 + 1);
     // Scores: warp w handles keys w, w+4, ...; lanes split the head dim, then reduce.
     for (int jj = warp; jj < cnt; jj += kPlainThreads / 32) {
-      const KS* krow = kbase + int64_t(j0 + jj) * p.kv.k_stride_tok;
-      const float* kw = vec_scales<KF>(ks_head, p.kv.ks_stride_tok, j0 + jj, D);
+      const cuda::KvLoc l = cuda::kv_locate(c, row, j0 + jj);
+      const KS* krow = kbase + l.at(c.k_stride_row, c.k_stride_tok);
+      const float* kw = vec_scales<KF>(ks_head, l, c.ks_stride_row, c.ks_stride_tok, D);
       float dot = 0.f;
       // Unroll factors of this loop (1) and of the V loop below (4): with the default unrolling
       // ptxas spills a few bytes for some quantized pairs (int4 K: 16 B on sm_80, int4 K with
@@ -115,8 +128,9 @@ __global__ void __launch_bounds__(kPlainThreads) prefill_plain_kernel(const Atte
     for (int jj = 0; jj < cnt; ++jj) {
       const float w = st.weight(s_s[jj]);
       st.add(w);
-      const VS* vrow = vbase + int64_t(j0 + jj) * p.kv.v_stride_tok;
-      const float* vw = vec_scales<VF>(vs_head, p.kv.vs_stride_tok, j0 + jj, D);
+      const cuda::KvLoc l = cuda::kv_locate(c, row, j0 + jj);
+      const VS* vrow = vbase + l.at(c.v_stride_row, c.v_stride_tok);
+      const float* vw = vec_scales<VF>(vs_head, l, c.vs_stride_row, c.vs_stride_tok, D);
       if (tid < D) acc0 += w * kv_elem<VF>(vrow, vw, p.kv.vs_stride_tok, tid, D);
       if (tid + kPlainThreads < D) acc1 += w * kv_elem<VF>(vrow, vw, p.kv.vs_stride_tok, tid + kPlainThreads, D);
     }

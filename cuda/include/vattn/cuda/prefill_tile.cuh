@@ -12,23 +12,51 @@
 // dequantizes them into the same swizzled tile with ordinary shared stores (kAsync = false: the
 // data is in shared memory when load() returns; the kernel's __syncthreads publishes it).
 //
-// Every loader: load<D, ROWS, NT>(smem, base, stride, scale, scale_stride, row0, lo, hi, tid)
-//   base, stride       the (row, kv head) vector of token 0 and the token stride, in storage
-//                      elements of the format
-//   scale, scale_stride  the scale words of token 0 (same row / head) and their token stride,
-//                      in floats (unused, may be null, for plain formats)
+// Every loader: load<D, ROWS, NT>(smem, c, row, side, row0, lo, hi, tid)
+//   c, row             the KV view and the cache row (its block-table row when paged)
+//   side               KvTileSide: head bases (kv_paged.cuh kv_head_base) of the codes / elements
+//                      and of the scale words (unused, may be null, for plain formats), with their
+//                      row (block) and token strides
 //   tile row r is token row0 + r; only rows lo <= r < hi are read, the others are zero-filled.
+// Token addresses follow kv_paging.h's rule: a contiguous view adds tok * token stride to the head
+// base (the row term is in the base); a paged view looks up each tile row's block once (a block
+// boundary may fall anywhere inside a tile) and uses that one location for the row's codes and
+// its scale words. Each loader branches once per tile on the kind of view (uniform over the CTA),
+// so the contiguous loop is the same code as without paging.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "vattn/cuda/cp_async.cuh"
 #include "vattn/cuda/kv_device_format.cuh"
+#include "vattn/cuda/kv_paged.cuh"
 #include "vattn/cuda/vec.cuh"
 #include "vattn/kv_format.h"
 
 namespace vattn {
 namespace prefill {
+
+// One side (K or V) of one (cache row, kv head) as the tile loaders read it.
+struct KvTileSide {
+  const void* base;      // kv_head_base of the codes / elements
+  int64_t s_row, s_tok;  // their row (paged: block) and token strides, storage elements
+  const float* scale;    // kv_head_base of the scale words, or null (plain formats)
+  int64_t ss_row, ss_tok;
+};
+
+// Element offsets of tile token tok from the side's head bases: the codes' and the scale words'.
+template <bool kPaged>
+__device__ __forceinline__ void tile_token_offsets(const KVCacheView& c, int64_t row, const KvTileSide& s, int tok,
+                                                   int64_t& off, int64_t& soff) {
+  if constexpr (kPaged) {
+    const cuda::KvLoc l = cuda::kv_locate_paged(c, row, tok);
+    off = l.at(s.s_row, s.s_tok);
+    soff = l.at(s.ss_row, s.ss_tok);
+  } else {
+    off = int64_t(tok) * s.s_tok;
+    soff = int64_t(tok) * s.ss_tok;
+  }
+}
 
 template <int D>
 struct TileLayout {
@@ -55,6 +83,28 @@ __device__ __forceinline__ void load_tile_16bit(uint32_t smem, const uint16_t* b
     const uint32_t dst = smem + L::offset(r, c);
     if (r >= lo && r < hi) {
       cuda::cp_async_16(dst, base + int64_t(row0 + r) * stride + c * 8);
+    } else {
+      cuda::st_shared_zero_16(dst);
+    }
+  }
+}
+
+// The same copy for K / V rows of a view (KvTileSide, contiguous or paged).
+template <int D, int ROWS, int NT, bool kPaged>
+__device__ __forceinline__ void load_kv_tile_16bit_impl(uint32_t smem, const KVCacheView& c, int64_t row,
+                                                        const KvTileSide& side, int row0, int lo, int hi, int tid) {
+  using L = TileLayout<D>;
+  static_assert((ROWS * L::kChunks) % NT == 0, "tile chunks must split evenly over the threads");
+  const uint16_t* base = static_cast<const uint16_t*>(side.base);
+#pragma unroll
+  for (int it = 0; it < ROWS * L::kChunks / NT; ++it) {
+    const int idx = it * NT + tid;
+    const int r = idx / L::kChunks, c8 = idx % L::kChunks;
+    const uint32_t dst = smem + L::offset(r, c8);
+    if (r >= lo && r < hi) {
+      int64_t off, soff;
+      tile_token_offsets<kPaged>(c, row, side, row0 + r, off, soff);
+      cuda::cp_async_16(dst, base + off + c8 * 8);
     } else {
       cuda::st_shared_zero_16(dst);
     }
@@ -117,14 +167,24 @@ struct QuantTileLoader {
   static constexpr int kElemsPerUnit = 8 * kChunksPerUnit;
 
   template <int D, int ROWS, int NT>
-  static __device__ __forceinline__ void load(uint32_t smem, const void* base, int64_t stride, const float* scale,
-                                              int64_t scale_stride, int row0, int lo, int hi, int tid) {
+  static __device__ __forceinline__ void load(uint32_t smem, const KVCacheView& c, int64_t row, const KvTileSide& side,
+                                              int row0, int lo, int hi, int tid) {
+    if (c.block_table == nullptr)
+      load_impl<D, ROWS, NT, false>(smem, c, row, side, row0, lo, hi, tid);
+    else
+      load_impl<D, ROWS, NT, true>(smem, c, row, side, row0, lo, hi, tid);
+  }
+
+ private:
+  template <int D, int ROWS, int NT, bool kPaged>
+  static __device__ __forceinline__ void load_impl(uint32_t smem, const KVCacheView& c, int64_t row,
+                                                   const KvTileSide& side, int row0, int lo, int hi, int tid) {
     using L = TileLayout<D>;
     static_assert(D % kElemsPerUnit == 0, "a row must be whole 16-byte units of codes");
     constexpr int kUnitsPerRow = D / kElemsPerUnit;
     static_assert((ROWS * kUnitsPerRow) % NT == 0, "tile units must split evenly over the threads");
     constexpr int kIters = ROWS * kUnitsPerRow / NT;
-    const uint8_t* codes = static_cast<const uint8_t*>(base);
+    const uint8_t* codes = static_cast<const uint8_t*>(side.base);
 
     uint4 raw[kIters];
     float w[kIters][kWords];
@@ -136,10 +196,11 @@ struct QuantTileLoader {
 #pragma unroll
       for (int k = 0; k < kWords; ++k) w[it][k] = 0.f;
       if (r >= lo && r < hi) {
-        const int64_t tok = int64_t(row0) + r;
-        raw[it] = cuda::ld_global_16_nc(codes + tok * stride + u * kUnitBytes);
+        int64_t off, soff;
+        tile_token_offsets<kPaged>(c, row, side, row0 + r, off, soff);
+        raw[it] = cuda::ld_global_16_nc(codes + off + u * kUnitBytes);
 #pragma unroll
-        for (int k = 0; k < kWords; ++k) w[it][k] = __ldg(scale + tok * scale_stride + k);
+        for (int k = 0; k < kWords; ++k) w[it][k] = __ldg(side.scale + soff + k);
       }
     }
 #pragma unroll
@@ -154,7 +215,6 @@ struct QuantTileLoader {
     }
   }
 
- private:
   static __device__ __forceinline__ uint4 convert(const uint32_t* cw, const float (&w)[kWords]) {
     return Chunk::template to<T>(cw, w);
   }
@@ -177,15 +237,25 @@ struct Int4ChTileLoader {
   static constexpr int kElemsPerUnit = 32;
 
   template <int D, int ROWS, int NT>
-  static __device__ __forceinline__ void load(uint32_t smem, const void* base, int64_t stride, const float* scale,
-                                              int64_t scale_stride, int row0, int lo, int hi, int tid) {
+  static __device__ __forceinline__ void load(uint32_t smem, const KVCacheView& c, int64_t row, const KvTileSide& side,
+                                              int row0, int lo, int hi, int tid) {
+    if (c.block_table == nullptr)
+      load_impl<D, ROWS, NT, false>(smem, c, row, side, row0, lo, hi, tid);
+    else
+      load_impl<D, ROWS, NT, true>(smem, c, row, side, row0, lo, hi, tid);
+  }
+
+ private:
+  template <int D, int ROWS, int NT, bool kPaged>
+  static __device__ __forceinline__ void load_impl(uint32_t smem, const KVCacheView& c, int64_t row,
+                                                   const KvTileSide& side, int row0, int lo, int hi, int tid) {
     using L = TileLayout<D>;
     constexpr int G = Int4ChannelFormat::group(D);
     static_assert(D % kElemsPerUnit == 0, "a row must be whole 16-byte units of codes");
     constexpr int kUnitsPerRow = D / kElemsPerUnit;
     static_assert((ROWS * kUnitsPerRow) % NT == 0, "tile units must split evenly over the threads");
     constexpr int kIters = ROWS * kUnitsPerRow / NT;
-    const uint8_t* codes = static_cast<const uint8_t*>(base);
+    const uint8_t* codes = static_cast<const uint8_t*>(side.base);
 
     uint4 raw[kIters];
 #pragma unroll
@@ -193,7 +263,11 @@ struct Int4ChTileLoader {
       const int idx = it * NT + tid;
       const int r = idx / kUnitsPerRow, u = idx % kUnitsPerRow;
       raw[it] = make_uint4(0u, 0u, 0u, 0u);
-      if (r >= lo && r < hi) raw[it] = cuda::ld_global_16_nc(codes + (int64_t(row0) + r) * stride + u * kUnitBytes);
+      if (r >= lo && r < hi) {
+        int64_t off, soff;
+        tile_token_offsets<kPaged>(c, row, side, row0 + r, off, soff);
+        raw[it] = cuda::ld_global_16_nc(codes + off + u * kUnitBytes);
+      }
     }
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
@@ -201,9 +275,21 @@ struct Int4ChTileLoader {
       const int r = idx / kUnitsPerRow, u = idx % kUnitsPerRow;
       const uint32_t cw[4] = {raw[it].x, raw[it].y, raw[it].z, raw[it].w};
       const bool live = r >= lo && r < hi;
-      const int64_t tok = int64_t(row0) + r;
-      const float* gw = live ? scale + (tok - tok % G) * scale_stride : nullptr;
-      const int32_t ss = int32_t(scale_stride);
+      // The words of the row's group from its first token on. A paged view holds whole groups in
+      // each block (check_grouped_kv: block_size % G == 0), so the group's first token is in the
+      // row's block, at the row's in-block offset rounded down to a multiple of G, and the group's
+      // other tokens follow it in that block at ss_tok steps (ld_param4).
+      const float* gw = nullptr;
+      if (live) {
+        const int tok = row0 + r;
+        if constexpr (kPaged) {
+          const cuda::KvLoc l = cuda::kv_locate_paged(c, row, tok);
+          gw = side.scale + int64_t(l.blk) * side.ss_row + int64_t(l.t - l.t % G) * side.ss_tok;
+        } else {
+          gw = side.scale + int64_t(tok - tok % G) * side.ss_tok;
+        }
+      }
+      const int32_t ss = int32_t(side.ss_tok);
       // One chunk at a time (not unrolled): the loop runs between the two matrix products of
       // the kernel, where all 255 registers are taken, so at most one chunk's 16 parameters
       // may be in flight (unrolled, ptxas hoisted all 64 and spilled).
@@ -233,7 +319,6 @@ struct Int4ChTileLoader {
     }
   }
 
- private:
   // Parameters i .. i + 3 (i a multiple of 4): the 4 words of token i / 4 of the group (32-bit
   // offsets: check_grouped_kv bounds the stride).
   static __device__ __forceinline__ float4 ld_param4(const float* gw, int i, int32_t ss) {
@@ -251,9 +336,12 @@ struct KVTileLoader<PlainFormat<T>, T> {
   static_assert(sizeof(T) == 2, "plain tile loader is for 16-bit storage");
   static constexpr bool kAsync = true;
   template <int D, int ROWS, int NT>
-  static __device__ __forceinline__ void load(uint32_t smem, const void* base, int64_t stride, const float*, int64_t,
+  static __device__ __forceinline__ void load(uint32_t smem, const KVCacheView& c, int64_t row, const KvTileSide& side,
                                               int row0, int lo, int hi, int tid) {
-    load_tile_16bit<D, ROWS, NT>(smem, static_cast<const uint16_t*>(base), stride, row0, lo, hi, tid);
+    if (c.block_table == nullptr)
+      load_kv_tile_16bit_impl<D, ROWS, NT, false>(smem, c, row, side, row0, lo, hi, tid);
+    else
+      load_kv_tile_16bit_impl<D, ROWS, NT, true>(smem, c, row, side, row0, lo, hi, tid);
   }
 };
 
