@@ -2,6 +2,7 @@
 tensor-core prefill kernel (index math, cp.async stages, fragments, masks) against float64.
 They do not replace the gpu tests; they catch a broken tile or split plan on any machine."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -66,3 +67,18 @@ def test_decode_split_long_row_fills_every_sm(sms, occ):
     assert ctas >= sms * occ or splits == top
     assert splits <= min(e.MAX_SPLITS, e.cdiv(n, e.MIN_SPLIT_KEYS)) and chunk % tile == 0
     assert e.cdiv(n, chunk) == splits
+
+
+@pytest.mark.parametrize("script", ["emulate_decode_split.py", "emulate_prefill_fa2.py"])
+@pytest.mark.parametrize("mistake", ["offset", "block", "rowterm", "stride", "noclamp"])
+def test_paged_emulation_catches_broken_addresses(script, mistake):
+    # The paged cases must fail when the emulated kernels' paged address math is broken on purpose
+    # (tools/emulate_paging.py VATTN_EMU_BREAK: wrong in-block offset, wrong block, a row term in a
+    # paged head base, one block stride for every side, no clamp of bad block ids), so a passing
+    # run means the cases really exercise every part of the rule.
+    env = dict(os.environ, VATTN_EMU_BREAK=mistake)
+    r = subprocess.run(
+        [sys.executable, str(TOOLS / script), "--paged"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "ALL OK" not in r.stdout and ": FAIL" in r.stdout, r.stdout[-2000:]

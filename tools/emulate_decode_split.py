@@ -24,6 +24,12 @@
 # (q * s, and q . z added to the dot product) when the key passes the folded group, reading them
 # from the cache -- only inside the row's mapped whole groups. The reference dequantizes code * s
 # + z in float64 (the kernel's fold equals it up to fp32 rounding, which a GPU test bounds).
+# KV views (tools/emulate_paging.py): every side lives in flat memory with element strides (NHD or
+# HND), contiguous or paged (a block table per row: permuted and shared blocks, sizes 16..512,
+# non-powers of two, clamped bad ids); the CTA forms every address as the kernel does (head base
+# once, a token offset -- paged: its block from the table -- per token of a tile, the int4_ch
+# group's words from the group's first token), while the reference maps tokens through the table
+# on its own.
 import math
 import pathlib
 import struct
@@ -32,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from emulate_headers import constant, decode_split  # noqa: E402  (the constants, read from the sources)
+from emulate_paging import Side, View, head_base, head_tok, make_view, strides_of  # noqa: E402
 
 H = decode_split()
 _FMT_HDR = "cuda/include/vattn/cuda/kv_device_format.cuh"
@@ -364,6 +371,7 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
     gcount = min(GB, a["group"] - g0)
     qh0 = kvh * a["group"] + g0
     row, lo, L = key_range(a, b, kvh)
+    view = a["view"]
     start, end = split_range(lo, L, split, ns, a["chunk_host"], TILE)
     ntiles = cdiv(end - start, TILE)
     a["covered"][b, kvh, start:end] += 1 if g0 == 0 else 0
@@ -379,25 +387,36 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
     assert rowK == CHK * unitK and rowV == CHV * unitV
     pipe = Pipe(k=(ST, TILE, rowK), v=(ST, TILE, rowV), kw=(ST, max(TILE * KW, 1)), vw=(ST, max(TILE * VW, 1)))
 
+    # Head bases (kbase, vbase, kw0 / kgw_head, vw0): once per CTA, row term only when contiguous.
+    def bases(mem):
+        s_row, s_tok, s_head = strides_of(mem, K["mem"])
+        return head_base(view, row, kvh, s_row, s_head), s_row, s_tok
+
+    kb, vb = bases(K["mem"]), bases(V["mem"])
+    kwb = bases(K["wmem"]) if K["wmem"] is not None else None
+    vwb = bases(V["wmem"]) if V["wmem"] is not None else None
+
     def load_tile(t, st):
         tstart = start + t * TILE
-        for side, name, CH, unit in ((K, "k", CHK, unitK), (V, "v", CHV, unitV)):
+        for mem, hb, name, CH, unit in ((K["mem"], kb, "k", CHK, unitK), (V["mem"], vb, "v", CHV, unitV)):
+            base, s_row, s_tok = hb
             for cc_all in range(TILE * CH):
                 r, cc = divmod(cc_all, CH)
                 j = tstart + r
-                if j < end:
+                if j < end:  # the token's offset (paged: a table lookup) only for keys in range
                     assert lo <= j < L, f"read key {j} outside [{lo}, {L})"
-                    val = side["data"][row, j, kvh, cc * unit : (cc + 1) * unit]
+                    val = mem.read(base + head_tok(view, row, j, s_row, s_tok) + cc * unit, unit)
                     assert not np.isnan(val).any(), f"read unwritten slot {j}"
                 else:
                     val = np.zeros(unit)
                 pipe.copy(name, (st, r, slice(cc * unit, (cc + 1) * unit)), val)
-        for side, name, W in ((K, "kw", KW), (V, "vw", VW)):
+        for mem, hb, name, W in ((K["wmem"], kwb, "kw", KW), (V["wmem"], vwb, "vw", VW)):
             for cw in range(TILE * W):
                 r, w = divmod(cw, W)
                 j = tstart + r
                 if j < end:
-                    val = side["words"][row, j, kvh, w]
+                    base, s_row, s_tok = hb
+                    val = mem.read(base + head_tok(view, row, j, s_row, s_tok) + w, 1)[0]
                     assert not np.isnan(val), f"read unwritten scale word of slot {j}"
                 else:
                     val = 0.0
@@ -426,7 +445,11 @@ def cta(a, K, V, q, split, b, z, ns, GB, o_part, lse_part, out, lse):
     def fold(grp, j):
         gi = j // G
         assert gi * G + G <= cdiv(L, G) * G, f"group {gi} of key {j} is past the row's mapped groups"
-        sc, ze = group_params(K["words"], row, gi, kvh, HD)
+        # fold_group: the words from the group's first token on (a paged block holds whole groups)
+        base, s_row, s_tok = kwb
+        gw = base + head_tok(view, row, gi * G, s_row, s_tok)
+        par = np.array([K["wmem"].read(gw + (i >> 2) * s_tok + (i & 3), 1)[0] for i in range(2 * HD)])
+        sc, ze = par[:HD], par[HD:]
         assert not (np.isnan(sc).any() or np.isnan(ze).any()), f"read unwritten parameters of group {gi}"
         qs[grp] = qv * sc
         qz[grp] = qv @ ze
@@ -618,6 +641,10 @@ def run(
     kf="f16",
     vf="f16",
     arch=80,
+    bs=0,
+    layout="NHD",
+    share=True,
+    bad_ids=False,
 ):
     rng = np.random.default_rng(seed)
     rows = max(B, 3)
@@ -626,6 +653,20 @@ def run(
     written = [(rid[b], min(max(rl[b], 0), max_seq)) for b in range(B) if 0 <= rid[b] < rows]
     K = make_side(rng, kf, rows, max_seq, HKV, HD, written)
     V = make_side(rng, vf, rows, max_seq, HKV, HD, written)
+    # The view: contiguous, or paged with bs tokens a block (shared / permuted blocks, bad ids).
+    if bs:
+        wd = {}
+        for r, n in written:
+            wd[r] = max(wd.get(r, 0), n)
+        view = make_view(rng, rows, max_seq, bs, wd, share=share, bad_ids=bad_ids)
+    else:
+        view = View(rows, max_seq)
+    for side in (K, V):  # flat storage; the reference then sees the rows through the table
+        side["mem"] = Side(view, side["data"], layout)
+        side["wmem"] = Side(view, side["words"], layout) if side["words"] is not None else None
+        side["data"] = side["mem"].logical()
+        if side["wmem"] is not None:
+            side["words"] = side["wmem"].logical()
     q = rng.standard_normal((B, HQ, HD)).astype(np.float16)
     scale = 1 / math.sqrt(HD)
     group = HQ // HKV
@@ -648,6 +689,7 @@ def run(
         cap2=softcap * LOG2E if softcap > 0 else 0.0,
         covered=np.zeros((B, HKV, max_seq), np.int64),
         arch=arch,
+        view=view,
     )
     out = np.full((B, HQ, HD), np.nan)
     lse = np.full((B, HQ), np.nan)
@@ -680,6 +722,7 @@ def run(
     lerr = np.abs(lse[fin] - rlse[fin]).max() if fin.any() else 0.0
     ok = ok and err < 1e-9 and lerr < 1e-9
     fmts = "" if kf == vf == "f16" else f" K={kf} V={vf} sm_{arch}"
+    fmts += f" paged bs={bs} {layout} lookups={view.lookups}" if bs else (" HND" if layout == "HND" else "")
     print(
         f"{name}: HD={HD} B={B} HQ={HQ} HKV={HKV}{fmts} sms={sms} occ={occ} GB={GB} chunks={chunks} splits={ns} "
         f"chunk={chunk_host} "
@@ -838,6 +881,136 @@ CASES = [
         arch=90,
     ),
     dict(name="int4ch HD 256, GQA 8", HD=256, B=1, HQ=8, HKV=1, lens=[300], max_seq=384, sms=2, kf="int4ch", vf="int4"),
+    # Paged views: block tables with permuted blocks, prefixes shared between rows, block sizes
+    # 16 .. 512 (48: not a power of two), block boundaries inside tiles (windows start anywhere)
+    # and inside split ranges, NHD and HND strides, every format, clamped out-of-range ids.
+    dict(
+        name="paged bs 16, splits, window",
+        HD=128,
+        B=3,
+        HQ=8,
+        HKV=2,
+        lens=[700, 690, 130],
+        max_seq=704,
+        window=333,
+        sms=4,
+        bs=16,
+    ),
+    dict(
+        name="paged bs 48 HND, per-head lengths",
+        HD=64,
+        B=2,
+        HQ=4,
+        HKV=2,
+        lens=[0, 0],
+        head_lens=[[530, 97], [530, 260]],
+        max_seq=576,
+        sms=8,
+        bs=48,
+        layout="HND",
+    ),
+    dict(
+        name="paged bs 32 HND, int8, softcap, hint low",
+        HD=128,
+        B=2,
+        HQ=4,
+        HKV=2,
+        lens=[300, 290],
+        max_seq=320,
+        softcap=20.0,
+        hint=100,
+        sms=4,
+        kf="int8",
+        vf="int8",
+        bs=32,
+        layout="HND",
+    ),
+    dict(
+        name="paged bs 64, int4 K, fp8 V, window",
+        HD=64,
+        B=2,
+        HQ=2,
+        HKV=1,
+        lens=[600, 610],
+        max_seq=640,
+        window=419,
+        sms=8,
+        kf="int4",
+        vf="fp8",
+        arch=90,
+        bs=64,
+    ),
+    dict(
+        name="paged bs 32 HND, int8 K, int4 V, GQA 3 -> 4, window",
+        HD=96,
+        B=2,
+        HQ=6,
+        HKV=2,
+        lens=[250, 251],
+        max_seq=256,
+        window=170,
+        sms=4,
+        kf="int8",
+        vf="int4",
+        bs=32,
+        layout="HND",
+    ),
+    dict(
+        name="paged bs 128, int4ch K, int4 V, splits",
+        HD=64,
+        B=2,
+        HQ=4,
+        HKV=2,
+        lens=[470, 461],
+        max_seq=512,
+        sms=8,
+        kf="int4ch",
+        vf="int4",
+        bs=128,
+    ),
+    dict(
+        name="paged bs 48 HND, int4ch K (G 48), fp8 V, per-head lengths",
+        HD=96,
+        B=2,
+        HQ=4,
+        HKV=2,
+        lens=[0, 0],
+        head_lens=[[200, 7], [150, 197]],
+        max_seq=240,
+        sms=2,
+        kf="int4ch",
+        vf="fp8",
+        arch=90,
+        bs=48,
+        layout="HND",
+    ),
+    dict(
+        name="paged bs 512, int4ch K, int8 V, splits",
+        HD=128,
+        B=2,
+        HQ=2,
+        HKV=1,
+        lens=[1100, 700],
+        max_seq=1536,
+        sms=4,
+        kf="int4ch",
+        vf="int8",
+        bs=512,
+    ),
+    dict(
+        name="paged bs 16, bad ids clamped, bad slot, empty row",
+        HD=256,
+        B=3,
+        HQ=2,
+        HKV=1,
+        lens=[0, 90, 200],
+        max_seq=208,
+        window=150,
+        row_ids=[0, 7, 2],
+        sms=4,
+        bs=16,
+        bad_ids=True,
+    ),
     # Split counts from the occupancy (choose_splits): one exact wave, two whole waves, and a grid
     # wider than a wave split once more for fuller waves; real lengths below and above the hint.
     dict(name="occ 2: one whole wave", HD=128, B=1, HQ=8, HKV=2, lens=[2500], max_seq=2600, sms=3, occ=2),
@@ -963,8 +1136,22 @@ def check_plans(verbose=True):
 
 
 if __name__ == "__main__":
-    sel = CASES if len(sys.argv) < 2 else [CASES[int(i)] for i in sys.argv[1:]]
+    # Arguments: case indices, or --paged (the paged cases only, no plan checks: the self-test of
+    # VATTN_EMU_BREAK in tests/test_kernel_emulation.py).
+    paged_only = sys.argv[1:] == ["--paged"]
+    if paged_only:
+        sel = [c for c in CASES if c.get("bs")]
+    else:
+        sel = CASES if len(sys.argv) < 2 else [CASES[int(i)] for i in sys.argv[1:]]
     allok = check_decoders()
-    allok = not check_plans() and allok
-    allok = all([run(seed=i, **c) for i, c in enumerate(sel)]) and allok
+    allok = (paged_only or not check_plans()) and allok
+
+    def run_case(c):
+        try:
+            return run(seed=CASES.index(c), **c)
+        except (AssertionError, IndexError) as e:  # a read the kernel must never make
+            print(f"{c['name']}: FAIL ({type(e).__name__}: {e})", flush=True)
+            return False
+
+    allok = all([run_case(c) for c in sel]) and allok
     print("ALL OK" if allok else "SOME FAILED")

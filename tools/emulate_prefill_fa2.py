@@ -6,6 +6,11 @@
 # chunk offsets, row masks, the bit operations of the code conversions); int4_ch keys ("int4ch")
 # through a model of Int4ChTileLoader (each row's group parameters, 4 words a load, from the
 # words of the group's tokens; code * scale rounded, + zero rounded).
+# KV views (tools/emulate_paging.py): the cache is 3 rows x 2 kv heads in flat memory (NHD or HND
+# strides), contiguous or paged (permuted and shared blocks, block sizes 16..512 incl. 48, block
+# boundaries inside the 64-key tiles); the CTA reads row 1, kv head 1 through a port of the
+# loaders' KvTileSide addressing (head bases once, each tile row's block looked up once for its
+# codes and scale words), the reference through the block table on its own.
 import numpy as np
 import math
 import pathlib
@@ -13,6 +18,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from emulate_headers import prefill_fa2  # noqa: E402  (the constants, read from the sources)
+from emulate_paging import Side, View, head_base, locate_paged, make_view, strides_of  # noqa: E402
 
 NEG = -np.inf
 H = prefill_fa2()
@@ -95,6 +101,47 @@ def load_tile(sm, base_off, rows, D, src, row0, lo, hi, NT=NT_CTA):
             sm.pending.append((dst, val))
 
 
+class TileSide:
+    """KvTileSide of one (cache row, kv head): head bases of the elements / codes and of the scale
+    words (kv_head_base: the row term only when contiguous) and their strides; offsets(tok) is
+    tile_token_offsets (paged: one block lookup for both)."""
+
+    def __init__(self, view, row, kvh, data, words=None, other=None):
+        self.view, self.row, self.data, self.words = view, row, data, words
+        self.s_row, self.s_tok, s_head = strides_of(data, other)
+        self.base = head_base(view, row, kvh, self.s_row, s_head)
+        if words is not None:
+            self.ss_row, self.ss_tok, ss_head = strides_of(words, other)
+            self.sbase = head_base(view, row, kvh, self.ss_row, ss_head)
+
+    def offsets(self, tok):
+        if self.view.paged:
+            blk, t = locate_paged(self.view, self.row, tok)
+            return blk * self.s_row + t * self.s_tok, (blk * self.ss_row + t * self.ss_tok if self.words else 0)
+        return tok * self.s_tok, (tok * self.ss_tok if self.words else 0)
+
+
+def load_tile_kv(sm, base_off, rows, D, side, row0, lo, hi, NT=NT_CTA):
+    """KVTileLoader<PlainFormat>: load_kv_tile_16bit_impl, cp.async per 16-byte chunk from the
+    chunk's tile row's token address."""
+    kch = D // 8
+    assert (rows * kch) % NT == 0
+    for it in range(rows * kch // NT):
+        for tid in range(NT):
+            idx = it * NT + tid
+            r = idx // kch
+            c = idx % kch
+            dst = (base_off + offset(r, c, kch)) // 2
+            if lo <= r < hi:
+                off, _ = side.offsets(row0 + r)
+                val = side.data.read(side.base + off + c * 8, 8).astype(np.float32)
+                assert not np.isnan(val).any(), "read invalid row %d" % (row0 + r)
+            else:
+                val = np.zeros(8, np.float32)
+            sm.m[dst : dst + 8] = np.nan
+            sm.pending.append((dst, val))
+
+
 # ---- quantized K/V: QuantTileLoader / QuantChunk of prefill_tile.cuh -------------------------
 # A quantized cache side is (codes uint8 [max_seq, D * bits / 8], words float32 [max_seq, n]).
 # The loader is synchronous: its shared stores land at once (no sm.pending), which is what the
@@ -149,7 +196,6 @@ def chunk_values(fmt, cw, w):
 
 
 def load_tile_quant(sm, base_off, rows, D, side, fmt, row0, lo, hi, NT=NT_CTA):
-    codes, words = side
     bits, nw = QUANT[fmt]["bits"], QUANT[fmt]["words"]
     code_words = 2 if bits == 8 else 1  # QuantChunk::kCodeWords
     cpu = 4 // code_words  # kChunksPerUnit
@@ -166,8 +212,10 @@ def load_tile_quant(sm, base_off, rows, D, side, fmt, row0, lo, hi, NT=NT_CTA):
             raw, w = np.zeros(16, np.uint8), np.zeros(nw, np.float32)
             if lo <= r < hi:
                 g = row0 + r
-                assert 0 <= g < codes.shape[0] and not np.isnan(words[g]).any(), "read invalid row %d" % g
-                raw, w = codes[g, u * 16 : (u + 1) * 16], words[g]
+                off, soff = side.offsets(g)
+                raw = side.data.read(side.base + off + u * 16, 16).astype(np.uint8)
+                w = side.words.read(side.sbase + soff, nw).astype(np.float32)
+                assert not np.isnan(w).any(), "read invalid row %d" % g
             cw = [int(v) for v in raw.view("<u4")]
             for c in range(cpu):
                 vals = chunk_values(fmt, cw[c * code_words : (c + 1) * code_words], w)
@@ -178,8 +226,8 @@ def load_tile_quant(sm, base_off, rows, D, side, fmt, row0, lo, hi, NT=NT_CTA):
 def load_tile_int4ch(sm, base_off, rows, D, side, row0, lo, hi, NT=NT_CTA):
     """Int4ChTileLoader::load: units of 32 codes per thread as QuantTileLoader's; a live row's
     group parameters (scale i at word i % 4 of the group's token i / 4, zero i at parameter D + i)
-    read 4 at a time."""
-    codes, words = side
+    read 4 at a time (the group's first token: in the row's block, at the in-block offset rounded
+    down to a multiple of G -- a paged block holds whole groups)."""
     G = D // 2
     upr = D // 32
     assert (rows * upr) % NT == 0
@@ -194,15 +242,19 @@ def load_tile_int4ch(sm, base_off, rows, D, side, row0, lo, hi, NT=NT_CTA):
                     sm.m[dst : dst + 8] = 0.0
                     continue
                 tok = row0 + r
-                assert 0 <= tok < codes.shape[0], "read invalid row %d" % tok
-                gtok = tok - tok % G
-                cw = int(codes[tok, u * 16 + 4 * c : u * 16 + 4 * c + 4].view("<u4")[0])
+                off, _ = side.offsets(tok)
+                cw = int(side.data.read(side.base + off + u * 16 + 4 * c, 4).astype(np.uint8).view("<u4")[0])
                 e0 = u * 32 + c * 8
+                if side.view.paged:
+                    blk, t = locate_paged(side.view, side.row, tok)
+                    gw = side.sbase + blk * side.ss_row + (t - t % G) * side.ss_tok
+                else:
+                    gw = side.sbase + (tok - tok % G) * side.ss_tok
 
                 def par4(i):
-                    w = words[gtok + (i >> 2)]
+                    w = side.words.read(gw + (i >> 2) * side.ss_tok, 4)
                     assert not np.isnan(w).any(), "read unwritten parameters of token %d's group" % tok
-                    return list(w)
+                    return [np.float32(x) for x in w]
 
                 sc = par4(e0) + par4(e0 + 4)
                 ze = par4(D + e0) + par4(D + e0 + 4)
@@ -267,7 +319,7 @@ def quant_side(rng, fmt, L, max_seq, D):
 
 def load_kv(sm, base_off, rows, D, src, fmt, row0, lo, hi):
     if fmt is None:
-        load_tile(sm, base_off, rows, D, src, row0, lo, hi)
+        load_tile_kv(sm, base_off, rows, D, src, row0, lo, hi)
     elif fmt == "int4ch":
         load_tile_int4ch(sm, base_off, rows, D, src, row0, lo, hi)
     else:
@@ -455,25 +507,80 @@ def reference(q, K, V, n_b, L, scale, softcap, wl):
     return out, lse
 
 
-def run(D, MT, BN, n_b, L, wl, softcap, seed, kfmt=None, vfmt=None, max_seq=None):
+def side_values(fmt, codes, words, L, D):
+    """Float values [L, D] of tokens < L of one (row, kv head) from the stored codes and words as
+    the rows see them (reference.py's dequantize, as quant_side computes them)."""
+    c8 = codes[:L].astype(np.uint8)
+    if fmt in ("int4", "int4ch"):
+        c = np.zeros((L, D), np.int64)
+        c[:, 0::2], c[:, 1::2] = c8 & 0xF, c8 >> 4
+    w = words[:L].astype(np.float32)
+    if fmt == "int8":
+        return c8.view(np.int8).astype(np.float32) * w[:, :1]
+    if fmt == "fp8":
+        return np.array([[fp8_value(int(b)) for b in r] for r in c8], np.float32).reshape(L, D) * w[:, :1]
+    if fmt == "int4":
+        return (c.astype(np.float32) * w[:, :1]).astype(np.float32) + w[:, 1:2]
+    G = D // 2
+    out = np.zeros((L, D), np.float32)
+    for gi in range(-(-L // G)):
+        par = np.array([words[gi * G + i // 4, i % 4] for i in range(2 * D)], np.float32)
+        t = slice(gi * G, min(L, gi * G + G))
+        out[t] = (c[t].astype(np.float32) * par[:D]).astype(np.float32) + par[D:]
+    return out
+
+
+ROWS, HEADS, ROW, KVH = 3, 2, 1, 1  # the cache the emulation builds; the CTA reads (ROW, KVH)
+
+
+def make_cache_side(rng, fmt, lens, max_seq, D):
+    """Logical arrays [ROWS, max_seq, HEADS, X] of one side: elements (plain), or codes and
+    words, random for tokens < lens[row] (NaN / garbage past)."""
+    if fmt is None:
+        x = np.full((ROWS, max_seq, HEADS, D), np.nan, np.float32)
+        for r, n in enumerate(lens):
+            x[r, :n] = rng.standard_normal((n, HEADS, D)).astype(np.float16)
+        return x, None
+    nbytes, nw = D * QUANT[fmt]["bits"] // 8, QUANT[fmt]["words"]
+    codes = np.zeros((ROWS, max_seq, HEADS, nbytes), np.uint8)
+    words = np.zeros((ROWS, max_seq, HEADS, nw), np.float32)
+    for r, n in enumerate(lens):
+        for h in range(HEADS):
+            (codes[r, :, h], words[r, :, h]), _ = quant_side(rng, fmt, n, max_seq, D)
+    return codes, words
+
+
+def run(D, MT, BN, n_b, L, wl, softcap, seed, kfmt=None, vfmt=None, max_seq=None, bs=0, layout="NHD", bad_ids=False):
     rng = np.random.default_rng(seed)
     max_seq = max_seq or L + 37
     if kfmt == "int4ch":  # whole groups
         max_seq = -(-max_seq // (D // 2)) * (D // 2)
+    if bs:  # whole blocks (an int4ch block holds whole groups: bs % G == 0)
+        assert kfmt != "int4ch" or bs % (D // 2) == 0
+        max_seq = -(-max_seq // bs) * bs
+    # Rows 0 and 1 share their common full blocks (paged); row 2 is shorter.
+    lens = [min(L + 5, max_seq), L, max(L // 3, 1)]
+    if bs:
+        view = make_view(rng, ROWS, max_seq, bs, dict(enumerate(lens)), share=True, bad_ids=bad_ids)
+    else:
+        view = View(ROWS, max_seq)
     q = rng.standard_normal((n_b, D)).astype(np.float16).astype(np.float32)
-    K = np.full((max_seq, D), np.nan, np.float32)
-    V = np.full((max_seq, D), np.nan, np.float32)
-    K[:L] = rng.standard_normal((L, D)).astype(np.float16)
-    V[:L] = rng.standard_normal((L, D)).astype(np.float16)
-    Kv, Vv = K[:L], V[:L]  # the values the reference sees
-    # Quantized sides: the dequantized values rounded to T (what the tile holds by design), so
-    # the check stays as tight as for plain K/V and catches any misplaced code or scale.
-    if kfmt:
-        K, Kv = quant_side(rng, kfmt, L, max_seq, D)
-        Kv = Kv.astype(np.float16).astype(np.float32)
-    if vfmt:
-        V, Vv = quant_side(rng, vfmt, L, max_seq, D)
-        Vv = Vv.astype(np.float16).astype(np.float32)
+    sides, vals = [], []
+    for fmt in (kfmt, vfmt):
+        data, words = make_cache_side(rng, fmt, lens, max_seq, D)
+        dmem = Side(view, data, layout, fill=np.nan if fmt is None else 0xFF, dtype=np.float64)
+        wmem = Side(view, words, layout) if words is not None else None
+        sides.append((dmem, wmem))
+        dl = dmem.logical()[ROW, :, KVH]
+        if fmt is None:
+            vals.append(dl[:L].astype(np.float32))
+        else:  # the dequantized values rounded to T (what the tile holds by design)
+            vals.append(side_values(fmt, dl, wmem.logical()[ROW, :, KVH], L, D).astype(np.float16).astype(np.float32))
+    kmem = sides[0][0]
+    K = TileSide(view, ROW, KVH, sides[0][0], sides[0][1], other=kmem)
+    V = TileSide(view, ROW, KVH, sides[1][0], sides[1][1], other=kmem)
+    Kv, Vv = vals
+    assert not np.isnan(Kv).any() and not np.isnan(Vv).any()
     scale = 1 / math.sqrt(D)
     out = np.full((n_b, D), np.nan)
     lse = np.full(n_b, np.nan)
@@ -483,10 +590,12 @@ def run(D, MT, BN, n_b, L, wl, softcap, seed, kfmt=None, vfmt=None, max_seq=None
     ro, rl = reference(q, Kv, Vv, n_b, L, scale, softcap, wl)
     assert not np.isnan(out).any() and not np.isnan(lse).any(), "unwritten/NaN output"
     err = np.abs(out - ro).max()
-    lerr = np.nanmax(np.abs(np.where(np.isinf(rl), 0, lse - rl)))
+    with np.errstate(invalid="ignore"):  # -inf - -inf where both are -inf (masked by the where)
+        lerr = np.nanmax(np.abs(np.where(np.isinf(rl), 0, lse - rl)))
     assert (np.isinf(rl) == np.isinf(lse)).all(), "lse -inf mismatch"
     ok = err < 2e-2 and lerr < 1e-3
     fmts = f" K={kfmt} V={vfmt}" if kfmt or vfmt else ""
+    fmts += f" paged bs={bs} {layout} lookups={view.lookups}" if bs else (" HND" if layout == "HND" else "")
     print(
         f"D={D} MT={MT} BN={BN} n_b={n_b} L={L} wl={wl} cap={softcap}{fmts}: max err {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}",
         flush=True,
@@ -514,9 +623,36 @@ if __name__ == "__main__":
         (64, 1, 64, 70, 150, 40, 0, 14, "int4ch", "int4"),
         (128, 1, 64, 65, 300, 100, 5.0, 15, "int4ch", "int8"),
         (128, 1, 64, 3, 77, -1, 0, 16, "int4ch", "fp8"),
+        # Paged views (a trailing dict: block size, strides, bad ids): block boundaries inside the
+        # 64-key tiles (bs 16 / 32 / 48, windows that start anywhere), whole-tile blocks (64, 512),
+        # NHD and HND, every loader (cp.async, quantized, int4_ch with G = 32 and 64).
+        (128, 1, 64, 70, 200, -1, 0, 21, None, None, dict(bs=16)),
+        (64, 2, 64, 130, 300, -1, 30.0, 22, None, None, dict(bs=48, layout="HND")),
+        (64, 1, 64, 40, 250, 70, 0, 23, None, None, dict(bs=32, layout="HND")),
+        (128, 1, 64, 65, 300, 100, 5.0, 24, "int8", "int4", dict(bs=16, layout="HND")),
+        (64, 1, 64, 70, 150, 40, 0, 25, "fp8", "int8", dict(bs=48)),
+        (64, 1, 64, 70, 200, -1, 0, 26, "int4ch", "int4", dict(bs=32, layout="HND")),
+        (128, 1, 64, 65, 300, 100, 0, 27, "int4ch", "fp8", dict(bs=64)),
+        (128, 1, 64, 30, 600, -1, 0, 28, "int4", "int4", dict(bs=512)),
+        (128, 1, 64, 20, 130, -1, 0, 29, None, None, dict(bs=16, bad_ids=True)),
     ]
     # The cases run exactly the (D, MT, BN) configurations prefill.cu instantiates.
     assert sorted({c[:3] for c in cases}) == H["configs"], (sorted({c[:3] for c in cases}), H["configs"])
-    sel = cases if len(sys.argv) < 2 else [cases[int(a)] for a in sys.argv[1:]]
-    allok = all([run(*c) for c in sel])
+    # Arguments: case indices, or --paged (the paged cases only: the self-test of VATTN_EMU_BREAK
+    # in tests/test_kernel_emulation.py).
+    if sys.argv[1:] == ["--paged"]:
+        sel = [c for c in cases if isinstance(c[-1], dict)]
+    else:
+        sel = cases if len(sys.argv) < 2 else [cases[int(a)] for a in sys.argv[1:]]
+
+    def run_case(c):
+        kw = c[-1] if isinstance(c[-1], dict) else {}
+        pos = c[:-1] if kw else c
+        try:
+            return run(*pos, **kw)
+        except (AssertionError, IndexError) as e:  # a read the kernel must never make
+            print(f"{c}: FAIL ({type(e).__name__}: {e})", flush=True)
+            return False
+
+    allok = all([run_case(c) for c in sel])
     print("ALL OK" if allok else "SOME FAILED")
