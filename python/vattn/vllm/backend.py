@@ -271,7 +271,8 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         self.sliding_window = sliding_window
         self.window_left = -1 if sliding_window is None else int(sliding_window) - 1
         self.softcap = float(logits_soft_cap) if logits_soft_cap else 0.0
-        self._slot_tables: dict = {}
+        self._cache = None  # (vLLM's kv_cache tensor, (K view, V view, slot block table))
+        self._zeros: Optional[torch.Tensor] = None
 
     @staticmethod
     def split_kv_cache(kv_cache: torch.Tensor, head_size: int):
@@ -285,14 +286,22 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         kv = kv_cache.transpose(1, 2)
         return kv[..., :head_size], kv[..., head_size:]
 
-    def _slot_table(self, num_blocks: int, device) -> torch.Tensor:
-        """[1, num_blocks] = arange: one row holding every block, so a flat slot id is a position."""
-        key = (num_blocks, str(device))
-        t = self._slot_tables.get(key)
-        if t is None:
-            t = torch.arange(num_blocks, dtype=torch.int32, device=device)[None, :]
-            self._slot_tables[key] = t
-        return t
+    def _views(self, kv_cache: torch.Tensor):
+        """split_kv_cache, kept for the layer's cache tensor (vLLM hands the same one every step),
+        with the [1, num_blocks] arange block table that makes a flat slot id a position."""
+        c = self._cache
+        if c is not None and c[0] is kv_cache:
+            return c[1]
+        k_cache, v_cache = self.split_kv_cache(kv_cache, self.head_size)
+        table = torch.arange(k_cache.shape[0], dtype=torch.int32, device=kv_cache.device)[None, :]
+        self._cache = (kv_cache, (k_cache, v_cache, table))
+        return self._cache[1]
+
+    def _zero_rows(self, n: int, device) -> torch.Tensor:
+        z = self._zeros
+        if z is None or z.shape[0] < n or z.device != device:
+            z = self._zeros = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        return z[:n]
 
     def do_kv_cache_update(
         self,
@@ -304,17 +313,15 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
     ) -> None:
         if kv_cache.numel() == 0 or slot_mapping is None or slot_mapping.numel() == 0:
             return
-        k_cache, v_cache = self.split_kv_cache(kv_cache, self.head_size)
+        k_cache, v_cache, table = self._views(kv_cache)
         n = slot_mapping.shape[0]
-        key, value = key[:n], value[:n]
-        slots = slot_mapping
-        if bool((slots < 0).any()):  # padding tokens (slot -1) are not written
+        key, value, slots = key[:n], value[:n], slot_mapping
+        if int(slots.min()) < 0:  # padding tokens (slot -1) are not written
             keep = slots >= 0
             key, value, slots = key[keep], value[keep], slots[keep]
             if slots.numel() == 0:
                 return
-        table = self._slot_table(k_cache.shape[0], k_cache.device)
-        rows = torch.zeros(slots.shape[0], dtype=torch.int32, device=slots.device)
+        rows = self._zero_rows(slots.shape[0], slots.device)
         vattn.append_kv_raw(k_cache, v_cache, key, value, rows, slots, block_table=table)
 
     def forward(
@@ -334,7 +341,7 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         md = attn_metadata
-        k_cache, v_cache = self.split_kv_cache(kv_cache, self.head_size)
+        k_cache, v_cache, _ = self._views(kv_cache)
         nd = md.num_decodes
         common = dict(scale=self.scale, window_left=self.window_left, softcap=self.softcap)
         if nd:
