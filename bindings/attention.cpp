@@ -50,6 +50,16 @@ KVCacheView make_kv_view(uintptr_t k, uintptr_t v, int64_t k_stride_row, int64_t
   return view;
 }
 
+// The paged fields of a view (kv_paging.h) in one call: a block table [rows, blocks per row] int32
+// with row stride bt_stride_row, blocks of block_size tokens, num_blocks physical blocks.
+void set_kv_view_paging(KVCacheView& view, uintptr_t block_table, int64_t bt_stride_row, int32_t block_size,
+                        int32_t num_blocks) {
+  view.block_table = as_ptr<const int32_t>(block_table);
+  view.bt_stride_row = bt_stride_row;
+  view.block_size = block_size;
+  view.num_blocks = num_blocks;
+}
+
 AppendParams make_append_params(const KVCacheView& cache, uintptr_t k, uintptr_t v, int64_t k_stride_tok,
                                 int64_t k_stride_head, int64_t v_stride_tok, int64_t v_stride_head, uintptr_t row_ids,
                                 uintptr_t positions, int32_t num_tokens, int32_t num_kv_heads, int32_t head_dim,
@@ -184,7 +194,11 @@ void bind_attention(py::module_& m) {
       .VATTN_RW(KVCacheView, k_format)
       .VATTN_RW(KVCacheView, v_format)
       .VATTN_PTR(KVCacheView, k_scale)
-      .VATTN_PTR(KVCacheView, v_scale);
+      .VATTN_PTR(KVCacheView, v_scale)
+      .VATTN_PTR(KVCacheView, block_table)
+      .VATTN_RW(KVCacheView, bt_stride_row)
+      .VATTN_RW(KVCacheView, block_size)
+      .VATTN_RW(KVCacheView, num_blocks);
 
   py::class_<AppendParams>(m, "AppendParams", "Parameters of append_kv (see cuda/include/vattn/params.h)")
       .def(py::init<>())
@@ -258,6 +272,8 @@ void bind_attention(py::module_& m) {
         "KVCacheView(k, v, k_stride_row, k_stride_tok, k_stride_head, v_stride_row, v_stride_tok, v_stride_head, "
         "num_rows, max_seq, k_format, v_format, k_scale, ks_stride_row, ks_stride_tok, ks_stride_head, v_scale, "
         "vs_stride_row, vs_stride_tok, vs_stride_head) in one call (scale pointers 0 for plain formats)");
+  m.def("set_kv_view_paging", &set_kv_view_paging,
+        "Sets a KVCacheView's paged fields (block_table, bt_stride_row, block_size, num_blocks) in one call");
   m.def("make_append_params", &make_append_params,
         "AppendParams(cache, k, v, k_stride_tok, k_stride_head, v_stride_tok, v_stride_head, row_ids, positions, "
         "num_tokens, num_kv_heads, head_dim, dtype, head_positions) in one call (head_positions 0: none; stream left "

@@ -16,6 +16,7 @@
 
 #include "cpu_util.h"
 #include "row_reader.h"
+#include "vattn/kv_paging.h"
 #include "vattn/ops.h"
 
 namespace vattn {
@@ -47,6 +48,19 @@ int32_t position_of(const AppendParams& p, int64_t th) {
   return p.head_positions ? p.head_positions[th] : p.positions[th / p.num_kv_heads];
 }
 
+// Where entry th (token th / heads, kv head th % heads) is stored: its cache row and position, or
+// for a paged view (kv_paging.h) the physical block and the offset in it. A paged append is the
+// contiguous append into the physical cache [num_blocks, block_size, ...] at these coordinates
+// (python/vattn/reference.py append_kv), int4_ch groups included: a group never crosses a block.
+struct Slot {
+  int32_t row, pos;
+};
+Slot slot_of(const AppendParams& p, int64_t th) {
+  const int32_t row = p.row_ids[th / p.num_kv_heads], pos = position_of(p, th);
+  if (!kv_paged(p.cache)) return Slot{row, pos};
+  return Slot{int32_t(kv_block_of(p.cache, row, pos)), pos % p.cache.block_size};
+}
+
 // Groups the call's entries into units and checks them (positions are already inside [0, seq)).
 void build_group_plan(const AppendParams& p, GroupPlan* plan) {
   if (plan->built) return;
@@ -55,22 +69,26 @@ void build_group_plan(const AppendParams& p, GroupPlan* plan) {
   plan->order.resize(size_t(n));
   for (int64_t th = 0; th < n; ++th) plan->order[size_t(th)] = th;
   auto key = [&](int64_t th) {
-    return std::make_tuple(p.row_ids[th / heads], int32_t(th % heads), position_of(p, th));
+    const Slot sl = slot_of(p, th);
+    return std::make_tuple(sl.row, int32_t(th % heads), sl.pos);
   };
   std::sort(plan->order.begin(), plan->order.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
   plan->units.clear();
+  const char* row_name = kv_paged(p.cache) ? "(physical block " : "(row ";
   for (int64_t a = 0; a < n;) {
     const int64_t th = plan->order[size_t(a)];
-    const int32_t row = p.row_ids[th / heads], h = int32_t(th % heads), pos = position_of(p, th), g = pos / G;
+    const Slot sl = slot_of(p, th);
+    const int32_t row = sl.row, h = int32_t(th % heads), pos = sl.pos, g = pos / G;
     int64_t e = a + 1;
     int32_t prev = pos;
     for (; e < n; ++e) {
       const int64_t te = plan->order[size_t(e)];
-      const int32_t pe = position_of(p, te);
-      if (p.row_ids[te / heads] != row || int32_t(te % heads) != h || pe / G != g) break;
+      const Slot se = slot_of(p, te);
+      const int32_t pe = se.pos;
+      if (se.row != row || int32_t(te % heads) != h || pe / G != g) break;
       if (pe != prev + 1)
-        cpu::fail("append_kv: int4_ch keys: the new tokens of a group (row " + std::to_string(row) + ", kv head " +
-                  std::to_string(h) + ", tokens " + std::to_string(int64_t(g) * G) + ".." +
+        cpu::fail("append_kv: int4_ch keys: the new tokens of a group " + std::string(row_name) + std::to_string(row) +
+                  ", kv head " + std::to_string(h) + ", tokens " + std::to_string(int64_t(g) * G) + ".." +
                   std::to_string(int64_t(g) * G + G - 1) + ") must be consecutive positions, got " +
                   std::to_string(prev) + (pe == prev ? " twice" : " then " + std::to_string(pe)));
       prev = pe;
@@ -124,27 +142,31 @@ void append_grouped(const AppendParams& p, const Side& s, const GroupPlan& plan)
   }
 }
 
+// serial: write the entries in call order (a paged append whose tokens share a physical slot, so
+// that the last of them wins as in the reference).
 template <class Format, typename T>
-void append_side(const AppendParams& p, const Side& s) {
+void append_side(const AppendParams& p, const Side& s, bool serial) {
   using S = typename Format::storage_t;
   const int dim = p.head_dim;
   constexpr bool kCopy = std::is_same<S, T>::value;  // plain format of the input dtype: a byte copy
   const int64_t n = (int64_t)p.num_tokens * p.num_kv_heads;
+  const KVCacheView& c = p.cache;
   auto one = [&](int64_t th, float* buf) {
     const int64_t i = th / p.num_kv_heads, h = th % p.num_kv_heads;
     const int64_t row = p.row_ids[i];
     const int64_t pos = p.head_positions ? p.head_positions[th] : p.positions[i];
     const T* x = static_cast<const T*>(s.src) + i * s.src_tok + h * s.src_head;
-    S* dst = static_cast<S*>(s.data) + row * s.stride_row + pos * s.stride_tok + h * s.stride_head;
+    S* dst = static_cast<S*>(s.data) + kv_token_offset(c, row, pos, s.stride_row, s.stride_tok) + h * s.stride_head;
     if (kCopy) {
       std::memcpy(dst, x, sizeof(S) * dim);
     } else {
       for (int d = 0; d < dim; ++d) buf[d] = to_float(x[d]);
-      float* w = Format::kScaleWords > 0 ? s.scale + row * s.ss_row + pos * s.ss_tok + h * s.ss_head : nullptr;
+      float* w = Format::kScaleWords > 0 ? s.scale + kv_token_offset(c, row, pos, s.ss_row, s.ss_tok) + h * s.ss_head
+                                         : nullptr;
       Format::encode(buf, dim, dst, w);
     }
   };
-  if (n * dim <= (1 << 16)) {  // small appends (a decode step): no parallel region to enter
+  if (serial || n * dim <= (1 << 16)) {  // small appends (a decode step): no parallel region to enter
     std::vector<float> buf(kCopy ? 0 : dim);
     for (int64_t th = 0; th < n; ++th) one(th, buf.data());
     return;
@@ -159,7 +181,8 @@ void append_side(const AppendParams& p, const Side& s) {
 
 // Checks one side (write == false) or writes it; both sides are checked before either is written.
 // An int4_ch side also checks (and builds once for both sides) the plan of its groups.
-void append_one(const AppendParams& p, int32_t format, const Side& s, const char* what, bool write, GroupPlan* plan) {
+void append_one(const AppendParams& p, int32_t format, const Side& s, const char* what, bool write, GroupPlan* plan,
+                bool serial) {
   dispatch_kv_format(format, what, [&](auto fmt) {
     using Format = decltype(fmt);
     constexpr bool kGrouped = is_grouped_format<Format>::value;
@@ -168,7 +191,9 @@ void append_one(const AppendParams& p, int32_t format, const Side& s, const char
     if (!dim_ok<Format>(p.head_dim)) cpu::fail(std::string(what) + ": head_dim does not fit the storage format");
     if (kGrouped) {
       const int32_t G = Int4ChannelFormat::group(p.head_dim);
-      if (p.cache.max_seq % G != 0)
+      if (kv_paged(p.cache))
+        cpu::check_paged_groups(format, p.head_dim, p.cache.block_size, what);
+      else if (p.cache.max_seq % G != 0)
         cpu::fail(std::string(what) + ": an int4_ch cache holds whole groups of " + std::to_string(G) +
                   " tokens: its seq (" + std::to_string(p.cache.max_seq) + ") must be a multiple");
       build_group_plan(p, plan);
@@ -181,10 +206,41 @@ void append_one(const AppendParams& p, int32_t format, const Side& s, const char
         if constexpr (kGrouped)
           append_grouped<T>(p, s, *plan);
         else
-          append_side<Format, T>(p, s);
+          append_side<Format, T>(p, s, serial);
       }
     });
   });
+}
+
+// Paged view (kv_paging.h): checks the view and the block id of every written position (before
+// any write); returns whether two entries of the call land on one physical slot (rows sharing a
+// block), which the writes must then take in call order. Only appends large enough to run in
+// parallel pay for that test: smaller ones are written in order anyway.
+bool check_paged(const AppendParams& p) {
+  const KVCacheView& c = p.cache;
+  cpu::require(c.block_table != nullptr && c.block_size > 0 && c.num_blocks >= 0 && c.bt_stride_row >= 0,
+               "append_kv: a paged view needs block_size > 0, num_blocks >= 0 and a block-table row stride >= 0");
+  const int64_t heads = p.num_kv_heads, n = p.head_positions ? int64_t(p.num_tokens) * heads : p.num_tokens;
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t th = p.head_positions ? e : e * heads;
+    const int32_t row = p.row_ids[th / heads], pos = position_of(p, th);
+    const int32_t id = c.block_table[row * c.bt_stride_row + pos / c.block_size];
+    if (id < 0 || id >= c.num_blocks)
+      cpu::fail("append_kv: token " + std::to_string(th / heads) + " (row " + std::to_string(row) + ", position " +
+                std::to_string(pos) + ") lies in block_table[" + std::to_string(row) + ", " +
+                std::to_string(pos / c.block_size) + "] = " + std::to_string(id) + ", outside [0, " +
+                std::to_string(c.num_blocks) + ")");
+  }
+  if (int64_t(p.num_tokens) * heads * p.head_dim <= (1 << 16)) return false;
+  std::vector<int64_t> slots(static_cast<size_t>(n));
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t th = p.head_positions ? e : e * heads;
+    const Slot sl = slot_of(p, th);
+    const int64_t phys = int64_t(sl.row) * c.block_size + sl.pos;
+    slots[size_t(e)] = p.head_positions ? phys * heads + th % heads : phys;
+  }
+  std::sort(slots.begin(), slots.end());
+  return std::adjacent_find(slots.begin(), slots.end()) != slots.end();
 }
 
 }  // namespace
@@ -214,6 +270,7 @@ void append_kv_cpu(const AppendParams& p) {
     }
   }
   const KVCacheView& c = p.cache;
+  const bool serial = kv_paged(c) && check_paged(p);
   const Side k{c.k,       c.k_stride_row,  c.k_stride_tok,  c.k_stride_head,
                c.k_scale, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head,
                p.k,       p.k_stride_tok,  p.k_stride_head};
@@ -223,16 +280,16 @@ void append_kv_cpu(const AppendParams& p) {
   if (c.k_format == p.dtype && c.v_format == p.dtype) {  // plain cache of the input dtype: byte copies
     cpu::dispatch_dtype(p.dtype, "append_kv k/v", [&](auto t) {
       using T = decltype(t);
-      append_side<PlainFormat<T>, T>(p, k);
-      append_side<PlainFormat<T>, T>(p, v);
+      append_side<PlainFormat<T>, T>(p, k, serial);
+      append_side<PlainFormat<T>, T>(p, v, serial);
     });
     return;
   }
   GroupPlan plan;
-  append_one(p, c.k_format, k, "append_kv (K)", false, &plan);
-  append_one(p, c.v_format, v, "append_kv (V)", false, &plan);
-  append_one(p, c.k_format, k, "append_kv (K)", true, &plan);
-  append_one(p, c.v_format, v, "append_kv (V)", true, &plan);
+  append_one(p, c.k_format, k, "append_kv (K)", false, &plan, serial);
+  append_one(p, c.v_format, v, "append_kv (V)", false, &plan, serial);
+  append_one(p, c.k_format, k, "append_kv (K)", true, &plan, serial);
+  append_one(p, c.v_format, v, "append_kv (V)", true, &plan, serial);
 }
 
 }  // namespace vattn

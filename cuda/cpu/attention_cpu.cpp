@@ -86,6 +86,22 @@ void visible_range(const AttentionParams& p, int pos, int len, int* lo, int* hi)
   *lo = std::min(keys.first, *hi);
 }
 
+// A paged view (kv_paging.h): its shape, and every block id a row's lengths reach (the kernels
+// read no key at or past a length, so ids of blocks past it are never used and may be anything).
+// Runs after the row ids and lengths are checked.
+void validate_paged(const AttentionParams& p) {
+  const KVCacheView& c = p.kv;
+  require(c.num_blocks >= 0 && c.bt_stride_row >= 0,
+          "attention: a paged view needs num_blocks >= 0 and a "
+          "block-table row stride >= 0");
+  require(p.score_mode == kScoreOff, "attention: scores are not supported on a paged view");
+  for (int b = 0; b < p.batch; ++b) {
+    int reach = 0;
+    for (int h = 0; h < p.num_kv_heads; ++h) reach = std::max(reach, kv_length(p, b, h));
+    cpu::check_blocks(c, cache_row(p, b), reach, "attention");
+  }
+}
+
 // Checks everything the Python layer cannot check without reading the index tensors.
 void validate(const AttentionParams& p, bool decode) {
   require(p.q && p.out && p.kv.k && p.kv.v && p.seqlens_k, "attention: null pointer in the parameters");
@@ -100,8 +116,14 @@ void validate(const AttentionParams& p, bool decode) {
     require(p.kv.k_format == p.dtype && p.kv.v_format == p.dtype, "attention: a plain cache must store the q dtype");
   else
     require(p.kv.k_scale && p.kv.v_scale, "attention: a quantized cache needs its scales");
-  cpu::check_groups(p.kv.k_format, p.head_dim, p.kv.max_seq, "attention (K)");
-  cpu::check_groups(p.kv.v_format, p.head_dim, p.kv.max_seq, "attention (V)");
+  if (kv_paged(p.kv)) {  // groups within blocks (validate_paged checks the rest of the view)
+    require(p.kv.block_size > 0, "attention: a paged view needs block_size > 0");
+    cpu::check_paged_groups(p.kv.k_format, p.head_dim, p.kv.block_size, "attention (K)");
+    cpu::check_paged_groups(p.kv.v_format, p.head_dim, p.kv.block_size, "attention (V)");
+  } else {
+    cpu::check_groups(p.kv.k_format, p.head_dim, p.kv.max_seq, "attention (K)");
+    cpu::check_groups(p.kv.v_format, p.head_dim, p.kv.max_seq, "attention (V)");
+  }
   if (decode) {
     require(p.cu_seqlens_q == nullptr, "decode_attention: cu_seqlens_q must be null");
     require(p.total_q == p.batch, "decode_attention: total_q must equal batch (one query per row)");
@@ -144,6 +166,54 @@ void validate(const AttentionParams& p, bool decode) {
                "] = " + std::to_string(hl) + " is outside [0, " + std::to_string(p.kv.max_seq) + "]");
       }
     }
+  }
+  if (kv_paged(p.kv)) validate_paged(p);
+}
+
+// Logits of one key block of one head: s[r * kKeyBlock + (j - ja)] = q_r . k_j for the nq rows
+// of q and the keys ja..je-1 of (row, h); avail rows of the walk are readable from ja on. Runs of
+// keys that share a base pointer (the whole range when contiguous, one physical block each when
+// paged: cpu::for_each_run) go to the reader in one piece: a direct (fp32) reader's rows feed
+// qk_block run by run, a converting reader fills its buffer run by run for one qk_block.
+template <class KF>
+void block_logits(const KVCacheView& kv, const cpu::KvSide& side, int row, int h, int ja, int je, int avail,
+                  const float* q, int nq, int dim, float* kbuf, float* s) {
+  if constexpr (std::is_same<KF, Int4ChannelFormat>::value) {
+    cpu::for_each_run<KF>(kv, side, row, h, ja, je, avail, [&](const HeadRows<KF>& r, int j0, int n, int av, int off) {
+      int4_ch_qk(r, q, nq, j0, j0 + n, av, dim, kbuf, s + off, kKeyBlock);
+    });
+  } else if constexpr (RowReader<KF>::kDirect) {
+    cpu::for_each_run<KF>(kv, side, row, h, ja, je, avail, [&](const HeadRows<KF>& r, int j0, int n, int av, int off) {
+      int64_t ks;
+      const float* kp = RowReader<KF>::rows(r, j0, n, av, dim, kbuf, &ks);
+      cpu::qk_block(q, nq, kp, ks, n, av, dim, s + off, kKeyBlock);
+    });
+  } else {
+    cpu::for_each_run<KF>(kv, side, row, h, ja, je, avail, [&](const HeadRows<KF>& r, int j0, int n, int av, int off) {
+      int64_t ks;
+      RowReader<KF>::rows(r, j0, n, av, dim, kbuf + (size_t)off * dim, &ks);
+    });
+    cpu::qk_block(q, nq, kbuf, dim, je - ja, je - ja, dim, s, kKeyBlock);
+  }
+}
+
+// acc[r] += sum_j w[r * kKeyBlock + (j - ja)] * v_j over the values ja..je-1 of (row, h), in runs
+// as block_logits.
+template <class VF>
+void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h, int ja, int je, int avail,
+                  const float* w, int nq, int dim, float* vbuf, float* acc) {
+  if constexpr (RowReader<VF>::kDirect) {
+    cpu::for_each_run<VF>(kv, side, row, h, ja, je, avail, [&](const HeadRows<VF>& r, int j0, int n, int av, int off) {
+      int64_t vs;
+      const float* vp = RowReader<VF>::rows(r, j0, n, av, dim, vbuf, &vs);
+      cpu::pv_block(w + off, kKeyBlock, nq, vp, vs, n, av, dim, acc);
+    });
+  } else {
+    cpu::for_each_run<VF>(kv, side, row, h, ja, je, avail, [&](const HeadRows<VF>& r, int j0, int n, int av, int off) {
+      int64_t vs;
+      RowReader<VF>::rows(r, j0, n, av, dim, vbuf + (size_t)off * dim, &vs);
+    });
+    cpu::pv_block(w, kKeyBlock, nq, vbuf, dim, je - ja, je - ja, dim, acc);
   }
 }
 
@@ -206,6 +276,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         std::fill(sc.acc.begin(), sc.acc.begin() + (size_t)rows * dim, 0.f);
 
         const int row = cache_row(p, w.b);
+        const cpu::KvSide kside = cpu::k_side(p.kv), vside = cpu::v_side(p.kv);
         // Prefill tiles (many rows per key block): the next block's K and V rows of the head are
         // prefetched into L2 while this block's products run (tens of microseconds), so packing the
         // next block does not wait on L3 / DRAM. Decode tiles do too little per block for that to
@@ -217,14 +288,12 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             const int na = std::max(jb + kKeyBlock, sc.head_lo[0]);
             const int ne = std::min({jb + 2 * kKeyBlock, w.k1, sc.head_hi[0]});
             if (na < ne) {
-              cpu::prefetch_rows<KF, 2>(
-                  head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head, p.kv.k_scale,
-                                   p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head, row, w.h0),
-                  na, ne - na, dim);
-              cpu::prefetch_rows<VF, 2>(
-                  head_rows_of<VF>(p.kv.v, p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head, p.kv.v_scale,
-                                   p.kv.vs_stride_row, p.kv.vs_stride_tok, p.kv.vs_stride_head, row, w.h0),
-                  na, ne - na, dim);
+              cpu::for_each_run<KF>(
+                  p.kv, kside, row, w.h0, na, ne, ne - na,
+                  [&](const HeadRows<KF>& r, int j0, int n, int, int) { cpu::prefetch_rows<KF, 2>(r, j0, n, dim); });
+              cpu::for_each_run<VF>(
+                  p.kv, vside, row, w.h0, na, ne, ne - na,
+                  [&](const HeadRows<VF>& r, int j0, int n, int, int) { cpu::prefetch_rows<VF, 2>(r, j0, n, dim); });
             }
           }
           for (int hh = 0; hh < w.nh; ++hh) {
@@ -236,19 +305,9 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
               continue;
             }
             const int h = w.h0 + hh;
-            const HeadRows<KF> kh =
-                head_rows_of<KF>(p.kv.k, p.kv.k_stride_row, p.kv.k_stride_tok, p.kv.k_stride_head, p.kv.k_scale,
-                                 p.kv.ks_stride_row, p.kv.ks_stride_tok, p.kv.ks_stride_head, row, h);
             const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
-            if constexpr (std::is_same<KF, Int4ChannelFormat>::value) {
-              int4_ch_qk(kh, &sc.q[(size_t)hh * head_rows * dim], head_rows, ja, je, avail, dim, sc.kbuf.data(),
-                         s_head + (ja - jb), kKeyBlock);
-            } else {
-              int64_t ks;
-              const float* kp = RowReader<KF>::rows(kh, ja, je - ja, avail, dim, sc.kbuf.data(), &ks);
-              cpu::qk_block(&sc.q[(size_t)hh * head_rows * dim], head_rows, kp, ks, je - ja,
-                            RowReader<KF>::kDirect ? avail : je - ja, dim, s_head + (ja - jb), kKeyBlock);
-            }
+            block_logits<KF>(p.kv, kside, row, h, ja, je, avail, &sc.q[(size_t)hh * head_rows * dim], head_rows, dim,
+                             sc.kbuf.data(), s_head + (ja - jb));
             for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
               float* s = &sc.s[(size_t)r * kKeyBlock];
               const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
@@ -274,13 +333,8 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
               }  // only -inf logits so far
               sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
             }
-            const HeadRows<VF> vh =
-                head_rows_of<VF>(p.kv.v, p.kv.v_stride_row, p.kv.v_stride_tok, p.kv.v_stride_head, p.kv.v_scale,
-                                 p.kv.vs_stride_row, p.kv.vs_stride_tok, p.kv.vs_stride_head, row, h);
-            int64_t vs;
-            const float* vp = RowReader<VF>::rows(vh, ja, je - ja, avail, dim, sc.vbuf.data(), &vs);
-            cpu::pv_block(s_head + (ja - jb), kKeyBlock, head_rows, vp, vs, je - ja,
-                          RowReader<VF>::kDirect ? avail : je - ja, dim, &sc.acc[(size_t)hh * head_rows * dim]);
+            block_values<VF>(p.kv, vside, row, h, ja, je, avail, s_head + (ja - jb), head_rows, dim, sc.vbuf.data(),
+                             &sc.acc[(size_t)hh * head_rows * dim]);
           }
         }
 

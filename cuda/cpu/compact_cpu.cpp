@@ -52,6 +52,7 @@ void compact_kv_cpu(const CompactParams& p) {
   const KVCacheView& c = p.cache;
   cpu::require(c.k && c.v && p.row_ids && p.keep_lens && (p.keep || p.max_keep == 0),
                "compact_kv: null pointer in the parameters");
+  cpu::require(c.block_table == nullptr, "compact_kv: paged KV views (a block table) are not supported");
   int64_t ke, kb, ve, vb;
   int kw, vw;
   format_sizes(c.k_format, p.head_dim, "compact_kv (K)", &ke, &kb, &kw);

@@ -19,6 +19,7 @@
 
 #include "vattn/dtypes.h"
 #include "vattn/kv_format.h"
+#include "vattn/params.h"
 
 namespace vattn {
 namespace cpu {
@@ -152,6 +153,31 @@ inline void check_groups(int32_t format, int32_t head_dim, int64_t max_seq, cons
   if (max_seq % G != 0)
     fail(std::string(what) + ": an int4_ch cache holds whole groups of " + std::to_string(G) + " tokens: its seq (" +
          std::to_string(max_seq) + ") must be a multiple");
+}
+
+// Paged views (kv_paging.h): an int4_ch group must not cross a block, so the block size must be a
+// multiple of G.
+inline void check_paged_groups(int32_t format, int32_t head_dim, int32_t block_size, const char* what) {
+  if (format != kKvInt4Channel) return;
+  if (head_dim <= 0 || head_dim % 2) fail(std::string(what) + ": int4_ch needs an even head_dim");
+  const int32_t G = quant::int4_ch_group(head_dim);
+  if (block_size % G != 0)
+    fail(std::string(what) + ": int4_ch keys are quantized over groups of " + std::to_string(G) +
+         " tokens, which must not cross a block: the block size (" + std::to_string(block_size) +
+         ") must be a multiple of " + std::to_string(G));
+}
+
+// Paged views: the block ids of tokens [0, reach) of cache row `row` (a valid row) must name
+// physical blocks; the kernels would read block 0 instead of an id out of range (kv_block_of),
+// the CPU ops refuse it before they read or write anything.
+inline void check_blocks(const KVCacheView& c, int64_t row, int64_t reach, const char* what) {
+  const int32_t* ids = c.block_table + row * c.bt_stride_row;
+  for (int64_t i = 0, n = (reach + c.block_size - 1) / c.block_size; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= c.num_blocks)
+      fail(std::string(what) + ": block_table[" + std::to_string(row) + ", " + std::to_string(i) +
+           "] = " + std::to_string(ids[i]) + " (holding tokens " + std::to_string(i * c.block_size) + ".." +
+           std::to_string((i + 1) * c.block_size - 1) + " of the row) is outside [0, " + std::to_string(c.num_blocks) +
+           ")");
 }
 
 // Calls f(T{}) with the storage type of a dtype code.

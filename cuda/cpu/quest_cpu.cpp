@@ -107,6 +107,7 @@ void block_minmax_cpu(const BlockMinmaxParams& p) {
           "block_minmax: null pointer in the parameters");
   check_meta("block_minmax", p.meta);
   require(c.num_rows >= 0 && c.max_seq >= 0, "block_minmax: negative cache shape");
+  require(c.block_table == nullptr, "block_minmax: paged KV views (a block table) are not supported");
   require(p.meta.num_rows >= c.num_rows, "block_minmax: the metadata has fewer rows than the cache");
   dispatch_kv_format(c.k_format, "block_minmax", [&](auto fmt) {
     using Format = decltype(fmt);
@@ -479,6 +480,7 @@ void sparse_decode_attention_cpu(const SparseDecodeParams& sp) {
   require(p.cu_seqlens_q == nullptr && p.total_q == p.batch,
           "sparse_decode_attention: one query per row (cu_seqlens_q null, total_q == batch)");
   require(p.window_left < 0 && p.score_mode == 0, "sparse_decode_attention: no window and no scores");
+  require(p.kv.block_table == nullptr, "sparse_decode_attention: paged KV views (a block table) are not supported");
   require(std::isfinite(p.scale) && std::isfinite(p.softcap),
           "sparse_decode_attention: scale and softcap must be finite");
   require(p.kv.num_rows >= 0 && p.kv.max_seq >= 0, "sparse_decode_attention: negative cache shape");

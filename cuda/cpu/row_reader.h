@@ -7,6 +7,7 @@
 
 #include "attention_kernels.h"
 #include "vattn/kv_format.h"
+#include "vattn/kv_paging.h"
 
 namespace vattn {
 namespace cpu {
@@ -180,6 +181,67 @@ HeadRows<Format> head_rows_of(const void* base, int64_t s_row, int64_t s_tok, in
   r.scale = Format::kScaleWords > 0 ? scale + row * ss_row + h * ss_head : nullptr;
   r.scale_stride_tok = ss_tok;
   return r;
+}
+
+// One side (K or V) of a KVCacheView: data and scale words with their strides (storage elements,
+// floats). With a block table the row strides step between physical blocks (kv_paging.h).
+struct KvSide {
+  const void* data;
+  int64_t s_row, s_tok, s_head;
+  const float* scale;
+  int64_t ss_row, ss_tok, ss_head;
+};
+inline KvSide k_side(const KVCacheView& c) {
+  return KvSide{c.k,       c.k_stride_row,  c.k_stride_tok,  c.k_stride_head,
+                c.k_scale, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head};
+}
+inline KvSide v_side(const KVCacheView& c) {
+  return KvSide{c.v,       c.v_stride_row,  c.v_stride_tok,  c.v_stride_head,
+                c.v_scale, c.vs_stride_row, c.vs_stride_tok, c.vs_stride_head};
+}
+
+template <class Format>
+HeadRows<Format> head_rows_of(const KvSide& s, int64_t row, int64_t h) {
+  return head_rows_of<Format>(s.data, s.s_row, s.s_tok, s.s_head, s.scale, s.ss_row, s.ss_tok, s.ss_head, row, h);
+}
+
+// Paged views: the rows of kv head h in the physical block that holds token t of cache row `row`,
+// indexed from the block's first token (index = t % block_size). A group of int4_ch keys never
+// crosses a block (block_size is a multiple of G, checked), so a group's parameter words, found
+// from the group's first token, sit in the same block at the same local index as contiguously.
+template <class Format>
+HeadRows<Format> block_rows_of(const KVCacheView& c, const KvSide& s, int64_t row, int64_t h, int64_t t) {
+  const int64_t first = t - t % c.block_size;
+  HeadRows<Format> r;
+  r.data = static_cast<const typename Format::storage_t*>(s.data) + kv_token_offset(c, row, first, s.s_row, s.s_tok) +
+           h * s.s_head;
+  r.stride_tok = s.s_tok;
+  r.scale =
+      Format::kScaleWords > 0 ? s.scale + kv_token_offset(c, row, first, s.ss_row, s.ss_tok) + h * s.ss_head : nullptr;
+  r.scale_stride_tok = s.ss_tok;
+  return r;
+}
+
+// Walks the tokens [ja, je) of (row, kv head h) as runs that share one base pointer:
+// f(rows, j0, n, avail, off) for tokens rows[j0 .. j0 + n), which are tokens ja + off .. of the
+// walk, avail >= n of them readable from j0 on (for prefetching ahead: avail - off of the caller's
+// `avail`, cut at the block's end). A contiguous view is one run (f(head rows, ja, je - ja, avail,
+// 0): what the loops did before paging); a paged one is split at block boundaries, so the readers
+// keep reading through one pointer per block instead of gathering the rows into a copy.
+template <class Format, class F>
+inline void for_each_run(const KVCacheView& c, const KvSide& s, int64_t row, int64_t h, int ja, int je, int avail,
+                         F&& f) {
+  if (!kv_paged(c)) {
+    f(head_rows_of<Format>(s, row, h), ja, je - ja, avail, 0);
+    return;
+  }
+  for (int t = ja; t < je;) {
+    const int run = kv_run_length(c, t);  // tokens left in t's block
+    const int n = std::min(je - t, run);
+    f(block_rows_of<Format>(c, s, row, h, t), c.block_size - run, n, std::max(n, std::min(avail - (t - ja), run)),
+      t - ja);
+    t += n;
+  }
 }
 
 }  // namespace cpu

@@ -83,6 +83,9 @@ class _KVGeom:
         "ks_strides",
         "vs_strides",
         "view",
+        "block_table",
+        "block_size",
+        "num_blocks",
     )
 
     def __init__(self, device, dtype, shape, k_format, v_format, k_strides, v_strides, k_scale=None, v_scale=None):
@@ -93,6 +96,12 @@ class _KVGeom:
         self.ks_strides = k_scale.stride() if k_scale is not None else (0, 0, 0, 0)
         self.vs_strides = v_scale.stride() if v_scale is not None else (0, 0, 0, 0)
         self.view = None
+        # A paged view (_check_paged): the int32 block table [rows, blocks per row] whose rows are the
+        # view's rows; the caches are then [num_blocks, block_size, kv_heads, ...] and `shape` is the
+        # logical [rows, blocks per row * block_size, kv_heads, head_dim].
+        self.block_table = None
+        self.block_size = 0
+        self.num_blocks = 0
 
     @property
     def quantized(self) -> bool:
@@ -148,7 +157,10 @@ def _check_cache(
     device: torch.device,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    paged: bool = False,
 ) -> _KVGeom:
+    """The geometry of a (k_cache, v_cache) pair [rows, seq, kv_heads, dim]; paged=True: the physical
+    blocks [num_blocks, block_size, kv_heads, dim] of a paged view (only the error messages differ)."""
     if k_scale is None and v_scale is None:
         fast = _check_plain_cache(k_cache, v_cache, device)
         if fast is not None:
@@ -187,6 +199,11 @@ def _check_cache(
             raise ValueError(f"{name} must have shape {list(want)} for kv_format {fmt.name!r}, got {list(sc.shape)}")
         g = formats.group_tokens(fmt, dim)
         if g > 1 and seq % g:
+            if paged:
+                raise ValueError(
+                    f"a paged {fmt.name} cache quantizes groups of {g} tokens, which must not cross a block: its "
+                    f"block_size (k_cache.shape[1] = {seq}) must be a multiple of {g}"
+                )
             raise ValueError(f"a {fmt.name} cache holds whole groups of {g} tokens: its seq ({seq}) must be a multiple")
         _check_device(sc, name, device)
         _check_last_contiguous(sc, name)
@@ -201,6 +218,43 @@ def _check_cache(
         k_scale,
         v_scale,
     )
+
+
+def _check_paged(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    device: torch.device,
+    block_table: Tensor,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> _KVGeom:
+    """The geometry of a paged KV view (cuda/include/vattn/kv_paging.h): k_cache / v_cache (and the
+    scales) hold physical blocks [num_blocks, block_size, kv_heads, ...] with any strides whose last
+    dimension is contiguous, and block_table [rows, blocks per row] (int32, or int64, converted)
+    names the block of each row's tokens: token t of row r is at block block_table[r, t // block_size],
+    offset t % block_size. The block ids themselves are data: the CPU op checks the ones a call's
+    lengths or positions reach; CUDA reads block 0 for an id out of range (no host sync)."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_table must be an int32 or int64 tensor, got {block_table.dtype}")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must be 2-D [rows, blocks per row], got shape {list(block_table.shape)}")
+    geom = _check_cache(k_cache, v_cache, device, k_scale, v_scale, paged=True)
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but the op runs on {device}; move it first")
+    num_blocks, block_size, heads, dim = geom.shape
+    rows, per_row = block_table.shape
+    if block_size == 0:
+        raise ValueError("a paged cache needs block_size (k_cache.shape[1]) > 0")
+    if rows > _INT32_MAX or per_row * block_size > _INT32_MAX:
+        raise ValueError(f"block_table shape {list(block_table.shape)} addresses too many tokens per row")
+    table = block_table.to(torch.int32) if block_table.dtype == torch.int64 else block_table
+    if (per_row > 1 and table.stride(1) != 1) or table.stride(0) < 0:
+        table = table.contiguous()
+    geom.shape = (rows, per_row * block_size, heads, dim)
+    geom.block_table, geom.block_size, geom.num_blocks = table, block_size, num_blocks
+    return geom
 
 
 def _checked_cache(
@@ -233,15 +287,20 @@ def _check_attention(
     geom: Optional[_KVGeom] = None,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> Tuple[_KVGeom, Tuple[int, ...]]:
-    """Checks an attention call; returns the cache geometry and q's strides."""
+    """Checks an attention call; returns the cache geometry and q's strides. block_table: a paged
+    view (_check_paged)."""
     _check_float(q, "q")
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [tokens, q_heads, head_dim], got shape {list(q.shape)}")
     device = q.device
     _check_device(q, "q", device)
     q_strides = _check_last_contiguous(q, "q")
-    geom = _checked_cache(k_cache, v_cache, device, geom, k_scale, v_scale)
+    if block_table is None:
+        geom = _checked_cache(k_cache, v_cache, device, geom, k_scale, v_scale)
+    else:
+        geom = _check_paged(k_cache, v_cache, device, block_table, k_scale, v_scale)
     if geom.dtype is not None and geom.dtype != q.dtype:
         raise TypeError(f"the cache dtype {geom.dtype} must match the q dtype {q.dtype}")
     total_q, hq, dim = q.shape
@@ -290,11 +349,16 @@ def _check_append(
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
     head_positions: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> Tuple[_KVGeom, Tuple[int, ...], Tuple[int, ...]]:
     """Checks an append_kv call; returns the cache geometry and the strides of k and v.
     head_positions [tokens, kv_heads] int32 (optional): per-head positions (values in [0, seq) are
-    checked by the native op, like positions)."""
-    if geom is None:
+    checked by the native op, like positions). block_table: a paged view (_check_paged); row_ids
+    and positions are then rows and positions of the view."""
+    if block_table is not None:
+        device = k_cache.device if isinstance(k_cache, torch.Tensor) else None
+        geom = _check_paged(k_cache, v_cache, device, block_table, k_scale, v_scale)
+    elif geom is None:
         device = k_cache.device if isinstance(k_cache, torch.Tensor) else None
         geom = _check_cache(k_cache, v_cache, device, k_scale, v_scale)
     device = geom.device
@@ -361,6 +425,8 @@ def _check_scores(
     returns the native score mode (0 when scores is None)."""
     if scores is None:
         return 0
+    if geom.block_table is not None:
+        raise ValueError("scores are not supported on a paged KV view (block_table); use a contiguous cache")
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     mode = SCORE_MODES.get(score_mode) if isinstance(score_mode, str) else None

@@ -67,6 +67,17 @@ def _token_addrs(
     return addrs.contiguous(), span
 
 
+def _physical(block_table: torch.Tensor, block_size: int, num_blocks: int, rows: torch.Tensor, pos: torch.Tensor):
+    """(physical block, offset) of the view's (row, position) pairs; indices out of range are
+    clamped and block ids outside [0, num_blocks) read as block 0, as the kernels do."""
+    table = block_table.to("cpu", torch.int64)
+    if table.numel() == 0:
+        return torch.zeros_like(rows), pos % block_size
+    r = rows.clamp(0, table.shape[0] - 1)
+    blocks = table[r, (pos // block_size).clamp(0, table.shape[1] - 1)]
+    return torch.where((blocks >= 0) & (blocks < num_blocks), blocks, 0), pos % block_size
+
+
 def check_append(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -75,9 +86,14 @@ def check_append(
     row_ids: torch.Tensor,
     positions: torch.Tensor,
     head_positions: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    block_size: int = 0,
 ) -> None:
     """Raises ValueError when an append would write outside the mapped pages of a KVCache.
-    Tensors outside every cache, and the index tensors of a cache's open step, pass at once."""
+    Tensors outside every cache, and the index tensors of a cache's open step, pass at once.
+    block_table (a paged view, block_size tokens a block): rows / positions are translated to the
+    physical blocks and offsets the append writes (ids out of range clamped, as the kernels do;
+    the native op refuses them)."""
     cache = owner(k_cache) or owner(v_cache)
     if cache is None or row_ids.numel() == 0:
         return
@@ -92,6 +108,8 @@ def check_append(
         heads = k_cache.shape[2]
         rows = rows.repeat_interleave(heads)
         pos = head_positions.to("cpu", torch.int64).reshape(-1)
+    if block_table is not None:
+        rows, pos = _physical(block_table, block_size, k_cache.shape[0], rows, pos)
     # An int4_ch side (uint8 codes with 4-word scales) re-encodes the whole group of each written
     # position, parameter words up to the group's last token included: check that token instead
     # (a slot's pages are mapped from token 0 on, so the group's earlier tokens are mapped too).

@@ -96,6 +96,9 @@ def _cache_view(k_cache: Tensor, v_cache: Tensor, geom: _KVGeom) -> "_C.KVCacheV
             vss[1],
             vss[2],
         )
+        table = geom.block_table
+        if table is not None:  # a paged view (kv_paging.h)
+            _C.set_kv_view_paging(view, table.data_ptr(), table.stride(0), geom.block_size, geom.num_blocks)
     return view
 
 
@@ -237,10 +240,11 @@ def _attend(
     scores=None,
     score_mode="add",
     score_last_queries=None,
+    block_table=None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Decode (cu_seqlens_q None) or prefill: checks, outputs, params, launch."""
     geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
-                                       window_left, softcap, scale, geom, k_scale, v_scale)  # fmt: skip
+                                       window_left, softcap, scale, geom, k_scale, v_scale, block_table)  # fmt: skip
     mode = _check_scores(scores, score_mode, score_last_queries, geom, q.device)
     out, lse = _empty_outputs(q, need_lse or mode != 0)  # CUDA's score pass reads the lse
     # No query: nothing to compute, except "replace" scores, which zero each row's [0, L).
@@ -257,11 +261,12 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor,
                  head_seqlens_k: Optional[Tensor], scale: Optional[float], window_left: int, softcap: float,
                  max_seqlen_k: int, k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
                  scores: Optional[Tensor] = None, score_mode: str = "add", score_last_queries: Optional[int] = None,
-                 need_lse: bool = True, geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+                 block_table: Optional[Tensor] = None, need_lse: bool = True,
+                 geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """The implementation of torch.ops.vattn.decode_attention (and of the eager fast path)."""
     return _attend("decode_attention", q, k_cache, v_cache, None, seqlens_k, row_ids, head_seqlens_k, scale,
                    window_left, softcap, 1, max_seqlen_k, k_scale, v_scale, need_lse, geom,
-                   scores, score_mode, score_last_queries)  # fmt: skip
+                   scores, score_mode, score_last_queries, block_table)  # fmt: skip
 
 
 def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
@@ -269,11 +274,12 @@ def _prefill_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Ten
                   window_left: int, softcap: float, max_seqlen_q: int, max_seqlen_k: int,
                   k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
                   scores: Optional[Tensor] = None, score_mode: str = "add", score_last_queries: Optional[int] = None,
-                  need_lse: bool = True, geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+                  block_table: Optional[Tensor] = None, need_lse: bool = True,
+                  geom: Optional[_KVGeom] = None) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """The implementation of torch.ops.vattn.prefill_attention (and of the eager fast path)."""
     return _attend("prefill_attention", q, k_cache, v_cache, cu_seqlens_q, seqlens_k, row_ids, head_seqlens_k,
                    scale, window_left, softcap, max_seqlen_q, max_seqlen_k, k_scale, v_scale, need_lse, geom,
-                   scores, score_mode, score_last_queries)  # fmt: skip
+                   scores, score_mode, score_last_queries, block_table)  # fmt: skip
 
 
 def _append_impl(
@@ -287,19 +293,23 @@ def _append_impl(
     v_scale: Optional[Tensor] = None,
     geom: Optional[_KVGeom] = None,
     head_positions: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> None:
     """The op's implementation (torch.ops.vattn.append_kv and the eager fast path). geom is given
     only by vattn.append_kv on a KVCache, whose step mapped what it writes; every other caller
-    (raw ops, possibly on a KVCache's views) is checked against the mapping by _guard."""
+    (raw ops, possibly on a KVCache's views) is checked against the mapping by _guard.
+    block_table: a paged view (_checks._check_paged); row_ids / positions address its rows."""
     raw = geom is None
     geom, k_strides, v_strides = _check_append(
-        k_cache, v_cache, k, v, row_ids, positions, geom, k_scale, v_scale, head_positions
+        k_cache, v_cache, k, v, row_ids, positions, geom, k_scale, v_scale, head_positions, block_table
     )
     n, heads, dim = k.shape
     if n == 0:
         return
     if raw:
-        _guard.check_append(k_cache, v_cache, k_scale, v_scale, row_ids, positions, head_positions)
+        _guard.check_append(
+            k_cache, v_cache, k_scale, v_scale, row_ids, positions, head_positions, geom.block_table, geom.block_size
+        )
     p = _C.make_append_params(
         _cache_view(k_cache, v_cache, geom),
         k.data_ptr(),

@@ -65,8 +65,9 @@ def _append_kv(
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
     head_positions: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> None:
-    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, None, head_positions)
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, None, head_positions, block_table)
 
 
 def _append_direct(
@@ -80,18 +81,19 @@ def _append_direct(
     v_scale: Optional[Tensor] = None,
     geom: Optional[_KVGeom] = None,
     head_positions: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> None:
     """The eager fast path of append_kv (the caller checked _direct_ok): also bumps the caches'
     version counters as the registered op does (its ADInplaceOrView kernel), so autograd still
     notices the mutation."""
-    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom, head_positions)
+    _append_impl(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom, head_positions, block_table)
     if not torch.is_inference_mode_enabled():
         torch.autograd.graph.increment_version(tuple(t for t in (k_cache, v_cache, k_scale, v_scale) if t is not None))
 
 
 @_append_kv.register_fake
-def _(k_cache, v_cache, k, v, row_ids, positions, k_scale=None, v_scale=None, head_positions=None):
-    _check_append(k_cache, v_cache, k, v, row_ids, positions, None, k_scale, v_scale, head_positions)
+def _(k_cache, v_cache, k, v, row_ids, positions, k_scale=None, v_scale=None, head_positions=None, block_table=None):
+    _check_append(k_cache, v_cache, k, v, row_ids, positions, None, k_scale, v_scale, head_positions, block_table)
     return None
 
 
@@ -114,6 +116,7 @@ def _decode_attention(
     scores: Optional[Tensor] = None,
     score_mode: str = "add",
     score_last_queries: int = 0,
+    block_table: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     return _decode_impl(
         q,
@@ -131,6 +134,7 @@ def _decode_attention(
         scores,
         score_mode,
         score_last_queries,
+        block_table,
     )
 
 
@@ -151,6 +155,7 @@ def _(
     scores=None,
     score_mode="add",
     score_last_queries=0,
+    block_table=None,
 ):
     geom, _ = _check_attention(
         q,
@@ -166,6 +171,7 @@ def _(
         None,
         k_scale,
         v_scale,
+        block_table,
     )
     _check_scores(scores, score_mode, score_last_queries, geom, q.device)
     return _empty_outputs(q)
@@ -190,6 +196,7 @@ def _prefill_attention(
     scores: Optional[Tensor] = None,
     score_mode: str = "add",
     score_last_queries: int = 0,
+    block_table: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     return _prefill_impl(
         q,
@@ -209,6 +216,7 @@ def _prefill_attention(
         scores,
         score_mode,
         score_last_queries,
+        block_table,
     )
 
 
@@ -231,6 +239,7 @@ def _(
     scores=None,
     score_mode="add",
     score_last_queries=0,
+    block_table=None,
 ):
     geom, _ = _check_attention(
         q,
@@ -246,6 +255,7 @@ def _(
         None,
         k_scale,
         v_scale,
+        block_table,
     )
     _check_scores(scores, score_mode, score_last_queries, geom, q.device)
     return _empty_outputs(q)
@@ -309,7 +319,17 @@ def run_append(
     v_scale: Optional[Tensor] = None,
     geom: Optional[_KVGeom] = None,
     head_positions: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> None:
+    if block_table is not None:  # a paged view (rare here: keeps the branches below as they were)
+        if _direct_ok(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, head_positions, block_table):
+            _append_direct(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, None, head_positions,
+                           block_table)  # fmt: skip
+        else:
+            torch.ops.vattn.append_kv(
+                k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, head_positions, block_table
+            )
+        return
     if head_positions is None:
         if _direct_ok(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale):
             _append_direct(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, geom)
@@ -339,6 +359,7 @@ def run_decode(
     scores: Optional[Tensor] = None,
     score_mode: str = "add",
     score_last_queries: Optional[int] = None,
+    block_table: Optional[Tensor] = None,
 ):
     args = (
         q,
@@ -354,6 +375,12 @@ def run_decode(
         k_scale,
         v_scale,
     )
+    if block_table is not None:  # a paged view (no scores: _check_scores refuses them there)
+        if _direct_ok(*args[:6], k_scale, v_scale, scores, block_table):
+            return _decode_impl(*args, scores, score_mode, _last_queries(score_last_queries), block_table,
+                                need_lse=need_lse)  # fmt: skip
+        return torch.ops.vattn.decode_attention(*args, scores, score_mode, _last_queries(score_last_queries),
+                                                block_table)  # fmt: skip
     if scores is None:
         if _direct_ok(*args[:6], k_scale, v_scale):
             return _decode_impl(*args, need_lse=need_lse, geom=geom)
@@ -386,6 +413,7 @@ def run_prefill(
     scores: Optional[Tensor] = None,
     score_mode: str = "add",
     score_last_queries: Optional[int] = None,
+    block_table: Optional[Tensor] = None,
 ):
     args = (
         q,
@@ -403,6 +431,12 @@ def run_prefill(
         k_scale,
         v_scale,
     )
+    if block_table is not None:  # a paged view (no scores: _check_scores refuses them there)
+        if _direct_ok(*args[:7], k_scale, v_scale, scores, block_table):
+            return _prefill_impl(*args, scores, score_mode, _last_queries(score_last_queries), block_table,
+                                 need_lse=need_lse)  # fmt: skip
+        return torch.ops.vattn.prefill_attention(*args, scores, score_mode, _last_queries(score_last_queries),
+                                                 block_table)  # fmt: skip
     if scores is None:
         if _direct_ok(*args[:7], k_scale, v_scale):
             return _prefill_impl(*args, need_lse=need_lse, geom=geom)
@@ -451,6 +485,14 @@ def _index(t: Optional[IndexLike], name: str, device: torch.device) -> Optional[
     return t.contiguous()
 
 
+def _table(t, device: torch.device) -> Optional[Tensor]:
+    """A block table as the ops take it: a tensor (int32, or int64, which the checks convert) or a
+    nested sequence, made an int32 tensor on `device`."""
+    if t is None or isinstance(t, torch.Tensor):
+        return t
+    return torch.as_tensor(t, dtype=torch.int32).to(device)
+
+
 def _device_of(t: Tensor, name: str) -> torch.device:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -477,19 +519,30 @@ def append_kv_raw(
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
     head_positions: Optional[IndexLike] = None,
+    block_table: Optional[IndexLike] = None,
 ) -> None:
     """Writes token i of k, v ([n, kv_heads, dim]) into k_cache / v_cache [rows, seq, kv_heads, dim]
     at (row_ids[i], positions[i]). Any cache strides with the last dimension contiguous. A quantized
     cache (float8_e4m3fn / int8 / uint8 storage, see vattn.formats) is quantized into, with its fp32
     scales [rows, seq, kv_heads, scale_words] in k_scale / v_scale. head_positions [n, kv_heads]
     (optional) gives the position per kv head instead (after eviction the heads of a row may hold
-    different numbers of tokens): token i of head h goes to head_positions[i, h]."""
+    different numbers of tokens): token i of head h goes to head_positions[i, h].
+
+    block_table (optional, int32 / int64 [rows, blocks per row]): a paged cache (vLLM's). k_cache /
+    v_cache (and the scales) are then physical blocks [num_blocks, block_size, kv_heads, ...], any
+    strides with the last dimension contiguous (NHD, or an HND view transposed), and (row_ids[i],
+    positions[i]) is written at block block_table[row, pos // block_size], offset pos % block_size.
+    vLLM's flat slot_mapping: block_table = arange(num_blocks)[None], row_ids = zeros,
+    positions = slot_mapping. int4_ch needs block_size a multiple of its group (head_dim / 2).
+    Tokens that land on one physical slot: the last of them wins on CPU (reference.append_kv);
+    on CUDA which one is unspecified. On CPU every block id written through is checked first."""
     device = _device_of(k_cache, "k_cache")
     row_ids, positions = _index(row_ids, "row_ids", device), _index(positions, "positions", device)
     if head_positions is not None and not isinstance(head_positions, torch.Tensor):
         head_positions = torch.as_tensor(head_positions, dtype=torch.int32).to(device)
     head_positions = _index(head_positions, "head_positions", device)
-    run_append(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, None, head_positions)
+    block_table = _table(block_table, device)
+    run_append(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, None, head_positions, block_table)
 
 
 def decode_attention(
@@ -510,6 +563,7 @@ def decode_attention(
     scores: Optional[Tensor] = None,
     score_mode: str = "add",
     score_last_queries: Optional[int] = None,
+    block_table: Optional[IndexLike] = None,
 ):
     """Attention of one query per batch row (q: [batch, q_heads, dim]) over its cache row.
 
@@ -520,6 +574,9 @@ def decode_attention(
     place with each key's attention probability summed over the q heads of its GQA group
     (score_mode "add": H2O's accumulated score; "replace": TOVA's last-query score). Keys past each
     length are not touched. Definition: vattn.reference.attention.
+    block_table (optional, int32 / int64 [rows, blocks per row]): a paged cache, see append_kv_raw;
+    row_ids then index the block table's rows, and a row holds blocks per row x block_size tokens
+    (on CPU the block ids below each length are checked; not with scores).
     """
     device = _device_of(q, "q")
     args = (
@@ -537,7 +594,12 @@ def decode_attention(
         v_scale,
     )
     out, lse = run_decode(
-        *args, need_lse=return_lse, scores=scores, score_mode=score_mode, score_last_queries=score_last_queries
+        *args,
+        need_lse=return_lse,
+        scores=scores,
+        score_mode=score_mode,
+        score_last_queries=score_last_queries,
+        block_table=_table(block_table, device),
     )
     return (out, lse) if return_lse else out
 
@@ -562,6 +624,7 @@ def prefill_attention(
     scores: Optional[Tensor] = None,
     score_mode: str = "add",
     score_last_queries: Optional[int] = None,
+    block_table: Optional[IndexLike] = None,
 ):
     """Causal attention of ragged queries (q: [total_q, q_heads, dim], row b owns
     q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]) over cache rows that may already hold a prefix.
@@ -572,6 +635,7 @@ def prefill_attention(
     over the row's last score_last_queries queries (None: all; SnapKV's observation window, or H2O's
     column sums) and the q heads of each GQA group, of every key's attention probability;
     score_mode "add" or "replace". Definition: vattn.reference.attention.
+    block_table (optional): a paged cache, as decode_attention.
     """
     device = _device_of(q, "q")
     args = (
@@ -591,7 +655,12 @@ def prefill_attention(
         v_scale,
     )
     out, lse = run_prefill(
-        *args, need_lse=return_lse, scores=scores, score_mode=score_mode, score_last_queries=score_last_queries
+        *args,
+        need_lse=return_lse,
+        scores=scores,
+        score_mode=score_mode,
+        score_last_queries=score_last_queries,
+        block_table=_table(block_table, device),
     )
     return (out, lse) if return_lse else out
 

@@ -19,6 +19,12 @@ Conventions (cuda/include/vattn/params.h):
   GQA       q head h uses kv head h // (num_q_heads // num_kv_heads)
   scores    optional per-token attention scores for eviction policies (H2O, TOVA, SnapKV): a
             float buffer [>= cache rows, kv_heads, >= seq] indexed by the cache row; see attention()
+  paged     block_table [rows, blocks per row] (vLLM's paged cache, cuda/include/vattn/kv_paging.h):
+            the caches (and scales) are physical blocks [num_blocks, block_size, kv_heads, ...] and
+            token t of row r lives in block block_table[r, t // block_size] at offset
+            t % block_size. Attention reads the view gather_paged() builds; append writes the
+            physical slots (paged_slots) of its rows and positions. Blocks may be shared by rows
+            (prefix caching) and appear in any order.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ __all__ = [
     "block_minmax",
     "quest_select",
     "sparse_decode_attention",
+    "gather_paged",
+    "paged_slots",
 ]
 
 # ----------------------------------------------------------------------------- KV formats
@@ -200,6 +208,69 @@ def dequantize(
     raise ValueError(f"dequantize: {kv_format!r} is not a quantized format")
 
 
+# ----------------------------------------------------------------------------- paged views
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The contiguous view of a paged cache: cache [num_blocks, block_size, ...] (K, V, codes or scale
+    words) and block_table [rows, blocks per row] -> a copy [rows, blocks per row * block_size, ...]
+    whose row r, token t is cache[block_table[r, t // block_size], t % block_size]. A block id outside
+    [0, num_blocks) reads block 0, as the CUDA kernels do (the ops never read tokens past a length,
+    and the CPU ops refuse an id out of range below one). Quantized storage is gathered as bytes, so
+    gather codes and scales apart, then dequantize()."""
+    nb, bs = cache.shape[0], cache.shape[1]
+    ids = block_table.to(device=cache.device, dtype=torch.long)
+    ids = torch.where((ids >= 0) & (ids < nb), ids, 0)
+    src = cache.view(torch.uint8) if cache.dtype in (torch.float8_e4m3fn, torch.int8) else cache
+    out = src[ids].reshape(ids.shape[0], ids.shape[1] * bs, *cache.shape[2:])
+    return out.view(cache.dtype) if src is not cache else out
+
+
+def paged_slots(block_table: torch.Tensor, block_size: int, row_ids: torch.Tensor, positions: torch.Tensor):
+    """(physical block, offset) of the view's (row, position) pairs: block_table[row, pos // block_size]
+    and pos % block_size (long tensors like positions; no range checks)."""
+    pos = positions.long()
+    rows = row_ids.long().to(pos.device)
+    if pos.dim() == 2:
+        rows = rows[:, None].expand_as(pos)
+    table = block_table.to(device=pos.device, dtype=torch.long)
+    return table[rows, pos // block_size], pos % block_size
+
+
+def _append_paged(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, k_format, v_format, head_positions,
+                  block_table) -> None:  # fmt: skip
+    """append_kv through a block table: per kv head, the contiguous append into the physical cache
+    [num_blocks, block_size, ...] at the (block, offset) of each token. A block id outside
+    [0, num_blocks) raises ValueError before anything is written. Tokens that land on one physical
+    slot: the last of them wins (int4_ch refuses that, as a repeated position of a group)."""
+    nb, bs = k_cache.shape[0], k_cache.shape[1]
+    n, heads = k.shape[0], k.shape[1]
+    pos = positions.long()[:, None].expand(-1, heads) if head_positions is None else head_positions.long()
+    blocks, offs = paged_slots(block_table, bs, row_ids, pos.cpu())
+    if ((blocks < 0) | (blocks >= nb)).any():
+        raise ValueError(f"append_kv: a block id the call writes through is outside [0, {nb})")
+    grouped = "int4_ch" in (k_format, v_format)
+    for h in range(heads):
+        slot = (blocks[:, h] * bs + offs[:, h]).tolist()
+        last = {sl: i for i, sl in enumerate(slot)}  # later tokens overwrite earlier ones
+        if grouped and len(last) != n:
+            raise ValueError("int4_ch append: the new tokens of a group must be consecutive positions")
+        keep = torch.tensor(sorted(last.values()), dtype=torch.long)
+        dev = k_cache.device
+        append_kv(
+            k_cache[:, :, h : h + 1],
+            v_cache[:, :, h : h + 1],
+            k[keep.to(k.device), h : h + 1],
+            v[keep.to(v.device), h : h + 1],
+            blocks[keep, h].to(dev),
+            offs[keep, h].to(dev),
+            None if k_scale is None else k_scale[:, :, h : h + 1],
+            None if v_scale is None else v_scale[:, :, h : h + 1],
+            k_format,
+            v_format,
+        )
+
+
 def append_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -212,11 +283,20 @@ def append_kv(
     k_format: Optional[str] = None,
     v_format: Optional[str] = None,
     head_positions: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> None:
     """Writes token i of k, v ([n, kv_heads, dim]) at cache[row_ids[i], positions[i]] (in place).
     A quantized side (k_format / v_format given) stores quantize(x) into the cache and its scales.
     head_positions [n, kv_heads] (optional) overrides the position per kv head: token i of head h
-    goes to cache[row_ids[i], head_positions[i, h], h] (its scale words too); positions is then unused."""
+    goes to cache[row_ids[i], head_positions[i, h], h] (its scale words too); positions is then unused.
+    block_table (a paged cache, see the module notes): the same append into the view gather_paged()
+    gives, scattered back to the physical slots it writes -- equivalently the append into the
+    physical cache at (block_table[row, pos // block_size], pos % block_size). When tokens of the call
+    land on one physical slot (rows sharing a block) the last of them wins."""
+    if block_table is not None:
+        _append_paged(k_cache, v_cache, k, v, row_ids, positions, k_scale, v_scale, k_format, v_format,
+                      head_positions, block_table)  # fmt: skip
+        return
     rows = row_ids.long()
     heads = k.shape[1]
     if head_positions is None:
@@ -280,8 +360,13 @@ def attention(
     scores: Optional[torch.Tensor] = None,
     score_mode: str = "add",
     score_last_queries: Optional[int] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q ([total_q, q_heads, dim]) over the cache; decode when cu_seqlens_q is None.
+
+    block_table (a paged cache, see the module notes): attention over gather_paged(k_cache) and
+    gather_paged(v_cache), whose rows are the block table's (float caches: gather a quantized
+    cache's codes and scales and dequantize them first).
 
     Returns (out [total_q, q_heads, dim] in compute_dtype, lse [total_q, q_heads] float32).
 
@@ -297,6 +382,8 @@ def attention(
     """
     if scores is not None and score_mode not in ("add", "replace"):
         raise ValueError(f"score_mode must be 'add' or 'replace', got {score_mode!r}")
+    if block_table is not None:
+        k_cache, v_cache = gather_paged(k_cache, block_table), gather_paged(v_cache, block_table)
     w = 0 if score_last_queries is None else int(score_last_queries)
     total_q, hq, dim = q.shape
     hkv = k_cache.shape[2]
