@@ -23,8 +23,7 @@ VATTN_HD int64_t kv_block_of(const KVCacheView& c, int64_t row, int64_t t) {
 
 // Element offset of token t of cache row `row` for one side (K, V or a scale tensor) whose row
 // and token strides are given; add the head offset (head * stride_head) yourself.
-VATTN_HD int64_t kv_token_offset(const KVCacheView& c, int64_t row, int64_t t, int64_t stride_row,
-                                 int64_t stride_tok) {
+VATTN_HD int64_t kv_token_offset(const KVCacheView& c, int64_t row, int64_t t, int64_t stride_row, int64_t stride_tok) {
   if (c.block_table == nullptr) return row * stride_row + t * stride_tok;
   return kv_block_of(c, row, t) * stride_row + (t % c.block_size) * stride_tok;
 }
