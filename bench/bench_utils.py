@@ -349,6 +349,28 @@ def quantized_cases(device: str, quick: bool) -> List[tuple]:
     return cases[:1] if quick else cases
 
 
+def paged_cases(device: str, quick: bool) -> list:
+    """Decode and prefill cases run once more through a block table (issue 14: the paged view
+    beside the contiguous one, same data, same run)."""
+    f32 = torch.float32 if device == "cpu" else torch.bfloat16
+    cases = [
+        DecodeCase("llama3-8b", 8, 2048, f32),
+        DecodeCase("llama3-8b", 1, 8192, f32),
+        DecodeCase("smollm2", 16, 2048, f32),
+        DecodeCase("llama3-8b", 4, 4096, f32, ragged=True),
+        PrefillCase("llama3-8b", [512], [0], f32),
+        PrefillCase("llama3-8b", [256], [2048], f32),
+    ]
+    if device == "cuda":
+        cases = [
+            DecodeCase("llama3-8b", 16, 8192, f32),
+            DecodeCase("llama3-8b", 1, 32768, f32),
+            PrefillCase("llama3-8b", [2048], [0], f32),
+            PrefillCase("llama3-8b", [512], [4096], f32),
+        ]
+    return cases[:1] if quick else cases
+
+
 def prefill_cases(device: str, quick: bool) -> List[PrefillCase]:
     if device == "cpu":
         f32 = torch.float32
@@ -679,3 +701,20 @@ def merge_states_eager(oa, la, ob, lb):
     wa, wb = torch.exp(la - m), torch.exp(lb - m)
     s = wa + wb
     return (oa.float() * (wa / s)[..., None] + ob.float() * (wb / s)[..., None]).to(oa.dtype), m + torch.log(s)
+
+
+def paged_copy(cache: torch.Tensor, block_size: int, seed: int = 0):
+    """The contiguous [b, cap, hkv, d] cache as a paged one (vLLM's NHD blocks): physical blocks
+    [b * ceil(cap / block_size), block_size, hkv, d] in a random order, and the int32 block table
+    [b, blocks per row] that finds each row's tokens (token t of row r sits in block
+    table[r][t // block_size] at slot t % block_size)."""
+    b, cap, hkv, d = cache.shape
+    per_row = -(-cap // block_size)
+    padded = cache.new_zeros(b, per_row * block_size, hkv, d)
+    padded[:, :cap] = cache
+    logical = padded.view(b * per_row, block_size, hkv, d)
+    perm = torch.randperm(b * per_row, generator=seeded(seed, "cpu")).to(cache.device)
+    physical = torch.empty_like(logical)
+    physical[perm] = logical
+    table = perm.view(b, per_row).to(torch.int32)
+    return physical, table

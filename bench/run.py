@@ -202,6 +202,44 @@ class Runner:
         params = {"model": case.model, "qlens": case.qlens, "prefixes": case.prefixes, "dtype": bu._dt(case.dtype)}
         self.compare_and_add("prefill", case.name, "TFLOP/s", work, vfn, vt, anchors, vout, params=params)
 
+    def paged(self, op: str, case, block_size: int) -> None:
+        """The same op over the same data through a block table (vLLM's NHD blocks, permuted):
+        the anchor is vattn's own contiguous view, so ratio = contiguous time / paged time."""
+        import vattn
+
+        hq, hkv, d = case.heads
+        data = bu.make_decode(case, self.device) if op == "decode" else bu.make_prefill(case, self.device)
+        kp, table = bu.paged_copy(data.k_cache, block_size)
+        vp, _ = bu.paged_copy(data.v_cache, block_size)
+        if op == "decode":
+            maxlen = max(data.lens)
+
+            def run(k, v, bt):
+                return vattn.decode_attention(data.q, k, v, data.seqlens, max_seqlen_k=maxlen, block_table=bt)
+
+            work = bu.decode_bytes(data.lens, hq, hkv, d, bu.elem_size(case.dtype), bu.elem_size(case.dtype))
+            metric = "GB/s"
+        else:
+
+            def run(k, v, bt):
+                return vattn.prefill_attention(
+                    data.q, k, v, data.cu_seqlens_q, data.seqlens_k,
+                    max_seqlen_q=max(case.qlens), max_seqlen_k=max(case.klens), block_table=bt,
+                )  # fmt: skip
+
+            work = bu.prefill_flops(case.qlens, case.klens, hq, d)
+            metric = "TFLOP/s"
+
+        def vfn():
+            return run(kp, vp, table)
+
+        vout = vfn()
+        vt = self.time(vfn)
+        contiguous = bu.Anchor("vattn contiguous", lambda: run(data.k_cache, data.v_cache, None), lambda o: o)
+        params = {"block_size": block_size, "dtype": bu._dt(case.dtype)}
+        self.compare_and_add(op + "[paged]", f"{case.name} block={block_size}", metric, work, vfn, vt,
+                             [contiguous], vout, params=params)  # fmt: skip
+
     def quantized(self, op: str, model: str, batch: int, ctx: int, qlen: int, kv_format: str) -> None:
         """decode (qlen 0) or prefill (qlen queries on a ctx - qlen prefix) on a cache of kv_format
         (one name, or K,V), against vattn on the same K/V stored in the q dtype, timed in the same
@@ -436,6 +474,17 @@ class Runner:
             jobs.append(
                 ("merge_states", f"n={n} heads={h} d={d}", "GB/s", lambda n=n, h=h, d=d: self.merge(n, h, d, dt))
             )
+        for case in bu.paged_cases(self.device, self.quick):
+            op = "decode" if isinstance(case, bu.DecodeCase) else "prefill"
+            for bs in (16, 256) if not self.quick else (16,):
+                jobs.append(
+                    (
+                        op + "[paged]",
+                        f"{case.name} block={bs}",
+                        "GB/s" if op == "decode" else "TFLOP/s",
+                        lambda op=op, c=case, bs=bs: self.paged(op, c, bs),
+                    )
+                )
         for op, model, b, ctx, qlen in bu.quantized_cases(self.device, self.quick):
             for fmt in ("fp8_e4m3", "int8", "int4", "int8,int4", "int4_ch,int4"):  # int4_ch,int4: KVCache "int4"
                 jobs.append(
