@@ -218,6 +218,119 @@ def test_unordered_batch(vl, model_dir):
     torch.testing.assert_close(ours, ref, atol=2e-6, rtol=0)
 
 
+QUANTIZED = {"int8_per_token_head": "int8", "fp8_per_token_head": "fp8_e4m3", "int4_per_token_head": "int4"}
+
+
+def _cells(kv, pk, fmt_name, head_size):
+    """Dequantized K and V of every (block, slot, head) cell of a packed cache [nb, hk, bs, C]."""
+    from vattn import reference
+
+    kv8 = kv.view(torch.uint8).transpose(1, 2)
+    f = pk.k_format
+    k = kv8[..., : pk.k_bytes].contiguous().view(f.storage_dtype)
+    v = kv8[..., pk.k_bytes : pk.k_bytes + pk.v_bytes].contiguous().view(f.storage_dtype)
+    w = 4 * f.scale_words
+    ks = kv8[..., pk.k_scale_offset : pk.k_scale_offset + w].contiguous().view(torch.float32)
+    vs = kv8[..., pk.v_scale_offset : pk.v_scale_offset + w].contiguous().view(torch.float32)
+    return reference.dequantize(k, ks, fmt_name, head_size), reference.dequantize(v, vs, fmt_name, head_size)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", list(QUANTIZED))
+@pytest.mark.parametrize("dtype,block_size,hnc_view", [(torch.float32, 32, False), (torch.bfloat16, 16, True)], ids=str)
+def test_quantized_kv_cache_dtype(vl, model_dir, kv_cache_dtype, dtype, block_size, hnc_view):
+    """vLLM's per-token-head kv_cache_dtype values through vattn's formats: customize_spec sizes the
+    page for vattn's packed cell, do_kv_cache_update quantizes into it (the cells hold the reference
+    quantization of each token at its slot, nothing else is written), and forward equals attention
+    over the dequantized cache (and stays near the float attention by the format's error)."""
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+    from vllm.v1.kv_cache_interface import get_kv_quant_mode
+
+    from vattn import reference
+    from vattn.vllm.backend import packing
+
+    fmt_name = QUANTIZED[kv_cache_dtype]
+    hq, hk, d = 6, 2, 64
+    rows = MIXED
+    vc, cc = _config(vl, model_dir, dtype, block_size, kv_cache_dtype)
+    storage = STR_DTYPE_TO_TORCH_DTYPE[kv_cache_dtype]
+    spec = vl.FullAttentionSpec(
+        block_size=block_size,
+        num_kv_heads=hk,
+        head_size=d,
+        dtype=storage,
+        kv_quant_mode=get_kv_quant_mode(kv_cache_dtype),
+    )
+    spec = vl.VattnAttentionBackend.customize_spec(spec)
+    pk = packing(kv_cache_dtype, d)
+    assert spec.state_content_bytes == pk.content_bytes and pk.content_bytes % 16 == 0
+    assert pk.content_bytes >= 2 * (pk.k_format.data_bytes(d) + 4 * pk.k_format.scale_words)
+    assert spec.page_size_bytes == hk * block_size * pk.content_bytes
+
+    g = torch.Generator().manual_seed(3)
+    seq = [c + n for c, n in rows]
+    per_row = max(math.ceil(s / block_size) for s in seq)
+    num_blocks = len(rows) * per_row + 5
+    table = torch.randperm(num_blocks, generator=g)[: len(rows) * per_row].view(len(rows), per_row).to(torch.int32)
+    total = sum(seq)
+    k_all = torch.randn(total, hk, d, generator=g).to(dtype)
+    v_all = torch.randn(total, hk, d, generator=g).to(dtype)
+    slots = torch.tensor(
+        [int(table[r, p // block_size]) * block_size + p % block_size for r, s in enumerate(seq) for p in range(s)]
+    )
+    new = torch.zeros(total, dtype=torch.bool)
+    for (c, n), o in zip(rows, _offsets(seq)):
+        new[o + c : o + c + n] = True
+    nq = sum(n for _, n in rows)
+    q = torch.randn(nq, hq, d, generator=g).to(dtype)
+    qsl = torch.tensor([0] + torch.cumsum(torch.tensor([n for _, n in rows]), 0).tolist(), dtype=torch.int32)
+    common = vl.CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor(seq, dtype=torch.int32),
+        num_reqs=len(rows),
+        num_actual_tokens=nq,
+        max_query_len=max(n for _, n in rows),
+        max_seq_len=max(seq),
+        block_table_tensor=table,
+        slot_mapping=slots[new],
+    )
+    layer, lname = _layer(vl, vc, cc, vl.VattnAttentionBackend, hq, hk, d, None, None)
+    shape = (num_blocks, hk, block_size, pk.content_bytes)
+    if hnc_view:  # LBNHC: tokens outside heads
+        kv = torch.zeros(num_blocks, block_size, hk, pk.content_bytes, dtype=storage).transpose(1, 2)
+    else:
+        kv = torch.zeros(shape, dtype=storage)
+    with vl.set_current_vllm_config(vc):
+        builder = vl.VattnAttentionBackend.get_builder_cls()(spec, [lname], vc, torch.device("cpu"))
+        md = builder.build(0, common)
+        layer.impl.do_kv_cache_update(layer, k_all[~new], v_all[~new], kv, slots[~new])
+        layer.impl.do_kv_cache_update(layer, k_all[new], v_all[new], kv, slots[new])
+        out = torch.full((nq, hq, d), float("nan"), dtype=dtype)
+        layer.impl.forward(layer, q, k_all[new], v_all[new], kv, md, out)
+
+    # The cells: each token's reference quantization at its slot; every other cell untouched (zero).
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slots] = True
+    flat = kv.transpose(1, 2).reshape(num_blocks * block_size, hk, pk.content_bytes)
+    assert (flat[~written].view(torch.uint8) == 0).all()
+    kd, vd = _cells(kv, pk, fmt_name, d)
+    kd, vd = kd.reshape(-1, hk, d)[slots], vd.reshape(-1, hk, d)[slots]
+    for got, x in ((kd, k_all), (vd, v_all)):
+        codes, scales = reference.quantize(x.float(), fmt_name)
+        want = reference.dequantize(codes, scales, fmt_name, d)
+        step = scales[..., :1]  # one code step (fp8: the scale bounds the error of a rounding too)
+        assert ((got - want).abs() <= step * 1.01 + 1e-6).all(), (got - want).abs().max()
+    # forward = attention over the cache's own dequantized K / V, and near the float attention
+    ours = out.float()
+    assert torch.isfinite(ours).all()
+    exact = _reference(q, kd, vd, rows, hq, hk, d, None, None).float()
+    eps = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}[dtype]
+    torch.testing.assert_close(ours, exact, atol=eps, rtol=0)
+    floating = _reference(q, k_all, v_all, rows, hq, hk, d, None, None).float()
+    bound = {"int8": 0.03, "fp8_e4m3": 0.12, "int4": 0.5}[fmt_name]
+    assert (ours - floating).abs().max().item() < bound
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -226,7 +339,8 @@ def test_unordered_batch(vl, model_dir):
         (dict(attn_type="encoder_only"), "attention type"),
         (dict(attn_type="encoder_decoder"), "attention type"),
         (dict(kv_cache_dtype="fp8"), "kv_cache_dtype 'fp8'"),
-        (dict(kv_cache_dtype="int8_per_token_head"), "kv_cache_dtype"),
+        (dict(kv_cache_dtype="fp8_e5m2"), "fp8_per_token_head"),
+        (dict(kv_cache_dtype="turboquant_k8v4"), "kv_cache_dtype 'turboquant_k8v4'"),
         (dict(kv_cache_dtype="bfloat16"), "the model's"),
         (dict(kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, kv_b_proj=None), "MLA"),
         (dict(chunk_lookback=4), "layer options"),
@@ -249,6 +363,8 @@ def test_backend_declarations(vl):
     assert b.supports_block_size(16) and b.supports_block_size(128) and not b.supports_block_size(24)
     assert b.supports_head_size(64) and b.supports_head_size(128)
     assert not b.supports_kv_cache_dtype("fp8") and b.supports_kv_cache_dtype("auto")
+    for name in ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"):
+        assert b.supports_kv_cache_dtype(name)
     assert b.forward_includes_kv_cache_update is False
 
 

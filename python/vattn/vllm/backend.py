@@ -13,17 +13,29 @@ rest (prompts, chunks of a chunked prefill, prefix-cache hits: rows whose cache 
 prefix) vattn.prefill_attention (causal, each row's queries at the end of its kv length).
 do_kv_cache_update writes the step's K / V at vLLM's slot_mapping with vattn.append_kv_raw.
 
+Quantized KV (vLLM's per-token-head kv_cache_dtype values, each one of vattn's formats, quantized
+by vattn's append and dequantized inside vattn's attention kernels): "int8_per_token_head" = vattn
+"int8" (symmetric, one fp32 scale per (token, kv_head): amax / 127), "fp8_per_token_head" = vattn
+"fp8_e4m3" (one fp32 scale per (token, kv_head): amax / 448), "int4_per_token_head" = vattn "int4"
+(two codes per byte, fp32 scale and zero per (token, kv_head); no Hadamard rotation, so its numbers
+differ from vLLM's own int4_per_token_head). customize_spec sizes vLLM's page for vattn's packing of
+one (token, kv_head) cell: [K data | V data | K scale words | V scale words], padded to 16 bytes so
+every cell starts 16-byte aligned for the CUDA kernels' vector loads.
+
 Supported: decoder self-attention, q / KV dtypes float16 / bfloat16 / float32 (KV in the model's
-dtype: kv_cache_dtype "auto" or the same dtype spelled out), any head size vattn's kernels take on
+dtype: kv_cache_dtype "auto" or the same dtype spelled out, or one of the quantized values above),
+any head size vattn's kernels take on
 the device, block sizes that are multiples of 16, sliding window, logit soft-cap, chunked prefill,
 prefix caching, preemption (recompute), tensor parallelism (each rank sees its own heads), KV
 sharing across layers. Rejected when vLLM constructs the layer (ValueError): ALiBi, attention
-sinks, encoder / encoder-only / cross attention, MLA, fp8 and other quantized kv_cache_dtype
-values, a KV dtype other than the model's, fused output quantization.
+sinks, encoder / encoder-only / cross attention, MLA, per-tensor fp8 ("fp8", "fp8_e4m3",
+"fp8_e5m2": scales from the checkpoint, which vattn's formats do not use) and the other quantized
+kv_cache_dtype values, a KV dtype other than the model's, fused output quantization.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -31,7 +43,7 @@ from typing import ClassVar, Optional
 import torch
 
 import vattn
-from vattn import _support
+from vattn import _support, formats
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -42,11 +54,53 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, get_kv_quant_mode
 
 logger = logging.getLogger("vllm.vattn")  # under "vllm" so that vLLM's log handler prints it
 
 _KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# vLLM's per-token-head kv_cache_dtype values and the vattn format that stores each (K and V alike).
+QUANTIZED_KV_DTYPES = {"int8_per_token_head": "int8", "fp8_per_token_head": "fp8_e4m3", "int4_per_token_head": "int4"}
+_PER_TENSOR_FP8 = ("fp8", "fp8_e4m3", "fp8_e5m2")
+
+
+@dataclass(frozen=True)
+class Packing:
+    """vattn's packing of one (token, kv_head) cell of vLLM's page for a quantized kv_cache_dtype:
+    K data at byte 0, V data at k_bytes, then the K and V fp32 scale words, the cell padded to 16
+    bytes (content_bytes, vLLM's state_content_bytes)."""
+
+    k_format: formats.KVFormat
+    v_format: formats.KVFormat
+    k_bytes: int
+    v_bytes: int
+    k_scale_offset: int
+    v_scale_offset: int
+    content_bytes: int
+
+
+def packing(kv_cache_dtype: str, head_size: int, head_size_v: Optional[int] = None) -> Optional[Packing]:
+    """The cell packing of a quantized kv_cache_dtype (None for a float KV cache)."""
+    name = QUANTIZED_KV_DTYPES.get(kv_cache_dtype)
+    if name is None:
+        return None
+    fmt = formats.get(name)
+    hv = head_size if head_size_v is None else head_size_v
+    kb, vb = fmt.data_bytes(head_size), fmt.data_bytes(hv)
+    ks = kb + vb
+    vs = ks + 4 * fmt.scale_words
+    end = vs + 4 * fmt.scale_words
+    return Packing(fmt, fmt, kb, vb, ks, vs, (end + 15) // 16 * 16)
+
+
+def _kv_cache_dtype_of(mode) -> Optional[str]:
+    """The kv_cache_dtype string of a per-token-head KVQuantMode."""
+    for name in QUANTIZED_KV_DTYPES:
+        if get_kv_quant_mode(name) == mode:
+            return name
+    return None
+
+
 _HEAD_SIZES = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 _BLOCK_MULTIPLE = 16
 _announced = False  # the start-up line, once per process
@@ -66,7 +120,16 @@ class VattnAttentionBackend(AttentionBackend):
 
     forward_includes_kv_cache_update: bool = False  # vLLM calls do_kv_cache_update first
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", *QUANTIZED_KV_DTYPES]
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """A quantized kv_cache_dtype's page holds vattn's packed cells (see Packing)."""
+        name = _kv_cache_dtype_of(spec.kv_quant_mode)
+        if name is None or spec.state_content_bytes is not None:
+            return spec
+        pk = packing(name, spec.head_size, spec.head_size_v)
+        return dataclasses.replace(spec, state_content_bytes=pk.content_bytes)
 
     @staticmethod
     def get_name() -> str:
@@ -197,6 +260,10 @@ def _announce(kv_cache_spec: AttentionSpec, vllm_config: VllmConfig, device) -> 
 
     slot = "in vLLM's CPU_ATTN slot (VATTN_VLLM_CPU=1)" if plugin.took_cpu_slot else "as CUSTOM"
     layout = getattr(vllm_config.cache_config, "kv_cache_layout", None) or "unresolved"
+    cache_dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
+    kv = str(kv_cache_spec.dtype).replace("torch.", "")
+    if cache_dtype in QUANTIZED_KV_DTYPES:
+        kv = f"{cache_dtype} as vattn {QUANTIZED_KV_DTYPES[cache_dtype]}"
     kernels = "CUDA" if torch.device(device).type == "cuda" else "CPU"
     logger.info(
         "vattn attention backend: paged (vattn %s %s kernels on vLLM's block tables, %s; block_size %d, "
@@ -206,7 +273,7 @@ def _announce(kv_cache_spec: AttentionSpec, vllm_config: VllmConfig, device) -> 
         slot,
         kv_cache_spec.block_size,
         layout,
-        str(kv_cache_spec.dtype).replace("torch.", ""),
+        kv,
     )
 
 
@@ -240,10 +307,16 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
             reject("attention sinks")
         if attn_type != AttentionType.DECODER:
             reject(f"attention type {attn_type!r} (decoder self-attention only; no encoder / cross attention)")
+        if kv_cache_dtype in _PER_TENSOR_FP8:
+            reject(
+                f"kv_cache_dtype {kv_cache_dtype!r} (per-tensor fp8 scales); use 'fp8_per_token_head' "
+                "(vattn's fp8_e4m3, scales computed per token and kv head)"
+            )
         if kv_cache_dtype not in VattnAttentionBackend.supported_kv_cache_dtypes:
             reject(
                 f"kv_cache_dtype {kv_cache_dtype!r} (supported: "
-                f"{VattnAttentionBackend.supported_kv_cache_dtypes}: K / V stored in the model's dtype)"
+                f"{VattnAttentionBackend.supported_kv_cache_dtypes}: the model's dtype, or one of vattn's "
+                "quantized formats)"
             )
         config = get_current_vllm_config_or_none()
         model_dtype = config.model_config.dtype if config is not None and config.model_config is not None else None
@@ -264,6 +337,12 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
+        self.packing = packing(kv_cache_dtype, head_size)
+        if self.packing is not None:
+            try:
+                self.packing.k_format.storage_elems(head_size)
+            except ValueError as e:
+                reject(f"kv_cache_dtype {kv_cache_dtype!r} with head_size {head_size} ({e})")
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         # vLLM's sliding_window W: a query attends to its own token and the W - 1 before it
@@ -275,16 +354,27 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         self._zeros: Optional[torch.Tensor] = None
 
     @staticmethod
-    def split_kv_cache(kv_cache: torch.Tensor, head_size: int):
-        """vLLM's per-layer [num_blocks, kv_heads, block_size, 2 * head_size] view as vattn's paged
-        K and V: [num_blocks, block_size, kv_heads, head_size] each (views, no copy)."""
-        if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+    def split_kv_cache(kv_cache: torch.Tensor, head_size: int, pk: Optional[Packing] = None):
+        """vLLM's per-layer [num_blocks, kv_heads, block_size, C] view as vattn's paged views
+        (no copy): K and V [num_blocks, block_size, kv_heads, head_size] (C = 2 * head_size) and no
+        scales; for a quantized kv_cache_dtype (C = pk.content_bytes) K and V data in their vattn
+        storage dtype and the fp32 scales [num_blocks, block_size, kv_heads, scale words]."""
+        width = 2 * head_size if pk is None else pk.content_bytes
+        if kv_cache.dim() != 4 or kv_cache.shape[-1] != width or (pk is not None and kv_cache.element_size() != 1):
             raise ValueError(
-                f"expected vLLM's KV cache view [num_blocks, kv_heads, block_size, {2 * head_size}], "
-                f"got shape {list(kv_cache.shape)}"
+                f"expected vLLM's KV cache view [num_blocks, kv_heads, block_size, {width}]"
+                f"{' of 1-byte elements' if pk is not None else ''}, got shape {list(kv_cache.shape)} "
+                f"dtype {kv_cache.dtype}"
             )
-        kv = kv_cache.transpose(1, 2)
-        return kv[..., :head_size], kv[..., head_size:]
+        if pk is None:
+            kv = kv_cache.transpose(1, 2)
+            return kv[..., :head_size], kv[..., head_size:], None, None
+        kv = kv_cache.view(torch.uint8).transpose(1, 2)
+        k = kv[..., : pk.k_bytes].view(pk.k_format.storage_dtype)
+        v = kv[..., pk.k_bytes : pk.k_bytes + pk.v_bytes].view(pk.v_format.storage_dtype)
+        ks = kv[..., pk.k_scale_offset : pk.k_scale_offset + 4 * pk.k_format.scale_words].view(torch.float32)
+        vs = kv[..., pk.v_scale_offset : pk.v_scale_offset + 4 * pk.v_format.scale_words].view(torch.float32)
+        return k, v, ks, vs
 
     def _views(self, kv_cache: torch.Tensor):
         """split_kv_cache, kept for the layer's cache tensor (vLLM hands the same one every step),
@@ -292,9 +382,9 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         c = self._cache
         if c is not None and c[0] is kv_cache:
             return c[1]
-        k_cache, v_cache = self.split_kv_cache(kv_cache, self.head_size)
+        k_cache, v_cache, k_scale, v_scale = self.split_kv_cache(kv_cache, self.head_size, self.packing)
         table = torch.arange(k_cache.shape[0], dtype=torch.int32, device=kv_cache.device)[None, :]
-        self._cache = (kv_cache, (k_cache, v_cache, table))
+        self._cache = (kv_cache, (k_cache, v_cache, k_scale, v_scale, table))
         return self._cache[1]
 
     def _zero_rows(self, n: int, device) -> torch.Tensor:
@@ -313,7 +403,7 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
     ) -> None:
         if kv_cache.numel() == 0 or slot_mapping is None or slot_mapping.numel() == 0:
             return
-        k_cache, v_cache, table = self._views(kv_cache)
+        k_cache, v_cache, k_scale, v_scale, table = self._views(kv_cache)
         n = slot_mapping.shape[0]
         key, value, slots = key[:n], value[:n], slot_mapping
         if int(slots.min()) < 0:  # padding tokens (slot -1) are not written
@@ -322,7 +412,9 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
             if slots.numel() == 0:
                 return
         rows = self._zero_rows(slots.shape[0], slots.device)
-        vattn.append_kv_raw(k_cache, v_cache, key, value, rows, slots, block_table=table)
+        vattn.append_kv_raw(
+            k_cache, v_cache, key, value, rows, slots, k_scale=k_scale, v_scale=v_scale, block_table=table
+        )
 
     def forward(
         self,
@@ -341,9 +433,11 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         md = attn_metadata
-        k_cache, v_cache, _ = self._views(kv_cache)
+        k_cache, v_cache, k_scale, v_scale, _ = self._views(kv_cache)
         nd = md.num_decodes
-        common = dict(scale=self.scale, window_left=self.window_left, softcap=self.softcap)
+        common = dict(
+            scale=self.scale, window_left=self.window_left, softcap=self.softcap, k_scale=k_scale, v_scale=v_scale
+        )
         if nd:
             out = vattn.decode_attention(
                 query[:nd],
