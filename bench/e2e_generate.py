@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -106,6 +107,19 @@ def timed_calls(which, device, acc):
             setattr(owner, name, fn)
 
 
+def text_prompts(tok, batch: int, n: int) -> dict:
+    """batch prompts of exactly n tokens each: consecutive excerpts of the shared Shakespeare text."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt")
+    if not os.path.exists(path):
+        raise SystemExit(f"--prompt-tokens needs {os.path.normpath(path)} (see ../shared/data/README.md)")
+    with open(path, encoding="utf-8") as f:
+        ids = tok(f.read(400_000), return_tensors="pt")["input_ids"][0]
+    if ids.numel() < batch * n:
+        raise SystemExit(f"--prompt-tokens {n} x batch {batch} is more text than the excerpt read")
+    input_ids = ids[: batch * n].view(batch, n).clone()
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2")
@@ -117,6 +131,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cache (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--split", action="store_true", help="one more timed run per cache: where the time goes")
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="long prompts instead of the demo's: each row N tokens of ../shared/data/tinyshakespeare.txt "
+        "(a different excerpt per row, no chat template, no padding)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,7 +156,10 @@ def main(argv=None):
     rows = []
     splits = []
     for batch in args.batches:
-        enc = encode_prompts(tok, PROMPTS[:batch], chat)
+        if args.prompt_tokens:
+            enc = text_prompts(tok, batch, args.prompt_tokens)
+        else:
+            enc = encode_prompts(tok, PROMPTS[:batch], chat)
         enc = {k: v.to(device) for k, v in enc.items()}
         width = enc["input_ids"].shape[1]
         max_seq = width + args.max_new_tokens
