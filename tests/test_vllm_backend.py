@@ -127,10 +127,9 @@ def _reference(q, k_all, v_all, rows, hq, hk, d, window, cap):
 MIXED = ((100, 1), (37, 1), (1, 1), (0, 50), (64, 20), (130, 7), (0, 1))  # decodes first, as vLLM orders them
 
 
-def _run_both(vl, model_dir, *, dtype, block_size, rows, window=None, cap=None, hnc_view=False, pad=0, seed=0):
-    hq, hk, d = 6, 2, 64
-    vc, cc = _config(vl, model_dir, dtype, block_size)
-    g = torch.Generator().manual_seed(seed)
+def _problem(vl, rows, block_size, dtype, hq, hk, d, g, pad=0):
+    """One mixed step over a shuffled block table: every row's K / V (history, then this step's
+    tokens: mask new), their slots, the step's queries (pad extra rows) and vLLM's metadata."""
     seq = [c + n for c, n in rows]
     per_row = max(math.ceil(s / block_size) for s in seq)
     num_blocks = len(rows) * per_row + 5
@@ -158,6 +157,14 @@ def _run_both(vl, model_dir, *, dtype, block_size, rows, window=None, cap=None, 
         block_table_tensor=table,
         slot_mapping=slots[new],
     )
+    return num_blocks, k_all, v_all, slots, new, nq, q, common
+
+
+def _run_both(vl, model_dir, *, dtype, block_size, rows, window=None, cap=None, hnc_view=False, pad=0, seed=0):
+    hq, hk, d = 6, 2, 64
+    vc, cc = _config(vl, model_dir, dtype, block_size)
+    g = torch.Generator().manual_seed(seed)
+    num_blocks, k_all, v_all, slots, new, nq, q, common = _problem(vl, rows, block_size, dtype, hq, hk, d, g, pad)
     results = {}
     for name, backend in (("vattn", vl.VattnAttentionBackend), ("cpu", vl.CPUAttentionBackend)):
         layer, lname = _layer(vl, vc, cc, backend, hq, hk, d, window, cap)
@@ -218,9 +225,6 @@ def test_unordered_batch(vl, model_dir):
     torch.testing.assert_close(ours, ref, atol=2e-6, rtol=0)
 
 
-QUANTIZED = {"int8_per_token_head": "int8", "fp8_per_token_head": "fp8_e4m3", "int4_per_token_head": "int4"}
-
-
 def _cells(kv, pk, fmt_name, head_size):
     """Dequantized K and V of every (block, slot, head) cell of a packed cache [nb, hk, bs, C]."""
     from vattn import reference
@@ -235,7 +239,7 @@ def _cells(kv, pk, fmt_name, head_size):
     return reference.dequantize(k, ks, fmt_name, head_size), reference.dequantize(v, vs, fmt_name, head_size)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", list(QUANTIZED))
+@pytest.mark.parametrize("kv_cache_dtype", ["int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"])
 @pytest.mark.parametrize("dtype,block_size,hnc_view", [(torch.float32, 32, False), (torch.bfloat16, 16, True)], ids=str)
 def test_quantized_kv_cache_dtype(vl, model_dir, kv_cache_dtype, dtype, block_size, hnc_view):
     """vLLM's per-token-head kv_cache_dtype values through vattn's formats: customize_spec sizes the
@@ -246,9 +250,9 @@ def test_quantized_kv_cache_dtype(vl, model_dir, kv_cache_dtype, dtype, block_si
     from vllm.v1.kv_cache_interface import get_kv_quant_mode
 
     from vattn import reference
-    from vattn.vllm.backend import packing
+    from vattn.vllm.backend import QUANTIZED_KV_DTYPES, packing
 
-    fmt_name = QUANTIZED[kv_cache_dtype]
+    fmt_name = QUANTIZED_KV_DTYPES[kv_cache_dtype]
     hq, hk, d = 6, 2, 64
     rows = MIXED
     vc, cc = _config(vl, model_dir, dtype, block_size, kv_cache_dtype)
@@ -267,33 +271,7 @@ def test_quantized_kv_cache_dtype(vl, model_dir, kv_cache_dtype, dtype, block_si
     assert spec.page_size_bytes == hk * block_size * pk.content_bytes
 
     g = torch.Generator().manual_seed(3)
-    seq = [c + n for c, n in rows]
-    per_row = max(math.ceil(s / block_size) for s in seq)
-    num_blocks = len(rows) * per_row + 5
-    table = torch.randperm(num_blocks, generator=g)[: len(rows) * per_row].view(len(rows), per_row).to(torch.int32)
-    total = sum(seq)
-    k_all = torch.randn(total, hk, d, generator=g).to(dtype)
-    v_all = torch.randn(total, hk, d, generator=g).to(dtype)
-    slots = torch.tensor(
-        [int(table[r, p // block_size]) * block_size + p % block_size for r, s in enumerate(seq) for p in range(s)]
-    )
-    new = torch.zeros(total, dtype=torch.bool)
-    for (c, n), o in zip(rows, _offsets(seq)):
-        new[o + c : o + c + n] = True
-    nq = sum(n for _, n in rows)
-    q = torch.randn(nq, hq, d, generator=g).to(dtype)
-    qsl = torch.tensor([0] + torch.cumsum(torch.tensor([n for _, n in rows]), 0).tolist(), dtype=torch.int32)
-    common = vl.CommonAttentionMetadata(
-        query_start_loc=qsl,
-        query_start_loc_cpu=qsl,
-        seq_lens=torch.tensor(seq, dtype=torch.int32),
-        num_reqs=len(rows),
-        num_actual_tokens=nq,
-        max_query_len=max(n for _, n in rows),
-        max_seq_len=max(seq),
-        block_table_tensor=table,
-        slot_mapping=slots[new],
-    )
+    num_blocks, k_all, v_all, slots, new, nq, q, common = _problem(vl, rows, block_size, dtype, hq, hk, d, g)
     layer, lname = _layer(vl, vc, cc, vl.VattnAttentionBackend, hq, hk, d, None, None)
     shape = (num_blocks, hk, block_size, pk.content_bytes)
     if hnc_view:  # LBNHC: tokens outside heads

@@ -337,12 +337,10 @@ class VattnAttentionImpl(AttentionImpl[VattnMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self.packing = packing(kv_cache_dtype, head_size)
-        if self.packing is not None:
-            try:
-                self.packing.k_format.storage_elems(head_size)
-            except ValueError as e:
-                reject(f"kv_cache_dtype {kv_cache_dtype!r} with head_size {head_size} ({e})")
+        try:  # a head size the format cannot pack (int4: odd) raises here
+            self.packing = packing(kv_cache_dtype, head_size)
+        except ValueError as e:
+            reject(f"kv_cache_dtype {kv_cache_dtype!r} with head_size {head_size} ({e})")
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         # vLLM's sliding_window W: a query attends to its own token and the W - 1 before it
