@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import ops  # registers torch.ops.vattn.*
+from . import _fast, ops  # ops registers torch.ops.vattn.*
 
 __all__ = ["append_kv", "attention", "dequantize_kv"]
 
@@ -73,6 +73,8 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
 
     Row i is the i-th new token of the step (slots in the order of step.slots, oldest first).
     """
+    if _fast.append_kv(cache, layer, step, k, v) is not NotImplemented:
+        return
     _check_layer(cache, layer)
     _check_step(cache, step)
     k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)
@@ -138,6 +140,10 @@ def attention(
     only to the best blocks within this many tokens (the last block always); prefill steps and rows
     shorter than the budget attend to everything.
     """
+    if scores is None and token_budget is None:
+        out = _fast.decode(cache, q, layer, step, scale, window_left, softcap, return_lse)
+        if out is not NotImplemented:
+            return out
     _check_layer(cache, layer)
     _check_step(cache, step)
     k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)

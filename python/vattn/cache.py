@@ -32,7 +32,7 @@ from __future__ import annotations
 import operator
 import threading
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -77,6 +77,7 @@ class Step:
     head_seqlens: Optional[torch.Tensor] = None  # int32 [num_layers, batch, kv_heads]
     head_positions: Optional[torch.Tensor] = None  # int32 [num_layers, total_new, kv_heads]
     positions_logical: Optional[List[int]] = None  # logical position of each slot's first new token
+    _fast: Optional[dict] = field(default=None, repr=False, compare=False)  # _fast.py's per-step state
 
 
 def _int(x, name: str) -> int:
