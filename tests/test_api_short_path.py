@@ -219,3 +219,21 @@ def test_strided_inputs_take_the_short_path(monkeypatch):
         finally:
             _fast.enabled = True
     assert _same(outs[0], outs[1])
+
+
+def test_outputs_follow_inference_mode():
+    """An output is an inference tensor exactly when the call ran under inference_mode, as the
+    general path's torch.empty would make it."""
+    cache = _cache("cpu")
+    slots = _fill(cache, [10], torch.Generator().manual_seed(5))
+    step = cache.begin_step(slots, [1])
+    k = torch.randn(1, HKV, DIM)
+    q = torch.randn(1, HKV, DIM)
+    for layer in range(LAYERS):
+        vattn.append_kv(cache, layer, step, k, k)
+    with torch.inference_mode():
+        a = vattn.attention(q, cache, 0, step)
+    b = vattn.attention(q, cache, 1, step)
+    assert a.is_inference() and not b.is_inference()
+    (b * torch.ones(1, requires_grad=True)).sum().backward()  # usable by autograd outside the mode
+    cache.end_step(step)

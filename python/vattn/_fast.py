@@ -105,10 +105,13 @@ def _decode_supported(cache, geom) -> bool:
 
 
 def _decode_out(st, layer: int, q: Tensor, num_layers: int) -> Tensor:
-    outs = st["outs"].get(q.shape[1])
+    # One buffer per head count and inference mode (an output made under inference_mode is an
+    # inference tensor, as torch.empty there would make it; one made outside must not be).
+    key = (q.shape[1], torch.is_inference_mode_enabled())
+    outs = st["outs"].get(key)
     if outs is None:
         pool = torch.empty((num_layers,) + tuple(q.shape), dtype=q.dtype, device=q.device)
-        outs = st["outs"][q.shape[1]] = [list(pool.unbind(0)), set()]
+        outs = st["outs"][key] = [list(pool.unbind(0)), set()]
     tensors, used = outs
     if layer in used:  # asked again within the step: a fresh tensor, outputs are never shared
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
