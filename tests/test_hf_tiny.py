@@ -476,3 +476,32 @@ def test_softcapped_model_with_quantized_keys_turns_smoothing_off():
     forced = vhf.VAttnCache.for_model(model, max_batch=1, max_seq_len=64, kv_format="int8", smooth_keys=True)
     with pytest.raises(ValueError, match="smooth_keys=False"):
         generate(model, enc, 2, forced)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_steps_take_the_short_path(tiny, references, monkeypatch, batch):
+    """A plain greedy generation (left padding at batch 4) reaches vattn's decode and append kernels
+    through the short path only: the general launchers fail if called, yet generation gives the
+    reference tokens; with the short path off the same run does reach them."""
+    from vattn import _fast, ops
+
+    model, _ = tiny
+    enc, ref = references[batch]
+
+    def general(*a, **k):
+        raise AssertionError("general path")
+
+    monkeypatch.setattr(ops, "run_decode", general)
+    monkeypatch.setattr(ops, "run_append", general)
+    new = 8
+    cache = _cache(model, batch, "token_major", page_bytes=4096)
+    out = generate(model, enc, new, cache)
+    assert torch.equal(out.sequences, ref.sequences[:, : out.sequences.shape[1]])
+    assert out.sequences.shape[1] - enc["input_ids"].shape[1] == new
+    cache.release()
+
+    monkeypatch.setattr(_fast, "enabled", False)
+    cache = _cache(model, batch, "token_major", page_bytes=4096)
+    with pytest.raises(AssertionError, match="general path"):
+        generate(model, enc, new, cache)
+    cache.release()

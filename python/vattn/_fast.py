@@ -104,23 +104,28 @@ def _decode_supported(cache, geom) -> bool:
     return ok
 
 
-def _decode_out(st, layer: int, q: Tensor, num_layers: int) -> Tensor:
-    # One buffer per head count and inference mode (an output made under inference_mode is an
-    # inference tensor, as torch.empty there would make it; one made outside must not be).
-    key = (q.shape[1], torch.is_inference_mode_enabled())
+def _decode_out(st, layer: int, q: Tensor, num_layers: int, as_bqhd: bool) -> Tensor:
+    # One buffer per head count, shape and inference mode (an output made under inference_mode is
+    # an inference tensor, as torch.empty there would make it; one made outside must not be).
+    # as_bqhd: [tokens, 1, heads, dim] (transformers' [batch, q_len, heads, dim] of a decode step),
+    # the same memory as [tokens, heads, dim].
+    n, hq, dim = q.shape
+    shape = (n, 1, hq, dim) if as_bqhd else (n, hq, dim)
+    key = (shape, torch.is_inference_mode_enabled())
     outs = st["outs"].get(key)
     if outs is None:
-        pool = torch.empty((num_layers,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+        pool = torch.empty((num_layers,) + shape, dtype=q.dtype, device=q.device)
         outs = st["outs"][key] = [list(pool.unbind(0)), set()]
     tensors, used = outs
     if layer in used:  # asked again within the step: a fresh tensor, outputs are never shared
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
     used.add(layer)
     return tensors[layer]
 
 
-def append_kv(cache, layer, step, k, v):
-    """vattn.append_kv on the short path, or NotImplemented."""
+def append_kv(cache, layer, step, k, v, eager_checked: bool = False):
+    """vattn.append_kv on the short path, or NotImplemented. eager_checked: the caller has just
+    checked ops._direct_ok on these tensors (vattn.hf)."""
     if not enabled or type(cache) is not KVCache:
         return NotImplemented
     if cache._key_means is not None or cache._quest_meta is not None:
@@ -132,7 +137,7 @@ def append_kv(cache, layer, step, k, v):
     heads = cache.num_kv_heads
     ks = _tokens_ok(k, cache, step, heads)
     vs = _tokens_ok(v, cache, step, heads)
-    if ks is None or vs is None or not _eager():
+    if ks is None or vs is None or not (eager_checked or _eager()):
         return NotImplemented
     hp = st["head_positions"]
     p = _C.make_append_params(
@@ -158,8 +163,9 @@ def append_kv(cache, layer, step, k, v):
     return None
 
 
-def decode(cache, q, layer, step, scale, window_left, softcap, return_lse):
-    """vattn.attention for a decode step on the short path, or NotImplemented."""
+def decode(cache, q, layer, step, scale, window_left, softcap, return_lse, eager_checked=False, as_bqhd=False):
+    """vattn.attention for a decode step on the short path, or NotImplemented. eager_checked: as in
+    append_kv; as_bqhd: the output as [tokens, 1, q_heads, dim] (vattn.hf)."""
     if (
         not enabled
         or type(cache) is not KVCache
@@ -177,12 +183,12 @@ def decode(cache, q, layer, step, scale, window_left, softcap, return_lse):
         return NotImplemented
     st, (k_view, v_view, _, _, geom) = s
     qs = _tokens_ok(q, cache, step, None)
-    if qs is None or not _eager():
+    if qs is None or not (eager_checked or _eager()):
         return NotImplemented
     total_q, hq, dim = q.shape
     if not _decode_supported(cache, geom):
         return NotImplemented
-    out = _decode_out(st, layer, q, cache.num_layers)
+    out = _decode_out(st, layer, q, cache.num_layers, as_bqhd)
     lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device) if return_lse else None
     hs = st["head_seqlens"]
     p = _C.make_attention_params(

@@ -57,7 +57,7 @@ except ImportError as exc:  # vattn itself never needs transformers; only this m
     raise ImportError("vattn.hf needs transformers (pip install 'vattn[hf]', or pip install transformers)") from exc
 
 import vattn
-from vattn import formats
+from vattn import _fast, formats
 
 __all__ = ["VAttnCache", "ATTN_IMPLEMENTATION", "register", "enable", "disable"]
 
@@ -1152,7 +1152,17 @@ class VAttnCache(Cache):
                 "packed sequences) is not supported: the window would count stored tokens, not "
                 "positions; pad on the left (tokenizer.padding_side = 'left')"
             )
-        if fw.step is None:
+        if q_len == 1 and fw.all_real and self.policy is None and fw.step is not None:
+            # A plain decode step (the common case): vattn's short path directly, with the eager
+            # check _attend made, and the output already in transformers' [batch, 1, heads, dim].
+            k1, v1, q1 = key.squeeze(2), value.squeeze(2), query.squeeze(2)
+            if _fast.append_kv(self.kv, layer, fw.step, k1, v1, eager_checked=True) is NotImplemented:
+                vattn.append_kv(self.kv, layer, fw.step, k1, v1)
+            out = _fast.decode(self.kv, q1, layer, fw.step, scaling, window_left, softcap, False, True, True)
+            if out is NotImplemented:
+                out = vattn.attention(q1, self.kv, layer, fw.step, scale=scaling, window_left=window_left,
+                                      softcap=softcap).view(batch, 1, hq, dim)  # fmt: skip
+        elif fw.step is None:
             out = query.new_zeros(batch, q_len, hq, dim)
         else:
             packed_k, packed_v = self._pack(key, fw), self._pack(value, fw)
