@@ -123,15 +123,18 @@ def test_adakv_in_head_major_maps_each_heads_own_pages():
     """AdaKV gives the kv heads of a layer different budgets. In layout="head_major" each (layer,
     K|V, head) is a region of its own, so after the prompt's compaction the mapped pages are exactly
     those of every head's own length (measured against stats(), resident bytes included), fewer than
-    layer_major's (pages of each layer's longest head); the logits are the same in both layouts."""
+    layer_major's (pages of each layer's longest head); without page alignment the logits are the
+    same in both layouts. With it (the default), every head that evicts keeps whole pages, the request
+    keeps no more tokens than AdaKV chose, and the memory is at most those chosen tokens' bytes."""
     m, _ = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=256, head_dim=64)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 250, (1, 1200), generator=g)
     cont = torch.randint(3, 250, (1, 4), generator=g)
     page = 4096
-    got, mapped = {}, {}
-    for layout in ("layer_major", "head_major"):
-        pol = policies.AdaKV(policies.SnapKV(keep=0.25, window=8))
+    rec = 64 * 4  # one head's fp32 record
+    got, mapped, counts = {}, {}, {}
+    for layout, align in (("layer_major", True), ("head_major", False), ("head_major", True)):
+        pol = policies.AdaKV(policies.SnapKV(keep=0.25, window=8), page_align=align)
         cache = vhf.VAttnCache.for_model(
             m, max_batch=1, max_seq_len=1280, policy=pol, layout=layout, page_bytes=page, reclaim_watermark_bytes=0
         )
@@ -141,15 +144,20 @@ def test_adakv_in_head_major_maps_each_heads_own_pages():
             heads = kv.head_lengths(slot).numpy()  # [layers, kv heads]
             assert heads.min() < heads.max(), "AdaKV gave the heads of some layer different budgets"
             st = kv.stats()
-            rec = 64 * 4  # one head's fp32 record
             if layout == "head_major":
                 want = sum(2 * -(-int(n) * rec // page) for n in heads.reshape(-1))
             else:
                 want = sum(2 * -(-int(n) * 2 * rec // page) for n in heads.max(axis=1))
             assert st["pages_mapped"] == want
             assert st["resident_bytes"] == st["mapped_bytes"] == want * page
-            mapped[layout] = st["mapped_bytes"]
-            got[layout] = m(cont, use_cache=True, **{cache_kwarg(m): cache}).logits
+            mapped[layout, align] = st["mapped_bytes"]
+            counts[layout, align] = heads
+            got[layout, align] = m(cont, use_cache=True, **{cache_kwarg(m): cache}).logits
         cache.release()
-    assert mapped["head_major"] < mapped["layer_major"]
-    torch.testing.assert_close(got["head_major"], got["layer_major"], atol=1e-5, rtol=1e-5)
+    assert mapped["head_major", False] < mapped["layer_major", True]
+    torch.testing.assert_close(got["head_major", False], got["layer_major", True], atol=1e-5, rtol=1e-5)
+    chosen, aligned = counts["head_major", False], counts["head_major", True]
+    assert (aligned % (page // rec) == 0).all()  # whole pages (no head here keeps all 1200 tokens)
+    assert aligned.sum() <= chosen.sum()
+    assert mapped["head_major", True] <= 2 * int(chosen.sum()) * rec < mapped["head_major", False]
+    assert torch.isfinite(got["head_major", True]).all()

@@ -288,6 +288,7 @@ class KVCache:
         region_token_bytes = (
             self.num_layers * (k_record + v_record) if layout == "token_major" else max(k_record, v_record)
         )
+        self._region_record = int(region_token_bytes)  # bytes per token of one manager region
         if lookahead_tokens is None:
             lookahead = max(1, effective_page // region_token_bytes)
         else:

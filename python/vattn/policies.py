@@ -57,16 +57,28 @@ class Policy:
     emit: None, or (score_mode, score_last_queries)) and implement `token_scores`.
 
     every: also apply during decode, every `every` decode steps, to each request storing more than
-    its budget (None: only at the end of the prompt)."""
+    its budget (None: only at the end of the prompt).
+
+    page_align: in layout="head_major", where every (layer, kv head) has pages of its own, round each
+    evicting head's kept count to what whole pages hold, the pages the request's chosen tokens fill
+    going first to the heads the rounding cut most, then to those whose next token scores best: a
+    request keeps at most the tokens the policy chose (each head its best ones, within a page of its
+    choice) and maps at most their bytes, instead of up to a page more per (layer, K|V, head). No
+    effect in the other layouts (their pages follow the longest head), nor where the pages would not
+    cover what the heads must keep (pages larger than the budgets)."""
 
     prefill_scores: Optional[Tuple[str, Optional[int]]] = None
     decode_scores: Optional[Tuple[str, Optional[int]]] = None
     sinks = 0  # first tokens always kept
     recent = 0  # last tokens always kept
+    page_align = True
 
-    def __init__(self, keep, *, every: Optional[int] = None):
+    def __init__(self, keep, *, every: Optional[int] = None, page_align: bool = True):
         _check_keep(keep)
         self.keep = keep
+        if not isinstance(page_align, bool):
+            raise TypeError(f"page_align must be a bool, got {page_align!r}")
+        self.page_align = page_align
         if every is not None:
             every = _nonneg_int(every, "every")
             if every == 0:
@@ -126,7 +138,7 @@ class Policy:
         """(keep [layers, kv_heads, max_keep] int64 ascending, keep_lens [layers, kv_heads]) for one slot."""
         heads = cache.head_lengths(slot)  # [L, H]
         L, H = heads.shape
-        per_layer = []
+        per_layer, units = [], []
         for layer in range(L):
             n = int(heads[layer].max())
             s = self.token_scores(cache, slot, layer, n).float().cpu()
@@ -135,7 +147,14 @@ class Policy:
                 raise ValueError(
                     f"{type(self).__name__}: {self.sinks} sinks exceed the budget of {budget} tokens (of {n})"
                 )
-            per_layer.append(self._select_layer(self._forced(s, heads[layer]), heads[layer], budget))
+            forced = self._forced(s, heads[layer])
+            per_layer.append(self._select_layer(forced, heads[layer], budget))
+            units.append((forced, budget))
+        align = _page_geometry(cache) if self.page_align else None
+        if align is not None:
+            counts = self._aligned(units, heads, torch.stack([ln for _, ln in per_layer]), *align)
+            if counts is not None:
+                per_layer = [_indices_for(forced, counts[layer]) for layer, (forced, _) in enumerate(units)]
         kmax = max(1, max(idx.shape[1] for idx, _ in per_layer))
         keep = torch.zeros((L, H, kmax), dtype=torch.int64)
         lens = torch.zeros((L, H), dtype=torch.int64)
@@ -157,6 +176,69 @@ class Policy:
             if lens[h] < k:
                 idx[h, : lens[h]] = torch.arange(int(lens[h]))
         return idx, lens
+
+    def _min_kept(self, forced_count: int, n_h: int, budget: int) -> int:
+        """The fewest tokens page alignment may leave a head: the ones the policy always keeps."""
+        return forced_count
+
+    def _aligned(self, units, heads, counts, page, record, group):
+        """page_align for one request in head_major: new counts [layers][kv_heads], or None. Each
+        (layer, head) that evicts keeps what p whole pages hold (or all its tokens), its best tokens
+        by the policy's scores; sum p <= the pages its chosen counts fill completely (so the request
+        keeps at most the tokens chosen, and at most their bytes are mapped), the pages going first
+        to the heads the rounding cut most, then to those whose next token scores best. None where
+        the pages do not cover what the heads must keep (sinks, recent window, safeguard)."""
+        n = heads.to(torch.int64).tolist()
+        c = counts.to(torch.int64).tolist()
+        cut = [(layer, h) for layer in range(len(n)) for h in range(len(n[layer])) if c[layer][h] < n[layer][h]]
+        if not cut:
+            return None
+
+        def pages(t):  # CacheManager::pages_for
+            t = -(-t // group) * group
+            return -(-(t * record) // page)
+
+        def fits(q):  # the most tokens q pages hold, in whole groups
+            return (q * page // record) // group * group
+
+        top = torch.finfo(torch.float32).max
+        order = [forced.sort(dim=-1, descending=True).values for forced, _ in units]
+        lo, cap, share, p = {}, {}, {}, {}
+        for u in cut:
+            layer, h = u
+            forced, budget = units[layer]
+            nh = n[layer][h]
+            must = self._min_kept(int((forced[h, :nh] == top).sum()), nh, budget)
+            lo[u], cap[u] = pages(min(nh, must)), pages(nh)
+            share[u] = c[layer][h] * record / page
+            p[u] = max(lo[u], min(cap[u], int(share[u])))
+        pool = sum(c[layer][h] for layer, h in cut) * record // page  # pages the chosen tokens fill
+        if sum(lo.values()) > pool:
+            return None
+
+        def mass(u, q):  # the policy's score of the tokens page q (0-based) of head u adds
+            layer, h = u
+            hi = min(n[layer][h], fits(q + 1))
+            return float(order[layer][h, fits(q) : hi].sum()) if fits(q) < hi else float("-inf")
+
+        extra = pool - sum(p.values())
+        while extra < 0:  # the floors raised some heads: take back the pages worth least
+            for u in sorted((u for u in cut if p[u] > lo[u]), key=lambda u: (mass(u, p[u] - 1), u[1]))[:-extra]:
+                p[u] -= 1
+                extra += 1
+        for room in (lambda u: p[u] < min(cap[u], -(-share[u] // 1)), lambda u: p[u] < cap[u]):
+            # first each head at most up to its chosen count's last page, then anywhere: the pages
+            # whose tokens score best (ties: one page per layer before a second)
+            while extra > 0:
+                more = sorted((u for u in cut if room(u)), key=lambda u: (mass(u, p[u]), -u[1]), reverse=True)
+                if not more:
+                    break
+                for u in more[:extra]:
+                    p[u] += 1
+                    extra -= 1
+        for (layer, h), q in p.items():
+            c[layer][h] = min(n[layer][h], fits(q))
+        return c
 
     def apply(self, cache, slots: Sequence[int], *, only_over_budget: bool = False) -> List[int]:
         """Compacts the given slots to the policy's budget; returns the slots it compacted. With
@@ -194,6 +276,24 @@ class Policy:
         return f"{type(self).__name__}(keep={self.keep!r})"
 
 
+def _page_geometry(cache):
+    """(page bytes, bytes per token of a region, tokens per group) where page_align applies."""
+    if getattr(cache, "layout", None) != "head_major":
+        return None
+    return int(cache.page_bytes), int(cache._region_record), int(cache._group)
+
+
+def _indices_for(forced: torch.Tensor, counts: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per head h its counts[h] best tokens by forced scores, ascending, zero-padded."""
+    H = forced.shape[0]
+    width = max([0] + list(counts))
+    idx = torch.zeros((H, width), dtype=torch.int64)
+    for h in range(H):
+        if counts[h]:
+            idx[h, : counts[h]] = forced[h].topk(counts[h]).indices.sort().values
+    return idx, torch.tensor(list(counts), dtype=torch.int64)
+
+
 def _kept_indices(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(indices [H, max kept] ascending, zero-padded; counts [H]) of the True entries of a bool [H, n]."""
     lens = mask.sum(-1)
@@ -208,8 +308,8 @@ class StreamingLLM(Policy):
     """Attention sinks + a recent window (Xiao et al., 2023): keeps the first `sinks` tokens and the
     most recent ones. Needs no scores."""
 
-    def __init__(self, keep, sinks: int = 4, *, every: Optional[int] = None):
-        super().__init__(keep, every=every)
+    def __init__(self, keep, sinks: int = 4, *, every: Optional[int] = None, page_align: bool = True):
+        super().__init__(keep, every=every, page_align=page_align)
         self.sinks = _nonneg_int(sinks, "sinks")
         if isinstance(keep, int) and self.sinks > keep:
             raise ValueError(f"StreamingLLM: sinks={sinks} exceeds the budget keep={keep}")
@@ -232,8 +332,8 @@ class H2O(Policy):
     prefill_scores = ("add", None)
     decode_scores = ("add", None)
 
-    def __init__(self, keep, recent: int = 0, *, every: Optional[int] = None):
-        super().__init__(keep, every=every)
+    def __init__(self, keep, recent: int = 0, *, every: Optional[int] = None, page_align: bool = True):
+        super().__init__(keep, every=every, page_align=page_align)
         self.recent = _nonneg_int(recent, "recent")
         if isinstance(keep, int) and self.recent > keep:
             raise ValueError(f"H2O: recent={recent} exceeds the budget keep={keep}")
@@ -269,8 +369,10 @@ class SnapKV(Policy):
 
     decode_scores = ("replace", 1)
 
-    def __init__(self, keep, window: int = 64, kernel: int = 5, *, every: Optional[int] = None):
-        super().__init__(keep, every=every)
+    def __init__(
+        self, keep, window: int = 64, kernel: int = 5, *, every: Optional[int] = None, page_align: bool = True
+    ):
+        super().__init__(keep, every=every, page_align=page_align)
         self.window = _nonneg_int(window, "window")
         self.kernel = _nonneg_int(kernel, "kernel")
         if self.window == 0:
@@ -299,8 +401,17 @@ class PyramidKV(SnapKV):
     kvpress's PyramidKVPress (from KVCache-Factory); it falls back to a flat budget where the pyramid
     does not fit."""
 
-    def __init__(self, keep, window: int = 64, kernel: int = 5, beta: int = 20, *, every: Optional[int] = None):
-        super().__init__(keep, window=window, kernel=kernel, every=every)
+    def __init__(
+        self,
+        keep,
+        window: int = 64,
+        kernel: int = 5,
+        beta: int = 20,
+        *,
+        every: Optional[int] = None,
+        page_align: bool = True,
+    ):
+        super().__init__(keep, window=window, kernel=kernel, every=every, page_align=page_align)
         if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
             raise ValueError(f"PyramidKV: beta must be an int >= 1, got {beta!r}")
         self.beta = beta
@@ -331,10 +442,21 @@ class AdaKV(Policy):
     the evicted tokens of such head-wise budgets, vattn stores per-head lengths, so the memory of
     every evicted token comes back."""
 
-    def __init__(self, inner: Policy, alpha_safeguard: float = 0.20, *, every: Optional[int] = None):
+    def __init__(
+        self,
+        inner: Policy,
+        alpha_safeguard: float = 0.20,
+        *,
+        every: Optional[int] = None,
+        page_align: Optional[bool] = None,
+    ):
         if not isinstance(inner, Policy) or isinstance(inner, AdaKV):
             raise TypeError("AdaKV wraps a scoring policy (H2O, TOVA, SnapKV, ...), not AdaKV itself")
-        super().__init__(inner.keep, every=every if every is not None else inner.every)
+        super().__init__(
+            inner.keep,
+            every=every if every is not None else inner.every,
+            page_align=inner.page_align if page_align is None else page_align,
+        )
         if not 0.0 <= float(alpha_safeguard) <= 1.0:
             raise ValueError(f"AdaKV: alpha_safeguard must be in [0, 1], got {alpha_safeguard}")
         self.inner = inner
@@ -349,12 +471,17 @@ class AdaKV(Policy):
     def layer_budget(self, layer, num_layers, n):
         return self.inner.layer_budget(layer, num_layers, n)
 
+    def _safe(self, budget: int) -> int:
+        safe = int(budget * self.alpha_safeguard)
+        return max(1, safe) if self.alpha_safeguard > 0 and budget > 0 else safe
+
+    def _min_kept(self, forced_count, n_h, budget):
+        return max(forced_count, min(n_h, self._safe(budget)))
+
     def _select_layer(self, scores: torch.Tensor, heads: torch.Tensor, budget: int):
         H, n = scores.shape
         total = min(int(heads.sum()), H * budget)
-        safe = int(budget * self.alpha_safeguard)
-        if self.alpha_safeguard > 0 and budget > 0:
-            safe = max(1, safe)
+        safe = self._safe(budget)
         s = scores.clone()
         if safe > 0:
             top = s.topk(min(safe, n), dim=-1).indices
@@ -380,6 +507,8 @@ class DelayedEviction(Policy):
     live in the cache's score buffer (enable_scores) and move with the tokens at compaction; since
     no token of the last `window` is ever evicted, those are exactly each head's last `window`
     stored tokens. Applied at the end of each prompt and every `every` decode steps (default 1)."""
+
+    page_align = False  # its decisions are exact: no count is rounded
 
     def __init__(self, decide, window: int, *, every: Optional[int] = 1):
         if not callable(decide):
