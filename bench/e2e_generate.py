@@ -29,7 +29,7 @@ import transformers.cache_utils as hf_cache_utils
 
 import vattn
 import vattn.hf as vhf
-from vattn import _models
+from vattn import _fast, _models
 from vattn.generation import DEMO_PROMPTS, DTYPES, LAYOUTS, cache_kwarg, encode_prompts, resolve_device, resolve_dtype
 
 PROMPTS = list(DEMO_PROMPTS) * 4
@@ -60,6 +60,8 @@ _SPLIT_TARGETS = {
     "vattn": [
         (vattn, "attention", "attention"),
         (vattn, "append_kv", "append"),
+        (_fast, "decode", "attention"),  # vattn.hf calls the short path directly for decode steps
+        (_fast, "append_kv", "append"),
         (vhf.VAttnCache, "_begin_forward", "bookkeeping"),
         (vhf.VAttnCache, "_end_forward", "bookkeeping"),
         (vhf.VAttnCache, "_abort_forward", "bookkeeping"),
