@@ -24,6 +24,9 @@ import torch
 MODELS = {
     "llama3-8b": (32, 8, 128),
     "smollm2": (9, 3, 64),
+    # GQA group 1 (multi-head attention) and 8: the ends of the range issue 12's batched decode covers.
+    "llama2-7b": (32, 32, 128),
+    "llama3-70b": (64, 8, 128),
 }
 
 
@@ -299,6 +302,9 @@ def decode_cases(device: str, quick: bool) -> List[DecodeCase]:
             DecodeCase("smollm2", 16, 2048, f32),
             DecodeCase("smollm2", 32, 1024, f32),  # issue 12's batched-decode case
             DecodeCase("smollm2", 8, 4096, f32),
+            DecodeCase("llama2-7b", 8, 512, f32),  # GQA group 1
+            DecodeCase("llama3-70b", 8, 2048, f32),  # GQA group 8
+            DecodeCase("smollm2", 64, 512, f32),
             DecodeCase("llama3-8b", 1, 8192, bf),
         ]
         if quick:

@@ -63,6 +63,14 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
               float* acc) {
   VATTN_DISPATCH(pv_block, p, ldp, nq, v, v_stride, nk, nk_avail, dim, acc);
 }
+void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* s, int lds) {
+  VATTN_DISPATCH(qk_tokens, q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
+}
+void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* acc) {
+  VATTN_DISPATCH(pv_tokens, p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
+}
 void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
   VATTN_DISPATCH(f16_rows_to_float, src, stride, n, n_avail, dim, dst);
 }

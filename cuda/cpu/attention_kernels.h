@@ -17,6 +17,17 @@ void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, 
 void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride, int nk, int nk_avail, int dim,
               float* acc);
 
+// Decode over the kv heads of one token at a time (attention_cpu.cpp says why): for the tokens t of
+// [jb, jb + nk) in order, and within a token the heads h < nh in order, if lo[h] <= t < hi[h]:
+//   qk_tokens: s[(h * rows + r) * lds + (t - jb)] = dot(q[h * rows + r], k(t, h)) for r < rows;
+//   pv_tokens: acc[h * rows + r][:] += p[(h * rows + r) * ldp + (t - jb)] * v(t, h)[:] for r < rows,
+// where k(t, h) = k + t * k_tok + h * k_head (fp32 rows of dim), and v alike. Tokens outside a
+// head's [lo, hi) are not read (a head's rows may end before another's).
+void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* s, int lds);
+void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* acc);
+
 // dst[j][:] = fp32 of n rows of dim 16-bit values (IEEE half or bfloat16) starting every
 // `stride` elements; dst rows are contiguous.
 void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);

@@ -594,3 +594,145 @@ void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scal
     int4_ch_row(r, scale, zero, dim, dst + (int64_t)j * dim);
   }
 }
+
+// ---- Token-order decode (attention_kernels.h) ------------------------------------------------
+// One query row per head (no GQA): tokens go in pairs where both lie in the head's range, so each q
+// vector (QK) or accumulator (PV) loaded serves two keys (measured, group 1, 32 x 128 heads, b=8 x
+// 512: 1.41-1.56x the head walk in pairs, 1.29-1.31x one token at a time). With several rows per
+// head the pair costs more than it saves: a pair reads two tokens' rows of one head in turn, which
+// within one token's span of heads is no longer front to back (SmolLM2 heads, 3 rows per head: in
+// pairs 0.83-0.92x the head walk, one token at a time 1.19-1.49x).
+
+// s[r * lds + c] = dot(q[r], k_c) for R rows and the C (1 or 2) key rows k0, k1.
+template <int R, int C>
+static inline void qk_tok_tile(const float* q, int dim, const float* k0, const float* k1, float* s, int lds) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  // Registers: R * C accumulators + R q vectors + C key vectors <= 14.
+  int d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    const __m256 ka = _mm256_loadu_ps(k0 + d);
+    const __m256 kb = C > 1 ? _mm256_loadu_ps(k1 + d) : ka;
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q + (int64_t)r * dim + d);
+      acc[r][0] = _mm256_fmadd_ps(qv, ka, acc[r][0]);
+      if (C > 1) acc[r][C - 1] = _mm256_fmadd_ps(qv, kb, acc[r][C - 1]);
+    }
+  }
+  if (d < dim) {
+    const __m256i m = lane_mask(dim - d);
+    const __m256 ka = _mm256_maskload_ps(k0 + d, m);
+    const __m256 kb = C > 1 ? _mm256_maskload_ps(k1 + d, m) : ka;
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_maskload_ps(q + (int64_t)r * dim + d, m);
+      acc[r][0] = _mm256_fmadd_ps(qv, ka, acc[r][0]);
+      if (C > 1) acc[r][C - 1] = _mm256_fmadd_ps(qv, kb, acc[r][C - 1]);
+    }
+  }
+  // Four sums per horizontal reduction: rows r, r + 1 (both columns when C == 2) or four rows.
+  alignas(16) float t[4];
+  if (C == 2) {
+    int r = 0;
+    for (; r + 2 <= R; r += 2) {
+      _mm_store_ps(t,
+                   hsum4(acc[r][0], acc[r][C - 1], acc[r + 1 < R ? r + 1 : r][0], acc[r + 1 < R ? r + 1 : r][C - 1]));
+      s[(int64_t)r * lds] = t[0];
+      s[(int64_t)r * lds + 1] = t[1];
+      s[(int64_t)(r + 1) * lds] = t[2];
+      s[(int64_t)(r + 1) * lds + 1] = t[3];
+    }
+    if (r < R) {
+      _mm_store_ps(t, hsum4(acc[r][0], acc[r][C - 1], acc[r][0], acc[r][0]));
+      s[(int64_t)r * lds] = t[0];
+      s[(int64_t)r * lds + 1] = t[1];
+    }
+  } else {
+    const __m256 z = _mm256_setzero_ps();
+    for (int r = 0; r < R; r += 4) {
+      _mm_store_ps(t,
+                   hsum4(acc[r][0], r + 1 < R ? acc[r + 1 < R ? r + 1 : r][0] : z,
+                         r + 2 < R ? acc[r + 2 < R ? r + 2 : r][0] : z, r + 3 < R ? acc[r + 3 < R ? r + 3 : r][0] : z));
+      for (int i = 0; i < 4 && r + i < R; ++i) s[(int64_t)(r + i) * lds] = t[i];
+    }
+  }
+}
+
+// All rows of one head against key rows k0 (and k1 when C == 2), in row tiles of at most 4.
+template <int C>
+static inline void qk_tok_rows(const float* q, int rows, int dim, const float* k0, const float* k1, float* s, int lds) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk_tok_tile<4, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+  const int left = rows - r;
+  if (left == 3) qk_tok_tile<3, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+  if (left == 2) qk_tok_tile<2, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+  if (left == 1) qk_tok_tile<1, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+}
+
+void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* s, int lds) {
+  const bool pairs = rows == 1;
+  for (int t = jb; t < jb + nk; t += pairs ? 2 : 1) {
+    const bool two = pairs && t + 1 < jb + nk;
+    const float* kt = k + (int64_t)t * k_tok;
+    for (int h = 0; h < nh; ++h) {
+      const bool in0 = t >= lo[h] && t < hi[h], in1 = two && t + 1 >= lo[h] && t + 1 < hi[h];
+      const float* k0 = kt + (int64_t)h * k_head;
+      const float* qh = q + (int64_t)h * rows * dim;
+      float* sh = s + (int64_t)h * rows * lds + (t - jb);
+      if (in0 && in1)
+        qk_tok_rows<2>(qh, rows, dim, k0, k0 + k_tok, sh, lds);
+      else if (in0)
+        qk_tok_rows<1>(qh, rows, dim, k0, k0, sh, lds);
+      else if (in1)
+        qk_tok_rows<1>(qh, rows, dim, k0 + k_tok, k0 + k_tok, sh + 1, lds);
+    }
+  }
+}
+
+// acc[r][:] += w0[r * ldp] * v0[:] (+ w1[r * ldp] * v1[:] when C == 2) for r < rows.
+template <int C>
+static inline void pv_tok_rows(const float* w, int ldp, int rows, const float* v0, const float* v1, int dim,
+                               float* acc) {
+  for (int r = 0; r < rows; ++r) {
+    const float x0 = w[(int64_t)r * ldp], x1 = C > 1 ? w[(int64_t)r * ldp + 1] : 0.f;
+    if (x0 == 0.f && x1 == 0.f) continue;
+    const __m256 b0 = _mm256_set1_ps(x0), b1 = _mm256_set1_ps(x1);
+    float* ar = acc + (int64_t)r * dim;
+    int d = 0;
+    for (; d + 8 <= dim; d += 8) {
+      __m256 a = _mm256_loadu_ps(ar + d);
+      a = _mm256_fmadd_ps(b0, _mm256_loadu_ps(v0 + d), a);
+      if (C > 1) a = _mm256_fmadd_ps(b1, _mm256_loadu_ps(v1 + d), a);
+      _mm256_storeu_ps(ar + d, a);
+    }
+    if (d < dim) {
+      const __m256i m = lane_mask(dim - d);
+      __m256 a = _mm256_maskload_ps(ar + d, m);
+      a = _mm256_fmadd_ps(b0, _mm256_maskload_ps(v0 + d, m), a);
+      if (C > 1) a = _mm256_fmadd_ps(b1, _mm256_maskload_ps(v1 + d, m), a);
+      _mm256_maskstore_ps(ar + d, m, a);
+    }
+  }
+}
+
+void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* acc) {
+  const bool pairs = rows == 1;
+  for (int t = jb; t < jb + nk; t += pairs ? 2 : 1) {
+    const bool two = pairs && t + 1 < jb + nk;
+    const float* vt = v + (int64_t)t * v_tok;
+    for (int h = 0; h < nh; ++h) {
+      const bool in0 = t >= lo[h] && t < hi[h], in1 = two && t + 1 >= lo[h] && t + 1 < hi[h];
+      const float* v0 = vt + (int64_t)h * v_head;
+      const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
+      float* ah = acc + (int64_t)h * rows * dim;
+      if (in0 && in1)
+        pv_tok_rows<2>(wh, ldp, rows, v0, v0 + v_tok, dim, ah);
+      else if (in0)
+        pv_tok_rows<1>(wh, ldp, rows, v0, v0, dim, ah);
+      else if (in1)
+        pv_tok_rows<1>(wh + 1, ldp, rows, v0 + v_tok, v0 + v_tok, dim, ah);
+    }
+  }
+}

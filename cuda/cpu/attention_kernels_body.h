@@ -130,6 +130,64 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 }
 #endif  // VATTN_BODY_AVX2
 
+#if !defined(VATTN_BODY_AVX2)  // the AVX2 copy has register-tiled versions of these
+// Token-order decode (attention_kernels.h): plain loops, vectorized along head_dim.
+void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* s, int lds) {
+  for (int t = jb; t < jb + nk; ++t) {
+    const float* kt = k + (int64_t)t * k_tok;
+    for (int h = 0; h < nh; ++h) {
+      if (t < lo[h] || t >= hi[h]) continue;
+      const float* kr = kt + (int64_t)h * k_head;
+      const float* qh = q + (int64_t)h * rows * dim;
+      float* sh = s + (int64_t)h * rows * lds + (t - jb);
+      int r = 0;
+      for (; r + 3 <= rows; r += 3) {  // three query rows per pass over the key row
+        const float* q0 = qh + (int64_t)r * dim;
+        const float* q1 = q0 + dim;
+        const float* q2 = q1 + dim;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2)
+        for (int d = 0; d < dim; ++d) {
+          const float kv = kr[d];
+          a0 += q0[d] * kv;
+          a1 += q1[d] * kv;
+          a2 += q2[d] * kv;
+        }
+        sh[(int64_t)r * lds] = a0;
+        sh[(int64_t)(r + 1) * lds] = a1;
+        sh[(int64_t)(r + 2) * lds] = a2;
+      }
+      for (; r < rows; ++r) {
+        const float* qr = qh + (int64_t)r * dim;
+        float a = 0.f;
+#pragma omp simd reduction(+ : a)
+        for (int d = 0; d < dim; ++d) a += qr[d] * kr[d];
+        sh[(int64_t)r * lds] = a;
+      }
+    }
+  }
+}
+
+void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* acc) {
+  for (int t = jb; t < jb + nk; ++t) {
+    const float* vt = v + (int64_t)t * v_tok;
+    for (int h = 0; h < nh; ++h) {
+      if (t < lo[h] || t >= hi[h]) continue;
+      const float* vr = vt + (int64_t)h * v_head;
+      for (int r = h * rows; r < (h + 1) * rows; ++r) {
+        const float w = p[(int64_t)r * ldp + (t - jb)];
+        if (w == 0.f) continue;
+        float* ar = acc + (int64_t)r * dim;
+#pragma omp simd
+        for (int d = 0; d < dim; ++d) ar[d] += w * vr[d];
+      }
+    }
+  }
+}
+#endif  // !VATTN_BODY_AVX2
+
 static inline void prefetch_row16(const uint16_t* row, int dim) {
   for (int o = 0; o < dim; o += 32) __builtin_prefetch(row + o, 0, 3);
 }

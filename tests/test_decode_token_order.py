@@ -1,0 +1,90 @@
+"""CPU decode's token-order walk (attention_cpu.cpp: fp32 caches read in place, several kv heads, GQA
+groups <= 4) against reference.py: every layout, head dims with and without a partial last vector,
+rows shorter and longer than a key block, a split long row, per-head lengths with NaN past each
+head's length, windows, soft-cap, decode scores, group 1's token pairs, and the portable copy."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vattn
+from vattn import reference
+from helpers import LAYOUTS, Case, assert_attention_close, build
+
+# Odd lengths so token pairs (group 1) end on a single token; 64 / 65 straddle a key block; 1500 on
+# one row makes decode split it into key ranges.
+LENS = [[1], [2, 63, 64, 65], [129, 7, 300], [1500], [33, 1, 2, 200, 91]]
+
+
+def _decode(q, kc, vc, kw, **extra):
+    kw = {k: v for k, v in kw.items() if k != "cu_seqlens_q"}
+    return vattn.decode_attention(q, kc, vc, kw.pop("seqlens_k"), return_lse=True, **kw, **extra)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dim", [8, 36, 64, 128])
+@pytest.mark.parametrize("hkv", [2, 3])
+def test_token_order_matches_reference(group, dim, hkv):
+    for i, lens in enumerate(LENS):
+        case = Case(lens=lens, hkv=hkv, group=group, dim=dim)
+        if i == 2:
+            case.window_left = 100
+        if i == 4:
+            case.softcap = 5.0
+        layout = LAYOUTS[(i + group + dim) % len(LAYOUTS)]
+        q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=100 * group + dim + i)
+        out, lse = _decode(q, kc, vc, kw)
+        assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_head_lengths_read_nothing_past_a_head(group, layout):
+    """Heads of a row end at different tokens (one at 0, others inside and across key blocks); the
+    cache is NaN past each head's own length, so any read past it would show in the output."""
+    case = Case(lens=[130, 70, 1200], hkv=4, group=group, dim=64)
+    case.head_lens = [[0, 65, 130, 1], [64, 3, 70, 69], [1200, 2, 513, 640]]
+    q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=7 + group)
+    out, lse = _decode(q, kc, vc, kw)
+    assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
+    # A head that sees no key outputs zeros with LSE -inf (batch row 0, kv head 0).
+    assert (out[0, :group] == 0).all() and torch.isinf(lse[0, :group]).all()
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_decode_scores_over_token_order(mode, group):
+    case = Case(lens=[90, 257, 1], hkv=3, group=group, dim=40)
+    q, kc, vc, kw = build(case, torch.float32, "token_major", "cpu", seed=11)
+    rows, seq = kc.shape[0], kc.shape[1]
+    got = torch.rand(rows, 3, seq, generator=torch.Generator().manual_seed(1))
+    want = got.clone()
+    _decode(q, kc, vc, kw, scores=got, score_mode=mode)
+    ref_kw = {k: v for k, v in kw.items() if k != "cu_seqlens_q"}
+    reference.attention(q, kc, vc, ref_kw.pop("seqlens_k"), **ref_kw, scores=want, score_mode=mode)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_portable_copy_matches_reference():
+    """The same walk in the portable (non-AVX2) copy, forced with VATTN_CPU_GENERIC in a subprocess."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {tests!r})\n"
+        "import torch, vattn\n"
+        "from helpers import Case, assert_attention_close, build\n"
+        "for group, dim, lens, layout in ((1, 36, [5, 130], 'plain'), (3, 64, [1500, 3], 'token_major'),\n"
+        "                                 (4, 128, [65, 64], 'head_major')):\n"
+        "    case = Case(lens=lens, hkv=2, group=group, dim=dim, head_lens=[[lens[0], 1], [0, lens[1]]])\n"
+        "    q, kc, vc, kw = build(case, torch.float32, layout, 'cpu', seed=group)\n"
+        "    kw = {k: v for k, v in kw.items() if k != 'cu_seqlens_q'}\n"
+        "    out, lse = vattn.decode_attention(q, kc, vc, kw.pop('seqlens_k'), return_lse=True, **kw)\n"
+        "    kw['seqlens_k'] = torch.tensor(lens, dtype=torch.int32)\n"
+        "    assert_attention_close(out, lse, q, kc, vc, kw, case.describe())\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, VATTN_CPU_GENERIC="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
