@@ -1,7 +1,9 @@
-"""CPU decode's token-order walk (attention_cpu.cpp: fp32 caches read in place, several kv heads, GQA
-groups <= 4) against reference.py: every layout, head dims with and without a partial last vector,
-rows shorter and longer than a key block, a split long row, per-head lengths with NaN past each
-head's length, windows, soft-cap, decode scores, group 1's token pairs, and the portable copy."""
+"""CPU decode's token-order walk (attention_cpu.cpp: fp32 caches whose row is one [tokens, heads, dim]
+block, several kv heads, GQA groups <= 3, calls reading >= 24 MiB of K and V) against reference.py:
+head dims with and without a partial last vector, rows shorter and longer than a key block, a split
+long row, per-head lengths with NaN past each head's length, windows, soft-cap, decode scores,
+group 1's token pairs, and the portable copy. VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes the walk on
+these small problems (-1: never), so the same data also runs through the head-at-a-time walk."""
 
 import os
 import subprocess
@@ -17,6 +19,11 @@ from helpers import LAYOUTS, Case, assert_attention_close, build
 # Odd lengths so token pairs (group 1) end on a single token; 64 / 65 straddle a key block; 1500 on
 # one row makes decode split it into key ranges.
 LENS = [[1], [2, 63, 64, 65], [129, 7, 300], [1500], [33, 1, 2, 200, 91]]
+
+
+@pytest.fixture(autouse=True)
+def token_order_everywhere(monkeypatch):
+    monkeypatch.setenv("VATTN_CPU_TOKEN_ORDER_MIN_BYTES", "0")
 
 
 def _decode(q, kc, vc, kw, **extra):
@@ -38,6 +45,33 @@ def test_token_order_matches_reference(group, dim, hkv):
         q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=100 * group + dim + i)
         out, lse = _decode(q, kc, vc, kw)
         assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 8])
+@pytest.mark.parametrize("layout", ["plain", "layer_major", "token_major"])
+def test_token_order_agrees_with_the_head_walk(group, layout, monkeypatch):
+    """The same problems through both walks (plain and layer_major rows take the token order with
+    groups <= 3; token_major and group 8 never do): the same output up to float rounding."""
+    for i, lens in enumerate(LENS):
+        case = Case(lens=lens, hkv=3, group=group, dim=[36, 64, 128][i % 3])
+        case.head_lens = [[n, max(n - 5, 0), 1] for n in lens] if i == 2 else None
+        q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=i)
+        outs = []
+        for knob in ("0", "-1"):
+            monkeypatch.setenv("VATTN_CPU_TOKEN_ORDER_MIN_BYTES", knob)
+            outs.append(_decode(q, kc, vc, kw))
+        assert torch.allclose(outs[0][0], outs[1][0], atol=2e-6, rtol=1e-5), case.describe()
+        assert torch.allclose(outs[0][1], outs[1][1], atol=2e-6, rtol=1e-6), case.describe()
+
+
+def test_default_gate_takes_the_walk_on_a_large_call(monkeypatch):
+    """Without the knob, a call reading 24 MiB of K and V (one 16K-token row, SmolLM2 heads) takes the
+    token order (the gate's own path) and matches the reference."""
+    monkeypatch.delenv("VATTN_CPU_TOKEN_ORDER_MIN_BYTES")
+    case = Case(lens=[16384], hkv=3, group=3, dim=64, extra_rows=0)
+    q, kc, vc, kw = build(case, torch.float32, "plain", "cpu", seed=5)
+    out, lse = _decode(q, kc, vc, kw)
+    assert_attention_close(out, lse, q, kc, vc, kw, case.describe())
 
 
 @pytest.mark.parametrize("group", [1, 3, 4])
@@ -85,6 +119,6 @@ def test_portable_copy_matches_reference():
         "    assert_attention_close(out, lse, q, kc, vc, kw, case.describe())\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, VATTN_CPU_GENERIC="1")
+    env = dict(os.environ, VATTN_CPU_GENERIC="1", VATTN_CPU_TOKEN_ORDER_MIN_BYTES="0")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -217,29 +218,41 @@ void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h
   }
 }
 
-// Decode items over several kv heads of fp32 storage read in place (contiguous view) with GQA groups
-// of at most kTokenOrderMaxGroup walk each key block token after token, all heads of a token before
-// the next (qk_tokens / pv_tokens), instead of one head at a time. Why: the heads of a token are
-// adjacent in every layout, so that order reads K and V front to back, which the hardware prefetcher
-// follows, where the head-at-a-time walk reads a dim-long piece of every token row and leaves it
-// behind. Measured (2-core Zen 4 VM, fp32, K/V [rows, tokens, heads, dim], both orders timed in
-// turn in one process): a 50 MB read head by head in blocks of 64 keys (no arithmetic) 6-10 GB/s on
-// one thread, front to back 22-30 GB/s; decode, 2 threads, token order / head order: SmolLM2 heads
-// (3 x 64, group 3) b=16 x 2K 1.38-1.47x, Llama-3-8B heads (8 x 128, group 4) b=8 x 2K 1.13x,
-// group 1 (32 x 128) b=8 x 512 1.31-1.56x; group 8 (Llama-3-70B heads) 0.66-0.70x, so larger
-// groups keep the head walk: at 8 query rows per head its register tiles (each q vector used for
-// several keys, the PV accumulators held over a run of keys) save more than the order gains. When
-// K and V already sit in the cache (one 12.6 MB row decoded over and over) token order is
-// 0.71-0.86x: it reloads the accumulators for every key; a decode step of a model meets its layer's
-// K and V cold, after the weights of the layers before have streamed through the cache.
-//
-// Only where a cache row's K (and V) is one [tokens, kv heads, dim] block (layout="layer_major",
-// plain [rows, tokens, heads, dim] tensors): there the walk is one stream. In token_major, where a
-// token's heads of one layer sit between other layers' (46 KB from one token to the next with
-// SmolLM2's 30 layers), every token starts a new page, the prefetcher stops at each, and token order
-// measured 0.46-0.78x the head walk (b=1-16 x 1K, one layer after another as in a model's step),
-// whose software prefetch runs several rows ahead in each head.
-constexpr int kTokenOrderMaxGroup = 4;
+// Token-order decode. A decode item covers every kv head of its row; by default it walks a key
+// block one head at a time, reading a dim-long piece of every token row, which leaves the hardware
+// prefetcher behind. qk_tokens / pv_tokens walk the block token after token instead, all heads of a
+// token before the next: where the heads of a token and consecutive tokens are back to back, that
+// reads K and V front to back, which the prefetcher follows. Measured on the 2-core Zen 4 VM, fp32,
+// K / V [rows, tokens, heads, dim], both walks timed in turn in one process:
+// - a 50 MB read, no arithmetic, one thread: head by head in blocks of 64 keys 6-10 GB/s, front to
+//   back 22-30 GB/s;
+// - decode, 2 threads, token order / head order: SmolLM2 heads (3 x 64, group 3) b=16 x 2K
+//   1.38-1.47x, group 1 (32 x 128) b=8 x 512 1.31-1.56x, Llama-3-8B heads (group 4) 0.93-1.13x,
+//   Llama-3-70B heads (group 8) 0.66-0.70x: with many query rows per head the head walk's register
+//   tiles (a q vector used for several keys, the PV accumulators held over a run of keys) save more
+//   than the order gains, so the token order is for groups of at most kTokenOrderMaxGroup;
+// - by the bytes of K and V the call reads (SmolLM2 heads, the same rows decoded over and over):
+//   12.6 MB 0.64-0.79x, 25 MB 0.98-1.63x, 50 MB 1.15-1.47x. Where K and V fit in the cache, the
+//   token order's reloads of the accumulators for every key cost more than it saves, so it starts
+//   at kTokenOrderMinBytes. (A model's decode step meets each layer's K and V cold, where the token
+//   order paid at 1.5-24 MB too, layer_major, 1.15-1.34x on one thread; the gate gives that up
+//   rather than slow down calls whose K and V are hot.)
+// - layout: only where a cache row's K (and V) is one [tokens, kv heads, dim] block (layer_major,
+//   plain tensors). In token_major a token's heads of one layer sit between other layers' (46 KB
+//   from token to token with SmolLM2's 30 layers), every token starts a new page, and the token
+//   order measured 0.46-0.78x the head walk, whose software prefetch runs rows ahead in each head.
+constexpr int kTokenOrderMaxGroup = 3;
+constexpr int64_t kTokenOrderMinBytes = int64_t(24) << 20;
+// kTokenOrderMinBytes, or VATTN_CPU_TOKEN_ORDER_MIN_BYTES when set to an integer (0: the token order
+// wherever it applies, as the tests use it; negative: never). Read per call, so a test can set it.
+inline int64_t token_order_min_bytes() {
+  const char* e = std::getenv("VATTN_CPU_TOKEN_ORDER_MIN_BYTES");
+  if (e == nullptr || *e == 0) return kTokenOrderMinBytes;
+  char* end = nullptr;
+  const long long v = std::strtoll(e, &end, 10);
+  if (end == e || *end != 0) return kTokenOrderMinBytes;
+  return v < 0 ? INT64_MAX : (int64_t)v;
+}
 inline bool rows_back_to_back(const cpu::KvSide& side, int heads, int dim) {
   return side.s_head == dim && side.s_tok == (int64_t)heads * dim;
 }
@@ -261,6 +274,10 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
   int64_t work = 0;
   for (const Item& w : items) work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nh * w.nq * group * dim;
   const bool parallel = n_items > 1 && work > (1 << 18);
+  // Bytes of K and V the call walks (every item's keys of its heads): too many for the cache?
+  int64_t kv_bytes = 0;
+  for (const Item& w : items) kv_bytes += (int64_t)std::max(w.k1 - w.k0, 0) * w.nh * dim * 2 * (int64_t)sizeof(float);
+  const bool streams = kv_bytes >= token_order_min_bytes();
 
   cpu::parallel_items(
       n_items, parallel,
@@ -314,7 +331,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         const bool prefetch_next = w.nh == 1 && head_rows >= 12;
         bool token_order = false;
         if constexpr (kTokenOrderFormats<KF, VF>)
-          token_order = w.nq == 1 && w.nh > 1 && group <= kTokenOrderMaxGroup && !kv_paged(p.kv) &&
+          token_order = streams && w.nq == 1 && w.nh > 1 && group <= kTokenOrderMaxGroup && !kv_paged(p.kv) &&
                         rows_back_to_back(kside, p.num_kv_heads, dim) && rows_back_to_back(vside, p.num_kv_heads, dim);
         // fp32 rows of the item's first head in this cache row (token order only: contiguous view).
         const float* k_row = token_order ? static_cast<const float*>(kside.data) + (int64_t)row * kside.s_row +
