@@ -1,9 +1,9 @@
-"""CPU decode: the token-order walk against the head-at-a-time walk on the same data, in turn in one
-process (VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 forces the token order where it applies, -1 turns it off),
-so machine drift cancels pair by pair: the measurement behind the size gate in
-cuda/cpu/attention_cpu.cpp. The knob moves only that gate; the walk is taken where the rest holds
-(fp32, a cache row that is one [tokens, heads, dim] block, GQA group <= 3), so shapes with larger
-groups time the head walk twice.
+"""CPU decode: the streaming walks (token order for GQA groups <= 3, the prefetched head walk for
+larger ones) against the plain head-at-a-time walk on the same data, in turn in one process
+(VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes them wherever they apply, -1 never), so machine drift
+cancels pair by pair: the measurement behind the size gate in cuda/cpu/attention_cpu.cpp. They
+apply to fp32 caches whose row is one [tokens, heads, dim] block, as the [batch, context, heads,
+dim] tensors here.
 
     python bench/decode_walks.py                       # the default shapes, 2 threads
     python bench/decode_walks.py --threads 1 --shapes smollm2:16:2048 16/8/64:8:2048
@@ -34,6 +34,10 @@ DEFAULT_SHAPES = [
     "smollm2:64:512",
     "llama2-7b:8:512",
     "16/8/64:16:2048",
+    "llama3-8b:1:2048",
+    "llama3-8b:8:2048",
+    "llama3-8b:64:512",
+    "llama3-70b:8:2048",
 ]
 
 

@@ -1,9 +1,10 @@
-"""CPU decode's token-order walk (attention_cpu.cpp: fp32 caches whose row is one [tokens, heads, dim]
-block, several kv heads, GQA groups <= 3, calls reading >= 24 MiB of K and V) against reference.py:
-head dims with and without a partial last vector, rows shorter and longer than a key block, a split
-long row, per-head lengths with NaN past each head's length, windows, soft-cap, decode scores,
-group 1's token pairs, and the portable copy. VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes the walk on
-these small problems (-1: never), so the same data also runs through the head-at-a-time walk."""
+"""CPU decode's streaming walks (attention_cpu.cpp: fp32 caches whose row is one [tokens, heads, dim]
+block, several kv heads, calls reading >= 24 MiB of K and V; token order for GQA groups <= 3, the
+head walk in prefetched pieces for larger ones) against reference.py: head dims with and without a
+partial last vector, rows shorter and longer than a key block, a split long row, per-head lengths
+with NaN past each head's length, windows, soft-cap, decode scores, group 1's token pairs, and the
+portable copy. VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes the walks on these small problems (-1:
+never), so the same data also runs through the plain head-at-a-time walk."""
 
 import os
 import subprocess
@@ -47,11 +48,12 @@ def test_token_order_matches_reference(group, dim, hkv):
         assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("layout", ["plain", "layer_major", "token_major"])
 def test_token_order_agrees_with_the_head_walk(group, layout, monkeypatch):
-    """The same problems through both walks (plain and layer_major rows take the token order with
-    groups <= 3; token_major and group 8 never do): the same output up to float rounding."""
+    """The same problems through the streaming walk and the plain one (plain and layer_major rows
+    stream: token order for groups <= 3, prefetched pieces for group 8; token_major never does):
+    the same output up to float rounding."""
     for i, lens in enumerate(LENS):
         case = Case(lens=lens, hkv=3, group=group, dim=[36, 64, 128][i % 3])
         case.head_lens = [[n, max(n - 5, 0), 1] for n in lens] if i == 2 else None

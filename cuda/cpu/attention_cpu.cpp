@@ -230,13 +230,16 @@ void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h
 //   1.38-1.47x, group 1 (32 x 128) b=8 x 512 1.31-1.56x, Llama-3-8B heads (group 4) 0.93-1.13x,
 //   Llama-3-70B heads (group 8) 0.66-0.70x: with many query rows per head the head walk's register
 //   tiles (a q vector used for several keys, the PV accumulators held over a run of keys) save more
-//   than the order gains, so the token order is for groups of at most kTokenOrderMaxGroup;
+//   than the order gains, so the token order is for groups of at most kTokenOrderMaxGroup. Larger
+//   groups keep the head walk, in pieces of kPrefetchPiece keys, each preceded by a prefetch of the
+//   piece's rows of every head front to back (prefetch_span): 1.03-1.08x with Llama-3-8B and
+//   Llama-3-70B heads at 134-268 MB (bench/decode_walks.py);
 // - by the bytes of K and V the call reads (SmolLM2 heads, the same rows decoded over and over):
 //   12.6 MB 0.64-0.79x, 25 MB 0.98-1.63x, 50 MB 1.15-1.47x. Where K and V fit in the cache, the
 //   token order's reloads of the accumulators for every key cost more than it saves, so it starts
-//   at kTokenOrderMinBytes. (A model's decode step meets each layer's K and V cold, where the token
-//   order paid at 1.5-24 MB too, layer_major, 1.15-1.34x on one thread; the gate gives that up
-//   rather than slow down calls whose K and V are hot.)
+//   at kTokenOrderMinBytes, as does the prefetched head walk. (A model's decode step meets each layer's K and V cold,
+//   where the token order paid at 1.5-24 MB too, layer_major, 1.24-1.34x on one thread; the gate gives that up rather
+//   than slow down calls whose K and V are hot.)
 // - layout: only where a cache row's K (and V) is one [tokens, kv heads, dim] block (layer_major,
 //   plain tensors). In token_major a token's heads of one layer sit between other layers' (46 KB
 //   from token to token with SmolLM2's 30 layers), every token starts a new page, and the token
@@ -252,6 +255,15 @@ inline int64_t token_order_min_bytes() {
   const long long v = std::strtoll(e, &end, 10);
   if (end == e || *end != 0) return kTokenOrderMinBytes;
   return v < 0 ? INT64_MAX : (int64_t)v;
+}
+// Prefetch into L1 of the rows of tokens [ta, te) of a row stored as one block (token stride s_tok
+// floats, the heads of a token back to back), front to back. Prefetches never fault.
+constexpr int kPrefetchPiece = 32;
+inline void prefetch_span(const float* base, int64_t s_tok, int ta, int te) {
+  if (ta >= te) return;
+  const char* a = reinterpret_cast<const char*>(base + (int64_t)ta * s_tok);
+  const char* e = reinterpret_cast<const char*>(base + (int64_t)te * s_tok);
+  for (const char* x = a; x < e; x += 64) __builtin_prefetch(x, 0, 3);
 }
 inline bool rows_back_to_back(const cpu::KvSide& side, int heads, int dim) {
   return side.s_head == dim && side.s_tok == (int64_t)heads * dim;
@@ -329,17 +341,38 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         // next block does not wait on L3 / DRAM. Decode tiles do too little per block for that to
         // pay (measured: no gain).
         const bool prefetch_next = w.nh == 1 && head_rows >= 12;
-        bool token_order = false;
+        // The decode walk over a row stored as one [tokens, heads, dim] block (see kTokenOrderMaxGroup).
+        bool stream_walk = false;
         if constexpr (kTokenOrderFormats<KF, VF>)
-          token_order = streams && w.nq == 1 && w.nh > 1 && group <= kTokenOrderMaxGroup && !kv_paged(p.kv) &&
+          stream_walk = streams && w.nq == 1 && w.nh > 1 && !kv_paged(p.kv) &&
                         rows_back_to_back(kside, p.num_kv_heads, dim) && rows_back_to_back(vside, p.num_kv_heads, dim);
-        // fp32 rows of the item's first head in this cache row (token order only: contiguous view).
-        const float* k_row = token_order ? static_cast<const float*>(kside.data) + (int64_t)row * kside.s_row +
+        const bool token_order = stream_walk && group <= kTokenOrderMaxGroup;
+        const bool prefetched_heads = stream_walk && !token_order;
+        // fp32 rows of the item's first head in this cache row (those walks only: contiguous view).
+        const float* k_row = stream_walk ? static_cast<const float*>(kside.data) + (int64_t)row * kside.s_row +
                                                (int64_t)w.h0 * kside.s_head
                                          : nullptr;
-        const float* v_row = token_order ? static_cast<const float*>(vside.data) + (int64_t)row * vside.s_row +
+        const float* v_row = stream_walk ? static_cast<const float*>(vside.data) + (int64_t)row * vside.s_row +
                                                (int64_t)w.h0 * vside.s_head
                                          : nullptr;
+        int reach_lo = INT32_MAX, reach_hi = 0;  // keys any head of the item reads
+        for (int hh = 0; hh < w.nh; ++hh)
+          if (sc.head_lo[hh] < sc.head_hi[hh]) {
+            reach_lo = std::min(reach_lo, sc.head_lo[hh]);
+            reach_hi = std::max(reach_hi, sc.head_hi[hh]);
+          }
+        // prefetched_heads: the head walk over the block in pieces of kPrefetchPiece keys, each
+        // preceded by a prefetch of its K (or V) rows of every head, front to back.
+        auto heads_prefetched = [&](const float* base, int64_t s_tok, int jb, int nk, auto&& per_head) {
+          for (int ta = jb; ta < jb + nk; ta += kPrefetchPiece) {
+            const int te = std::min(ta + kPrefetchPiece, jb + nk);
+            prefetch_span(base, s_tok, std::max(ta, reach_lo), std::min(te, reach_hi));
+            for (int hh = 0; hh < w.nh; ++hh) {
+              const int ja = std::max(ta, sc.head_lo[hh]), je = std::min(te, sc.head_hi[hh]);
+              if (ja < je) per_head(hh, ja, je);
+            }
+          }
+        };
         for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
           const int nk = std::min(kKeyBlock, w.k1 - jb);
           if (prefetch_next) {
@@ -357,6 +390,11 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
           if (token_order)
             cpu::qk_tokens(sc.q.data(), head_rows, w.nh, k_row, kside.s_tok, kside.s_head, jb, nk, sc.head_lo.data(),
                            sc.head_hi.data(), dim, sc.s.data(), kKeyBlock);
+          if (prefetched_heads)
+            heads_prefetched(k_row, kside.s_tok, jb, nk, [&](int hh, int ja, int je) {
+              block_logits<KF>(p.kv, kside, row, w.h0 + hh, ja, je, je - ja, &sc.q[(size_t)hh * head_rows * dim],
+                               head_rows, dim, sc.kbuf.data(), &sc.s[(size_t)hh * head_rows * kKeyBlock] + (ja - jb));
+            });
           for (int hh = 0; hh < w.nh; ++hh) {
             // This head's part of the block; its rows' other columns stay masked (weight 0).
             const int ja = std::max(jb, sc.head_lo[hh]), je = std::min(jb + nk, sc.head_hi[hh]);
@@ -367,7 +405,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             }
             const int h = w.h0 + hh;
             const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
-            if (!token_order)
+            if (!stream_walk)
               block_logits<KF>(p.kv, kside, row, h, ja, je, avail, &sc.q[(size_t)hh * head_rows * dim], head_rows, dim,
                                sc.kbuf.data(), s_head + (ja - jb));
             for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
@@ -395,13 +433,19 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
               }  // only -inf logits so far
               sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
             }
-            if (!token_order)
+            if (!stream_walk)
               block_values<VF>(p.kv, vside, row, h, ja, je, avail, s_head + (ja - jb), head_rows, dim, sc.vbuf.data(),
                                &sc.acc[(size_t)hh * head_rows * dim]);
           }
           if (token_order)
             cpu::pv_tokens(sc.s.data(), kKeyBlock, head_rows, w.nh, v_row, vside.s_tok, vside.s_head, jb, nk,
                            sc.head_lo.data(), sc.head_hi.data(), dim, sc.acc.data());
+          if (prefetched_heads)
+            heads_prefetched(v_row, vside.s_tok, jb, nk, [&](int hh, int ja, int je) {
+              block_values<VF>(p.kv, vside, row, w.h0 + hh, ja, je, je - ja,
+                               &sc.s[(size_t)hh * head_rows * kKeyBlock] + (ja - jb), head_rows, dim, sc.vbuf.data(),
+                               &sc.acc[(size_t)hh * head_rows * dim]);
+            });
         }
 
         for (int r = 0; r < rows; ++r) {
