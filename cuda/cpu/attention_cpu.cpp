@@ -283,13 +283,16 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
   const int64_t n_items = (int64_t)items.size();
   // Small problems run on the calling thread: waking a team costs more than they take, and on a
   // busy machine a sleeping worker can take a whole scheduler tick to start.
-  int64_t work = 0;
-  for (const Item& w : items) work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nh * w.nq * group * dim;
+  int64_t work = 0, kv_bytes = 0;  // kv_bytes: K and V the call walks (every item's keys of its heads)
+  for (const Item& w : items) {
+    work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nh * w.nq * group * dim;
+    kv_bytes += (int64_t)std::max(w.k1 - w.k0, 0) * w.nh * dim * 2 * (int64_t)sizeof(float);
+  }
   const bool parallel = n_items > 1 && work > (1 << 18);
-  // Bytes of K and V the call walks (every item's keys of its heads): too many for the cache?
-  int64_t kv_bytes = 0;
-  for (const Item& w : items) kv_bytes += (int64_t)std::max(w.k1 - w.k0, 0) * w.nh * dim * 2 * (int64_t)sizeof(float);
-  const bool streams = kv_bytes >= token_order_min_bytes();
+  // Too many for the cache? Only fp32 decode calls (no cu_seqlens_q) can take the streaming walks,
+  // so only they read the gate's environment variable.
+  bool streams = false;
+  if constexpr (kTokenOrderFormats<KF, VF>) streams = p.cu_seqlens_q == nullptr && kv_bytes >= token_order_min_bytes();
 
   cpu::parallel_items(
       n_items, parallel,
@@ -355,8 +358,8 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         const float* v_row = stream_walk ? static_cast<const float*>(vside.data) + (int64_t)row * vside.s_row +
                                                (int64_t)w.h0 * vside.s_head
                                          : nullptr;
-        int reach_lo = INT32_MAX, reach_hi = 0;  // keys any head of the item reads
-        for (int hh = 0; hh < w.nh; ++hh)
+        int reach_lo = INT32_MAX, reach_hi = 0;  // keys any head of the item reads (prefetched_heads)
+        for (int hh = 0; prefetched_heads && hh < w.nh; ++hh)
           if (sc.head_lo[hh] < sc.head_hi[hh]) {
             reach_lo = std::min(reach_lo, sc.head_lo[hh]);
             reach_hi = std::max(reach_hi, sc.head_hi[hh]);

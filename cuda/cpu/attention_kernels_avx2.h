@@ -669,25 +669,37 @@ static inline void qk_tok_rows(const float* q, int rows, int dim, const float* k
   if (left == 1) qk_tok_tile<1, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
 }
 
-void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds) {
+// The walk both loops share: f(h, t, n) for each run of n (2 or 1) consecutive tokens from t that
+// lie in head h's [lo, hi), tokens in order and within a token the heads in order; runs of two only
+// for one row per head (pairs, above).
+template <class F>
+static inline void for_token_runs(int rows, int nh, int jb, int nk, const int* lo, const int* hi, F&& f) {
   const bool pairs = rows == 1;
   for (int t = jb; t < jb + nk; t += pairs ? 2 : 1) {
     const bool two = pairs && t + 1 < jb + nk;
-    const float* kt = k + (int64_t)t * k_tok;
     for (int h = 0; h < nh; ++h) {
       const bool in0 = t >= lo[h] && t < hi[h], in1 = two && t + 1 >= lo[h] && t + 1 < hi[h];
-      const float* k0 = kt + (int64_t)h * k_head;
-      const float* qh = q + (int64_t)h * rows * dim;
-      float* sh = s + (int64_t)h * rows * lds + (t - jb);
       if (in0 && in1)
-        qk_tok_rows<2>(qh, rows, dim, k0, k0 + k_tok, sh, lds);
+        f(h, t, 2);
       else if (in0)
-        qk_tok_rows<1>(qh, rows, dim, k0, k0, sh, lds);
+        f(h, t, 1);
       else if (in1)
-        qk_tok_rows<1>(qh, rows, dim, k0 + k_tok, k0 + k_tok, sh + 1, lds);
+        f(h, t + 1, 1);
     }
   }
+}
+
+void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* s, int lds) {
+  for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
+    const float* k0 = k + (int64_t)t * k_tok + (int64_t)h * k_head;
+    const float* qh = q + (int64_t)h * rows * dim;
+    float* sh = s + (int64_t)h * rows * lds + (t - jb);
+    if (n == 2)
+      qk_tok_rows<2>(qh, rows, dim, k0, k0 + k_tok, sh, lds);
+    else
+      qk_tok_rows<1>(qh, rows, dim, k0, k0, sh, lds);
+  });
 }
 
 // acc[r][:] += w0[r * ldp] * v0[:] (+ w1[r * ldp] * v1[:] when C == 2) for r < rows.
@@ -718,21 +730,13 @@ static inline void pv_tok_rows(const float* w, int ldp, int rows, const float* v
 
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
                const int* lo, const int* hi, int dim, float* acc) {
-  const bool pairs = rows == 1;
-  for (int t = jb; t < jb + nk; t += pairs ? 2 : 1) {
-    const bool two = pairs && t + 1 < jb + nk;
-    const float* vt = v + (int64_t)t * v_tok;
-    for (int h = 0; h < nh; ++h) {
-      const bool in0 = t >= lo[h] && t < hi[h], in1 = two && t + 1 >= lo[h] && t + 1 < hi[h];
-      const float* v0 = vt + (int64_t)h * v_head;
-      const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
-      float* ah = acc + (int64_t)h * rows * dim;
-      if (in0 && in1)
-        pv_tok_rows<2>(wh, ldp, rows, v0, v0 + v_tok, dim, ah);
-      else if (in0)
-        pv_tok_rows<1>(wh, ldp, rows, v0, v0, dim, ah);
-      else if (in1)
-        pv_tok_rows<1>(wh + 1, ldp, rows, v0 + v_tok, v0 + v_tok, dim, ah);
-    }
-  }
+  for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
+    const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
+    const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
+    float* ah = acc + (int64_t)h * rows * dim;
+    if (n == 2)
+      pv_tok_rows<2>(wh, ldp, rows, v0, v0 + v_tok, dim, ah);
+    else
+      pv_tok_rows<1>(wh, ldp, rows, v0, v0, dim, ah);
+  });
 }
