@@ -161,3 +161,31 @@ def test_prefill_gemm_tiles_cpu(dtype, dim, group, window):
     q, kc, vc, kw = build(case, dtype, "token_major", "cpu", seed=dim * 10 + group)
     out, lse = _run("prefill", q, kc, vc, kw)
     assert_attention_close(out, lse, q, kc, vc, kw, f"gemm-{dim}-{group}-{window}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(lens=[512], hkv=8, group=4, dim=128, extra_rows=0),  # one row, every kv head its own item
+        Case(lens=[500, 3, 300], hkv=5, group=2, dim=64),  # 5 heads in chunks of 2, 2, 1
+        Case(lens=[400, 7], hkv=3, group=3, dim=64, head_lens=[[400, 0, 399], [7, 7, 1]], window_left=200),
+        Case(lens=[450, 1, 90, 0], hkv=7, group=1, dim=72, softcap=8.0),  # an empty row stays one item
+    ],
+    ids=lambda c: c.describe(),
+)
+def test_decode_few_short_rows_cpu(dtype, threads, case):
+    """Few decode rows too short to split by keys, with enough work for the team: each row's kv
+    heads become separate items (attention_cpu.cpp decode_impl), each writing its own heads and
+    LSEs. Head counts that do not divide evenly, per-head lengths, an empty row, windows, soft-cap,
+    and 1-3 threads (one thread keeps the rows whole)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layout in LAYOUTS:
+            q, kc, vc, kw = build(case, dtype, layout, "cpu", seed=threads)
+            out, lse = _run("decode", q, kc, vc, kw)
+            assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}-t{threads}")
+    finally:
+        torch.set_num_threads(before)

@@ -108,6 +108,8 @@ DECODE_CASES = [
     Case(lens=[1500], hkv=2, group=3, dim=64),  # long row: split over key ranges
     Case(lens=[90, 300, 2], hkv=3, group=3, dim=128, window_left=40, softcap=5.0),
     Case(lens=[90, 300, 2], hkv=2, group=3, dim=64, head_lens=[[0, 90], [300, 17], [1, 2]]),
+    # Few short rows with work enough for the team: kv heads in separate items (3 heads: 2 + 1).
+    Case(lens=[500, 480], hkv=3, group=4, dim=64, head_lens=[[500, 2, 499], [480, 480, 0]]),
 ]
 PREFILL_CASES = [
     # Rows with a cached prefix (L > n), a full prompt, a one-query chunk, a row with no query.

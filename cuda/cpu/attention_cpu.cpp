@@ -39,6 +39,8 @@ constexpr int kQueryRows = 128;  // target rows (positions x group heads) of a p
 // where on a causal diagonal the masked part of the taller tile would cost more.
 constexpr int kQueryRowsLong = 256;
 constexpr int kMinSplitKeys = 512;  // decode: never split a row into ranges shorter than this
+// Calls with less work (multiply-adds of QK) run on the calling thread (run_items).
+constexpr int64_t kParallelWork = 1 << 18;
 
 // HeadRows, RowReader, head_rows_of: row_reader.h.
 using cpu::head_rows_of;
@@ -288,7 +290,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
     work += (int64_t)std::max(w.k1 - w.k0, 1) * w.nh * w.nq * group * dim;
     kv_bytes += (int64_t)std::max(w.k1 - w.k0, 0) * w.nh * dim * 2 * (int64_t)sizeof(float);
   }
-  const bool parallel = n_items > 1 && work > (1 << 18);
+  const bool parallel = n_items > 1 && work > kParallelWork;
   // Too many for the cache? Only fp32 decode calls (no cu_seqlens_q) can take the streaming walks,
   // so only they read the gate's environment variable.
   bool streams = false;
@@ -538,7 +540,7 @@ void emit_scores(const AttentionParams& p, const float* lse) {
     }
   }
   const int64_t n_items = (int64_t)items.size();
-  const bool parallel = n_items > 1 && work > (1 << 18);
+  const bool parallel = n_items > 1 && work > kParallelWork;
 #pragma omp parallel if (parallel)
   {
     const int max_rows = block_q * group;
@@ -664,8 +666,11 @@ void decode_impl(const AttentionParams& p, float* stage = nullptr, int64_t stage
   std::vector<std::pair<int, int>> split_groups;
   int parts = 0;
   items.reserve(p.batch);
+  // Keys any head of a row sees (heads differ only with per-head lengths), and the call's work as
+  // run_items counts it.
+  std::vector<std::pair<int, int>> seen((size_t)p.batch);
+  int64_t work = 0;
   for (int b = 0; b < p.batch; ++b) {
-    // Keys any head of the row sees (heads differ only with per-head lengths).
     int lo = INT32_MAX, hi = 0;
     for (int h = 0; h < p.num_kv_heads; ++h) {
       const int len = kv_length(p, b, h);
@@ -677,6 +682,12 @@ void decode_impl(const AttentionParams& p, float* stage = nullptr, int64_t stage
       }
     }
     if (lo >= hi) lo = hi = 0;
+    seen[(size_t)b] = {lo, hi};
+    work += (int64_t)std::max(hi - lo, 1) * p.num_q_heads * p.head_dim;
+  }
+  const bool parallel = threads > 1 && work > kParallelWork;
+  for (int b = 0; b < p.batch; ++b) {
+    const int lo = seen[(size_t)b].first, hi = seen[(size_t)b].second;
     const int vis = hi - lo;
     int splits = 1;
     if (p.batch < want_items && vis > kMinSplitKeys) {
@@ -685,7 +696,15 @@ void decode_impl(const AttentionParams& p, float* stage = nullptr, int64_t stage
       splits = (int)std::max<int64_t>(1, std::min(by_threads, by_length));
     }
     if (splits == 1) {
-      items.push_back(Item{b, 0, p.num_kv_heads, 0, 1, lo, hi, -1});
+      // A row too short to split by keys, on a call with few rows: its kv heads in chunks instead
+      // (each writes its own heads, nothing to merge), so a single 512-key row still feeds every
+      // thread. Rows of a large batch stay whole (their heads side by side are one stretch of memory).
+      int chunks = 1;
+      if (parallel && p.batch < want_items && vis > 0)
+        chunks = (int)std::min<int64_t>(p.num_kv_heads, (want_items + p.batch - 1) / p.batch);
+      const int per = (p.num_kv_heads + chunks - 1) / chunks;
+      for (int h0 = 0; h0 < p.num_kv_heads; h0 += per)
+        items.push_back(Item{b, h0, std::min(per, p.num_kv_heads - h0), 0, 1, lo, hi, -1});
       continue;
     }
     // Split boundaries on key-block multiples so every range but the last walks whole blocks.
