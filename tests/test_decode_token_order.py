@@ -34,7 +34,7 @@ def _decode(q, kc, vc, kw, **extra):
 
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("dim", [8, 36, 64, 128])
-@pytest.mark.parametrize("hkv", [2, 3])
+@pytest.mark.parametrize("hkv", [2, 3, 9])
 def test_token_order_matches_reference(group, dim, hkv):
     for i, lens in enumerate(LENS):
         case = Case(lens=lens, hkv=hkv, group=group, dim=dim)
@@ -76,12 +76,15 @@ def test_default_gate_takes_the_walk_on_a_large_call(monkeypatch):
     assert_attention_close(out, lse, q, kc, vc, kw, case.describe())
 
 
-@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("group", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_per_head_lengths_read_nothing_past_a_head(group, layout):
+def test_per_head_lengths_read_nothing_past_a_head(group, dim, layout):
     """Heads of a row end at different tokens (one at 0, others inside and across key blocks); the
-    cache is NaN past each head's own length, so any read past it would show in the output."""
-    case = Case(lens=[130, 70, 1200], hkv=4, group=group, dim=64)
+    cache is NaN past each head's own length, so any read past it would show in the output. Groups 2
+    and 3 at head dims 64 / 128 take the multi-head tiles (4 / 2 heads of a token in one reduction),
+    which fall back to one head at a time where a head of the chunk has ended."""
+    case = Case(lens=[130, 70, 1200], hkv=4, group=group, dim=dim)
     case.head_lens = [[0, 65, 130, 1], [64, 3, 70, 69], [1200, 2, 513, 640]]
     q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=7 + group)
     out, lse = _decode(q, kc, vc, kw)

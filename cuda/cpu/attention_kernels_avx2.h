@@ -20,6 +20,13 @@ static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// Eight 8-lane sums at once: lane c of the result is the sum of the lanes of a[c].
+static inline __m256 hsum8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 // s[r * lds + c] = dot(q[r], k[c]) for a tile of R rows x C keys.
 template <int R, int C>
 static inline void qk_tile(const float* q, int dim, const float* k, int64_t ks, float* s, int lds) {
@@ -604,8 +611,10 @@ void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scal
 // pairs 0.83-0.92x the head walk, one token at a time 1.19-1.49x).
 
 // s[r * lds + c] = dot(q[r], k_c) for R rows and the C (1 or 2) key rows k0, k1.
-template <int R, int C>
-static inline void qk_tok_tile(const float* q, int dim, const float* k0, const float* k1, float* s, int lds) {
+// kDim > 0: the head dim known at compile time (64, 128), so the slices unroll and the call inlines.
+template <int R, int C, int kDim = 0>
+static inline void qk_tok_tile(const float* q, int dim_arg, const float* k0, const float* k1, float* s, int lds) {
+  const int dim = kDim > 0 ? kDim : dim_arg;
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -659,14 +668,14 @@ static inline void qk_tok_tile(const float* q, int dim, const float* k0, const f
 }
 
 // All rows of one head against key rows k0 (and k1 when C == 2), in row tiles of at most 4.
-template <int C>
+template <int C, int kDim = 0>
 static inline void qk_tok_rows(const float* q, int rows, int dim, const float* k0, const float* k1, float* s, int lds) {
   int r = 0;
-  for (; r + 4 <= rows; r += 4) qk_tok_tile<4, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+  for (; r + 4 <= rows; r += 4) qk_tok_tile<4, C, kDim>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
   const int left = rows - r;
-  if (left == 3) qk_tok_tile<3, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
-  if (left == 2) qk_tok_tile<2, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
-  if (left == 1) qk_tok_tile<1, C>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+  if (left == 3) qk_tok_tile<3, C, kDim>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+  if (left == 2) qk_tok_tile<2, C, kDim>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
+  if (left == 1) qk_tok_tile<1, C, kDim>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
 }
 
 // The walk both loops share: f(h, t, n) for each run of n (2 or 1) consecutive tokens from t that
@@ -689,17 +698,84 @@ static inline void for_token_runs(int rows, int nh, int jb, int nk, const int* l
   }
 }
 
-void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds) {
+// The R rows of each of H heads (H * R <= 8) against one token's rows of those heads, one
+// reduction for all H * R sums: s[(h * R + r) * lds] = dot(q[h * R + r], k + h * k_head). With the
+// heads of a token side by side this reads the token's K front to back, and with 3 rows per head
+// (SmolLM2) it does one horizontal reduction per two heads where a tile per head did one each (the
+// reductions were the largest cost of the walk, measured with perf).
+template <int kDim, int H, int R>
+static inline void qk_tok_heads(const float* q, const float* k, int64_t k_head, float* s, int lds) {
+  static_assert(H * R <= 8, "one reduction of eight sums");
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int d = 0; d < kDim; d += 8)
+    for (int h = 0; h < H; ++h) {
+      const __m256 kv = _mm256_loadu_ps(k + h * k_head + d);
+      for (int r = 0; r < R; ++r)
+        acc[h * R + r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (int64_t)(h * R + r) * kDim + d), kv, acc[h * R + r]);
+    }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, hsum8(acc));
+  for (int i = 0; i < H * R; ++i) s[(int64_t)i * lds] = t[i];
+}
+
+// Token order for R = 2..4 rows per head (GQA groups 2-4), head dim kDim: each token's heads in
+// chunks of 8 / R through qk_tok_heads where the whole chunk sees the token, else one head at a time.
+template <int kDim, int R>
+static inline void qk_tokens_grouped(const float* q, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb,
+                                     int nk, const int* lo, const int* hi, float* s, int lds) {
+  constexpr int H = 8 / R;
+  for (int t = jb; t < jb + nk; ++t) {
+    const float* kt = k + (int64_t)t * k_tok;
+    int h = 0;
+    for (; h + H <= nh; h += H) {
+      bool all = true;
+      for (int i = 0; i < H; ++i) all = all && t >= lo[h + i] && t < hi[h + i];
+      if (all) {
+        qk_tok_heads<kDim, H, R>(q + (int64_t)h * R * kDim, kt + (int64_t)h * k_head, k_head,
+                                 s + (int64_t)h * R * lds + (t - jb), lds);
+        continue;
+      }
+      for (int i = h; i < h + H; ++i)
+        if (t >= lo[i] && t < hi[i])
+          qk_tok_tile<R, 1, kDim>(q + (int64_t)i * R * kDim, kDim, kt + (int64_t)i * k_head, nullptr,
+                                  s + (int64_t)i * R * lds + (t - jb), lds);
+    }
+    for (; h < nh; ++h)
+      if (t >= lo[h] && t < hi[h])
+        qk_tok_tile<R, 1, kDim>(q + (int64_t)h * R * kDim, kDim, kt + (int64_t)h * k_head, nullptr,
+                                s + (int64_t)h * R * lds + (t - jb), lds);
+  }
+}
+
+template <int kDim>
+static inline void qk_tokens_dim(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head,
+                                 int jb, int nk, const int* lo, const int* hi, int dim, float* s, int lds) {
   for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
     const float* k0 = k + (int64_t)t * k_tok + (int64_t)h * k_head;
     const float* qh = q + (int64_t)h * rows * dim;
     float* sh = s + (int64_t)h * rows * lds + (t - jb);
     if (n == 2)
-      qk_tok_rows<2>(qh, rows, dim, k0, k0 + k_tok, sh, lds);
+      qk_tok_rows<2, kDim>(qh, rows, dim, k0, k0 + k_tok, sh, lds);
     else
-      qk_tok_rows<1>(qh, rows, dim, k0, k0, sh, lds);
+      qk_tok_rows<1, kDim>(qh, rows, dim, k0, k0, sh, lds);
   });
+}
+
+// The common head dims get their own copies: with the slices unrolled and no call per (token,
+// head), SmolLM2 heads (dim 64, 3 rows) ran at 20 GB/s on one thread in cache with a runtime dim.
+void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* s, int lds) {
+  if (dim == 64 && rows == 3) return qk_tokens_grouped<64, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  if (dim == 64 && rows == 2) return qk_tokens_grouped<64, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  if (dim == 128 && rows == 3) return qk_tokens_grouped<128, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  if (dim == 128 && rows == 2) return qk_tokens_grouped<128, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  if (dim == 64)
+    qk_tokens_dim<64>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
+  else if (dim == 128)
+    qk_tokens_dim<128>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
+  else
+    qk_tokens_dim<0>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
 }
 
 // acc[r][:] += w0[r * ldp] * v0[:] (+ w1[r * ldp] * v1[:] when C == 2) for r < rows.
@@ -728,8 +804,53 @@ static inline void pv_tok_rows(const float* w, int ldp, int rows, const float* v
   }
 }
 
+// pv_tok_rows for a compile-time head dim and R rows (GQA groups <= 3 in the token order): each V
+// slice is loaded once for all rows of the head, the slices unroll, and the call inlines. Rows of
+// weight 0 are not skipped: every token a head walks is in its range, so its V is data.
+template <int R, int C, int kDim>
+static inline void pv_tok_fixed(const float* w, int ldp, const float* v0, const float* v1, float* acc) {
+  __m256 b0[R], b1[R];
+  for (int r = 0; r < R; ++r) {
+    b0[r] = _mm256_set1_ps(w[(int64_t)r * ldp]);
+    b1[r] = _mm256_set1_ps(C > 1 ? w[(int64_t)r * ldp + 1] : 0.f);
+  }
+  for (int d = 0; d < kDim; d += 8) {
+    const __m256 va = _mm256_loadu_ps(v0 + d);
+    const __m256 vb = C > 1 ? _mm256_loadu_ps(v1 + d) : va;
+    for (int r = 0; r < R; ++r) {
+      float* ar = acc + (int64_t)r * kDim + d;
+      __m256 a = _mm256_fmadd_ps(b0[r], va, _mm256_loadu_ps(ar));
+      if (C > 1) a = _mm256_fmadd_ps(b1[r], vb, a);
+      _mm256_storeu_ps(ar, a);
+    }
+  }
+}
+
+template <int kDim>
+static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok,
+                                 int64_t v_head, int jb, int nk, const int* lo, const int* hi, float* acc) {
+  for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
+    const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
+    const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
+    float* ah = acc + (int64_t)h * rows * kDim;
+    switch (rows * 2 + (n == 2)) {
+      case 3: pv_tok_fixed<1, 2, kDim>(wh, ldp, v0, v0 + v_tok, ah); break;
+      case 2: pv_tok_fixed<1, 1, kDim>(wh, ldp, v0, v0, ah); break;
+      case 4: pv_tok_fixed<2, 1, kDim>(wh, ldp, v0, v0, ah); break;
+      case 6: pv_tok_fixed<3, 1, kDim>(wh, ldp, v0, v0, ah); break;
+      default:
+        if (n == 2)
+          pv_tok_rows<2>(wh, ldp, rows, v0, v0 + v_tok, kDim, ah);
+        else
+          pv_tok_rows<1>(wh, ldp, rows, v0, v0, kDim, ah);
+    }
+  });
+}
+
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
                const int* lo, const int* hi, int dim, float* acc) {
+  if (dim == 64) return pv_tokens_dim<64>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, acc);
+  if (dim == 128) return pv_tokens_dim<128>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, acc);
   for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
     const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
     const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
