@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "cpu/attention_kernels.h"
 
 #if defined(VATTN_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -86,6 +87,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = VATTN_VERSION;
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible (0 without a driver)");
   m.def("cuda_devices", &cuda_devices, "Name, capability, memory and SM count of each CUDA device");
+  m.def(
+      "cpu_simd", [] { return std::string(vattn::cpu::simd_copy()); },
+      "Which copy of the CPU attention loops runs: avx512, avx2 or generic (VATTN_CPU_NO_AVX512 and "
+      "VATTN_CPU_GENERIC, read once, step down)");
   vattn::bind_memory(m);
   vattn::bind_attention(m);
   vattn::bind_sparse(m);

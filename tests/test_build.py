@@ -7,7 +7,7 @@ import vattn
 
 def test_build_info_fields():
     info = vattn.info()
-    for key in ("version", "built_with_cuda", "cuda_architectures", "cuda_devices"):
+    for key in ("version", "built_with_cuda", "cuda_architectures", "cuda_devices", "cpu_simd"):
         assert key in info
     assert info["version"] == vattn.__version__
     if info["built_with_cuda"]:

@@ -54,6 +54,7 @@ def test_info():
     assert "build:" in proc.stdout and "torch:" in proc.stdout
     assert ("CUDA" in proc.stdout) or ("CPU only" in proc.stdout)
     assert "page granularity [host]" in proc.stdout
+    assert f"cpu simd: {vattn.info()['cpu_simd']}" in proc.stdout
 
 
 def test_help_and_no_command(capsys):

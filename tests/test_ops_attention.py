@@ -1,5 +1,9 @@
 """decode_attention / prefill_attention against reference.py over a matrix of shapes (cpu; cuda marked gpu)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -189,3 +193,45 @@ def test_decode_few_short_rows_cpu(dtype, threads, case):
             assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}-t{threads}")
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_simd_copy_is_reported():
+    """vattn.info() names the copy of the CPU loops that runs; VATTN_CPU_NO_AVX512 and
+    VATTN_CPU_GENERIC step it down (read once per process, so in subprocesses)."""
+    got = vattn.info()["cpu_simd"]
+    assert got in ("avx512", "avx2", "generic")
+    code = "import vattn; print(vattn.info()['cpu_simd'])"
+    for env, allowed in (
+        ({"VATTN_CPU_NO_AVX512": "1"}, {"avx2", "generic"}),
+        ({"VATTN_CPU_GENERIC": "1"}, {"generic"}),
+    ):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() in allowed, (env, r.stdout)
+
+
+@pytest.mark.parametrize("switch", ["VATTN_CPU_NO_AVX512", "VATTN_CPU_GENERIC"])
+def test_prefill_tiles_of_every_copy(switch):
+    """The prefill GEMM tiles of the copies a machine with AVX-512 does not run by default (the AVX2
+    tiles, the portable loops), in a subprocess, against the reference: the same shapes as
+    test_prefill_gemm_tiles_cpu (partial panels, head dims below / between / at whole panels,
+    windows, a cached prefix, 16-bit K and V)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {tests!r})\n"
+        "import torch, vattn\n"
+        "from helpers import Case, assert_attention_close, build\n"
+        "for dim, group, window, dtype in ((8, 3, -1, torch.float32), (40, 8, 37, torch.bfloat16),\n"
+        "                                  (72, 1, -1, torch.float16), (128, 3, 37, torch.float32)):\n"
+        "    case = Case(lens=[131, 300, 17, 64], hkv=2, group=group, dim=dim, q_lens=[131, 97, 17, 1],\n"
+        "                window_left=window)\n"
+        "    q, kc, vc, kw = build(case, dtype, 'token_major', 'cpu', seed=dim + group)\n"
+        "    rest = dict(kw)\n"
+        "    out, lse = vattn.prefill_attention(q, kc, vc, rest.pop('cu_seqlens_q'), rest.pop('seqlens_k'),\n"
+        "                                       return_lse=True, **rest)\n"
+        "    assert_attention_close(out, lse, q, kc, vc, kw, case.describe())\n"
+        "print(vattn.info()['cpu_simd'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, switch: "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() in ({"avx2", "generic"} if switch == "VATTN_CPU_NO_AVX512" else {"generic"})

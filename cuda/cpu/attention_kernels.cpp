@@ -34,6 +34,13 @@ namespace avx2 {
 }  // namespace avx2
 #undef VATTN_BODY_AVX2
 #pragma GCC pop_options
+// The prefill GEMM tiles once more for AVX-512F (+VL for the 8-lane masked loads of packing).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+namespace avx512 {
+#include "attention_kernels_avx512.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
 namespace {
@@ -42,6 +49,17 @@ bool cpu_has_avx2() {
   // VATTN_CPU_GENERIC=1 forces the portable copy (to test it on a machine with AVX2).
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           __builtin_cpu_supports("f16c") && !std::getenv("VATTN_CPU_GENERIC");
+  return yes;
+#else
+  return false;
+#endif
+}
+// AVX-512 for the prefill GEMM tiles, on top of the AVX2 copy; VATTN_CPU_NO_AVX512=1 keeps the
+// AVX2 tiles (to test them, and to compare, on a machine with AVX-512).
+bool cpu_has_avx512() {
+#if defined(VATTN_HAVE_AVX2_COPY)
+  static const bool yes = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          !std::getenv("VATTN_CPU_NO_AVX512");
   return yes;
 #else
   return false;
@@ -57,11 +75,21 @@ bool cpu_has_avx2() {
 
 void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s,
               int lds) {
+#if defined(VATTN_HAVE_AVX2_COPY)
+  if (nq >= kGemmMinRows && cpu_has_avx512()) return avx512::qk_gemm(q, nq, k, k_stride, nk, dim, s, lds);
+#endif
   VATTN_DISPATCH(qk_block, q, nq, k, k_stride, nk, nk_avail, dim, s, lds);
 }
 void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride, int nk, int nk_avail, int dim,
               float* acc) {
+#if defined(VATTN_HAVE_AVX2_COPY)
+  if (nq >= kGemmMinRows && cpu_has_avx512()) return avx512::pv_gemm(p, ldp, nq, v, v_stride, nk, dim, acc);
+#endif
   VATTN_DISPATCH(pv_block, p, ldp, nq, v, v_stride, nk, nk_avail, dim, acc);
+}
+const char* simd_copy() {
+  if (cpu_has_avx512()) return "avx512";
+  return cpu_has_avx2() ? "avx2" : "generic";
 }
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
                const int* lo, const int* hi, int dim, float* s, int lds) {

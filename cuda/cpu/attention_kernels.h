@@ -12,6 +12,14 @@ namespace cpu {
 void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s,
               int lds);
 
+// Query tiles from this many rows on take the GEMM path (prefill: K and V packed into panels, then
+// register tiles; AVX-512 where the CPU has it); decode tiles (one GQA group) keep dot-product
+// tiles, for which packing would cost as much as the products.
+constexpr int kGemmMinRows = 12;
+
+// Which copy of these loops runs: "avx512" (AVX2 + the AVX-512 GEMM tiles), "avx2" or "generic".
+const char* simd_copy();
+
 // acc[i][:] += sum_j p[i * ldp + j] * v[j][:]; zero weights are skipped (masked keys may hold NaN
 // in a converted buffer only if the cache does, and never past a length: those are not read).
 void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride, int nk, int nk_avail, int dim,

@@ -15,6 +15,7 @@ def info() -> dict[str, Any]:
         "cuda_architectures": list(_C.cuda_architectures),
         "cuda_runtime_version": int(_C.cuda_runtime_version),
         "cuda_devices": list(_C.cuda_devices()) if _C.built_with_cuda else [],
+        "cpu_simd": str(_C.cpu_simd()),  # which copy of the CPU attention loops runs
     }
     # The CUDA runtime is linked statically, so the driver must support its version: with an older
     # driver every CUDA call fails. Say which driver this machine has and what is needed.

@@ -175,6 +175,7 @@ def cmd_info(args) -> int:
     if info.get("cuda_driver_problem"):
         print(f"driver:   {info['cuda_driver_problem']}")
     print(f"torch:    {info.get('torch')} (CUDA available: {info.get('torch_cuda_available', False)})")
+    print(f"cpu simd: {info.get('cpu_simd')}")
     devices = info.get("cuda_devices") or []
     if devices:
         for d in devices:
