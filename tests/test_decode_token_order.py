@@ -107,16 +107,22 @@ def test_decode_scores_over_token_order(mode, group):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_portable_copy_matches_reference():
-    """The same walk in the portable (non-AVX2) copy, forced with VATTN_CPU_GENERIC in a subprocess."""
+@pytest.mark.parametrize("switch", ["VATTN_CPU_GENERIC", "VATTN_CPU_NO_AVX512"])
+def test_other_copies_match_reference(switch):
+    """The same walks in the portable copy (VATTN_CPU_GENERIC), forced in a subprocess, and with
+    AVX-512 switched off (VATTN_CPU_NO_AVX512: decode has no AVX-512 copy, so nothing may change).
+    Groups 2-3 at head dims 64 / 128 with heads that end inside a multi-head chunk."""
     tests = os.path.dirname(os.path.abspath(__file__))
     code = (
         f"import sys; sys.path.insert(0, {tests!r})\n"
         "import torch, vattn\n"
         "from helpers import Case, assert_attention_close, build\n"
         "for group, dim, lens, layout in ((1, 36, [5, 130], 'plain'), (3, 64, [1500, 3], 'token_major'),\n"
-        "                                 (4, 128, [65, 64], 'head_major')):\n"
-        "    case = Case(lens=lens, hkv=2, group=group, dim=dim, head_lens=[[lens[0], 1], [0, lens[1]]])\n"
+        "                                 (4, 128, [65, 64], 'head_major'), (2, 64, [300, 77], 'plain'),\n"
+        "                                 (3, 128, [129, 64], 'layer_major'), (2, 128, [70, 1], 'layer_major')):\n"
+        "    hkv = 2 if group in (1, 4) else 5\n"
+        "    heads = [[lens[0], 1] + [lens[0] - 3] * (hkv - 2), [0, lens[1]] + [lens[1]] * (hkv - 2)]\n"
+        "    case = Case(lens=lens, hkv=hkv, group=group, dim=dim, head_lens=heads)\n"
         "    q, kc, vc, kw = build(case, torch.float32, layout, 'cpu', seed=group)\n"
         "    kw = {k: v for k, v in kw.items() if k != 'cu_seqlens_q'}\n"
         "    out, lse = vattn.decode_attention(q, kc, vc, kw.pop('seqlens_k'), return_lse=True, **kw)\n"
@@ -124,6 +130,6 @@ def test_portable_copy_matches_reference():
         "    assert_attention_close(out, lse, q, kc, vc, kw, case.describe())\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, VATTN_CPU_GENERIC="1", VATTN_CPU_TOKEN_ORDER_MIN_BYTES="0")
+    env = dict(os.environ, VATTN_CPU_TOKEN_ORDER_MIN_BYTES="0", **{switch: "1"})
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
