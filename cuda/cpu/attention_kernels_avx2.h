@@ -705,24 +705,20 @@ static inline void qk_tokens_grouped(const float* q, int nh, const float* k, int
   constexpr int H = 8 / R;
   for (int t = jb; t < jb + nk; ++t) {
     const float* kt = k + (int64_t)t * k_tok;
-    int h = 0;
-    for (; h + H <= nh; h += H) {
-      bool all = true;
-      for (int i = 0; i < H; ++i) all = all && t >= lo[h + i] && t < hi[h + i];
+    for (int h = 0; h < nh; h += H) {
+      const int end = h + H < nh ? h + H : nh;
+      bool all = end - h == H;
+      for (int i = h; all && i < end; ++i) all = t >= lo[i] && t < hi[i];
       if (all) {
         qk_tok_heads<kDim, H, R>(q + (int64_t)h * R * kDim, kt + (int64_t)h * k_head, k_head,
                                  s + (int64_t)h * R * lds + (t - jb), lds);
         continue;
       }
-      for (int i = h; i < h + H; ++i)
+      for (int i = h; i < end; ++i)
         if (t >= lo[i] && t < hi[i])
           qk_tok_tile<R, 1, kDim>(q + (int64_t)i * R * kDim, kDim, kt + (int64_t)i * k_head, nullptr,
                                   s + (int64_t)i * R * lds + (t - jb), lds);
     }
-    for (; h < nh; ++h)
-      if (t >= lo[h] && t < hi[h])
-        qk_tok_tile<R, 1, kDim>(q + (int64_t)h * R * kDim, kDim, kt + (int64_t)h * k_head, nullptr,
-                                s + (int64_t)h * R * lds + (t - jb), lds);
   }
 }
 
@@ -804,38 +800,38 @@ static inline void pv_tok_fixed(const float* w, int ldp, const float* v0, const 
   }
 }
 
+// kDim > 0: the head dim known at compile time (64, 128); 0: the runtime dim.
 template <int kDim>
 static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok,
-                                 int64_t v_head, int jb, int nk, const int* lo, const int* hi, float* acc) {
-  for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
-    const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
-    const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
-    float* ah = acc + (int64_t)h * rows * kDim;
-    switch (rows * 2 + (n == 2)) {
-      case 3: pv_tok_fixed<1, 2, kDim>(wh, ldp, v0, v0 + v_tok, ah); break;
-      case 2: pv_tok_fixed<1, 1, kDim>(wh, ldp, v0, v0, ah); break;
-      case 4: pv_tok_fixed<2, 1, kDim>(wh, ldp, v0, v0, ah); break;
-      case 6: pv_tok_fixed<3, 1, kDim>(wh, ldp, v0, v0, ah); break;
-      default:
-        if (n == 2)
-          pv_tok_rows<2>(wh, ldp, rows, v0, v0 + v_tok, kDim, ah);
-        else
-          pv_tok_rows<1>(wh, ldp, rows, v0, v0, kDim, ah);
-    }
-  });
-}
-
-void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* acc) {
-  if (dim == 64) return pv_tokens_dim<64>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, acc);
-  if (dim == 128) return pv_tokens_dim<128>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, acc);
+                                 int64_t v_head, int jb, int nk, const int* lo, const int* hi, int dim_arg,
+                                 float* acc) {
+  const int dim = kDim > 0 ? kDim : dim_arg;
   for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
     const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
     const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
     float* ah = acc + (int64_t)h * rows * dim;
+    if constexpr (kDim > 0) {
+      switch (rows * 2 + (n == 2)) {
+        case 3: return pv_tok_fixed<1, 2, kDim>(wh, ldp, v0, v0 + v_tok, ah);
+        case 2: return pv_tok_fixed<1, 1, kDim>(wh, ldp, v0, v0, ah);
+        case 4: return pv_tok_fixed<2, 1, kDim>(wh, ldp, v0, v0, ah);
+        case 6: return pv_tok_fixed<3, 1, kDim>(wh, ldp, v0, v0, ah);
+        default: break;
+      }
+    }
     if (n == 2)
       pv_tok_rows<2>(wh, ldp, rows, v0, v0 + v_tok, dim, ah);
     else
       pv_tok_rows<1>(wh, ldp, rows, v0, v0, dim, ah);
   });
+}
+
+void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* acc) {
+  if (dim == 64)
+    pv_tokens_dim<64>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
+  else if (dim == 128)
+    pv_tokens_dim<128>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
+  else
+    pv_tokens_dim<0>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
 }
