@@ -37,6 +37,7 @@ def _summary(samples_s: Sequence[float], method: str) -> Dict[str, float]:
     ms = sorted(s * 1e3 for s in samples_s)
     return {
         "median_ms": statistics.median(ms),
+        "mean_ms": statistics.fmean(ms),
         "min_ms": ms[0],
         "p90_ms": ms[min(len(ms) - 1, int(math.ceil(0.9 * len(ms))) - 1)],
         "reps": len(ms),

@@ -8,7 +8,10 @@ Columns: op, shape, vattn time, anchor, anchor time, ratio (anchor / vattn: > 1 
 faster), achieved GB/s (decode, append, merge: bytes actually moved) or TFLOP/s (prefill: 4 * d *
 visible causal pairs * q heads), and the percent of the ceiling measured in the same run
 (CPU: torch.sum read bandwidth, fp32 matmul; CUDA: device-to-device copy, bf16 matmul).
-On CUDA decode is also timed as a CUDA-graph replay (column graph).
+On CUDA decode is also timed as a CUDA-graph replay (column graph). With --busy-cores the table
+adds the mean times and their ratio: under contention a call's time is bimodal (a thread preempted
+while it holds work makes the call wait a scheduler slice), a median hides those calls and a
+server's throughput is the mean.
 Nothing here asserts speed; correctness against each anchor is checked (column err) and a
 mismatch is flagged in the table and the exit status.
 """
@@ -34,8 +37,20 @@ import bench_utils as bu  # noqa: E402
 
 
 class Runner:
-    def __init__(self, device: str, quick: bool, time_budget_s: float, with_flex: bool, only: Optional[str] = None):
+    def __init__(
+        self,
+        device: str,
+        quick: bool,
+        time_budget_s: float,
+        with_flex: bool,
+        only: Optional[str] = None,
+        busy: bool = False,
+    ):
         self.only = only
+        # Under contention a call's time is bimodal (most calls quick, some waiting a scheduler
+        # slice of milliseconds for a preempted thread): the mean then says what a server gets, and
+        # the samples must span many slices, so they are bounded by time, not by a count.
+        self.busy = busy
         self.device = device
         self.quick = quick
         self.deadline = time.perf_counter() + time_budget_s
@@ -47,7 +62,10 @@ class Runner:
     # -- timing dispatch
     def time(self, fn) -> Dict[str, float]:
         if self.device == "cpu":
-            return bu.time_cpu(fn, budget_s=0.12 if self.quick else 0.35, min_reps=3 if self.quick else 5)
+            budget = 0.12 if self.quick else 0.35
+            return bu.time_cpu(
+                fn, budget_s=budget, min_reps=3 if self.quick else 5, max_reps=100_000 if self.busy else 200
+            )
         return bu.time_cuda(fn, reps=20 if self.quick else 60, flusher=self.flusher)
 
     def out_of_time(self) -> bool:
@@ -90,11 +108,16 @@ class Runner:
         if value is not None:
             ceiling = self.ceilings["bandwidth"]["GBps"] if metric == "GB/s" else self.ceilings["compute"]["TFLOPs"]
             pct = 100 * value / ceiling
+        vmean = vt.get("mean_ms") if vt else None
+        amean = at.get("mean_ms") if at else None
         self.rows.append(
             {
                 "op": op,
                 "shape": shape,
                 "vattn_ms": vms,
+                "vattn_mean_ms": vmean,
+                "anchor_mean_ms": amean,
+                "mean_ratio": (amean / vmean) if (vmean and amean) else None,
                 "anchor": anchor.name if anchor else None,
                 "anchor_ms": ams,
                 "ratio": (ams / vms) if (vms and ams) else None,
@@ -116,7 +139,19 @@ class Runner:
 
     def _no_result(self, op: str, shape: str, metric: str, ok: Optional[bool], note: str) -> None:
         """A row without a measurement (failed or skipped)."""
-        empty = ("vattn_ms", "anchor", "anchor_ms", "ratio", "value", "pct_ceiling", "graph_ms", "max_err")
+        empty = (
+            "vattn_ms",
+            "vattn_mean_ms",
+            "anchor",
+            "anchor_ms",
+            "anchor_mean_ms",
+            "ratio",
+            "mean_ratio",
+            "value",
+            "pct_ceiling",
+            "graph_ms",
+            "max_err",
+        )
         self.rows.append({"op": op, "shape": shape, "metric": metric, **dict.fromkeys(empty), "ok": ok, "note": note})
 
     def failed(self, op: str, shape: str, metric: str, e: BaseException) -> None:
@@ -547,7 +582,7 @@ def _time(ms):
     return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:.2f} ms"
 
 
-def table_rows(rows: List[Dict], with_graph: bool) -> List[List[str]]:
+def table_rows(rows: List[Dict], with_graph: bool, with_mean: bool = False) -> List[List[str]]:
     out = []
     for r in rows:
         ok = {True: "ok", False: "MISMATCH", None: ""}[r["ok"]]
@@ -558,6 +593,10 @@ def table_rows(rows: List[Dict], with_graph: bool) -> List[List[str]]:
             r["anchor"] or "-",
             _time(r["anchor_ms"]),
             _f(r["ratio"], ".2f"),
+        ]
+        if with_mean:
+            line += [_time(r.get("vattn_mean_ms")), _time(r.get("anchor_mean_ms")), _f(r.get("mean_ratio"), ".2f")]
+        line += [
             (_f(r["value"], ".1f" if r["metric"] == "GB/s" else ".3f") + " " + r["metric"]) if r["value"] else "-",
             _f(r["pct_ceiling"], ".0f") + ("%" if r["pct_ceiling"] is not None else ""),
             (_f(r["max_err"], ".1e") + " " + ok).strip() if r["max_err"] is not None else ok,
@@ -567,25 +606,28 @@ def table_rows(rows: List[Dict], with_graph: bool) -> List[List[str]]:
     return out
 
 
-def headers(with_graph: bool) -> List[str]:
+def headers(with_graph: bool, with_mean: bool = False) -> List[str]:
     h = ["op", "shape", "vattn"]
     if with_graph:
         h.append("vattn graph")
-    return h + ["anchor", "anchor time", "ratio", "achieved", "% ceiling", "err", "note"]
+    h += ["anchor", "anchor time", "ratio"]
+    if with_mean:
+        h += ["vattn mean", "anchor mean", "mean ratio"]
+    return h + ["achieved", "% ceiling", "err", "note"]
 
 
-def format_text(rows, with_graph) -> str:
-    hs = headers(with_graph)
-    body = table_rows(rows, with_graph)
+def format_text(rows, with_graph, with_mean: bool = False) -> str:
+    hs = headers(with_graph, with_mean)
+    body = table_rows(rows, with_graph, with_mean)
     widths = [max(len(hs[i]), *(len(b[i]) for b in body)) if body else len(hs[i]) for i in range(len(hs))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(hs), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 
-def format_markdown(rows, with_graph) -> str:
-    hs = headers(with_graph)
+def format_markdown(rows, with_graph, with_mean: bool = False) -> str:
+    hs = headers(with_graph, with_mean)
     lines = ["| " + " | ".join(hs) + " |", "|" + "---|" * len(hs)]
-    for b in table_rows(rows, with_graph):
+    for b in table_rows(rows, with_graph, with_mean):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in b) + " |")
     return "\n".join(lines)
 
@@ -672,7 +714,7 @@ def main(argv=None) -> int:
         type=int,
         default=0,
         help="start this many processes that spin on the last CPUs (one each, pinned) for the whole run: "
-        "the contention case (vattn and its anchor both measured under it)",
+        "the contention case (vattn and its anchor both measured under it; the table adds mean times)",
     )
     args = ap.parse_args(argv)
 
@@ -697,7 +739,9 @@ def main(argv=None) -> int:
     spinners = start_spinners(args.busy_cores)
     try:
         t0 = time.perf_counter()
-        runner = Runner(args.device, args.quick, budget, with_flex=not args.no_flex, only=args.only)
+        runner = Runner(
+            args.device, args.quick, budget, with_flex=not args.no_flex, only=args.only, busy=args.busy_cores > 0
+        )
         runner.measure_ceilings()
         runner.run_all()
         elapsed = time.perf_counter() - t0
@@ -707,13 +751,14 @@ def main(argv=None) -> int:
             sp.wait()
 
     with_graph = args.device == "cuda"
+    with_mean = args.busy_cores > 0  # (the contention run: see Runner.busy)
     bw, fl = runner.ceilings["bandwidth"], runner.ceilings["compute"]
     ceil_line = (
         f"ceilings: bandwidth {bw['GBps']:.1f} GB/s ({bw['op']}), compute {fl['TFLOPs']:.3f} TFLOP/s ({fl['op']}, "
         f"n={fl['n']})"
     )
     cmd = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(format_text(runner.rows, with_graph))
+    print(format_text(runner.rows, with_graph, with_mean))
     print(ceil_line)
     print(f"ratio = anchor time / vattn time (> 1: vattn faster); run took {elapsed:.0f} s")
     info = machine_info(args.device)
@@ -743,7 +788,7 @@ def main(argv=None) -> int:
         with open(args.markdown, "w") as f:
             f.write(f"Command: `{cmd}` ({stamp}, {elapsed:.0f} s)\n\n")
             f.write("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n\n")
-            f.write(format_markdown(runner.rows, with_graph) + "\n\n")
+            f.write(format_markdown(runner.rows, with_graph, with_mean) + "\n\n")
             f.write(ceil_line + "\n")
     mismatches = [r for r in runner.rows if r["ok"] is False]
     return 1 if mismatches else 0

@@ -1,9 +1,11 @@
 #pragma once
 // Private helpers of the CPU ops: dtype dispatch, thread count, and argument checks that throw
 // std::invalid_argument (the bindings turn it into ValueError).
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -91,28 +93,50 @@ inline bool count_up(std::atomic<int>& count, int target) {
   return true;
 }
 
-// Contention: when a teammate reaches a region late (the scheduler gave its core to another
-// process), the calls of the next kSoloWindow run on the calling thread alone; one core's worth of
-// work then takes one core's time, instead of the others waiting for a teammate that holds a share
-// of a busy core (and its items). Then a call tries the team again.
-constexpr std::chrono::milliseconds kSoloWindow{100};
+// Contention: when a teammate lost its core during a call (it reached the region late, or the
+// scheduler took its core away while it held items), the calls of the next solo window run on the
+// calling thread alone; one core's worth of work then takes one core's time, instead of the others
+// waiting, at the region's end, for a teammate that holds a share of a busy core. Then a call tries
+// the team again. This holds for short calls too: on 2 cores with one busy, Llama-3-8B heads b=1,
+// keeping the team for calls under 1 ms gave the best median (103 us at 512 keys against 172 us
+// alone) but a mean of 626 us against 173 us, because one call in ten waited a whole scheduler
+// slice (4-12 ms) for its teammate. A server's throughput is the mean.
+// The window doubles, up to kSoloWindowMax, when the next loss comes within kSoloWindowMax of the
+// last window's end, and halves, down to kSoloWindowMin, when it comes later: a lasting contention
+// soon tries the team only every 100 ms, while sparse losses (a quiet VM showed about one in two
+// seconds: late starts and preemptions of 0.5-8 ms) cost 10 ms of single-thread calls each, not 100.
+constexpr std::chrono::milliseconds kSoloWindowMin{10};
+constexpr std::chrono::milliseconds kSoloWindowMax{100};
 constexpr std::chrono::microseconds kLateStart{200};
-// ... except calls expected to be short: a call site whose previous call took less than kShortCall
-// keeps the team. A woken teammate gets a slice of its busy core at once (the scheduler credits a
-// sleeper) and a short call ends inside it, so the team still halves the time; what makes long
-// calls slow on the team is a teammate preempted while it holds an item, for a whole tick.
-// Measured on 2 cores, one busy, Llama-3-8B heads b=1: the team took 86-101 / 155-160 / 331-364 us
-// at 512 / 1K / 2K keys where alone took 152 / 280-300 / 585-620 us, but 4.6-6.8 ms at 4K keys where
-// alone took 2.0 ms.
-constexpr std::chrono::microseconds kShortCall{1000};
 
-inline std::atomic<int64_t>& solo_until_ns() {
-  static std::atomic<int64_t> t{0};
-  return t;
+struct SoloState {
+  std::atomic<int64_t> until_ns{0};  // calls before this run alone
+  // Length of the last window; a process's first loss gets half the longest, not the shortest,
+  // so a contention that is there from the start does not cost the whole doubling ramp.
+  std::atomic<int64_t> window_ns{std::chrono::nanoseconds(kSoloWindowMax).count()};
+};
+inline SoloState& solo_state() {
+  static SoloState s;
+  return s;
 }
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+// CPU time of the calling thread; wall time minus it is the time the scheduler gave its core to
+// someone else. -1 where the clock is missing.
+inline int64_t thread_cpu_ns() {
+#if defined(__linux__)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return -1;
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+#else
+  return -1;
+#endif
+}
+inline void store_max(std::atomic<int64_t>& a, int64_t v) {
+  int64_t cur = a.load(std::memory_order_relaxed);
+  while (v > cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {}
 }
 
 template <class Make, class Body>
@@ -121,20 +145,23 @@ void parallel_items(int64_t n, bool parallel, Make&& make, Body&& body) {
   if (n >= INT32_MAX) fail("parallel_items: too many work items");
   const int total = (int)n;
   const int64_t t0 = now_ns();
-  static std::atomic<int64_t> last_call_ns{0};  // this call site's previous call, wall time
-  if (parallel && t0 < solo_until_ns().load(std::memory_order_relaxed) &&
-      last_call_ns.load(std::memory_order_relaxed) >= std::chrono::nanoseconds(kShortCall).count())
-    parallel = false;
+  SoloState& solo = solo_state();
+  if (parallel && t0 < solo.until_ns.load(std::memory_order_relaxed)) parallel = false;
   std::atomic<int> next{0}, done{0}, started{0};
   std::atomic<int64_t> last_start{t0};
+  std::atomic<int64_t> max_stolen{0};  // the longest a teammate (not the caller) was off its core
+  int64_t ready_ns = t0;               // when the caller had seen every item done and every teammate in
 #pragma omp parallel if (parallel)
   {
 #if defined(_OPENMP)
     const int team = omp_get_num_threads();
+    const bool worker = omp_get_thread_num() != 0;
 #else
     const int team = 1;
+    const bool worker = false;
 #endif
     if (count_up(started, team)) last_start.store(now_ns(), std::memory_order_relaxed);
+    const int64_t wall0 = worker ? now_ns() : 0, cpu0 = worker ? thread_cpu_ns() : -1;
     auto state = make();
     for (;;) {
       const int it = next.fetch_add(1, std::memory_order_relaxed);
@@ -142,18 +169,33 @@ void parallel_items(int64_t n, bool parallel, Make&& make, Body&& body) {
       body(state, it);
       count_up(done, total);
     }
+    if (cpu0 >= 0) {
+      const int64_t cpu1 = thread_cpu_ns();
+      if (cpu1 >= 0) store_max(max_stolen, (now_ns() - wall0) - (cpu1 - cpu0));
+    }
     // Every item done, and every teammate inside the region (one the scheduler has not run yet
     // would keep the others spinning at the runtime's barrier until it gets a core).
     wait_until(done, total);
     wait_until(started, team);
+    if (!worker) ready_ns = now_ns();
   }
-  const int64_t took = now_ns() - t0;
-  last_call_ns.store(took, std::memory_order_relaxed);
   if (parallel) {
-    // A teammate that arrived late, both in absolute terms and against the call's length.
-    const int64_t late = last_start.load(std::memory_order_relaxed) - t0;
-    if (late > std::chrono::nanoseconds(kLateStart).count() && 4 * late > took)
-      solo_until_ns().store(now_ns() + std::chrono::nanoseconds(kSoloWindow).count(), std::memory_order_relaxed);
+    const int64_t took = now_ns() - t0;
+    // Time the call lost to a teammate's core being elsewhere: a late start, a preemption while it
+    // held items, or the caller's wait at the runtime's closing barrier once everything was done
+    // (a teammate woken there that gets no core); in absolute terms and against the call's length.
+    const int64_t lost = (last_start.load(std::memory_order_relaxed) - t0) +
+                         max_stolen.load(std::memory_order_relaxed) + (now_ns() - ready_ns);
+    if (lost > std::chrono::nanoseconds(kLateStart).count() && 4 * lost > took) {
+      // (relaxed and unlocked: two calls that end together pick one of their windows)
+      const int64_t now = now_ns(), lo = std::chrono::nanoseconds(kSoloWindowMin).count(),
+                    hi = std::chrono::nanoseconds(kSoloWindowMax).count();
+      const int64_t prev_end = solo.until_ns.load(std::memory_order_relaxed);
+      const int64_t last = solo.window_ns.load(std::memory_order_relaxed);
+      const int64_t window = std::max(lo, now - prev_end < hi ? std::min(hi, 2 * last) : last / 2);
+      solo.window_ns.store(window, std::memory_order_relaxed);
+      solo.until_ns.store(now + window, std::memory_order_relaxed);
+    }
   }
 }
 
