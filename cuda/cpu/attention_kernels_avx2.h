@@ -722,6 +722,18 @@ static inline void qk_tokens_grouped(const float* q, int nh, const float* k, int
   }
 }
 
+// f(std::integral_constant<int, D>{}) with D the head dim where it has an unrolled copy (64, 128),
+// else D = 0 (the runtime dim).
+template <class F>
+static inline void with_head_dim(int dim, F&& f) {
+  if (dim == 64)
+    f(std::integral_constant<int, 64>{});
+  else if (dim == 128)
+    f(std::integral_constant<int, 128>{});
+  else
+    f(std::integral_constant<int, 0>{});
+}
+
 template <int kDim>
 static inline void qk_tokens_dim(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head,
                                  int jb, int nk, const int* lo, const int* hi, int dim, float* s, int lds) {
@@ -744,12 +756,8 @@ void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, 
   if (dim == 64 && rows == 2) return qk_tokens_grouped<64, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
   if (dim == 128 && rows == 3) return qk_tokens_grouped<128, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
   if (dim == 128 && rows == 2) return qk_tokens_grouped<128, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  if (dim == 64)
-    qk_tokens_dim<64>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
-  else if (dim == 128)
-    qk_tokens_dim<128>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
-  else
-    qk_tokens_dim<0>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
+  with_head_dim(dim,
+                [&](auto kDim) { qk_tokens_dim<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds); });
 }
 
 // acc[r][:] += w0[r * ldp] * v0[:] (+ w1[r * ldp] * v1[:] when C == 2) for r < rows.
@@ -828,10 +836,6 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
 
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
                const int* lo, const int* hi, int dim, float* acc) {
-  if (dim == 64)
-    pv_tokens_dim<64>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
-  else if (dim == 128)
-    pv_tokens_dim<128>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
-  else
-    pv_tokens_dim<0>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
+  with_head_dim(dim,
+                [&](auto kDim) { pv_tokens_dim<kDim>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc); });
 }
