@@ -751,7 +751,7 @@ def main(argv=None) -> int:
             sp.wait()
 
     with_graph = args.device == "cuda"
-    with_mean = args.busy_cores > 0  # (the contention run: see Runner.busy)
+    with_mean = runner.busy  # the contention run adds mean times (see Runner.busy)
     bw, fl = runner.ceilings["bandwidth"], runner.ceilings["compute"]
     ceil_line = (
         f"ceilings: bandwidth {bw['GBps']:.1f} GB/s ({bw['op']}), compute {fl['TFLOPs']:.3f} TFLOP/s ({fl['op']}, "

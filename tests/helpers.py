@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 import pytest
 import torch
 
+import vattn
 from vattn import reference
 
 LAYOUTS = ("plain", "token_major", "layer_major", "head_major")
@@ -143,6 +144,16 @@ def build(case: Case, dtype: torch.dtype, layout: str, device: str, seed: int):
     fill_cache(k_cache, v_cache, row_ids, case.head_lens if case.head_lens is not None else case.lens, gen)
     q, kw = case_queries_and_kwargs(case, row_ids, gen, dtype, device)
     return q, k_cache, v_cache, kw
+
+
+def run_attention(q, k_cache, v_cache, kw, **extra):
+    """vattn's op for build()'s kwargs, returning (out, lse): prefill where they hold cu_seqlens_q,
+    decode otherwise."""
+    kw = dict(kw)
+    if "cu_seqlens_q" not in kw:
+        return vattn.decode_attention(q, k_cache, v_cache, kw.pop("seqlens_k"), return_lse=True, **kw, **extra)
+    cu, lens = kw.pop("cu_seqlens_q"), kw.pop("seqlens_k")
+    return vattn.prefill_attention(q, k_cache, v_cache, cu, lens, return_lse=True, **kw, **extra)
 
 
 def run_reference(q, k_cache, v_cache, kw, compute_dtype):

@@ -13,8 +13,7 @@ import time
 import pytest
 import torch
 
-import vattn
-from helpers import Case, assert_attention_close, build
+from helpers import Case, assert_attention_close, build, run_attention
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to contend for"
@@ -50,25 +49,18 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def _call(q, kc, vc, kw, decode):
-    if decode:
-        kw = {k: v for k, v in kw.items() if k != "cu_seqlens_q"}
-        return vattn.decode_attention(q, kc, vc, kw.pop("seqlens_k"), return_lse=True, **kw)
-    return vattn.prefill_attention(q, kc, vc, return_lse=True, **kw)
-
-
 def test_results_do_not_depend_on_contention(spinner, two_threads):
     built = []
     for i, (lens, q_lens) in enumerate(CASES):
         case = Case(lens=lens, hkv=4, group=2, dim=64, q_lens=q_lens)
         q, kc, vc, kw = build(case, torch.float32, "plain", "cpu", seed=i)
-        out, lse = _call(q, kc, vc, kw, q_lens is None)
+        out, lse = run_attention(q, kc, vc, kw)
         assert_attention_close(out, lse, q, kc, vc, kw, case.describe())
         built.append((case, q, kc, vc, kw, out, lse))
     calls = 0
     until = time.perf_counter() + 1.5
     while time.perf_counter() < until or calls < 50:
         for case, q, kc, vc, kw, out0, lse0 in built:
-            out, lse = _call(q, kc, vc, kw, case.q_lens is None)
+            out, lse = run_attention(q, kc, vc, kw)
             assert torch.equal(out, out0) and torch.equal(lse, lse0), f"{case.describe()} call {calls}"
             calls += 1
