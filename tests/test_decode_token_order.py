@@ -1,6 +1,7 @@
 """CPU decode's streaming walks (attention_cpu.cpp: fp32 caches whose row is one [tokens, heads, dim]
 block, several kv heads, calls reading >= 24 MiB of K and V; token order for GQA groups <= 3, the
-head walk in prefetched pieces for larger ones) against reference.py: head dims with and without a
+same in pieces of 4 tokens for groups of 4+ at head dims that are a multiple of 16 (AVX2), the
+head walk in prefetched pieces for the others) against reference.py: head dims with and without a
 partial last vector, rows shorter and longer than a key block, a split long row, per-head lengths
 with NaN past each head's length, windows, soft-cap, decode scores, group 1's token pairs, and the
 portable copy. VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes the walks on these small problems (-1:
@@ -32,8 +33,8 @@ def _decode(q, kc, vc, kw, **extra):
     return vattn.decode_attention(q, kc, vc, kw.pop("seqlens_k"), return_lse=True, **kw, **extra)
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("dim", [8, 36, 64, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 7, 8, 16])
+@pytest.mark.parametrize("dim", [8, 36, 64, 80, 128])
 @pytest.mark.parametrize("hkv", [2, 3, 9])
 def test_token_order_matches_reference(group, dim, hkv):
     for i, lens in enumerate(LENS):
@@ -48,11 +49,12 @@ def test_token_order_matches_reference(group, dim, hkv):
         assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize("layout", ["plain", "layer_major", "token_major"])
 def test_token_order_agrees_with_the_head_walk(group, layout, monkeypatch):
     """The same problems through the streaming walk and the plain one (plain and layer_major rows
-    stream: token order for groups <= 3, prefetched pieces for group 8; token_major never does):
+    stream: token order for groups <= 3, token pieces for groups 4+ at head dims 64 / 128, prefetched
+    head pieces at 36; token_major never does):
     the same output up to float rounding."""
     for i, lens in enumerate(LENS):
         case = Case(lens=lens, hkv=3, group=group, dim=[36, 64, 128][i % 3])
@@ -76,14 +78,15 @@ def test_default_gate_takes_the_walk_on_a_large_call(monkeypatch):
     assert_attention_close(out, lse, q, kc, vc, kw, case.describe())
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 4])
-@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("dim", [64, 96, 128])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_per_head_lengths_read_nothing_past_a_head(group, dim, layout):
     """Heads of a row end at different tokens (one at 0, others inside and across key blocks); the
     cache is NaN past each head's own length, so any read past it would show in the output. Groups 2
     and 3 at head dims 64 / 128 take the multi-head tiles (4 / 2 heads of a token in one reduction),
-    which fall back to one head at a time where a head of the chunk has ended."""
+    which fall back to one head at a time where a head of the chunk has ended; groups 4+ take token
+    pieces, which go token by token for a head whose range ends inside a piece."""
     case = Case(lens=[130, 70, 1200], hkv=4, group=group, dim=dim)
     case.head_lens = [[0, 65, 130, 1], [64, 3, 70, 69], [1200, 2, 513, 640]]
     q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=7 + group)

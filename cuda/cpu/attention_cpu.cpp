@@ -232,10 +232,15 @@ void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h
 //   1.38-1.47x, group 1 (32 x 128) b=8 x 512 1.31-1.56x, Llama-3-8B heads (group 4) 0.93-1.13x,
 //   Llama-3-70B heads (group 8) 0.66-0.70x: with many query rows per head the head walk's register
 //   tiles (a q vector used for several keys, the PV accumulators held over a run of keys) save more
-//   than the order gains, so the token order is for groups of at most kTokenOrderMaxGroup. Larger
-//   groups keep the head walk, in pieces of kPrefetchPiece keys, each preceded by a prefetch of the
-//   piece's rows of every head front to back (prefetch_span): 1.03-1.08x with Llama-3-8B and
-//   Llama-3-70B heads at 134-268 MB (bench/decode_walks.py);
+//   than the order gains, so one token at a time is for groups of at most kTokenOrderMaxGroup.
+//   Larger groups walk in pieces of cpu::kTokenPiece tokens where the AVX2 copy has them (head dims
+//   a multiple of 16, cpu::token_pieces; attention_kernels_avx2.h has the measurements): 1.52-1.55x
+//   the head walk with Llama-3-8B heads at 268-537 MB, 1.28x with Llama-3-70B heads, 1.10-1.26x at
+//   head dims 96 and 256 (bench/decode_walks.py, 2 threads). Elsewhere they keep the head walk, in
+//   pieces of kPrefetchPiece keys, each preceded by a prefetch of the piece's rows of every head
+//   front to back (prefetch_span): 1.06x at head dim 96 (measured before the AVX2 pieces took those
+//   dims; until cpu::prefetch, GCC compiled prefetch_span's loop to nothing, and the 1.03-1.08x once
+//   quoted here for it was the plain head walk timed against itself);
 // - by the bytes of K and V the call reads (SmolLM2 heads, the same rows decoded over and over):
 //   12.6 MB 0.64-0.79x, 25 MB 0.98-1.63x, 50 MB 1.15-1.47x. Where K and V fit in the cache, the
 //   token order's reloads of the accumulators for every key cost more than it saves, so it starts
@@ -265,7 +270,7 @@ inline void prefetch_span(const float* base, int64_t s_tok, int ta, int te) {
   if (ta >= te) return;
   const char* a = reinterpret_cast<const char*>(base + (int64_t)ta * s_tok);
   const char* e = reinterpret_cast<const char*>(base + (int64_t)te * s_tok);
-  for (const char* x = a; x < e; x += 64) __builtin_prefetch(x, 0, 3);
+  for (const char* x = a; x < e; x += 64) cpu::prefetch<3>(x);
 }
 inline bool rows_back_to_back(const cpu::KvSide& side, int heads, int dim) {
   return side.s_head == dim && side.s_tok == (int64_t)heads * dim;
@@ -344,14 +349,16 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         // Prefill tiles (many rows per key block): the next block's K and V rows of the head are
         // prefetched into L2 while this block's products run (tens of microseconds), so packing the
         // next block does not wait on L3 / DRAM. Decode tiles do too little per block for that to
-        // pay (measured: no gain).
+        // pay (measured: no gain). Until cpu::prefetch these L2 prefetches were compiled out (no
+        // prefetcht1 in the library); kept, bench/run.py's CPU prefill rows measured 0.96-1.09x the
+        // build without them (2 rounds each, quiet), so this is kept for what it costs: nothing.
         const bool prefetch_next = w.nh == 1 && head_rows >= 12;
         // The decode walk over a row stored as one [tokens, heads, dim] block (see kTokenOrderMaxGroup).
         bool stream_walk = false;
         if constexpr (kTokenOrderFormats<KF, VF>)
           stream_walk = streams && w.nq == 1 && w.nh > 1 && !kv_paged(p.kv) &&
                         rows_back_to_back(kside, p.num_kv_heads, dim) && rows_back_to_back(vside, p.num_kv_heads, dim);
-        const bool token_order = stream_walk && group <= kTokenOrderMaxGroup;
+        const bool token_order = stream_walk && (group <= kTokenOrderMaxGroup || cpu::token_pieces(group, dim));
         const bool prefetched_heads = stream_walk && !token_order;
         // fp32 rows of the item's first head in this cache row (those walks only: contiguous view).
         const float* k_row = stream_walk ? static_cast<const float*>(kside.data) + (int64_t)row * kside.s_row +
@@ -366,6 +373,12 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             reach_lo = std::min(reach_lo, sc.head_lo[hh]);
             reach_hi = std::max(reach_hi, sc.head_hi[hh]);
           }
+        // The token order's prefetch target after a block's V: the next block's K, if any.
+        auto next_block_k = [&](int jn) {
+          return jn < w.k1
+                     ? cpu::NextRows{k_row + (int64_t)jn * kside.s_tok, kside.s_tok, std::min(kKeyBlock, w.k1 - jn)}
+                     : cpu::NextRows{};
+        };
         // prefetched_heads: the head walk over the block in pieces of kPrefetchPiece keys, each
         // preceded by a prefetch of its K (or V) rows of every head, front to back.
         auto heads_prefetched = [&](const float* base, int64_t s_tok, int jb, int nk, auto&& per_head) {
@@ -394,7 +407,8 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
           }
           if (token_order)
             cpu::qk_tokens(sc.q.data(), head_rows, w.nh, k_row, kside.s_tok, kside.s_head, jb, nk, sc.head_lo.data(),
-                           sc.head_hi.data(), dim, sc.s.data(), kKeyBlock);
+                           sc.head_hi.data(), dim, sc.s.data(), kKeyBlock,
+                           cpu::NextRows{v_row + (int64_t)jb * vside.s_tok, vside.s_tok, nk});
           if (prefetched_heads)
             heads_prefetched(k_row, kside.s_tok, jb, nk, [&](int hh, int ja, int je) {
               block_logits<KF>(p.kv, kside, row, w.h0 + hh, ja, je, je - ja, &sc.q[(size_t)hh * head_rows * dim],
@@ -444,7 +458,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
           }
           if (token_order)
             cpu::pv_tokens(sc.s.data(), kKeyBlock, head_rows, w.nh, v_row, vside.s_tok, vside.s_head, jb, nk,
-                           sc.head_lo.data(), sc.head_hi.data(), dim, sc.acc.data());
+                           sc.head_lo.data(), sc.head_hi.data(), dim, sc.acc.data(), next_block_k(jb + nk));
           if (prefetched_heads)
             heads_prefetched(v_row, vside.s_tok, jb, nk, [&](int hh, int ja, int je) {
               block_values<VF>(p.kv, vside, row, w.h0 + hh, ja, je, je - ja,

@@ -91,13 +91,22 @@ const char* simd_copy() {
   if (cpu_has_avx512()) return "avx512";
   return cpu_has_avx2() ? "avx2" : "generic";
 }
+bool token_pieces(int rows, int dim) {
+#if defined(VATTN_HAVE_AVX2_COPY)
+  return cpu_has_avx2() && rows >= 4 && dim % 16 == 0;
+#else
+  (void)rows;
+  (void)dim;
+  return false;
+#endif
+}
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds) {
-  VATTN_DISPATCH(qk_tokens, q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds);
+               const int* lo, const int* hi, int dim, float* s, int lds, NextRows next) {
+  VATTN_DISPATCH(qk_tokens, q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next);
 }
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* acc) {
-  VATTN_DISPATCH(pv_tokens, p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc);
+               const int* lo, const int* hi, int dim, float* acc, NextRows next) {
+  VATTN_DISPATCH(pv_tokens, p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc, next);
 }
 void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
   VATTN_DISPATCH(f16_rows_to_float, src, stride, n, n_avail, dim, dst);

@@ -6,6 +6,30 @@
 namespace vattn {
 namespace cpu {
 
+// Software prefetch of the cache line holding p into L1 (kLocality 3), L2 (2), L3 (1) or with the
+// non-temporal hint (0). Every prefetch of the CPU loops goes through here, as an asm statement with
+// a side effect, because GCC's model gives __builtin_prefetch none: a helper whose only effect is
+// prefetching is found "looping const" or "pure", and a call to it that was not inlined early is
+// deleted. GCC 12 at -O1 and up removed every call of the decode walk's piece prefetch that way,
+// and prefetch_span compiled to nothing (found in the assembly; both are now kept).
+template <int kLocality = 3>
+inline void prefetch(const void* p) {
+  static_assert(kLocality >= 0 && kLocality <= 3, "locality 0-3, as __builtin_prefetch");
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  if constexpr (kLocality == 3)
+    asm volatile("prefetcht0 %0" : : "m"(*c));
+  else if constexpr (kLocality == 2)
+    asm volatile("prefetcht1 %0" : : "m"(*c));
+  else if constexpr (kLocality == 1)
+    asm volatile("prefetcht2 %0" : : "m"(*c));
+  else
+    asm volatile("prefetchnta %0" : : "m"(*c));
+#else
+  __builtin_prefetch(p, 0, kLocality);
+#endif
+}
+
 // s[i * lds + j] = dot(q[i], k[j]) for i < nq, j < nk; q rows are contiguous [nq][dim],
 // k row j starts at k + j * k_stride.
 // nk_avail >= nk: rows readable from k (the walk goes on past this block), for prefetching.
@@ -31,10 +55,24 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 //   pv_tokens: acc[h * rows + r][:] += p[(h * rows + r) * ldp + (t - jb)] * v(t, h)[:] for r < rows,
 // where k(t, h) = k + t * k_tok + h * k_head (fp32 rows of dim), and v alike. Tokens outside a
 // head's [lo, hi) are not read (a head's rows may end before another's).
+// With 4 or more rows per head (GQA groups of 4+) the walk goes in pieces of kTokenPiece tokens, the
+// heads of a piece in order, each head's tokens of the piece together, and it prefetches the piece
+// kPieceAhead tokens ahead: past the block, the first rows of `next`, the rows the caller walks
+// after this block (V of the same block after K, the next block's K after V). Prefetches never
+// fault, so `next` only has to say where the walk goes, not that the rows exist.
+struct NextRows {
+  const float* p = nullptr;  // token 0's row of the first head
+  int64_t tok = 0;           // floats from token to token
+  int n = 0;                 // tokens the walk reads there
+};
+constexpr int kTokenPiece = 4;
+// Whether qk_tokens / pv_tokens walk in pieces for this many rows per head and head dim (the AVX2
+// copy, head dims that are a multiple of 16); elsewhere they go one token at a time.
+bool token_pieces(int rows, int dim);
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds);
+               const int* lo, const int* hi, int dim, float* s, int lds, NextRows next);
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* acc);
+               const int* lo, const int* hi, int dim, float* acc, NextRows next);
 
 // dst[j][:] = fp32 of n rows of dim 16-bit values (IEEE half or bfloat16) starting every
 // `stride` elements; dst rows are contiguous.

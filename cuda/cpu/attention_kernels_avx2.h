@@ -748,18 +748,6 @@ static inline void qk_tokens_dim(const float* q, int rows, int nh, const float* 
   });
 }
 
-// The common head dims get their own copies: with the slices unrolled and no call per (token,
-// head), SmolLM2 heads (dim 64, 3 rows) ran at 20 GB/s on one thread in cache with a runtime dim.
-void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds) {
-  if (dim == 64 && rows == 3) return qk_tokens_grouped<64, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  if (dim == 64 && rows == 2) return qk_tokens_grouped<64, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  if (dim == 128 && rows == 3) return qk_tokens_grouped<128, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  if (dim == 128 && rows == 2) return qk_tokens_grouped<128, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  with_head_dim(dim,
-                [&](auto kDim) { qk_tokens_dim<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds); });
-}
-
 // acc[r][:] += w0[r * ldp] * v0[:] (+ w1[r * ldp] * v1[:] when C == 2) for r < rows.
 template <int C>
 static inline void pv_tok_rows(const float* w, int ldp, int rows, const float* v0, const float* v1, int dim,
@@ -834,8 +822,157 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
   });
 }
 
+// ---- Token pieces (GQA groups of 4 and more, attention_kernels.h) ----------------------------
+// One token at a time, 4+ rows per head reload their PV accumulators for every token (at dim 128 a
+// head's 4 rows are 64 vectors, more than the 16 registers); the head walk keeps them in registers
+// over a run of keys but reads each token's 4 KB (8 heads of 128) in eight pieces far apart in
+// time, which neither the hardware prefetcher nor a burst of software prefetches before each
+// piece turned into a stream. A piece of kTokenPiece tokens per head keeps a register tile over the
+// piece's tokens, reads the piece's rows of all heads (16 KB) one after the other, and while head
+// h of a piece runs, prefetches the h-th part of the piece kPieceAhead tokens ahead into L2, so the
+// prefetches trickle out with the arithmetic instead of queueing up in a burst.
+// Measured on the 2-core Zen 4 VM, fp32, Llama-3-8B heads (8 x 128, group 4), bench/decode_walks.py,
+// against the head walk, 2 threads: b=64 x 512 1.54-1.56x (47 GB/s), b=16 x 4K 1.68-1.69x (52-54
+// GB/s); Llama-3-70B heads (group 8) 1.28-1.32x. Prefetching into L1 instead: 1.18-1.39x; in one
+// burst per piece: 0.92-1.01x; 32 tokens ahead 1.28-1.57x, 64 ahead 1.17-1.18x.
+constexpr int kPieceAhead = 16;
+
+// Prefetch into L2 part h of nh of the rows of the piece kPieceAhead tokens after t: within the
+// block while it lasts, then the first rows of next.
+static inline void prefetch_piece_part(const float* base, int64_t tok, int t, int jb, int nk, const NextRows& next,
+                                       int h, int nh) {
+  const int a = t + kPieceAhead;
+  const char* x;
+  int64_t len;
+  if (a + kTokenPiece <= jb + nk) {
+    x = reinterpret_cast<const char*>(base + (int64_t)a * tok);
+    len = (int64_t)kTokenPiece * tok * (int64_t)sizeof(float);
+  } else {
+    const int u = a - (jb + nk);
+    if (u < 0 || u >= next.n) return;
+    x = reinterpret_cast<const char*>(next.p + (int64_t)u * next.tok);
+    len = (int64_t)(next.n - u < kTokenPiece ? next.n - u : kTokenPiece) * next.tok * (int64_t)sizeof(float);
+  }
+  const int64_t lo = len * h / nh / 64 * 64, hi = len * (h + 1) / nh / 64 * 64;
+  for (int64_t o = lo; o < hi; o += 64) prefetch<2>(x + o);
+}
+
+// The walk both piece loops share, over the rows at base (token stride tok): piece(h, t) where all
+// kTokenPiece tokens from t lie in head h's [lo, hi), after prefetching part h of the piece ahead,
+// else one(h, u) for each token u of the piece in the head's range.
+template <class Piece, class One>
+static inline void for_token_pieces(const float* base, int64_t tok, const NextRows& next, int nh, int jb, int nk,
+                                    const int* lo, const int* hi, Piece&& piece, One&& one) {
+  for (int t = jb; t < jb + nk; t += kTokenPiece) {
+    const int e = t + kTokenPiece < jb + nk ? t + kTokenPiece : jb + nk;
+    for (int h = 0; h < nh; ++h) {
+      if (e - t == kTokenPiece && t >= lo[h] && e <= hi[h]) {
+        prefetch_piece_part(base, tok, t, jb, nk, next, h, nh);
+        piece(h, t);
+        continue;
+      }
+      for (int u = t; u < e; ++u)
+        if (u >= lo[h] && u < hi[h]) one(h, u);
+    }
+  }
+}
+
+// kDim: the head dim where it has an unrolled copy (64, 128), else 0 and dim_arg, a multiple of 16.
+template <int kDim>
+static inline void qk_pieces(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb,
+                             int nk, const int* lo, const int* hi, int dim_arg, float* s, int lds,
+                             const NextRows& next) {
+  const int dim = kDim > 0 ? kDim : dim_arg;
+  for_token_pieces(
+      k, k_tok, next, nh, jb, nk, lo, hi,
+      [&](int h, int t) {
+        const float* k0 = k + (int64_t)t * k_tok + (int64_t)h * k_head;
+        const float* qh = q + (int64_t)h * rows * dim;
+        float* sh = s + (int64_t)h * rows * lds + (t - jb);
+        for (int c = 0; c < kTokenPiece; c += 2)
+          qk_tok_rows<2, kDim>(qh, rows, dim, k0 + c * k_tok, k0 + (c + 1) * k_tok, sh + c, lds);
+      },
+      [&](int h, int u) {
+        qk_tok_rows<1, kDim>(q + (int64_t)h * rows * dim, rows, dim, k + (int64_t)u * k_tok + (int64_t)h * k_head,
+                             nullptr, s + (int64_t)h * rows * lds + (u - jb), lds);
+      });
+}
+
+// acc[r][:] += sum_c w[r * ldp + c] * v(c)[:] for R <= 4 rows and the kTokenPiece token rows
+// v + c * v_tok, in slices of 16 lanes: 2R accumulators, two V vectors and one weight live. Each
+// element adds the tokens in order with one FMA each, as pv_tok_fixed does token by token.
+template <int R, int kDim>
+static inline void pv_piece_tile(const float* w, int ldp, const float* v, int64_t v_tok, int dim_arg, float* acc) {
+  static_assert(kDim % 16 == 0, "slices of 16 lanes");
+  const int dim = kDim > 0 ? kDim : dim_arg;
+  for (int d = 0; d < dim; d += 16) {
+    __m256 a[R][2];
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm256_loadu_ps(acc + (int64_t)r * dim + d);
+      a[r][1] = _mm256_loadu_ps(acc + (int64_t)r * dim + d + 8);
+    }
+    for (int c = 0; c < kTokenPiece; ++c) {
+      const __m256 v0 = _mm256_loadu_ps(v + c * v_tok + d), v1 = _mm256_loadu_ps(v + c * v_tok + d + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 b = _mm256_broadcast_ss(w + (int64_t)r * ldp + c);
+        a[r][0] = _mm256_fmadd_ps(b, v0, a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(b, v1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(acc + (int64_t)r * dim + d, a[r][0]);
+      _mm256_storeu_ps(acc + (int64_t)r * dim + d + 8, a[r][1]);
+    }
+  }
+}
+
+template <int kDim>
+static inline void pv_pieces(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head,
+                             int jb, int nk, const int* lo, const int* hi, int dim_arg, float* acc,
+                             const NextRows& next) {
+  const int dim = kDim > 0 ? kDim : dim_arg;
+  for_token_pieces(
+      v, v_tok, next, nh, jb, nk, lo, hi,
+      [&](int h, int t) {
+        const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
+        const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
+        float* ah = acc + (int64_t)h * rows * dim;
+        int r = 0;
+        for (; r + 4 <= rows; r += 4)
+          pv_piece_tile<4, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim);
+        switch (rows - r) {
+          case 3: pv_piece_tile<3, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim); break;
+          case 2: pv_piece_tile<2, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim); break;
+          case 1: pv_piece_tile<1, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim); break;
+          default: break;
+        }
+      },
+      [&](int h, int u) {
+        pv_tok_rows<1>(p + (int64_t)h * rows * ldp + (u - jb), ldp, rows, v + (int64_t)u * v_tok + (int64_t)h * v_head,
+                       nullptr, dim, acc + (int64_t)h * rows * dim);
+      });
+}
+
+// The common head dims get their own copies: with the slices unrolled and no call per (token,
+// head), SmolLM2 heads (dim 64, 3 rows) ran at 20 GB/s on one thread in cache with a runtime dim.
+void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
+               const int* lo, const int* hi, int dim, float* s, int lds, NextRows next) {
+  if (rows >= 4 && dim % 16 == 0)
+    return with_head_dim(
+        dim, [&](auto kDim) { qk_pieces<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next); });
+  if (dim == 64 && rows == 3) return qk_tokens_grouped<64, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  if (dim == 64 && rows == 2) return qk_tokens_grouped<64, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  if (dim == 128 && rows == 3) return qk_tokens_grouped<128, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  if (dim == 128 && rows == 2) return qk_tokens_grouped<128, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
+  with_head_dim(dim,
+                [&](auto kDim) { qk_tokens_dim<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds); });
+}
+
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* acc) {
+               const int* lo, const int* hi, int dim, float* acc, NextRows next) {
+  if (rows >= 4 && dim % 16 == 0)
+    return with_head_dim(
+        dim, [&](auto kDim) { pv_pieces<kDim>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc, next); });
   with_head_dim(dim,
                 [&](auto kDim) { pv_tokens_dim<kDim>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc); });
 }

@@ -17,7 +17,7 @@ static inline uint32_t float_to_bits(float f) {
 // Software prefetch of the row `kPrefetchRows` ahead: cache rows of one head are usually a page or
 // more apart (other heads and layers sit in between), which the hardware prefetcher does not follow.
 static inline void prefetch_row(const float* row, int dim) {
-  for (int o = 0; o < dim; o += 16) __builtin_prefetch(row + o, 0, 3);
+  for (int o = 0; o < dim; o += 16) prefetch<3>(row + o);
 }
 
 // Branch-free IEEE half -> float (exact, subnormals included): move exponent and mantissa into
@@ -32,11 +32,11 @@ static inline float half_to_float(uint16_t h) {
 // Prefetch of `bytes` of a quantized row, and (prefetch_quant_row) of its scale words,
 // `kPrefetchRowsQuant` rows ahead.
 static inline void prefetch_bytes(const void* row, int bytes) {
-  for (int o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(row) + o, 0, 3);
+  for (int o = 0; o < bytes; o += 64) prefetch<3>(static_cast<const char*>(row) + o);
 }
 static inline void prefetch_quant_row(const void* row, int bytes, const float* scale) {
   prefetch_bytes(row, bytes);
-  __builtin_prefetch(scale, 0, 3);
+  prefetch<3>(scale);
 }
 
 // One element of each quantized format, exactly as Format::dequant (the vector loops' tails).
@@ -131,9 +131,10 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 #endif  // VATTN_BODY_AVX2
 
 #if !defined(VATTN_BODY_AVX2)  // the AVX2 copy has register-tiled versions of these
-// Token-order decode (attention_kernels.h): plain loops, vectorized along head_dim.
+// Token-order decode (attention_kernels.h): plain loops, vectorized along head_dim, one token at a
+// time for every group size, no prefetch.
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds) {
+               const int* lo, const int* hi, int dim, float* s, int lds, NextRows) {
   for (int t = jb; t < jb + nk; ++t) {
     const float* kt = k + (int64_t)t * k_tok;
     for (int h = 0; h < nh; ++h) {
@@ -170,7 +171,7 @@ void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, 
 }
 
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* acc) {
+               const int* lo, const int* hi, int dim, float* acc, NextRows) {
   for (int t = jb; t < jb + nk; ++t) {
     const float* vt = v + (int64_t)t * v_tok;
     for (int h = 0; h < nh; ++h) {
@@ -189,7 +190,7 @@ void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_
 #endif  // !VATTN_BODY_AVX2
 
 static inline void prefetch_row16(const uint16_t* row, int dim) {
-  for (int o = 0; o < dim; o += 32) __builtin_prefetch(row + o, 0, 3);
+  for (int o = 0; o < dim; o += 32) prefetch<3>(row + o);
 }
 
 // Rows of 16-bit values through an element conversion (inlined, so the inner loop vectorizes).

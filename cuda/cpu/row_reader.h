@@ -22,7 +22,7 @@ struct HeadRows {
 };
 
 // Prefetch of n rows of one head from t0 on (storage and scale words), for walks the hardware
-// prefetcher does not follow (rows a page or more apart, or jumps). kLocality as __builtin_prefetch:
+// prefetcher does not follow (rows a page or more apart, or jumps). kLocality as cpu::prefetch:
 // 3 into L1 for rows used next, 2 for a whole block used after the current one (L1 would not hold it).
 template <class Format, int kLocality = 3>
 void prefetch_rows(const HeadRows<Format>& h, int64_t t0, int n, int dim) {
@@ -30,8 +30,8 @@ void prefetch_rows(const HeadRows<Format>& h, int64_t t0, int n, int dim) {
   const int bytes = int(dim / Format::kElemsPerStorage * int64_t(sizeof(S)));
   for (int j = 0; j < n; ++j) {
     const char* r = reinterpret_cast<const char*>(h.data + (t0 + j) * h.stride_tok);
-    for (int o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, kLocality);
-    if (Format::kScaleWords > 0) __builtin_prefetch(h.scale + (t0 + j) * h.scale_stride_tok, 0, kLocality);
+    for (int o = 0; o < bytes; o += 64) prefetch<kLocality>(r + o);
+    if (Format::kScaleWords > 0) prefetch<kLocality>(h.scale + (t0 + j) * h.scale_stride_tok);
   }
 }
 
