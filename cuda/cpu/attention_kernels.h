@@ -56,10 +56,10 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 // where k(t, h) = k + t * k_tok + h * k_head (fp32 rows of dim), and v alike. Tokens outside a
 // head's [lo, hi) are not read (a head's rows may end before another's).
 // With 4 or more rows per head (GQA groups of 4+) the walk goes in pieces of kTokenPiece tokens, the
-// heads of a piece in order, each head's tokens of the piece together, and it prefetches the piece
-// kPieceAhead tokens ahead: past the block, the first rows of `next`, the rows the caller walks
-// after this block (V of the same block after K, the next block's K after V). Prefetches never
-// fault, so `next` only has to say where the walk goes, not that the rows exist.
+// heads of a piece in order, each head's tokens of the piece together. Both walks prefetch the rows
+// a few tokens ahead (attention_kernels_avx2.h): past the block, the first rows of `next`, the rows
+// the caller walks after this block (V of the same block after K, the next block's K after V).
+// Prefetches never fault, so `next` only has to say where the walk goes, not that the rows exist.
 struct NextRows {
   const float* p = nullptr;  // token 0's row of the first head
   int64_t tok = 0;           // floats from token to token

@@ -656,15 +656,45 @@ static inline void qk_tok_rows(const float* q, int rows, int dim, const float* k
   if (left == 1) qk_tok_tile<1, C, kDim>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
 }
 
+// The token-order walks prefetch into L2 the rows kTokensAhead tokens ahead of the token they are
+// at, a part per head (or chunk of heads) as they go, so the prefetches trickle out with the
+// arithmetic. With the hardware prefetcher alone, SmolLM2 heads (group 3) ran at 35-39 GB/s on 2
+// threads, with it 44-49 GB/s (1.14-1.27x, b=32 x 1K and b=8 x 4K; 8, 32 or 64 tokens ahead the
+// same as 16 within noise), group 2 (16 / 8 x 64) 1.02-1.15x (bench/decode_walks.py, builds
+// alternated). Group 1's token pairs (Llama-2-7B heads) measured 0.96-0.97x with it, so they go
+// without.
+constexpr int kTokensAhead = 16;
+
+// Prefetch into L2 part h of nh of the rows of tokens [a, a + n): within the block [jb, jb + nk)
+// while it lasts, then the first rows of next.
+static inline void prefetch_ahead_part(const float* base, int64_t tok, int a, int n, int jb, int nk,
+                                       const NextRows& next, int h, int nh) {
+  const char* x;
+  int64_t len;
+  if (a + n <= jb + nk) {
+    x = reinterpret_cast<const char*>(base + (int64_t)a * tok);
+    len = (int64_t)n * tok * (int64_t)sizeof(float);
+  } else {
+    const int u = a - (jb + nk);
+    if (u < 0 || u >= next.n) return;
+    x = reinterpret_cast<const char*>(next.p + (int64_t)u * next.tok);
+    len = (int64_t)(next.n - u < n ? next.n - u : n) * next.tok * (int64_t)sizeof(float);
+  }
+  const int64_t lo = len * h / nh / 64 * 64, hi = len * (h + 1) / nh / 64 * 64;
+  for (int64_t o = lo; o < hi; o += 64) prefetch<2>(x + o);
+}
+
 // The walk both loops share: f(h, t, n) for each run of n (2 or 1) consecutive tokens from t that
 // lie in head h's [lo, hi), tokens in order and within a token the heads in order; runs of two only
 // for one row per head (pairs, above).
 template <class F>
-static inline void for_token_runs(int rows, int nh, int jb, int nk, const int* lo, const int* hi, F&& f) {
+static inline void for_token_runs(const float* base, int64_t tok, const NextRows& next, int rows, int nh, int jb,
+                                  int nk, const int* lo, const int* hi, F&& f) {
   const bool pairs = rows == 1;
   for (int t = jb; t < jb + nk; t += pairs ? 2 : 1) {
     const bool two = pairs && t + 1 < jb + nk;
     for (int h = 0; h < nh; ++h) {
+      if (!pairs) prefetch_ahead_part(base, tok, t + kTokensAhead, 1, jb, nk, next, h, nh);
       const bool in0 = t >= lo[h] && t < hi[h], in1 = two && t + 1 >= lo[h] && t + 1 < hi[h];
       if (in0 && in1)
         f(h, t, 2);
@@ -701,11 +731,13 @@ static inline void qk_tok_heads(const float* q, const float* k, int64_t k_head, 
 // chunks of 8 / R through qk_tok_heads where the whole chunk sees the token, else one head at a time.
 template <int kDim, int R>
 static inline void qk_tokens_grouped(const float* q, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb,
-                                     int nk, const int* lo, const int* hi, float* s, int lds) {
+                                     int nk, const int* lo, const int* hi, float* s, int lds, const NextRows& next) {
   constexpr int H = 8 / R;
+  const int chunks = (nh + H - 1) / H;
   for (int t = jb; t < jb + nk; ++t) {
     const float* kt = k + (int64_t)t * k_tok;
     for (int h = 0; h < nh; h += H) {
+      prefetch_ahead_part(k, k_tok, t + kTokensAhead, 1, jb, nk, next, h / H, chunks);
       const int end = h + H < nh ? h + H : nh;
       bool all = end - h == H;
       for (int i = h; all && i < end; ++i) all = t >= lo[i] && t < hi[i];
@@ -736,8 +768,9 @@ static inline void with_head_dim(int dim, F&& f) {
 
 template <int kDim>
 static inline void qk_tokens_dim(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head,
-                                 int jb, int nk, const int* lo, const int* hi, int dim, float* s, int lds) {
-  for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
+                                 int jb, int nk, const int* lo, const int* hi, int dim, float* s, int lds,
+                                 const NextRows& next) {
+  for_token_runs(k, k_tok, next, rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
     const float* k0 = k + (int64_t)t * k_tok + (int64_t)h * k_head;
     const float* qh = q + (int64_t)h * rows * dim;
     float* sh = s + (int64_t)h * rows * lds + (t - jb);
@@ -799,10 +832,10 @@ static inline void pv_tok_fixed(const float* w, int ldp, const float* v0, const 
 // kDim > 0: the head dim known at compile time (64, 128); 0: the runtime dim.
 template <int kDim>
 static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok,
-                                 int64_t v_head, int jb, int nk, const int* lo, const int* hi, int dim_arg,
-                                 float* acc) {
+                                 int64_t v_head, int jb, int nk, const int* lo, const int* hi, int dim_arg, float* acc,
+                                 const NextRows& next) {
   const int dim = kDim > 0 ? kDim : dim_arg;
-  for_token_runs(rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
+  for_token_runs(v, v_tok, next, rows, nh, jb, nk, lo, hi, [&](int h, int t, int n) {
     const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
     const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
     float* ah = acc + (int64_t)h * rows * dim;
@@ -829,32 +862,16 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
 // time, which neither the hardware prefetcher nor a burst of software prefetches before each
 // piece turned into a stream. A piece of kTokenPiece tokens per head keeps a register tile over the
 // piece's tokens, reads the piece's rows of all heads (16 KB) one after the other, and while head
-// h of a piece runs, prefetches the h-th part of the piece kPieceAhead tokens ahead into L2, so the
+// h of a piece runs, prefetches the h-th part of the piece kTokensAhead tokens ahead into L2, so the
 // prefetches trickle out with the arithmetic instead of queueing up in a burst.
 // Measured on the 2-core Zen 4 VM, fp32, Llama-3-8B heads (8 x 128, group 4), bench/decode_walks.py,
 // against the head walk, 2 threads: b=64 x 512 1.54-1.56x (47 GB/s), b=16 x 4K 1.68-1.69x (52-54
 // GB/s); Llama-3-70B heads (group 8) 1.28-1.32x. Prefetching into L1 instead: 1.18-1.39x; in one
 // burst per piece: 0.92-1.01x; 32 tokens ahead 1.28-1.57x, 64 ahead 1.17-1.18x.
-constexpr int kPieceAhead = 16;
 
-// Prefetch into L2 part h of nh of the rows of the piece kPieceAhead tokens after t: within the
-// block while it lasts, then the first rows of next.
 static inline void prefetch_piece_part(const float* base, int64_t tok, int t, int jb, int nk, const NextRows& next,
                                        int h, int nh) {
-  const int a = t + kPieceAhead;
-  const char* x;
-  int64_t len;
-  if (a + kTokenPiece <= jb + nk) {
-    x = reinterpret_cast<const char*>(base + (int64_t)a * tok);
-    len = (int64_t)kTokenPiece * tok * (int64_t)sizeof(float);
-  } else {
-    const int u = a - (jb + nk);
-    if (u < 0 || u >= next.n) return;
-    x = reinterpret_cast<const char*>(next.p + (int64_t)u * next.tok);
-    len = (int64_t)(next.n - u < kTokenPiece ? next.n - u : kTokenPiece) * next.tok * (int64_t)sizeof(float);
-  }
-  const int64_t lo = len * h / nh / 64 * 64, hi = len * (h + 1) / nh / 64 * 64;
-  for (int64_t o = lo; o < hi; o += 64) prefetch<2>(x + o);
+  prefetch_ahead_part(base, tok, t + kTokensAhead, kTokenPiece, jb, nk, next, h, nh);
 }
 
 // The walk both piece loops share, over the rows at base (token stride tok): piece(h, t) where all
@@ -960,12 +977,12 @@ void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, 
   if (rows >= 4 && dim % 16 == 0)
     return with_head_dim(
         dim, [&](auto kDim) { qk_pieces<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next); });
-  if (dim == 64 && rows == 3) return qk_tokens_grouped<64, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  if (dim == 64 && rows == 2) return qk_tokens_grouped<64, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  if (dim == 128 && rows == 3) return qk_tokens_grouped<128, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  if (dim == 128 && rows == 2) return qk_tokens_grouped<128, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds);
-  with_head_dim(dim,
-                [&](auto kDim) { qk_tokens_dim<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds); });
+  if (dim == 64 && rows == 3) return qk_tokens_grouped<64, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
+  if (dim == 64 && rows == 2) return qk_tokens_grouped<64, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
+  if (dim == 128 && rows == 3) return qk_tokens_grouped<128, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
+  if (dim == 128 && rows == 2) return qk_tokens_grouped<128, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
+  with_head_dim(
+      dim, [&](auto kDim) { qk_tokens_dim<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next); });
 }
 
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
@@ -973,6 +990,6 @@ void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_
   if (rows >= 4 && dim % 16 == 0)
     return with_head_dim(
         dim, [&](auto kDim) { pv_pieces<kDim>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc, next); });
-  with_head_dim(dim,
-                [&](auto kDim) { pv_tokens_dim<kDim>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc); });
+  with_head_dim(
+      dim, [&](auto kDim) { pv_tokens_dim<kDim>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc, next); });
 }
