@@ -656,14 +656,28 @@ static inline void qk_tok_rows(const float* q, int rows, int dim, const float* k
   if (left == 1) qk_tok_tile<1, C, kDim>(q + (int64_t)r * dim, dim, k0, k1, s + (int64_t)r * lds, lds);
 }
 
-// The token-order walks prefetch into L2 the rows kTokensAhead tokens ahead of the token they are
-// at, a part per head (or chunk of heads) as they go, so the prefetches trickle out with the
-// arithmetic. With the hardware prefetcher alone, SmolLM2 heads (group 3) ran at 35-39 GB/s on 2
-// threads, with it 44-49 GB/s (1.14-1.27x, b=32 x 1K and b=8 x 4K; 8, 32 or 64 tokens ahead the
-// same as 16 within noise), group 2 (16 / 8 x 64) 1.02-1.15x (bench/decode_walks.py, builds
-// alternated). Group 1's token pairs (Llama-2-7B heads) measured 0.96-0.97x with it, so they go
-// without.
-constexpr int kTokensAhead = 16;
+// The token-order walks prefetch into L2 the rows about kAheadBytes ahead of the token they are at,
+// a part per head (or chunk of heads) as they go, so the prefetches trickle out with the
+// arithmetic. Measured with bench/decode_walks.py, 2 threads, builds or distances alternated:
+// - SmolLM2 heads (group 3, 768 B a token): 35-39 GB/s with the hardware prefetcher alone, 44-49
+//   with this (1.14-1.27x, b=32 x 1K and b=8 x 4K; 6-48 KB ahead the same within noise); group 2
+//   (16 / 8 x 64) 1.02-1.15x;
+// - Llama-2-7B heads (group 1's token pairs, 16 KB a token), head walk / token order, distances
+//   alternated in one build: 1.23-1.29 without, 1.36-1.48 at 4 tokens (64 KB) ahead, 1.38-1.54 at 2;
+//   0.96-0.97x the plain order at 16 (256 KB). Builds alternated later, in a slower phase of the VM,
+//   showed no difference in that ratio, but bench/run.py's b=8 x 512 row took 2.10-2.21 ms with it
+//   and 2.24-2.30 without (three runs each, alternated);
+// - Llama-3-8B / -70B heads in pieces (4 KB a token): 8 tokens ahead 0.92-0.97x of 16 (4 of 4 runs
+//   with group 8), 32 ahead 0.9x, 64 ahead 0.75x.
+constexpr int64_t kAheadBytes = int64_t(64) << 10;
+// Tokens ahead for rows of tok floats a token, walked `step` tokens at a time: a whole number of
+// steps, at least one, at most 16 tokens.
+static inline int tokens_ahead(int64_t tok, int step) {
+  int64_t a = kAheadBytes / (tok * (int64_t)sizeof(float));
+  a = a / step * step;
+  if (a > 16) a = 16 / step * step;
+  return a < step ? step : (int)a;
+}
 
 // Prefetch into L2 part h of nh of the rows of tokens [a, a + n): within the block [jb, jb + nk)
 // while it lasts, then the first rows of next.
@@ -691,10 +705,11 @@ template <class F>
 static inline void for_token_runs(const float* base, int64_t tok, const NextRows& next, int rows, int nh, int jb,
                                   int nk, const int* lo, const int* hi, F&& f) {
   const bool pairs = rows == 1;
-  for (int t = jb; t < jb + nk; t += pairs ? 2 : 1) {
+  const int step = pairs ? 2 : 1, ahead = tokens_ahead(tok, step);
+  for (int t = jb; t < jb + nk; t += step) {
     const bool two = pairs && t + 1 < jb + nk;
     for (int h = 0; h < nh; ++h) {
-      if (!pairs) prefetch_ahead_part(base, tok, t + kTokensAhead, 1, jb, nk, next, h, nh);
+      prefetch_ahead_part(base, tok, t + ahead, step, jb, nk, next, h, nh);
       const bool in0 = t >= lo[h] && t < hi[h], in1 = two && t + 1 >= lo[h] && t + 1 < hi[h];
       if (in0 && in1)
         f(h, t, 2);
@@ -733,11 +748,11 @@ template <int kDim, int R>
 static inline void qk_tokens_grouped(const float* q, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb,
                                      int nk, const int* lo, const int* hi, float* s, int lds, const NextRows& next) {
   constexpr int H = 8 / R;
-  const int chunks = (nh + H - 1) / H;
+  const int chunks = (nh + H - 1) / H, ahead = tokens_ahead(k_tok, 1);
   for (int t = jb; t < jb + nk; ++t) {
     const float* kt = k + (int64_t)t * k_tok;
     for (int h = 0; h < nh; h += H) {
-      prefetch_ahead_part(k, k_tok, t + kTokensAhead, 1, jb, nk, next, h / H, chunks);
+      prefetch_ahead_part(k, k_tok, t + ahead, 1, jb, nk, next, h / H, chunks);
       const int end = h + H < nh ? h + H : nh;
       bool all = end - h == H;
       for (int i = h; all && i < end; ++i) all = t >= lo[i] && t < hi[i];
@@ -862,7 +877,7 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
 // time, which neither the hardware prefetcher nor a burst of software prefetches before each
 // piece turned into a stream. A piece of kTokenPiece tokens per head keeps a register tile over the
 // piece's tokens, reads the piece's rows of all heads (16 KB) one after the other, and while head
-// h of a piece runs, prefetches the h-th part of the piece kTokensAhead tokens ahead into L2, so the
+// h of a piece runs, prefetches the h-th part of the piece tokens_ahead() tokens ahead into L2, so the
 // prefetches trickle out with the arithmetic instead of queueing up in a burst.
 // Measured on the 2-core Zen 4 VM, fp32, Llama-3-8B heads (8 x 128, group 4), bench/decode_walks.py,
 // against the head walk, 2 threads: b=64 x 512 1.54-1.56x (47 GB/s), b=16 x 4K 1.68-1.69x (52-54
@@ -871,7 +886,7 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
 
 static inline void prefetch_piece_part(const float* base, int64_t tok, int t, int jb, int nk, const NextRows& next,
                                        int h, int nh) {
-  prefetch_ahead_part(base, tok, t + kTokensAhead, kTokenPiece, jb, nk, next, h, nh);
+  prefetch_ahead_part(base, tok, t + tokens_ahead(tok, kTokenPiece), kTokenPiece, jb, nk, next, h, nh);
 }
 
 // The walk both piece loops share, over the rows at base (token stride tok): piece(h, t) where all
