@@ -1,11 +1,13 @@
-"""CPU decode's streaming walks (attention_cpu.cpp: fp32 caches whose row is one [tokens, heads, dim]
-block, several kv heads, calls reading >= 24 MiB of K and V; token order for GQA groups <= 3, the
-same in pieces of 4 tokens for groups of 4+ at head dims that are a multiple of 16 (AVX2), the
-head walk in prefetched pieces for the others) against reference.py: head dims with and without a
-partial last vector, rows shorter and longer than a key block, a split long row, per-head lengths
-with NaN past each head's length, windows, soft-cap, decode scores, group 1's token pairs, and the
-portable copy. VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes the walks on these small problems (-1:
-never), so the same data also runs through the plain head-at-a-time walk."""
+"""CPU decode's token-order walks (attention_cpu.cpp: fp32 caches whose row is one [tokens, heads,
+dim] block, several kv heads) against reference.py. Calls reading >= 24 MiB of K and V stream: token
+order for GQA groups <= 3, the same in pieces of 4 tokens for groups of 4+ at head dims that are a
+multiple of 16 (AVX2), the head walk in prefetched pieces for the others. Smaller calls take the
+pieces' AVX-512 copy for groups of 4+ at those head dims where the CPU has AVX-512, else the plain
+head-at-a-time walk. Covered: head dims with and without a partial last vector, rows shorter and
+longer than a key block, a split long row, per-head lengths with NaN past each head's length,
+windows, soft-cap, decode scores, group 1's token pairs, and the portable copy.
+VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes the streaming walks on these small problems (-1: never, so
+the in-cache walks run), so the same data runs through both."""
 
 import os
 import subprocess
@@ -45,6 +47,27 @@ def test_token_order_matches_reference(group, dim, hkv):
             case.softcap = 5.0
         layout = LAYOUTS[(i + group + dim) % len(LAYOUTS)]
         q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=100 * group + dim + i)
+        out, lse = _decode(q, kc, vc, kw)
+        assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
+
+
+@pytest.mark.parametrize("group", [4, 5, 7, 8, 16])
+@pytest.mark.parametrize("dim", [48, 64, 80, 128])
+@pytest.mark.parametrize("layout", ["plain", "layer_major"])
+def test_in_cache_walk_matches_reference(group, dim, layout, monkeypatch):
+    """Below the streaming gate (knob -1): the AVX-512 token pieces on a CPU with AVX-512F (groups
+    4+, head dims a multiple of 16, rows stored as one block), the head walk elsewhere. Per-head
+    lengths with NaN past each head's length in one case, a window and soft-cap in others."""
+    monkeypatch.setenv("VATTN_CPU_TOKEN_ORDER_MIN_BYTES", "-1")
+    for i, lens in enumerate(LENS):
+        case = Case(lens=lens, hkv=3, group=group, dim=dim)
+        if i == 2:
+            case.head_lens = [[n, max(n - 5, 0), 1] for n in lens]
+        if i == 3:
+            case.window_left = 700
+        if i == 4:
+            case.softcap = 5.0
+        q, kc, vc, kw = build(case, torch.float32, layout, "cpu", seed=31 * group + dim + i)
         out, lse = _decode(q, kc, vc, kw)
         assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
 
@@ -113,16 +136,20 @@ def test_decode_scores_over_token_order(mode, group):
 @pytest.mark.parametrize("switch", ["VATTN_CPU_GENERIC", "VATTN_CPU_NO_AVX512"])
 def test_other_copies_match_reference(switch):
     """The same walks in the portable copy (VATTN_CPU_GENERIC), forced in a subprocess, and with
-    AVX-512 switched off (VATTN_CPU_NO_AVX512: decode has no AVX-512 copy, so nothing may change).
-    Groups 2-3 at head dims 64 / 128 with heads that end inside a multi-head chunk."""
+    AVX-512 switched off (VATTN_CPU_NO_AVX512: the in-cache walk of groups 4+ is the head walk then),
+    each streaming (knob 0) and in cache (knob -1). Groups 2-3 at head dims 64 / 128 with heads that
+    end inside a multi-head chunk."""
     tests = os.path.dirname(os.path.abspath(__file__))
     code = (
         f"import sys; sys.path.insert(0, {tests!r})\n"
-        "import torch, vattn\n"
+        "import os, torch, vattn\n"
         "from helpers import Case, assert_attention_close, build\n"
-        "for group, dim, lens, layout in ((1, 36, [5, 130], 'plain'), (3, 64, [1500, 3], 'token_major'),\n"
-        "                                 (4, 128, [65, 64], 'head_major'), (2, 64, [300, 77], 'plain'),\n"
-        "                                 (3, 128, [129, 64], 'layer_major'), (2, 128, [70, 1], 'layer_major')):\n"
+        "for knob, group, dim, lens, layout in (\n"
+        "        (k, *c) for k in ('0', '-1') for c in (\n"
+        "            (1, 36, [5, 130], 'plain'), (3, 64, [1500, 3], 'token_major'), (4, 128, [65, 64], 'head_major'),\n"
+        "            (2, 64, [300, 77], 'plain'), (3, 128, [129, 64], 'layer_major'), (2, 128, [70, 1], 'layer_major'),\n"
+        "            (4, 64, [130, 67], 'plain'), (8, 128, [9, 700], 'layer_major'))):\n"
+        "    os.environ['VATTN_CPU_TOKEN_ORDER_MIN_BYTES'] = knob\n"
         "    hkv = 2 if group in (1, 4) else 5\n"
         "    heads = [[lens[0], 1] + [lens[0] - 3] * (hkv - 2), [0, lens[1]] + [lens[1]] * (hkv - 2)]\n"
         "    case = Case(lens=lens, hkv=hkv, group=group, dim=dim, head_lens=heads)\n"

@@ -1,15 +1,19 @@
 """GPU-less checks of the CUDA kernels' logic: numpy ports of the split-KV decode kernel and the
 tensor-core prefill kernel (index math, cp.async stages, fragments, masks) against float64.
-They do not replace the gpu tests; they catch a broken tile or split plan on any machine."""
+They do not replace the gpu tests; they catch a broken tile or split plan on any machine. Likewise
+the CPU decode's AVX-512 token pieces, compiled against SIMDe's portable AVX-512 where the CPU has
+none (on a CPU with AVX-512 tests/test_decode_token_order.py runs them for real)."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
 
 
 @pytest.mark.parametrize("script", ["emulate_decode_split.py", "emulate_prefill_fa2.py"])
@@ -17,6 +21,24 @@ def test_kernel_emulation(script):
     r = subprocess.run([sys.executable, str(TOOLS / script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "ALL OK" in r.stdout
+
+
+def test_avx512_token_pieces_under_simde(tmp_path):
+    # tools/emulate_avx512_pieces.cpp: 3000 random walks (head dims 16-256, 4-16 rows a head, 1-5
+    # heads with their own key ranges, padded head and token strides) against float64, built with
+    # AddressSanitizer so a read outside the exactly sized cache fails too.
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "emulate_avx512_pieces"
+    cmd = [cxx, "-std=c++17", "-O1", "-Wno-psabi", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    cmd += [f"-I{ROOT / 'cuda' / 'cpu'}", str(TOOLS / "emulate_avx512_pieces.cpp"), "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "simde/x86/avx512.h" in r.stderr:
+        pytest.skip("SIMDe headers not installed (Debian / Ubuntu: libsimde-dev; .ci/run installs them)")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_emulation_constants_come_from_the_headers():

@@ -224,7 +224,7 @@ void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h
 // block one head at a time, reading a dim-long piece of every token row, which leaves the hardware
 // prefetcher behind. qk_tokens / pv_tokens walk the block token after token instead, all heads of a
 // token before the next: where the heads of a token and consecutive tokens are back to back, that
-// reads K and V front to back, which the prefetcher follows. Measured on the 2-core Zen 4 VM, fp32,
+// reads K and V front to back, which the prefetcher follows. Measured on the 2-core Zen 5 VM, fp32,
 // K / V [rows, tokens, heads, dim], both walks timed in turn in one process:
 // - a 50 MB read, no arithmetic, one thread: head by head in blocks of 64 keys 6-10 GB/s, front to
 //   back 22-30 GB/s;
@@ -251,6 +251,18 @@ void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h
 //   plain tensors). In token_major a token's heads of one layer sit between other layers' (46 KB
 //   from token to token with SmolLM2's 30 layers), every token starts a new page, and the token
 //   order measured 0.46-0.78x the head walk, whose software prefetch runs rows ahead in each head.
+// Below the gate, GQA groups of 4+ at head dims a multiple of 16 take the same pieces with AVX-512
+// where the CPU has it (cpu::wide_token_pieces), not the head walk. Measured on the 2-core Zen 5 VM,
+// fp32, head walk time / pieces time, 1 thread (the solo calls of a busy machine):
+// - hot, the same K and V decoded over and over (bench/decode_walks.py --threads 1): Llama-3-8B
+//   heads b=1 x 512-2K 1.21-1.28 (AVX2 pieces: 0.93-0.97), Llama-3-70B heads b=1 x 512 1.20-1.43,
+//   32 / 8 x 64 b=2 x 1K 1.29-1.39;
+// - cold, 12-24 distinct caches decoded in turn like a model's layers: Llama-3-8B b=1 x 512 1.29-1.43
+//   (AVX2 pieces 1.56-1.59), 70B 1.18-1.35 (AVX2 1.19-1.20), 32 / 8 x 64 1.36-1.59 (AVX2 1.63-1.64).
+// With 2 threads the b=1 x 512 calls split by head and take the head walk either way; at 2K, hot,
+// 1.16-1.24 (AVX2 pieces 0.95). Above the gate the AVX2 pieces stay: streaming, 2 threads, the AVX-512
+// copy measured slower with group 4 (bench/run.py Llama-3-8B b=64 x 512: 7.4-8.0 ms vs 5.1-7.0 ms)
+// and even with group 8 (Llama-3-70B b=8 x 2K: 4.13-4.15 vs 4.11-4.44 ms).
 constexpr int kTokenOrderMaxGroup = 3;
 constexpr int64_t kTokenOrderMinBytes = int64_t(24) << 20;
 // kTokenOrderMinBytes, or VATTN_CPU_TOKEN_ORDER_MIN_BYTES when set to an integer (0: the token order
@@ -353,20 +365,25 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         // prefetcht1 in the library); kept, bench/run.py's CPU prefill rows measured 0.96-1.09x the
         // build without them (2 rounds each, quiet), so this is kept for what it costs: nothing.
         const bool prefetch_next = w.nh == 1 && head_rows >= 12;
-        // The decode walk over a row stored as one [tokens, heads, dim] block (see kTokenOrderMaxGroup).
-        bool stream_walk = false;
+        // The decode walks over a row stored as one [tokens, heads, dim] block (see kTokenOrderMaxGroup
+        // and kTokenOrderMinBytes).
+        bool block_row = false;
         if constexpr (kTokenOrderFormats<KF, VF>)
-          stream_walk = streams && w.nq == 1 && w.nh > 1 && !kv_paged(p.kv) &&
-                        rows_back_to_back(kside, p.num_kv_heads, dim) && rows_back_to_back(vside, p.num_kv_heads, dim);
-        const bool token_order = stream_walk && (group <= kTokenOrderMaxGroup || cpu::token_pieces(group, dim));
+          block_row = w.nq == 1 && w.nh > 1 && !kv_paged(p.kv) && rows_back_to_back(kside, p.num_kv_heads, dim) &&
+                      rows_back_to_back(vside, p.num_kv_heads, dim);
+        const bool wide_pieces = block_row && !streams && cpu::wide_token_pieces(group, dim);
+        const bool stream_walk = block_row && streams;
+        const bool token_order =
+            wide_pieces || (stream_walk && (group <= kTokenOrderMaxGroup || cpu::token_pieces(group, dim)));
         const bool prefetched_heads = stream_walk && !token_order;
+        const bool row_walk = token_order || prefetched_heads;  // else the head walk, block by block
         // fp32 rows of the item's first head in this cache row (those walks only: contiguous view).
-        const float* k_row = stream_walk ? static_cast<const float*>(kside.data) + (int64_t)row * kside.s_row +
-                                               (int64_t)w.h0 * kside.s_head
-                                         : nullptr;
-        const float* v_row = stream_walk ? static_cast<const float*>(vside.data) + (int64_t)row * vside.s_row +
-                                               (int64_t)w.h0 * vside.s_head
-                                         : nullptr;
+        const float* k_row =
+            row_walk ? static_cast<const float*>(kside.data) + (int64_t)row * kside.s_row + (int64_t)w.h0 * kside.s_head
+                     : nullptr;
+        const float* v_row =
+            row_walk ? static_cast<const float*>(vside.data) + (int64_t)row * vside.s_row + (int64_t)w.h0 * vside.s_head
+                     : nullptr;
         int reach_lo = INT32_MAX, reach_hi = 0;  // keys any head of the item reads (prefetched_heads)
         for (int hh = 0; prefetched_heads && hh < w.nh; ++hh)
           if (sc.head_lo[hh] < sc.head_hi[hh]) {
@@ -408,7 +425,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
           if (token_order)
             cpu::qk_tokens(sc.q.data(), head_rows, w.nh, k_row, kside.s_tok, kside.s_head, jb, nk, sc.head_lo.data(),
                            sc.head_hi.data(), dim, sc.s.data(), kKeyBlock,
-                           cpu::NextRows{v_row + (int64_t)jb * vside.s_tok, vside.s_tok, nk});
+                           cpu::NextRows{v_row + (int64_t)jb * vside.s_tok, vside.s_tok, nk}, wide_pieces);
           if (prefetched_heads)
             heads_prefetched(k_row, kside.s_tok, jb, nk, [&](int hh, int ja, int je) {
               block_logits<KF>(p.kv, kside, row, w.h0 + hh, ja, je, je - ja, &sc.q[(size_t)hh * head_rows * dim],
@@ -424,7 +441,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             }
             const int h = w.h0 + hh;
             const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
-            if (!stream_walk)
+            if (!row_walk)
               block_logits<KF>(p.kv, kside, row, h, ja, je, avail, &sc.q[(size_t)hh * head_rows * dim], head_rows, dim,
                                sc.kbuf.data(), s_head + (ja - jb));
             for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
@@ -452,13 +469,14 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
               }  // only -inf logits so far
               sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
             }
-            if (!stream_walk)
+            if (!row_walk)
               block_values<VF>(p.kv, vside, row, h, ja, je, avail, s_head + (ja - jb), head_rows, dim, sc.vbuf.data(),
                                &sc.acc[(size_t)hh * head_rows * dim]);
           }
           if (token_order)
             cpu::pv_tokens(sc.s.data(), kKeyBlock, head_rows, w.nh, v_row, vside.s_tok, vside.s_head, jb, nk,
-                           sc.head_lo.data(), sc.head_hi.data(), dim, sc.acc.data(), next_block_k(jb + nk));
+                           sc.head_lo.data(), sc.head_hi.data(), dim, sc.acc.data(), next_block_k(jb + nk),
+                           wide_pieces);
           if (prefetched_heads)
             heads_prefetched(v_row, vside.s_tok, jb, nk, [&](int hh, int ja, int je) {
               block_values<VF>(p.kv, vside, row, w.h0 + hh, ja, je, je - ja,

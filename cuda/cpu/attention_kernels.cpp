@@ -34,11 +34,12 @@ namespace avx2 {
 }  // namespace avx2
 #undef VATTN_BODY_AVX2
 #pragma GCC pop_options
-// The prefill GEMM tiles once more for AVX-512F (+VL for the 8-lane masked loads of packing).
+// The prefill GEMM tiles and decode's token pieces once more for AVX-512F (+VL for the 8-lane masked loads of packing).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 namespace avx512 {
 #include "attention_kernels_avx512.h"
+#include "decode_pieces_avx512.h"
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
@@ -54,7 +55,7 @@ bool cpu_has_avx2() {
   return false;
 #endif
 }
-// AVX-512 for the prefill GEMM tiles, on top of the AVX2 copy; VATTN_CPU_NO_AVX512=1 keeps the
+// AVX-512 for the prefill GEMM tiles and the decode pieces, on top of the AVX2 copy; VATTN_CPU_NO_AVX512=1 keeps the
 // AVX2 tiles (to test them, and to compare, on a machine with AVX-512).
 bool cpu_has_avx512() {
 #if defined(VATTN_HAVE_AVX2_COPY)
@@ -100,12 +101,21 @@ bool token_pieces(int rows, int dim) {
   return false;
 #endif
 }
+bool wide_token_pieces(int rows, int dim) { return token_pieces(rows, dim) && cpu_has_avx512(); }
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds, NextRows next) {
+               const int* lo, const int* hi, int dim, float* s, int lds, NextRows next, bool wide) {
+#if defined(VATTN_HAVE_AVX2_COPY)
+  if (wide && wide_token_pieces(rows, dim))
+    return avx512::qk_pieces(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next);
+#endif
   VATTN_DISPATCH(qk_tokens, q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next);
 }
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* acc, NextRows next) {
+               const int* lo, const int* hi, int dim, float* acc, NextRows next, bool wide) {
+#if defined(VATTN_HAVE_AVX2_COPY)
+  if (wide && wide_token_pieces(rows, dim))
+    return avx512::pv_pieces(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc, next);
+#endif
   VATTN_DISPATCH(pv_tokens, p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc, next);
 }
 void f16_rows_to_float(const uint16_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {

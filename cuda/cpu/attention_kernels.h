@@ -69,10 +69,13 @@ constexpr int kTokenPiece = 4;
 // Whether qk_tokens / pv_tokens walk in pieces for this many rows per head and head dim (the AVX2
 // copy, head dims that are a multiple of 16); elsewhere they go one token at a time.
 bool token_pieces(int rows, int dim);
+// Whether the pieces have an AVX-512 copy for this shape (the CPU has AVX-512F, rows >= 4, head dims
+// a multiple of 16): `wide` below takes it (attention_cpu.cpp says where it pays).
+bool wide_token_pieces(int rows, int dim);
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* s, int lds, NextRows next);
+               const int* lo, const int* hi, int dim, float* s, int lds, NextRows next, bool wide);
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
-               const int* lo, const int* hi, int dim, float* acc, NextRows next);
+               const int* lo, const int* hi, int dim, float* acc, NextRows next, bool wide);
 
 // dst[j][:] = fp32 of n rows of dim 16-bit values (IEEE half or bfloat16) starting every
 // `stride` elements; dst rows are contiguous.
