@@ -1,8 +1,8 @@
 """GPU-less checks of the CUDA kernels' logic: numpy ports of the split-KV decode kernel and the
 tensor-core prefill kernel (index math, cp.async stages, fragments, masks) against float64.
 They do not replace the gpu tests; they catch a broken tile or split plan on any machine. Likewise
-the CPU decode's AVX-512 token pieces, compiled against SIMDe's portable AVX-512 where the CPU has
-none (on a CPU with AVX-512 tests/test_decode_token_order.py runs them for real)."""
+the CPU's AVX-512 copies (decode's token pieces, prefill's GEMM tiles), compiled against SIMDe's
+portable AVX-512 where the CPU has none (on a CPU with AVX-512 the attention tests run them)."""
 
 import os
 import pathlib
@@ -23,16 +23,17 @@ def test_kernel_emulation(script):
     assert "ALL OK" in r.stdout
 
 
-def test_avx512_token_pieces_under_simde(tmp_path):
-    # tools/emulate_avx512_pieces.cpp: 3000 random walks (head dims 16-256, 4-16 rows a head, 1-5
-    # heads with their own key ranges, padded head and token strides) against float64, built with
-    # AddressSanitizer so a read outside the exactly sized cache fails too.
+def test_avx512_copies_under_simde(tmp_path):
+    # tools/emulate_avx512.cpp against float64: 3000 random token-piece walks (head dims 16-256, 4-16
+    # rows a head, 1-5 heads with their own key ranges, padded head and token strides) and 1500
+    # prefill GEMM calls (1-40 rows, 1-150 keys, head dims 1-256 with masked last vectors), built
+    # with AddressSanitizer so a read or write outside the exactly sized buffers fails too.
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.skip("no C++ compiler")
-    exe = tmp_path / "emulate_avx512_pieces"
+    exe = tmp_path / "emulate_avx512"
     cmd = [cxx, "-std=c++17", "-O1", "-Wno-psabi", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    cmd += [f"-I{ROOT / 'cuda' / 'cpu'}", str(TOOLS / "emulate_avx512_pieces.cpp"), "-o", str(exe)]
+    cmd += [f"-I{ROOT / 'cuda' / 'cpu'}", str(TOOLS / "emulate_avx512.cpp"), "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode != 0 and "simde/x86/avx512.h" in r.stderr:
         pytest.skip("SIMDe headers not installed (Debian / Ubuntu: libsimde-dev; .ci/run installs them)")

@@ -1,10 +1,12 @@
-// GPU-less, AVX-512-less check of decode's AVX-512 token pieces (cuda/cpu/decode_pieces_avx512.h):
-// SIMDe's portable AVX-512 (Debian: libsimde-dev) stands in for the intrinsics, so the pieces' index
-// math, tile shapes, horizontal sums and head ranges are checked on any x86 or ARM machine against a
-// float64 walk of the same contract (qk_tokens / pv_tokens in attention_kernels.h). The cache is NaN
-// outside each head's [lo, hi), the scores outside it hold a sentinel, and buffers are exactly sized
-// (built with -fsanitize=address by tests/test_kernel_emulation.py), so a read past a head's range
-// or a write outside it fails. Prints "ALL OK" when every case agrees.
+// GPU-less, AVX-512-less check of the CPU's AVX-512 copies: decode's token pieces
+// (cuda/cpu/decode_pieces_avx512.h) and prefill's GEMM tiles (cuda/cpu/attention_kernels_avx512.h).
+// SIMDe's portable AVX-512 (Debian: libsimde-dev) stands in for the intrinsics, so index math, tile
+// shapes, masks, horizontal sums and head ranges are checked on any x86 or ARM machine against a
+// float64 version of the same contracts (qk_tokens / pv_tokens, qk_block / pv_block in
+// attention_kernels.h). Caches are NaN outside each head's [lo, hi), outputs outside what a call may
+// write hold a sentinel, and buffers are exactly sized (built with -fsanitize=address by
+// tests/test_kernel_emulation.py), so a read past a range or a write outside it fails. Prints
+// "ALL OK" when every case agrees.
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #include <cmath>
@@ -37,6 +39,37 @@ static inline __m512 emu_permute_ps(__m512 a, int imm) {
     for (int i = 0; i < 4; ++i) r[4 * l + i] = x[4 * l + ((imm >> (2 * i)) & 3)];
   return _mm512_loadu_ps(r);
 }
+#ifndef __mmask16
+typedef simde__mmask16 __mmask16;
+typedef simde__mmask8 __mmask8;
+#endif
+// Masked loads and stores, which SIMDe 0.7.4 lacks: they touch only the lanes of the mask, as the
+// hardware does (so AddressSanitizer sees exactly the reads and writes the kernel makes).
+static inline __m512 emu_maskz_loadu_ps(unsigned m, const float* p) {
+  float r[16];
+  for (int i = 0; i < 16; ++i) r[i] = (m >> i) & 1 ? p[i] : 0.f;
+  return _mm512_loadu_ps(r);
+}
+static inline void emu_mask_storeu_ps(float* p, unsigned m, __m512 a) {
+  float x[16];
+  _mm512_storeu_ps(x, a);
+  for (int i = 0; i < 16; ++i)
+    if ((m >> i) & 1) p[i] = x[i];
+}
+static inline __m256 emu_maskz_loadu_ps256(unsigned m, const float* p) {
+  float r[8];
+  for (int i = 0; i < 8; ++i) r[i] = (m >> i) & 1 ? p[i] : 0.f;
+  return _mm256_loadu_ps(r);
+}
+#ifndef _mm512_maskz_loadu_ps
+#define _mm512_maskz_loadu_ps(m, p) emu_maskz_loadu_ps(m, p)
+#endif
+#ifndef _mm512_mask_storeu_ps
+#define _mm512_mask_storeu_ps(p, m, a) emu_mask_storeu_ps(p, m, a)
+#endif
+#ifndef _mm256_maskz_loadu_ps
+#define _mm256_maskz_loadu_ps(m, p) emu_maskz_loadu_ps256(m, p)
+#endif
 #ifndef _mm512_shuffle_f32x4
 #define _mm512_shuffle_f32x4(a, b, imm) emu_shuffle_f32x4(a, b, imm)
 #endif
@@ -58,9 +91,10 @@ static inline void prefetch(const void* p) {
   ++g_prefetch;
 }
 namespace avx512 {
+#include "attention_kernels_avx512.h"
 #include "decode_pieces_avx512.h"
-}
-int main() {
+}  // namespace avx512
+static int check_pieces() {
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> U(-1, 1);
   int fails = 0, cases = 0;
@@ -135,7 +169,66 @@ int main() {
     if (!ok && fails++ < 5)
       std::printf("FAIL dim=%d rows=%d nh=%d jb=%d nk=%d tokens=%d\n", dim, rows, nh, jb, nk, tokens);
   }
-  std::printf("%d cases, %d failed, worst qk error %.3g, prefetches %ld\n", cases, fails, worst, g_prefetch);
-  if (fails == 0 && g_prefetch > 0) std::printf("ALL OK\n");
+  std::printf("token pieces: %d cases, %d failed, worst qk error %.3g, prefetches %ld\n", cases, fails, worst,
+              g_prefetch);
   return fails != 0 || g_prefetch == 0;
+}
+
+// qk_gemm / pv_gemm (prefill): any row count, key count and head dim (masked last vectors), padded
+// strides; the last K / V row ends the buffer exactly where its dim floats do.
+static int check_gemm() {
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> U(-1, 1);
+  int fails = 0, cases = 0;
+  double worst = 0;
+  for (int iter = 0; iter < 1500; ++iter) {
+    const int dims[] = {1, 7, 8, 16, 31, 36, 48, 64, 72, 80, 96, 100, 128, 130, 256};
+    const int dim = dims[rng() % 15];
+    const int nq = 1 + rng() % 40, nk = 1 + rng() % 150;
+    const int64_t ks = dim + (rng() % 2 ? 0 : 1 + rng() % 40);
+    const size_t kv_len = (size_t)(nk - 1) * ks + dim;
+    std::vector<float> K(kv_len), V(kv_len), q((size_t)nq * dim);
+    for (auto& x : K) x = U(rng);
+    for (auto& x : V) x = U(rng);
+    for (auto& x : q) x = U(rng);
+    const int lds = nk + rng() % 5, ldp = nk + rng() % 5;
+    const float sentinel = 12345.f;
+    std::vector<float> s((size_t)(nq - 1) * lds + nk, sentinel), p((size_t)(nq - 1) * ldp + nk);
+    for (auto& x : p) x = U(rng);
+    std::vector<float> acc((size_t)nq * dim), aref;
+    for (auto& x : acc) x = U(rng);
+    aref = acc;
+    avx512::qk_gemm(q.data(), nq, K.data(), ks, nk, dim, s.data(), lds);
+    avx512::pv_gemm(p.data(), ldp, nq, V.data(), ks, nk, dim, acc.data());
+    bool ok = true;
+    for (int r = 0; r < nq; ++r) {
+      for (int j = 0; j < lds && (size_t)r * lds + j < s.size(); ++j) {
+        const float got = s[(size_t)r * lds + j];
+        if (j >= nk) {
+          if (got != sentinel) ok = false;  // past the keys: never written
+          continue;
+        }
+        double dot = 0;
+        for (int d = 0; d < dim; ++d) dot += (double)q[(size_t)r * dim + d] * K[(size_t)j * ks + d];
+        const double e = std::fabs(got - dot);
+        if (!(e <= 1e-4)) ok = false;
+        if (e > worst) worst = e;
+      }
+      for (int d = 0; d < dim; ++d) {
+        double want = aref[(size_t)r * dim + d];
+        for (int j = 0; j < nk; ++j) want += (double)p[(size_t)r * ldp + j] * V[(size_t)j * ks + d];
+        if (!(std::fabs(acc[(size_t)r * dim + d] - want) <= 1e-4)) ok = false;
+      }
+    }
+    ++cases;
+    if (!ok && fails++ < 5) std::printf("FAIL gemm dim=%d nq=%d nk=%d ks=%lld\n", dim, nq, nk, (long long)ks);
+  }
+  std::printf("prefill GEMM tiles: %d cases, %d failed, worst qk error %.3g\n", cases, fails, worst);
+  return fails != 0;
+}
+
+int main() {
+  const int bad = check_pieces() + check_gemm();
+  if (bad == 0) std::printf("ALL OK\n");
+  return bad != 0;
 }
