@@ -1,7 +1,7 @@
 """CPU decode's token-order walks (attention_cpu.cpp: fp32 caches whose row is one [tokens, heads,
 dim] block, several kv heads) against reference.py. Calls reading >= 24 MiB of K and V stream: token
-order for GQA groups <= 3, the same in pieces of 4 tokens for groups of 4+ at head dims that are a
-multiple of 16 (AVX2), the head walk in prefetched pieces for the others. Smaller calls take the
+order for GQA groups <= 3, the same in pieces of 8 tokens for groups of 4+ at head dims that are a
+multiple of 16 (AVX2; the AVX-512 copy's pieces are 4), the head walk in prefetched pieces for the others. Smaller calls take the
 pieces' AVX-512 copy for groups of 4+ at those head dims where the CPU has AVX-512, else the plain
 head-at-a-time walk. Covered: head dims with and without a partial last vector, rows shorter and
 longer than a key block, a split long row, per-head lengths with NaN past each head's length,

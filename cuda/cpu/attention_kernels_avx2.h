@@ -602,7 +602,10 @@ static inline void qk_tok_tile(const float* q, int dim_arg, const float* k0, con
     const __m256 ka = _mm256_loadu_ps(k0 + d);
     const __m256 kb = C > 1 ? _mm256_loadu_ps(k1 + d) : ka;
     for (int r = 0; r < R; ++r) {
-      const __m256 qv = _mm256_loadu_ps(q + (int64_t)r * dim + d);
+      __m256 qv = _mm256_loadu_ps(q + (int64_t)r * dim + d);
+      // Two keys: one load of the q slice for both FMAs. GCC 12 folds it into each FMA instead,
+      // ten loads for eight FMAs, more than Zen 3's two 256-bit loads a cycle can feed.
+      if (C > 1) __asm__("" : "+x"(qv));
       acc[r][0] = _mm256_fmadd_ps(qv, ka, acc[r][0]);
       if (C > 1) acc[r][C - 1] = _mm256_fmadd_ps(qv, kb, acc[r][C - 1]);
     }
@@ -835,14 +838,25 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
 // head's 4 rows are 64 vectors, more than the 16 registers); the head walk keeps them in registers
 // over a run of keys but reads each token's 4 KB (8 heads of 128) in eight pieces far apart in
 // time, which neither the hardware prefetcher nor a burst of software prefetches before each
-// piece turned into a stream. A piece of kTokenPiece tokens per head keeps a register tile over the
-// piece's tokens, reads the piece's rows of all heads (16 KB) one after the other, and while head
+// piece turned into a stream. A piece of a few tokens per head keeps a register tile over the
+// piece's tokens, reads the piece's rows of all heads (16 KB for 4 tokens) one after the other, and while head
 // h of a piece runs, prefetches the h-th part of the piece tokens_ahead() tokens ahead into L2, so the
 // prefetches trickle out with the arithmetic instead of queueing up in a burst.
-// Measured on the 2-core Zen 5 VM, fp32, Llama-3-8B heads (8 x 128, group 4), bench/decode_walks.py,
+// Measured on the 2-core Zen 5 VM with pieces of 4, fp32, Llama-3-8B heads (8 x 128, group 4), bench/decode_walks.py,
 // against the head walk, 2 threads: b=64 x 512 1.54-1.56x (47 GB/s), b=16 x 4K 1.68-1.69x (52-54
 // GB/s); Llama-3-70B heads (group 8) 1.28-1.32x. Prefetching into L1 instead: 1.18-1.39x; in one
 // burst per piece: 0.92-1.01x; 32 tokens ahead 1.28-1.57x, 64 ahead 1.17-1.18x.
+
+// On the 2-core Zen 3 VM (AVX2 only, 32 KiB L1d) the pieces grew from 4 tokens to kAvx2Piece and
+// their prefetch ahead goes out in parts as the piece runs (a part before each pair of keys in QK,
+// before each 16-lane slice in PV) instead of one burst at its start, whose instruction took 10-15%
+// of each walk's samples in perf. PV runs its slices outer and the row tiles inner, so a slice's V
+// of the piece is reused from L1 by every row tile. Old / new, bench/decode_walks.py-style pairs in
+// one process, 2 threads, streaming: Llama-3-70B b=8 x 2K 1.24-1.29, Llama-3-8B b=8 x 2K 1.21,
+// b=64 x 512 1.14, 32 / 8 x 64 b=16 x 2K 1.13, 40 / 8 x 128 1.20, 14 / 2 x 64 1.03. Pieces of 16
+// measured the same within noise, 32 0.85-0.87x of 16.
+constexpr int kAvx2Piece = 8;
+static_assert(kAvx2Piece % 2 == 0, "QK takes the keys of a piece in pairs");
 
 // kDim: the head dim where it has an unrolled copy (64, 128), else 0 and dim_arg, a multiple of 16.
 template <int kDim>
@@ -850,14 +864,16 @@ static inline void qk_pieces(const float* q, int rows, int nh, const float* k, i
                              int nk, const int* lo, const int* hi, int dim_arg, float* s, int lds,
                              const NextRows& next) {
   const int dim = kDim > 0 ? kDim : dim_arg;
-  for_token_pieces(
+  for_token_pieces<kAvx2Piece>(
       k, k_tok, next, nh, jb, nk, lo, hi,
-      [&](int h, int t) {
+      [&](int h, int t, auto&& ahead) {
         const float* k0 = k + (int64_t)t * k_tok + (int64_t)h * k_head;
         const float* qh = q + (int64_t)h * rows * dim;
         float* sh = s + (int64_t)h * rows * lds + (t - jb);
-        for (int c = 0; c < kTokenPiece; c += 2)
+        for (int c = 0; c < kAvx2Piece; c += 2) {
+          ahead(c / 2, kAvx2Piece / 2);
           qk_tok_rows<2, kDim>(qh, rows, dim, k0 + c * k_tok, k0 + (c + 1) * k_tok, sh + c, lds);
+        }
       },
       [&](int h, int u) {
         qk_tok_rows<1, kDim>(q + (int64_t)h * rows * dim, rows, dim, k + (int64_t)u * k_tok + (int64_t)h * k_head,
@@ -865,31 +881,28 @@ static inline void qk_pieces(const float* q, int rows, int nh, const float* k, i
       });
 }
 
-// acc[r][:] += sum_c w[r * ldp + c] * v(c)[:] for R <= 4 rows and the kTokenPiece token rows
-// v + c * v_tok, in slices of 16 lanes: 2R accumulators, two V vectors and one weight live. Each
-// element adds the tokens in order with one FMA each, as pv_tok_fixed does token by token.
-template <int R, int kDim>
-static inline void pv_piece_tile(const float* w, int ldp, const float* v, int64_t v_tok, int dim_arg, float* acc) {
-  static_assert(kDim % 16 == 0, "slices of 16 lanes");
-  const int dim = kDim > 0 ? kDim : dim_arg;
-  for (int d = 0; d < dim; d += 16) {
-    __m256 a[R][2];
+// acc[r][0:16] += sum_c w[r * ldp + c] * v(c)[0:16] for R <= 4 rows (acc rows dim floats apart) and
+// the kAvx2Piece token rows v + c * v_tok, one 16-lane slice: 2R accumulators, two V vectors and one
+// weight live. Each element adds the tokens in order with one FMA each, as pv_tok_fixed does token
+// by token.
+template <int R>
+static inline void pv_piece_slice(const float* w, int ldp, const float* v, int64_t v_tok, int dim, float* acc) {
+  __m256 a[R][2];
+  for (int r = 0; r < R; ++r) {
+    a[r][0] = _mm256_loadu_ps(acc + (int64_t)r * dim);
+    a[r][1] = _mm256_loadu_ps(acc + (int64_t)r * dim + 8);
+  }
+  for (int c = 0; c < kAvx2Piece; ++c) {
+    const __m256 v0 = _mm256_loadu_ps(v + c * v_tok), v1 = _mm256_loadu_ps(v + c * v_tok + 8);
     for (int r = 0; r < R; ++r) {
-      a[r][0] = _mm256_loadu_ps(acc + (int64_t)r * dim + d);
-      a[r][1] = _mm256_loadu_ps(acc + (int64_t)r * dim + d + 8);
+      const __m256 b = _mm256_broadcast_ss(w + (int64_t)r * ldp + c);
+      a[r][0] = _mm256_fmadd_ps(b, v0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(b, v1, a[r][1]);
     }
-    for (int c = 0; c < kTokenPiece; ++c) {
-      const __m256 v0 = _mm256_loadu_ps(v + c * v_tok + d), v1 = _mm256_loadu_ps(v + c * v_tok + d + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m256 b = _mm256_broadcast_ss(w + (int64_t)r * ldp + c);
-        a[r][0] = _mm256_fmadd_ps(b, v0, a[r][0]);
-        a[r][1] = _mm256_fmadd_ps(b, v1, a[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(acc + (int64_t)r * dim + d, a[r][0]);
-      _mm256_storeu_ps(acc + (int64_t)r * dim + d + 8, a[r][1]);
-    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + (int64_t)r * dim, a[r][0]);
+    _mm256_storeu_ps(acc + (int64_t)r * dim + 8, a[r][1]);
   }
 }
 
@@ -897,21 +910,26 @@ template <int kDim>
 static inline void pv_pieces(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head,
                              int jb, int nk, const int* lo, const int* hi, int dim_arg, float* acc,
                              const NextRows& next) {
+  static_assert(kDim % 16 == 0, "slices of 16 lanes");
   const int dim = kDim > 0 ? kDim : dim_arg;
-  for_token_pieces(
+  for_token_pieces<kAvx2Piece>(
       v, v_tok, next, nh, jb, nk, lo, hi,
-      [&](int h, int t) {
+      [&](int h, int t, auto&& ahead) {
         const float* v0 = v + (int64_t)t * v_tok + (int64_t)h * v_head;
         const float* wh = p + (int64_t)h * rows * ldp + (t - jb);
         float* ah = acc + (int64_t)h * rows * dim;
-        int r = 0;
-        for (; r + 4 <= rows; r += 4)
-          pv_piece_tile<4, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim);
-        switch (rows - r) {
-          case 3: pv_piece_tile<3, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim); break;
-          case 2: pv_piece_tile<2, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim); break;
-          case 1: pv_piece_tile<1, kDim>(wh + (int64_t)r * ldp, ldp, v0, v_tok, dim, ah + (int64_t)r * dim); break;
-          default: break;
+        for (int d = 0; d < dim; d += 16) {
+          ahead(d / 16, dim / 16);
+          int r = 0;
+          for (; r + 4 <= rows; r += 4)
+            pv_piece_slice<4>(wh + (int64_t)r * ldp, ldp, v0 + d, v_tok, dim, ah + (int64_t)r * dim + d);
+          float* ar = ah + (int64_t)r * dim + d;
+          switch (rows - r) {
+            case 3: pv_piece_slice<3>(wh + (int64_t)r * ldp, ldp, v0 + d, v_tok, dim, ar); break;
+            case 2: pv_piece_slice<2>(wh + (int64_t)r * ldp, ldp, v0 + d, v_tok, dim, ar); break;
+            case 1: pv_piece_slice<1>(wh + (int64_t)r * ldp, ldp, v0 + d, v_tok, dim, ar); break;
+            default: break;
+          }
         }
       },
       [&](int h, int u) {

@@ -146,9 +146,10 @@ static inline void qk_pieces(const float* q, int rows, int nh, const float* k, i
   using namespace pieces512;
   with_head_dim(dim, [&](auto kd) {
     constexpr int kDim = decltype(kd)::value;
-    for_token_pieces(
+    for_token_pieces<kTokenPiece>(
         k, k_tok, next, nh, jb, nk, lo, hi,
-        [&](int h, int t) {
+        [&](int h, int t, auto&& ahead) {
+          ahead(0, 1);
           qk_rows<kTokenPiece, kDim>(q + (int64_t)h * rows * dim, rows, dim,
                                      k + (int64_t)t * k_tok + (int64_t)h * k_head, k_tok,
                                      s + (int64_t)h * rows * lds + (t - jb), lds);
@@ -165,9 +166,10 @@ static inline void pv_pieces(const float* p, int ldp, int rows, int nh, const fl
   using namespace pieces512;
   with_head_dim(dim, [&](auto kd) {
     constexpr int kDim = decltype(kd)::value;
-    for_token_pieces(
+    for_token_pieces<kTokenPiece>(
         v, v_tok, next, nh, jb, nk, lo, hi,
-        [&](int h, int t) {
+        [&](int h, int t, auto&& ahead) {
+          ahead(0, 1);
           pv_rows<kTokenPiece, kDim>(p + (int64_t)h * rows * ldp + (t - jb), ldp, rows,
                                      v + (int64_t)t * v_tok + (int64_t)h * v_head, v_tok, dim,
                                      acc + (int64_t)h * rows * dim);

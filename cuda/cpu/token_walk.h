@@ -45,23 +45,22 @@ static inline void prefetch_ahead_part(const float* base, int64_t tok, int a, in
   for (int64_t o = lo; o < hi; o += 64) prefetch<2>(x + o);
 }
 
-static inline void prefetch_piece_part(const float* base, int64_t tok, int t, int jb, int nk, const NextRows& next,
-                                       int h, int nh) {
-  prefetch_ahead_part(base, tok, t + tokens_ahead(tok, kTokenPiece), kTokenPiece, jb, nk, next, h, nh);
-}
-
-// The walk both piece loops share, over the rows at base (token stride tok): piece(h, t) where all
-// kTokenPiece tokens from t lie in head h's [lo, hi), after prefetching part h of the piece ahead,
-// else one(h, u) for each token u of the piece in the head's range.
-template <class Piece, class One>
+// The walk both piece loops share, over the rows at base (token stride tok), in pieces of P tokens:
+// piece(h, t, ahead) where all P tokens from t lie in head h's [lo, hi), else one(h, u) for each
+// token u of the piece in the head's range. ahead(i, n) prefetches sub-part i of n of part h of nh
+// of the piece tokens_ahead() tokens on: a piece calls it for every i < n as it goes, so the
+// prefetches go out between its tiles, not in one burst.
+template <int P, class Piece, class One>
 static inline void for_token_pieces(const float* base, int64_t tok, const NextRows& next, int nh, int jb, int nk,
                                     const int* lo, const int* hi, Piece&& piece, One&& one) {
-  for (int t = jb; t < jb + nk; t += kTokenPiece) {
-    const int e = t + kTokenPiece < jb + nk ? t + kTokenPiece : jb + nk;
+  for (int t = jb; t < jb + nk; t += P) {
+    const int e = t + P < jb + nk ? t + P : jb + nk;
     for (int h = 0; h < nh; ++h) {
-      if (e - t == kTokenPiece && t >= lo[h] && e <= hi[h]) {
-        prefetch_piece_part(base, tok, t, jb, nk, next, h, nh);
-        piece(h, t);
+      if (e - t == P && t >= lo[h] && e <= hi[h]) {
+        auto ahead = [&, t, h](int i, int n) {
+          prefetch_ahead_part(base, tok, t + tokens_ahead(tok, P), P, jb, nk, next, h * n + i, nh * n);
+        };
+        piece(h, t, ahead);
         continue;
       }
       for (int u = t; u < e; ++u)
