@@ -233,8 +233,9 @@ void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h
 //   Llama-3-70B heads (group 8) 0.66-0.70x: with many query rows per head the head walk's register
 //   tiles (a q vector used for several keys, the PV accumulators held over a run of keys) save more
 //   than the order gains, so one token at a time is for groups of at most kTokenOrderMaxGroup.
-//   Larger groups walk in pieces of cpu::kTokenPiece tokens where the AVX2 copy has them (head dims
-//   a multiple of 16, cpu::token_pieces; attention_kernels_avx2.h has the measurements): 1.52-1.55x
+//   Larger groups walk in pieces of a few tokens where the AVX2 copy has them (head dims a multiple
+//   of 16, cpu::token_pieces; attention_kernels_avx2.h has the measurements; since 2026-12-07 group 3
+//   goes in pieces too, inside the token order's gate): 1.52-1.55x
 //   the head walk with Llama-3-8B heads at 268-537 MB, 1.28x with Llama-3-70B heads, 1.10-1.26x at
 //   head dims 96 and 256 (bench/decode_walks.py, 2 threads). Elsewhere they keep the head walk, in
 //   pieces of kPrefetchPiece keys, each preceded by a prefetch of the piece's rows of every head

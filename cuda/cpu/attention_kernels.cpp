@@ -94,14 +94,14 @@ const char* simd_copy() {
 }
 bool token_pieces(int rows, int dim) {
 #if defined(VATTN_HAVE_AVX2_COPY)
-  return cpu_has_avx2() && rows >= 4 && dim % 16 == 0;
+  return cpu_has_avx2() && rows >= 3 && dim % 16 == 0;
 #else
   (void)rows;
   (void)dim;
   return false;
 #endif
 }
-bool wide_token_pieces(int rows, int dim) { return token_pieces(rows, dim) && cpu_has_avx512(); }
+bool wide_token_pieces(int rows, int dim) { return token_pieces(rows, dim) && rows >= 4 && cpu_has_avx512(); }
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
                const int* lo, const int* hi, int dim, float* s, int lds, NextRows next, bool wide) {
 #if defined(VATTN_HAVE_AVX2_COPY)

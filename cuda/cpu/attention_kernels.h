@@ -55,11 +55,10 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 //   pv_tokens: acc[h * rows + r][:] += p[(h * rows + r) * ldp + (t - jb)] * v(t, h)[:] for r < rows,
 // where k(t, h) = k + t * k_tok + h * k_head (fp32 rows of dim), and v alike. Tokens outside a
 // head's [lo, hi) are not read (a head's rows may end before another's).
-// With 4 or more rows per head (GQA groups of 4+) the walk goes in pieces of a few tokens (8 in the
-// AVX2 copy, kTokenPiece in the AVX-512 one), the heads of a piece in order, each head's tokens of
-// the piece together. Both walks prefetch the rows
-// a few tokens ahead (attention_kernels_avx2.h): past the block, the first rows of `next`, the rows
-// the caller walks after this block (V of the same block after K, the next block's K after V).
+// Where token_pieces says so the walk goes in pieces of a few tokens (8 in the AVX2 copy,
+// kTokenPiece in the AVX-512 one), the heads of a piece in order, each head's tokens of the piece
+// together. Both walks prefetch the rows a few tokens ahead (attention_kernels_avx2.h): past the block, the first rows
+// of `next`, the rows the caller walks after this block (V of the same block after K, the next block's K after V).
 // Prefetches never fault, so `next` only has to say where the walk goes, not that the rows exist.
 struct NextRows {
   const float* p = nullptr;  // token 0's row of the first head
@@ -68,7 +67,7 @@ struct NextRows {
 };
 constexpr int kTokenPiece = 4;  // the AVX-512 copy's pieces (decode_pieces_avx512.h)
 // Whether qk_tokens / pv_tokens walk in pieces for this many rows per head and head dim (the AVX2
-// copy, head dims that are a multiple of 16); elsewhere they go one token at a time.
+// copy: 3 rows or more, head dims that are a multiple of 16); elsewhere they go one token at a time.
 bool token_pieces(int rows, int dim);
 // Whether the pieces have an AVX-512 copy for this shape (the CPU has AVX-512F, rows >= 4, head dims
 // a multiple of 16): `wide` below takes it (attention_cpu.cpp says where it pays).

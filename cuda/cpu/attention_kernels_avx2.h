@@ -705,8 +705,8 @@ static inline void qk_tok_heads(const float* q, const float* k, int64_t k_head, 
   for (int i = 0; i < H * R; ++i) s[(int64_t)i * lds] = t[i];
 }
 
-// Token order for R = 2..4 rows per head (GQA groups 2-4), head dim kDim: each token's heads in
-// chunks of 8 / R through qk_tok_heads where the whole chunk sees the token, else one head at a time.
+// Token order for R = 2..4 rows per head (taken for group 2; groups of 3+ go in pieces), head dim kDim: each token's
+// heads in chunks of 8 / R through qk_tok_heads where the whole chunk sees the token, else one head at a time.
 template <int kDim, int R>
 static inline void qk_tokens_grouped(const float* q, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb,
                                      int nk, const int* lo, const int* hi, float* s, int lds, const NextRows& next) {
@@ -822,7 +822,6 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
         case 3: return pv_tok_fixed<1, 2, kDim>(wh, ldp, v0, v0 + v_tok, ah);
         case 2: return pv_tok_fixed<1, 1, kDim>(wh, ldp, v0, v0, ah);
         case 4: return pv_tok_fixed<2, 1, kDim>(wh, ldp, v0, v0, ah);
-        case 6: return pv_tok_fixed<3, 1, kDim>(wh, ldp, v0, v0, ah);
         default: break;
       }
     }
@@ -855,6 +854,10 @@ static inline void pv_tokens_dim(const float* p, int ldp, int rows, int nh, cons
 // one process, 2 threads, streaming: Llama-3-70B b=8 x 2K 1.24-1.29, Llama-3-8B b=8 x 2K 1.21,
 // b=64 x 512 1.14, 32 / 8 x 64 b=16 x 2K 1.13, 40 / 8 x 128 1.20, 14 / 2 x 64 1.03. Pieces of 16
 // measured the same within noise, 32 0.85-0.87x of 16.
+// Group 3 (SmolLM2 heads, 3 x 64) went one token at a time through qk_tok_heads / pv_tok_fixed until
+// then; in these pieces, same pairs, streaming, 2 threads: b=16 x 2K 1.11, b=32 x 1K 1.13, b=8 x 4K
+// 1.13, b=64 x 512 1.07, 24 / 8 x 128 1.10; in cache, 1 thread, 1.20-1.21. Group 2 (16 / 8 x 64)
+// measured the same either way (0.99) and keeps the token order.
 constexpr int kAvx2Piece = 8;
 static_assert(kAvx2Piece % 2 == 0, "QK takes the keys of a piece in pairs");
 
@@ -942,12 +945,10 @@ static inline void pv_pieces(const float* p, int ldp, int rows, int nh, const fl
 // head), SmolLM2 heads (dim 64, 3 rows) ran at 20 GB/s on one thread in cache with a runtime dim.
 void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, int64_t k_head, int jb, int nk,
                const int* lo, const int* hi, int dim, float* s, int lds, NextRows next) {
-  if (rows >= 4 && dim % 16 == 0)
+  if (rows >= 3 && dim % 16 == 0)
     return with_head_dim(
         dim, [&](auto kDim) { qk_pieces<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next); });
-  if (dim == 64 && rows == 3) return qk_tokens_grouped<64, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
   if (dim == 64 && rows == 2) return qk_tokens_grouped<64, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
-  if (dim == 128 && rows == 3) return qk_tokens_grouped<128, 3>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
   if (dim == 128 && rows == 2) return qk_tokens_grouped<128, 2>(q, nh, k, k_tok, k_head, jb, nk, lo, hi, s, lds, next);
   with_head_dim(
       dim, [&](auto kDim) { qk_tokens_dim<kDim>(q, rows, nh, k, k_tok, k_head, jb, nk, lo, hi, dim, s, lds, next); });
@@ -955,7 +956,7 @@ void qk_tokens(const float* q, int rows, int nh, const float* k, int64_t k_tok, 
 
 void pv_tokens(const float* p, int ldp, int rows, int nh, const float* v, int64_t v_tok, int64_t v_head, int jb, int nk,
                const int* lo, const int* hi, int dim, float* acc, NextRows next) {
-  if (rows >= 4 && dim % 16 == 0)
+  if (rows >= 3 && dim % 16 == 0)
     return with_head_dim(
         dim, [&](auto kDim) { pv_pieces<kDim>(p, ldp, rows, nh, v, v_tok, v_head, jb, nk, lo, hi, dim, acc, next); });
   with_head_dim(
