@@ -1,11 +1,12 @@
-"""CPU decode: the streaming walks (token order for GQA groups <= 3, token pieces for groups of 4+
+"""CPU decode: the streaming walks (token order for GQA groups 1-2, token pieces for groups of 3+
 at head dims a multiple of 16, the prefetched head walk for the others) against the in-cache walk
 on the same data, in turn in one process (VATTN_CPU_TOKEN_ORDER_MIN_BYTES=0 takes the streaming
 walks wherever they apply, -1 never), so machine drift cancels pair by pair: the measurement behind
 the size gate in cuda/cpu/attention_cpu.cpp. The in-cache walk is the plain head-at-a-time walk,
-except for groups of 4+ at those head dims on a CPU with AVX-512F, where it is the pieces' AVX-512
-copy (VATTN_CPU_NO_AVX512=1 gives the head walk back). They apply to fp32 caches whose row is one
-[tokens, heads, dim] block, as the [batch, context, heads, dim] tensors here.
+except for groups of 4+ at those head dims, where it is the pieces too (their AVX-512 copy on a CPU
+with AVX-512F): there the pair times the AVX-512 copy against the AVX2 one, or the AVX2 pieces
+against themselves. They apply to fp32 caches whose row is one [tokens, heads, dim] block, as the
+[batch, context, heads, dim] tensors here.
 
     python bench/decode_walks.py                       # the default shapes, 2 threads
     python bench/decode_walks.py --threads 1 --shapes smollm2:16:2048 16/8/64:8:2048

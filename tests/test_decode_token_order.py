@@ -2,7 +2,7 @@
 dim] block, several kv heads) against reference.py. Calls reading >= 24 MiB of K and V stream: token
 order for GQA groups <= 3, the same in pieces of 8 tokens for groups of 4+ at head dims that are a
 multiple of 16 (AVX2; the AVX-512 copy's pieces are 4), the head walk in prefetched pieces for the others. Smaller calls take the
-pieces' AVX-512 copy for groups of 4+ at those head dims where the CPU has AVX-512, else the plain
+pieces for groups of 4+ at those head dims (their AVX-512 copy where the CPU has AVX-512), else the plain
 head-at-a-time walk. Covered: head dims with and without a partial last vector, rows shorter and
 longer than a key block, a split long row, per-head lengths with NaN past each head's length,
 windows, soft-cap, decode scores, group 1's token pairs, and the portable copy.
@@ -55,8 +55,8 @@ def test_token_order_matches_reference(group, dim, hkv):
 @pytest.mark.parametrize("dim", [48, 64, 80, 128])
 @pytest.mark.parametrize("layout", ["plain", "layer_major"])
 def test_in_cache_walk_matches_reference(group, dim, layout, monkeypatch):
-    """Below the streaming gate (knob -1): the AVX-512 token pieces on a CPU with AVX-512F (groups
-    4+, head dims a multiple of 16, rows stored as one block), the head walk elsewhere. Per-head
+    """Below the streaming gate (knob -1): the token pieces (groups 4+, head dims a multiple of 16,
+    rows stored as one block; their AVX-512 copy on a CPU with AVX-512F), the head walk elsewhere. Per-head
     lengths with NaN past each head's length in one case, a window and soft-cap in others."""
     monkeypatch.setenv("VATTN_CPU_TOKEN_ORDER_MIN_BYTES", "-1")
     for i, lens in enumerate(LENS):
@@ -136,7 +136,7 @@ def test_decode_scores_over_token_order(mode, group):
 @pytest.mark.parametrize("switch", ["VATTN_CPU_GENERIC", "VATTN_CPU_NO_AVX512"])
 def test_other_copies_match_reference(switch):
     """The same walks in the portable copy (VATTN_CPU_GENERIC), forced in a subprocess, and with
-    AVX-512 switched off (VATTN_CPU_NO_AVX512: the in-cache walk of groups 4+ is the head walk then),
+    AVX-512 switched off (VATTN_CPU_NO_AVX512: the in-cache walk of groups 4+ is the AVX2 pieces then),
     each streaming (knob 0) and in cache (knob -1). Groups 2-3 at head dims 64 / 128 with heads that
     end inside a multi-head chunk."""
     tests = os.path.dirname(os.path.abspath(__file__))

@@ -264,6 +264,17 @@ void block_values(const KVCacheView& kv, const cpu::KvSide& side, int row, int h
 // 1.16-1.24 (AVX2 pieces 0.95). Above the gate the AVX2 pieces stay: streaming, 2 threads, the AVX-512
 // copy measured slower with group 4 (bench/run.py Llama-3-8B b=64 x 512: 7.4-8.0 ms vs 5.1-7.0 ms)
 // and even with group 8 (Llama-3-70B b=8 x 2K: 4.13-4.15 vs 4.11-4.44 ms).
+// On the 2-core Zen 3 VM (AVX2 only), after the AVX2 pieces changed (8 tokens, prefetches spread,
+// 2026-12-07), head walk time / AVX2 pieces time below the gate, same-process pairs:
+// - hot, 1 thread: Llama-3-8B heads b=1 x 512 1.06, x 2K 1.24, Llama-3-70B b=1 x 512 1.19, 32 / 8 x 64
+//   b=2 x 1K 1.07; 2 threads 1.04-1.13;
+// - hot, 2 threads, batched: b=16 x 128 1.08, b=8 x 256 1.01, b=4 x 512 0.93, 70B b=2 x 512 0.93,
+//   16 / 4 x 128 b=4 x 256 0.96, 32 / 4 x 64 b=8 x 512 1.07;
+// - cold (16-24 distinct caches in turn), 1 thread: 1.24-1.42; 2 threads: 1.18-1.36, b=1 x 512
+//   0.96-0.99 (split by head there), 70B b=2 x 512 0.91 (the one clear loss), b=4 x 512 1.03;
+// - group 3 (SmolLM2 heads) in pieces: hot 0.90-0.93 at b=1 x 2K and b=4 x 1K, 1.10 at b=1 x 8K; cold
+//   1.26-1.46. It loses on hot calls, so groups below 4 keep the head walk in cache.
+constexpr int kInCachePiecesMinGroup = 4;
 constexpr int kTokenOrderMaxGroup = 3;
 constexpr int64_t kTokenOrderMinBytes = int64_t(24) << 20;
 // kTokenOrderMinBytes, or VATTN_CPU_TOKEN_ORDER_MIN_BYTES when set to an integer (0: the token order
@@ -372,10 +383,14 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         if constexpr (kTokenOrderFormats<KF, VF>)
           block_row = w.nq == 1 && w.nh > 1 && !kv_paged(p.kv) && rows_back_to_back(kside, p.num_kv_heads, dim) &&
                       rows_back_to_back(vside, p.num_kv_heads, dim);
-        const bool wide_pieces = block_row && !streams && cpu::wide_token_pieces(group, dim);
+        // Below the gate, groups of 4+ take the pieces too: the AVX-512 copy where the CPU has it,
+        // else the AVX2 one (kInCachePiecesMinGroup says why).
+        const bool cache_pieces =
+            block_row && !streams && group >= kInCachePiecesMinGroup && cpu::token_pieces(group, dim);
+        const bool wide_pieces = cache_pieces && cpu::wide_token_pieces(group, dim);
         const bool stream_walk = block_row && streams;
         const bool token_order =
-            wide_pieces || (stream_walk && (group <= kTokenOrderMaxGroup || cpu::token_pieces(group, dim)));
+            cache_pieces || (stream_walk && (group <= kTokenOrderMaxGroup || cpu::token_pieces(group, dim)));
         const bool prefetched_heads = stream_walk && !token_order;
         const bool row_walk = token_order || prefetched_heads;  // else the head walk, block by block
         // fp32 rows of the item's first head in this cache row (those walks only: contiguous view).
