@@ -53,12 +53,13 @@ static inline void prefetch_ahead_part(const float* base, int64_t tok, int a, in
 template <int P, class Piece, class One>
 static inline void for_token_pieces(const float* base, int64_t tok, const NextRows& next, int nh, int jb, int nk,
                                     const int* lo, const int* hi, Piece&& piece, One&& one) {
+  const int dist = tokens_ahead(tok, P);
   for (int t = jb; t < jb + nk; t += P) {
     const int e = t + P < jb + nk ? t + P : jb + nk;
     for (int h = 0; h < nh; ++h) {
       if (e - t == P && t >= lo[h] && e <= hi[h]) {
         auto ahead = [&, t, h](int i, int n) {
-          prefetch_ahead_part(base, tok, t + tokens_ahead(tok, P), P, jb, nk, next, h * n + i, nh * n);
+          prefetch_ahead_part(base, tok, t + dist, P, jb, nk, next, h * n + i, nh * n);
         };
         piece(h, t, ahead);
         continue;
