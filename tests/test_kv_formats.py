@@ -151,6 +151,18 @@ def test_prefill_quantized_matrix(device, impl, spec, idx):
         assert_attention_close(out, lse, q, kd, vd, kw, f"{_spec_id(spec)}-{case.describe()}-{layout}")
 
 
+@pytest.mark.parametrize("spec", FORMAT_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("layout", QLAYOUTS)
+def test_prefill_quantized_heads_packed_once_cpu(spec, layout):
+    """CPU prefill whose kv heads are walked by several query tiles converts each head's quantized
+    K and V once into packed fp32 blocks (attention_cpu.cpp pack_heads): a full prompt, a chunk on a
+    prefix, a window, against the reference over the dequantized cache."""
+    case = Case(lens=[420, 300], hkv=2, group=4, dim=64, q_lens=[420, 130], window_left=150)
+    q, caches, (kd, vd), _, kw = build_quantized(case, spec, torch.bfloat16, layout, "cpu", seed=7)
+    out, lse = _run(q, caches, kw)
+    assert_attention_close(out, lse, q, kd, vd, kw, f"{_spec_id(spec)}-{layout}")
+
+
 def _quant_error_bound(q, kd, vd, k_raw, v_raw, kw):
     """A bound on |attention over dequantized K/V - attention over the exact values|, from the data:
     with dv = max |v - deq(v)| and ds = max |logit error| = max scale * |q . (k - deq(k))| over the keys

@@ -167,6 +167,29 @@ def test_prefill_gemm_tiles_cpu(dtype, dim, group, window):
     assert_attention_close(out, lse, q, kc, vc, kw, f"gemm-{dim}-{group}-{window}")
 
 
+# Rows whose kv heads are walked by several GEMM query tiles: each head's K and V are packed once for
+# all of them (attention_cpu.cpp pack_heads). Full causal prompts, chunks on a cached prefix, windows
+# that start inside a 16-key panel, soft-cap, per-head lengths (an empty head among them), group 1 and
+# head dims that end in a partial 16-lane panel (80) or span many (256).
+PACKED_CASES = [
+    Case(lens=[600, 333], hkv=2, group=4, dim=80, q_lens=[600, 200]),
+    Case(lens=[500, 260], hkv=3, group=1, dim=64, q_lens=[400, 260], window_left=90, softcap=10.0),
+    Case(lens=[450, 300], hkv=2, group=3, dim=128, q_lens=[300, 290], head_lens=[[450, 320], [300, 0]]),
+    Case(lens=[300], hkv=1, group=2, dim=256, q_lens=[300], window_left=200),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: c.describe())
+def test_prefill_heads_packed_once_cpu(dtype, case):
+    """The query tiles of a kv head share one packing of its keys: every layout, against the
+    reference, NaN past every length (a packed block must not pick up a key past its head's walk)."""
+    for layout in LAYOUTS:
+        q, kc, vc, kw = build(case, dtype, layout, "cpu", seed=case.dim + case.group)
+        out, lse = _run("prefill", q, kc, vc, kw)
+        assert_attention_close(out, lse, q, kc, vc, kw, f"{case.describe()}-{layout}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(

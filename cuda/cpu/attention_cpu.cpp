@@ -14,7 +14,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -303,9 +305,23 @@ template <class KF, class VF>
 constexpr bool kTokenOrderFormats =
     std::is_same<KF, PlainFormat<float>>::value && std::is_same<VF, PlainFormat<float>>::value;
 
+// A kv head's K and V packed once for all its query tiles (prefill_impl): block g (keys
+// [g * kKeyBlock, (g + 1) * kKeyBlock)) at kt + (g - g0) * kKeyBlock * head_dim and
+// vp + (g - g0) * kKeyBlock * packed_v_lanes(head_dim); keys outside the head's walk are zero.
+struct PackedHead {
+  float* kt = nullptr;  // nullptr: not packed
+  float* vp = nullptr;
+  int g0 = 0;
+};
+static_assert(kKeyBlock == cpu::kPackKeys, "a packed block is one key block");
+template <class F>
+struct TypeTag {
+  using type = F;
+};
+
 template <class KF, class VF, typename T>
 void run_items(const AttentionParams& p, const std::vector<Item>& items, int max_rows, int max_heads, float* part_o,
-               float* part_lse, float* stage = nullptr, int64_t stage_ld = 0) {
+               float* part_lse, float* stage = nullptr, int64_t stage_ld = 0, const PackedHead* packs = nullptr) {
   const int dim = p.head_dim;
   const int group = p.num_q_heads / p.num_kv_heads;
   const bool capped = p.softcap > 0.f;
@@ -376,7 +392,13 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
         // pay (measured: no gain). Until cpu::prefetch these L2 prefetches were compiled out (no
         // prefetcht1 in the library); kept, bench/run.py's CPU prefill rows measured 0.96-1.09x the
         // build without them (2 rounds each, quiet), so this is kept for what it costs: nothing.
-        const bool prefetch_next = w.nh == 1 && head_rows >= 12;
+        // This head's blocks packed once for all its tiles (prefill_impl), if they are: the walk then
+        // follows the packing's grid of blocks, and reads no cache row.
+        const PackedHead* pk = packs != nullptr && w.nh == 1 && head_rows >= cpu::kGemmMinRows
+                                   ? &packs[(size_t)w.b * p.num_kv_heads + w.h0]
+                                   : nullptr;
+        if (pk != nullptr && pk->kt == nullptr) pk = nullptr;
+        const bool prefetch_next = pk == nullptr && w.nh == 1 && head_rows >= 12;
         // The decode walks over a row stored as one [tokens, heads, dim] block (see kTokenOrderMaxGroup
         // and kTokenOrderMinBytes).
         bool block_row = false;
@@ -424,7 +446,7 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             }
           }
         };
-        for (int jb = w.k0; jb < w.k1; jb += kKeyBlock) {
+        for (int jb = pk != nullptr ? w.k0 / kKeyBlock * kKeyBlock : w.k0; jb < w.k1; jb += kKeyBlock) {
           const int nk = std::min(kKeyBlock, w.k1 - jb);
           if (prefetch_next) {
             const int na = std::max(jb + kKeyBlock, sc.head_lo[0]);
@@ -457,14 +479,28 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             }
             const int h = w.h0 + hh;
             const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
-            if (!row_walk)
+            // Packed: the products run over whole 16-key panels [c0, c1) of the block; the columns
+            // outside [ja, je) get weight 0 below (their keys are finite: zero or stored).
+            int nz = nk;  // columns of the block's rows the softmax writes (weights, zeros)
+            int c0 = 0, c1 = 0;
+            const float *kt = nullptr, *vp = nullptr;
+            if (pk != nullptr) {
+              const int64_t blk = jb / kKeyBlock - pk->g0;
+              kt = pk->kt + blk * kKeyBlock * dim;
+              vp = pk->vp + blk * kKeyBlock * cpu::packed_v_lanes(dim);
+              c0 = (ja - jb) / 16 * 16;
+              c1 = std::min(kKeyBlock, (je - jb + 15) / 16 * 16);
+              nz = std::max(nk, c1);
+              cpu::qk_packed(&sc.q[(size_t)hh * head_rows * dim], head_rows, kt, c0, c1, dim, s_head, kKeyBlock);
+            } else if (!row_walk) {
               block_logits<KF>(p.kv, kside, row, h, ja, je, avail, &sc.q[(size_t)hh * head_rows * dim], head_rows, dim,
                                sc.kbuf.data(), s_head + (ja - jb));
+            }
             for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
               float* s = &sc.s[(size_t)r * kKeyBlock];
               const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
               if (a >= e) {
-                std::fill(s, s + nk, 0.f);
+                std::fill(s, s + nz, 0.f);
                 continue;
               }
               if (capped)
@@ -480,12 +516,14 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
                 for (int d = 0; d < dim; ++d) ar[d] *= f;
               }
               if (sc.st[r].m == -INFINITY) {
-                std::fill(s, s + nk, 0.f);
+                std::fill(s, s + nz, 0.f);
                 continue;
               }  // only -inf logits so far
-              sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
+              sc.st[r].add(cpu::exp2_weights(s, nz, a, e, sc.st[r].m));
             }
-            if (!row_walk)
+            if (pk != nullptr)
+              cpu::pv_packed(s_head, kKeyBlock, head_rows, vp, c0, c1, dim, &sc.acc[(size_t)hh * head_rows * dim]);
+            else if (!row_walk)
               block_values<VF>(p.kv, vside, row, h, ja, je, avail, s_head + (ja - jb), head_rows, dim, sc.vbuf.data(),
                                &sc.acc[(size_t)hh * head_rows * dim]);
           }
@@ -769,6 +807,105 @@ void decode_impl(const AttentionParams& p, float* stage = nullptr, int64_t stage
   if (!split_groups.empty()) merge_splits<T>(p, items, split_groups, rows, part_o.data(), part_lse.data());
 }
 
+// Prefill packs the K and V of a kv head once (fp32, in GEMM panels) when several query tiles walk
+// it: each tile used to pack (and convert, for 16-bit and quantized formats) its own copy of every
+// key block, reading the cache's rows, which sit a token apart (kilobytes), once per tile. Measured
+// on the 2-core Zen 3 VM, one thread, a 128-row tile over 2K keys of 8 heads (token stride 4 KB), the
+// products alone: 69-74 GFLOP/s packing per tile, 85-89 on blocks packed once (5 rounds each).
+// The packing is bounded (kPackMaxBytes per call; heads past it keep the per-tile packing) and
+// happens only where it runs, on the AVX2 copy (cpu::packed_prefill). int4_ch keys keep their own
+// product, which folds the group scales into q.
+constexpr int64_t kPackMaxBytes = int64_t(64) << 20;
+
+template <class KF, class VF>
+std::vector<PackedHead> pack_heads(const AttentionParams& p, const std::vector<Item>& items, std::vector<float>* mem) {
+  std::vector<PackedHead> packs;
+  if constexpr (std::is_same<KF, Int4ChannelFormat>::value) {
+    return packs;
+  } else {
+    if (!cpu::packed_prefill() || items.empty()) return packs;
+    const int dim = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+    const int nkv = p.num_kv_heads;
+    const size_t pairs = (size_t)p.batch * nkv;
+    // Per (row, kv head): the GEMM tiles walking it and the union of their key ranges.
+    std::vector<int> tiles(pairs, 0), lo(pairs, INT32_MAX), hi(pairs, 0);
+    for (const Item& w : items) {
+      if (w.nh != 1 || w.nq * group < cpu::kGemmMinRows || w.k0 >= w.k1) continue;
+      const size_t i = (size_t)w.b * nkv + w.h0;
+      ++tiles[i];
+      lo[i] = std::min(lo[i], w.k0);
+      hi[i] = std::max(hi[i], w.k1);
+    }
+    const int64_t block_floats = (int64_t)kKeyBlock * (dim + cpu::packed_v_lanes(dim));
+    std::vector<int64_t> offset(pairs, -1);
+    std::vector<std::pair<int, int>> tasks;  // (pair, block)
+    int64_t total = 0;
+    for (size_t i = 0; i < pairs; ++i) {
+      if (tiles[i] < 2) continue;  // one tile: nothing to share
+      const int g0 = lo[i] / kKeyBlock, g1 = (hi[i] + kKeyBlock - 1) / kKeyBlock;
+      const int64_t floats = (int64_t)(g1 - g0) * block_floats;
+      if ((total + floats) * (int64_t)sizeof(float) > kPackMaxBytes) continue;
+      offset[i] = total;
+      total += floats;
+      for (int g = g0; g < g1; ++g) tasks.emplace_back((int)i, g);
+    }
+    if (tasks.empty()) return packs;
+    try {
+      mem->resize((size_t)total);
+      packs.resize(pairs);
+    } catch (const std::bad_alloc&) {  // the packing is an optimisation: go on without it
+      mem->clear();
+      packs.clear();
+      return packs;
+    }
+    for (size_t i = 0; i < pairs; ++i) {
+      if (offset[i] < 0) continue;
+      const int g0 = lo[i] / kKeyBlock;
+      const int64_t nb = (int64_t)((hi[i] + kKeyBlock - 1) / kKeyBlock - g0);
+      packs[i].kt = mem->data() + offset[i];
+      packs[i].vp = mem->data() + offset[i] + nb * kKeyBlock * dim;
+      packs[i].g0 = g0;
+    }
+    const cpu::KvSide kside = cpu::k_side(p.kv), vside = cpu::v_side(p.kv);
+    struct Stage {
+      std::vector<float> k, v, conv;  // a block's fp32 rows (zero outside the walk), a reader's buffer
+    };
+    cpu::parallel_items((int64_t)tasks.size(), tasks.size() > 1,
+                        [&] {
+                          Stage st;
+                          st.k.resize((size_t)kKeyBlock * dim);
+                          st.v.resize((size_t)kKeyBlock * dim);
+                          st.conv.resize((size_t)kKeyBlock * dim);
+                          return st;
+                        },
+                        [&](Stage& st, int64_t t) {
+                          const int i = tasks[t].first, g = tasks[t].second;
+                          const int b = i / nkv, h = i % nkv, row = cache_row(p, b);
+                          const int jb = g * kKeyBlock, ja = std::max(jb, lo[i]), je = std::min(jb + kKeyBlock, hi[i]);
+                          const PackedHead& ph = packs[i];
+                          auto gather = [&](auto fmt, const cpu::KvSide& side, std::vector<float>& dst) {
+                            using F = typename decltype(fmt)::type;
+                            std::fill(dst.begin(), dst.end(), 0.f);
+                            cpu::for_each_run<F>(p.kv, side, row, h, ja, je, je - ja,
+                                                 [&](const HeadRows<F>& r, int j0, int n, int av, int off) {
+                                                   int64_t rs;
+                                                   const float* src =
+                                                       RowReader<F>::rows(r, j0, n, av, dim, st.conv.data(), &rs);
+                                                   float* out = dst.data() + (size_t)(ja - jb + off) * dim;
+                                                   for (int j = 0; j < n; ++j)
+                                                     std::copy(src + j * rs, src + j * rs + dim, out + (size_t)j * dim);
+                                                 });
+                          };
+                          gather(TypeTag<KF>{}, kside, st.k);
+                          gather(TypeTag<VF>{}, vside, st.v);
+                          const int64_t blk = g - ph.g0;
+                          cpu::pack_k_panels(st.k.data(), dim, dim, ph.kt + blk * kKeyBlock * dim);
+                          cpu::pack_v_panels(st.v.data(), dim, dim, ph.vp + blk * kKeyBlock * cpu::packed_v_lanes(dim));
+                        });
+    return packs;
+  }
+}
+
 template <class KF, class VF, typename T>
 void prefill_impl(const AttentionParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -793,7 +930,10 @@ void prefill_impl(const AttentionParams& p) {
   }
   // Longest key ranges first so the dynamic schedule ends with short items.
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.k1 - x.k0 > y.k1 - y.k0; });
-  run_items<KF, VF, T>(p, items, max_block * group, 1, nullptr, nullptr);
+  std::vector<float> pack_mem;
+  const std::vector<PackedHead> packs = pack_heads<KF, VF>(p, items, &pack_mem);
+  run_items<KF, VF, T>(p, items, max_block * group, 1, nullptr, nullptr, nullptr, 0,
+                       packs.empty() ? nullptr : packs.data());
 }
 
 template <bool kDecode>

@@ -41,6 +41,22 @@ void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, 
 // tiles, for which packing would cost as much as the products.
 constexpr int kGemmMinRows = 12;
 
+// Prefill on K and V packed once per kv head and block of kPackKeys keys, shared by every query tile
+// of the head (attention_cpu.cpp prefill_impl): only the AVX2 copy (packed_prefill() says whether it
+// runs here; the AVX-512 GEMM tiles pack per tile as before).
+//   pack_k_panels / pack_v_panels: kPackKeys rows of fp32 keys / values, row j at k + j * ks, into
+//     kt (kPackKeys * dim floats) / vp (kPackKeys * packed_v_lanes(dim) floats);
+//   qk_packed: s[r * lds + c] = q[r] . k_c for r < nq and the block's columns [c0, c1), c0 a
+//     multiple of 16, c1 <= kPackKeys (columns up to c1 rounded up to 16 are written);
+//   pv_packed: acc[r][:] += sum_{c0 <= c < c1} p[r * ldp + c] * v_c[:].
+constexpr int kPackKeys = 64;
+inline int packed_v_lanes(int dim) { return (dim + 15) / 16 * 16; }
+bool packed_prefill();
+void pack_k_panels(const float* k, int64_t ks, int dim, float* kt);
+void pack_v_panels(const float* v, int64_t vs, int dim, float* vp);
+void qk_packed(const float* q, int nq, const float* kt, int c0, int c1, int dim, float* s, int lds);
+void pv_packed(const float* p, int ldp, int nq, const float* vp, int c0, int c1, int dim, float* acc);
+
 // Which copy of these loops runs: "avx512" (AVX2 + the AVX-512 GEMM tiles), "avx2" or "generic".
 const char* simd_copy();
 

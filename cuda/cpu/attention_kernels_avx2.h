@@ -261,6 +261,42 @@ static void pv_gemm(const float* p, int ldp, int nq, const float* v, int64_t v_s
   }
 }
 
+// ---- The same products on blocks packed once per head (prefill with several query tiles) -------
+// A block is kPackKeys keys in the layouts above: K^T in 16-key panels of head_dim (pack_kt), V in
+// 16-lane panels of the block's keys (pack_v), zero-padded. The query tiles of a head then share one
+// packing of its keys instead of each packing (and reading from the cache) its own copy.
+static_assert(kGemmKeys == kPackKeys, "a packed block is one GEMM chunk");
+
+static void pack_k_panels(const float* k, int64_t ks, int dim, float* kt) { pack_kt(k, ks, kPackKeys, dim, kt); }
+static void pack_v_panels(const float* v, int64_t vs, int dim, float* vp) { pack_v(v, vs, kPackKeys, dim, vp); }
+
+// s[r * lds + c] = q[r] . k_c for the block's columns [c0, c1), c0 a multiple of 16 (c1 rounded up to
+// one: the padding columns are computed too, on zero keys).
+static void qk_packed(const float* q, int nq, const float* kt, int c0, int c1, int dim, float* s, int lds) {
+  for (int c = c0; c < c1; c += kPanel) {
+    const float* panel = kt + (int64_t)(c / kPanel) * dim * kPanel;
+    row_tiles(nq, [&](auto R, int i) {
+      qk_gemm_tile<R>(q + (int64_t)i * dim, dim, panel, s + (int64_t)i * lds + c, lds, kPanel);
+    });
+  }
+}
+
+// acc[r] += sum_{c0 <= c < c1} p[r * ldp + c] * v_c over the block's columns [c0, c1).
+static void pv_packed(const float* p, int ldp, int nq, const float* vp, int c0, int c1, int dim, float* acc) {
+  for (int d0 = 0; d0 < dim; d0 += kPanel) {
+    const float* panel = vp + ((int64_t)(d0 / kPanel) * kPackKeys + c0) * kPanel;
+    const int w = dim - d0 < kPanel ? dim - d0 : kPanel;
+    row_tiles(nq, [&](auto R, int i) {
+      const float* pi = p + (int64_t)i * ldp + c0;
+      float* ai = acc + (int64_t)i * dim + d0;
+      if (w == kPanel)
+        pv_gemm_tile<R, true>(pi, ldp, panel, c1 - c0, ai, dim, w);
+      else
+        pv_gemm_tile<R, false>(pi, ldp, panel, c1 - c0, ai, dim, w);
+    });
+  }
+}
+
 void qk_block(const float* q, int nq, const float* k, int64_t k_stride, int nk, int nk_avail, int dim, float* s,
               int lds) {
   if (nq >= kGemmMinRows) {
