@@ -30,6 +30,7 @@ def snapshot(cache):
         (dict(max_physical_bytes=-5), ValueError),
         (dict(max_physical_bytes=1000), ValueError),  # smaller than one page
         (dict(page_bytes=1000), ValueError),  # not a multiple of the OS page
+        (dict(page_bytes=2**50), ValueError),  # more than the machine's memory: the first step would be OOM-killed
         (dict(prealloc_bytes=-1), ValueError),
         (dict(prealloc_bytes=10 * 64 * KIB, max_physical_bytes=2 * 64 * KIB), ValueError),
         (dict(reclaim_watermark_bytes=-1), ValueError),

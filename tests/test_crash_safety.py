@@ -244,3 +244,57 @@ def test_known_crash_cases(worker):
         r = worker.run(ops)
         assert r["ok"], (ops, r)
         assert bool(r["errors"]) == must_raise, (ops, r)
+
+
+_CLOSED_VIEWS = textwrap.dedent(
+    """
+    import gc, sys, torch, vattn
+    from vattn import _guard
+    how = sys.argv[1]
+    c = vattn.KVCache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_seq_len=4096,
+                      dtype=torch.float32, device="cpu", page_bytes=4096)
+    a = c.alloc()
+    step = c.begin_step(slots=[a], new_tokens=[3])
+    vattn.append_kv(c, 0, step, torch.randn(3, 2, 64), torch.randn(3, 2, 64))
+    c.end_step(step)
+    K, V = c.kv(0)
+    stored = K[a, :3].clone()
+    if how == "close":
+        c.close()
+    else:
+        del c, step
+        gc.collect()
+    k, v = torch.randn(1, 2, 64), torch.randn(1, 2, 64)
+    raised = []
+    for pos in (4000, 1):  # unmapped, and a mapped position: neither is written
+        try:
+            vattn.append_kv_raw(K, V, k, v, torch.tensor([a]), torch.tensor([pos]))
+        except ValueError as e:
+            raised.append("closed vattn.KVCache" in str(e))
+    try:
+        torch.ops.vattn.append_kv(K, V, k, v, torch.tensor([a], dtype=torch.int32),
+                                  torch.tensor([4000], dtype=torch.int32))
+    except ValueError as e:
+        raised.append("closed vattn.KVCache" in str(e))
+    try:
+        vattn.compact_kv(K, V, torch.tensor([a], dtype=torch.int32), torch.tensor([[[1], [1]]], dtype=torch.int32),
+                         torch.tensor([[1, 1]], dtype=torch.int32))
+    except ValueError as e:
+        raised.append("closed vattn.KVCache" in str(e))
+    same = bool(torch.equal(K[a, :3], stored))
+    del K, V
+    gc.collect()
+    print(raised, same, _guard.retired_ranges())
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["close", "collect"])
+def test_raw_writes_into_views_of_a_closed_cache_raise(how):
+    """kv()'s views outlive close() (and the cache object): their memory stays, but what is mapped
+    there is no longer known, so a raw append or compaction into them raises ValueError instead of
+    faulting on an unmapped page, and writes nothing; once the views are gone the range is
+    forgotten (it may be reused by other memory)."""
+    r = subprocess.run([sys.executable, "-c", _CLOSED_VIEWS, how], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[-2] == "[True, True, True, True] True 0", r.stdout

@@ -18,33 +18,84 @@ import torch
 
 _lock = threading.Lock()
 _regions: List[Tuple[int, int, "weakref.ref"]] = []  # (base, end, cache) of every open cache
+# Ranges of caches closed (or collected) while tensors over their memory live on: kv()'s views keep
+# the reservation, not the cache's knowledge of what is mapped, so nothing may be written there.
+# (base, end, weak references to the objects whose lifetime is the memory's: RegionBuffer on the
+# host, _CudaRange on a device; the entry goes once they are all gone and the range may be reused.)
+_retired: List[Tuple[int, int, List["weakref.ref"]]] = []
+
+
+class _Closed:
+    """owner()'s answer for memory of a closed KVCache."""
+
+    def __repr__(self) -> str:
+        return "<memory of a closed vattn.KVCache>"
+
+
+CLOSED = _Closed()
 
 
 def register(cache) -> None:
+    """Records cache's ranges. cache._memory_owners collects weak references to the objects that
+    keep its memory alive (cache._region adds them); when the cache is closed or collected its
+    ranges move to _retired for as long as any of them lives."""
     m = cache._m
     ref = weakref.ref(cache)
+    ranges = [
+        (int(m.region_base(r)), int(m.region_base(r)) + int(m.region_bytes(r))) for r in range(int(m.num_regions))
+    ]
+    cache._memory_owners = owners = []
     with _lock:
         _regions[:] = [e for e in _regions if e[2]() is not None]
-        for r in range(int(m.num_regions)):
-            base = int(m.region_base(r))
-            _regions.append((base, base + int(m.region_bytes(r)), ref))
+        _regions.extend((base, end, ref) for base, end in ranges)
+    # Runs once: at close (unregister) or when the cache is collected without close.
+    cache._guard_retire = weakref.finalize(cache, _retire, ref, ranges, owners)
+
+
+def _retire(ref, ranges, owners) -> None:
+    with _lock:
+        _regions[:] = [e for e in _regions if e[2] is not ref and e[2]() is not None]
+        _retired[:] = [e for e in _retired if any(o() is not None for o in e[2])]
+        if any(o() is not None for o in owners):
+            _retired.extend((base, end, owners) for base, end in ranges)
+
+
+def retired_ranges() -> int:
+    """How many ranges of closed caches tensors still keep alive (entries whose memory is gone are
+    dropped here)."""
+    with _lock:
+        _retired[:] = [e for e in _retired if any(o() is not None for o in e[2])]
+        return len(_retired)
 
 
 def unregister(cache) -> None:
-    with _lock:
-        _regions[:] = [e for e in _regions if e[2]() is not None and e[2]() is not cache]
+    retire = getattr(cache, "_guard_retire", None)
+    if retire is not None:
+        retire()
 
 
 def owner(t: Optional[torch.Tensor]):
-    """The open KVCache whose reservation holds t's first element, or None."""
-    if t is None or not _regions:
+    """The open KVCache whose reservation holds t's first element; CLOSED when that memory
+    belongs to a closed cache that tensors still keep alive; else None."""
+    if t is None or not (_regions or _retired):
         return None
     p = t.data_ptr()
     for base, end, ref in _regions:
         if base <= p < end:
             c = ref()
-            return c if c is not None and not c.closed else None
+            if c is not None and not c.closed:
+                return c
+    for base, end, owners in _retired:
+        if base <= p < end and any(o() is not None for o in owners):
+            return CLOSED
     return None
+
+
+def refuse_closed(op: str, name: str) -> None:
+    raise ValueError(
+        f"{op}: {name} lies in the memory of a closed vattn.KVCache (its views keep the memory alive, not "
+        "what is mapped there), so nothing can be written into it"
+    )
 
 
 def _token_addrs(
@@ -97,6 +148,8 @@ def check_append(
     cache = owner(k_cache) or owner(v_cache)
     if cache is None or row_ids.numel() == 0:
         return
+    if cache is CLOSED:
+        refuse_closed("append_kv", "k_cache" if owner(k_cache) is CLOSED else "v_cache")
     if positions.data_ptr() in cache._trusted_positions:
         return
     if positions.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -30,7 +30,9 @@ from one thread, or from several threads on different layers. Different caches s
 from __future__ import annotations
 
 import operator
+import os
 import threading
+import weakref
 from array import array
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -142,6 +144,16 @@ def _pack_step(slots: List[int], new_tokens: List[int], start: List[int], ends: 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _memory_bytes(dev: torch.device) -> int:
+    """Physical memory of the device a cache lives on (host: RAM), or 2**62 where unknown."""
+    try:
+        if dev.type == "cuda":
+            return int(torch.cuda.get_device_properties(dev).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return 2**62
 
 
 class _CudaRange:
@@ -265,6 +277,10 @@ class KVCache:
 
         cap = 0 if max_physical_bytes is None else _positive(max_physical_bytes, "max_physical_bytes")
         page = 0 if page_bytes is None else _positive(page_bytes, "page_bytes")
+        if page and page > _memory_bytes(dev):
+            # One page is the least a slot maps: a page the machine cannot hold would be committed
+            # on the first step, and the host's answer to that is the OOM killer, not MemoryError.
+            raise ValueError(f"page_bytes={page} is more than the {dev.type} memory ({_memory_bytes(dev)} bytes)")
         prealloc = _int(prealloc_bytes, "prealloc_bytes")
         if prealloc < 0:
             raise ValueError(f"prealloc_bytes must be >= 0, got {prealloc}")
@@ -1135,10 +1151,13 @@ class KVCache:
             # head_major: a layer's K (or V) view spans the regions of all its heads.
             count = self.num_kv_heads if self.layout == "head_major" else 1
             if self.device.type == "cpu":
-                t = torch.frombuffer(self._m.region_buffer(r, count), dtype=torch.uint8)
+                buf = self._m.region_buffer(r, count)
+                self._memory_owners.append(weakref.ref(buf))  # _guard: the memory lives while buf does
+                t = torch.frombuffer(buf, dtype=torch.uint8)
             else:
                 size = self._m.region_span_bytes(r, count)
                 rng = _CudaRange(self._m, self._m.region_guard_base(r), (size,), None, "|u1")
+                self._memory_owners.append(weakref.ref(rng))
                 t = torch.as_tensor(rng, device=self.device)
             self._regions[r] = t
         return t
@@ -1223,6 +1242,7 @@ class KVCache:
             # from its (always mapped) guard page, then cut the strided view out of it.
             size = guard + self._m.region_bytes(region)
             rng = _CudaRange(self._m, self._m.region_guard_base(region), (size,), None, "|u1")
+            self._memory_owners.append(weakref.ref(rng))
             start = guard + offset
             with cupy.cuda.Device(self.device.index):
                 whole = cupy.asarray(rng)

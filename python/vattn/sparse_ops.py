@@ -118,6 +118,8 @@ def _check_mapped(k_cache, v_cache, k_scale, v_scale, row_ids, keep, keep_lens, 
         return
     owner = getattr(_guard, "owner", None)
     cache = (owner(k_cache) or owner(v_cache)) if owner is not None else None
+    if cache is not None and cache is getattr(_guard, "CLOSED", None) and keep.numel():
+        _guard.refuse_closed("compact_kv", "k_cache" if owner(k_cache) is cache else "v_cache")
     if cache is None or keep.numel() == 0 or not hasattr(cache._m, "first_unmapped"):
         return
     if keep.is_cuda and torch.cuda.is_current_stream_capturing():
