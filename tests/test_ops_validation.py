@@ -96,3 +96,38 @@ def test_cuda_limits_are_python_errors():
         vattn.prefill_attention(q, kc, vc, torch.tensor([0, 1], device="cuda"), kw["seqlens_k"])
     with pytest.raises(ValueError, match="device|on"):
         _decode(q, kc, vc, kw, seqlens_k=kw["seqlens_k"].cpu())
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_int64_indices_outside_int32_raise(as_list):
+    """int64 lengths, row ids, cu_seqlens_q, positions and block tables are narrowed to int32 for the
+    kernels: a value past int32 raises ValueError instead of wrapping onto another row / position
+    (2**32 + 1 -> 1), and the append writes nothing."""
+    big = 2**32 + 1
+    K, V = torch.randn(3, 40, 2, 64), torch.randn(3, 40, 2, 64)
+    q = torch.randn(3, 4, 64)
+
+    def idx(x):
+        return list(x) if as_list else torch.tensor(x, dtype=torch.int64)
+
+    with pytest.raises(ValueError, match="int32"):
+        vattn.decode_attention(q, K, V, idx([5, big + 4, 5]))
+    with pytest.raises(ValueError, match="int32"):
+        vattn.decode_attention(q, K, V, idx([5, 5, 5]), row_ids=idx([0, big, 2]))
+    with pytest.raises(ValueError, match="int32"):
+        vattn.prefill_attention(torch.randn(11, 4, 64), K, V, idx([0, 2 * big, 5, 11]), idx([10, 10, 10]))
+    kc, vc = torch.zeros(3, 40, 2, 64), torch.zeros(3, 40, 2, 64)
+    k, v = torch.randn(1, 2, 64), torch.randn(1, 2, 64)
+    with pytest.raises(ValueError, match="int32"):
+        vattn.append_kv_raw(kc, vc, k, v, idx([0]), idx([big + 2]))
+    with pytest.raises(ValueError, match="int32"):
+        vattn.append_kv_raw(kc, vc, k, v, idx([big]), idx([0]))
+    assert not kc.any() and not vc.any()
+    # in range, int64 works as int32 does
+    want = vattn.decode_attention(q, K, V, torch.tensor([5, 7, 5], dtype=torch.int32))
+    assert torch.equal(vattn.decode_attention(q, K, V, idx([5, 7, 5])), want)
+    if not as_list:
+        table = torch.tensor([[0, big], [1, 2]], dtype=torch.int64)
+        pk, pv = torch.randn(3, 16, 2, 64), torch.randn(3, 16, 2, 64)
+        with pytest.raises(ValueError, match="int32"):
+            vattn.decode_attention(torch.randn(2, 4, 64), pk, pv, torch.tensor([20, 20]), block_table=table)

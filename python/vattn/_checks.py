@@ -18,6 +18,21 @@ Tensor = torch.Tensor
 _INT32_MAX = 2**31 - 1
 
 
+def _to_int32(t: Tensor, name: str) -> Tensor:
+    """An int64 index tensor as int32, never wrapped: a value outside int32 would otherwise alias
+    another row, position or block (2**32 + 1 -> 1). On the host it raises ValueError; on a device,
+    where looking would synchronize (and break graph capture), it saturates to the int32 limits,
+    which every check and kernel treats as out of range, never as another valid index."""
+    if t.dtype != torch.int64:
+        return t
+    if t.device.type == "cpu":
+        if t.numel() and (int(t.max()) > _INT32_MAX or int(t.min()) < -_INT32_MAX - 1):
+            bad = t[(t > _INT32_MAX) | (t < -_INT32_MAX - 1)].reshape(-1)[0].item()
+            raise ValueError(f"{name} holds {bad}, outside the int32 range the ops index with")
+        return t.to(torch.int32)
+    return t.clamp(-_INT32_MAX - 1, _INT32_MAX).to(torch.int32)
+
+
 def _check_float(t: Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -249,7 +264,7 @@ def _check_paged(
         raise ValueError("a paged cache needs block_size (k_cache.shape[1]) > 0")
     if rows > _INT32_MAX or per_row * block_size > _INT32_MAX:
         raise ValueError(f"block_table shape {list(block_table.shape)} addresses too many tokens per row")
-    table = block_table.to(torch.int32) if block_table.dtype == torch.int64 else block_table
+    table = _to_int32(block_table, "block_table")
     if (per_row > 1 and table.stride(1) != 1) or table.stride(0) < 0:
         table = table.contiguous()
     geom.shape = (rows, per_row * block_size, heads, dim)

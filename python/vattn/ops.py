@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import _check_append, _check_attention, _check_merge, _check_scores, _KVGeom
+from ._checks import _check_append, _check_attention, _check_merge, _check_scores, _KVGeom, _to_int32
 from ._launch import (
     _append_impl,
     _decode_impl,
@@ -474,10 +474,10 @@ def _index(t: Optional[IndexLike], name: str, device: torch.device) -> Optional[
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(list(t), dtype=torch.int32)
+        t = _to_int32(torch.as_tensor(list(t), dtype=torch.int64), name)
         t = t.to(device)
     if t.dtype == torch.int64:
-        t = t.to(torch.int32)
+        t = _to_int32(t, name)
     elif t.dtype != torch.int32:
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
     if t.device != device:
