@@ -423,6 +423,18 @@ def test_more_sinks_than_a_fractional_budget_raises():
     assert cache.length(s) == 40
 
 
+@pytest.mark.parametrize("keep", [64, 0.5])
+def test_request_shorter_than_its_sinks_keeps_everything(keep):
+    """A request holding no more tokens than the sinks keeps them all, beside longer requests of the
+    same batch that do evict (it used to fail the whole apply: '4 sinks exceed the budget of 3')."""
+    cache = _cache()
+    short, other, longer = cache.alloc(), cache.alloc(), cache.alloc()
+    _fill(cache, [short, other, longer], [3, 4, 200])
+    policies.StreamingLLM(keep=keep, sinks=4).apply(cache, [short, other, longer])
+    assert cache.length(short) == 3 and cache.length(other) == 4
+    assert cache.length(longer) == (64 if keep == 64 else 100)
+
+
 def test_budget_larger_than_length_keeps_everything():
     cache = _cache()
     s = cache.alloc()

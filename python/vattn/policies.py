@@ -143,7 +143,9 @@ class Policy:
             n = int(heads[layer].max())
             s = self.token_scores(cache, slot, layer, n).float().cpu()
             budget = self.layer_budget(layer, L, n)
-            if self.sinks > budget:
+            if n <= self.sinks:  # the sinks are the whole request: it keeps everything
+                budget = n
+            elif self.sinks > budget:  # a fraction too small for the sinks (a fixed keep is checked at init)
                 raise ValueError(
                     f"{type(self).__name__}: {self.sinks} sinks exceed the budget of {budget} tokens (of {n})"
                 )
