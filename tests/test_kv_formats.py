@@ -547,3 +547,32 @@ def test_cuda_graph_quantized_append_decode(impl, spec):
             kw = dict(seqlens_k=lens.clone(), row_ids=row_ids, scale=None, window_left=-1, softcap=0.0)
             assert_attention_close(out.clone(), lse.clone(), q, kd, vd, kw, f"graph step {step}")
             cur = [c + 1 for c in cur]
+
+
+def test_dequantize_kv_checks_codes_and_scale_words():
+    """dequantize_kv(codes, scales, kv_format) refuses codes of another storage type, scale words of
+    another count (an int4_ch key side read as int4, say) and shapes that do not pair up, instead of
+    returning values made of the wrong words."""
+    c = vattn.KVCache(
+        num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_seq_len=64, kv_format="int4", device="cpu"
+    )
+    s = c.alloc()
+    step = c.begin_step([s], [10])
+    vattn.append_kv(c, 0, step, torch.randn(10, 2, 64), torch.randn(10, 2, 64))
+    c.end_step(step)
+    K, V = c.kv(0)
+    ks, vs = c.kv_scales(0)
+    assert c.k_format.name == "int4_ch" and c.v_format.name == "int4"
+    assert vattn.dequantize_kv(K, ks, "int4_ch").shape == (2, 64, 2, 64)
+    assert vattn.dequantize_kv(V, vs, "int4").shape == (2, 64, 2, 64)
+    with pytest.raises(ValueError, match="scales of shape"):
+        vattn.dequantize_kv(K, ks, "int4")  # 4 parameter words per token, int4 has 2
+    codes = torch.zeros(2, 3, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="scales of shape"):
+        vattn.dequantize_kv(codes, torch.ones(2, 3, 7), "int8")
+    with pytest.raises(ValueError, match="scales of shape"):
+        vattn.dequantize_kv(codes, torch.ones(2, 5, 1), "int8")
+    with pytest.raises(TypeError, match="codes"):
+        vattn.dequantize_kv(torch.randn(2, 3, 64), torch.ones(2, 3, 1), "int8")
+    with pytest.raises(TypeError, match="float32"):
+        vattn.dequantize_kv(codes, torch.ones(2, 3, 1, dtype=torch.float64), "int8")

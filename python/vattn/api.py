@@ -266,5 +266,15 @@ def dequantize_kv(cache_or_codes, layer_or_scales=None, kv_format: Optional[str]
     fmt = formats.get(kv_format)
     if not fmt.quantized:
         raise ValueError(f"{kv_format!r} is not a quantized format")
+    codes, scales = cache_or_codes, layer_or_scales
+    if codes.dtype != fmt.storage_dtype:
+        raise TypeError(f"dequantize_kv: {fmt.name} codes are {fmt.storage_dtype}, got {codes.dtype}")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"dequantize_kv: scale words are float32, got {scales.dtype}")
+    if codes.dim() < 1 or scales.shape != codes.shape[:-1] + (fmt.scale_words,):
+        raise ValueError(
+            f"dequantize_kv: {fmt.name} codes of shape {list(codes.shape)} need scales of shape "
+            f"{list(codes.shape[:-1]) + [fmt.scale_words]}, got {list(scales.shape)}"
+        )
     dim = cache_or_codes.shape[-1] * fmt.elems_per_storage
     return dequantize(cache_or_codes, layer_or_scales, fmt.name, dim, dtype or torch.float32)
