@@ -554,7 +554,14 @@ def test_dequantize_kv_checks_codes_and_scale_words():
     another count (an int4_ch key side read as int4, say) and shapes that do not pair up, instead of
     returning values made of the wrong words."""
     c = vattn.KVCache(
-        num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_seq_len=64, kv_format="int4", device="cpu"
+        num_layers=1,
+        num_kv_heads=2,
+        head_dim=64,
+        max_batch=2,
+        max_seq_len=64,
+        dtype=torch.float32,
+        kv_format="int4",
+        device="cpu",
     )
     s = c.alloc()
     step = c.begin_step([s], [10])
