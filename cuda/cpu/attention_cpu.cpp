@@ -811,7 +811,9 @@ void decode_impl(const AttentionParams& p, float* stage = nullptr, int64_t stage
 // it: each tile used to pack (and convert, for 16-bit and quantized formats) its own copy of every
 // key block, reading the cache's rows, which sit a token apart (kilobytes), once per tile. Measured
 // on the 2-core Zen 3 VM, one thread, a 128-row tile over 2K keys of 8 heads (token stride 4 KB), the
-// products alone: 69-74 GFLOP/s packing per tile, 85-89 on blocks packed once (5 rounds each).
+// products alone: 64-74 GFLOP/s packing per tile, 79-89 on blocks packed once (8 of 10 rounds).
+// Whole prefill calls, one thread, thread CPU time, the two builds alternated: Llama-3-8B heads
+// q=2048 0.85x the time, q=512 0.86-0.92x, 256 queries on a 2K prefix 0.91-0.98x (bench/RESULTS.md).
 // The packing is bounded (kPackMaxBytes per call; heads past it keep the per-tile packing) and
 // happens only where it runs, on the AVX2 copy (cpu::packed_prefill). int4_ch keys keep their own
 // product, which folds the group scales into q.
