@@ -52,11 +52,16 @@ def register(cache) -> None:
     cache._guard_retire = weakref.finalize(cache, _retire, ref, ranges, owners)
 
 
+def _alive(owners) -> bool:
+    """Whether any object keeping a retired range's memory is still alive."""
+    return any(o() is not None for o in owners)
+
+
 def _retire(ref, ranges, owners) -> None:
     with _lock:
         _regions[:] = [e for e in _regions if e[2] is not ref and e[2]() is not None]
-        _retired[:] = [e for e in _retired if any(o() is not None for o in e[2])]
-        if any(o() is not None for o in owners):
+        _retired[:] = [e for e in _retired if _alive(e[2])]
+        if _alive(owners):
             _retired.extend((base, end, owners) for base, end in ranges)
 
 
@@ -64,7 +69,7 @@ def retired_ranges() -> int:
     """How many ranges of closed caches tensors still keep alive (entries whose memory is gone are
     dropped here)."""
     with _lock:
-        _retired[:] = [e for e in _retired if any(o() is not None for o in e[2])]
+        _retired[:] = [e for e in _retired if _alive(e[2])]
         return len(_retired)
 
 
@@ -86,7 +91,7 @@ def owner(t: Optional[torch.Tensor]):
             if c is not None and not c.closed:
                 return c
     for base, end, owners in _retired:
-        if base <= p < end and any(o() is not None for o in owners):
+        if base <= p < end and _alive(owners):
             return CLOSED
     return None
 
