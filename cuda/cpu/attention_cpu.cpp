@@ -63,6 +63,7 @@ struct Scratch {
   std::vector<float> q, acc, s, kbuf, vbuf;
   std::vector<SoftmaxState> st;
   std::vector<int> lo, hi;
+  std::vector<int> ca, ce;            // per row: its columns [ca, ce) of the current key block
   std::vector<int> head_lo, head_hi;  // per head of the item: union of its rows' visible keys
   void reserve(int rows, int heads, int dim) {
     head_lo.resize(heads);
@@ -75,6 +76,8 @@ struct Scratch {
     st.resize(rows);
     lo.resize(rows);
     hi.resize(rows);
+    ca.resize(rows);
+    ce.resize(rows);
   }
 };
 
@@ -479,28 +482,30 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
             }
             const int h = w.h0 + hh;
             const int avail = sc.head_hi[hh] - ja;  // rows of this head's walk from ja on, for prefetching
-            // Packed: the products run over whole 16-key panels [c0, c1) of the block; the columns
-            // outside [ja, je) get weight 0 below (their keys are finite: zero or stored).
-            int nz = nk;  // columns of the block's rows the softmax writes (weights, zeros)
-            int c0 = 0, c1 = 0;
-            const float *kt = nullptr, *vp = nullptr;
+            // Each row's columns [a, e) of the block.
+            int* ca = &sc.ca[(size_t)hh * head_rows];
+            int* ce = &sc.ce[(size_t)hh * head_rows];
+            for (int r = 0; r < head_rows; ++r) {
+              ca[r] = std::max(sc.lo[hh * head_rows + r], ja) - jb;
+              ce[r] = std::min(sc.hi[hh * head_rows + r], je) - jb;
+            }
+            // Packed: the products run on whole 16-key panels, each six-row tile over the panels
+            // its rows read; the softmax reads only each row's [a, e) and zeroes the rest.
+            const float* vp = nullptr;
             if (pk != nullptr) {
               const int64_t blk = jb / kKeyBlock - pk->g0;
-              kt = pk->kt + blk * kKeyBlock * dim;
               vp = pk->vp + blk * kKeyBlock * cpu::packed_v_lanes(dim);
-              c0 = (ja - jb) / 16 * 16;
-              c1 = std::min(kKeyBlock, (je - jb + 15) / 16 * 16);
-              nz = std::max(nk, c1);
-              cpu::qk_packed(&sc.q[(size_t)hh * head_rows * dim], head_rows, kt, c0, c1, dim, s_head, kKeyBlock);
+              cpu::qk_packed(&sc.q[(size_t)hh * head_rows * dim], head_rows, pk->kt + blk * kKeyBlock * dim, ca, ce,
+                             dim, s_head, kKeyBlock);
             } else if (!row_walk) {
               block_logits<KF>(p.kv, kside, row, h, ja, je, avail, &sc.q[(size_t)hh * head_rows * dim], head_rows, dim,
                                sc.kbuf.data(), s_head + (ja - jb));
             }
             for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
               float* s = &sc.s[(size_t)r * kKeyBlock];
-              const int a = std::max(sc.lo[r], ja) - jb, e = std::min(sc.hi[r], je) - jb;
+              const int a = sc.ca[r], e = sc.ce[r];
               if (a >= e) {
-                std::fill(s, s + nz, 0.f);
+                std::fill(s, s + nk, 0.f);
                 continue;
               }
               if (capped)
@@ -516,13 +521,13 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
                 for (int d = 0; d < dim; ++d) ar[d] *= f;
               }
               if (sc.st[r].m == -INFINITY) {
-                std::fill(s, s + nz, 0.f);
+                std::fill(s, s + nk, 0.f);
                 continue;
               }  // only -inf logits so far
-              sc.st[r].add(cpu::exp2_weights(s, nz, a, e, sc.st[r].m));
+              sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
             }
             if (pk != nullptr)
-              cpu::pv_packed(s_head, kKeyBlock, head_rows, vp, c0, c1, dim, &sc.acc[(size_t)hh * head_rows * dim]);
+              cpu::pv_packed(s_head, kKeyBlock, head_rows, vp, ca, ce, dim, &sc.acc[(size_t)hh * head_rows * dim]);
             else if (!row_walk)
               block_values<VF>(p.kv, vside, row, h, ja, je, avail, s_head + (ja - jb), head_rows, dim, sc.vbuf.data(),
                                &sc.acc[(size_t)hh * head_rows * dim]);

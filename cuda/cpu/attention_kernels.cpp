@@ -93,21 +93,21 @@ void pv_block(const float* p, int ldp, int nq, const float* v, int64_t v_stride,
 bool packed_prefill() { return cpu_has_avx2() && !cpu_has_avx512(); }
 void pack_k_panels(const float* k, int64_t ks, int dim, float* kt) { avx2::pack_k_panels(k, ks, dim, kt); }
 void pack_v_panels(const float* v, int64_t vs, int dim, float* vp) { avx2::pack_v_panels(v, vs, dim, vp); }
-void qk_packed(const float* q, int nq, const float* kt, int c0, int c1, int dim, float* s, int lds) {
-  avx2::qk_packed(q, nq, kt, c0, c1, dim, s, lds);
+void qk_packed(const float* q, int nq, const float* kt, const int* ca, const int* ce, int dim, float* s, int lds) {
+  avx2::qk_packed(q, nq, kt, ca, ce, dim, s, lds);
 }
-void pv_packed(const float* p, int ldp, int nq, const float* vp, int c0, int c1, int dim, float* acc) {
-  avx2::pv_packed(p, ldp, nq, vp, c0, c1, dim, acc);
+void pv_packed(const float* p, int ldp, int nq, const float* vp, const int* ca, const int* ce, int dim, float* acc) {
+  avx2::pv_packed(p, ldp, nq, vp, ca, ce, dim, acc);
 }
 #else
 // No AVX2 copy: packed_prefill() is false and prefill never calls the others.
 bool packed_prefill() { return false; }
 void pack_k_panels(const float*, int64_t, int, float*) { throw std::logic_error("pack_k_panels: no AVX2 copy"); }
 void pack_v_panels(const float*, int64_t, int, float*) { throw std::logic_error("pack_v_panels: no AVX2 copy"); }
-void qk_packed(const float*, int, const float*, int, int, int, float*, int) {
+void qk_packed(const float*, int, const float*, const int*, const int*, int, float*, int) {
   throw std::logic_error("qk_packed: no AVX2 copy");
 }
-void pv_packed(const float*, int, int, const float*, int, int, int, float*) {
+void pv_packed(const float*, int, int, const float*, const int*, const int*, int, float*) {
   throw std::logic_error("pv_packed: no AVX2 copy");
 }
 #endif

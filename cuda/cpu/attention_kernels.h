@@ -46,16 +46,19 @@ constexpr int kGemmMinRows = 12;
 // runs here; the AVX-512 GEMM tiles pack per tile as before).
 //   pack_k_panels / pack_v_panels: kPackKeys rows of fp32 keys / values, row j at k + j * ks, into
 //     kt (kPackKeys * dim floats) / vp (kPackKeys * packed_v_lanes(dim) floats);
-//   qk_packed: s[r * lds + c] = q[r] . k_c for r < nq and the block's columns [c0, c1), c0 a
-//     multiple of 16, c1 <= kPackKeys (columns up to c1 rounded up to 16 are written);
-//   pv_packed: acc[r][:] += sum_{c0 <= c < c1} p[r * ldp + c] * v_c[:].
+//   qk_packed: s[r * lds + c] = q[r] . k_c for r < nq and at least row r's columns [ca[r], ce[r])
+//     of the block (0 <= ca, ce <= kPackKeys; ca >= ce: none); other columns may or may not be
+//     written, so the caller reads only [ca[r], ce[r]);
+//   pv_packed: acc[r][:] += sum_c p[r * ldp + c] * v_c[:] over a range of columns that holds every
+//     [ca[r'], ce[r']) of nearby rows r': p must be 0 in each row outside its own [ca[r], ce[r]) on
+//     the block's kPackKeys columns.
 constexpr int kPackKeys = 64;
 inline int packed_v_lanes(int dim) { return (dim + 15) / 16 * 16; }
 bool packed_prefill();
 void pack_k_panels(const float* k, int64_t ks, int dim, float* kt);
 void pack_v_panels(const float* v, int64_t vs, int dim, float* vp);
-void qk_packed(const float* q, int nq, const float* kt, int c0, int c1, int dim, float* s, int lds);
-void pv_packed(const float* p, int ldp, int nq, const float* vp, int c0, int c1, int dim, float* acc);
+void qk_packed(const float* q, int nq, const float* kt, const int* ca, const int* ce, int dim, float* s, int lds);
+void pv_packed(const float* p, int ldp, int nq, const float* vp, const int* ca, const int* ce, int dim, float* acc);
 
 // Which copy of these loops runs: "avx512" (AVX2 + the AVX-512 GEMM tiles), "avx2" or "generic".
 const char* simd_copy();

@@ -270,29 +270,52 @@ static_assert(kGemmKeys == kPackKeys, "a packed block is one GEMM chunk");
 static void pack_k_panels(const float* k, int64_t ks, int dim, float* kt) { pack_kt(k, ks, kPackKeys, dim, kt); }
 static void pack_v_panels(const float* v, int64_t vs, int dim, float* vp) { pack_v(v, vs, kPackKeys, dim, vp); }
 
-// s[r * lds + c] = q[r] . k_c for the block's columns [c0, c1), c0 a multiple of 16 (c1 rounded up to
-// one: the padding columns are computed too, on zero keys).
-static void qk_packed(const float* q, int nq, const float* kt, int c0, int c1, int dim, float* s, int lds) {
-  for (int c = c0; c < c1; c += kPanel) {
+// Columns [lo, hi) of the block that rows [i, i + R) read (ca / ce: each row's [a, e), a >= e for
+// a row that reads none of it); lo >= hi when no row does. On a causal diagonal block the rows of a
+// six-row tile read a few columns more each, so a tile skips what none of its rows reads.
+static inline void tile_cols(const int* ca, const int* ce, int i, int R, int* lo, int* hi) {
+  int l = kPackKeys, h = 0;
+  for (int r = i; r < i + R; ++r)
+    if (ca[r] < ce[r]) {
+      l = ca[r] < l ? ca[r] : l;
+      h = ce[r] > h ? ce[r] : h;
+    }
+  *lo = l;
+  *hi = h;
+}
+
+// s[r * lds + c] = q[r] . k_c for each row r's columns [ca[r], ce[r]), computed on whole 16-key
+// panels (the padding columns on zero keys); what no row of a six-row tile reads is skipped.
+static void qk_packed(const float* q, int nq, const float* kt, const int* ca, const int* ce, int dim, float* s,
+                      int lds) {
+  for (int c = 0; c < kPackKeys; c += kPanel) {
     const float* panel = kt + (int64_t)(c / kPanel) * dim * kPanel;
     row_tiles(nq, [&](auto R, int i) {
-      qk_gemm_tile<R>(q + (int64_t)i * dim, dim, panel, s + (int64_t)i * lds + c, lds, kPanel);
+      int lo, hi;
+      tile_cols(ca, ce, i, R, &lo, &hi);
+      if (lo < c + kPanel && c < hi)
+        qk_gemm_tile<R>(q + (int64_t)i * dim, dim, panel, s + (int64_t)i * lds + c, lds, kPanel);
     });
   }
 }
 
-// acc[r] += sum_{c0 <= c < c1} p[r * ldp + c] * v_c over the block's columns [c0, c1).
-static void pv_packed(const float* p, int ldp, int nq, const float* vp, int c0, int c1, int dim, float* acc) {
+// acc[r] += sum_c p[r * ldp + c] * v_c over the columns the rows of each six-row tile read (the
+// others have weight 0 in every row of the tile).
+static void pv_packed(const float* p, int ldp, int nq, const float* vp, const int* ca, const int* ce, int dim,
+                      float* acc) {
   for (int d0 = 0; d0 < dim; d0 += kPanel) {
-    const float* panel = vp + ((int64_t)(d0 / kPanel) * kPackKeys + c0) * kPanel;
+    const float* panel = vp + (int64_t)(d0 / kPanel) * kPackKeys * kPanel;
     const int w = dim - d0 < kPanel ? dim - d0 : kPanel;
     row_tiles(nq, [&](auto R, int i) {
-      const float* pi = p + (int64_t)i * ldp + c0;
+      int lo, hi;
+      tile_cols(ca, ce, i, R, &lo, &hi);
+      if (lo >= hi) return;
+      const float* pi = p + (int64_t)i * ldp + lo;
       float* ai = acc + (int64_t)i * dim + d0;
       if (w == kPanel)
-        pv_gemm_tile<R, true>(pi, ldp, panel, c1 - c0, ai, dim, w);
+        pv_gemm_tile<R, true>(pi, ldp, panel + (int64_t)lo * kPanel, hi - lo, ai, dim, w);
       else
-        pv_gemm_tile<R, false>(pi, ldp, panel, c1 - c0, ai, dim, w);
+        pv_gemm_tile<R, false>(pi, ldp, panel + (int64_t)lo * kPanel, hi - lo, ai, dim, w);
     });
   }
 }
