@@ -244,6 +244,12 @@ def test_quest_select_max_blocks_hint_and_block_size(device):
     ids, counts = vattn.quest_select(q, meta, [0, 1], lens, token_budget=64, block=8)
     assert ids.shape == (2, 1, 8) and counts.cpu().tolist() == [[8], [5]]
     assert ids[1, 0].cpu().tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
+    # No room at all (hint 0): nothing selected, and the CUDA kernel must not write its "last block"
+    # entry to ids[-1] (it did: an illegal address on an empty ids tensor).
+    ids, counts = vattn.quest_select(q, meta, [0, 1], lens, token_budget=64, block=8, max_blocks_hint=0)
+    assert ids.shape == (2, 1, 0) and counts.cpu().tolist() == [[0], [0]]
+    ids, counts = vattn.quest_select(q, meta, [0, 1], lens, token_budget=64, block=8, max_blocks_hint=1)
+    assert counts.cpu().tolist() == [[1], [1]] and ids[:, 0, 0].cpu().tolist() == [_nb(150, 8) - 1, _nb(40, 8) - 1]
 
 
 # ----------------------------------------------------------------------------- sparse_decode_attention

@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(const Ques
   cnt = cnt < nb ? cnt : nb;
   cnt = cnt < p.max_sel ? cnt : p.max_sel;
   int32_t* ids = p.block_ids + ih * p.max_sel;
-  if (cnt == nb) {  // every block (or none)
+  // Every block, or none (the budget or max_sel leaves no room: the last block, always taken
+  // below, would go to ids[-1]).
+  if (cnt == nb || cnt == 0) {
     for (int s = tid; s < p.max_sel; s += kSelectThreads) ids[s] = s < cnt ? s : -1;
     if (tid == 0) p.block_counts[ih] = int32_t(cnt);
     return;
