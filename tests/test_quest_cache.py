@@ -51,7 +51,9 @@ def _check_meta(cache, slots):
                 torch.testing.assert_close(cache.quest_meta(layer)[s, :nb, h], want[s, :nb, h])
 
 
-@pytest.mark.parametrize("fmt", ["auto", "int8"])
+# int4 keys (int4_ch, groups of D / 2 = 32 tokens = 2 Quest blocks): an append into a partial group
+# re-encodes the group's earlier tokens, so their blocks' bounds move too.
+@pytest.mark.parametrize("fmt", ["auto", "int8", "int4"])
 def test_metadata_follows_appends_and_compaction(fmt):
     g = torch.Generator().manual_seed(0)
     cache = _cache(fmt)

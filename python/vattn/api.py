@@ -102,6 +102,10 @@ def _quest_update(cache, layer, step, k_view, k_scale, meta) -> None:
     new = step.cu_seqlens_q[1:] - step.cu_seqlens_q[:-1]
     head_seqlens = None if step.head_seqlens is None else step.head_seqlens[layer]
     start = step.seqlens - new if head_seqlens is None else (head_seqlens - new[:, None]).amin(1)
+    if cache._group > 1:
+        # int4_ch keys: the append re-encoded its group's earlier tokens too (their dequantized
+        # values moved), so the blocks from the group's first token on are stale.
+        start = torch.div(start, cache._group, rounding_mode="floor") * cache._group
     block_minmax(
         k_view,
         meta,
