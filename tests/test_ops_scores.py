@@ -194,6 +194,38 @@ def test_decode_add_accumulates(device, impl):
         torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("device,impl", device_impls())
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_prefill_without_any_query_scores(device, impl, mode):
+    """A prefill call with no query at all (every row's query set empty, so q has no storage):
+    "replace" zeroes each row's scores[r, h, :L] as the reference does (and so still checks the
+    lengths), "add" leaves them."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator().manual_seed(5)
+    kc = torch.randn(3, 16, 2, 64, generator=g).to(device)
+    vc = torch.randn(3, 16, 2, 64, generator=g).to(device)
+    q = torch.empty(0, 4, 64, device=device)
+    cu = torch.zeros(3, dtype=torch.int32, device=device)
+    lens, rows = torch.tensor([5, 9], dtype=torch.int32, device=device), torch.tensor([2, 0], device=device)
+    scores = torch.rand(3, 2, 16, generator=g).to(device)
+    want = scores.cpu().clone()
+    reference.attention(q.cpu(), kc.cpu(), vc.cpu(), lens.cpu(), cu.cpu(), row_ids=rows.cpu(), scores=want,
+                        score_mode=mode)  # fmt: skip
+    with vattn.ops.attention_impl(impl):
+        out = vattn.prefill_attention(q, kc, vc, cu, lens, row_ids=rows, scores=scores, score_mode=mode)
+    assert out.shape == (0, 4, 64)
+    assert torch.equal(scores.cpu(), want)
+    if mode == "replace":
+        assert not want[2, :, :5].any() and not want[0, :, :9].any() and want[1].all()
+    if device == "cpu" and mode == "replace":
+        before = scores.clone()
+        with pytest.raises(ValueError):
+            vattn.prefill_attention(q, kc, vc, cu, torch.tensor([5, 17], dtype=torch.int32), row_ids=rows,
+                                    scores=scores, score_mode=mode)  # fmt: skip
+        assert torch.equal(scores, before)
+
+
 # ----------------------------------------------------------------------------- quantized caches
 
 

@@ -112,7 +112,10 @@ void validate_paged(const AttentionParams& p) {
 
 // Checks everything the Python layer cannot check without reading the index tensors.
 void validate(const AttentionParams& p, bool decode) {
-  require(p.q && p.out && p.kv.k && p.kv.v && p.seqlens_k, "attention: null pointer in the parameters");
+  // No query at all (an empty q tensor has no storage): nothing reads q or writes out, but the
+  // call still checks the rows and lengths, and "replace" scores zero every row's [0, L).
+  require((p.total_q == 0 || (p.q && p.out)) && p.kv.k && p.kv.v && p.seqlens_k,
+          "attention: null pointer in the parameters");
   require(p.batch >= 0 && p.total_q >= 0, "attention: negative batch or total_q");
   require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.head_dim > 0,
           "attention: head counts and head_dim must be positive");
