@@ -131,3 +131,19 @@ def test_int64_indices_outside_int32_raise(as_list):
         pk, pv = torch.randn(3, 16, 2, 64), torch.randn(3, 16, 2, 64)
         with pytest.raises(ValueError, match="int32"):
             vattn.decode_attention(torch.randn(2, 4, 64), pk, pv, torch.tensor([20, 20]), block_table=table)
+
+
+def test_prefill_max_seqlen_q_below_a_row_raises():
+    """max_seqlen_q is an upper bound on every row's query count (the CUDA prefill sizes its grid
+    from it): host index tensors show a low bound, which raises instead of leaving rows unwritten;
+    an exact or generous bound gives the same output as none."""
+    K, V = torch.randn(2, 40, 2, 64), torch.randn(2, 40, 2, 64)
+    q = torch.randn(9, 4, 64)
+    cu, lens = torch.tensor([0, 2, 9], dtype=torch.int32), torch.tensor([12, 30], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        vattn.prefill_attention(q, K, V, cu, lens, max_seqlen_q=6)
+    want = vattn.prefill_attention(q, K, V, cu, lens)
+    for bound in (7, 40):
+        assert torch.equal(vattn.prefill_attention(q, K, V, cu, lens, max_seqlen_q=bound), want)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        torch.ops.vattn.prefill_attention(q, K, V, cu, lens, max_seqlen_q=1)

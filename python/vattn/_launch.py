@@ -176,6 +176,12 @@ def _attention_params(
         )
     if max_seqlen_q < 0:
         max_seqlen_q = 1 if cu_seqlens_q is None else _max_of(cu_seqlens_q[1:] - cu_seqlens_q[:-1])
+    elif cu_seqlens_q is not None and cu_seqlens_q.device.type == "cpu":
+        # The CUDA prefill sizes its grid from this bound, so a row with more queries would be left
+        # unwritten there; where the check costs no sync, a low bound is refused on every device.
+        longest = _max_of(cu_seqlens_q[1:] - cu_seqlens_q[:-1])
+        if max_seqlen_q < longest:
+            raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest query row ({longest} queries)")
     o_strides = out.stride()
     sc_strides = scores.stride() if scores is not None else (0, 0, 0)
     return _C.make_attention_params(

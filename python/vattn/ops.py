@@ -630,7 +630,9 @@ def prefill_attention(
     q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]) over cache rows that may already hold a prefix.
 
     Returns out (like q), or (out, lse) with return_lse=True. Give max_seqlen_q and max_seqlen_k to
-    avoid host syncs on CUDA.
+    avoid host syncs on CUDA. max_seqlen_q must be at least the longest row's query count (as in
+    FlashAttention's varlen API): host index tensors are checked (ValueError); on CUDA with device
+    index tensors it is trusted, and a longer row's queries beyond it may be left unwritten.
     scores: optional float32 [>= cache rows, kv_heads, >= cache seq], updated in place with the sum,
     over the row's last score_last_queries queries (None: all; SnapKV's observation window, or H2O's
     column sums) and the q heads of each GQA group, of every key's attention probability;

@@ -8,7 +8,7 @@
 // CPU's; fp8 through the exact intrinsic conversion, which also keeps every instantiation
 // spill-free on sm_90a where the portable branchy one spilled 8 B with fp32 q, int8 K, fp8 V);
 // a grouped format (int4_ch keys) with the words of the key's group (Format::dequant_grouped).
-// It is the only prefill kernel for grouped formats (prefill.cu never picks the tensor-core one).
+// (The tensor-core kernel reads int4_ch keys too, through its Int4ChTileLoader.)
 //
 // Keys of one query form one contiguous range [lo, hi], so no per-key mask is needed: the
 // loop only ever touches keys inside the range (never a slot >= the row's length).
