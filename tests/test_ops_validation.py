@@ -147,3 +147,26 @@ def test_prefill_max_seqlen_q_below_a_row_raises():
         assert torch.equal(vattn.prefill_attention(q, K, V, cu, lens, max_seqlen_q=bound), want)
     with pytest.raises(ValueError, match="max_seqlen_q"):
         torch.ops.vattn.prefill_attention(q, K, V, cu, lens, max_seqlen_q=1)
+
+
+def test_cache_without_positions():
+    """A [rows, 0, heads, dim] cache (no storage): every row is empty, so decode and prefill give
+    zeros with lse -inf as the reference does; a length, row id or append position beyond it raises
+    ValueError with the range, not a null-pointer message."""
+    from vattn import reference
+
+    K, V = torch.randn(2, 0, 2, 64), torch.randn(2, 0, 2, 64)
+    q = torch.randn(2, 4, 64)
+    zero = torch.zeros(2, dtype=torch.int32)
+    want_o, want_lse = reference.attention(q, K, V, zero)
+    out, lse = vattn.decode_attention(q, K, V, zero, return_lse=True)
+    assert torch.equal(out, want_o.float()) and torch.equal(lse, want_lse)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    out, lse = vattn.prefill_attention(q, K, V, cu, zero, return_lse=True)
+    assert torch.equal(out, want_o.float()) and torch.equal(lse, want_lse)
+    with pytest.raises(ValueError, match=r"outside \[0, 0\]"):
+        vattn.decode_attention(q, K, V, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="row id"):
+        vattn.decode_attention(q, torch.randn(0, 5, 2, 64), torch.randn(0, 5, 2, 64), zero)
+    with pytest.raises(ValueError, match=r"position 0 .*outside \[0, 0\)"):
+        vattn.append_kv_raw(K, V, torch.randn(1, 2, 64), torch.randn(1, 2, 64), [0], [0])

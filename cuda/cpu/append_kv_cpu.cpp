@@ -249,8 +249,9 @@ void append_kv_cpu(const AppendParams& p) {
   using cpu::fail;
   cpu::require(p.num_tokens >= 0, "append_kv: negative num_tokens");
   if (p.num_tokens == 0) return;
-  cpu::require(p.cache.k && p.cache.v && p.k && p.v && p.row_ids && p.positions,
-               "append_kv: null pointer in the parameters");
+  // The cache's pointers after the indices: a cache with no positions (no storage) then fails on
+  // the first position, with its range in the message.
+  cpu::require(p.k && p.v && p.row_ids && p.positions, "append_kv: null pointer in the parameters");
   cpu::require(p.num_kv_heads > 0 && p.head_dim > 0, "append_kv: num_kv_heads and head_dim must be positive");
   for (int i = 0; i < p.num_tokens; ++i) {
     if (p.row_ids[i] < 0 || p.row_ids[i] >= p.cache.num_rows)
@@ -260,6 +261,7 @@ void append_kv_cpu(const AppendParams& p) {
       fail("append_kv: position " + std::to_string(p.positions[i]) + " of token " + std::to_string(i) +
            " is outside [0, " + std::to_string(p.cache.max_seq) + ")");
   }
+  cpu::require(p.cache.k && p.cache.v, "append_kv: null pointer in the parameters");
   if (p.head_positions) {
     for (int64_t th = 0; th < (int64_t)p.num_tokens * p.num_kv_heads; ++th) {
       const int32_t pos = p.head_positions[th];

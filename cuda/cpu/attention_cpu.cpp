@@ -114,7 +114,10 @@ void validate_paged(const AttentionParams& p) {
 void validate(const AttentionParams& p, bool decode) {
   // No query at all (an empty q tensor has no storage): nothing reads q or writes out, but the
   // call still checks the rows and lengths, and "replace" scores zero every row's [0, L).
-  require((p.total_q == 0 || (p.q && p.out)) && p.kv.k && p.kv.v && p.seqlens_k,
+  // A cache with no positions (or no rows) has no storage either: every length must then be 0 (or
+  // no row be named), which the checks below enforce, and no key is read.
+  const bool no_cache = !kv_paged(p.kv) && (p.kv.max_seq == 0 || p.kv.num_rows == 0);
+  require((p.total_q == 0 || (p.q && p.out)) && (no_cache || (p.kv.k && p.kv.v)) && p.seqlens_k,
           "attention: null pointer in the parameters");
   require(p.batch >= 0 && p.total_q >= 0, "attention: negative batch or total_q");
   require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.head_dim > 0,
@@ -126,7 +129,7 @@ void validate(const AttentionParams& p, bool decode) {
   if (!kv_format_is_quantized(p.kv.k_format))
     require(p.kv.k_format == p.dtype && p.kv.v_format == p.dtype, "attention: a plain cache must store the q dtype");
   else
-    require(p.kv.k_scale && p.kv.v_scale, "attention: a quantized cache needs its scales");
+    require(no_cache || (p.kv.k_scale && p.kv.v_scale), "attention: a quantized cache needs its scales");
   if (kv_paged(p.kv)) {  // groups within blocks (validate_paged checks the rest of the view)
     require(p.kv.block_size > 0, "attention: a paged view needs block_size > 0");
     cpu::check_paged_groups(p.kv.k_format, p.head_dim, p.kv.block_size, "attention (K)");

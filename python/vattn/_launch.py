@@ -256,6 +256,13 @@ def _attend(
     # No query: nothing to compute, except "replace" scores, which zero each row's [0, L).
     if q.shape[0] == 0 and (mode != 2 or seqlens_k.shape[0] == 0):
         return out, lse
+    if q.device.type == "cuda" and geom.block_table is None and 0 in geom.shape[:2]:
+        # A CUDA cache with no positions (no storage): every row is empty, as the CPU op checks and
+        # computes; its kernels refuse such a view, and checking the lengths here would sync.
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
     p = _attention_params(q, q_strides, k_cache, v_cache, geom, out, lse, seqlens_k, cu_seqlens_q, row_ids,
                           head_seqlens_k, scale, window_left, softcap, max_seqlen_q, max_seqlen_k,
                           scores, mode, score_last_queries)  # fmt: skip
