@@ -414,13 +414,65 @@ def test_bad_policy_arguments(make, exc):
         make()
 
 
-def test_more_sinks_than_a_fractional_budget_raises():
+def test_more_sinks_than_a_fractional_budget_keeps_the_sinks():
+    """A fraction too small for the sinks keeps the sinks (it used to raise, failing the whole
+    batch's apply, and so generate(), for one short prompt)."""
+    cache = _cache()
+    s, other = cache.alloc(), cache.alloc()
+    k, _ = _fill(cache, [s, other], [40, 200])
+    policies.StreamingLLM(keep=0.05, sinks=4).apply(cache, [s, other])  # budgets 2 < 4 sinks, and 10
+    assert cache.length(s) == 4 and cache.length(other) == 10
+    stored, _ = cache.kv(0)
+    assert torch.equal(stored[s, :4], k[0][:4])
+
+
+@pytest.mark.parametrize(
+    "make,n,budget",
+    [
+        (lambda: policies.SnapKV(0.25), 37, 9),  # the default window of 64 > the budget
+        (lambda: policies.SnapKV(8), 30, 8),
+        (lambda: policies.H2O(0.2, recent=8), 20, 4),
+        (lambda: policies.AdaKV(policies.SnapKV(0.25, window=16)), 40, 10),
+    ],
+)
+def test_always_kept_tokens_beyond_the_budget_keep_the_newest(make, n, budget):
+    """When the recent window (SnapKV's window, H2O's recent) holds more tokens than the budget,
+    each head keeps the newest `budget` of them, the last prompt token included, without holes (the
+    choice among equally forced scores used to be arbitrary)."""
+    pol = make()
+    cache, s, _ = _prefill_with_policy(pol, n=n)
+    pol.apply(cache, [s])
+    heads = cache.head_lengths(s)
+    assert bool((heads == budget).all()), heads
+    # The kept keys are the last `budget` appended ones, in order.
+    k_after, _ = cache.kv(0)
+    cache2, s2, _ = _prefill_with_policy(pol, n=n)
+    k_before, _ = cache2.kv(0)
+    assert torch.equal(k_after[s, :budget], k_before[s2, n - budget : n])
+
+
+def test_fractional_keep_during_decode_cuts_to_the_logical_budget():
+    """every=N with a fractional keep: a row over its decode budget int(position * keep) is cut back
+    to that budget, not to a fraction of what it still stores (it lost about half each time)."""
+    pol = policies.StreamingLLM(0.5, sinks=1, every=1)
     cache = _cache()
     s = cache.alloc()
-    _fill(cache, [s], [40])
-    with pytest.raises(ValueError, match="sinks"):
-        policies.StreamingLLM(keep=0.05, sinks=4).apply(cache, [s])  # budget 2 < 4 sinks
-    assert cache.length(s) == 40
+    _fill(cache, [s], [20])
+    pol.apply(cache, [s])
+    assert cache.length(s) == 10
+    for step in range(6):
+        _fill(cache, [s], [1], seed=step + 1)
+        pol.apply(cache, [s], only_over_budget=True)
+        assert cache.length(s) == max(10, int(cache.position(s) * 0.5)), step
+    # keep=0.3, sinks=2 on 7 tokens: a decode-time cut must not fall below the sinks either.
+    pol = policies.StreamingLLM(0.3, sinks=2, every=1)
+    t = cache.alloc()
+    _fill(cache, [t], [7])
+    pol.apply(cache, [t])
+    for step in range(4):
+        _fill(cache, [t], [1], seed=step + 10)
+        pol.apply(cache, [t], only_over_budget=True)
+        assert cache.length(t) >= 2
 
 
 @pytest.mark.parametrize("keep", [64, 0.5])

@@ -57,7 +57,10 @@ class Policy:
     emit: None, or (score_mode, score_last_queries)) and implement `token_scores`.
 
     every: also apply during decode, every `every` decode steps, to each request storing more than
-    its budget (None: only at the end of the prompt).
+    its budget (None: only at the end of the prompt); there a fractional keep applies to the
+    request's logical length (int(position * keep)), and a request over it is cut back to it.
+    Always-kept tokens (sinks, a recent window) are kept before any other; a budget smaller than
+    them keeps the sinks, then the newest tokens of the window.
 
     page_align: in layout="head_major", where every (layer, kv head) has pages of its own, round each
     evicting head's kept count to what whole pages hold, the pages the request's chosen tokens fill
@@ -122,33 +125,37 @@ class Policy:
 
     def _forced(self, scores: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """Scores with the always-kept tokens (sinks, each head's recent window) raised above every
-        other, and -inf past each head's stored tokens."""
+        other (to _FORCED and up), and -inf past each head's stored tokens. The forced tokens are
+        ranked too: sinks first, then the recent window newest first, so a budget smaller than the
+        window (SnapKV's default 64 on a short prompt) keeps the newest tokens, without holes,
+        instead of an arbitrary pick among equal scores."""
         scores = scores.clone()
         top = torch.finfo(scores.dtype).max
         for h in range(scores.shape[0]):
             n_h = int(heads[h])
+            if self.recent:
+                a = max(0, n_h - self.recent)
+                scores[h, a:n_h] = _forced_ladder(n_h - a).to(scores.dtype)
             if self.sinks:
                 scores[h, : min(self.sinks, n_h)] = top
-            if self.recent:
-                scores[h, max(0, n_h - self.recent) : n_h] = top
             scores[h, n_h:] = float("-inf")
         return scores
 
-    def select(self, cache, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(keep [layers, kv_heads, max_keep] int64 ascending, keep_lens [layers, kv_heads]) for one slot."""
+    def select(self, cache, slot: int, *, logical: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(keep [layers, kv_heads, max_keep] int64 ascending, keep_lens [layers, kv_heads]) for one slot.
+
+        logical: the length a fractional keep applies to (None: each layer's stored tokens, as at the
+        end of a prompt; decode-time use passes the request's logical length, see apply)."""
         heads = cache.head_lengths(slot)  # [L, H]
         L, H = heads.shape
         per_layer, units = [], []
         for layer in range(L):
             n = int(heads[layer].max())
             s = self.token_scores(cache, slot, layer, n).float().cpu()
-            budget = self.layer_budget(layer, L, n)
-            if n <= self.sinks:  # the sinks are the whole request: it keeps everything
-                budget = n
-            elif self.sinks > budget:  # a fraction too small for the sinks (a fixed keep is checked at init)
-                raise ValueError(
-                    f"{type(self).__name__}: {self.sinks} sinks exceed the budget of {budget} tokens (of {n})"
-                )
+            budget = min(n, self.layer_budget(layer, L, n if logical is None else max(n, logical)))
+            # The sinks are always kept: a request holding no more than them keeps everything, and a
+            # fraction too small for them keeps them (a fixed keep below the sinks is refused at init).
+            budget = max(budget, min(n, self.sinks))
             forced = self._forced(s, heads[layer])
             per_layer.append(self._select_layer(forced, heads[layer], budget))
             units.append((forced, budget))
@@ -203,14 +210,13 @@ class Policy:
         def fits(q):  # the most tokens q pages hold, in whole groups
             return (q * page // record) // group * group
 
-        top = torch.finfo(torch.float32).max
         order = [forced.sort(dim=-1, descending=True).values for forced, _ in units]
         lo, cap, share, p = {}, {}, {}, {}
         for u in cut:
             layer, h = u
             forced, budget = units[layer]
             nh = n[layer][h]
-            must = self._min_kept(int((forced[h, :nh] == top).sum()), nh, budget)
+            must = self._min_kept(int((forced[h, :nh] >= _FORCED).sum()), nh, budget)
             lo[u], cap[u] = pages(min(nh, must)), pages(nh)
             share[u] = c[layer][h] * record / page
             p[u] = max(lo[u], min(cap[u], int(share[u])))
@@ -253,7 +259,10 @@ class Policy:
                 continue
             if only_over_budget and n <= self._decode_budget(cache, s, n):
                 continue
-            k, ln = self.select(cache, s)
+            # During decode a fraction applies to the request's logical length (_decode_budget): the
+            # row is cut back to that budget, not to a fraction of what it still stores.
+            logical = cache.position(s) if only_over_budget and isinstance(self.keep, float) else None
+            k, ln = self.select(cache, s, logical=logical)
             if bool((ln == heads).all()):
                 continue  # nothing to drop
             chosen.append(s)
@@ -276,6 +285,16 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keep={self.keep!r})"
+
+
+# Forced (always-kept) tokens score from _FORCED up, above any real score: the recent window's get
+# _FORCED + k ulps (k = 1 for the oldest), distinct in float32 for windows below 2**23 tokens.
+_FORCED = 2.0**100
+
+
+def _forced_ladder(m: int) -> torch.Tensor:
+    """float64 [m]: _FORCED + (1..m) float32 ulps of _FORCED, exact in float32."""
+    return _FORCED + torch.arange(1, m + 1, dtype=torch.float64) * 2.0**77
 
 
 def _page_geometry(cache):
@@ -308,7 +327,8 @@ def _kept_indices(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 class StreamingLLM(Policy):
     """Attention sinks + a recent window (Xiao et al., 2023): keeps the first `sinks` tokens and the
-    most recent ones. Needs no scores."""
+    most recent ones. Needs no scores. A fractional keep too small for the sinks on a short request
+    keeps the sinks (an int keep below them is refused)."""
 
     def __init__(self, keep, sinks: int = 4, *, every: Optional[int] = None, page_align: bool = True):
         super().__init__(keep, every=every, page_align=page_align)
@@ -367,7 +387,9 @@ class TOVA(Policy):
 class SnapKV(Policy):
     """SnapKV (Li et al., 2024): the attention of the prompt's last `window` queries, averaged over
     them, avg-pooled along keys with a kernel of `kernel`, averaged over the query heads of a group;
-    the window itself is always kept. During decode (every=N) the last query's attention is used."""
+    the window itself is always kept (its newest tokens when the budget is smaller than the window,
+    e.g. the default window of 64 on a short prompt). During decode (every=N) the last query's
+    attention is used."""
 
     decode_scores = ("replace", 1)
 
