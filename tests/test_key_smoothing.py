@@ -74,6 +74,20 @@ def test_stored_keys_are_quantized_minus_the_first_steps_mean():
         torch.testing.assert_close(deq[s, : allk.shape[0]], want)
 
 
+@pytest.mark.parametrize("first", [1, 2, 3, 4])
+def test_a_short_first_step_takes_the_mean_but_no_scales(first):
+    """From fewer than 4 tokens the channel ranges are one or two differences (near 0 in some
+    channels, which the division would blow up): such a first step sets the mean and leaves the
+    scales at 1; from 4 tokens on it takes them."""
+    g = torch.Generator().manual_seed(3)
+    cache = _cache("int8", "auto")
+    slots, _, keys = _run(cache, [[first, 6], [1, 1]], g)
+    means, scales = cache.key_means(0), cache.key_scales(0)
+    torch.testing.assert_close(means[slots[0]], keys[slots[0]][0].mean(0))
+    assert bool((scales[slots[0]] == 1).all()) == (first < 4)
+    assert not bool((scales[slots[1]] == 1).all())
+
+
 @pytest.mark.parametrize("fmt", ["int4_tok", "fp8_e4m3", "int8", ("int4_tok", "int8")], ids=str)
 def test_attention_is_the_true_keys_attention_and_closer_with_smoothing(fmt):
     errs = {}

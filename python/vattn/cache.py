@@ -52,6 +52,10 @@ _HOST_DEFAULT_PAGE = 2 << 20  # mirrors CUDA's usual granularity
 _DEFAULT_WATERMARK_PAGES = 64  # idle pages kept for reuse by the next request
 
 
+# Fewest tokens of a request's first step from which key smoothing takes per-channel scales (_smooth).
+_SCALE_MIN_TOKENS = 4
+
+
 @dataclass
 class Step:
     """What one forward step of a batch needs from the cache (from `KVCache.begin_step`).
@@ -982,7 +986,13 @@ class KVCache:
                 x = k[offsets[i] : offsets[i] + n].float()
                 mu = x.mean(0)
                 means[s] = mu
-                if n > 1:  # channel spread, normalized to geometric mean 1 (only ratios matter)
+                # Channel spread, normalized to geometric mean 1 (only ratios matter), from a first
+                # step of _SCALE_MIN_TOKENS or more: from 2 or 3 tokens a channel's range is one or
+                # two differences, near 0 in some channels, whose keys the division then blows up
+                # until they set every later key's quantization step (SmolLM2, 2- and 3-token first
+                # steps: int8 +1.14% / fp8 +0.70% perplexity against +0.09% / +0.13% without the
+                # scales; bench/RESULTS.md). The mean alone is still subtracted.
+                if n >= _SCALE_MIN_TOKENS:
                     spread = (x - mu).abs().amax(0).clamp_min(1e-6)
                     spread = spread.sqrt()  # half the channel range moves into q (SmoothQuant's alpha 0.5)
                     scales[s] = spread / spread.log().mean(-1, keepdim=True).exp()
