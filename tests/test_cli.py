@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -287,6 +288,9 @@ def test_bytes_option_parsing():
     assert cli._bytes_arg("2G") == 2 << 30
     assert cli._bytes_arg("1000") == 1000
     assert cli._bytes_arg("1.5GB") == 1_500_000_000
+    for bad in ("infKiB", "1e400", "nan", "-1M", "0", "12X", "9e18G"):
+        with pytest.raises(argparse.ArgumentTypeError, match="byte count"):
+            cli._bytes_arg(bad)
 
 
 def test_memory_error_from_cli_is_one_line():

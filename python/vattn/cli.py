@@ -58,7 +58,7 @@ def _bytes_arg(text: str) -> int:
         value = float(num)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a byte count like 512MiB, got {text!r}") from None
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value * units[unit] < 2**63:  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"expected a byte count like 512MiB, got {text!r}")
     return int(value * units[unit])
 

@@ -145,12 +145,14 @@ def run_generation(
     enc = encode_prompts(tokenizer, prompts, chat)
     enc = {k: v.to(device) for k, v in enc.items()}
     batch, prompt_width = enc["input_ids"].shape
+    limit = "the cache's --max-seq-len of"
     if max_seq_len is None:
         max_seq_len = getattr(model.config, "max_position_embeddings", None) or prompt_width + max_new_tokens
+        limit = "the model's"
     if prompt_width + max_new_tokens > max_seq_len:
         raise UserError(
-            f"prompt ({prompt_width} tokens) + --max-new-tokens ({max_new_tokens}) exceed the "
-            f"model's {max_seq_len} positions",
+            f"prompt ({prompt_width} tokens) + --max-new-tokens ({max_new_tokens}) exceed "
+            f"{limit} {max_seq_len} positions",
             code=2,
         )
     cache = hf.VAttnCache.for_model(
