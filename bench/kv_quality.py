@@ -37,6 +37,7 @@ PROMPTS = [
 
 
 SMOOTH_KEYS = "auto"  # KVCache(smooth_keys=...): --smooth-keys
+FIRST_STEP = 0  # --first-step: tokens of a window's first step (0: the whole window in one step)
 
 
 def spec(name: str):
@@ -61,8 +62,13 @@ def nll_sum(model, windows, kv_format) -> tuple:
             model, max_batch=1, max_seq_len=w.numel(), kv_format=spec(kv_format), smooth_keys=SMOOTH_KEYS
         )
         with torch.inference_mode():
-            out = model(input_ids=w[None], use_cache=True, **{cache_kwarg(model): cache})
-        logp = torch.log_softmax(out.logits[0, :-1].double(), dim=-1)
+            if 0 < FIRST_STEP < w.numel():  # a short first step (what key smoothing learns from), then the rest
+                a = model(input_ids=w[None, :FIRST_STEP], use_cache=True, **{cache_kwarg(model): cache}).logits
+                b = model(input_ids=w[None, FIRST_STEP:], use_cache=True, **{cache_kwarg(model): cache}).logits
+                logits = torch.cat([a, b], dim=1)
+            else:
+                logits = model(input_ids=w[None], use_cache=True, **{cache_kwarg(model): cache}).logits
+        logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
         nll = -logp.gather(1, w[1:, None]).sum().item()
         cache.release()
         total += nll
@@ -103,13 +109,20 @@ def main(argv=None) -> int:
         help="KVCache(smooth_keys=...): auto (on for quantized keys), on, off",
     )
     ap.add_argument("--window-len", type=int, default=1024)
+    ap.add_argument(
+        "--first-step",
+        type=int,
+        default=0,
+        help="feed each window as a first step of this many tokens, then the rest (0: one step)",
+    )
     ap.add_argument("--formats", nargs="+", default=FORMATS)
     ap.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens per prompt (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "kv_quality_cpu.json"))
     args = ap.parse_args(argv)
-    global SMOOTH_KEYS
+    global SMOOTH_KEYS, FIRST_STEP
     SMOOTH_KEYS = {"auto": "auto", "on": True, "off": False}[args.smooth_keys]
+    FIRST_STEP = args.first_step
 
     sys.path.insert(0, os.path.join(ROOT, "python"))
     from vattn import _models, formats
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
     base = results.get("auto")
     print(
         f"SmolLM2-135M-Instruct (fp32, CPU), tinyshakespeare, {len(windows)} windows x {args.window_len} tokens, "
-        "teacher-forced through VAttnCache(kv_format=...)"
+        "teacher-forced through VAttnCache(kv_format=...)" + (f", first step {FIRST_STEP} tokens" if FIRST_STEP else "")
     )
     print()
     print(
