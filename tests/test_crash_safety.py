@@ -298,3 +298,66 @@ def test_raw_writes_into_views_of_a_closed_cache_raise(how):
     r = subprocess.run([sys.executable, "-c", _CLOSED_VIEWS, how], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split("\n")[-2] == "[True, True, True, True] True 0", r.stdout
+
+
+_STEP_RACES = textwrap.dedent(
+    """
+    import copy, sys, threading, torch, vattn
+    torch.set_num_threads(1)
+    what = sys.argv[1]
+    if what == "copy":  # a shallow copy shared the memory check: closing it left the original unguarded
+        c = vattn.KVCache(1, 2, 64, 2, 4096, dtype=torch.float32, device="cpu", page_bytes=4096)
+        try:
+            copy.copy(c)
+        except TypeError:
+            print("refused")
+    elif what == "trusted":  # an open step's positions with other rows / head positions were trusted
+        c = vattn.KVCache(1, 2, 64, 2, 4096, dtype=torch.float32, device="cpu", page_bytes=4096)
+        a, b = c.alloc(), c.alloc()
+        st = c.begin_step([a], [2])
+        K, V = c.kv(0)
+        k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+        raised = []
+        for rows, hp in ((torch.tensor([b, b], dtype=torch.int32), None),
+                         (st.token_slots, torch.full((2, 2), 3000, dtype=torch.int32))):
+            try:
+                vattn.append_kv_raw(K, V, k, v, rows, st.positions, head_positions=hp)
+            except ValueError:
+                raised.append(True)
+        vattn.append_kv_raw(K, V, k, v, st.token_slots, st.positions)  # the step's own tensors pass
+        print(raised)
+    else:  # another thread aborts the step and frees its slot while appends on it run
+        N = 4096
+        c = vattn.KVCache(1, 8, 128, 2, N, dtype=torch.float32, device="cpu", page_bytes=4096,
+                          reclaim_watermark_bytes=0)
+        k, v = torch.randn(N, 8, 128), torch.randn(N, 8, 128)
+        for trial in range(60):
+            s = c.alloc()
+            st = c.begin_step([s], [N])
+            go = threading.Event()
+            def appends():
+                go.set()
+                try:
+                    for _ in range(20):
+                        vattn.append_kv(c, 0, st, k, v)
+                except ValueError:
+                    pass
+            t = threading.Thread(target=appends)
+            t.start()
+            go.wait()
+            c.abort_step(st) if trial % 2 else c.end_step(st)
+            c.free(s)
+            t.join()
+        print("done")
+    """
+)
+
+
+@pytest.mark.parametrize("what,out", [("copy", "refused"), ("trusted", "[True, True]"), ("race", "done")])
+def test_step_misuse_and_races_do_not_crash(what, out):
+    """copy.copy(cache) raises TypeError; a raw append is trusted only with an open step's own row,
+    position and head-position tensors; ending or aborting a step waits for appends in flight on it,
+    so freeing its slot right after cannot unmap pages under a write (each was a segfault)."""
+    r = subprocess.run([sys.executable, "-c", _STEP_RACES, what], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[-2] == out, r.stdout

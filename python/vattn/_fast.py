@@ -128,6 +128,15 @@ def append_kv(cache, layer, step, k, v, eager_checked: bool = False):
     checked ops._direct_ok on these tensors (vattn.hf)."""
     if not enabled or type(cache) is not KVCache:
         return NotImplemented
+    if not cache._write_begin(step):  # not open here: the general path raises the usual error
+        return NotImplemented
+    try:
+        return _append_kv(cache, layer, step, k, v, eager_checked)
+    finally:
+        cache._write_end(step)
+
+
+def _append_kv(cache, layer, step, k, v, eager_checked):
     if cache._key_means is not None or cache._quest_meta is not None:
         return NotImplemented
     s = _state(cache, layer, step)

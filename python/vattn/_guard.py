@@ -155,8 +155,18 @@ def check_append(
         return
     if cache is CLOSED:
         refuse_closed("append_kv", "k_cache" if owner(k_cache) is CLOSED else "v_cache")
-    if positions.data_ptr() in cache._trusted_positions:
-        return
+    trusted = cache._trusted_positions.get(positions.data_ptr())
+    if (
+        trusted is not None
+        and block_table is None
+        and row_ids.data_ptr() == trusted[0]
+        and row_ids.dtype == positions.dtype == torch.int32
+        and row_ids.is_contiguous()
+        and positions.is_contiguous()
+        and positions.numel() <= trusted[1]
+        and (head_positions is None or (head_positions.data_ptr() in trusted[2] and head_positions.is_contiguous()))
+    ):
+        return  # an open step's own index tensors: begin_step mapped every position they name
     if positions.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # cannot read the indices while capturing; documented in KVCache.kv
     rows = row_ids.to("cpu", torch.int64)

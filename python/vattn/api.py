@@ -75,6 +75,16 @@ def append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None
     """
     if _fast.append_kv(cache, layer, step, k, v) is not NotImplemented:
         return
+    begin = getattr(cache, "_write_begin", None)  # a KVCache: closing the step waits for this write
+    registered = begin is not None and begin(step)
+    try:
+        _append_kv(cache, layer, step, k, v)
+    finally:
+        if registered:
+            cache._write_end(step)
+
+
+def _append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None:
     _check_layer(cache, layer)
     _check_step(cache, step)
     k_view, v_view, k_scale, v_scale, geom = _layer_views(cache, layer)

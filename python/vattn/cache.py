@@ -24,7 +24,11 @@ end_step, abort_step, close) takes the cache's lock, so calls from several threa
 each atomic: one of two racing calls wins and the other raises, and Python and native state never
 disagree. vattn.append_kv / vattn.attention on one step are not synchronized with each other
 (they write / read one layer's memory, as kernels on one stream would): run the layers of a step
-from one thread, or from several threads on different layers. Different caches share nothing.
+from one thread, or from several threads on different layers. end_step, abort_step and close wait
+for the vattn.append_kv calls in flight on a step, so another thread freeing or shrinking its slots
+right after cannot unmap pages under a write. Raw ops on kv() views (vattn.append_kv_raw,
+torch.ops.vattn.*) are checked against the mapping when called; keeping a slot alive while such a
+write runs is the caller's part. Different caches share nothing.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class Step:
     head_positions: Optional[torch.Tensor] = None  # int32 [num_layers, total_new, kv_heads]
     positions_logical: Optional[List[int]] = None  # logical position of each slot's first new token
     _fast: Optional[dict] = field(default=None, repr=False, compare=False)  # _fast.py's per-step state
+    _writers: int = field(default=0, repr=False, compare=False)  # appends in flight (KVCache._write_begin)
 
 
 def _int(x, name: str) -> int:
@@ -350,6 +355,7 @@ class KVCache:
         self._ops_layers: List[Optional[tuple]] = [None] * self.num_layers  # see _ops_layer
         self._regions: Dict[int, torch.Tensor] = {}
         self._lock = threading.RLock()  # state transitions (see the module docstring)
+        self._writes_done = threading.Condition(self._lock)  # a step's last append in flight returned
         # Eviction (compact): per compacted slot, how many tokens each (layer, kv head) stores
         # fewer than the slot's length (int32 [num_layers, kv_heads], min 0). Appends grow every head
         # alike, so the deficit only changes at compact / shrink; other slots store length everywhere.
@@ -375,7 +381,9 @@ class KVCache:
         self._shared: set = set()  # slots that may map pages shared with another slot (fork)
         self._quest_meta: Optional[List[torch.Tensor]] = None  # per layer (enable_quest)
         self.quest_block = 0
-        self._trusted_positions: set = set()  # positions.data_ptr() of open steps (see _guard)
+        # positions.data_ptr() of each open step -> (its token_slots.data_ptr(), total_new, its
+        # per-layer head_positions pointers): raw appends with those index tensors skip _guard's scan.
+        self._trusted_positions: dict = {}
         _guard.register(self)
 
     # ------------------------------------------------------------------ slots
@@ -521,7 +529,11 @@ class KVCache:
         for s in slots:
             open_steps[s] = step
         self._open_steps[id(step)] = step
-        self._trusted_positions.add(positions.data_ptr())
+        self._trusted_positions[positions.data_ptr()] = (
+            step.token_slots.data_ptr(),
+            step.total_new,
+            frozenset() if head_positions is None else frozenset(h.data_ptr() for h in head_positions.unbind(0)),
+        )
         return step
 
     def abort_step(self, step: Step) -> None:
@@ -531,6 +543,7 @@ class KVCache:
         if not isinstance(step, Step):
             raise TypeError(f"abort_step expects a vattn.Step, got {type(step).__name__}")
         with self._lock:
+            self._wait_writes(step)
             self._check_step(step)
             self._record_use()
             self._close_step(step)
@@ -540,6 +553,7 @@ class KVCache:
         if not isinstance(step, Step):
             raise TypeError(f"end_step expects a vattn.Step, got {type(step).__name__}")
         with self._lock:
+            self._wait_writes(step)
             self._check_step(step)
             self._m.commit(step.slots, step.new_tokens)
             self._record_use()  # the step's kernels are on the current stream: unmapping waits for them
@@ -560,12 +574,36 @@ class KVCache:
                 "this step is not open in this cache (already ended or aborted, or begun on another cache)"
             )
 
+    # An append (vattn.append_kv) runs its native write without the lock. It registers on its open
+    # step first, and closing the step waits for it: otherwise another thread could end or abort
+    # the step and free or shrink its slots, unmapping pages under the write (a segfault on CPU).
+    def _write_begin(self, step) -> bool:
+        """Registers an append in flight on step; False (nothing registered) if step is not open here."""
+        with self._lock:
+            if type(step) is not Step or self._open_steps.get(id(step)) is not step:
+                return False
+            step._writers += 1
+            return True
+
+    def _write_end(self, step: Step) -> None:
+        with self._lock:
+            step._writers -= 1
+            if step._writers == 0:
+                self._writes_done.notify_all()
+
+    def _wait_writes(self, step) -> None:
+        """(lock held) Until no append is in flight on step; no new one can register while the lock
+        is held, and none can once the step is closed."""
+        if isinstance(step, Step):
+            while step._writers > 0:
+                self._writes_done.wait()
+
     def _close_step(self, step: Step) -> None:
         del self._open_steps[id(step)]
         open_steps = self._open
         for s in step.slots:
             del open_steps[s]
-        self._trusted_positions.discard(step.positions.data_ptr())
+        self._trusted_positions.pop(step.positions.data_ptr(), None)
 
     # ------------------------------------------------------------------ eviction
 
@@ -1064,12 +1102,20 @@ class KVCache:
         """Waits until the background mapping thread (if any) has nothing left to do."""
         self._m.wait_background_idle()
 
+    def __copy__(self):
+        raise TypeError(
+            "a vattn.KVCache owns its memory and cannot be copied (a shallow copy would share and then "
+            "release it); fork() gives a request a copy-on-write copy of another's tokens"
+        )
+
     def close(self) -> None:
         """Drops the cache's native state: its virtual range and physical pages are released as
         soon as no view returned by kv() is alive any more. Any later call raises RuntimeError."""
         with self._lock:
             if self._manager is None:
                 return
+            for step in list(self._open_steps.values()):
+                self._wait_writes(step)
             _guard.unregister(self)
             self._manager = None
             self._views = [None] * self.num_layers
@@ -1077,7 +1123,7 @@ class KVCache:
             self._regions = {}
             self._open = {}
             self._open_steps = {}
-            self._trusted_positions = set()
+            self._trusted_positions = {}
 
     @property
     def closed(self) -> bool:
