@@ -61,13 +61,13 @@ def nll_sum(model, windows, kv_format) -> tuple:
         cache = vhf.VAttnCache.for_model(
             model, max_batch=1, max_seq_len=w.numel(), kv_format=spec(kv_format), smooth_keys=SMOOTH_KEYS
         )
+        # A short first step (what key smoothing learns from), then the rest; or the window at once.
+        cut = FIRST_STEP if 0 < FIRST_STEP < w.numel() else w.numel()
+        kw = {cache_kwarg(model): cache}
         with torch.inference_mode():
-            if 0 < FIRST_STEP < w.numel():  # a short first step (what key smoothing learns from), then the rest
-                a = model(input_ids=w[None, :FIRST_STEP], use_cache=True, **{cache_kwarg(model): cache}).logits
-                b = model(input_ids=w[None, FIRST_STEP:], use_cache=True, **{cache_kwarg(model): cache}).logits
-                logits = torch.cat([a, b], dim=1)
-            else:
-                logits = model(input_ids=w[None], use_cache=True, **{cache_kwarg(model): cache}).logits
+            logits = model(input_ids=w[None, :cut], use_cache=True, **kw).logits
+            if cut < w.numel():
+                logits = torch.cat([logits, model(input_ids=w[None, cut:], use_cache=True, **kw).logits], dim=1)
         logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
         nll = -logp.gather(1, w[1:, None]).sum().item()
         cache.release()
