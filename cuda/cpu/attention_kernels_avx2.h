@@ -476,22 +476,20 @@ float max_of(const float* s, int a, int e) {
   return m;
 }
 
-// 2^x for x <= 0, eight lanes: the same clamp, rounding and degree-7 polynomial as the portable
+// 2^x for x <= 0, eight lanes: the same clamp, rounding and polynomial as the portable
 // exp2_nonpositive, so both copies give the same weights.
 static inline __m256 exp2_nonpositive8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
-  const __m256 r = _mm256_floor_ps(_mm256_add_ps(x, _mm256_set1_ps(0.5f)));
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(x, r), _mm256_set1_ps(0.6931471805599453f));
-  __m256 p = _mm256_set1_ps(1.f / 5040.f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 720.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 t = _mm256_add_ps(x, _mm256_set1_ps(kExp2Round));
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, _mm256_set1_ps(kExp2Round)));
+  __m256 p = _mm256_set1_ps(kExp2C[6]);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[5]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[4]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[3]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[2]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[1]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[0]));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
 
 float exp2_weights(float* s, int n, int a, int e, float m) {
