@@ -163,3 +163,18 @@ def test_attributes():
     assert cache.lengths.dtype == torch.int32 and cache.lengths.shape == (2,)
     for key in ("reserved_bytes", "mapped_bytes", "used_bytes", "page_bytes", "pages_mapped", "pages_pooled"):
         assert key in cache.stats()
+
+
+def test_stats_fields_read_as_keys_and_attributes():
+    cache = make(2, 2, 16, torch.float32, "token_major", 64 * KIB, S=256)
+    slot = cache.alloc()
+    cache.reserve(slot, 100)
+    st = cache.stats()
+    for name in ("reserved_bytes", "mapped_bytes", "used_bytes", "page_bytes", "pages_mapped", "pages_pooled"):
+        assert getattr(st, name) == st[name]
+    assert st.mapped_bytes == st.pages_mapped * st.page_bytes > 0
+    assert isinstance(st, dict) and dict(st) == st
+    with pytest.raises(AttributeError, match="no field 'mapped'"):
+        st.mapped
+    cache.free(slot)
+    assert st.mapped_bytes > 0  # a snapshot: the free does not change it

@@ -60,6 +60,18 @@ _DEFAULT_WATERMARK_PAGES = 64  # idle pages kept for reuse by the next request
 _SCALE_MIN_TOKENS = 4
 
 
+class CacheStats(dict):
+    """The dict stats() returns, whose keys also read as attributes (stats().mapped_bytes)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"cache stats have no field {name!r}; fields: {', '.join(self)}") from None
+
+
 @dataclass
 class Step:
     """What one forward step of a batch needs from the cache (from `KVCache.begin_step`).
@@ -1085,13 +1097,14 @@ class KVCache:
             out.append(dense)
         return out[0], out[1]
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> "CacheStats":
         """reserved_bytes, mapped_bytes, used_bytes, page_bytes, pages_mapped, pages_pooled, and
         more: pages_created / physical_bytes (mapped + pooled), live_mapped_bytes, idle_bytes,
         resident_bytes (measured by the backend), peak_mapped_bytes, live_slots and call counts;
         token_bytes and the K / V storage formats with their effective bits per element (scales
-        included)."""
-        out = dict(self._m.stats())
+        included). A dict whose keys also read as attributes (stats()["used_bytes"] or
+        stats().used_bytes); a snapshot, not updated by later calls."""
+        out = CacheStats(self._m.stats())
         out["token_bytes"] = self.token_bytes
         out["k_format"], out["v_format"] = self.k_format.name, self.v_format.name
         out["k_bits_per_element"] = self.k_format.bits_per_element(self.head_dim)

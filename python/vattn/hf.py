@@ -795,7 +795,7 @@ class VAttnCache(Cache):
 
     def stats(self) -> dict:
         """vattn.KVCache.stats() plus what a static max-length cache of the same batch would take."""
-        out = dict(self.kv.stats())
+        out = self.kv.stats()
         out["columns"] = self._columns
         out["tokens"] = sum(self._lengths)
         return out
