@@ -507,31 +507,21 @@ void run_items(const AttentionParams& p, const std::vector<Item>& items, int max
               block_logits<KF>(p.kv, kside, row, h, ja, je, avail, &sc.q[(size_t)hh * head_rows * dim], head_rows, dim,
                                sc.kbuf.data(), s_head + (ja - jb));
             }
-            for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
-              float* s = &sc.s[(size_t)r * kKeyBlock];
-              const int a = sc.ca[r], e = sc.ce[r];
-              if (a >= e) {
-                std::fill(s, s + nk, 0.f);
-                continue;
+            const bool keep_logits = stage != nullptr && w.nq == 1;  // decode scores: the exp2-domain logits
+            if (capped || keep_logits)
+              for (int r = hh * head_rows; r < (hh + 1) * head_rows; ++r) {
+                float* s = &sc.s[(size_t)r * kKeyBlock];
+                const int a = sc.ca[r], e = sc.ce[r];
+                if (capped)
+                  for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
+                if (keep_logits) {
+                  float* st = stage + ((int64_t)w.b * p.num_q_heads + (int64_t)w.h0 * group + r) * stage_ld + jb;
+                  for (int j = a; j < e; ++j) st[j] = s[j];
+                }
               }
-              if (capped)
-                for (int j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap) * kLog2e;
-              if (stage != nullptr && w.nq == 1) {  // decode scores: keep the exp2-domain logits
-                float* st = stage + ((int64_t)w.b * p.num_q_heads + (int64_t)w.h0 * group + r) * stage_ld + jb;
-                for (int j = a; j < e; ++j) st[j] = s[j];
-              }
-              const float bm = cpu::max_of(s, a, e);
-              const float f = sc.st[r].rescale_to(bm);
-              if (f != 1.f) {
-                float* ar = &sc.acc[(size_t)r * dim];
-                for (int d = 0; d < dim; ++d) ar[d] *= f;
-              }
-              if (sc.st[r].m == -INFINITY) {
-                std::fill(s, s + nk, 0.f);
-                continue;
-              }  // only -inf logits so far
-              sc.st[r].add(cpu::exp2_weights(s, nk, a, e, sc.st[r].m));
-            }
+            // Each row's block max, the rescale of its output and its weights, in one call per head.
+            cpu::softmax_rows(s_head, kKeyBlock, nk, head_rows, ca, ce, &sc.st[(size_t)hh * head_rows],
+                              &sc.acc[(size_t)hh * head_rows * dim], dim);
             if (pk != nullptr)
               cpu::pv_packed(s_head, kKeyBlock, head_rows, vp, ca, ce, dim, &sc.acc[(size_t)hh * head_rows * dim]);
             else if (!row_walk)

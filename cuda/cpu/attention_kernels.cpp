@@ -172,6 +172,10 @@ void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail,
 
 float max_of(const float* s, int a, int e) { return VATTN_DISPATCH(max_of, s, a, e); }
 float exp2_weights(float* s, int n, int a, int e, float m) { return VATTN_DISPATCH(exp2_weights, s, n, a, e, m); }
+void softmax_rows(float* s, int lds, int n, int rows, const int* ca, const int* ce, SoftmaxState* st, float* acc,
+                  int dim) {
+  VATTN_DISPATCH(softmax_rows, s, lds, n, rows, ca, ce, st, acc, dim);
+}
 
 }  // namespace cpu
 }  // namespace vattn

@@ -3,6 +3,8 @@
 // (plain x86-64 and AVX2+FMA, picked at load time) because the wheel is built without -march.
 #include <cstdint>
 
+#include "vattn/softmax_state.h"
+
 namespace vattn {
 namespace cpu {
 
@@ -131,6 +133,11 @@ float max_of(const float* s, int a, int e);
 // Softmax weights of one row of a block in the exp2 domain: s[j] = 2^(s[j] - m) for j in [a, e),
 // 0 for the other j < n (masked keys); returns the sum of the weights. Requires s[j] <= m.
 float exp2_weights(float* s, int n, int a, int e, float m);
+// The online-softmax step of `rows` rows of a block (row r: s + r * lds, its keys [ca[r], ce[r])):
+// the block max moves st[r], acc row r (dim floats) takes the rescale factor, and s row r becomes
+// its weights (exp2_weights; a row with no key, or only -inf logits so far, becomes all 0).
+void softmax_rows(float* s, int lds, int n, int rows, const int* ca, const int* ce, SoftmaxState* st, float* acc,
+                  int dim);
 
 // How far ahead (in rows) the loops prefetch.
 constexpr int kPrefetchRows = 6;

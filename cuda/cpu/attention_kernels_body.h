@@ -330,3 +330,26 @@ float exp2_weights(float* s, int n, int a, int e, float m) {
   return sum;
 }
 #endif
+
+void softmax_rows(float* s, int lds, int n, int rows, const int* ca, const int* ce, SoftmaxState* st, float* acc,
+                  int dim) {
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + (int64_t)r * lds;
+    const int a = ca[r], e = ce[r];
+    if (a >= e) {
+      for (int j = 0; j < n; ++j) sr[j] = 0.f;
+      continue;
+    }
+    const float f = st[r].rescale_to(max_of(sr, a, e));
+    if (f != 1.f) {
+      float* ar = acc + (int64_t)r * dim;
+#pragma omp simd
+      for (int d = 0; d < dim; ++d) ar[d] *= f;
+    }
+    if (st[r].m == -INFINITY) {  // only -inf logits so far
+      for (int j = 0; j < n; ++j) sr[j] = 0.f;
+      continue;
+    }
+    st[r].add(exp2_weights(sr, n, a, e, st[r].m));
+  }
+}
