@@ -324,7 +324,28 @@ _STEP_RACES = textwrap.dedent(
                 vattn.append_kv_raw(K, V, k, v, rows, st.positions, head_positions=hp)
             except ValueError:
                 raised.append(True)
+        # ... or on a sliced view of the cache (row 0 of K[1:] is slot b, never mapped)
+        try:
+            vattn.append_kv_raw(K[1:], V[1:], k, v, st.token_slots, st.positions)
+        except ValueError:
+            raised.append(True)
         vattn.append_kv_raw(K, V, k, v, st.token_slots, st.positions)  # the step's own tensors pass
+        # the step's tensors changed in place (an unallocated slot, an unmapped position): every
+        # op refuses the step, the raw append checks the pages; the step can still be aborted
+        st.token_slots.fill_(b)
+        st.positions.fill_(4000)
+        for call in (lambda: vattn.append_kv(c, 0, st, k, v),
+                     lambda: vattn.attention(torch.randn(2, 2, 64), c, 0, st),
+                     lambda: vattn.append_kv_raw(K, V, k, v, st.token_slots, st.positions)):
+            try:
+                call()
+            except ValueError:
+                raised.append(True)
+        try:
+            st.positions = torch.zeros(2, dtype=torch.int32)
+        except AttributeError:
+            raised.append(True)
+        c.abort_step(st)
         print(raised)
     else:  # another thread aborts the step and frees its slot while appends on it run
         N = 4096
@@ -353,10 +374,10 @@ _STEP_RACES = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("what,out", [("copy", "refused"), ("trusted", "[True, True]"), ("race", "done")])
+@pytest.mark.parametrize("what,out", [("copy", "refused"), ("trusted", str([True] * 7)), ("race", "done")])
 def test_step_misuse_and_races_do_not_crash(what, out):
     """copy.copy(cache) raises TypeError; a raw append is trusted only with an open step's own row,
-    position and head-position tensors; ending or aborting a step waits for appends in flight on it,
+    position and head-position tensors, unchanged since begin_step, on the cache's whole views; ending or aborting a step waits for appends in flight on it,
     so freeing its slot right after cannot unmap pages under a write (each was a segfault)."""
     r = subprocess.run([sys.executable, "-c", _STEP_RACES, what], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -178,3 +178,38 @@ def test_dequantize_kv_gives_the_appended_keys_back():
     assert raw.shape == kc.shape and raw.dtype == torch.float32
     with pytest.raises(ValueError):
         vattn.dequantize_kv(kc, ks, "auto")
+
+
+@pytest.mark.parametrize("how", ["refused_append", "aborted_step"])
+def test_a_failed_first_step_leaves_no_statistics(how):
+    """The channel statistics come from a slot's first append that succeeds in a step that is
+    committed: an append refused for its v, or an aborted step, leaves them unset, so the retried
+    step is stored and attended exactly as on a cache that never saw the failure."""
+    g = torch.Generator().manual_seed(7)
+    k_bad, k = _outlier_keys(6, g) * 3 + 1, _outlier_keys(6, g)
+    v, q = torch.randn(6, H, D, generator=g), torch.randn(6, HQ, D, generator=g)
+
+    def run(cache, fail):
+        s = cache.alloc()
+        if fail:
+            st = cache.begin_step([s], [6])
+            if how == "refused_append":
+                with pytest.raises(ValueError, match="contiguous"):
+                    vattn.append_kv(cache, 0, st, k_bad, torch.randn(6, H, 2 * D)[..., ::2])
+                assert not cache.key_means(0)[s].any()
+            else:
+                vattn.append_kv(cache, 0, st, k_bad, v)
+                assert cache.key_means(0)[s].any()
+                cache.abort_step(st)
+                assert not cache.key_means(0)[s].any()
+                st = cache.begin_step([s], [6])
+        else:
+            st = cache.begin_step([s], [6])
+        vattn.append_kv(cache, 0, st, k, v)
+        out = vattn.attention(q, cache, 0, st)
+        cache.end_step(st)
+        return out, cache.kv(0, dequantize=True)[0][s, :6]
+
+    a, ka = run(_cache("int8", True), True)
+    b, kb = run(_cache("int8", True), False)
+    assert torch.equal(a, b) and torch.equal(ka, kb)

@@ -77,8 +77,8 @@ def _state(cache, layer, step):
     this cache or the layer is not a valid index."""
     if type(layer) is not int or not 0 <= layer < cache.num_layers:
         return None
-    if type(step) is not Step or cache._open_steps.get(id(step)) is not step:
-        return None
+    if type(step) is not Step or cache._open_steps.get(id(step)) is not step or not step._intact():
+        return None  # the general path raises the error
     st = step._fast
     if st is None:
         st = step._fast = {

@@ -165,8 +165,12 @@ def check_append(
         and positions.is_contiguous()
         and positions.numel() <= trusted[1]
         and (head_positions is None or (head_positions.data_ptr() in trusted[2] and head_positions.is_contiguous()))
+        and trusted[3]._intact()
+        and all(t is None or cache._is_layer_view(t) for t in (k_cache, v_cache, k_scale, v_scale))
     ):
-        return  # an open step's own index tensors: begin_step mapped every position they name
+        # an open step's own index tensors, unchanged, on the cache's whole layer views: begin_step
+        # mapped every position they name
+        return
     if positions.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # cannot read the indices while capturing; documented in KVCache.kv
     rows = row_ids.to("cpu", torch.int64)

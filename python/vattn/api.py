@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import _fast, ops  # ops registers torch.ops.vattn.*
+from .cache import _STEP_TAMPERED, Step
 
 __all__ = ["append_kv", "attention", "dequantize_kv"]
 
@@ -34,6 +35,8 @@ def _check_step(cache, step) -> None:
     check = getattr(cache, "_check_step", None)
     if check is not None:
         check(step)
+        if isinstance(step, Step) and not step._intact():
+            raise ValueError(_STEP_TAMPERED)
     elif step is None or not hasattr(step, "total_new"):
         raise TypeError(f"step must be a vattn.Step from cache.begin_step(), got {type(step).__name__}")
 
@@ -92,8 +95,9 @@ def _append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> Non
     _check_tokens(v, "v", step, cache.num_kv_heads, cache, k_view.device)
     if step.total_new == 0:
         return
+    commit = None
     if getattr(cache, "_key_means", None) is not None:
-        k = cache._smooth(layer, step, k)  # stored keys are key - channel mean (KVCache smooth_keys)
+        k, commit = cache._smooth(layer, step, k)  # stored keys are key - channel mean (KVCache smooth_keys)
     head_positions = getattr(step, "head_positions", None)
     if head_positions is None:
         ops.run_append(k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom)
@@ -101,6 +105,8 @@ def _append_kv(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> Non
         ops.run_append(
             k_view, v_view, k, v, step.token_slots, step.positions, k_scale, v_scale, geom, head_positions[layer]
         )
+    if commit is not None:
+        commit()
     meta = cache.quest_meta(layer) if getattr(cache, "_quest_meta", None) is not None else None
     if meta is not None:  # Quest: the blocks this step wrote into get their key min / max again
         _quest_update(cache, layer, step, k_view, k_scale, meta)

@@ -101,6 +101,35 @@ class Step:
     positions_logical: Optional[List[int]] = None  # logical position of each slot's first new token
     _fast: Optional[dict] = field(default=None, repr=False, compare=False)  # _fast.py's per-step state
     _writers: int = field(default=0, repr=False, compare=False)  # appends in flight (KVCache._write_begin)
+    _smoothed: list = field(default_factory=list, repr=False, compare=False)  # key statistics it set
+    # The version counters of the index tensors when begin_step made them (the five views of the
+    # step buffer share one): an in-place change shows as a new version, and the ops then refuse
+    # the step instead of writing where begin_step mapped nothing.
+    _versions: Tuple[int, int, int] = field(default=(-1, -1, -1), repr=False, compare=False)
+
+    def __setattr__(self, name, value):
+        if name in _STEP_READ_ONLY and "_versions" in self.__dict__:
+            raise AttributeError(f"Step.{name} is read-only: it describes what begin_step mapped")
+        object.__setattr__(self, name, value)
+
+    def _intact(self) -> bool:
+        """Whether the index tensors still hold what begin_step wrote (no in-place change since)."""
+        v = self._versions
+        return (
+            self.positions._version == v[0]
+            and (self.head_seqlens is None or self.head_seqlens._version == v[1])
+            and (self.head_positions is None or self.head_positions._version == v[2])
+        )
+
+
+_STEP_READ_ONLY = frozenset(
+    ("slot_ids", "seqlens", "cu_seqlens_q", "token_slots", "positions", "head_seqlens", "head_positions")
+    + ("max_seqlen_q", "max_seqlen_k", "total_new", "is_decode")
+)
+_STEP_TAMPERED = (
+    "the step's index tensors were changed in place after begin_step; they describe what begin_step "
+    "mapped and must not be modified (begin a new step instead)"
+)
 
 
 def _int(x, name: str) -> int:
@@ -365,6 +394,7 @@ class KVCache:
         self._open_steps: Dict[int, Step] = {}  # id(step) -> step
         self._views: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * self.num_layers
         self._ops_layers: List[Optional[tuple]] = [None] * self.num_layers  # see _ops_layer
+        self._layer_view_keys: Optional[set] = None  # see _is_layer_view
         self._regions: Dict[int, torch.Tensor] = {}
         self._lock = threading.RLock()  # state transitions (see the module docstring)
         self._writes_done = threading.Condition(self._lock)  # a step's last append in flight returned
@@ -514,13 +544,15 @@ class KVCache:
 
         b = len(slots)
         total = sum(new_tokens)
-        # One int32 buffer so the device gets a single copy, split into views of it.
-        dev = self._to_device(_pack_step(slots, new_tokens, start, ends, total))
+        # Made as normal tensors even under inference_mode: inference tensors have no version
+        # counter, which is how the ops notice a step's tensors changed in place (Step._intact).
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                dev, head_seqlens, head_positions = self._step_tensors(slots, new_tokens, start, ends, total)
+        else:
+            dev, head_seqlens, head_positions = self._step_tensors(slots, new_tokens, start, ends, total)
         slot_ids, seqlens, cu_seqlens_q, token_slots, positions = dev.split_with_sizes([b, b, b + 1, total, total])
         max_q = max(new_tokens)
-        head_seqlens = head_positions = None
-        if self._deficit and any(s in self._deficit for s in slots):
-            head_seqlens, head_positions = self._ragged_step(slots, new_tokens, ends)
         step = Step(
             slots=slots,
             new_tokens=new_tokens,
@@ -538,6 +570,11 @@ class KVCache:
             head_positions=head_positions,
             positions_logical=[self._logical[s] for s in slots],
         )
+        step._versions = (
+            dev._version,
+            -1 if head_seqlens is None else head_seqlens._version,
+            -1 if head_positions is None else head_positions._version,
+        )
         for s in slots:
             open_steps[s] = step
         self._open_steps[id(step)] = step
@@ -545,8 +582,19 @@ class KVCache:
             step.token_slots.data_ptr(),
             step.total_new,
             frozenset() if head_positions is None else frozenset(h.data_ptr() for h in head_positions.unbind(0)),
+            step,
         )
         return step
+
+    def _step_tensors(self, slots, new_tokens, start, ends, total):
+        """The step's int32 buffer on the cache's device, and its per-head lengths / positions
+        (None unless a slot of the step was compacted)."""
+        # One int32 buffer so the device gets a single copy, split into views of it.
+        dev = self._to_device(_pack_step(slots, new_tokens, start, ends, total))
+        head_seqlens = head_positions = None
+        if self._deficit and any(s in self._deficit for s in slots):
+            head_seqlens, head_positions = self._ragged_step(slots, new_tokens, ends)
+        return dev, head_seqlens, head_positions
 
     def abort_step(self, step: Step) -> None:
         """Closes an open step without committing it: lengths stay as they were before
@@ -558,6 +606,8 @@ class KVCache:
             self._wait_writes(step)
             self._check_step(step)
             self._record_use()
+            if step._smoothed:
+                self._unsmooth(step)
             self._close_step(step)
 
     def end_step(self, step: Step) -> None:
@@ -1017,12 +1067,14 @@ class KVCache:
         self.key_means(layer)  # checks layer
         return self._key_scales[:, layer]
 
-    def _smooth(self, layer: int, step: Step, k: torch.Tensor) -> torch.Tensor:
-        """(k - mean) / scale with its slot's channel statistics (taken now from this step's keys for a
-        slot's first step)."""
+    def _smooth(self, layer: int, step: Step, k: torch.Tensor):
+        """((k - mean) / scale with its slot's channel statistics, commit). A slot's first step takes
+        them from its keys; they are stored only by commit(), which the caller runs once the append
+        has succeeded (a refused append leaves them unset), and abort_step puts them back."""
         means = self._key_means[:, layer]
         scales = self._key_scales[:, layer]
         unset = [i for i, s in enumerate(step.slots) if not self._mean_set[s, layer]]
+        pending = []
         if unset:
             off = 0
             offsets = []
@@ -1041,7 +1093,6 @@ class KVCache:
                 # there (+0.14 / +0.05% against +0.33 / +0.09%).
                 if n < _SCALE_MIN_TOKENS and self.k_format.name == "fp8_e4m3":
                     mu = torch.zeros_like(mu)
-                means[s] = mu
                 # Channel spread, normalized to geometric mean 1 (only ratios matter), from a first
                 # step of _SCALE_MIN_TOKENS or more: from 2 or 3 tokens a channel's range is one or
                 # two differences, near 0 in some channels, whose keys the division then blows up
@@ -1051,12 +1102,32 @@ class KVCache:
                 if n >= _SCALE_MIN_TOKENS:
                     spread = (x - mu).abs().amax(0).clamp_min(1e-6)
                     spread = spread.sqrt()  # half the channel range moves into q (SmoothQuant's alpha 0.5)
-                    scales[s] = spread / spread.log().mean(-1, keepdim=True).exp()
+                    sc = spread / spread.log().mean(-1, keepdim=True).exp()
                 else:
-                    scales[s] = 1.0
-                self._mean_set[s, layer] = True
+                    sc = torch.ones_like(mu)
+                pending.append((s, mu, sc))
+        if pending:  # this step's rows read the new statistics; the cache's stay as they are for now
+            means, scales = means.clone(), scales.clone()
+            for s, mu, sc in pending:
+                means[s], scales[s] = mu, sc
         rows = step.token_slots
-        return ((k.float() - means.index_select(0, rows)) / scales.index_select(0, rows)).to(k.dtype)
+        out = ((k.float() - means.index_select(0, rows)) / scales.index_select(0, rows)).to(k.dtype)
+
+        def commit():
+            for s, mu, sc in pending:
+                old = (self._key_means[s, layer].clone(), self._key_scales[s, layer].clone())
+                self._key_means[s, layer], self._key_scales[s, layer] = mu, sc
+                self._mean_set[s, layer] = True
+                step._smoothed.append((s, layer, old))
+
+        return out, commit
+
+    def _unsmooth(self, step: Step) -> None:
+        """abort_step: the statistics the step's appends took are unset again, as before begin_step."""
+        for s, layer, (mu, sc) in reversed(step._smoothed):
+            self._key_means[s, layer], self._key_scales[s, layer] = mu, sc
+            self._mean_set[s, layer] = False
+        step._smoothed.clear()
 
     def _dequantized(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
         from .reference import dequantize
@@ -1133,6 +1204,7 @@ class KVCache:
             self._manager = None
             self._views = [None] * self.num_layers
             self._ops_layers = [None] * self.num_layers
+            self._layer_view_keys = None
             self._regions = {}
             self._open = {}
             self._open_steps = {}
@@ -1286,6 +1358,19 @@ class KVCache:
             _, scales = self._geometry(layer, fmt, which)
             out.append(None if scales is None else self._strided(scales, torch.float32))
         return out[0], out[1]
+
+    def _is_layer_view(self, t: torch.Tensor) -> bool:
+        """Whether t is one of the cache's whole per-layer views (kv(), kv_scales(): address, shape,
+        strides and dtype), the only views a step's own index tensors are trusted with."""
+        keys = self._layer_view_keys
+        if keys is None:
+            keys = set()
+            for layer in range(self.num_layers):
+                for x in self._ops_layer(layer)[:4]:
+                    if x is not None:
+                        keys.add((x.data_ptr(), tuple(x.shape), x.stride(), x.dtype))
+            self._layer_view_keys = keys
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) in keys
 
     def _ops_layer(self, layer: int):
         """(k, v, k_scale, v_scale, geometry) of one layer for vattn.append_kv / vattn.attention:
