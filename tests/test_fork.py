@@ -379,3 +379,25 @@ def test_fork_on_cuda(layout):
     c.free(b)
     assert c.stats()["pages_shared"] == 0
     c.close()
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_begin_step_with_a_dead_slot_copies_no_shared_page(layout):
+    """begin_step checks every slot is live before the copy-on-write of a forked slot's shared
+    pages, so a step refused for another slot leaves the fork's pages shared."""
+    c = vattn.KVCache(2, 2, 16, 4, 256, dtype=torch.float32, layout=layout, device="cpu", page_bytes=4096)
+    a = c.alloc()
+    st = c.begin_step([a], [40])
+    for layer in range(2):
+        vattn.append_kv(c, layer, st, torch.randn(40, 2, 16), torch.randn(40, 2, 16))
+    c.end_step(st)
+    f = c.fork(a)
+    c.shrink(f, 3)
+    before = c.stats()
+    assert before["pages_shared"] > 0
+    with pytest.raises(ValueError, match="slot 3 is not allocated"):
+        c.begin_step([f, 3], [1, 1])
+    assert c.stats() == before
+    st = c.begin_step([f], [1])  # the fork still steps (and copies now)
+    c.end_step(st)
+    assert c.length(f) == 4

@@ -534,6 +534,9 @@ class KVCache:
             start.append(length)
             ends.append(length + n)
         if self._shared:  # copy-on-write: the step writes from each head's stored length on
+            for s in slots:  # every slot live before any copy (m.reserve checks it only after)
+                if not m.is_live(s):
+                    raise ValueError(f"slot {s} is not allocated (never allocated or already freed)")
             for s in slots:
                 if s in self._shared:
                     self._unshare(s, self._head_lengths_np(s))
