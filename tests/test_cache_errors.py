@@ -174,3 +174,37 @@ def test_append_kv_checks_through_real_cache():
     cache.end_step(step)
     kv = cache.kv(1)
     assert torch.equal(kv[0][a, :3], k) and torch.equal(kv[1][a, :3], v)
+
+
+def test_out_of_range_indices_are_value_errors_too():
+    """Out-of-range slots and layers raise an IndexError that is also a ValueError (the kind of
+    every other bad argument), with the range in the message."""
+    cache = make()
+    for call in (lambda: cache.free(99), lambda: cache.reserve(-1, 4), lambda: cache.kv(7), lambda: cache.length(99)):
+        with pytest.raises(ValueError, match="out of range"):
+            call()
+        with pytest.raises(IndexError):
+            call()
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(max_physical_bytes=2**70), "max_physical_bytes"),
+        (dict(reclaim_watermark_bytes=2**70), "reclaim_watermark_bytes"),
+        (dict(prealloc_bytes=2**64), "prealloc_bytes"),
+        (dict(page_bytes=2**64), "page_bytes"),
+    ],
+)
+def test_constructor_sizes_beyond_memory_are_refused(kw, match):
+    # prealloc_bytes past the machine's memory was accepted and pre-created: the OOM killer
+    with pytest.raises(ValueError, match=match):
+        make(**kw)
+
+
+def test_lookahead_beyond_the_row_is_the_whole_row():
+    cache = make(lookahead_tokens=2**64)
+    slot = cache.alloc()
+    step = cache.begin_step([slot], [3])
+    cache.end_step(step)
+    assert cache.length(slot) == 3

@@ -583,3 +583,13 @@ def test_dequantize_kv_checks_codes_and_scale_words():
         vattn.dequantize_kv(torch.randn(2, 3, 64), torch.ones(2, 3, 1), "int8")
     with pytest.raises(TypeError, match="float32"):
         vattn.dequantize_kv(codes, torch.ones(2, 3, 1, dtype=torch.float64), "int8")
+
+
+@pytest.mark.parametrize("spec", [("auto", "int8"), ("float32", "int4"), ("fp8_e4m3", "auto"), ("int4", "float32")])
+def test_a_plain_and_quantized_pair_is_refused_at_construction(spec):
+    """The kernels take K and V both plain or both with scales: such a pair is refused by the
+    constructor (it was accepted and then every op raised about arguments the user never passed)."""
+    with pytest.raises(ValueError, match="plain side with a quantized one"):
+        vattn.KVCache(1, 2, 16, 2, 64, dtype=torch.float32, kv_format=spec, device="cpu")
+    with pytest.raises(ValueError, match="plain side with a quantized one"):
+        formats.token_bytes(1, 2, 16, torch.float32, spec)

@@ -170,3 +170,38 @@ def test_cache_without_positions():
         vattn.decode_attention(q, torch.randn(0, 5, 2, 64), torch.randn(0, 5, 2, 64), zero)
     with pytest.raises(ValueError, match=r"position 0 .*outside \[0, 0\)"):
         vattn.append_kv_raw(K, V, torch.randn(1, 2, 64), torch.randn(1, 2, 64), [0], [0])
+
+
+def test_missing_index_tensors_are_type_errors():
+    """A required index tensor given as None is named in a TypeError (it was an AttributeError)."""
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    k, v = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    one = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(TypeError, match="positions is required"):
+        vattn.append_kv_raw(kc, vc, k, v, one, None)
+    with pytest.raises(TypeError, match="row_ids is required"):
+        vattn.append_kv_raw(kc, vc, k, v, None, one)
+    with pytest.raises(TypeError, match="block_counts is required"):
+        vattn.sparse_decode_attention(
+            torch.randn(1, 4, 16), kc, vc, one, torch.tensor([8], dtype=torch.int32),
+            torch.zeros(1, 2, 1, dtype=torch.int32), None, block=4,
+        )  # fmt: skip
+
+
+def test_huge_windows_and_length_hints():
+    """A window wider than any row is no window; length hints past int32 are refused by name."""
+    g = torch.Generator().manual_seed(3)
+    kc, vc = torch.randn(2, 8, 2, 16, generator=g), torch.randn(2, 8, 2, 16, generator=g)
+    q = torch.randn(2, 4, 16, generator=g)
+    lens = torch.tensor([5, 8], dtype=torch.int32)
+    base = vattn.decode_attention(q, kc, vc, lens)
+    for w in (2**31, 10**12):
+        assert torch.equal(vattn.decode_attention(q, kc, vc, lens, window_left=w), base)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    assert torch.equal(
+        vattn.prefill_attention(q, kc, vc, cu, lens, window_left=2**40), vattn.prefill_attention(q, kc, vc, cu, lens)
+    )
+    with pytest.raises(ValueError, match="max_seqlen_k must be at most"):
+        vattn.decode_attention(q, kc, vc, lens, max_seqlen_k=2**40)
+    with pytest.raises(ValueError, match="max_seqlen_q must be at most"):
+        vattn.prefill_attention(q, kc, vc, cu, lens, max_seqlen_q=2**40)

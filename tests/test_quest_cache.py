@@ -138,3 +138,18 @@ def test_quest_policy_in_transformers_generates_and_keeps_all_tokens():
     for a, b in zip(outs[0].logits, outs[1].logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert outs[2].sequences.shape == (2, 108)
+
+
+def test_a_refused_quest_block_leaves_the_cache_as_it_was():
+    """enable_quest with a block past int32 is refused before any metadata is kept (it was kept, and
+    every later append failed)."""
+    cache = _cache()
+    g = torch.Generator().manual_seed(5)
+    s = cache.alloc()
+    cache.end_step(_step(cache, [s], [20], g))
+    with pytest.raises(ValueError, match="int32"):
+        cache.enable_quest(2**31)
+    assert cache.quest_meta(0) is None
+    cache.end_step(_step(cache, [s], [3], g))  # appends still work
+    cache.enable_quest(B)
+    _check_meta(cache, [s])

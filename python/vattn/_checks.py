@@ -61,8 +61,12 @@ def _check_last_contiguous(t: Tensor, name: str) -> Tuple[int, ...]:
     return strides
 
 
-def _check_index(t: Optional[Tensor], name: str, shape: Tuple[int, ...], device: torch.device) -> None:
+def _check_index(
+    t: Optional[Tensor], name: str, shape: Tuple[int, ...], device: torch.device, required: bool = False
+) -> None:
     if t is None:
+        if required:
+            raise TypeError(f"{name} is required: an int32 tensor of shape {list(shape)}, got None")
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -327,12 +331,12 @@ def _check_attention(
     if not isinstance(seqlens_k, torch.Tensor) or seqlens_k.dim() != 1:
         raise ValueError("seqlens_k must be a 1-D tensor [batch]")
     batch = seqlens_k.shape[0]
-    _check_index(seqlens_k, "seqlens_k", (batch,), device)
+    _check_index(seqlens_k, "seqlens_k", (batch,), device, required=True)
     if cu_seqlens_q is None:
         if total_q != batch:
             raise ValueError(f"decode takes one query per row: q has {total_q} rows but seqlens_k has {batch}")
     else:
-        _check_index(cu_seqlens_q, "cu_seqlens_q", (batch + 1,), device)
+        _check_index(cu_seqlens_q, "cu_seqlens_q", (batch + 1,), device, required=True)
     _check_index(row_ids, "row_ids", (batch,), device)
     _check_index(head_seqlens_k, "head_seqlens_k", (batch, hkv), device)
     if total_q > _INT32_MAX:
@@ -394,8 +398,8 @@ def _check_append(
     if k.dtype != v.dtype:
         raise TypeError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")
     n = k.shape[0]
-    _check_index(row_ids, "row_ids", (n,), device)
-    _check_index(positions, "positions", (n,), device)
+    _check_index(row_ids, "row_ids", (n,), device, required=True)
+    _check_index(positions, "positions", (n,), device, required=True)
     if head_positions is not None:
         _check_index(head_positions, "head_positions", (n, heads), device)
     check_supported("append_kv", device.type, k.dtype, dim, (geom.k_format.name, geom.v_format.name))

@@ -222,7 +222,7 @@ def decode(cache, q, layer, step, scale, window_left, softcap, return_lse, eager
         int(step.max_seqlen_k),
         float(scale) if scale is not None else 1.0 / math.sqrt(dim),
         float(softcap),
-        window_left if window_left >= 0 else -1,
+        min(window_left, 2**31 - 1) if window_left >= 0 else -1,
         code_of(q.dtype),
         _IMPLS[_launch._impl],
         0,

@@ -206,7 +206,7 @@ def _attention_params(
         int(max_seqlen_k),
         float(scale) if scale is not None else 1.0 / math.sqrt(dim),
         float(softcap),
-        int(window_left) if window_left >= 0 else -1,
+        min(int(window_left), 2**31 - 1) if window_left >= 0 else -1,  # wider than any row: the same
         code_of(q.dtype),
         _IMPLS[_impl],
         _ptr(scores),

@@ -53,11 +53,17 @@ __all__ = ["KVCache", "Step"]
 _LAYOUTS = ("token_major", "layer_major", "head_major")
 _INT32_MAX = 2**31 - 1
 _HOST_DEFAULT_PAGE = 2 << 20  # mirrors CUDA's usual granularity
+_MAX_BYTES = 2**63 - 1  # the manager's byte counts are int64 inside
 _DEFAULT_WATERMARK_PAGES = 64  # idle pages kept for reuse by the next request
 
 
 # Fewest tokens of a request's first step from which key smoothing takes per-channel scales (_smooth).
 _SCALE_MIN_TOKENS = 4
+
+
+class IndexOutOfRange(IndexError, ValueError):
+    """A slot, layer or batch row outside its range: an IndexError, and a ValueError like every
+    other bad argument of the cache."""
 
 
 class CacheStats(dict):
@@ -334,6 +340,12 @@ class KVCache:
         prealloc = _int(prealloc_bytes, "prealloc_bytes")
         if prealloc < 0:
             raise ValueError(f"prealloc_bytes must be >= 0, got {prealloc}")
+        if prealloc > _memory_bytes(dev):
+            # Pre-created pages are committed at once: on the host past its memory that is the OOM
+            # killer, not MemoryError.
+            raise ValueError(
+                f"prealloc_bytes={prealloc} is more than the {dev.type} memory ({_memory_bytes(dev)} bytes)"
+            )
         if page:
             effective_page = page
         elif dev.type == "cuda":
@@ -362,6 +374,11 @@ class KVCache:
             if lookahead < 0:
                 raise ValueError(f"lookahead_tokens must be >= 0, got {lookahead}")
 
+        for name, value in (("max_physical_bytes", cap), ("reclaim_watermark_bytes", watermark)):
+            if value > _MAX_BYTES:
+                raise ValueError(f"{name}={value} is beyond any memory (at most 2**63 - 1)")
+        if lookahead > max(self.max_seq_len, 1):
+            lookahead = self.max_seq_len  # mapping ahead never goes past a slot's end anyway
         self._manager = _C.CacheManager(
             "cuda" if dev.type == "cuda" else "host",
             dev.index or 0,
@@ -750,15 +767,22 @@ class KVCache:
                 if block != self.quest_block:
                     raise ValueError(f"Quest metadata already kept for blocks of {self.quest_block} tokens")
                 return
+            if block > 2**31 - 1:
+                raise ValueError(f"block must be a positive int32, got {block}")
             nb = quest_max_blocks(self.max_seq_len, block)
             self._quest_meta = [
                 torch.zeros((self.max_batch, nb, self.num_kv_heads, 2, self.head_dim), device=self.device)
                 for _ in range(self.num_layers)
             ]
             self.quest_block = block
-            for s in self.live_slots():  # tokens already stored get their metadata now
-                if self._lengths_host[s]:
-                    self._quest_refresh([s])
+            try:
+                for s in self.live_slots():  # tokens already stored get their metadata now
+                    if self._lengths_host[s]:
+                        self._quest_refresh([s])
+            except BaseException:  # as before the call (e.g. out of device memory)
+                self._quest_meta = None
+                self.quest_block = 0
+                raise
 
     def quest_meta(self, layer: int) -> Optional[torch.Tensor]:
         """float32 [max_batch, blocks, kv_heads, 2, head_dim] (min, max) of one layer; None if off."""
@@ -769,7 +793,7 @@ class KVCache:
     def _layer_index(self, layer) -> int:
         layer = _int(layer, "layer")
         if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+            raise IndexOutOfRange(f"layer {layer} out of range [0, {self.num_layers})")
         return layer
 
     def _quest_refresh(self, slots: List[int]) -> None:
@@ -803,7 +827,7 @@ class KVCache:
             return self._scores
         layer = _int(layer, "layer")
         if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+            raise IndexOutOfRange(f"layer {layer} out of range [0, {self.num_layers})")
         return self._scores[:, layer]
 
     def compact(self, slots, keep, keep_lens) -> None:
@@ -1026,7 +1050,7 @@ class KVCache:
         head_dim] in the cache dtype, holding each live slot's first length tokens (zeros elsewhere)."""
         layer = _int(layer, "layer")
         if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+            raise IndexOutOfRange(f"layer {layer} out of range [0, {self.num_layers})")
         if dequantize:
             if like != "torch":
                 raise ValueError("kv(dequantize=True) returns torch tensors; drop like=")
@@ -1045,7 +1069,7 @@ class KVCache:
         num_kv_heads, scale_words] (vattn.formats says what the words are); None for a plain side."""
         layer = _int(layer, "layer")
         if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+            raise IndexOutOfRange(f"layer {layer} out of range [0, {self.num_layers})")
         return self._ops_layer(layer)[2:4]
 
     @property
@@ -1059,7 +1083,7 @@ class KVCache:
             return None
         layer = _int(layer, "layer")
         if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+            raise IndexOutOfRange(f"layer {layer} out of range [0, {self.num_layers})")
         return self._key_means[:, layer]
 
     def key_scales(self, layer: int) -> Optional[torch.Tensor]:
@@ -1240,7 +1264,7 @@ class KVCache:
     def _index(self, slot) -> int:
         slot = _int(slot, "slot")
         if not 0 <= slot < self.max_batch:
-            raise IndexError(f"slot {slot} out of range [0, {self.max_batch})")
+            raise IndexOutOfRange(f"slot {slot} out of range [0, {self.max_batch})")
         return slot
 
     def _live(self, slot) -> int:

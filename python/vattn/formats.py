@@ -188,7 +188,11 @@ def resolve(kv_format: FormatSpec, dtype: torch.dtype) -> Tuple[KVFormat, KVForm
         raise ValueError("int4_ch groups keys per channel; values are stored per token (use 'int4')")
     k = "int4_ch" if k == "int4" else "int4" if k == "int4_tok" else k
     v = "int4" if v == "int4_tok" else v
-    return _one(k, dtype), _one(v, dtype)
+    kf, vf = _one(k, dtype), _one(v, dtype)
+    if kf.quantized != vf.quantized:
+        # The kernels take K and V both plain or both with scales (their views and loaders pair up).
+        raise ValueError(f"kv_format {kv_format!r} pairs a plain side with a quantized one; quantize both or neither")
+    return kf, vf
 
 
 def of_tensor(t: torch.Tensor) -> Optional[KVFormat]:

@@ -58,6 +58,7 @@ except ImportError as exc:  # vattn itself never needs transformers; only this m
 
 import vattn
 from vattn import _fast, formats
+from vattn.cache import IndexOutOfRange
 
 __all__ = ["VAttnCache", "ATTN_IMPLEMENTATION", "register", "enable", "disable"]
 
@@ -704,7 +705,7 @@ class VAttnCache(Cache):
         rows = len(slots)
         bad = [j for j in order if not 0 <= j < rows]
         if bad:
-            raise IndexError(f"vattn: batch row {bad[0]} out of range [0, {rows})")
+            raise IndexOutOfRange(f"vattn: batch row {bad[0]} out of range [0, {rows})")
         used = set()
         plan = []  # (old row, fork?)
         for j in order:
@@ -752,7 +753,7 @@ class VAttnCache(Cache):
             raise RuntimeError("vattn: this VAttnCache was released")
         layer_idx = int(layer_idx)
         if not 0 <= layer_idx < self.num_layers:
-            raise IndexError(f"layer {layer_idx} out of range [0, {self.num_layers})")
+            raise IndexOutOfRange(f"layer {layer_idx} out of range [0, {self.num_layers})")
         if self._slots is None:
             return None, None
         kv, slots, cols = self.kv, self._slots, self._columns

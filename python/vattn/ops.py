@@ -505,6 +505,8 @@ def _max_hint(value: Optional[int], name: str) -> int:
     value = int(value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0 (or None to compute it, which synchronizes on CUDA)")
+    if value > 2**31 - 1:
+        raise ValueError(f"{name} must be at most 2**31 - 1 (an int32 length), got {value}")
     return value
 
 

@@ -197,7 +197,7 @@ def _check_sparse(q, k_cache, v_cache, row_ids, lengths, head_lengths, block_ids
     _check_index(block_ids, "block_ids", (n, heads, block_ids.shape[2]), device)
     if block_ids.shape[2] > _INT32_MAX:
         raise ValueError("block_ids has too many entries per (row, kv head)")
-    _check_index(block_counts, "block_counts", (n, heads), device)
+    _check_index(block_counts, "block_counts", (n, heads), device, required=True)
     if not math.isfinite(float(softcap)) or softcap < 0:
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not math.isfinite(float(scale)):

@@ -56,7 +56,7 @@ def _check_compact(
     if not isinstance(keep, torch.Tensor) or keep.dim() != 3:
         raise ValueError("keep must be a 3-D tensor [n, kv_heads, max_keep]")
     _check_index(keep, "keep", (n, heads, keep.shape[2]), device)
-    _check_index(keep_lens, "keep_lens", (n, heads), device)
+    _check_index(keep_lens, "keep_lens", (n, heads), device, required=True)
     if n > _INT32_MAX or keep.shape[2] > _INT32_MAX:
         raise ValueError("compact_kv: too many rows or kept tokens")
     sc_strides = (0, 0, 0)
