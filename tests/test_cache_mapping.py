@@ -178,3 +178,31 @@ def test_stats_fields_read_as_keys_and_attributes():
         st.mapped
     cache.free(slot)
     assert st.mapped_bytes > 0  # a snapshot: the free does not change it
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major", "head_major"])
+@pytest.mark.parametrize("kv_format", ["auto", "int8"])
+def test_used_bytes_count_what_each_head_stores_after_compaction(layout, kv_format):
+    """used_bytes after compaction with different counts per (layer, kv head): the bytes those
+    heads store (it counted every head at the slot's longest, above mapped_bytes in layer_major)."""
+    L, H, D = 2, 2, 16
+    c = vattn.KVCache(L, H, D, 2, 256, dtype=torch.float32, layout=layout, kv_format=kv_format, device="cpu",
+                      page_bytes=4096, reclaim_watermark_bytes=0)  # fmt: skip
+    s = c.alloc()
+    st = c.begin_step([s], [200])
+    for layer in range(L):
+        vattn.append_kv(c, layer, st, torch.randn(200, H, D), torch.randn(200, H, D))
+    c.end_step(st)
+    keep = torch.zeros(1, L, H, 200, dtype=torch.int64)
+    lens = torch.tensor([[[200, 10], [5, 5]]])
+    for layer in range(L):
+        for h in range(H):
+            keep[0, layer, h, : lens[0, layer, h]] = torch.arange(int(lens[0, layer, h]))
+    c.compact([s], keep, lens)
+    assert c.head_lengths(s).tolist() == lens[0].tolist()
+    rh = 1 if layout == "head_major" else H  # heads in one record (scales padded per record)
+    per_head = sum(f.record_bytes(rh, D) for f in (c.k_format, c.v_format)) // rh
+    st = c.stats()
+    assert st.used_bytes == int(lens.sum()) * per_head
+    assert c.token_bytes == L * H * per_head  # the same share as an uncompacted slot's
+    assert st.used_bytes <= st.mapped_bytes

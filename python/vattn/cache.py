@@ -1202,7 +1202,14 @@ class KVCache:
         token_bytes and the K / V storage formats with their effective bits per element (scales
         included). A dict whose keys also read as attributes (stats()["used_bytes"] or
         stats().used_bytes); a snapshot, not updated by later calls."""
-        out = CacheStats(self._m.stats())
+        with self._lock:
+            out = CacheStats(self._m.stats())
+            if self._deficit:  # compacted slots: the manager counts each at its longest head
+                # A record holds rh heads (one in head_major): each (layer, head) a 1/rh share of it.
+                rh = 1 if self.layout == "head_major" else self.num_kv_heads
+                rec = self.k_format.record_bytes(rh, self.head_dim) + self.v_format.record_bytes(rh, self.head_dim)
+                missing = sum(int(d.sum()) for d in self._deficit.values())
+                out["used_bytes"] -= missing * rec // rh
         out["token_bytes"] = self.token_bytes
         out["k_format"], out["v_format"] = self.k_format.name, self.v_format.name
         out["k_bits_per_element"] = self.k_format.bits_per_element(self.head_dim)
