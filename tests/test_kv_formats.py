@@ -593,3 +593,44 @@ def test_a_plain_and_quantized_pair_is_refused_at_construction(spec):
         vattn.KVCache(1, 2, 16, 2, 64, dtype=torch.float32, kv_format=spec, device="cpu")
     with pytest.raises(ValueError, match="plain side with a quantized one"):
         formats.token_bytes(1, 2, 16, torch.float32, spec)
+
+
+def test_dequantize_kv_of_int4_ch_with_a_partial_last_group():
+    """int4_ch codes of n tokens take the scale words of their whole groups (as reference.dequantize
+    does); the words of only n tokens are refused by a message that says what is needed."""
+    D, G = 16, 8
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(1))
+    packed, words = reference.quantize_int4_ch_group(x)
+    codes, scales = packed[None, :, None], words[None, :, None]  # [1, 3, 1, 8], [1, G, 1, 4]
+    assert scales.shape[1] == G
+    want = reference.dequantize(codes, scales, "int4_ch", D)
+    assert torch.equal(vattn.dequantize_kv(codes, scales, "int4_ch"), want)
+    assert (want[0, :, 0] - x).abs().max() < 0.2
+    with pytest.raises(ValueError, match="whole groups"):
+        vattn.dequantize_kv(codes, scales[:, :3], "int4_ch")
+
+
+@pytest.mark.parametrize(
+    "layout,kv_format,smooth",
+    [("token_major", "int8", False), ("layer_major", "auto", False), ("head_major", "int8", True)],
+)
+def test_dequantized_view_is_zero_past_each_heads_tokens(layout, kv_format, smooth):
+    """kv(layer, dequantize=True) after compaction: each head's kept tokens, zeros past them (it
+    returned the evicted tokens, or the channel means, past a shorter head's end)."""
+    c = vattn.KVCache(1, 2, 16, 2, 64, dtype=torch.float32, layout=layout, kv_format=kv_format,
+                      device="cpu", page_bytes=4096, smooth_keys=smooth)  # fmt: skip
+    s = c.alloc()
+    st = c.begin_step([s], [10])
+    k, v = torch.randn(10, 2, 16) + 2, torch.randn(10, 2, 16) + 2
+    vattn.append_kv(c, 0, st, k, v)
+    c.end_step(st)
+    keep = torch.zeros(1, 1, 2, 10, dtype=torch.int64)
+    keep[0, 0, 0] = torch.arange(10)
+    keep[0, 0, 1, :3] = torch.tensor([1, 4, 9])
+    c.compact([s], keep, torch.tensor([[[10, 3]]]))
+    K, V = c.kv(0, dequantize=True)
+    for t in (K, V):
+        assert not t[s, 3:, 1].any() and not t[s, 10:].any()
+    tol = 0 if kv_format == "auto" else 0.1
+    assert (K[s, :3, 1] - k[[1, 4, 9], 1]).abs().max() <= tol
+    assert (V[s, :10, 0] - v[:, 0]).abs().max() <= tol

@@ -273,7 +273,9 @@ def dequantize_kv(cache_or_codes, layer_or_scales=None, kv_format: Optional[str]
     kv_heads, head_dim] in the cache dtype, each live slot's stored tokens (zeros elsewhere), with
     any key smoothing undone (the keys as appended).
     dequantize_kv(codes, scales, kv_format, dtype=torch.float32) -> tensor: the codes of one side of
-    any quantized cache ([..., storage elems] with their fp32 scale words [..., words]) as values."""
+    any quantized cache ([..., storage elems] with their fp32 scale words [..., words]) as values;
+    int4_ch keys (per group of G = head_dim / 2 tokens): codes [..., n, kv_heads, head_dim / 2] with
+    the words of whole groups [..., >= ceil(n / G) * G, kv_heads, 4]."""
     if hasattr(cache_or_codes, "kv") and not isinstance(cache_or_codes, torch.Tensor):
         if layer_or_scales is None:
             raise TypeError("dequantize_kv(cache, layer): pass the layer")
@@ -291,7 +293,21 @@ def dequantize_kv(cache_or_codes, layer_or_scales=None, kv_format: Optional[str]
         raise TypeError(f"dequantize_kv: {fmt.name} codes are {fmt.storage_dtype}, got {codes.dtype}")
     if scales.dtype != torch.float32:
         raise TypeError(f"dequantize_kv: scale words are float32, got {scales.dtype}")
-    if codes.dim() < 1 or scales.shape != codes.shape[:-1] + (fmt.scale_words,):
+    if fmt.name == "int4_ch":
+        # per group of tokens: codes [..., n, kv_heads, dim / 2], the words of whole groups
+        # [..., >= ceil(n / G) * G, kv_heads, 4] (a row's last group may be partial)
+        ok = codes.dim() >= 3 and scales.dim() == codes.dim() and scales.shape[-1] == fmt.scale_words
+        if ok:
+            g = formats.group_tokens(fmt, codes.shape[-1] * fmt.elems_per_storage)
+            need = -(-codes.shape[-3] // g) * g
+            ok = scales.shape[:-3] == codes.shape[:-3] and scales.shape[-2] == codes.shape[-2]
+            ok = ok and scales.shape[-3] >= need
+        if not ok:
+            raise ValueError(
+                f"dequantize_kv: int4_ch codes [..., n, kv_heads, dim / 2] of shape {list(codes.shape)} need the "
+                f"scale words of whole groups [..., >= ceil(n / G) * G, kv_heads, 4], got {list(scales.shape)}"
+            )
+    elif codes.dim() < 1 or scales.shape != codes.shape[:-1] + (fmt.scale_words,):
         raise ValueError(
             f"dequantize_kv: {fmt.name} codes of shape {list(codes.shape)} need scales of shape "
             f"{list(codes.shape[:-1]) + [fmt.scale_words]}, got {list(scales.shape)}"

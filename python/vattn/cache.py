@@ -1192,6 +1192,9 @@ class KVCache:
                 if fmt is self.k_format and codes is k and self._key_means is not None:
                     kd = dense[s, :n].float() * self._key_scales[s, layer] + self._key_means[s, layer]
                     dense[s, :n] = kd.to(self.dtype)
+                for h in range(len(lens)):  # a head compacted below the longest: zeros past its tokens
+                    if lens[h] < n:
+                        dense[s, int(lens[h]) : n, h] = 0
             out.append(dense)
         return out[0], out[1]
 
