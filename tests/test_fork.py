@@ -401,3 +401,32 @@ def test_begin_step_with_a_dead_slot_copies_no_shared_page(layout):
     st = c.begin_step([f], [1])  # the fork still steps (and copies now)
     c.end_step(st)
     assert c.length(f) == 4
+
+
+def test_fork_out_of_memory_keeps_the_free_slots_pages():
+    """A fork refused for memory leaves every page where it was: the free slot it would fork into
+    kept its idle pages mapped (they went to the pool before the copies were found missing)."""
+    L, H, D = 2, 1, 16
+    c = vattn.KVCache(L, H, D, 2, 256, dtype=torch.float32, layout="layer_major", device="cpu",
+                      page_bytes=4096, max_physical_bytes=10 * 4096)  # fmt: skip
+
+    def fill(s, n):
+        st = c.begin_step([s], [n])
+        for layer in range(L):
+            vattn.append_kv(c, layer, st, torch.randn(n, H, D), torch.randn(n, H, D))
+        c.end_step(st)
+
+    b = c.alloc()
+    fill(b, 10)
+    keep = torch.zeros(1, L, H, 10, dtype=torch.int64)
+    keep[0, 0, 0] = torch.arange(10)
+    c.compact([b], keep, torch.tensor([[[10], [0]]]))  # layer 1 keeps nothing: b maps 2 pages
+    a = c.alloc()
+    fill(a, 70)  # 8 pages: 10 in all, the cap
+    c.free(b)  # b's 2 pages stay idle
+    before = c.stats()
+    with pytest.raises(vattn.OutOfMemoryError, match="4 pages"):
+        c.fork(a)  # 4 partly filled pages to copy, 2 to be had
+    after = c.stats()
+    for key in ("mapped_bytes", "pages_mapped", "pages_pooled", "pages_created", "idle_bytes"):
+        assert after[key] == before[key], key

@@ -806,6 +806,20 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
     if (a.pages[r].size() < ntotal[r]) throw std::logic_error("vattn: share: source pages missing");
     copies += ntotal[r] - nshare[r];
   }
+  // Fail early, with nothing touched, when the copies cannot be covered: the pool, what may still
+  // be created, dst's own idle pages and the other slots' idle ones (as reserve does).
+  if (copies > 0 && pool_->pending() == 0) {
+    size_t available = pool_->pooled() + std::min(pool_->creatable(), copies) + b.mapped;
+    for (size_t i = 0; i < slots_.size() && available < copies; ++i) {
+      if (static_cast<int64_t>(i) != src && static_cast<int64_t>(i) != dst) available += surplus_pages(slots_[i]);
+    }
+    if (available < copies) {
+      throw OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(copies) + " pages of " +
+                        std::to_string(page_) + " bytes needed, " + std::to_string(available) + " available" +
+                        (pool_->max_pages() ? " (max_physical_bytes=" + std::to_string(pool_->max_pages() * page_) + ")"
+                                            : std::string()));
+    }
+  }
   // dst stores nothing: its idle pages go to the pool (it gets src's page layout instead).
   if (b.mapped > 0) unmap_all(dst);
   std::vector<Taken> taken;
