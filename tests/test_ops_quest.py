@@ -3,8 +3,9 @@ vattn.reference: every K storage format and both vattn.KVCache layouts for the m
 last blocks, first_block > 0, per-head lengths; selection with ragged lengths at batch > 1, budgets
 past the row, the last block always in, ascending order, GQA groups 1 and 3, exact ties; sparse
 attention equal to dense reference attention over the selected tokens (caches NaN / garbage past
-each length) and, with every block selected, to decode_attention; bad inputs raise and change
-nothing; opcheck. cpu; cuda (plain and split kernels) marked gpu."""
+each length) and, with every block selected, to decode_attention; NaN keys and NaN metadata as the
+reference (NaN min / max, NaN-scored blocks ranked last); bad inputs raise and change nothing;
+opcheck. cpu; cuda (plain and split kernels) marked gpu."""
 
 from __future__ import annotations
 
@@ -408,6 +409,159 @@ def test_quest_pipeline_long_rows(device, impl):
     ref, ref_lse = _dense_restricted(q, kd, vd, [0, 1, 2], hl, ids.cpu(), counts.cpu(), None, 0.0, torch.float64)
     low, _ = _dense_restricted(q, kd, vd, [0, 1, 2], hl, ids.cpu(), counts.cpu(), None, 0.0, torch.float16)
     _assert_close_fa(out, lse, ref, ref_lse, low, "pipeline")
+
+
+# ----------------------------------------------------------------------------- NaN keys and metadata
+# reference.block_minmax takes amin / amax (NaN propagates: a NaN key element makes its channel's min
+# and max NaN) and reference.quest_select's torch.maximum propagates NaN into the score, which then
+# ranks below every number (nan_to_num(nan=-inf) keeps a true -inf score as the lowest finite value).
+# The ops once skipped NaN in their compares: a NaN key was ignored, an all-NaN block got (+inf, -inf)
+# and so an upper bound of +inf, and NaN max metadata left the finite min side's product as the score.
+
+
+def _assert_same_meta(got, want, exact, what):
+    """Equal NaN positions, and the other values equal (bit for bit when exact)."""
+    got = got.cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN positions differ"
+    tol = 0.0 if exact else 1e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True, msg=f"{what}: values differ")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", K_FORMATS)
+def test_block_minmax_nan_keys(device, name):
+    """One NaN key element in a block (quantized: a NaN scale, so the token's elements), a block whose
+    keys are all NaN, a partial last block with a NaN: the metadata as the reference's, NaN for NaN."""
+    gen = torch.Generator().manual_seed(21)
+    rows, seq, heads, dim = 3, 70, 2, 64
+    lens = [[70, 70], [0, 0], [45, 37]]
+    kd, ks = side(rows, seq, heads, dim, name, "plain", device, gen, lens)
+    quantized = formats.get(name).quantized
+    if not quantized:
+        kd[0, 3, 0, 5] = float("nan")  # one element of block 0
+        kd[0, 16:32, 1] = float("nan")  # all of block 1, head 1
+        kd[2, 44, 0, 0] = float("nan")  # the partial last block
+        kd[2, 33, 1, 63] = float("nan")
+    else:
+        ks[0, 3, 0] = float("nan")  # token 3: every channel of block 0 gets one NaN element
+        ks[0, 16:32, 1] = float("nan")
+        ks[2, 44, 0] = float("nan")
+        ks[2, 33, 1] = float("nan")
+    meta = _sentinel_meta(rows, _nb(seq), heads, dim, device, gen)
+    want = _run_minmax(kd, ks, name, meta, [0, 2], lens, [0, 0], True, device)
+    assert torch.isnan(want[0, 0, 0, :, 0 if quantized else 5]).all()  # the case is what it says
+    assert torch.isnan(want[0, 1, 1]).all()
+    assert torch.isnan(want[2, 2, 0, :, 0]).all() and torch.isnan(want[2, 2, 1, :, 63]).all()
+    if not quantized:
+        assert not torch.isnan(want[2, 2, 0, :, 1:]).any()
+    _assert_same_meta(meta, want, not quantized, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_minmax_nan_kvcache_int4_ch(device):
+    """int4_ch keys (the grouped path): a NaN scale word (one channel of a token group NaN) and a
+    group of all-NaN words (whole blocks NaN) give the reference's NaN metadata."""
+    gen = torch.Generator().manual_seed(22)
+    heads, dim = 2, 64
+    cache = vattn.KVCache(num_layers=1, num_kv_heads=heads, head_dim=dim, max_batch=2, max_seq_len=128,
+                          dtype=torch.float16, kv_format=("int4", "int8"), device=device)  # fmt: skip
+    try:
+        slots = [cache.alloc() for _ in range(2)]
+        lens = [100, 70]
+        _fill_cache(cache, slots, lens, gen)
+        kd, _ = cache.kv(0)
+        ks, _ = cache.kv_scales(0)
+        assert cache.k_format.name == "int4_ch"
+        ks[slots[0], 1, 0, 1] = float("nan")  # a scale word of tokens 0 .. 31, head 0
+        ks[slots[1], 32:64, 1] = float("nan")  # every word of tokens 32 .. 63, head 1
+        ks[slots[1], 65, 0, 3] = float("nan")  # the partial last group
+        meta = _sentinel_meta(cache.max_batch, _nb(128), heads, dim, device, gen)
+        per_slot = {s: [n] * heads for s, n in zip(slots, lens)}
+        want = _run_minmax(kd, ks, "int4_ch", meta, slots, per_slot, [0, 0], False, device)
+        assert torch.isnan(want[slots[0], :2, 0]).any() and not torch.isnan(want[slots[0], 2:]).any()
+        assert torch.isnan(want[slots[1], 2:4, 1]).all()
+        assert torch.isnan(want[slots[1], 4, 0]).any()
+        _assert_same_meta(meta, want, False, "int4_ch")
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group", [1, 3])
+def test_quest_select_nan_metadata(device, group):
+    """NaN written into metadata (max side, min side, every channel of a block) on the blocks that
+    would score best: they score NaN and rank last, below a block whose score is -inf; every budget
+    selects exactly the reference's blocks. Integer values, so the scores are exact."""
+    gen = torch.Generator().manual_seed(23)
+    rows, heads, dim, nb = 2, 2, 8, 20
+    meta = _random_meta(rows, nb, heads, dim, gen, integer=True)
+    q = torch.randint(-2, 3, (rows, heads * group, dim), generator=gen).float()
+    q[:, :, 0] = 1.0  # channel 0 positive: a -inf meta there gives a -inf score
+    nan = float("nan")
+    for r in range(rows):
+        for h in range(heads):
+            meta[r, [2, 5, 7, 9], h] += 10.0  # the best blocks, but for their NaN
+        meta[r, 2, 0, 1, 3] = nan  # max side, head 0
+        meta[r, 5, 1, 0, 6] = nan  # min side, head 1
+        meta[r, 7, :, 1, :] = nan  # every max channel, both heads
+        meta[r, 9, 0] = nan  # all of block 9, head 0
+        meta[r, 9, 1, :, 0] = nan  # channel 0 of block 9, head 1
+        meta[r, 11, :, :, 0] = float("-inf")  # score -inf: still above the NaN blocks
+    rid, lens = _i32([1, 0]), _i32([nb * B, nb * B - 5])
+    _, _, scores = reference.quest_select(q, meta, rid, lens, B, (nb - 1) * B, nb)
+    assert torch.isinf(scores[:, :, 11]).sum() == 0 and (scores[:, :, 11] < -1e300).all()
+    assert (scores[:, 0, [2, 7, 9]] == float("-inf")).all() and (scores[:, 1, [5, 7, 9]] == float("-inf")).all()
+    for budget in range(B, (nb + 1) * B, B):
+        ids, counts = vattn.quest_select(q.to(device), meta.to(device), rid.to(device), lens.to(device),
+                                         token_budget=budget)  # fmt: skip
+        want_ids, want_counts, _ = reference.quest_select(q, meta, rid, lens, B, budget, ids.shape[2])
+        assert torch.equal(counts.cpu(), want_counts), f"budget {budget}"
+        assert torch.equal(ids.cpu(), want_ids), f"budget {budget}: {ids.cpu().tolist()} vs {want_ids.tolist()}"
+
+
+@pytest.mark.parametrize("device,impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quest_pipeline_nan_keys(device, impl, dtype):
+    """block_minmax -> quest_select -> sparse_decode_attention with NaN keys in the blocks that would
+    score best (one NaN element; every key NaN): NaN metadata as the reference's, those blocks never
+    chosen, the reference's choice, and the sparse output finite and equal to the reference's over
+    that choice."""
+    gen = torch.Generator().manual_seed(24)
+    rows, seq, heads, group, dim = 2, 160, 2, 2, 32
+    lens = [160, 150]
+    k, v = cache_views(rows, seq, heads, dim, dtype, "token_major", device)
+    fill_cache(k, v, list(range(rows)), lens, gen)
+    for r in range(rows):
+        k[r, 1 * B : 2 * B] *= 8.0  # blocks 1, 3 and 6: the largest upper bounds ...
+        k[r, 3 * B : 4 * B] *= 8.0
+        k[r, 6 * B : 7 * B, 1] *= 8.0
+        k[r, 1 * B + 5, 0, 9] = float("nan")  # ... but for a NaN element,
+        k[r, 3 * B : 4 * B] = float("nan")  # all their keys NaN
+        k[r, 6 * B + 2, 1, 0] = float("nan")
+    rid, L = _i32([1, 0], device), _i32([lens[1], lens[0]], device)
+    meta = torch.zeros(rows, _nb(seq), heads, 2, dim, device=device)
+    vattn.block_minmax(k, meta, rid, L)
+    want_meta = torch.zeros(rows, _nb(seq), heads, 2, dim)
+    reference.block_minmax(k.cpu(), want_meta, rid.cpu(), L.cpu(), _i32([0, 0]), B)
+    _assert_same_meta(meta, want_meta, True, "meta")
+    assert torch.isnan(want_meta[:, 1, 0, :, 9]).all() and torch.isnan(want_meta[:, 3]).all()
+    q = randn((2, heads * group, dim), gen, dtype).to(device)
+    for budget in (2 * B, 4 * B, 6 * B):
+        ids, counts = vattn.quest_select(q, meta, rid, L, token_budget=budget)
+        want_ids, want_counts, scores = reference.quest_select(q.cpu(), want_meta, rid.cpu(), L.cpu(), B, budget,
+                                                               ids.shape[2])  # fmt: skip
+        got = ids.cpu()
+        for i, h, b in ((0, 0, 1), (1, 0, 1), (0, 0, 3), (0, 1, 3), (1, 0, 3), (1, 1, 3), (0, 1, 6), (1, 1, 6)):
+            assert b not in got[i, h].tolist(), f"budget {budget}: NaN block {b} chosen for ({i}, {h})"
+        _check_selection(ids, counts, want_ids, want_counts, scores, lambda i, h: int(L[i]), budget, f"b{budget}")
+        with vattn.ops.attention_impl(impl):
+            out, lse = vattn.sparse_decode_attention(q, k, v, rid, L, ids, counts, return_lse=True)
+        ref, ref_lse = reference.sparse_decode_attention(q.cpu(), k.cpu(), v.cpu(), rid.cpu(), L.cpu(), got,
+                                                         counts.cpu(), B)  # fmt: skip
+        assert torch.isfinite(out).all(), f"budget {budget}: non-finite output"
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad inputs

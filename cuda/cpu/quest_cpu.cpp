@@ -82,6 +82,11 @@ float* meta_at(const BlockMetaView& m, int64_t row, int64_t blk, int64_t h, int 
   return m.data + row * m.stride_row + blk * m.stride_block + h * m.stride_head + side * m.stride_side;
 }
 
+// Running min / max that propagate NaN as the reference's amin / amax do: a NaN x replaces acc, and
+// a NaN acc stays (both compares are false). Branch-free selects on the NaN-free path.
+inline float nan_min(float acc, float x) { return (x < acc || x != x) ? x : acc; }
+inline float nan_max(float acc, float x) { return (x > acc || x != x) ? x : acc; }
+
 // Runs f(idx) for idx < total, in parallel when the work is worth a team.
 template <typename F>
 void for_each_item(int64_t total, int64_t work, F&& f) {
@@ -156,8 +161,8 @@ void block_minmax_cpu(const BlockMinmaxParams& p) {
             for (int j = 0; j < nk; ++j)
               for (int64_t d = 0; d < dim; ++d) {
                 const float v = x[j * st + d];
-                if (v < mn[d]) mn[d] = v;
-                if (v > mx[d]) mx[d] = v;
+                mn[d] = nan_min(mn[d], v);
+                mx[d] = nan_max(mx[d], v);
               }
           }
         } else {
@@ -166,8 +171,8 @@ void block_minmax_cpu(const BlockMinmaxParams& p) {
             const float* w = sbase ? sbase + t * c.ks_stride_tok : nullptr;
             for (int64_t d = 0; d < dim; ++d) {
               const float x = Format::dequant(kr, w, int(d));
-              if (x < mn[d]) mn[d] = x;
-              if (x > mx[d]) mx[d] = x;
+              mn[d] = nan_min(mn[d], x);
+              mx[d] = nan_max(mx[d], x);
             }
           }
         }
@@ -181,12 +186,13 @@ void block_minmax_cpu(const BlockMinmaxParams& p) {
 namespace {
 
 // Scores of blocks [blk0, blk1) of one entry, all kv heads: score[h * ld + blk] = sum over g < group,
-// d < dim of max(q[h][g][d] * mn[d], q[h][g][d] * mx[d]) with mn, mx the metadata of (blk, h), NaN
-// ranked as -inf, for the blocks blk < lim[h] (the others are not written). A row's metadata is one
-// stretch of memory walked in order (blocks outer, heads inner), which the hardware prefetcher
-// follows; the channel loop is contiguous and vectorized (lanes of partial sums: the order of the
-// additions is the vector one, within rounding of the plain sum). Compiled twice (plain x86-64 and
-// AVX2+FMA), picked at run time like attention_kernels.cpp.
+// d < dim of max(q[h][g][d] * mn[d], q[h][g][d] * mx[d]) with mn, mx the metadata of (blk, h), for
+// the blocks blk < lim[h] (the others are not written). The max propagates NaN (a NaN on either side,
+// as torch.maximum in the reference), so a block with NaN metadata scores NaN, which rank_key puts
+// last. A row's metadata is one stretch of memory walked in order (blocks outer, heads inner), which
+// the hardware prefetcher follows; the channel loop is contiguous and vectorized (lanes of partial
+// sums: the order of the additions is the vector one, within rounding of the plain sum). Compiled
+// twice (plain x86-64 and AVX2+FMA), picked at run time like attention_kernels.cpp.
 #if defined(__GNUC__)
 #define VATTN_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -215,10 +221,10 @@ VATTN_ALWAYS_INLINE void score_blocks_body(const ScoreArgs& a, int64_t blk0, int
 #pragma omp simd reduction(+ : s)
         for (int d = 0; d < a.dim; ++d) {
           const float lo = qg[d] * mn[d], hi = qg[d] * mx[d];
-          s += lo < hi ? hi : lo;  // std::max(lo, hi)
+          s += (lo < hi || hi != hi) ? hi : lo;  // max(lo, hi), NaN if either is
         }
       }
-      a.score[h * a.ld + blk] = std::isnan(s) ? -INFINITY : s;
+      a.score[h * a.ld + blk] = s;
     }
 }
 
@@ -246,12 +252,15 @@ constexpr int64_t kScoreChunk = 256;  // blocks per scoring item
 
 // A key that orders (score descending, block ascending) as an unsigned integer ascending: the
 // score's bits made monotonic (after -0 -> +0, so the two zeros tie as in float compares), inverted,
-// above the block index. Scores are never NaN here (score_blocks maps NaN to -inf).
+// above the block index. NaN ranks below every number, -inf included, as in the reference (its
+// nan_to_num(nan=-inf) also turns a true -inf into the lowest finite value): the monotonic bits 0,
+// which no number has.
 uint64_t rank_key(float score, int64_t blk) {
   const float z = score + 0.f;  // -0 -> +0
   uint32_t u;
   std::memcpy(&u, &z, 4);
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending with the float value
+  if (z != z) u = 0u;                              // NaN: last
   return (uint64_t(~u) << 32) | uint64_t(uint32_t(blk));
 }
 

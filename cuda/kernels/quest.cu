@@ -61,6 +61,12 @@ __device__ __forceinline__ int entry_length(const int32_t* lengths, const int32_
 
 __device__ __forceinline__ int64_t ceil_div_dev(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// min / max that propagate NaN (a NaN on either side gives NaN) as the reference's amin / amax and
+// torch.maximum do; fminf / fmaxf would drop it. With acc a running value: a NaN x replaces it and a
+// NaN acc stays (both compares false).
+__device__ __forceinline__ float nan_min(float acc, float x) { return (x < acc || x != x) ? x : acc; }
+__device__ __forceinline__ float nan_max(float acc, float x) { return (x > acc || x != x) ? x : acc; }
+
 // ----------------------------------------------------------------------------- block_minmax
 
 template <typename KF>
@@ -93,8 +99,8 @@ __global__ void __launch_bounds__(kMinmaxThreads) block_minmax_kernel(const Bloc
       const float* w =
           plain_scale_words<KF>(c, c.k_scale, row, t, h, c.ks_stride_row, c.ks_stride_tok, c.ks_stride_head, dim);
       const float x = dequant_elem<KF>(base + t * c.k_stride_tok, w, c.ks_stride_tok, d, dim);
-      mn = x < mn ? x : mn;
-      mx = x > mx ? x : mx;
+      mn = nan_min(mn, x);
+      mx = nan_max(mx, x);
     }
     float* m = p.meta.data + int64_t(row) * p.meta.stride_row + blk * p.meta.stride_block +
                int64_t(h) * p.meta.stride_head + d;
@@ -105,11 +111,13 @@ __global__ void __launch_bounds__(kMinmaxThreads) block_minmax_kernel(const Bloc
 
 // ----------------------------------------------------------------------------- quest_select
 
-// Order-preserving key of a score: larger score, larger key; NaN ranks as -inf, -0 as +0.
+// Order-preserving key of a score: larger score, larger key; -0 ranks as +0 and NaN below every
+// number, -inf included, as in the reference (its nan_to_num(nan=-inf) also turns a true -inf into
+// the lowest finite value): key 0, which no number has.
 __device__ __forceinline__ uint32_t score_key(float s) {
   uint32_t u = __float_as_uint(s);
-  if ((u & 0x7fffffffu) > 0x7f800000u) u = 0xff800000u;  // NaN -> -inf
-  if ((u << 1) == 0u) u = 0u;                            // -0 -> +0
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;  // NaN: last
+  if ((u << 1) == 0u) u = 0u;                      // -0 -> +0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -183,7 +191,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(const Ques
       const float lo = mn[d], hi = mx[d];
       for (int g = 0; g < group; ++g) {
         const float x = q_s[g * dim + d];
-        s += fmaxf(x * lo, x * hi);
+        s += nan_max(x * lo, x * hi);  // max, NaN if either side is
       }
     }
 #pragma unroll
