@@ -171,9 +171,9 @@ void bind_memory(py::module_& m) {
            "Prefix sharing: empty dst gets length tokens (region_tokens[r] in region r) of src; the pages wholly "
            "inside share_tokens[r] are src's pages mapped again, the rest private copies")
       .def("make_private", &CacheManager::make_private, py::arg("slot"), py::arg("from_tokens"), py::arg("stream") = 0,
-           release(),
-           "Copy-on-write: shared pages of slot from token from_tokens[r] of region r on get private copies; "
-           "returns the shared pages the slot still maps")
+           py::arg("to_tokens") = std::vector<int64_t>{}, release(),
+           "Copy-on-write: shared pages of slot from token from_tokens[r] of region r on (below to_tokens[r] "
+           "when given) get private copies; returns the shared pages the slot still maps")
       .def("shared_pages", &CacheManager::shared_pages, py::arg("slot"), release(),
            "Pages of slot that are mapped in another slot too")
       .def("wait_background_idle", &CacheManager::wait_background_idle, release())

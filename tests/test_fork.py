@@ -430,3 +430,26 @@ def test_fork_out_of_memory_keeps_the_free_slots_pages():
     after = c.stats()
     for key in ("mapped_bytes", "pages_mapped", "pages_pooled", "pages_created", "idle_bytes"):
         assert after[key] == before[key], key
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_compacting_a_fork_copies_only_the_pages_it_keeps(layout):
+    """compact() on a forked slot copies the shared pages its kept tokens are written to, not every
+    shared page past the first moved token (which it drops right after): under a cap with one page
+    of headroom it succeeds, and the source keeps its tokens."""
+    H, D = 1, 16
+    n = 320  # 10 full pages: one region of 128-byte tokens (token_major), or 5 in each of K and V
+    c = vattn.KVCache(1, H, D, 2, 1024, dtype=torch.float32, layout=layout, device="cpu", page_bytes=4096,
+                      max_physical_bytes=(10 + 2) * 4096)  # fmt: skip
+    a = c.alloc()
+    st = c.begin_step([a], [n])
+    k, v = torch.randn(n, H, D), torch.randn(n, H, D)
+    vattn.append_kv(c, 0, st, k, v)
+    c.end_step(st)
+    b = c.fork(a)
+    created = c.stats()["create_calls"]
+    c.compact([b], torch.tensor([[[[1, 2]]]]), torch.tensor([[[2]]]))
+    assert c.stats()["create_calls"] - created <= (1 if layout == "token_major" else 2)
+    K, V = c.kv(0)
+    assert torch.equal(K[b, :2, 0], k[1:3, 0]) and torch.equal(V[b, :2, 0], v[1:3, 0])
+    assert torch.equal(K[a, :n], k) and torch.equal(V[a, :n], v)

@@ -883,18 +883,22 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
   note_change();
 }
 
-int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream) {
+int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream,
+                                   const std::vector<int64_t>& to_tokens) {
   std::lock_guard<std::mutex> lk(mu_);
   Slot& s = live_slot(slot);
   const size_t R = regions_.size();
-  if (from_tokens.size() != R) {
+  if (from_tokens.size() != R || (!to_tokens.empty() && to_tokens.size() != R)) {
     throw std::invalid_argument("vattn: make_private needs one token count per region (" + std::to_string(R) + ")");
   }
   std::vector<std::pair<size_t, size_t>> todo;  // (region, page index)
   for (size_t r = 0; r < R; ++r) {
-    if (from_tokens[r] < 0) throw std::invalid_argument("vattn: make_private: token counts must be >= 0");
+    if (from_tokens[r] < 0 || (!to_tokens.empty() && to_tokens[r] < 0)) {
+      throw std::invalid_argument("vattn: make_private: token counts must be >= 0");
+    }
     if (refs_.empty()) break;
-    for (size_t j = first_written_page(from_tokens[r]); j < s.pages[r].size(); ++j) {
+    const size_t end = to_tokens.empty() ? s.pages[r].size() : std::min(s.pages[r].size(), pages_for(to_tokens[r]));
+    for (size_t j = first_written_page(from_tokens[r]); j < end; ++j) {
       if (is_shared(s.pages[r][j])) todo.push_back({r, j});
     }
   }

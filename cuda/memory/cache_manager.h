@@ -186,7 +186,10 @@ class CacheManager {
   // slot is replaced by a private copy. Returns how many shared pages the slot still maps (those
   // below from_tokens). A failure (no memory) leaves every page mapped as it was, except copies
   // already made (they hold the same bytes).
-  int64_t make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream);
+  // to_tokens (empty: to the slot's end): writes stop below to_tokens[r] in region r, so the shared
+  // pages wholly past it (which a compaction drops right after) are not copied.
+  int64_t make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream,
+                       const std::vector<int64_t>& to_tokens = {});
   // Pages of slot that are mapped in some other slot too.
   int64_t shared_pages(int64_t slot) const;
 

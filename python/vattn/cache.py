@@ -880,7 +880,9 @@ class KVCache:
                     if s in self._shared:
                         same = keep[i] == torch.arange(kmax)
                         lead = (same & valid[i]).int().cumprod(-1).sum(-1)  # [L, H] tokens left in place
-                        self._unshare(s, lead.numpy().astype(np.int32))
+                        # writes land in [lead, keep_lens): the shared pages past the kept tokens are
+                        # only dropped after the gather, not copied
+                        self._unshare(s, lead.numpy().astype(np.int32), keep_lens[i].numpy().astype(np.int32))
             rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
             keep_dev = keep.to(self.device, torch.int32)
             lens_dev = keep_lens.to(self.device, torch.int32)
@@ -1012,10 +1014,11 @@ class KVCache:
             return self._per_head_regions(heads)
         return np.repeat(heads.min(axis=1).astype(np.int64), 2).tolist()
 
-    def _unshare(self, slot: int, from_heads: np.ndarray) -> None:
+    def _unshare(self, slot: int, from_heads: np.ndarray, to_heads: Optional[np.ndarray] = None) -> None:
         """Copy-on-write for a slot in self._shared: private copies of its shared pages that writes
-        from per-(layer, head) token from_heads on may touch."""
-        left = self._m.make_private(slot, self._region_min_tokens(from_heads), self._stream())
+        from per-(layer, head) token from_heads on (and below to_heads, when given) may touch."""
+        to = [] if to_heads is None else self._region_tokens(to_heads)
+        left = self._m.make_private(slot, self._region_min_tokens(from_heads), self._stream(), to)
         if left == 0:
             self._shared.discard(slot)
 
