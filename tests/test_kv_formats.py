@@ -634,3 +634,28 @@ def test_dequantized_view_is_zero_past_each_heads_tokens(layout, kv_format, smoo
     tol = 0 if kv_format == "auto" else 0.1
     assert (K[s, :3, 1] - k[[1, 4, 9], 1]).abs().max() <= tol
     assert (V[s, :10, 0] - v[:, 0]).abs().max() <= tol
+
+
+@pytest.mark.parametrize("spec", ["int8", "fp8_e4m3", ("int8", "int4")], ids=str)
+def test_raw_ops_on_a_default_quantized_caches_views_read_the_appended_keys(spec):
+    """A KVCache built with only a kv_format stores reference.quantize of the appended keys (key
+    smoothing is opt-in), so the raw ops on its kv() / kv_scales() views give the attention of the
+    keys as appended (with smoothing on by default they silently read the smoothed keys)."""
+    g = torch.Generator().manual_seed(11)
+    c = vattn.KVCache(1, 3, 64, 2, 128, dtype=torch.float32, kv_format=spec, device="cpu")
+    assert not c.smooth_keys
+    s = c.alloc()
+    k, v = torch.randn(20, 3, 64, generator=g) * 2 + 1, torch.randn(20, 3, 64, generator=g)
+    st = c.begin_step([s], [20])
+    vattn.append_kv(c, 0, st, k, v)
+    c.end_step(st)
+    kc, vc = c.kv(0)
+    ks, vs = c.kv_scales(0)
+    codes, words = reference.quantize(k, c.k_format.name)
+    assert torch.equal(kc[s, :20], codes) and torch.equal(ks[s, :20], words)
+    q = torch.randn(1, 9, 64, generator=g)
+    rows, lens = torch.tensor([s], dtype=torch.int32), torch.tensor([20], dtype=torch.int32)
+    got = vattn.decode_attention(q, kc, vc, lens, row_ids=rows, k_scale=ks, v_scale=vs)
+    kd, vd = c.kv(0, dequantize=True)
+    want, _ = reference.attention(q.double(), kd[s : s + 1].double(), vd[s : s + 1].double(), lens)
+    assert (got.double() - want).abs().max() < 1e-5

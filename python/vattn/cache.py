@@ -255,9 +255,13 @@ class KVCache:
                                mean taken from the request's first step (its prompt). Softmax is
                                invariant to that shift, so attention outputs and scores do not change,
                                but the outlier channels of keys stop dominating each vector's scale:
-                               int4 / int8 / fp8 keys lose far less (bench/RESULTS.md). "auto"
-                               (default): on for int4 (per token), int8 and fp8_e4m3 keys. Any K
-                               format takes True. Not compatible with logit soft-capping (raises).
+                               int4 / int8 / fp8 keys lose far less (bench/RESULTS.md). "auto": on
+                               for int4 (per token), int8 and fp8_e4m3 keys; True: any K format;
+                               False (default): the stored codes are reference.quantize of the keys
+                               appended, so raw ops on kv() views read the keys as they are. With
+                               smoothing only vattn.attention / vattn.dequantize_kv(cache, layer)
+                               undo it (raw ops on the views see the smoothed keys). Not compatible
+                               with logit soft-capping (raises). VAttnCache.for_model uses "auto".
     """
 
     def __init__(
@@ -279,7 +283,7 @@ class KVCache:
         background: bool = False,
         scrub_freed: bool = False,
         lookahead_tokens: Optional[int] = None,
-        smooth_keys="auto",
+        smooth_keys=False,
         _host_commit: bool = True,
     ):
         self.num_layers = _positive(num_layers, "num_layers")

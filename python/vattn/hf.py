@@ -562,8 +562,10 @@ class VAttnCache(Cache):
             dtype = model.dtype
         if device is None:
             device = model.device
-        if getattr(config, "attn_logit_softcapping", None) and cache_options.get("smooth_keys", "auto") == "auto":
-            cache_options["smooth_keys"] = False  # key smoothing shifts the logits a soft-cap sees
+        # Key smoothing on for quantized keys (the cache's own attention undoes it), except where a
+        # soft-cap sees the logits, which smoothing shifts.
+        if cache_options.get("smooth_keys", "auto") == "auto":
+            cache_options["smooth_keys"] = False if getattr(config, "attn_logit_softcapping", None) else "auto"
         cache = cls(
             model.config,
             max_batch=max_batch,
