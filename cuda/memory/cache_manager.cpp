@@ -198,6 +198,21 @@ size_t CacheManager::surplus_pages(const Slot& s) const {
   return surplus;
 }
 
+size_t CacheManager::available_pages(size_t need, const std::vector<char>& protect, size_t own) const {
+  size_t available = pool_->pooled() + std::min(pool_->creatable(), need) + own;
+  for (size_t i = 0; i < slots_.size() && available < need; ++i) {
+    if (!protect[i]) available += surplus_pages(slots_[i]);
+  }
+  return available;
+}
+
+OutOfMemory CacheManager::out_of_memory(size_t need, size_t available) const {
+  return OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(need) + " pages of " + std::to_string(page_) +
+                     " bytes needed, " + std::to_string(available) + " available" +
+                     (pool_->max_pages() ? " (max_physical_bytes=" + std::to_string(pool_->max_pages() * page_) + ")"
+                                         : std::string()));
+}
+
 std::vector<size_t> CacheManager::plan_drop(const Slot& s, size_t count) const {
   const size_t R = regions_.size();
   std::vector<size_t> spare(R), drop(R, 0);
@@ -535,17 +550,9 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
     protect.assign(slots_.size(), 0);
     for (const auto& p : req) protect[static_cast<size_t>(p.first)] = 1;
     // Fail early, with nothing touched, when even the idle pages of other slots cannot cover it.
-    size_t available = pool_->pooled() + std::min(pool_->creatable(), total);
-    for (size_t i = 0; i < slots_.size() && available < total; ++i) {
-      if (!protect[i]) available += surplus_pages(slots_[i]);
-    }
+    const size_t available = available_pages(total, protect);
     if (available >= total) break;
-    if (pool_->pending() == 0) {
-      throw OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(total) + " pages of " +
-                        std::to_string(page_) + " bytes needed, " + std::to_string(available) + " available" +
-                        (pool_->max_pages() ? " (max_physical_bytes=" + std::to_string(pool_->max_pages() * page_) + ")"
-                                            : std::string()));
-    }
+    if (pool_->pending() == 0) throw out_of_memory(total, available);
     // Pages the background thread is creating right now count against the cap but are not in
     // the pool yet. Only when the call cannot be covered without them, wait for them (the thread
     // starts no new ones meanwhile), then plan again: with the mutex released, the thread may
@@ -806,25 +813,17 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
     if (a.pages[r].size() < ntotal[r]) throw std::logic_error("vattn: share: source pages missing");
     copies += ntotal[r] - nshare[r];
   }
-  // Fail early, with nothing touched, when the copies cannot be covered: the pool, what may still
-  // be created, dst's own idle pages and the other slots' idle ones (as reserve does).
+  std::vector<char> protect(slots_.size(), 0);
+  protect[static_cast<size_t>(src)] = protect[static_cast<size_t>(dst)] = 1;
+  // Fail early, with nothing touched, when the copies cannot be covered (dst's own idle pages count:
+  // they go to the pool below), as reserve does.
   if (copies > 0 && pool_->pending() == 0) {
-    size_t available = pool_->pooled() + std::min(pool_->creatable(), copies) + b.mapped;
-    for (size_t i = 0; i < slots_.size() && available < copies; ++i) {
-      if (static_cast<int64_t>(i) != src && static_cast<int64_t>(i) != dst) available += surplus_pages(slots_[i]);
-    }
-    if (available < copies) {
-      throw OutOfMemory("vattn: out of KV-cache memory: " + std::to_string(copies) + " pages of " +
-                        std::to_string(page_) + " bytes needed, " + std::to_string(available) + " available" +
-                        (pool_->max_pages() ? " (max_physical_bytes=" + std::to_string(pool_->max_pages() * page_) + ")"
-                                            : std::string()));
-    }
+    const size_t available = available_pages(copies, protect, b.mapped);
+    if (available < copies) throw out_of_memory(copies, available);
   }
   // dst stores nothing: its idle pages go to the pool (it gets src's page layout instead).
   if (b.mapped > 0) unmap_all(dst);
   std::vector<Taken> taken;
-  std::vector<char> protect(slots_.size(), 0);
-  protect[static_cast<size_t>(src)] = protect[static_cast<size_t>(dst)] = 1;
   try {
     take_pages(copies, taken, /*allow_steal=*/true, protect);
     size_t next = 0;

@@ -248,6 +248,11 @@ class CacheManager {
   int64_t capacity(const Slot& s) const;  // tokens the slot can hold with its mapped pages
   uintptr_t page_addr(size_t region, int64_t slot, size_t index) const;
   size_t surplus_pages(const Slot& s) const;  // mapped pages nobody asked for (all of a free slot's)
+  // Pages a call needing `need` of them can count on (stops counting once it has them): the pool,
+  // what may still be created, `own` pages the caller frees itself, the unprotected slots' surplus.
+  size_t available_pages(size_t need, const std::vector<char>& protect, size_t own = 0) const;
+  // The OutOfMemory of a call that needs `need` pages with `available` to be had.
+  OutOfMemory out_of_memory(size_t need, size_t available) const;
   // Pages to unmap from each region of s to free min(count, surplus) pages, from the regions with
   // the most surplus first (a free slot's regions stay balanced).
   std::vector<size_t> plan_drop(const Slot& s, size_t count) const;
