@@ -24,6 +24,7 @@ import os
 import torch
 
 from . import _C, _launch
+from ._checks import _INT32_MAX
 from ._dtypes import code_of
 from ._launch import _IMPLS, _cache_view, _run
 from ._support import check_supported
@@ -222,7 +223,7 @@ def decode(cache, q, layer, step, scale, window_left, softcap, return_lse, eager
         int(step.max_seqlen_k),
         float(scale) if scale is not None else 1.0 / math.sqrt(dim),
         float(softcap),
-        min(window_left, 2**31 - 1) if window_left >= 0 else -1,
+        min(window_left, _INT32_MAX) if window_left >= 0 else -1,
         code_of(q.dtype),
         _IMPLS[_launch._impl],
         0,

@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from . import _C, _guard
-from ._checks import _check_append, _check_attention, _check_merge, _check_scores, _KVGeom
+from ._checks import _INT32_MAX, _check_append, _check_attention, _check_merge, _check_scores, _KVGeom
 from ._dtypes import code_of
 
 Tensor = torch.Tensor
@@ -206,14 +206,14 @@ def _attention_params(
         int(max_seqlen_k),
         float(scale) if scale is not None else 1.0 / math.sqrt(dim),
         float(softcap),
-        min(int(window_left), 2**31 - 1) if window_left >= 0 else -1,  # wider than any row: the same
+        min(int(window_left), _INT32_MAX) if window_left >= 0 else -1,  # wider than any row: the same
         code_of(q.dtype),
         _IMPLS[_impl],
         _ptr(scores),
         sc_strides[0],
         sc_strides[1],
         score_mode,
-        0 if score_last_queries is None or score_last_queries <= 0 else min(int(score_last_queries), 2**31 - 1),
+        0 if score_last_queries is None or score_last_queries <= 0 else min(int(score_last_queries), _INT32_MAX),
     )
 
 

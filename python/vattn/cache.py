@@ -371,6 +371,7 @@ class KVCache:
             self.num_layers * (k_record + v_record) if layout == "token_major" else max(k_record, v_record)
         )
         self._region_record = int(region_token_bytes)  # bytes per token of one manager region
+        self._record_heads, self._record_pair = record_heads, k_record + v_record  # heads per record, K + V bytes
         if lookahead_tokens is None:
             lookahead = max(1, effective_page // region_token_bytes)
         else:
@@ -771,7 +772,7 @@ class KVCache:
                 if block != self.quest_block:
                     raise ValueError(f"Quest metadata already kept for blocks of {self.quest_block} tokens")
                 return
-            if block > 2**31 - 1:
+            if block > _INT32_MAX:
                 raise ValueError(f"block must be a positive int32, got {block}")
             nb = quest_max_blocks(self.max_seq_len, block)
             self._quest_meta = [
@@ -1215,11 +1216,9 @@ class KVCache:
         with self._lock:
             out = CacheStats(self._m.stats())
             if self._deficit:  # compacted slots: the manager counts each at its longest head
-                # A record holds rh heads (one in head_major): each (layer, head) a 1/rh share of it.
-                rh = 1 if self.layout == "head_major" else self.num_kv_heads
-                rec = self.k_format.record_bytes(rh, self.head_dim) + self.v_format.record_bytes(rh, self.head_dim)
+                # A record holds _record_heads heads (one in head_major): each (layer, head) its share.
                 missing = sum(int(d.sum()) for d in self._deficit.values())
-                out["used_bytes"] -= missing * rec // rh
+                out["used_bytes"] -= missing * self._record_pair // self._record_heads
         out["token_bytes"] = self.token_bytes
         out["k_format"], out["v_format"] = self.k_format.name, self.v_format.name
         out["k_bits_per_element"] = self.k_format.bits_per_element(self.head_dim)

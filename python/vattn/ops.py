@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import _check_append, _check_attention, _check_merge, _check_scores, _KVGeom, _to_int32
+from ._checks import _INT32_MAX, _check_append, _check_attention, _check_merge, _check_scores, _KVGeom, _to_int32
 from ._launch import (
     _append_impl,
     _decode_impl,
@@ -505,7 +505,7 @@ def _max_hint(value: Optional[int], name: str) -> int:
     value = int(value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0 (or None to compute it, which synchronizes on CUDA)")
-    if value > 2**31 - 1:
+    if value > _INT32_MAX:
         raise ValueError(f"{name} must be at most 2**31 - 1 (an int32 length), got {value}")
     return value
 
