@@ -955,6 +955,7 @@ void attention_cpu(const AttentionParams& p_in) {
   // Plain caches store the q dtype on both sides; quantized ones any pair of quantized formats.
   cpu::dispatch_dtype(p.dtype, "attention q", [&](auto t) {
     using T = decltype(t);
+    if (p.total_q > 0) cpu::advise_huge_pages(p.out, (size_t)p.total_q * (size_t)p.o_stride_tok * sizeof(T));
     dispatch_kv_pair<T>(p.kv.k_format, p.kv.v_format, "attention", [&](auto kf, auto vf) {
       if (kDecode && scores && p.total_q > 0) {
         // Decode scores, fused: the attention pass keeps each visible key's logit, and the

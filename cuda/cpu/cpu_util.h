@@ -15,6 +15,7 @@
 #endif
 #if defined(__linux__)
 #include <linux/futex.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -29,6 +30,24 @@ namespace cpu {
 [[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument("vattn: " + what); }
 inline void require(bool ok, const char* what) {
   if (!ok) fail(what);
+}
+
+// Asks Linux to back [p, p + bytes) with transparent huge pages (its whole 2 MiB pages) before an
+// op writes its fresh output there for the first time. In 4 KiB pages each first write is a page
+// fault (in a VM, the host's too): on the 2-core VM filling a fresh 32 MiB tensor (a Llama-3-8B
+// q=2048 prefill output) took 20.7 ms, with this advice 4.6 ms. Advice only: where THP is off or
+// the kernel declines, nothing changes. Small outputs (under 8 MiB) are left alone.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (p == nullptr || bytes < 4 * kHuge) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (a + kHuge - 1) & ~(kHuge - 1), hi = (a + bytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 inline int max_threads() {
