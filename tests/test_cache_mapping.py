@@ -206,3 +206,31 @@ def test_used_bytes_count_what_each_head_stores_after_compaction(layout, kv_form
     assert st.used_bytes == int(lens.sum()) * per_head
     assert c.token_bytes == L * H * per_head  # the same share as an uncompacted slot's
     assert st.used_bytes <= st.mapped_bytes
+
+
+def _rss_shmem():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * KIB
+    pytest.skip("no RssShmem in /proc/self/status")
+
+
+def test_committed_pages_are_mapped_with_their_page_table_filled():
+    # host_backend.cpp do_map: committed pages are mapped with MAP_POPULATE, so the first writes of
+    # an append do not fault one 4 KiB at a time. The page-table entries count in RssShmem at once,
+    # before anything touches the memory; uncommitted (sparse) pages stay out until touched.
+    for commit, want_in in ((True, True), (False, False)):
+        cache = vattn.KVCache(4, 4, 128, 2, 8192, dtype=torch.float32, device="cpu", _host_commit=commit)
+        slot = cache.alloc()
+        before = _rss_shmem()
+        cache.reserve(slot, 8192)  # 4 layers x K|V x 4 x 128 x 4 B x 8192 = 128 MiB
+        grown = _rss_shmem() - before
+        mapped = cache.stats().mapped_bytes
+        assert mapped >= 128 * MIB
+        if want_in:
+            assert grown >= mapped * 0.9, (grown, mapped)
+        else:
+            assert grown < mapped * 0.1, (grown, mapped)
+        cache.free(slot)
+        del cache
