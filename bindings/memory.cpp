@@ -174,6 +174,10 @@ void bind_memory(py::module_& m) {
            py::arg("to_tokens") = std::vector<int64_t>{}, release(),
            "Copy-on-write: shared pages of slot from token from_tokens[r] of region r on (below to_tokens[r] "
            "when given) get private copies; returns the shared pages the slot still maps")
+      .def("check_room", &CacheManager::check_room, py::arg("slots"), py::arg("tokens"), py::arg("from_tokens"),
+           py::arg("to_tokens"), release(),
+           "MemoryError, with nothing touched, unless the cap covers make_private(slots[i], from_tokens[i], "
+           "to_tokens[i]) for every slot with a from_tokens entry and then reserve(slots, tokens)")
       .def("shared_pages", &CacheManager::shared_pages, py::arg("slot"), release(),
            "Pages of slot that are mapped in another slot too")
       .def("wait_background_idle", &CacheManager::wait_background_idle, release())

@@ -331,6 +331,64 @@ def test_copy_on_write_failure_keeps_both_slots():
     assert_same_content(content(c, a), want_a, "a after b's copy-on-write")
 
 
+def sharing_state(c, slots):
+    st = c.stats()
+    return (
+        st["mapped_bytes"],
+        st["pages_shared"],
+        st["shared_mappings"],
+        st["pages_pooled"],
+        [c.shared_pages(s) for s in slots],
+    )
+
+
+def test_copy_on_write_then_growth_out_of_memory_changes_nothing():
+    """A step on a shared slot copies a page and maps new ones: with room for the copy but not for
+    the growth, the step fails before the copy, so pages, sharing and data stay as they were."""
+    c = make(max_physical_bytes=PAGE * 6)
+    g = torch.Generator().manual_seed(7)
+    a = c.alloc()
+    per_page = PAGE // c.token_bytes
+    append(c, a, chunk(g, 3 * per_page))  # 3 full pages
+    b = c.fork(a)  # shares all 3
+    c.shrink(b, per_page + 1)  # b keeps pages 0 and 1 (shared); its next token lands in page 1
+    want_a, want_b = content(c, a), content(c, b)
+    before = sharing_state(c, [a, b])
+    assert before[4] == [2, 2]
+    # 3 pages are free: one for the copy of page 1, and 4 new pages would be needed beyond it
+    with pytest.raises(MemoryError):
+        c.begin_step([b], [4 * per_page])
+    assert sharing_state(c, [a, b]) == before
+    assert_same_content(content(c, a), want_a, "a")
+    assert_same_content(content(c, b), want_b, "b")
+    append(c, b, chunk(g, 2 * per_page))  # the copy and 1 new page fit (pages 1-2 of 3)
+    assert c.shared_pages(b) == 1 and c.shared_pages(a) == 1
+    assert_same_content(content(c, a), want_a, "a after b's copy-on-write")
+
+
+def test_compacting_two_forks_out_of_memory_changes_nothing():
+    """Compacting two forks of one request copies the pages each rewrites; with room for one
+    fork's copies only, the call fails before the first copy."""
+    c = make(max_physical_bytes=PAGE * 8)
+    g = torch.Generator().manual_seed(8)
+    a = c.alloc()
+    n = 4 * PAGE // c.token_bytes
+    append(c, a, chunk(g, n))  # 4 full pages; 4 left
+    b, d = c.fork(a), c.fork(a)  # each page now has three mappings
+    keep = torch.arange(1, n).expand(2, L, H, n - 1).contiguous()  # drop token 0: every page rewritten
+    lens = torch.full((2, L, H), n - 1, dtype=torch.int64)
+    want = {s: content(c, s) for s in (a, b, d)}
+    before = sharing_state(c, [a, b, d])
+    with pytest.raises(MemoryError):
+        c.compact([b, d], keep, lens)  # 4 copies each: 8 > 4
+    assert sharing_state(c, [a, b, d]) == before
+    for s in (a, b, d):
+        assert_same_content(content(c, s), want[s], f"slot {s}")
+    c.compact([b], keep[:1], lens[:1])  # one fork's copies fit
+    assert c.shared_pages(b) == 0 and c.length(b) == n - 1
+    assert_same_content(content(c, a), want[a], "a after b's compaction")
+
+
 def test_compaction_of_a_fork_leaves_the_source_alone():
     c = make(layout="layer_major", kv_format="int8")
     g = torch.Generator().manual_seed(6)

@@ -955,6 +955,62 @@ int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& fro
   return static_cast<int64_t>(slot_shared_pages(s));
 }
 
+void CacheManager::check_room(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens,
+                              const std::vector<std::vector<int64_t>>& from_tokens,
+                              const std::vector<std::vector<int64_t>>& to_tokens) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  const size_t R = regions_.size();
+  if (from_tokens.size() != slots.size() || to_tokens.size() != slots.size() ||
+      (!tokens.empty() && tokens.size() != slots.size())) {
+    throw std::invalid_argument("vattn: check_room needs one entry per slot");
+  }
+  std::vector<char> protect(slots_.size(), 0);
+  for (int64_t slot : slots) {
+    check_slot(slot);
+    if (!slots_[static_cast<size_t>(slot)].live) {
+      throw std::invalid_argument("vattn: slot " + std::to_string(slot) +
+                                  " is not allocated (never allocated or already freed)");
+    }
+    protect[static_cast<size_t>(slot)] = 1;
+  }
+  // A shared page written by w of the slots gets min(w, mappings - 1) copies: each copy drops one
+  // mapping, and the last mapping left is private already.
+  std::unordered_map<PageHandle, size_t> writes;
+  size_t grow = 0;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const Slot& s = slots_[static_cast<size_t>(slots[i])];
+    const std::vector<int64_t>& from = from_tokens[i];
+    const std::vector<int64_t>& to = to_tokens[i];
+    if (!from.empty() && !refs_.empty()) {
+      if (from.size() != R || (!to.empty() && to.size() != R)) {
+        throw std::invalid_argument("vattn: check_room needs one token count per region (" + std::to_string(R) + ")");
+      }
+      for (size_t r = 0; r < R; ++r) {
+        if (from[r] < 0 || (!to.empty() && to[r] < 0)) {
+          throw std::invalid_argument("vattn: check_room: token counts must be >= 0");
+        }
+        const size_t end = to.empty() ? s.pages[r].size() : std::min(s.pages[r].size(), pages_for(to[r]));
+        for (size_t j = first_written_page(from[r]); j < end; ++j) {
+          if (is_shared(s.pages[r][j])) ++writes[s.pages[r][j]];
+        }
+      }
+    }
+    if (!tokens.empty()) {
+      if (tokens[i] < 0 || tokens[i] > geom_.max_seq_len) continue;  // reserve itself reports it
+      for (size_t r = 0; r < R; ++r) {
+        const size_t want = region_need(s, r, tokens[i]);
+        if (want > s.pages[r].size()) grow += want - s.pages[r].size();
+      }
+    }
+  }
+  size_t copies = 0;
+  for (const auto& w : writes) copies += std::min<size_t>(w.second, refs_.at(w.first) - 1u);
+  const size_t total = copies + grow;
+  if (total == 0 || pool_->pending() > 0) return;  // pages being created: reserve waits for them
+  const size_t available = available_pages(total, protect);
+  if (available < total) throw out_of_memory(total, available);
+}
+
 int64_t CacheManager::shared_pages(int64_t slot) const {
   std::lock_guard<std::mutex> lk(mu_);
   check_slot(slot);

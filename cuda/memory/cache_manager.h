@@ -192,6 +192,15 @@ class CacheManager {
                        const std::vector<int64_t>& to_tokens = {});
   // Pages of slot that are mapped in some other slot too.
   int64_t shared_pages(int64_t slot) const;
+  // One call that copies pages (make_private, slot by slot) and then maps more (reserve) is all or
+  // nothing only if the pages for both are there before the first copy: otherwise the copies stay
+  // made when the growth fails. Counts what they will take, exactly as they will take it, and
+  // throws OutOfMemory (nothing touched) when the cap cannot cover it. from_tokens[i] / to_tokens[i]
+  // are make_private's arguments for slots[i] (empty from: no copy for that slot); tokens[i] what
+  // reserve will be asked for slots[i] (tokens empty: no growth).
+  void check_room(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens,
+                  const std::vector<std::vector<int64_t>>& from_tokens,
+                  const std::vector<std::vector<int64_t>>& to_tokens) const;
 
   Stats stats() const;
   const Geometry& geometry() const { return geom_; }

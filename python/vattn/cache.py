@@ -559,9 +559,13 @@ class KVCache:
             for s in slots:  # every slot live before any copy (m.reserve checks it only after)
                 if not m.is_live(s):
                     raise ValueError(f"slot {s} is not allocated (never allocated or already freed)")
-            for s in slots:
-                if s in self._shared:
-                    self._unshare(s, self._head_lengths_np(s))
+            shared = [s for s in slots if s in self._shared]
+            if shared:
+                froms = {s: self._region_min_tokens(self._head_lengths_np(s)) for s in shared}
+                # the copies and the growth together, before the first copy (all or nothing)
+                m.check_room(slots, ends, [froms.get(s, []) for s in slots], [[] for _ in slots])
+                for s in shared:
+                    self._unshare(s, froms[s])
         if self._cuda_scrub:  # scrubbing of reused pages goes on the current stream
             m.reserve(slots, ends, torch.cuda.current_stream(self.device).cuda_stream)
         else:
@@ -881,13 +885,20 @@ class KVCache:
                 if bool((~rising & valid[..., 1:]).any()):
                     raise ValueError("compact: kept indices must be strictly increasing per (slot, layer, head)")
             if self._shared:  # the gather rewrites each head from its first dropped token on
+                spans = {}
                 for i, s in enumerate(slots):
                     if s in self._shared:
                         same = keep[i] == torch.arange(kmax)
                         lead = (same & valid[i]).int().cumprod(-1).sum(-1)  # [L, H] tokens left in place
                         # writes land in [lead, keep_lens): the shared pages past the kept tokens are
                         # only dropped after the gather, not copied
-                        self._unshare(s, lead.numpy().astype(np.int32), keep_lens[i].numpy().astype(np.int32))
+                        spans[s] = (lead.numpy().astype(np.int32), keep_lens[i].numpy().astype(np.int32))
+                if spans:  # every slot's copies counted before the first is made (all or nothing)
+                    froms = {s: self._region_min_tokens(a) for s, (a, _) in spans.items()}
+                    tos = {s: self._region_tokens(b) for s, (_, b) in spans.items()}
+                    self._m.check_room(slots, [], [froms.get(s, []) for s in slots], [tos.get(s, []) for s in slots])
+                    for s, (a, b) in spans.items():
+                        self._unshare(s, froms[s], tos[s])
             rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
             keep_dev = keep.to(self.device, torch.int32)
             lens_dev = keep_lens.to(self.device, torch.int32)
@@ -1019,11 +1030,11 @@ class KVCache:
             return self._per_head_regions(heads)
         return np.repeat(heads.min(axis=1).astype(np.int64), 2).tolist()
 
-    def _unshare(self, slot: int, from_heads: np.ndarray, to_heads: Optional[np.ndarray] = None) -> None:
+    def _unshare(self, slot: int, from_regions: List[int], to_regions: Optional[List[int]] = None) -> None:
         """Copy-on-write for a slot in self._shared: private copies of its shared pages that writes
-        from per-(layer, head) token from_heads on (and below to_heads, when given) may touch."""
-        to = [] if to_heads is None else self._region_tokens(to_heads)
-        left = self._m.make_private(slot, self._region_min_tokens(from_heads), self._stream(), to)
+        from token from_regions[r] of each manager region on (and below to_regions[r], when given)
+        may touch (_region_min_tokens / _region_tokens of per-(layer, head) counts)."""
+        left = self._m.make_private(slot, from_regions, self._stream(), to_regions or [])
         if left == 0:
             self._shared.discard(slot)
 
