@@ -628,7 +628,8 @@ class KVCache:
     def abort_step(self, step: Step) -> None:
         """Closes an open step without committing it: lengths stay as they were before
         begin_step (pages it mapped stay mapped for the slots' next steps). For a forward pass that
-        failed half-way."""
+        failed half-way. An int4_ch key group the step appended into keeps the re-encoding: its
+        earlier keys stay quantized over the range the aborted tokens gave the group."""
         if not isinstance(step, Step):
             raise TypeError(f"abort_step expects a vattn.Step, got {type(step).__name__}")
         with self._lock:
