@@ -166,8 +166,8 @@ void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scal
   VATTN_DISPATCH(int4_ch_rows_to_float, src, stride, scale, zero, n, n_avail, dim, dst);
 }
 
-void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
-  VATTN_DISPATCH(int4_codes_to_float, src, stride, n, n_avail, dim, dst);
+void int4_centred_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+  VATTN_DISPATCH(int4_centred_codes_to_float, src, stride, n, n_avail, dim, dst);
 }
 
 float max_of(const float* s, int a, int e) { return VATTN_DISPATCH(max_of, s, a, e); }

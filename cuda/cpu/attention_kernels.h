@@ -124,9 +124,11 @@ void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, 
 // apart (= quant::int4_ch_value, exact); dim even.
 void int4_ch_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, const float* zero, int n,
                            int n_avail, int dim, float* dst);
-// The raw codes of n int4 rows as floats (0..15, element 2i in the low nibble): the int4_ch key
-// path of attention folds the group's scales into q instead of dequantizing every element.
-void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
+// The codes of n int4 rows as floats centred on the code range, code - 7.5 (exact; element 2i in
+// the low nibble): the int4_ch key path of attention folds the group's scales into q instead of
+// dequantizing every element (row_reader.h int4_ch_qk says why centred).
+constexpr float kInt4CodeCentre = 7.5f;
+void int4_centred_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst);
 
 // Max of s[a:e).
 float max_of(const float* s, int a, int e);

@@ -617,14 +617,15 @@ static inline void int4_ch_row(const uint8_t* r, const float* scale, const float
   for (; d < dim; ++d) o[d] = int4_elem(quant::int4_code(r, d), scale[d], zero[d]);
 }
 
-void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+void int4_centred_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+  const __m256 centre = _mm256_set1_ps(kInt4CodeCentre);
   for (int j = 0; j < n; ++j) {
     const uint8_t* r = src + j * stride;
     if (j + kPrefetchRowsQuant < n_avail) prefetch_bytes(r + kPrefetchRowsQuant * stride, dim / 2);
     float* o = dst + (int64_t)j * dim;
     int d = 0;
-    for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(o + d, int4_codes8(r + d / 2));
-    for (; d < dim; ++d) o[d] = float(quant::int4_code(r, d));
+    for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(o + d, _mm256_sub_ps(int4_codes8(r + d / 2), centre));
+    for (; d < dim; ++d) o[d] = float(quant::int4_code(r, d)) - kInt4CodeCentre;
   }
 }
 

@@ -265,15 +265,15 @@ void int4_rows_to_float(const uint8_t* src, int64_t stride, const float* scale, 
   }
 }
 
-void int4_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
+void int4_centred_codes_to_float(const uint8_t* src, int64_t stride, int n, int n_avail, int dim, float* dst) {
   for (int j = 0; j < n; ++j) {
     const uint8_t* r = src + j * stride;
     if (j + kPrefetchRowsQuant < n_avail) prefetch_bytes(r + kPrefetchRowsQuant * stride, dim / 2);
     float* o = dst + (int64_t)j * dim;
 #pragma omp simd
     for (int i = 0; i < dim / 2; ++i) {
-      o[2 * i] = float(r[i] & 0xf);
-      o[2 * i + 1] = float(r[i] >> 4);
+      o[2 * i] = float(r[i] & 0xf) - kInt4CodeCentre;
+      o[2 * i + 1] = float(r[i] >> 4) - kInt4CodeCentre;
     }
   }
 }
