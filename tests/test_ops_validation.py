@@ -170,6 +170,15 @@ def test_cache_without_positions():
         vattn.decode_attention(q, torch.randn(0, 5, 2, 64), torch.randn(0, 5, 2, 64), zero)
     with pytest.raises(ValueError, match=r"position 0 .*outside \[0, 0\)"):
         vattn.append_kv_raw(K, V, torch.randn(1, 2, 64), torch.randn(1, 2, 64), [0], [0])
+    # a score buffer for such a cache is [rows, heads, 0]: valid, and there is nothing to update
+    for mode in ("add", "replace"):
+        scores = torch.zeros(2, 2, 0)
+        out, lse = vattn.decode_attention(q, K, V, zero, return_lse=True, scores=scores, score_mode=mode)
+        assert torch.equal(out, want_o.float()) and torch.equal(lse, want_lse)
+        out, lse = vattn.prefill_attention(q, K, V, cu, zero, return_lse=True, scores=scores, score_mode=mode)
+        assert torch.equal(out, want_o.float()) and torch.equal(lse, want_lse)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        vattn.decode_attention(q, K, V, zero, scores=torch.zeros(1, 2, 0))
 
 
 def test_missing_index_tensors_are_type_errors():

@@ -252,6 +252,8 @@ def _attend(
     geom, q_strides = _check_attention(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, row_ids, head_seqlens_k,
                                        window_left, softcap, scale, geom, k_scale, v_scale, block_table)  # fmt: skip
     mode = _check_scores(scores, score_mode, score_last_queries, geom, q.device)
+    if mode and scores.numel() == 0:  # a cache without positions (or heads): no score to touch
+        scores, mode = None, 0
     out, lse = _empty_outputs(q, need_lse or mode != 0)  # CUDA's score pass reads the lse
     # No query: nothing to compute, except "replace" scores, which zero each row's [0, L).
     if q.shape[0] == 0 and (mode != 2 or seqlens_k.shape[0] == 0):
