@@ -898,7 +898,7 @@ class KVCache:
                     froms = {s: self._region_min_tokens(a) for s, (a, _) in spans.items()}
                     tos = {s: self._region_tokens(b) for s, (_, b) in spans.items()}
                     self._m.check_room(slots, [], [froms.get(s, []) for s in slots], [tos.get(s, []) for s in slots])
-                    for s, (a, b) in spans.items():
+                    for s in spans:
                         self._unshare(s, froms[s], tos[s])
             rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
             keep_dev = keep.to(self.device, torch.int32)
