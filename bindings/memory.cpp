@@ -143,7 +143,8 @@ void bind_memory(py::module_& m) {
       .def("free", &CacheManager::free, py::arg("slot"), release())
       .def("is_live", &CacheManager::is_live, py::arg("slot"), release())
       .def("live_slots", &CacheManager::live_slots, release())
-      .def("reserve", &CacheManager::reserve, py::arg("slots"), py::arg("tokens"), py::arg("stream") = 0, release())
+      .def("reserve", &CacheManager::reserve, py::arg("slots"), py::arg("tokens"), py::arg("stream") = 0,
+           py::arg("private_from") = std::vector<std::vector<int64_t>>{}, release())
       .def("record_stream", &CacheManager::record_stream, py::arg("stream"), release(),
            "Work on the cache's memory was enqueued on this CUstream: unmapping waits for it (an event)")
       .def("commit", &CacheManager::commit, py::arg("slots"), py::arg("new_tokens"), release())
@@ -178,6 +179,9 @@ void bind_memory(py::module_& m) {
            py::arg("to_tokens"), release(),
            "MemoryError, with nothing touched, unless the cap covers make_private(slots[i], from_tokens[i], "
            "to_tokens[i]) for every slot with a from_tokens entry and then reserve(slots, tokens)")
+      .def("make_private_slots", &CacheManager::make_private_slots, py::arg("slots"), py::arg("from_tokens"),
+           py::arg("to_tokens"), py::arg("stream") = 0, release(),
+           "make_private for every slot with a from_tokens entry, all or nothing; the shared pages each still maps")
       .def("shared_pages", &CacheManager::shared_pages, py::arg("slot"), release(),
            "Pages of slot that are mapped in another slot too")
       .def("wait_background_idle", &CacheManager::wait_background_idle, release())

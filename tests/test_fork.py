@@ -511,3 +511,116 @@ def test_compacting_a_fork_copies_only_the_pages_it_keeps(layout):
     K, V = c.kv(0)
     assert torch.equal(K[b, :2, 0], k[1:3, 0]) and torch.equal(V[b, :2, 0], v[1:3, 0])
     assert torch.equal(K[a, :n], k) and torch.equal(V[a, :n], v)
+
+
+# ----------------------------------------------------------------------------- failures inside a call
+# A page creation or map that fails part-way (KVCache._inject_failure; on CUDA a failing cuMemCreate /
+# cuMemMap) must leave the cache exactly as it was: pages, sharing, the pool, and what slots store.
+
+EVENTS = {"map_calls", "unmap_calls", "create_calls", "destroy_calls", "peak_mapped_bytes", "resident_bytes"}
+
+
+def whole_state(c):
+    live = sorted(c.live_slots())
+    stats = {k: v for k, v in c.stats().items() if k not in EVENTS}
+    return stats, live, [c.shared_pages(s) for s in live], [content(c, s) for s in live]
+
+
+def assert_same_state(got, want):
+    assert got[0] == want[0], {k: (want[0][k], got[0][k]) for k in want[0] if want[0][k] != got[0].get(k)}
+    assert got[1] == want[1] and got[2] == want[2]
+    for s, g, w in zip(got[1], got[3], want[3]):
+        assert_same_content(g, w, f"slot {s}")
+
+
+def _failing(c, kind, n, call):
+    want = whole_state(c)
+    c._inject_failure(kind, n)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            call()
+    finally:
+        c._inject_failure("none", 0)
+    assert_same_state(whole_state(c), want)
+
+
+def _prompt(c, g, n):
+    s = c.alloc()
+    append(c, s, chunk(g, n))
+    return s
+
+
+def test_failed_share_prefix_keeps_the_reserved_pages_of_its_destination():
+    c = make(max_physical_bytes=PAGE * 64)
+    g = torch.Generator().manual_seed(9)
+    per_page = PAGE // c.token_bytes
+    a = _prompt(c, g, 2 * per_page + per_page // 2)  # 2 full pages and a partial one (copied)
+    d = c.alloc()
+    c.reserve(d, 4 * per_page)  # d stores nothing, maps 4 pages
+    _failing(c, "map", 1, lambda: c.share_prefix(a, d, c.length(a)))
+    c.share_prefix(a, d, c.length(a))
+    assert_same_content(content(c, d), content(c, a), "d after the share")
+
+
+def test_failed_fork_into_a_slot_that_kept_its_pages():
+    c = make(max_physical_bytes=PAGE * 64, reclaim_watermark_bytes=PAGE * 8)
+    g = torch.Generator().manual_seed(10)
+    per_page = PAGE // c.token_bytes
+    a = _prompt(c, g, 2 * per_page + 3)
+    b = c.alloc()
+    c.reserve(b, 2 * per_page)
+    c.free(b)  # b keeps its 2 pages for the next alloc, which the fork takes
+    _failing(c, "map", 1, lambda: c.fork(a))
+
+
+def test_share_prefix_gives_the_destinations_unused_pages_to_the_watermark():
+    c = make(max_physical_bytes=PAGE * 8)  # reclaim_watermark_bytes=0: no idle page is kept
+    g = torch.Generator().manual_seed(11)
+    a = _prompt(c, g, 1)
+    b = c.alloc()
+    c.reserve(b, 1)
+    c.share_prefix(a, b, 0)
+    assert c.stats()["idle_bytes"] == 0
+    _failing(c, "map", 1, lambda: c.fork(a))  # the fork's page for a's partial page is created, not pooled
+
+
+@pytest.mark.parametrize("kind, n", [("create", 2), ("map", 3)])
+def test_copy_on_write_undone_when_the_growth_of_the_step_fails(kind, n):
+    c = make(max_physical_bytes=PAGE * 64)
+    g = torch.Generator().manual_seed(12)
+    per_page = PAGE // c.token_bytes
+    a = _prompt(c, g, 2 * per_page + 1)
+    b = c.fork(a)  # pages 0 and 1 shared
+    c.shrink(b, per_page + 1)  # b's next write lands in shared page 1: a copy, then 2 new pages
+    _failing(c, kind, n, lambda: c.begin_step([b], [2 * per_page]))
+    append(c, b, chunk(g, 2 * per_page))
+    assert c.shared_pages(b) == 1
+
+
+@pytest.mark.parametrize("n", [4, 5, 6])
+def test_copy_on_write_undone_when_a_page_swap_fails(n):
+    """compact of a fork rewrites its 3 shared pages: 3 maps of the copies, then one swap each."""
+    c = make(max_physical_bytes=PAGE * 64)
+    g = torch.Generator().manual_seed(13)
+    per_page = PAGE // c.token_bytes
+    a = _prompt(c, g, 3 * per_page)
+    c.fork(a)
+    m = 3 * per_page
+    keep = torch.arange(1, m).expand(1, L, H, m - 1).contiguous()
+    lens = torch.full((1, L, H), m - 1, dtype=torch.int64)
+    _failing(c, "map", n, lambda: c.compact([a], keep, lens))
+
+
+def test_compacting_two_forks_undone_when_the_second_ones_copy_fails():
+    c = make(max_physical_bytes=PAGE * 64)
+    g = torch.Generator().manual_seed(14)
+    per_page = PAGE // c.token_bytes
+    m = 2 * per_page
+    a = _prompt(c, g, m)
+    b = c.fork(a)
+    c.fork(a)  # each page has three mappings
+    keep = torch.arange(1, m).expand(2, L, H, m - 1).contiguous()
+    lens = torch.full((2, L, H), m - 1, dtype=torch.int64)
+    _failing(c, "create", 3, lambda: c.compact([a, b], keep, lens))  # a's 2 copies made, b's first fails
+    c.compact([a, b], keep, lens)
+    assert c.shared_pages(a) == 0 and c.shared_pages(b) == 0

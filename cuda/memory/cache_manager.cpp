@@ -508,11 +508,15 @@ std::vector<int64_t> CacheManager::live_slots() const {
 
 // ---------------------------------------------------------------- growth / shrink
 
-void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens, uintptr_t stream) {
+void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens, uintptr_t stream,
+                           const std::vector<std::vector<int64_t>>& private_from) {
   std::unique_lock<std::mutex> lk(mu_);
   if (slots.size() != tokens.size()) {
     throw std::invalid_argument("vattn: reserve got " + std::to_string(slots.size()) + " slots and " +
                                 std::to_string(tokens.size()) + " token counts");
+  }
+  if (!private_from.empty() && private_from.size() != slots.size()) {
+    throw std::invalid_argument("vattn: reserve: private_from needs one entry per slot");
   }
   // Validate everything before touching anything; a slot given twice keeps its largest request.
   // O(slots): a per-slot index into req instead of searching it.
@@ -570,6 +574,21 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
     const Slot& s = slots_[static_cast<size_t>(req[i].first)];
     for (size_t r = 0; r < R; ++r) before[i * R + r] = s.pages[r].size();
   }
+  // Copy-on-write first (a copy swaps pages, so the growth planned above stays what it is).
+  // The copies take no page of the step's slots: the growth counted those as theirs.
+  std::vector<PrivateCopy> copies;
+  try {
+    if (!private_from.empty()) {
+      std::vector<char> step_slots(slots_.size(), 0);
+      for (const auto& p : req) step_slots[static_cast<size_t>(p.first)] = 1;
+      for (size_t i = 0; i < private_from.size(); ++i) {
+        if (!private_from[i].empty()) make_private_locked(slots[i], private_from[i], stream, {}, step_slots, &copies);
+      }
+    }
+  } catch (...) {
+    revert_private(copies);
+    throw;
+  }
   std::vector<PhysicalBackend::Range> dirty;  // pages this call mapped that must be zeroed
   try {
     if (total > 0) {
@@ -620,6 +639,7 @@ void CacheManager::reserve(const std::vector<int64_t>& slots, const std::vector<
       backend_->unmap(ranges.data(), ranges.size());
     } catch (...) {}
     undo(taken);
+    revert_private(copies);  // after the growth's pages: pages stolen later go back first
     throw;
   }
   for (const auto& p : req) {
@@ -821,11 +841,17 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
     const size_t available = available_pages(copies, protect, b.mapped);
     if (available < copies) throw out_of_memory(copies, available);
   }
-  // dst stores nothing: its idle pages go to the pool (it gets src's page layout instead).
-  if (b.mapped > 0) unmap_all(dst);
+  // dst stores nothing: its idle pages make way for src's page layout. They are taken as stolen
+  // pages of dst, so they serve the copies first and a failure maps them back where they were;
+  // the ones the copies do not use go to the pool once the call succeeded.
   std::vector<Taken> taken;
+  if (b.mapped > 0) {
+    std::vector<size_t> drop(R);
+    for (size_t r = 0; r < R; ++r) drop[r] = b.pages[r].size();
+    unmap_pages(dst, drop, nullptr, &taken);
+  }
   try {
-    take_pages(copies, taken, /*allow_steal=*/true, protect);
+    take_pages(copies > taken.size() ? copies - taken.size() : 0, taken, /*allow_steal=*/true, protect);
     size_t next = 0;
     std::vector<PageHandle> run;
     for (size_t r = 0; r < R; ++r) {
@@ -878,6 +904,11 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
   b.length = length;
   b.target = length;
   b.dirty = false;
+  for (size_t i = copies; i < taken.size(); ++i) pool_->release(taken[i].page, true);
+  try {
+    enforce_watermark();  // dst's unused pages count as idle now
+  } catch (...) {         // they are reclaimed on a later call
+  }
   update_peak();
   note_change();
 }
@@ -885,6 +916,54 @@ void CacheManager::share(int64_t src, int64_t dst, int64_t length, const std::ve
 int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream,
                                    const std::vector<int64_t>& to_tokens) {
   std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  std::vector<char> protect(slots_.size(), 0);
+  protect[static_cast<size_t>(slot)] = 1;
+  std::vector<PrivateCopy> log;
+  try {
+    make_private_locked(slot, from_tokens, stream, to_tokens, protect, &log);
+  } catch (...) {
+    revert_private(log);
+    throw;
+  }
+  if (!log.empty()) note_change();
+  return static_cast<int64_t>(slot_shared_pages(slots_[static_cast<size_t>(slot)]));
+}
+
+std::vector<int64_t> CacheManager::make_private_slots(const std::vector<int64_t>& slots,
+                                                      const std::vector<std::vector<int64_t>>& from_tokens,
+                                                      const std::vector<std::vector<int64_t>>& to_tokens,
+                                                      uintptr_t stream) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (from_tokens.size() != slots.size() || to_tokens.size() != slots.size()) {
+    throw std::invalid_argument("vattn: make_private_slots needs one entry per slot");
+  }
+  // Every slot checked before any copy; none gives its pages to another's copies (as check_room counts).
+  std::vector<char> protect(slots_.size(), 0);
+  for (int64_t slot : slots) {
+    live_slot(slot);
+    protect[static_cast<size_t>(slot)] = 1;
+  }
+  std::vector<PrivateCopy> log;
+  try {
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (!from_tokens[i].empty()) {
+        make_private_locked(slots[i], from_tokens[i], stream, to_tokens[i], protect, &log);
+      }
+    }
+  } catch (...) {
+    revert_private(log);
+    throw;
+  }
+  if (!log.empty()) note_change();
+  std::vector<int64_t> left;
+  for (int64_t slot : slots) left.push_back(static_cast<int64_t>(slot_shared_pages(slots_[static_cast<size_t>(slot)])));
+  return left;
+}
+
+void CacheManager::make_private_locked(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream,
+                                       const std::vector<int64_t>& to_tokens, const std::vector<char>& protect,
+                                       std::vector<PrivateCopy>* log) {
   Slot& s = live_slot(slot);
   const size_t R = regions_.size();
   if (from_tokens.size() != R || (!to_tokens.empty() && to_tokens.size() != R)) {
@@ -901,14 +980,12 @@ int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& fro
       if (is_shared(s.pages[r][j])) todo.push_back({r, j});
     }
   }
-  if (todo.empty()) return static_cast<int64_t>(slot_shared_pages(s));
+  if (todo.empty()) return;
   const size_t n = todo.size();
   // The copies are made in a scratch range first: the slot's own address holds the shared page
   // until the copy is complete.
   VirtualBuffer scratch(*backend_, n * page_);
   std::vector<Taken> taken;
-  std::vector<char> protect(slots_.size(), 0);
-  protect[static_cast<size_t>(slot)] = 1;
   std::vector<PageHandle> fresh;
   try {
     take_pages(n, taken, /*allow_steal=*/true, protect);
@@ -937,6 +1014,7 @@ int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& fro
         } catch (...) {}
         throw;
       }
+      log->push_back(PrivateCopy{slot, r, j, s.pages[r][j], taken[done]});
       drop_ref(s.pages[r][j]);  // still mapped in the slot(s) it was shared with
       s.pages[r][j] = fresh[done];
     }
@@ -951,8 +1029,38 @@ int64_t CacheManager::make_private(int64_t slot, const std::vector<int64_t>& fro
   try {
     backend_->unmap(&all, 1);
   } catch (...) {}
-  note_change();
-  return static_cast<int64_t>(slot_shared_pages(s));
+  update_peak();
+}
+
+void CacheManager::revert_private(std::vector<PrivateCopy>& log) noexcept {
+  std::vector<Taken> back;  // the private copies that left their slot
+  for (auto it = log.rbegin(); it != log.rend(); ++it) {
+    Slot& s = slots_[static_cast<size_t>(it->slot)];
+    const PhysicalBackend::Range one{page_addr(it->region, it->slot, it->index), page_};
+    try {
+      backend_->unmap(&one, 1);
+    } catch (...) {
+      continue;  // still the private copy there
+    }
+    try {
+      backend_->map(one.addr, it->shared);
+    } catch (...) {
+      try {
+        backend_->map(one.addr, it->fresh.page);  // stays private
+      } catch (...) {}
+      continue;
+    }
+    auto ref = refs_.find(it->shared);
+    if (ref == refs_.end())
+      refs_.emplace(it->shared, 2u);
+    else
+      ++ref->second;
+    ++shared_extra_;
+    s.pages[it->region][it->index] = it->shared;
+    back.push_back(it->fresh);
+  }
+  log.clear();
+  undo(back);
 }
 
 void CacheManager::check_room(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens,

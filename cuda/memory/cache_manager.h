@@ -145,7 +145,11 @@ class CacheManager {
 
   // Maps pages so that slot i holds >= tokens[i] tokens in every region. All or nothing.
   // stream: as for alloc (scrubbing of reused pages).
-  void reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens, uintptr_t stream = 0);
+  // private_from (optional, one entry per slot): before growing, slots[i] with a non-empty
+  // private_from[i] gets make_private(slots[i], private_from[i]) on stream, all in this call:
+  // when anything fails, the copies are undone too.
+  void reserve(const std::vector<int64_t>& slots, const std::vector<int64_t>& tokens, uintptr_t stream = 0,
+               const std::vector<std::vector<int64_t>>& private_from = {});
   // Work touching the cache's memory was enqueued on stream (device backends): unmapping waits
   // for it (an event) instead of synchronizing the whole device.
   void record_stream(uintptr_t stream);
@@ -184,12 +188,16 @@ class CacheManager {
   // Copy-on-write before writing into a slot below its end: every page of region r from the one
   // holding token from_tokens[r] (rounded down to a whole group) on that is shared with another
   // slot is replaced by a private copy. Returns how many shared pages the slot still maps (those
-  // below from_tokens). A failure (no memory) leaves every page mapped as it was, except copies
-  // already made (they hold the same bytes).
+  // below from_tokens). All or nothing: a failure maps the shared pages back.
   // to_tokens (empty: to the slot's end): writes stop below to_tokens[r] in region r, so the shared
   // pages wholly past it (which a compaction drops right after) are not copied.
   int64_t make_private(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream,
                        const std::vector<int64_t>& to_tokens = {});
+  // make_private for each slots[i] with a non-empty from_tokens[i] (to_tokens[i] as to_tokens), all
+  // or nothing: a failure undoes every copy. Returns the shared pages each slot still maps.
+  std::vector<int64_t> make_private_slots(const std::vector<int64_t>& slots,
+                                          const std::vector<std::vector<int64_t>>& from_tokens,
+                                          const std::vector<std::vector<int64_t>>& to_tokens, uintptr_t stream);
   // Pages of slot that are mapped in some other slot too.
   int64_t shared_pages(int64_t slot) const;
   // One call that copies pages (make_private, slot by slot) and then maps more (reserve) is all or
@@ -247,6 +255,24 @@ class CacheManager {
     size_t region = 0, index = 0;  // ... region, page index there
     bool dirty = false;            // may hold another request's bytes (scrubbed once mapped, with scrub_freed)
   };
+
+  // One page a copy-on-write replaced: slots_[slot].pages[region][index] was `shared`, is now
+  // fresh.page (where fresh says the page came from). revert_private swaps it back.
+  struct PrivateCopy {
+    int64_t slot;
+    size_t region, index;
+    PageHandle shared;
+    Taken fresh;
+  };
+  // (mu_ held) make_private's work, appending every page it replaced to *log; on failure the
+  // caller reverts *log (this call's part included) with revert_private.
+  // protect: slots whose pages the copies may not take (the slot itself at least).
+  void make_private_locked(int64_t slot, const std::vector<int64_t>& from_tokens, uintptr_t stream,
+                           const std::vector<int64_t>& to_tokens, const std::vector<char>& protect,
+                           std::vector<PrivateCopy>* log);
+  // (mu_ held) Maps the shared pages of *log back (last first) and gives each private copy back
+  // where it came from; a page whose swap back fails stays private (same bytes).
+  void revert_private(std::vector<PrivateCopy>& log) noexcept;
 
   void check_slot(int64_t slot) const;     // index in range
   Slot& live_slot(int64_t slot);           // in range and live

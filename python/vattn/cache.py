@@ -555,18 +555,21 @@ class KVCache:
                 raise ValueError(f"slot {s} holds {length} tokens; {n} more exceed max_seq_len={self.max_seq_len}")
             start.append(length)
             ends.append(length + n)
-        if self._shared:  # copy-on-write: the step writes from each head's stored length on
+        shared = [s for s in slots if s in self._shared] if self._shared else None
+        if shared:  # copy-on-write: the step writes from each head's stored length on
             for s in slots:  # every slot live before any copy (m.reserve checks it only after)
                 if not m.is_live(s):
                     raise ValueError(f"slot {s} is not allocated (never allocated or already freed)")
-            shared = [s for s in slots if s in self._shared]
-            if shared:
-                froms = {s: self._region_min_tokens(self._head_lengths_np(s)) for s in shared}
-                # the copies and the growth together, before the first copy (all or nothing)
-                m.check_room(slots, ends, [froms.get(s, []) for s in slots], [[] for _ in slots])
-                for s in shared:
-                    self._unshare(s, froms[s])
-        if self._cuda_scrub:  # scrubbing of reused pages goes on the current stream
+            froms = {s: self._region_min_tokens(self._head_lengths_np(s)) for s in shared}
+            private_from = [froms.get(s, []) for s in slots]
+            # MemoryError before the first copy when the copies and the growth do not both fit;
+            # reserve then makes the copies and grows in one call (a failure undoes both)
+            m.check_room(slots, ends, private_from, [[] for _ in slots])
+            m.reserve(slots, ends, self._stream(), private_from)
+            for s in shared:
+                if m.shared_pages(s) == 0:
+                    self._shared.discard(s)
+        elif self._cuda_scrub:  # scrubbing of reused pages goes on the current stream
             m.reserve(slots, ends, torch.cuda.current_stream(self.device).cuda_stream)
         else:
             m.reserve(slots, ends)
@@ -894,12 +897,14 @@ class KVCache:
                         # writes land in [lead, keep_lens): the shared pages past the kept tokens are
                         # only dropped after the gather, not copied
                         spans[s] = (lead.numpy().astype(np.int32), keep_lens[i].numpy().astype(np.int32))
-                if spans:  # every slot's copies counted before the first is made (all or nothing)
-                    froms = {s: self._region_min_tokens(a) for s, (a, _) in spans.items()}
-                    tos = {s: self._region_tokens(b) for s, (_, b) in spans.items()}
-                    self._m.check_room(slots, [], [froms.get(s, []) for s in slots], [tos.get(s, []) for s in slots])
-                    for s in spans:
-                        self._unshare(s, froms[s], tos[s])
+                if spans:  # every slot's copies counted before the first is made, then made all or nothing
+                    froms = [self._region_min_tokens(spans[s][0]) if s in spans else [] for s in slots]
+                    tos = [self._region_tokens(spans[s][1]) if s in spans else [] for s in slots]
+                    self._m.check_room(slots, [], froms, tos)
+                    left = self._m.make_private_slots(slots, froms, tos, self._stream())
+                    for s, n in zip(slots, left):
+                        if n == 0:
+                            self._shared.discard(s)
             rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
             keep_dev = keep.to(self.device, torch.int32)
             lens_dev = keep_lens.to(self.device, torch.int32)
@@ -1030,14 +1035,6 @@ class KVCache:
         if self.layout == "head_major":
             return self._per_head_regions(heads)
         return np.repeat(heads.min(axis=1).astype(np.int64), 2).tolist()
-
-    def _unshare(self, slot: int, from_regions: List[int], to_regions: Optional[List[int]] = None) -> None:
-        """Copy-on-write for a slot in self._shared: private copies of its shared pages that writes
-        from token from_regions[r] of each manager region on (and below to_regions[r], when given)
-        may touch (_region_min_tokens / _region_tokens of per-(layer, head) counts)."""
-        left = self._m.make_private(slot, from_regions, self._stream(), to_regions or [])
-        if left == 0:
-            self._shared.discard(slot)
 
     def _region_tokens(self, heads: np.ndarray) -> List[int]:
         """Tokens each manager region must keep for per-(layer, kv head) stored counts [L, H]:
