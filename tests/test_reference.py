@@ -105,3 +105,12 @@ def test_format_registry_matches_native_traits():
         assert t["elems_per_storage"] == f.elems_per_storage
         assert t["scale_words"] == f.scale_words
         assert t["quantized"] == f.quantized
+
+
+def test_dequantize_int4_ch_of_no_tokens_is_empty():
+    """A cache of no positions ([rows, 0, heads, dim / 2] codes) dequantizes to [rows, 0, heads, dim],
+    as the per-token formats do (it was a reshape error)."""
+    codes, words = torch.zeros(2, 0, 1, 32, dtype=torch.uint8), torch.zeros(2, 0, 1, 4)
+    out = reference.dequantize(codes, words, "int4_ch", 64)
+    assert out.shape == (2, 0, 1, 64)
+    assert reference.dequantize_int4_ch(codes[0, :, 0], words[0, :, 0]).shape == (0, 64)

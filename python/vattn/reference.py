@@ -170,6 +170,8 @@ def dequantize_int4_ch(codes: torch.Tensor, words: torch.Tensor, dtype: torch.dt
     lo, hi = (codes & 0xF).to(torch.float32), (codes >> 4).to(torch.float32)
     c = torch.stack([lo, hi], dim=-1).flatten(-2)  # [n, d]
     ng = -(-n // g)
+    if ng == 0:
+        return c.to(dtype)  # no token: [0, head_dim]
     if words.shape[0] < ng * g:
         raise ValueError(f"int4_ch: {n} tokens need the scale words of {ng * g} tokens, got {words.shape[0]}")
     p = words[: ng * g].to(torch.float32).reshape(ng, 2 * d)
@@ -189,6 +191,8 @@ def dequantize(
     format): codes [..., n, kv_heads, head_dim // 2] are tokens 0 .. n - 1 of their rows and scales
     [..., >= ceil(n / G) * G, kv_heads, 4] those rows' scale words."""
     if kv_format == "int4_ch":
+        if codes.numel() == 0:  # no token (or no row / head): nothing to dequantize
+            return torch.zeros(*codes.shape[:-1], codes.shape[-1] * 2, dtype=dtype)
         lead = codes.shape[:-3]
         c = codes.reshape(-1, *codes.shape[-3:])
         w = scales.reshape(-1, *scales.shape[-3:])
